@@ -1,0 +1,327 @@
+"""The agent's core: what to do with each message, independent of how bytes move.
+
+`AgentService.handle` takes one decoded message and answers through `send` (and `flush`,
+which the driver implements, when a long answer such as the manifest is streamed). Every
+operation gets exactly one `Ack` or `Error` with its `seq`; a failed operation leaves the
+tree as it was and never ends the session. Handlers are dispatched through `_HANDLERS`.
+"""
+
+import os
+import stat
+import sys
+from typing import Any, Callable, Dict, List, Optional
+
+from lsync.agent.confined import (ConfinedRoot, OpError, PendingFile, file_key, is_stale_temp,
+                                  TEMP_PREFIX)
+from lsync.agent.records import DigestRecord
+from lsync.protocol import PROTOCOL_VERSION
+from lsync.protocol import hashing
+from lsync.protocol import messages as m
+from lsync.protocol.errors import AckStatus, ErrorCode
+from lsync.protocol.paths import relpath_problem
+
+MANIFEST_BATCH = 2000
+
+Send = Callable[[m.Message], None]
+
+
+class SessionEnd(Exception):
+    """Raised by a handler when the conversation is over (goodbye sent or received)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class AgentService:
+    def __init__(self, send: Send, flush: Callable[[], None],
+                 now_ns: Callable[[], int], use_cache: bool = True) -> None:
+        self.send = send
+        self.flush = flush
+        self.now_ns = now_ns
+        self.use_cache = use_cache
+        self.root = None  # type: Optional[ConfinedRoot]
+        self.record = None  # type: Optional[DigestRecord]
+        self.hash_name = hashing.BLAKE2B_128
+        self.pending = {}  # type: Dict[int, PendingFile]
+        self.pending_hashers = {}  # type: Dict[int, Any]
+        self.failed_writes = set()  # type: set
+
+    # -- dispatch -------------------------------------------------------------------------
+    def handle(self, message: m.Message) -> None:
+        handler = _HANDLERS.get(type(message))
+        if handler is None:  # messages the agent may receive but need no answer (Pong)
+            return
+        seq = getattr(message, "seq", None)
+        if seq is not None and self.root is None:
+            self._error(seq, ErrorCode.ROOT_UNAVAILABLE, "no root is open")
+            return
+        try:
+            handler(self, message)
+        except OpError as exc:
+            if seq is None:
+                raise
+            self._error(seq, exc.code, exc.message)
+
+    def _ack(self, seq: int, status: AckStatus = AckStatus.OK, detail: str = "") -> None:
+        self.send(m.Ack(seq, int(status), detail))
+
+    def _error(self, seq: int, code: ErrorCode, message: str) -> None:
+        self.send(m.Error(seq, int(code), message))
+
+    def close(self) -> None:
+        for pending in self.pending.values():
+            pending.abort()
+        self.pending.clear()
+        if self.record is not None:
+            self.record.save(self.now_ns())
+        if self.root is not None:
+            self.root.close()
+            self.root = None
+
+    def maybe_save_record(self) -> None:
+        if self.record is not None and self.record.dirty:
+            self.record.save(self.now_ns())
+
+    # -- handshake ------------------------------------------------------------------------
+    def on_hello(self, msg: m.Hello) -> None:
+        if msg.version != PROTOCOL_VERSION:
+            self.send(m.Goodbye(int(ErrorCode.VERSION_MISMATCH),
+                                "agent speaks protocol {}, client {}".format(
+                                    PROTOCOL_VERSION, msg.version)))
+            raise SessionEnd(int(ErrorCode.VERSION_MISMATCH), "version mismatch")
+        chosen = hashing.choose_hash(msg.capabilities.get("hash", []))
+        if chosen is None:
+            self.send(m.Goodbye(int(ErrorCode.VERSION_MISMATCH), "no common hash algorithm"))
+            raise SessionEnd(int(ErrorCode.VERSION_MISMATCH), "no common hash")
+        self.hash_name = chosen
+        try:
+            path = resolve_root(msg.root, bool(msg.options.get("create_root", True)))
+            self.root = ConfinedRoot(path)
+        except OSError as exc:
+            reason = "cannot use {!r} as the root: {}".format(msg.root, exc.strerror or exc)
+            self.send(m.Goodbye(int(ErrorCode.ROOT_UNAVAILABLE), reason))
+            raise SessionEnd(int(ErrorCode.ROOT_UNAVAILABLE), reason)
+        cache = DigestRecord.default_path(path, chosen) if self.use_cache else None
+        self.record = DigestRecord(cache, chosen)
+        self.record.load()
+        self.send(m.Welcome(PROTOCOL_VERSION, {"hash": chosen, "compression": "zlib"}, {
+            "root": path,
+            "python": "{}.{}.{}".format(*sys.version_info[:3]),
+            "pid": str(os.getpid()),
+        }))
+
+    def on_goodbye(self, msg: m.Goodbye) -> None:
+        self.send(m.Goodbye(0, "bye"))
+        raise SessionEnd(msg.code, msg.reason)
+
+    def on_ping(self, msg: m.Ping) -> None:
+        self.send(m.Pong(msg.nonce))
+
+    # -- reading the tree -----------------------------------------------------------------
+    def on_list_tree(self, msg: m.ListTree) -> None:
+        assert self.root is not None and self.record is not None
+        batch = []  # type: List[List[Any]]
+        for entry in walk_tree(self.root.path, self.record):
+            batch.append(entry)
+            if len(batch) >= MANIFEST_BATCH:
+                self.send(m.ManifestBatch(msg.seq, batch, False))
+                self.flush()
+                batch = []
+        self.send(m.ManifestBatch(msg.seq, batch, True))
+
+    def on_hash_paths(self, msg: m.HashPaths) -> None:
+        assert self.root is not None and self.record is not None
+        digests = []  # type: List[Optional[bytes]]
+        for path in msg.paths:
+            try:
+                digest, st = self.root.digest_file(path, self._new_hasher)
+            except OpError:
+                digests.append(None)
+                continue
+            self.record.remember(path, file_key(st), digest)
+            digests.append(digest)
+        self.send(m.Hashes(msg.seq, digests))
+
+    def _new_hasher(self) -> Any:
+        return hashing.new_hasher(self.hash_name)
+
+    # -- changing the tree ----------------------------------------------------------------
+    def on_write_file(self, msg: m.WriteFile) -> None:
+        assert self.root is not None and self.record is not None
+        if msg.seq in self.failed_writes:
+            if msg.final:
+                self.failed_writes.discard(msg.seq)
+            return  # the error was already reported for an earlier chunk
+        pending = self.pending.get(msg.seq)
+        try:
+            if pending is None:
+                if msg.offset != 0:
+                    raise OpError(ErrorCode.INTERNAL, "write {} starts at offset {}".format(
+                        msg.path, msg.offset))
+                pending = self.root.begin_write(msg.path)
+                self.pending[msg.seq] = pending
+                self.pending_hashers[msg.seq] = self._new_hasher()
+            elif msg.offset != pending.size or msg.path != pending.path:
+                raise OpError(ErrorCode.INTERNAL, "chunk of {} out of order".format(msg.path))
+            pending.write(msg.data)
+            self.pending_hashers[msg.seq].update(msg.data)
+            if not msg.final:
+                return
+            del self.pending[msg.seq]
+            hasher = self.pending_hashers.pop(msg.seq)
+            st = pending.commit(msg.mode)
+        except OpError:
+            failed = self.pending.pop(msg.seq, None)
+            self.pending_hashers.pop(msg.seq, None)
+            if failed is not None:
+                failed.abort()
+            if not msg.final:
+                self.failed_writes.add(msg.seq)
+            raise
+        self.record.remember(msg.path, file_key(st), hasher.digest())
+        self._ack(msg.seq)
+
+    def on_write_delta(self, msg: m.WriteDelta) -> None:
+        raise OpError(ErrorCode.BAD_DELTA, "this agent does not apply deltas yet")
+
+    def on_delete(self, msg: m.Delete) -> None:
+        assert self.root is not None and self.record is not None
+        try:
+            removed = self.root.remove(msg.path)
+        except OpError as exc:
+            if exc.code == ErrorCode.NOT_FOUND:
+                self.record.forget(msg.path)
+                self._ack(msg.seq, AckStatus.ALREADY_ABSENT)
+                return
+            raise
+        if removed:
+            self.record.forget_tree(msg.path)
+            self._ack(msg.seq)
+        else:
+            self._ack(msg.seq, AckStatus.KEPT_NOT_EMPTY,
+                      "kept {}: it holds files lsync did not sync".format(msg.path))
+
+    def on_rename(self, msg: m.Rename) -> None:
+        assert self.root is not None and self.record is not None
+        self.root.rename(msg.src, msg.dst)
+        self.record.move_tree(msg.src, msg.dst)
+        self._ack(msg.seq)
+
+    def on_copy(self, msg: m.Copy) -> None:
+        assert self.root is not None and self.record is not None
+        fd = self.root.open_read(msg.src)
+        try:
+            pending = self.root.begin_write(msg.dst)
+            try:
+                hasher = self._new_hasher()
+                while True:
+                    chunk = os.read(fd, 1 << 20)
+                    if not chunk:
+                        break
+                    hasher.update(chunk)
+                    pending.write(chunk)
+                digest = hasher.digest()
+                if digest != msg.digest:
+                    raise OpError(ErrorCode.DIGEST_MISMATCH,
+                                  "{} no longer has the expected content".format(msg.src))
+                st = pending.commit(msg.mode)
+            except BaseException:
+                pending.abort()
+                raise
+        except OSError as exc:
+            raise OpError(ErrorCode.IO_ERROR, "copy {} to {}: {}".format(
+                msg.src, msg.dst, exc.strerror or exc))
+        finally:
+            os.close(fd)
+        self.record.remember(msg.dst, file_key(st), digest)
+        self._ack(msg.seq)
+
+    def on_mkdir(self, msg: m.Mkdir) -> None:
+        assert self.root is not None
+        self.root.mkdir(msg.path, msg.mode)
+        self._ack(msg.seq)
+
+    def on_symlink(self, msg: m.Symlink) -> None:
+        assert self.root is not None and self.record is not None
+        self.root.symlink(msg.path, msg.target)
+        self.record.forget(msg.path)
+        self._ack(msg.seq)
+
+    def on_set_mode(self, msg: m.SetMode) -> None:
+        assert self.root is not None
+        self.root.set_mode(msg.path, msg.mode)
+        self._ack(msg.seq)
+
+
+_HANDLERS = {
+    m.Hello: AgentService.on_hello,
+    m.Goodbye: AgentService.on_goodbye,
+    m.Ping: AgentService.on_ping,
+    m.ListTree: AgentService.on_list_tree,
+    m.HashPaths: AgentService.on_hash_paths,
+    m.WriteFile: AgentService.on_write_file,
+    m.WriteDelta: AgentService.on_write_delta,
+    m.Delete: AgentService.on_delete,
+    m.Rename: AgentService.on_rename,
+    m.Copy: AgentService.on_copy,
+    m.Mkdir: AgentService.on_mkdir,
+    m.Symlink: AgentService.on_symlink,
+    m.SetMode: AgentService.on_set_mode,
+}  # type: Dict[Any, Callable[[AgentService, Any], None]]
+
+
+def resolve_root(root: str, create: bool) -> str:
+    """The absolute root: '~' expanded, relative paths taken from the home directory."""
+    path = os.path.expanduser(root)
+    if not os.path.isabs(path):
+        path = os.path.join(os.path.expanduser("~"), path)
+    path = os.path.normpath(path)
+    if create and not os.path.isdir(path):
+        os.makedirs(path, exist_ok=True)
+    return path
+
+
+def walk_tree(top: str, record: DigestRecord) -> Any:
+    """Yield manifest entries for everything below `top`, never following symlinks.
+
+    Stale temporary files of dead agents are removed on the way and never listed.
+    """
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            scanner = os.scandir(os.path.join(top, rel_dir) if rel_dir else top)
+        except OSError:
+            continue
+        with scanner:
+            for item in scanner:
+                name = item.name
+                rel = rel_dir + "/" + name if rel_dir else name
+                if name.startswith(TEMP_PREFIX):
+                    if is_stale_temp(name):
+                        try:
+                            os.unlink(item.path)
+                        except OSError:
+                            pass
+                    continue
+                if relpath_problem(rel):
+                    continue  # not representable on the wire (e.g. not UTF-8)
+                try:
+                    st = item.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                mode = st.st_mode
+                if stat.S_ISDIR(mode):
+                    yield [rel, m.KIND_DIR, 0, st.st_mtime_ns, stat.S_IMODE(mode), None, None]
+                    stack.append(rel)
+                elif stat.S_ISREG(mode):
+                    digest = record.lookup(rel, file_key(st))
+                    yield [rel, m.KIND_FILE, st.st_size, st.st_mtime_ns, stat.S_IMODE(mode),
+                           digest, None]
+                elif stat.S_ISLNK(mode):
+                    try:
+                        target = os.readlink(item.path)
+                    except OSError:
+                        continue
+                    yield [rel, m.KIND_LINK, 0, st.st_mtime_ns, 0, None, target]

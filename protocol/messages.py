@@ -1,0 +1,336 @@
+"""Every message of the lsync protocol, as small immutable records, and their encoding.
+
+A message travels as one msgpack array: ``[type_code, field, field, ...]``. `SCHEMA` is
+the single table that ties a type code to its record class, the types of its fields and the
+direction it may travel in; `decode_message` accepts exactly what the table allows and raises
+`ProtocolError(MALFORMED_FRAME)` for anything else, whatever the bytes were.
+
+Operations that change the remote tree carry a sequence number (`seq`) chosen by the client;
+the agent answers each with exactly one `Ack` or `Error` bearing the same `seq`.
+"""
+
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+
+import msgpack
+
+from lsync.protocol.errors import ErrorCode, ProtocolError
+
+# Kinds of tree entries in a manifest.
+KIND_FILE = "f"
+KIND_DIR = "d"
+KIND_LINK = "l"
+
+
+class Hello(NamedTuple):
+    """Client → agent, first message: version, offered capabilities, the root to sync."""
+
+    version: int
+    capabilities: Dict[str, List[str]]  # e.g. {"hash": ["xxh3-128", "blake2b-128"]}
+    root: str  # as the user gave it; relative means relative to the remote home
+    options: Dict[str, bool]  # {"create_root": True}
+
+
+class Welcome(NamedTuple):
+    """Agent → client, answer to Hello: the chosen capabilities and facts about the agent."""
+
+    version: int
+    chosen: Dict[str, str]  # e.g. {"hash": "blake2b-128", "compression": "zlib"}
+    info: Dict[str, str]  # {"root": absolute root, "python": "3.6.15", "pid": "123"}
+
+
+class ListTree(NamedTuple):
+    """Client → agent: stream the remote manifest as `ManifestBatch` messages."""
+
+    seq: int
+
+
+class ManifestBatch(NamedTuple):
+    """Agent → client: part of the remote manifest; the last batch has done=True.
+
+    Each entry is [path, kind, size, mtime_ns, mode, digest or None, link target or None];
+    the digest is present only when the agent knows it without reading the file.
+    """
+
+    seq: int
+    entries: List[List[Any]]
+    done: bool
+
+
+class HashPaths(NamedTuple):
+    """Client → agent: content digests of regular files, answered by `Hashes`."""
+
+    seq: int
+    paths: List[str]
+
+
+class Hashes(NamedTuple):
+    """Agent → client: one digest (or None if not a readable regular file) per path asked."""
+
+    seq: int
+    digests: List[Optional[bytes]]
+
+
+class WriteFile(NamedTuple):
+    """Client → agent: whole-file content, possibly in several chunks of one `seq`.
+
+    Chunks arrive in order with increasing `offset`; the one with final=True makes the agent
+    rename the finished temporary file over `path` and acknowledge.
+    """
+
+    seq: int
+    path: str
+    mode: int
+    offset: int
+    data: bytes
+    final: bool
+
+
+class WriteDelta(NamedTuple):
+    """Client → agent: new content as a delta against the version whose digest is `base`.
+
+    The agent checks its file is that base (else Error BASE_MISMATCH, nothing written),
+    applies the delta into a temporary file, checks the result against `digest`, renames.
+    """
+
+    seq: int
+    path: str
+    mode: int
+    base: bytes
+    digest: bytes
+    delta: bytes
+
+
+class Delete(NamedTuple):
+    """Client → agent: remove a file, a symlink, or an empty directory.
+
+    A directory that still holds entries is kept and acknowledged as KEPT_NOT_EMPTY.
+    """
+
+    seq: int
+    path: str
+
+
+class Rename(NamedTuple):
+    """Client → agent: move an entry (file or whole directory) that the remote holds."""
+
+    seq: int
+    src: str
+    dst: str
+
+
+class Copy(NamedTuple):
+    """Client → agent: copy a remote file whose content digest is `digest` to `dst`."""
+
+    seq: int
+    src: str
+    dst: str
+    mode: int
+    digest: bytes
+
+
+class Mkdir(NamedTuple):
+    """Client → agent: make a directory (parents too); an existing one just gets `mode`."""
+
+    seq: int
+    path: str
+    mode: int
+
+
+class Symlink(NamedTuple):
+    """Client → agent: make `path` a symlink to `target` (replacing a file or link)."""
+
+    seq: int
+    path: str
+    target: str
+
+
+class SetMode(NamedTuple):
+    """Client → agent: change permission bits of a file or directory."""
+
+    seq: int
+    path: str
+    mode: int
+
+
+class Ack(NamedTuple):
+    """Agent → client: operation `seq` succeeded; `status` is an `AckStatus`."""
+
+    seq: int
+    status: int
+    detail: str
+
+
+class Error(NamedTuple):
+    """Agent → client: operation `seq` failed with `code`; nothing was half-done."""
+
+    seq: int
+    code: int
+    message: str
+
+
+class Ping(NamedTuple):
+    """Either way: answered by `Pong` with the same nonce (liveness, round-trip time)."""
+
+    nonce: int
+
+
+class Pong(NamedTuple):
+    """Either way: answer to `Ping`."""
+
+    nonce: int
+
+
+class Goodbye(NamedTuple):
+    """Either way: the sender is closing; code 0 means a clean end."""
+
+    code: int
+    reason: str
+
+
+Message = Union[
+    Hello, Welcome, ListTree, ManifestBatch, HashPaths, Hashes, WriteFile, WriteDelta,
+    Delete, Rename, Copy, Mkdir, Symlink, SetMode, Ack, Error, Ping, Pong, Goodbye,
+]
+
+# Operations: messages that carry a seq and are answered by Ack or Error.
+OPERATIONS = (WriteFile, WriteDelta, Delete, Rename, Copy, Mkdir, Symlink, SetMode)
+
+FieldCheck = Callable[[Any], bool]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_uint(value: Any) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_bytes(value: Any) -> bool:
+    return isinstance(value, bytes)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_opt_bytes(value: Any) -> bool:
+    return value is None or isinstance(value, bytes)
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, list)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_digest_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_opt_bytes(v) for v in value)
+
+
+def _is_capabilities(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and _is_str_list(v) for k, v in value.items()
+    )
+
+
+def _is_str_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    )
+
+
+def _is_bool_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, bool) for k, v in value.items()
+    )
+
+
+def _is_manifest_entries(value: Any) -> bool:
+    if not isinstance(value, list):
+        return False
+    for entry in value:
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 7
+            and isinstance(entry[0], str)
+            and entry[1] in (KIND_FILE, KIND_DIR, KIND_LINK)
+            and _is_uint(entry[2])
+            and _is_int(entry[3])
+            and _is_uint(entry[4])
+            and _is_opt_bytes(entry[5])
+            and (entry[6] is None or isinstance(entry[6], str))
+        ):
+            return False
+    return True
+
+
+# Who may send a message: "c" client, "a" agent, "ca" either.
+SCHEMA = {
+    1: (Hello, "c", (_is_uint, _is_capabilities, _is_str, _is_bool_map)),
+    2: (Welcome, "a", (_is_uint, _is_str_map, _is_str_map)),
+    10: (ListTree, "c", (_is_uint,)),
+    11: (ManifestBatch, "a", (_is_uint, _is_manifest_entries, _is_bool)),
+    12: (HashPaths, "c", (_is_uint, _is_str_list)),
+    13: (Hashes, "a", (_is_uint, _is_digest_list)),
+    20: (WriteFile, "c", (_is_uint, _is_str, _is_uint, _is_uint, _is_bytes, _is_bool)),
+    21: (WriteDelta, "c", (_is_uint, _is_str, _is_uint, _is_bytes, _is_bytes, _is_bytes)),
+    22: (Delete, "c", (_is_uint, _is_str)),
+    23: (Rename, "c", (_is_uint, _is_str, _is_str)),
+    24: (Copy, "c", (_is_uint, _is_str, _is_str, _is_uint, _is_bytes)),
+    25: (Mkdir, "c", (_is_uint, _is_str, _is_uint)),
+    26: (Symlink, "c", (_is_uint, _is_str, _is_str)),
+    27: (SetMode, "c", (_is_uint, _is_str, _is_uint)),
+    40: (Ack, "a", (_is_uint, _is_uint, _is_str)),
+    41: (Error, "a", (_is_uint, _is_uint, _is_str)),
+    50: (Ping, "ca", (_is_uint,)),
+    51: (Pong, "ca", (_is_uint,)),
+    60: (Goodbye, "ca", (_is_uint, _is_str)),
+}  # type: Dict[int, Tuple[Any, str, Tuple[FieldCheck, ...]]]
+
+_CODE_OF_TYPE = {cls: code for code, (cls, _, _) in SCHEMA.items()}  # type: Dict[Any, int]
+
+
+def encode_message(message: Message) -> bytes:
+    """The msgpack payload of one message (without the frame header)."""
+    code = _CODE_OF_TYPE[type(message)]
+    payload = msgpack.packb([code] + list(message), use_bin_type=True)  # type: bytes
+    return payload
+
+
+def decode_message(payload: bytes, sender: str) -> Message:
+    """Decode and validate one payload sent by `sender` ("c" or "a").
+
+    Raises only `ProtocolError`: MALFORMED_FRAME for undecodable or ill-typed payloads,
+    UNEXPECTED_MESSAGE for a message that `sender` may not send.
+    """
+    try:
+        obj = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on hostile input
+        raise ProtocolError(ErrorCode.MALFORMED_FRAME, "undecodable payload: {}".format(
+            type(exc).__name__))
+    if not isinstance(obj, list) or not obj or not _is_int(obj[0]):
+        raise ProtocolError(ErrorCode.MALFORMED_FRAME, "payload is not a typed message")
+    entry = SCHEMA.get(obj[0])
+    if entry is None:
+        raise ProtocolError(ErrorCode.MALFORMED_FRAME, "unknown message type {}".format(obj[0]))
+    cls, senders, checks = entry
+    if sender not in senders:
+        raise ProtocolError(
+            ErrorCode.UNEXPECTED_MESSAGE, "{} may not be sent by this peer".format(cls.__name__))
+    fields = obj[1:]
+    if len(fields) != len(checks):
+        raise ProtocolError(ErrorCode.MALFORMED_FRAME, "{} needs {} fields, got {}".format(
+            cls.__name__, len(checks), len(fields)))
+    for name, check, value in zip(cls._fields, checks, fields):
+        if not check(value):
+            raise ProtocolError(ErrorCode.MALFORMED_FRAME, "{}.{} has a bad value".format(
+                cls.__name__, name))
+    message = cls(*fields)  # type: Message
+    return message
