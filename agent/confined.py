@@ -121,7 +121,7 @@ class ConfinedRoot:
                         pass
                     next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except OSError as exc:
-                    if exc.errno == errno.ELOOP:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(part, fd):
                         raise OpError(ErrorCode.BAD_PATH, "refused path {!r}: {} is a "
                                       "symlink".format(path, "/".join(walked)))
                     if exc.errno == errno.ENOTDIR:
@@ -283,6 +283,13 @@ class ConfinedRoot:
             raise op_error(exc, "set mode of", path)
         finally:
             os.close(dfd)
+
+
+def _is_link(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
 
 
 def iter_fd(fd: int) -> Iterator[bytes]:

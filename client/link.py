@@ -1,0 +1,240 @@
+"""The asyncio side of the protocol: one `AgentLink` per agent, over an `AgentStream`.
+
+It owns the sans-IO `Connection` and one reader task. Operations are submitted with
+`submit`, which returns a future resolved by the matching `Ack` or `Error`; requests
+(`list_tree`, `hash_paths`, `ping`) are awaited the same way. When the stream ends or a
+protocol error arrives, every pending future fails at once with `LinkBroken`, so nothing
+waits forever. The link moves bytes and matches replies; it makes no sync decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from lsync.client.errors import ConnectError, LinkBroken
+from lsync.client.streams import AgentStream
+from lsync.protocol import PROTOCOL_VERSION
+from lsync.protocol import messages as m
+from lsync.protocol.connection import CLIENT, Connection
+from lsync.protocol.errors import ErrorCode, ProtocolError
+
+Reply = m.Ack | m.Error
+DRAIN_ABOVE = 4 << 20  # await the stream's drain once this much was written since the last
+
+
+class AgentLink:
+    def __init__(self, stream: AgentStream) -> None:
+        self.stream = stream
+        self.conn = Connection(CLIENT)
+        self._seq = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._manifests: dict[int, asyncio.Queue[m.ManifestBatch | None]] = {}
+        self._welcome: asyncio.Future[m.Welcome] = asyncio.get_running_loop().create_future()
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reader: asyncio.Task[None] | None = None
+        self._unflushed = 0
+        self.failure: LinkBroken | None = None
+        self.goodbye: m.Goodbye | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # -- life cycle -----------------------------------------------------------------------
+    def start(self, bundle: bytes, hello: m.Hello) -> None:
+        """Send the agent bundle and the Hello; the reader starts listening."""
+        self.conn.send(hello)
+        self._write(bundle + self.conn.data_to_send())
+        self._reader = asyncio.ensure_future(self._read_loop())
+
+    async def welcome(self, timeout: float) -> m.Welcome:
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._welcome), timeout)
+        except asyncio.TimeoutError:
+            raise ConnectError(f"the agent did not answer within {timeout:.0f} s") from None
+
+    async def close(self, reason: str = "done") -> None:
+        """Say goodbye, wait briefly for the agent's, and release the stream."""
+        if self.failure is None and self.goodbye is None:
+            try:
+                self.send(m.Goodbye(0, reason))
+                await asyncio.wait_for(asyncio.shield(self._closed), 5)
+            except (asyncio.TimeoutError, LinkBroken, ProtocolError):
+                pass
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, LinkBroken):
+                pass
+        await self.stream.close()
+
+    @property
+    def closed(self) -> Awaitable[None]:
+        """Resolves when the link ends, cleanly or not."""
+        return asyncio.shield(self._closed)
+
+    # -- sending --------------------------------------------------------------------------
+    def next_seq(self) -> int:
+        return next(self._seq)
+
+    def _write(self, data: bytes) -> None:
+        if data:
+            self.stream.write(data)
+            self.bytes_sent += len(data)
+            self._unflushed += len(data)
+
+    def send(self, message: m.Message) -> None:
+        if self.failure is not None:
+            raise self.failure
+        self.conn.send(message)
+        self._write(self.conn.data_to_send())
+
+    async def drain(self) -> None:
+        """Backpressure: wait while the stream holds a lot of unsent data."""
+        if self._unflushed >= DRAIN_ABOVE:
+            self._unflushed = 0
+            await self.stream.drain()
+
+    def _expect(self, seq: int) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[seq] = future
+        return future
+
+    def submit(self, op: m.Message) -> asyncio.Future[Reply]:
+        """Send an operation; the future resolves with its Ack or Error."""
+        future = self._expect(op.seq)  # type: ignore[union-attr]
+        self.send(op)
+        return future
+
+    async def hash_paths(self, paths: list[str]) -> list[bytes | None]:
+        seq = self.next_seq()
+        future = self._expect(seq)
+        self.send(m.HashPaths(seq, paths))
+        reply: m.Hashes = await future
+        return reply.digests
+
+    async def list_tree(self) -> AsyncIterator[list[list[Any]]]:
+        seq = self.next_seq()
+        queue: asyncio.Queue[m.ManifestBatch | None] = asyncio.Queue()
+        self._manifests[seq] = queue
+        self.send(m.ListTree(seq))
+        try:
+            while True:
+                batch = await queue.get()
+                if batch is None:
+                    assert self.failure is not None
+                    raise self.failure
+                yield batch.entries
+                if batch.done:
+                    return
+        finally:
+            self._manifests.pop(seq, None)
+
+    async def ping(self) -> float:
+        """Round-trip time to the agent, in seconds."""
+        nonce = self.next_seq()
+        future = self._expect(nonce)
+        started = time.monotonic()
+        self.send(m.Ping(nonce))
+        await future
+        return time.monotonic() - started
+
+    # -- receiving ------------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self.stream.read()
+                if not data:
+                    self.conn.receive_eof()
+                    break
+                self.bytes_received += len(data)
+                self.conn.receive_data(data)
+                while (message := self.conn.next_message()) is not None:
+                    self._dispatch(message)
+                    if self.goodbye is not None:
+                        break
+                if self.goodbye is not None:
+                    break
+            self._finish(None)
+        except ProtocolError as exc:
+            self._finish(self._broken(exc))
+        except (OSError, EOFError) as exc:
+            self._finish(LinkBroken(f"connection to the agent lost: {exc}"))
+        except asyncio.CancelledError:
+            self._finish(LinkBroken("connection closed"))
+            raise
+
+    def _broken(self, exc: ProtocolError) -> LinkBroken:
+        tail = self.stream.stderr_tail()
+        skipped = self.conn.skipped_output.decode("utf-8", "replace").strip()
+        detail = tail or skipped
+        if exc.code == ErrorCode.CONNECTION_LOST and not self._welcome.done():
+            return LinkBroken("the agent did not start" + (f": {detail}" if detail else ""))
+        return LinkBroken(f"agent link failed: {exc.message}" + (f" ({detail})" if detail else ""))
+
+    def _dispatch(self, message: m.Message) -> None:
+        handler = _DISPATCH.get(type(message))
+        if handler is None:
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE,
+                                f"client cannot handle {type(message).__name__}")
+        handler(self, message)
+
+    def _on_welcome(self, message: m.Welcome) -> None:
+        if message.version != PROTOCOL_VERSION:
+            raise ProtocolError(ErrorCode.VERSION_MISMATCH, "agent speaks another version")
+        self._welcome.set_result(message)
+
+    def _on_reply(self, message: m.Ack | m.Error | m.Hashes | m.Pong) -> None:
+        key = message.nonce if isinstance(message, m.Pong) else message.seq
+        future = self._pending.pop(key, None)
+        if future is None:
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"reply to unknown request {key}")
+        if not future.done():
+            future.set_result(message)
+
+    def _on_manifest(self, message: m.ManifestBatch) -> None:
+        queue = self._manifests.get(message.seq)
+        if queue is None:
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "manifest nobody asked for")
+        queue.put_nowait(message)
+
+    def _on_ping(self, message: m.Ping) -> None:
+        self.send(m.Pong(message.nonce))
+
+    def _on_goodbye(self, message: m.Goodbye) -> None:
+        self.goodbye = message
+
+    def _finish(self, failure: LinkBroken | None) -> None:
+        if failure is None and self.goodbye is not None and self.goodbye.code != 0:
+            failure = LinkBroken(f"agent ended the session: {self.goodbye.reason}")
+        if failure is None and self.goodbye is None:
+            failure = LinkBroken("the agent closed the connection")
+        if failure is not None and self.failure is None:
+            self.failure = failure
+        error = self.failure or LinkBroken("connection closed")
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+        for queue in self._manifests.values():
+            queue.put_nowait(None)
+        if not self._welcome.done():
+            self._welcome.set_exception(error)
+            self._welcome.exception()  # observed: the failure is reported through `failure`
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+
+_DISPATCH: dict[type[Any], Callable[[AgentLink, Any], None]] = {
+    m.Welcome: AgentLink._on_welcome,
+    m.Ack: AgentLink._on_reply,
+    m.Error: AgentLink._on_reply,
+    m.Hashes: AgentLink._on_reply,
+    m.Pong: AgentLink._on_reply,
+    m.ManifestBatch: AgentLink._on_manifest,
+    m.Ping: AgentLink._on_ping,
+    m.Goodbye: AgentLink._on_goodbye,
+}

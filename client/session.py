@@ -1,0 +1,239 @@
+"""One `lsync connect` run: connect, bring the remote up to date, then follow every save.
+
+The watcher starts before anything else, so no change made during the connection or the
+initial scan is missed: its batches wait in a buffer until the engine exists. Each
+connection runs the same sequence — start the agent, send Hello and ListTree in one flight,
+scan the local tree (hash cache) while the manifest streams in, queue the differences, and
+then reconcile watcher batches — and a broken link leads to a reconnect with backoff that
+repeats it (the rescan is cheap with a warm cache). Stopping (Ctrl-C) drains what is queued,
+says goodbye to the agent, and ends cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from lsync.client import ssh
+from lsync.client.bootstrap import bundle, local_argv
+from lsync.client.engine import SyncEngine
+from lsync.client.errors import ConnectError, LinkBroken, SafetyStop, UsageError
+from lsync.client.hashcache import HashCache
+from lsync.client.ignore import IgnoreRules
+from lsync.client.link import AgentLink
+from lsync.client.reporter import Reporter
+from lsync.client.scanner import scan_tree
+from lsync.client.streams import AgentStream, LocalAgentStream
+from lsync.client.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS, watch
+from lsync.protocol import PROTOCOL_VERSION, hashing
+from lsync.protocol import messages as m
+
+WELCOME_TIMEOUT = 60.0
+DRAIN_TIMEOUT = 60.0
+BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+
+
+@dataclass
+class Options:
+    target: ssh.Target
+    local_root: Path
+    ssh_config: list[str] | None = None
+    delete: bool = False
+    excludes: list[str] = field(default_factory=list)
+    include_vcs: bool = False
+    accept_new_host_key: bool = False
+    step_ms: int = DEFAULT_STEP_MS
+    debounce_ms: int = DEFAULT_DEBOUNCE_MS
+    reconnect: bool = True
+
+
+class Session:
+    def __init__(self, options: Options, reporter: Reporter) -> None:
+        self.options = options
+        self.reporter = reporter
+        self.root = options.local_root
+        self.rules = IgnoreRules(self.root, options.excludes, options.include_vcs)
+        self.stop = asyncio.Event()
+        self.engine: SyncEngine | None = None
+        self._buffered: dict[str, float] = {}
+        self._ssh: asyncssh.SSHClientConnection | None = None
+
+    # -- the watcher feeds whichever engine is current --------------------------------------
+    def _on_batch(self, batch: list[str]) -> None:
+        now = time.monotonic()
+        dirty: list[str] = []
+        for path in batch:
+            name = path.rpartition("/")[2]
+            if self.rules.is_rules_file(path):
+                directory = path.rpartition("/")[0]
+                self.rules.reload(directory)
+                dirty.append(directory)  # re-list: newly (un)ignored entries
+            if name.startswith(".lsync-tmp-"):
+                continue
+            dirty.append(path)
+        if self.engine is not None:
+            self.engine.mark_dirty(dirty, now)
+        else:
+            for path in dirty:
+                self._buffered.setdefault(path, now)
+
+    async def _watch(self) -> None:
+        async for batch in watch(self.root, self.stop, self.options.step_ms,
+                                 self.options.debounce_ms):
+            self._on_batch(batch)
+        if not self.stop.is_set():
+            # watchfiles ends when the watched root goes away.
+            raise SafetyStop(f"the local tree {self.root} is no longer watchable (removed or "
+                             "unmounted?); stopped without deleting anything on the remote")
+
+    # -- running ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        if not self.root.is_dir():
+            raise UsageError(f"local tree {self.root} is not a directory")
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self.stop.set)
+        watcher = asyncio.create_task(self._watch(), name="watcher")
+        try:
+            await self._connect_loop(watcher)
+        finally:
+            self.stop.set()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, SafetyStop):
+                await watcher
+
+    async def _connect_loop(self, watcher: asyncio.Task[None]) -> None:
+        attempt = 0
+        connected_once = False
+        while not self.stop.is_set():
+            try:
+                await self._one_connection(watcher)
+                return
+            except (LinkBroken, ConnectError) as exc:
+                if isinstance(exc, ConnectError) and not connected_once:
+                    raise
+                if not self.options.reconnect or self.stop.is_set():
+                    raise
+                delay = BACKOFF[min(attempt, len(BACKOFF) - 1)]
+                attempt += 1
+                self.reporter.state(f"disconnected ({exc}); reconnecting in {delay:.0f} s")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), delay)
+            finally:
+                connected_once = connected_once or self.engine is not None
+                if self.engine is not None:
+                    # Whatever this engine had queued is found again by the next rescan.
+                    for path, since in self.engine.dirty.items():
+                        self._buffered.setdefault(path, since)
+                self.engine = None
+
+    async def _start_stream(self) -> AgentStream:
+        target = self.options.target
+        if target.host is None:
+            return await LocalAgentStream.start(local_argv())
+        self.reporter.state(f"connecting to {target.describe()}")
+        self._ssh = await ssh.connect(target, self.options.ssh_config,
+                                      self.options.accept_new_host_key)
+        return await ssh.start_agent(self._ssh)
+
+    async def _one_connection(self, watcher: asyncio.Task[None]) -> None:
+        started = time.monotonic()
+        stream = await self._start_stream()
+        link = AgentLink(stream)
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            link.start(bundle(), m.Hello(
+                PROTOCOL_VERSION,
+                {"hash": [hashing.XXH3_128, hashing.BLAKE2B_128], "compression": ["zlib"]},
+                self.options.target.tree, {"create_root": True}))
+            manifest = asyncio.create_task(_collect(link), name="manifest")
+            tasks.append(manifest)
+            welcome = await link.welcome(WELCOME_TIMEOUT)
+            hash_name = welcome.chosen["hash"]
+            self.reporter.state(f"scanning (agent python {welcome.info.get('python', '?')}, "
+                                f"{hash_name})")
+            cache = HashCache(hash_name, root=self.root)
+            await asyncio.to_thread(cache.load)
+            local = await asyncio.to_thread(scan_tree, self.root, self.rules, cache)
+            entries = await manifest
+            engine = SyncEngine(link, self.root, self.rules, hash_name, self.reporter,
+                                self.options.delete)
+            await engine.initial_sync(local, entries)
+            self.engine = engine
+            buffered, self._buffered = self._buffered, {}
+            for path, since in buffered.items():
+                engine.mark_dirty([path], since)
+            self.reporter.state("syncing")
+            runner = asyncio.create_task(engine.run(), name="engine")
+            tasks.append(runner)
+            idle = asyncio.create_task(engine.wait_idle(), name="initial-idle")
+            tasks.append(idle)
+            await _first(idle, runner, watcher, link_closed := asyncio.ensure_future(link.closed))
+            tasks.append(link_closed)
+            _raise_failures(runner, watcher, link)
+            self.reporter.ready(engine.counters.files, engine.counters.bytes,
+                                time.monotonic() - started)
+            self.reporter.state("watching")
+            await asyncio.to_thread(cache.save)
+            stopping = asyncio.create_task(self.stop.wait(), name="stop")
+            tasks.append(stopping)
+            await _first(stopping, runner, watcher, link_closed)
+            _raise_failures(runner, watcher, link)
+            self.reporter.state("stopping: draining queued writes")
+            drained = asyncio.create_task(engine.wait_idle(), name="drain")
+            tasks.append(drained)
+            await _first(drained, runner, link_closed,
+                         asyncio.ensure_future(asyncio.sleep(DRAIN_TIMEOUT)))
+            _raise_failures(runner, None, link)
+            await link.close("user stopped lsync")
+            self.reporter.state("stopped")
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, LinkBroken, SafetyStop):
+                    await task
+            await link.close("client ending")
+            if self._ssh is not None:
+                self._ssh.close()
+                with contextlib.suppress(OSError, asyncssh.Error):
+                    await self._ssh.wait_closed()
+                self._ssh = None
+
+
+async def _collect(link: AgentLink) -> list[list[Any]]:
+    entries: list[list[Any]] = []
+    async for batch in link.list_tree():
+        entries.extend(batch)
+    return entries
+
+
+async def _first(*aws: asyncio.Future[Any]) -> None:
+    await asyncio.wait(aws, return_when=asyncio.FIRST_COMPLETED)
+
+
+def _raise_failures(runner: asyncio.Task[Any], watcher: asyncio.Task[Any] | None,
+                    link: AgentLink) -> None:
+    for task in (runner, watcher):
+        if task is not None and task.done() and not task.cancelled():
+            exc = task.exception()
+            if exc is not None:
+                raise exc
+    if link.failure is not None:
+        raise link.failure
+    if link.goodbye is not None:
+        raise LinkBroken(f"the agent ended the session: {link.goodbye.reason}")
+
+
+def default_local_root(given: str | None) -> Path:
+    return Path(given or os.getcwd()).expanduser().resolve()
