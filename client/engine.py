@@ -27,8 +27,8 @@ from lsync.client.ignore import IgnoreRules
 from lsync.client.link import AgentLink, Reply
 from lsync.client.model import DIR, FILE, LINK, RemoteEntry, RemoteModel
 from lsync.client.reporter import Reporter
-from lsync.client.scanner import LocalEntry, UnstableFileError, read_file_stable
-from lsync.protocol import hashing
+from lsync.client.hashcache import HashCache
+from lsync.client.scanner import LocalEntry, ScanError, UnstableFileError, read_file_stable
 from lsync.protocol import messages as m
 from lsync.protocol.errors import AckStatus, ErrorCode
 from lsync.protocol.paths import relpath_problem
@@ -38,6 +38,8 @@ WINDOW_OPS = 4096
 WINDOW_BYTES = 64 << 20
 HASH_BATCH = 2000
 UNSTABLE_RETRY = 0.05
+# Files are read whole into memory (and sent in CHUNK pieces); bigger ones are reported.
+MAX_FILE = 1 << 30
 
 LocalKey = tuple[int, int, int, int]
 
@@ -63,13 +65,13 @@ class Counters:
 
 
 class SyncEngine:
-    def __init__(self, link: AgentLink, root: Path, rules: IgnoreRules, hash_name: str,
+    def __init__(self, link: AgentLink, root: Path, rules: IgnoreRules, cache: HashCache,
                  reporter: Reporter, delete_extra: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.link = link
         self.root = root
         self.rules = rules
-        self.hash_name = hash_name
+        self.cache = cache
         self.reporter = reporter
         self.delete_extra = delete_extra
         self.clock = clock
@@ -139,7 +141,7 @@ class SyncEngine:
                     remote.owned = True
                 else:
                     to_send.append(path)
-            elif remote.size != entry.size:
+            elif remote.size != entry.size or entry.digest is None:
                 to_send.append(path)
             elif remote.digest is None:
                 need_hash.append(path)
@@ -285,26 +287,24 @@ class SyncEngine:
 
     async def _reconcile_file(self, path: str, remote: RemoteEntry | None,
                               st: os.stat_result, since: float) -> None:
-        key = local_key(st)
         mode = stat.S_IMODE(st.st_mode)
-        if (remote is not None and remote.kind == FILE and remote.local_key == key
+        if (remote is not None and remote.kind == FILE and remote.local_key == local_key(st)
                 and remote.mode == mode and remote.owned):
             return
         try:
-            content, entry = read_file_stable(self.root, path)
+            content, entry = read_file_stable(self.root, path, self.cache, limit=MAX_FILE)
         except UnstableFileError:
             self._retry_later(path, since)
             return
         except FileNotFoundError:
-            self.mark_dirty([path], since)
+            self._retry_later(path, since)  # gone or replaced meanwhile: look again
             return
-        except OSError as exc:
-            self.reporter.failed(path, f"cannot read: {exc.strerror or exc}")
+        except (OSError, ScanError) as exc:
+            self.reporter.failed(path, f"cannot read: {exc}")
             return
-        if entry.size != st.st_size or entry.mtime_ns != st.st_mtime_ns:
-            self.mark_dirty([path], since)  # changed between lstat and read: look again
-            return
-        digest = hashing.digest_of(self.hash_name, content)
+        digest = entry.digest
+        key = entry.local_key
+        mode = entry.mode
         if remote is not None and remote.kind == FILE and remote.digest == digest:
             if remote.mode != mode:
                 self._submit(m.SetMode(self.link.next_seq(), path, mode), path, 0, since)

@@ -166,7 +166,7 @@ class Session:
             await asyncio.to_thread(cache.load)
             local = await asyncio.to_thread(scan_tree, self.root, self.rules, cache)
             entries = await manifest
-            engine = SyncEngine(link, self.root, self.rules, hash_name, self.reporter,
+            engine = SyncEngine(link, self.root, self.rules, cache, self.reporter,
                                 self.options.delete)
             await engine.initial_sync(local, entries)
             self.engine = engine
