@@ -62,7 +62,7 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True) -> int:
                 break
             conn.receive_data(data)
             while True:
-                message = conn.next_message()  # type: Optional[m.Message]
+                message: Optional[m.Message] = conn.next_message()
                 if message is None:
                     break
                 try:

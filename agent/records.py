@@ -23,7 +23,7 @@ class DigestRecord:
     def __init__(self, cache_path: Optional[str], algorithm: str) -> None:
         self.cache_path = cache_path
         self.algorithm = algorithm
-        self._entries = {}  # type: Dict[str, Tuple[int, int, int, bytes]]
+        self._entries: Dict[str, Tuple[int, int, int, bytes]] = {}
         self._dirty = False
 
     @staticmethod

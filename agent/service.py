@@ -9,13 +9,20 @@ tree as it was and never ends the session. Handlers are dispatched through `_HAN
 import os
 import stat
 import sys
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set
 
-from lsync.agent.confined import (TEMP_PREFIX, ConfinedRoot, OpError, PendingFile, file_key,
-                                  is_stale_temp, iter_fd, op_error)
+from lsync.agent.confined import (
+    TEMP_PREFIX,
+    ConfinedRoot,
+    OpError,
+    PendingFile,
+    file_key,
+    is_stale_temp,
+    iter_fd,
+    op_error,
+)
 from lsync.agent.records import DigestRecord
-from lsync.protocol import PROTOCOL_VERSION
-from lsync.protocol import hashing
+from lsync.protocol import PROTOCOL_VERSION, hashing
 from lsync.protocol import messages as m
 from lsync.protocol.delta import DeltaError, apply_delta
 from lsync.protocol.errors import AckStatus, ErrorCode
@@ -42,12 +49,12 @@ class AgentService:
         self.flush = flush
         self.now_ns = now_ns
         self.use_cache = use_cache
-        self.root = None  # type: Optional[ConfinedRoot]
-        self.record = None  # type: Optional[DigestRecord]
+        self.root: Optional[ConfinedRoot] = None
+        self.record: Optional[DigestRecord] = None
         self.hash_name = hashing.BLAKE2B_128
-        self.pending = {}  # type: Dict[int, PendingFile]
-        self.pending_hashers = {}  # type: Dict[int, Any]
-        self.failed_writes = set()  # type: set
+        self.pending: Dict[int, PendingFile] = {}
+        self.pending_hashers: Dict[int, Any] = {}
+        self.failed_writes: Set[int] = set()
 
     # -- dispatch -------------------------------------------------------------------------
     def handle(self, message: m.Message) -> None:
@@ -123,7 +130,7 @@ class AgentService:
     # -- reading the tree -----------------------------------------------------------------
     def on_list_tree(self, msg: m.ListTree) -> None:
         assert self.root is not None and self.record is not None
-        batch = []  # type: List[List[Any]]
+        batch: List[List[Any]] = []
         for entry in walk_tree(self.root.path, self.record):
             batch.append(entry)
             if len(batch) >= MANIFEST_BATCH:
@@ -134,7 +141,7 @@ class AgentService:
 
     def on_hash_paths(self, msg: m.HashPaths) -> None:
         assert self.root is not None and self.record is not None
-        digests = []  # type: List[Optional[bytes]]
+        digests: List[Optional[bytes]] = []
         for path in msg.paths:
             try:
                 digest, st = self.root.digest_file(path, self._new_hasher)
@@ -314,7 +321,7 @@ class AgentService:
         self._ack(msg.seq)
 
 
-_HANDLERS = {
+_HANDLERS: Dict[Any, Callable[[AgentService, Any], None]] = {
     m.Hello: AgentService.on_hello,
     m.Goodbye: AgentService.on_goodbye,
     m.Ping: AgentService.on_ping,
@@ -328,7 +335,7 @@ _HANDLERS = {
     m.Mkdir: AgentService.on_mkdir,
     m.Symlink: AgentService.on_symlink,
     m.SetMode: AgentService.on_set_mode,
-}  # type: Dict[Any, Callable[[AgentService, Any], None]]
+}
 
 
 def resolve_root(root: str, create: bool) -> str:

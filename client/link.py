@@ -10,6 +10,7 @@ waits forever. The link moves bytes and matches replies; it makes no sync decisi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -65,10 +66,8 @@ class AgentLink:
                 pass
         if self._reader is not None and not self._reader.done():
             self._reader.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, LinkBroken):
                 await self._reader
-            except (asyncio.CancelledError, LinkBroken):
-                pass
         await self.stream.close()
 
     @property

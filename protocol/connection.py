@@ -13,7 +13,7 @@ The client may pipeline operations right behind its Hello (the agent handles the
 answering Welcome), so a first write costs no extra round trip.
 """
 
-from typing import List, Optional
+from typing import Optional
 
 from lsync.protocol import messages as m
 from lsync.protocol.errors import ErrorCode, ProtocolError

@@ -372,15 +372,19 @@ class _Inflater(object):
         self._pending_pos = start + len(piece)
         return piece
 
+    def _at_eof(self) -> bool:
+        # A method, not the attribute: the flag changes under _step().
+        return bool(self._z.eof)
+
     def finish(self) -> None:
         """Require that the stream ends here with nothing after it."""
         if self._pending_pos < len(self._pending):
             raise DeltaError("more compressed data than the delta uses")
-        while not self._z.eof:
+        while not self._at_eof():
             if not self._z.unconsumed_tail and self._in >= len(self._blob):
                 if self._step(1):
                     raise DeltaError("more compressed data than the delta uses")
-                if not self._z.eof:
+                if not self._at_eof():
                     raise DeltaError("truncated compressed data")
                 break
             if self._step(1):

@@ -91,7 +91,7 @@ class FrameDecoder:
 
     def frames(self) -> List[bytes]:
         """All complete payloads now available."""
-        out = []
+        out: List[bytes] = []
         while True:
             frame = self.next_frame()
             if frame is None:

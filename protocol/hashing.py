@@ -18,7 +18,7 @@ def _blake2b() -> Any:
 
 
 def _hashers() -> Dict[str, Callable[[], Any]]:
-    found = {BLAKE2B_128: _blake2b}  # type: Dict[str, Callable[[], Any]]
+    found: Dict[str, Callable[[], Any]] = {BLAKE2B_128: _blake2b}
     try:
         import xxhash
     except ImportError:
@@ -51,5 +51,5 @@ def new_hasher(name: str) -> Any:
 def digest_of(name: str, data: bytes) -> bytes:
     hasher = new_hasher(name)
     hasher.update(data)
-    result = hasher.digest()  # type: bytes
+    result: bytes = hasher.digest()
     return result

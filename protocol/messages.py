@@ -272,7 +272,7 @@ def _is_manifest_entries(value: Any) -> bool:
 
 
 # Who may send a message: "c" client, "a" agent, "ca" either.
-SCHEMA = {
+SCHEMA: Dict[int, Tuple[Any, str, Tuple[FieldCheck, ...]]] = {
     1: (Hello, "c", (_is_uint, _is_capabilities, _is_str, _is_bool_map)),
     2: (Welcome, "a", (_is_uint, _is_str_map, _is_str_map)),
     10: (ListTree, "c", (_is_uint,)),
@@ -292,15 +292,15 @@ SCHEMA = {
     50: (Ping, "ca", (_is_uint,)),
     51: (Pong, "ca", (_is_uint,)),
     60: (Goodbye, "ca", (_is_uint, _is_str)),
-}  # type: Dict[int, Tuple[Any, str, Tuple[FieldCheck, ...]]]
+}
 
-_CODE_OF_TYPE = {cls: code for code, (cls, _, _) in SCHEMA.items()}  # type: Dict[Any, int]
+_CODE_OF_TYPE: Dict[Any, int] = {cls: code for code, (cls, _, _) in SCHEMA.items()}
 
 
 def encode_message(message: Message) -> bytes:
     """The msgpack payload of one message (without the frame header)."""
     code = _CODE_OF_TYPE[type(message)]
-    payload = msgpack.packb([code] + list(message), use_bin_type=True)  # type: bytes
+    payload: bytes = msgpack.packb([code] + list(message), use_bin_type=True)
     return payload
 
 
@@ -332,5 +332,5 @@ def decode_message(payload: bytes, sender: str) -> Message:
         if not check(value):
             raise ProtocolError(ErrorCode.MALFORMED_FRAME, "{}.{} has a bad value".format(
                 cls.__name__, name))
-    message = cls(*fields)  # type: Message
+    message: Message = cls(*fields)
     return message

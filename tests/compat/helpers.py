@@ -11,7 +11,7 @@ from lsync.protocol import messages as m
 from lsync.protocol.connection import AGENT, CLIENT, Connection
 
 
-class Pair(object):
+class Pair:
     """Client connection and agent core joined by byte buffers.
 
     `pump` moves bytes both ways until nothing moves; with byte_at_a_time every byte is
@@ -24,8 +24,8 @@ class Pair(object):
         self.byte_at_a_time = byte_at_a_time
         self.service = AgentService(self.agent_conn.send, lambda: None,
                                     lambda: 10 ** 18, use_cache=False)
-        self.received = []  # type: List[m.Message]
-        self.ended = None  # type: Optional[SessionEnd]
+        self.received: List[m.Message] = []
+        self.ended: Optional[SessionEnd] = None
         self.client.send(m.Hello(PROTOCOL_VERSION, {"hash": ["xxh3-128", "blake2b-128"]},
                                  root, {"create_root": True}))
 
@@ -72,7 +72,7 @@ class Pair(object):
         return replies[0]
 
 
-class TempTree(object):
+class TempTree:
     def __init__(self) -> None:
         self.base = tempfile.mkdtemp(prefix="lsync-compat-")
         self.root = os.path.join(self.base, "root")

@@ -49,13 +49,13 @@ def main():
                     getattr(module, name)()
                 except Exception:
                     failed += 1
-                    print("FAILED {}.{}".format(module_name, name))
+                    print(f"FAILED {module_name}.{name}")
                     traceback.print_exc()
                 else:
                     passed += 1
     finally:
         shutil.rmtree(top, ignore_errors=True)
-    print("python {}: {} passed, {} failed".format(sys.version.split()[0], passed, failed))
+    print(f"python {sys.version.split()[0]}: {passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 
 

@@ -9,7 +9,6 @@ from lsync.protocol import hashing
 from lsync.protocol import messages as m
 from lsync.protocol.delta import KIND_BLOCK, encode_block_delta
 from lsync.protocol.errors import AckStatus, ErrorCode
-
 from tests.compat.helpers import Pair, TempTree
 
 
@@ -179,7 +178,7 @@ def test_stale_temp_files_of_dead_agents_are_removed_on_listing():
     tree, pair, _ = _session()
     try:
         dead_pid = 2 ** 22 + 12345  # above any pid_max default: never a live process
-        stale = "{}{}-1".format(confined.TEMP_PREFIX, dead_pid)
+        stale = f"{confined.TEMP_PREFIX}{dead_pid}-1"
         tree.write("d/" + stale, b"half")
         pair.client.send(m.ListTree(1))
         names = [e[0] for b in pair.pump() for e in b.entries]

@@ -35,7 +35,7 @@ SAMPLES = [
 
 
 def _sender(message):
-    for code, (cls, senders, _) in m.SCHEMA.items():
+    for cls, senders, _ in m.SCHEMA.values():
         if cls is type(message):
             return senders[0]
     raise AssertionError(message)
