@@ -96,7 +96,7 @@ _SHELL = (
 
 def remote_command() -> str:
     """The command line for an SSH exec channel; any POSIX or fish login shell runs it."""
-    return "sh -c {} {}".format(shlex.quote(_SHELL), shlex.quote(LOADER))
+    return f"sh -c {shlex.quote(_SHELL)} {shlex.quote(LOADER)}"
 
 
 def local_argv(python: str | None = None) -> list[str]:

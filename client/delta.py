@@ -48,8 +48,9 @@ from itertools import accumulate
 from typing import Final
 
 import xxhash
-from lsync.protocol import delta as wire
 from pyfastcdc import FastCDC
+
+from lsync.protocol import delta as wire
 
 MIN_AVG_CHUNK: Final = 512
 """FastCDC average chunk size for files up to MIN_AVG_CHUNK * MAX_CHUNKS_PER_FILE bytes."""

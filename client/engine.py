@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from lsync.client.errors import SafetyStop
+from lsync.client.hashcache import HashCache
 from lsync.client.ignore import IgnoreRules
 from lsync.client.link import AgentLink, Reply
 from lsync.client.model import DIR, FILE, LINK, RemoteEntry, RemoteModel
 from lsync.client.reporter import Reporter
-from lsync.client.hashcache import HashCache
 from lsync.client.scanner import LocalEntry, ScanError, UnstableFileError, read_file_stable
 from lsync.protocol import messages as m
 from lsync.protocol.errors import AckStatus, ErrorCode

@@ -34,7 +34,9 @@ patterns one by one costs about 30 us per path. Differences from git that remain
 characters are matched as code points rather than bytes, and `core.excludesFile` and
 `.git/info/exclude` are not read.
 
-Not thread-safe: `reload` and `forget` must not run while another thread calls `is_ignored`.
+Threads: `reload` and `forget` may run while another thread (a scan) calls `is_ignored`;
+nothing breaks, but that scan may see the old rules for some paths and the new ones for
+others, so rescan what `reload` reports changed after such a scan.
 """
 
 from __future__ import annotations
@@ -464,7 +466,8 @@ class IgnoreRules:
         """Drop what was read from `dir_rel` and below (after the directory was removed
         or renamed away); it is read again from disk when next needed."""
         prefix = dir_rel + "/"
-        for key in [k for k in self._files if not dir_rel or k == dir_rel or k.startswith(prefix)]:
-            del self._files[key]
+        for key in list(self._files):  # list(): a snapshot even if a scan thread adds keys
+            if not dir_rel or key == dir_rel or key.startswith(prefix):
+                self._files.pop(key, None)
         self._chains.clear()
         self._dir_verdicts.clear()

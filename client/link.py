@@ -115,11 +115,16 @@ class AgentLink:
         reply: m.Hashes = await future
         return reply.digests
 
-    async def list_tree(self) -> AsyncIterator[list[list[Any]]]:
+    def list_tree(self) -> AsyncIterator[list[list[Any]]]:
+        """Ask for the remote manifest now; iterate to receive it batch by batch."""
         seq = self.next_seq()
         queue: asyncio.Queue[m.ManifestBatch | None] = asyncio.Queue()
         self._manifests[seq] = queue
         self.send(m.ListTree(seq))
+        return self._manifest_batches(seq, queue)
+
+    async def _manifest_batches(self, seq: int, queue: asyncio.Queue[m.ManifestBatch | None]
+                                ) -> AsyncIterator[list[list[Any]]]:
         try:
             while True:
                 batch = await queue.get()

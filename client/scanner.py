@@ -482,7 +482,7 @@ class StableFileReader:
         except BaseException:
             self.close()
             raise
-        self.stat = st
+        self.file_stat = st
         self.size = st.st_size
 
     def __enter__(self) -> StableFileReader:
@@ -519,12 +519,12 @@ class StableFileReader:
                 self._name, dir_fd=self._dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             again = None
-        if total != self.size or not _same(self.stat, after) or again is None \
-                or not _same(self.stat, again):
+        if total != self.size or not _same(self.file_stat, after) or again is None \
+                or not _same(self.file_stat, again):
             raise UnstableFileError(self.rel, "changed while being read")
         digest = hasher.digest()
-        self._cache.store(self.rel, self.stat, digest, now)
-        self._entry = _entry("file", self.stat, digest)
+        self._cache.store(self.rel, self.file_stat, digest, now)
+        self._entry = _entry("file", self.file_stat, digest)
 
     @property
     def entry(self) -> LocalEntry:

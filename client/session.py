@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from lsync.client.ignore import IgnoreRules
 from lsync.client.link import AgentLink
 from lsync.client.reporter import Reporter
 from lsync.client.scanner import scan_tree
-from lsync.client.streams import AgentStream, LocalAgentStream
+from lsync.client.streams import AgentStream, LocalAgentStream, SshAgentStream
 from lsync.client.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS, watch
 from lsync.protocol import PROTOCOL_VERSION, hashing
 from lsync.protocol import messages as m
@@ -137,27 +138,30 @@ class Session:
                         self._buffered.setdefault(path, since)
                 self.engine = None
 
-    async def _start_stream(self) -> AgentStream:
-        target = self.options.target
-        if target.host is None:
-            return await LocalAgentStream.start(local_argv())
-        self.reporter.state(f"connecting to {target.describe()}")
-        self._ssh = await ssh.connect(target, self.options.ssh_config,
-                                      self.options.accept_new_host_key)
-        return await ssh.start_agent(self._ssh)
-
     async def _one_connection(self, watcher: asyncio.Task[None]) -> None:
         started = time.monotonic()
-        stream = await self._start_stream()
+        target = self.options.target
+        hello = m.Hello(
+            PROTOCOL_VERSION,
+            {"hash": [hashing.XXH3_128, hashing.BLAKE2B_128], "compression": ["zlib"]},
+            target.tree, {"create_root": True})
+        stream: AgentStream
+        if target.host is None:
+            stream = await LocalAgentStream.start(local_argv())
+        else:
+            self.reporter.state(f"connecting to {target.describe()}")
+            self._ssh = await ssh.connect(target, self.options.ssh_config,
+                                          self.options.accept_new_host_key)
+            stream = SshAgentStream()
         link = AgentLink(stream)
         tasks: list[asyncio.Task[Any]] = []
         try:
-            link.start(bundle(), m.Hello(
-                PROTOCOL_VERSION,
-                {"hash": [hashing.XXH3_128, hashing.BLAKE2B_128], "compression": ["zlib"]},
-                self.options.target.tree, {"create_root": True}))
-            manifest = asyncio.create_task(_collect(link), name="manifest")
+            # Bundle, Hello and ListTree go out in one flight with the exec request.
+            link.start(bundle(), hello)
+            manifest = asyncio.create_task(_collect(link.list_tree()), name="manifest")
             tasks.append(manifest)
+            if self._ssh is not None and isinstance(stream, SshAgentStream):
+                await ssh.start_agent(self._ssh, stream)
             welcome = await link.welcome(WELCOME_TIMEOUT)
             hash_name = welcome.chosen["hash"]
             self.reporter.state(f"scanning (agent python {welcome.info.get('python', '?')}, "
@@ -211,9 +215,9 @@ class Session:
                 self._ssh = None
 
 
-async def _collect(link: AgentLink) -> list[list[Any]]:
+async def _collect(batches: AsyncIterator[list[list[Any]]]) -> list[list[Any]]:
     entries: list[list[Any]] = []
-    async for batch in link.list_tree():
+    async for batch in batches:
         entries.extend(batch)
     return entries
 

@@ -136,11 +136,13 @@ async def connect(target: Target, config_files: list[str] | None, accept_new: bo
     return conn
 
 
-async def start_agent(conn: asyncssh.SSHClientConnection) -> SshAgentStream:
-    """Open the exec channel that runs the bootstrap loader and, through it, the agent."""
+async def start_agent(conn: asyncssh.SSHClientConnection, stream: SshAgentStream) -> None:
+    """Open the exec channel that runs the bootstrap loader and, through it, the agent.
+
+    Whatever was written to `stream` before this call goes out right behind the exec
+    request, in the same flight.
+    """
     try:
-        process = await conn.create_process(
-            remote_command(), encoding=None, window=CHANNEL_WINDOW, max_pktsize=MAX_PACKET)
+        await stream.open(conn, remote_command(), CHANNEL_WINDOW, MAX_PACKET)
     except (OSError, asyncssh.Error) as exc:
         raise ConnectError(f"cannot start the agent: {exc}") from None
-    return SshAgentStream(process)
