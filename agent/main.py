@@ -41,8 +41,12 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True) -> int:
-    """Run one session; returns the process exit status."""
+def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: bytes = b"") -> int:
+    """Run one session; returns the process exit status.
+
+    `initial` is the start of the client's stream when it arrived some other way (on the
+    command line, see lsync.client.bootstrap); stdin carries the rest.
+    """
     conn = Connection(AGENT)
 
     def flush() -> None:
@@ -54,9 +58,10 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True) -> int:
                            else lambda: int(time.time() * 1e9), use_cache)
     last_save = time.monotonic()
     status = 0
+    pending = initial
     try:
         while True:
-            data = os.read(in_fd, READ_SIZE)
+            data, pending = (pending, b"") if pending else (os.read(in_fd, READ_SIZE), b"")
             if not data:
                 conn.receive_eof()
                 break
@@ -109,8 +114,8 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True) -> int:
     return status
 
 
-def main() -> None:
-    sys.exit(serve())
+def main(initial: bytes = b"") -> None:
+    sys.exit(serve(initial=initial))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,23 @@
 """Starting the agent on a host that has nothing installed but python3.
 
-The remote command is a short POSIX `sh` line that runs `python3 -c LOADER` (or `python`)
-and prints a clear error when neither exists. LOADER, small enough to pass on the command
-line, checks the interpreter's version, reads one bundle from stdin — a header line
-`LSYNC-BUNDLE <length>` and zlib-compressed JSON mapping module names to sources — installs
-an importer for it, and runs the agent on the same stdin/stdout. The bundle carries the
+The remote command is a short POSIX `sh` line that runs `python3 -c LOADER BUNDLE INITIAL`
+(or `python`) and prints a clear error when neither exists. LOADER checks the interpreter's
+version, decodes BUNDLE — base64 of zlib-compressed JSON mapping module names to sources —
+installs an importer for it, and runs the agent on stdin/stdout. The bundle carries the
 agent, the protocol and msgpack's pure-Python modules (used only when the host has no
-msgpack >= 1.0 of its own). The loader reads stdin with os.read so that no byte of the
-protocol stream behind the bundle is swallowed by a buffer.
+msgpack >= 1.0 of its own).
+
+Everything travels inside the exec request itself, and so do the first bytes of the protocol
+stream (INITIAL: the Hello, the ListTree and any operation already queued). OpenSSH opens a
+session channel's window only once the command runs, so data sent on the channel costs a
+round trip more; with the command line carrying it, the agent answers two round trips after
+authentication (channel open, then exec). Linux limits one argument to 128 KiB; the bundle
+takes about 35 KiB and INITIAL is capped at `MAX_INITIAL`, the rest goes on stdin.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import pkgutil
 import shlex
@@ -37,23 +43,9 @@ if sys.version_info < (3, 6):
     sys.stderr.write("lsync: the remote python is %s; lsync needs python >= 3.6\\n"
                      % sys.version.split()[0])
     sys.exit(126)
-import importlib.abc, importlib.util, json, os, zlib
-def _read(n):
-    parts = []
-    while n > 0:
-        b = os.read(0, n)
-        if not b:
-            sys.stderr.write("lsync: the agent bundle was cut short\\n")
-            sys.exit(125)
-        parts.append(b)
-        n -= len(b)
-    return b"".join(parts)
-head = b""
-while not head.endswith(b"\\n") and len(head) < 64:
-    head += _read(1)
-magic, size = head.split()
-assert magic == b"LSYNC-BUNDLE"
-sources = json.loads(zlib.decompress(_read(int(size))).decode("utf-8"))
+import base64, importlib.abc, importlib.util, json, os, zlib
+sources = json.loads(zlib.decompress(base64.b64decode(sys.argv[1])).decode("utf-8"))
+initial = base64.b64decode(sys.argv[2]) if len(sys.argv) > 2 else b""
 class _Bundle(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def __init__(self, names):
         self.names = names
@@ -82,26 +74,31 @@ except ImportError:
     os.environ["MSGPACK_PUREPYTHON"] = "1"
     sys.meta_path.insert(0, _Bundle(set(n for n in sources if n.split(".")[0] == "msgpack")))
 from lsync.agent.main import main
-main()
+main(initial)
 """
 
 _SHELL = (
     'for p in python3 python; do '
-    'if command -v "$p" >/dev/null 2>&1; then exec "$p" -c "$0"; fi; '
+    'if command -v "$p" >/dev/null 2>&1; then exec "$p" -c "$0" "$1" "$2"; fi; '
     'done; '
     'echo "lsync: no python3 or python on the remote host (lsync needs python >= 3.6)" >&2; '
     "exit 127"
 )
 
 
-def remote_command() -> str:
+MAX_INITIAL = 48 << 10  # protocol bytes carried on the command line, before base64
+
+
+def remote_command(initial: bytes = b"") -> str:
     """The command line for an SSH exec channel; any POSIX or fish login shell runs it."""
-    return f"sh -c {shlex.quote(_SHELL)} {shlex.quote(LOADER)}"
+    return " ".join(shlex.quote(part) for part in (
+        "sh", "-c", _SHELL, LOADER, bundle_b64(), base64.b64encode(initial).decode("ascii")))
 
 
-def local_argv(python: str | None = None) -> list[str]:
+def local_argv(initial: bytes = b"", python: str | None = None) -> list[str]:
     """argv for running the agent through the same loader as a local subprocess."""
-    return [python or sys.executable, "-c", LOADER]
+    return [python or sys.executable, "-c", LOADER, bundle_b64(),
+            base64.b64encode(initial).decode("ascii")]
 
 
 def _package_sources(package: object, prefix: str) -> dict[str, tuple[bool, str]]:
@@ -117,8 +114,8 @@ def _package_sources(package: object, prefix: str) -> dict[str, tuple[bool, str]
 
 
 @lru_cache(maxsize=1)
-def bundle() -> bytes:
-    """The header line and compressed sources the loader expects on stdin."""
+def bundle_b64() -> str:
+    """The agent's sources, compressed and base64-encoded for the command line."""
     sources: dict[str, tuple[bool, str]] = {"lsync": (True, "")}
     sources.update(_package_sources(lsync.agent, "lsync.agent"))
     sources.update(_package_sources(lsync.protocol, "lsync.protocol"))
@@ -128,4 +125,4 @@ def bundle() -> bytes:
         text = (msgpack_dir / f"{name}.py").read_text(encoding="utf-8")
         sources[f"msgpack.{name}"] = (False, text)
     payload = zlib.compress(json.dumps(sources).encode("utf-8"), 9)
-    return b"LSYNC-BUNDLE %d\n" % len(payload) + payload
+    return base64.b64encode(payload).decode("ascii")

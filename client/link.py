@@ -44,10 +44,10 @@ class AgentLink:
         self.bytes_received = 0
 
     # -- life cycle -----------------------------------------------------------------------
-    def start(self, bundle: bytes, hello: m.Hello) -> None:
-        """Send the agent bundle and the Hello; the reader starts listening."""
+    def start(self, hello: m.Hello) -> None:
+        """Send the Hello (operations may follow at once); the reader starts listening."""
         self.conn.send(hello)
-        self._write(bundle + self.conn.data_to_send())
+        self._write(self.conn.data_to_send())
         self._reader = asyncio.ensure_future(self._read_loop())
 
     async def welcome(self, timeout: float) -> m.Welcome:
@@ -167,6 +167,8 @@ class AgentLink:
             self._finish(self._broken(exc))
         except (OSError, EOFError) as exc:
             self._finish(LinkBroken(f"connection to the agent lost: {exc}"))
+        except Exception as exc:  # a bug here must end the link visibly, not hang it
+            self._finish(LinkBroken(f"agent link failed: internal error {exc!r}"))
         except asyncio.CancelledError:
             self._finish(LinkBroken("connection closed"))
             raise

@@ -29,9 +29,6 @@ class RemoteEntry:
     target: str | None = None  # symlink target
     owned: bool = False
     size: int = 0
-    # (ino, size, mtime_ns, ctime_ns) of the local file version last sent or verified;
-    # a local lstat with the same key needs no reading.
-    local_key: tuple[int, int, int, int] | None = None
 
 
 class RemoteModel:

@@ -16,23 +16,23 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncssh
 
 from lsync.client import ssh
-from lsync.client.bootstrap import bundle, local_argv
+from lsync.client.bootstrap import MAX_INITIAL, local_argv
 from lsync.client.engine import SyncEngine
-from lsync.client.errors import ConnectError, LinkBroken, SafetyStop, UsageError
+from lsync.client.errors import ConnectError, LinkBroken, LsyncError, SafetyStop, UsageError
 from lsync.client.hashcache import HashCache
 from lsync.client.ignore import IgnoreRules
 from lsync.client.link import AgentLink
 from lsync.client.reporter import Reporter
 from lsync.client.scanner import scan_tree
-from lsync.client.streams import AgentStream, LocalAgentStream, SshAgentStream
+from lsync.client.streams import LocalAgentStream, SshAgentStream
 from lsync.client.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS, watch
 from lsync.protocol import PROTOCOL_VERSION, hashing
 from lsync.protocol import messages as m
@@ -40,6 +40,13 @@ from lsync.protocol import messages as m
 WELCOME_TIMEOUT = 60.0
 DRAIN_TIMEOUT = 60.0
 BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+
+
+_T = TypeVar("_T")
+
+
+class _Stopped(Exception):
+    """The user stopped lsync while it was still connecting or doing the initial sync."""
 
 
 @dataclass
@@ -120,6 +127,9 @@ class Session:
             try:
                 await self._one_connection(watcher)
                 return
+            except _Stopped:
+                self.reporter.state("stopped before the initial sync completed")
+                return
             except (LinkBroken, ConnectError) as exc:
                 if isinstance(exc, ConnectError) and not connected_once:
                     raise
@@ -138,6 +148,24 @@ class Session:
                         self._buffered.setdefault(path, since)
                 self.engine = None
 
+    def _scan_problem(self, path: str, exc: Exception) -> None:
+        self.reporter.failed(path, f"not synced for now: {exc}")
+
+    async def _or_stop(self, awaitable: Awaitable[_T]) -> _T:
+        """Await `awaitable` unless the user stops lsync first (then raise _Stopped)."""
+        task = asyncio.ensure_future(awaitable)
+        stopper = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, LsyncError):
+            await task
+        raise _Stopped
+
     async def _one_connection(self, watcher: asyncio.Task[None]) -> None:
         started = time.monotonic()
         target = self.options.target
@@ -145,31 +173,35 @@ class Session:
             PROTOCOL_VERSION,
             {"hash": [hashing.XXH3_128, hashing.BLAKE2B_128], "compression": ["zlib"]},
             target.tree, {"create_root": True})
-        stream: AgentStream
+        stream: LocalAgentStream | SshAgentStream
         if target.host is None:
-            stream = await LocalAgentStream.start(local_argv())
+            stream = LocalAgentStream()
         else:
             self.reporter.state(f"connecting to {target.describe()}")
-            self._ssh = await ssh.connect(target, self.options.ssh_config,
-                                          self.options.accept_new_host_key)
+            self._ssh = await self._or_stop(ssh.connect(
+                target, self.options.ssh_config, self.options.accept_new_host_key))
             stream = SshAgentStream()
         link = AgentLink(stream)
         tasks: list[asyncio.Task[Any]] = []
         try:
-            # Bundle, Hello and ListTree go out in one flight with the exec request.
-            link.start(bundle(), hello)
+            # Hello and ListTree travel on the agent's command line, with its code.
+            link.start(hello)
             manifest = asyncio.create_task(_collect(link.list_tree()), name="manifest")
             tasks.append(manifest)
-            if self._ssh is not None and isinstance(stream, SshAgentStream):
-                await ssh.start_agent(self._ssh, stream)
-            welcome = await link.welcome(WELCOME_TIMEOUT)
+            if isinstance(stream, SshAgentStream):
+                assert self._ssh is not None
+                await self._or_stop(ssh.start_agent(self._ssh, stream))
+            else:
+                await stream.launch(local_argv, MAX_INITIAL)
+            welcome = await self._or_stop(link.welcome(WELCOME_TIMEOUT))
             hash_name = welcome.chosen["hash"]
             self.reporter.state(f"scanning (agent python {welcome.info.get('python', '?')}, "
                                 f"{hash_name})")
             cache = HashCache(hash_name, root=self.root)
             await asyncio.to_thread(cache.load)
-            local = await asyncio.to_thread(scan_tree, self.root, self.rules, cache)
-            entries = await manifest
+            local = await self._or_stop(asyncio.to_thread(
+                scan_tree, self.root, self.rules, cache, on_error=self._scan_problem))
+            entries = await self._or_stop(manifest)
             engine = SyncEngine(link, self.root, self.rules, cache, self.reporter,
                                 self.options.delete)
             await engine.initial_sync(local, entries)
@@ -182,15 +214,18 @@ class Session:
             tasks.append(runner)
             idle = asyncio.create_task(engine.wait_idle(), name="initial-idle")
             tasks.append(idle)
-            await _first(idle, runner, watcher, link_closed := asyncio.ensure_future(link.closed))
+            link_closed = asyncio.ensure_future(link.closed)
             tasks.append(link_closed)
+            stopping = asyncio.create_task(self.stop.wait(), name="stop")
+            tasks.append(stopping)
+            await _first(idle, runner, watcher, link_closed, stopping)
             _raise_failures(runner, watcher, link)
+            if not idle.done():
+                raise _Stopped
             self.reporter.ready(engine.counters.files, engine.counters.bytes,
                                 time.monotonic() - started)
             self.reporter.state("watching")
             await asyncio.to_thread(cache.save)
-            stopping = asyncio.create_task(self.stop.wait(), name="stop")
-            tasks.append(stopping)
             await _first(stopping, runner, watcher, link_closed)
             _raise_failures(runner, watcher, link)
             self.reporter.state("stopping: draining queued writes")

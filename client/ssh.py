@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncssh
 
-from lsync.client.bootstrap import remote_command
+from lsync.client.bootstrap import MAX_INITIAL, remote_command
 from lsync.client.errors import ConnectError, HostKeyError
 from lsync.client.streams import SshAgentStream
 
@@ -139,10 +139,9 @@ async def connect(target: Target, config_files: list[str] | None, accept_new: bo
 async def start_agent(conn: asyncssh.SSHClientConnection, stream: SshAgentStream) -> None:
     """Open the exec channel that runs the bootstrap loader and, through it, the agent.
 
-    Whatever was written to `stream` before this call goes out right behind the exec
-    request, in the same flight.
+    Whatever was written to `stream` before this call travels inside the exec request.
     """
     try:
-        await stream.open(conn, remote_command(), CHANNEL_WINDOW, MAX_PACKET)
+        await stream.open(conn, remote_command, MAX_INITIAL, CHANNEL_WINDOW, MAX_PACKET)
     except (OSError, asyncssh.Error) as exc:
         raise ConnectError(f"cannot start the agent: {exc}") from None

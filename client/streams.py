@@ -1,8 +1,9 @@
 """Byte streams to an agent: over an SSH exec channel, or to a local subprocess.
 
-`AgentStream` is the one interface the rest of the client uses; both implementations carry
-the bootstrap bundle first and then the protocol. Anything the agent prints on stderr is
-collected line by line (it is shown to the user, it never reaches the protocol).
+`AgentStream` is the one interface the rest of the client uses. Both implementations hold
+what is written before the agent exists and hand it to the agent's command line when they
+start it (see `lsync.client.bootstrap`); stdin carries the rest of the protocol. What the
+agent prints on stderr is collected line by line for error messages, apart from the protocol.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import asyncssh
@@ -41,35 +43,66 @@ class _StderrTail:
         return "\n".join(self.lines)
 
 
+class _EarlyBytes:
+    """Bytes written before the agent exists: the first part rides on its command line."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def take(self, limit: int) -> bytes:
+        data = b"".join(self.parts)
+        self.parts = [data[limit:]] if len(data) > limit else []
+        return data[:limit]
+
+    def rest(self) -> bytes:
+        data = b"".join(self.parts)
+        self.parts = []
+        return data
+
+
 class LocalAgentStream:
     """The agent as a child process of this one (`lsync connect /some/dir`)."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
+    def __init__(self) -> None:
+        self.process: asyncio.subprocess.Process | None = None
+        self._early = _EarlyBytes()
         self._stderr = _StderrTail()
-        assert process.stderr is not None
-        self._stderr_task = asyncio.ensure_future(self._stderr.collect(process.stderr))
+        self._stderr_task: asyncio.Future[None] | None = None
+        self._started = asyncio.Event()
 
-    @classmethod
-    async def start(cls, argv: list[str], env: dict[str, str] | None = None) -> LocalAgentStream:
-        process = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=env, limit=READ_SIZE)
-        return cls(process)
+    async def launch(self, argv_for: Callable[[bytes], list[str]], max_initial: int,
+                     env: dict[str, str] | None = None) -> None:
+        """Start the agent; bytes written so far go on its command line (then stdin)."""
+        self.process = await asyncio.create_subprocess_exec(
+            *argv_for(self._early.take(max_initial)), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+            limit=READ_SIZE)
+        assert self.process.stderr is not None
+        self._stderr_task = asyncio.ensure_future(self._stderr.collect(self.process.stderr))
+        self._started.set()
+        rest = self._early.rest()
+        if rest:
+            self.write(rest)
 
     def write(self, data: bytes) -> None:
+        if self.process is None:
+            self._early.parts.append(data)
+            return
         assert self.process.stdin is not None
         self.process.stdin.write(data)
 
     async def drain(self) -> None:
-        assert self.process.stdin is not None
-        await self.process.stdin.drain()
+        if self.process is not None and self.process.stdin is not None:
+            await self.process.stdin.drain()
 
     async def read(self) -> bytes:
-        assert self.process.stdout is not None
+        await self._started.wait()
+        assert self.process is not None and self.process.stdout is not None
         return await self.process.stdout.read(READ_SIZE)
 
     async def close(self) -> None:
+        if self.process is None:
+            return
         if self.process.stdin is not None and not self.process.stdin.is_closing():
             self.process.stdin.close()
         try:
@@ -77,16 +110,17 @@ class LocalAgentStream:
         except asyncio.TimeoutError:
             self.process.kill()
             await self.process.wait()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stderr_task, 2)
-        if not self._stderr_task.done():
-            self._stderr_task.cancel()
+        if self._stderr_task is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stderr_task, 2)
+            if not self._stderr_task.done():
+                self._stderr_task.cancel()
 
     def stderr_tail(self) -> str:
         return self._stderr.text()
 
     def exit_status(self) -> int | None:
-        return self.process.returncode
+        return self.process.returncode if self.process is not None else None
 
 
 class _AgentSession(asyncssh.SSHClientSession[bytes]):
@@ -124,15 +158,14 @@ class _AgentSession(asyncssh.SSHClientSession[bytes]):
 class SshAgentStream:
     """The agent on the far end of an SSH exec channel.
 
-    Bytes written before the channel exists are held and go out right behind the exec
-    request, without waiting for its reply: the bundle, the Hello and the first operations
-    travel in the same flight as the request that starts the agent, so the first reply
-    arrives two round trips after authentication (channel open, then exec + data).
+    Bytes written before the channel exists ride on the exec request's command line (see
+    `lsync.client.bootstrap`), so the agent answers the Hello two round trips after
+    authentication: one to open the channel, one for the exec and its answer.
     """
 
     def __init__(self) -> None:
         self._chan: asyncssh.SSHClientChannel[bytes] | None = None
-        self._early: list[bytes] = []
+        self._early = _EarlyBytes()
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._readable = asyncio.Event()
@@ -145,23 +178,19 @@ class SshAgentStream:
         self._stderr_partial = b""
         self._closed = asyncio.Event()
 
-    async def open(self, conn: asyncssh.SSHClientConnection, command: str, window: int,
+    async def open(self, conn: asyncssh.SSHClientConnection,
+                   command_for: Callable[[bytes], str], max_initial: int, window: int,
                    max_pktsize: int) -> None:
+        command = command_for(self._early.take(max_initial))
         await conn.create_session(lambda: _AgentSession(self), command, encoding=None,
                                   window=window, max_pktsize=max_pktsize)
+        rest = self._early.rest()
+        if rest:
+            self.write(rest)
 
     # -- callbacks from _AgentSession ----------------------------------------------------
     def _channel_opened(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
         self._chan = chan
-        # asyncssh sends the exec request right after this callback, before it next yields
-        # to the loop; call_soon puts the held bytes behind that request on the wire.
-        asyncio.get_running_loop().call_soon(self._send_early)
-
-    def _send_early(self) -> None:
-        early, self._early = self._early, []
-        if self._chan is not None and early and not self._eof:
-            with contextlib.suppress(OSError, asyncssh.Error):
-                self._chan.write(b"".join(early))
 
     def _stdout_received(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -186,8 +215,8 @@ class SshAgentStream:
 
     # -- AgentStream ---------------------------------------------------------------------
     def write(self, data: bytes) -> None:
-        if self._chan is None or self._early:
-            self._early.append(data)
+        if self._chan is None or self._early.parts:
+            self._early.parts.append(data)
             return
         try:
             self._chan.write(data)
