@@ -18,6 +18,7 @@ import pytest
 import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from lsync.client import delta as cdelta
 from lsync.protocol import delta as wire
 from lsync.protocol.errors import ErrorCode
