@@ -9,6 +9,7 @@ tree as it was and never ends the session. Handlers are dispatched through `_HAN
 import os
 import stat
 import sys
+import zlib
 from typing import Any, Callable, Dict, List, Optional, Set
 
 from lsync.agent.confined import (
@@ -173,8 +174,9 @@ class AgentService:
                 self.pending_hashers[msg.seq] = self._new_hasher()
             elif msg.offset != pending.size or msg.path != pending.path:
                 raise OpError(ErrorCode.INTERNAL, "chunk of {} out of order".format(msg.path))
-            pending.write(msg.data)
-            self.pending_hashers[msg.seq].update(msg.data)
+            data = inflate_chunk(msg.path, msg.data) if msg.zlib else msg.data
+            pending.write(data)
+            self.pending_hashers[msg.seq].update(data)
             if not msg.final:
                 return
             del self.pending[msg.seq]
@@ -336,6 +338,19 @@ _HANDLERS: Dict[Any, Callable[[AgentService, Any], None]] = {
     m.Symlink: AgentService.on_symlink,
     m.SetMode: AgentService.on_set_mode,
 }
+
+
+def inflate_chunk(path: str, data: bytes) -> bytes:
+    """One zlib-compressed WriteFile chunk, refusing anything beyond `MAX_CHUNK` bytes."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, m.MAX_CHUNK)
+    except zlib.error as exc:
+        raise OpError(ErrorCode.BAD_DELTA, "bad compressed data for {}: {}".format(path, exc))
+    if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
+        raise OpError(ErrorCode.BAD_DELTA, "compressed chunk for {} is malformed or larger "
+                      "than {} bytes".format(path, m.MAX_CHUNK))
+    return out
 
 
 def resolve_root(root: str, create: bool) -> str:

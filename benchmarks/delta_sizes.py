@@ -32,10 +32,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.testbed.trees import one_line_edit, text_of_size
 from lsync.client import delta as cdelta
 from lsync.protocol import delta as wire
-
-from benchmarks.testbed.trees import one_line_edit, text_of_size
 
 TEN_MB = 10_000_000
 RENAMES = ((b"count", b"total"), (b"return", b"RETURN"))

@@ -17,18 +17,27 @@ import asyncio
 import os
 import stat
 import time
+import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lsync.client.delta import ZDICT_MAX_NEW, Signature, make_delta_and_signature, signature
 from lsync.client.errors import SafetyStop
 from lsync.client.hashcache import HashCache
 from lsync.client.ignore import IgnoreRules
 from lsync.client.link import AgentLink, Reply
 from lsync.client.model import DIR, FILE, LINK, RemoteEntry, RemoteModel
 from lsync.client.reporter import Reporter
-from lsync.client.scanner import LocalEntry, ScanError, UnstableFileError, read_file_stable
+from lsync.client.scanner import (
+    LocalEntry,
+    ScanError,
+    UnstableFileError,
+    read_file_stable,
+    scan_tree,
+)
 from lsync.protocol import messages as m
 from lsync.protocol.errors import AckStatus, ErrorCode
 from lsync.protocol.paths import relpath_problem
@@ -40,6 +49,10 @@ HASH_BATCH = 2000
 UNSTABLE_RETRY = 0.05
 # Files are read whole into memory (and sent in CHUNK pieces); bigger ones are reported.
 MAX_FILE = 1 << 30
+COMPRESS_ABOVE = 256  # smaller contents travel raw
+BULK_QUEUE = 100  # more queued paths than this: compress for speed (zlib level 1)
+RECENT_BYTES = 32 << 20  # contents of recently sent small files: bases of zdict deltas
+RENAME_MATCH = 0.5  # share of a vanished directory's files a new one must hold to be its move
 
 @dataclass(slots=True)
 class InFlight:
@@ -47,6 +60,7 @@ class InFlight:
     nbytes: int
     since: float  # when the path became dirty: the save, as far as we can tell
     op: str
+    src: str = ""  # for copies and renames: the remote path the content came from
 
 
 @dataclass
@@ -77,6 +91,8 @@ class SyncEngine:
         self._space = asyncio.Event()
         self._idle = asyncio.Event()
         self._retry_handles: set[asyncio.TimerHandle] = set()
+        self._recent: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()
+        self._recent_bytes = 0
         self._initial_total = (0, 0)  # files, bytes queued by the initial comparison
         self._initial_done = (0, 0)
 
@@ -150,7 +166,7 @@ class SyncEngine:
             for path, digest in zip(batch, digests, strict=True):
                 remote = self.model.get(path)
                 assert remote is not None
-                remote.digest = digest
+                self.model.set_digest(path, digest)
                 if digest is not None and digest == local[path].digest:
                     remote.owned = True
                     if remote.mode != local[path].mode:
@@ -250,10 +266,50 @@ class SyncEngine:
         if remote is not None and remote.kind != DIR:
             await self._remove(path, since)
             remote = None
+        if remote is None:
+            moved_from = self._vanished_twin(path)
+            if moved_from is not None:
+                # A directory moved (seen as delete + add): rename it remotely, then let the
+                # listing below fix whatever differs inside.
+                self._submit(m.Rename(self.link.next_seq(), moved_from, path), path, 0, since,
+                             op="rename", src=moved_from)
+                self.model.move_tree(moved_from, path)
+                self.dirty.pop(moved_from, None)
+                remote = self.model.get(path)
+                self.mark_dirty(sorted(self.model.child_names(path)), since)
         if remote is None or remote.mode != mode or not remote.owned:
             self._submit(m.Mkdir(self.link.next_seq(), path, mode), path, 0, since)
             self.model.put(path, RemoteEntry(DIR, mode, owned=True))
         await self._reconcile_dir_listing(path, since)
+
+    def _vanished_twin(self, path: str) -> str | None:
+        """A queued directory that is gone locally and whose files `path` now holds."""
+        candidates = [p for p in self.dirty if p != path and not p.startswith(path + "/")
+                      and (e := self.model.get(p)) is not None and e.kind == DIR and e.owned
+                      and not os.path.lexists(self.root / p)]
+        if not candidates:
+            return None
+        try:
+            local = scan_tree(self.root, self.rules, self.cache, subdir=path,
+                              on_error=lambda rel, exc: None)
+        except OSError:
+            return None
+        prefix = len(path) + 1
+        here = {rel[prefix:]: e.digest for rel, e in local.items() if e.kind == "file"}
+        if not here:
+            return None
+        for candidate in candidates:
+            files = [p for p in self.model.descendants(candidate)
+                     if (e := self.model.get(p)) is not None and e.kind == FILE]
+            if not files:
+                continue
+            cut = len(candidate) + 1
+            same = sum(1 for p in files
+                       if (e := self.model.get(p)) is not None
+                       and here.get(p[cut:]) == e.digest and e.digest is not None)
+            if same >= RENAME_MATCH * max(len(files), len(here)):
+                return candidate
+        return None
 
     async def _reconcile_dir_listing(self, path: str, since: float) -> None:
         """Queue children that exist on one side only (moved-in or vanished subtrees)."""
@@ -307,6 +363,7 @@ class SyncEngine:
             self.reporter.failed(path, f"cannot read: {exc}")
             return
         digest = entry.digest
+        assert digest is not None  # read_file_stable hashes what it read
         mode = entry.mode
         if remote is not None and remote.kind == FILE and remote.digest == digest:
             if remote.mode != mode:
@@ -316,23 +373,77 @@ class SyncEngine:
             return
         if remote is not None and remote.kind == DIR:
             await self._remove(path, since)
-        await self._send_file(path, content, mode, since)
-        self.model.put(path, RemoteEntry(FILE, mode, digest, owned=True, size=len(content)))
-
-    async def _send_file(self, path: str, content: bytes, mode: int, since: float) -> None:
-        seq = self.link.next_seq()
-        if len(content) <= CHUNK:
-            self._submit(m.WriteFile(seq, path, mode, 0, content, True), path, len(content),
-                         since, op="write")
-            await self.link.drain()
+            remote = None
+        holder = self.model.holder_of(digest)
+        if holder is not None and holder != path:
+            # The remote already has this content (a copy, or a move seen as add + delete
+            # whose delete is still queued behind this): copy it there, send no content.
+            source = self.model.get(holder)
+            self._submit(m.Copy(self.link.next_seq(), holder, path, mode, digest), path, 0,
+                         since, op="copy", src=holder)
+            self.model.put(path, RemoteEntry(FILE, mode, digest, owned=True, size=len(content),
+                                             signature=source.signature if source else None))
             return
-        first = m.WriteFile(seq, path, mode, 0, content[:CHUNK], False)
-        self._submit(first, path, len(content), since, op="write")
+        new_signature = await self._send_file(path, content, mode, digest, remote, since)
+        self.model.put(path, RemoteEntry(FILE, mode, digest, owned=True, size=len(content),
+                                         signature=new_signature))
+        self._remember_content(path, digest, content)
+
+    def _remember_content(self, path: str, digest: bytes, content: bytes) -> None:
+        old = self._recent.pop(path, None)
+        if old is not None:
+            self._recent_bytes -= len(old[1])
+        if len(content) > ZDICT_MAX_NEW:
+            return
+        self._recent[path] = (digest, content)
+        self._recent_bytes += len(content)
+        while self._recent_bytes > RECENT_BYTES:
+            _, (_, dropped) = self._recent.popitem(last=False)
+            self._recent_bytes -= len(dropped)
+
+    def _recent_content(self, path: str, digest: bytes) -> bytes | None:
+        found = self._recent.get(path)
+        if found is None or found[0] != digest:
+            return None
+        self._recent.move_to_end(path)
+        return found[1]
+
+    async def _send_file(self, path: str, content: bytes, mode: int, digest: bytes,
+                         remote: RemoteEntry | None, since: float) -> Signature:
+        """Send the new content as a delta against the remote version when that is smaller,
+        else whole (in CHUNK pieces, zlib-compressed when that helps); returns the new
+        version's signature."""
+        seq = self.link.next_seq()
+        if (remote is not None and remote.kind == FILE and remote.digest is not None
+                and remote.signature is not None):
+            base = self._recent_content(path, remote.digest)
+            delta, new_signature = make_delta_and_signature(remote.signature, content, base)
+            if delta is not None:
+                self._submit(m.WriteDelta(seq, path, mode, remote.digest, digest, delta), path,
+                             len(content), since, op="write")
+                await self.link.drain()
+                return new_signature
+        else:
+            new_signature = signature(content)
+        # A burst (initial sync, branch switch) compresses fast; a single save compresses well.
+        level = 1 if len(self.dirty) > BULK_QUEUE else 6
+        self._submit(self._chunk(seq, path, mode, content, 0, level), path, len(content),
+                     since, op="write")
         for offset in range(CHUNK, len(content), CHUNK):
-            final = offset + CHUNK >= len(content)
-            self.link.send(m.WriteFile(seq, path, mode, offset, content[offset:offset + CHUNK],
-                                       final))
+            self.link.send(self._chunk(seq, path, mode, content, offset, level))
             await self.link.drain()
+        await self.link.drain()
+        return new_signature
+
+    def _chunk(self, seq: int, path: str, mode: int, content: bytes, offset: int,
+               level: int) -> m.WriteFile:
+        piece = content[offset:offset + CHUNK]
+        final = offset + CHUNK >= len(content)
+        if len(piece) >= COMPRESS_ABOVE:
+            packed = zlib.compress(piece, level)
+            if len(packed) < len(piece) * 0.9:
+                return m.WriteFile(seq, path, mode, offset, packed, final, True)
+        return m.WriteFile(seq, path, mode, offset, piece, final, False)
 
     async def _remove(self, path: str, since: float) -> None:
         """Delete what lsync owns at and below `path`; the rest stays."""
@@ -365,9 +476,9 @@ class SyncEngine:
 
     # -- acknowledgements -----------------------------------------------------------------
     def _submit(self, message: m.Message, path: str, nbytes: int, since: float,
-                op: str = "") -> None:
+                op: str = "", src: str = "") -> None:
         seq: int = message.seq  # type: ignore[union-attr]
-        self.in_flight[seq] = InFlight(path, nbytes, since, op or type(message).__name__)
+        self.in_flight[seq] = InFlight(path, nbytes, since, op or type(message).__name__, src)
         self.in_flight_bytes += nbytes
         self._idle.clear()
         future = self.link.submit(message)
@@ -406,11 +517,21 @@ class SyncEngine:
     def _on_error(self, error: m.Error, flight: InFlight) -> None:
         self.counters.errors += 1
         self.reporter.failed(flight.path, error.message)
-        entry = self.model.get(flight.path)
-        if entry is not None:
-            # The remote state of this path is unknown now: the next change sends it whole.
-            entry.digest = None
-        if error.code == ErrorCode.BASE_MISMATCH:
+        if flight.op == "rename":
+            # The directory did not move remotely: what the model moved is unknown there.
+            below = [*self.model.descendants(flight.path), flight.path]
+            for path in below:
+                self.model.set_digest(path, None)
+            self.reporter.note(f"{flight.src} stays on the remote (the rename failed); "
+                               f"{flight.path} is sent whole")
+            self.mark_dirty(sorted(below))
+            return
+        # The remote state of this path is unknown now: the next change sends it whole.
+        self.model.set_digest(flight.path, None)
+        if error.code in (ErrorCode.BASE_MISMATCH, ErrorCode.DIGEST_MISMATCH):
+            if flight.src:  # a copy whose source was not what we thought
+                self.model.set_digest(flight.src, None)
+                self.mark_dirty([flight.src])
             self.mark_dirty([flight.path])
 
 

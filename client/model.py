@@ -6,7 +6,8 @@ knows the remote's state without asking: every operation it sends updates the mo
 the next change sends it whole. Entries carry `owned`: lsync put or verified them there, so
 it may delete them when they vanish locally; entries found only on the remote are not owned
 and are never deleted unless the user asked for --delete. A child index makes "everything
-below this directory" cheap.
+below this directory" cheap, and a digest index finds content the remote already holds
+(moves and copies then cost no content on the wire).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from lsync.client.delta import Signature
 from lsync.protocol.paths import parent_of
 
 FILE = "f"
@@ -29,12 +31,15 @@ class RemoteEntry:
     target: str | None = None  # symlink target
     owned: bool = False
     size: int = 0
+    # Block signature of the remote's version, the base of the next delta; None: send whole.
+    signature: Signature | None = None
 
 
 class RemoteModel:
     def __init__(self) -> None:
         self.entries: dict[str, RemoteEntry] = {}
         self.children: dict[str, set[str]] = {"": set()}
+        self.by_digest: dict[bytes, set[str]] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -46,16 +51,55 @@ class RemoteModel:
         old = self.entries.get(path)
         if old is not None and old.kind == DIR and entry.kind != DIR:
             self.drop_tree(path)
+        elif old is not None:
+            self._unindex(path, old)
         self.entries[path] = entry
+        if entry.kind == FILE and entry.digest is not None:
+            self.by_digest.setdefault(entry.digest, set()).add(path)
         parent = parent_of(path)
         self.children.setdefault(parent, set()).add(path)
         if entry.kind == DIR:
             self.children.setdefault(path, set())
 
+    def _unindex(self, path: str, entry: RemoteEntry) -> None:
+        if entry.digest is not None:
+            holders = self.by_digest.get(entry.digest)
+            if holders is not None:
+                holders.discard(path)
+                if not holders:
+                    del self.by_digest[entry.digest]
+
+    def set_digest(self, path: str, digest: bytes | None) -> None:
+        """Change what the model believes a file's content is (None: unknown)."""
+        entry = self.entries.get(path)
+        if entry is None:
+            return
+        self._unindex(path, entry)
+        entry.digest = digest
+        if digest is None:
+            entry.signature = None
+        elif entry.kind == FILE:
+            self.by_digest.setdefault(digest, set()).add(path)
+
+    def holder_of(self, digest: bytes) -> str | None:
+        """Some remote file that holds content `digest`, if the model knows one."""
+        holders = self.by_digest.get(digest)
+        return next(iter(holders)) if holders else None
+
+    def move_tree(self, src: str, dst: str) -> None:
+        """The remote renamed `src` (and everything below) to `dst`."""
+        moved = [(p, self.entries[p]) for p in [*self.descendants(src), src]]
+        for path, _ in moved:
+            self.drop(path)
+        for path, entry in reversed(moved):  # parents first
+            self.put(dst + path[len(src):], entry)
+
     def drop(self, path: str) -> None:
         """Forget one entry (its descendants must already be gone)."""
-        if self.entries.pop(path, None) is None:
+        entry = self.entries.pop(path, None)
+        if entry is None:
             return
+        self._unindex(path, entry)
         siblings = self.children.get(parent_of(path))
         if siblings is not None:
             siblings.discard(path)

@@ -15,6 +15,9 @@ import msgpack
 
 from lsync.protocol.errors import ErrorCode, ProtocolError
 
+# Largest uncompressed content one WriteFile chunk may carry.
+MAX_CHUNK = 8 * 1024 * 1024
+
 # Kinds of tree entries in a manifest.
 KIND_FILE = "f"
 KIND_DIR = "d"
@@ -73,8 +76,10 @@ class Hashes(NamedTuple):
 class WriteFile(NamedTuple):
     """Client → agent: whole-file content, possibly in several chunks of one `seq`.
 
-    Chunks arrive in order with increasing `offset`; the one with final=True makes the agent
-    rename the finished temporary file over `path` and acknowledge.
+    Chunks arrive in order with increasing `offset` (counted in uncompressed bytes); the one
+    with final=True makes the agent rename the finished temporary file over `path` and
+    acknowledge. With zlib=True each chunk's data is one complete zlib stream that inflates
+    to at most `MAX_CHUNK` bytes.
     """
 
     seq: int
@@ -83,6 +88,7 @@ class WriteFile(NamedTuple):
     offset: int
     data: bytes
     final: bool
+    zlib: bool = False
 
 
 class WriteDelta(NamedTuple):
@@ -279,7 +285,7 @@ SCHEMA: Dict[int, Tuple[Any, str, Tuple[FieldCheck, ...]]] = {
     11: (ManifestBatch, "a", (_is_uint, _is_manifest_entries, _is_bool)),
     12: (HashPaths, "c", (_is_uint, _is_str_list)),
     13: (Hashes, "a", (_is_uint, _is_digest_list)),
-    20: (WriteFile, "c", (_is_uint, _is_str, _is_uint, _is_uint, _is_bytes, _is_bool)),
+    20: (WriteFile, "c", (_is_uint, _is_str, _is_uint, _is_uint, _is_bytes, _is_bool, _is_bool)),
     21: (WriteDelta, "c", (_is_uint, _is_str, _is_uint, _is_bytes, _is_bytes, _is_bytes)),
     22: (Delete, "c", (_is_uint, _is_str)),
     23: (Rename, "c", (_is_uint, _is_str, _is_str)),

@@ -38,10 +38,15 @@ def _interpreters() -> dict[str, str]:
     return found
 
 
+def _minor(version: str) -> int:
+    return int(version.split(".")[1])
+
+
 INTERPRETERS = _interpreters()
+VERSIONS: list[str] = sorted(INTERPRETERS.keys(), key=_minor)
 
 
-@pytest.mark.parametrize("version", sorted(INTERPRETERS, key=lambda v: int(v.split(".")[1])))
+@pytest.mark.parametrize("version", VERSIONS)
 def test_agent_and_protocol_tests_pass_under_python(version: str) -> None:
     result = subprocess.run(
         [INTERPRETERS[version], str(REPO / "tests" / "compat" / "run.py")],

@@ -230,7 +230,7 @@ def _prose_line(rng: random.Random) -> str:
 
 _LINES_PER_POOL = 8_192
 _BLOCKS_PER_POOL = 16_384
-_ZIPF_EXPONENT = 0.9  # tuned so zlib compresses the text about 3.4x, like C source
+_ZIPF_EXPONENT = 0.9  # tuned so zlib compresses the text about 3.3x, like C source
 
 
 class _ContentPool:
