@@ -12,6 +12,7 @@ ordinary filesystem trouble (missing, permission, full disk, type conflicts).
 """
 
 import errno
+import itertools
 import os
 import re
 import stat
@@ -86,7 +87,7 @@ class ConfinedRoot:
     def __init__(self, root: str) -> None:
         self.path = root
         self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
-        self._counter = 0
+        self._counter = itertools.count(1)  # next() is atomic: writer threads share it
 
     def close(self) -> None:
         os.close(self.fd)
@@ -153,8 +154,7 @@ class ConfinedRoot:
             os.close(dfd)
 
     def _temp_name(self) -> str:
-        self._counter += 1
-        return "{}{}-{}".format(TEMP_PREFIX, os.getpid(), self._counter)
+        return "{}{}-{}".format(TEMP_PREFIX, os.getpid(), next(self._counter))
 
     # -- reading --------------------------------------------------------------------------
     def open_read(self, path: str) -> int:

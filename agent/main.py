@@ -8,12 +8,14 @@ traceback goes to ~/.cache/lsync/agent.log, never over the wire.
 """
 
 import os
+import select
 import sys
 import time
 import traceback
 from typing import Optional
 
 from lsync.agent.service import AgentService, SessionEnd
+from lsync.agent.writer import WritePool
 from lsync.protocol import messages as m
 from lsync.protocol.connection import AGENT, Connection
 from lsync.protocol.errors import ErrorCode, ProtocolError
@@ -22,14 +24,14 @@ READ_SIZE = 1 << 20
 SAVE_INTERVAL_NS = 30 * 10 ** 9
 
 
-def _log_internal(context: str) -> None:
+def _log_internal(context: str, trace: Optional[str] = None) -> None:
     try:
         directory = os.path.join(os.path.expanduser("~"), ".cache", "lsync")
         os.makedirs(directory, mode=0o700, exist_ok=True)
         with open(os.path.join(directory, "agent.log"), "a", encoding="utf-8") as log:
             log.write("{} pid {}: {}\n{}\n".format(
                 time.strftime("%Y-%m-%dT%H:%M:%S"), os.getpid(), context,
-                traceback.format_exc()))
+                trace if trace is not None else traceback.format_exc()))
     except OSError:
         pass
 
@@ -41,7 +43,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: bytes = b"") -> int:
+def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: bytes = b"",
+          threads: bool = True) -> int:
     """Run one session; returns the process exit status.
 
     `initial` is the start of the client's stream when it arrived some other way (on the
@@ -54,14 +57,26 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
         if data:
             _write_all(out_fd, data)
 
+    pool = WritePool() if threads else None
     service = AgentService(conn.send, flush, time.time_ns if hasattr(time, "time_ns")
-                           else lambda: int(time.time() * 1e9), use_cache)
+                           else lambda: int(time.time() * 1e9), use_cache, pool, _log_internal)
     last_save = time.monotonic()
     status = 0
     pending = initial
     try:
         while True:
-            data, pending = (pending, b"") if pending else (os.read(in_fd, READ_SIZE), b"")
+            if pending:
+                data, pending = pending, b""
+            else:
+                if pool is not None and pool.outstanding:
+                    # Answer finished writes while waiting for input.
+                    while pool.outstanding:
+                        ready = select.select([in_fd, pool.wakeup_fd], [], [])[0]
+                        service.collect_pool()
+                        flush()
+                        if in_fd in ready:
+                            break
+                data = os.read(in_fd, READ_SIZE)
             if not data:
                 conn.receive_eof()
                 break
@@ -81,6 +96,7 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
                         raise
                     conn.send(m.Error(seq, int(ErrorCode.INTERNAL),
                                       "internal agent error: {}".format(type(exc).__name__)))
+            service.collect_pool()
             flush()
             if time.monotonic() - last_save > SAVE_INTERVAL_NS / 1e9:
                 service.maybe_save_record()
@@ -107,8 +123,9 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
             pass
     finally:
         try:
+            service.drain_pool()
             flush()
-        except OSError:
+        except (OSError, ProtocolError):
             pass
         service.close()
     return status

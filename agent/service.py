@@ -23,6 +23,7 @@ from lsync.agent.confined import (
     op_error,
 )
 from lsync.agent.records import DigestRecord
+from lsync.agent.writer import WritePool
 from lsync.protocol import PROTOCOL_VERSION, hashing
 from lsync.protocol import messages as m
 from lsync.protocol.delta import DeltaError, apply_delta
@@ -33,6 +34,10 @@ MANIFEST_BATCH = 2000
 MAX_DELTA_RESULT = 1 << 40  # the result is streamed to disk; this only bounds nonsense
 
 Send = Callable[[m.Message], None]
+LogInternal = Callable[[str, str], None]  # (context, traceback text)
+
+# Operations that never touch a path a pooled write is on need not wait for the pool.
+_PATH_OPS = (m.Mkdir, m.SetMode, m.Symlink)
 
 
 class SessionEnd(Exception):
@@ -45,8 +50,12 @@ class SessionEnd(Exception):
 
 class AgentService:
     def __init__(self, send: Send, flush: Callable[[], None],
-                 now_ns: Callable[[], int], use_cache: bool = True) -> None:
+                 now_ns: Callable[[], int], use_cache: bool = True,
+                 pool: Optional[WritePool] = None,
+                 log_internal: Optional[LogInternal] = None) -> None:
         self.send = send
+        self.pool = pool
+        self.log_internal = log_internal
         self.flush = flush
         self.now_ns = now_ns
         self.use_cache = use_cache
@@ -66,12 +75,68 @@ class AgentService:
         if seq is not None and self.root is None:
             self._error(seq, ErrorCode.ROOT_UNAVAILABLE, "no root is open")
             return
+        if self.pool is not None and self.pool.outstanding:
+            if isinstance(message, m.Ping):
+                pass
+            elif isinstance(message, _PATH_OPS) or self._poolable(message):
+                if self.pool.conflicts(message.path):  # type: ignore[union-attr]
+                    self.drain_pool()
+            else:
+                self.drain_pool()
+        if self.pool is not None and self._poolable(message):
+            self._pool_write(message)  # type: ignore[arg-type]
+            return
         try:
             handler(self, message)
         except OpError as exc:
             if seq is None:
                 raise
             self._error(seq, exc.code, exc.message)
+
+    # -- whole-file writes in worker threads (see lsync.agent.writer) ----------------------
+    def _poolable(self, message: m.Message) -> bool:
+        return (isinstance(message, m.WriteFile) and message.offset == 0 and message.final
+                and message.seq not in self.pending and message.seq not in self.failed_writes)
+
+    def _pool_write(self, msg: m.WriteFile) -> None:
+        assert self.pool is not None and self.root is not None
+        root = self.root
+        hasher = self._new_hasher()
+
+        def job() -> Any:
+            data = inflate_chunk(msg.path, msg.data) if msg.zlib else msg.data
+            hasher.update(data)
+            pending = root.begin_write(msg.path)
+            try:
+                pending.write(data)
+            except BaseException:
+                pending.abort()
+                raise
+            return pending.commit(msg.mode), hasher.digest()
+
+        self.pool.submit(msg.seq, msg.path, job)
+
+    def collect_pool(self, wait: bool = False) -> None:
+        """Answer for the pooled writes that have finished (with `wait`, for at least one)."""
+        if self.pool is None:
+            return
+        for outcome in self.pool.collect(wait):
+            if outcome.error is None:
+                st, digest = outcome.result
+                assert self.record is not None
+                self.record.remember(outcome.path, file_key(st), digest)
+                self._ack(outcome.seq)
+            elif isinstance(outcome.error, OpError):
+                self._error(outcome.seq, outcome.error.code, outcome.error.message)
+            else:
+                if self.log_internal is not None:
+                    self.log_internal("writing {}".format(outcome.path), outcome.trace)
+                self._error(outcome.seq, ErrorCode.INTERNAL, "internal agent error: {}".format(
+                    type(outcome.error).__name__))
+
+    def drain_pool(self) -> None:
+        while self.pool is not None and self.pool.outstanding:
+            self.collect_pool(wait=True)
 
     def _ack(self, seq: int, status: AckStatus = AckStatus.OK, detail: str = "") -> None:
         self.send(m.Ack(seq, int(status), detail))
@@ -80,6 +145,10 @@ class AgentService:
         self.send(m.Error(seq, int(code), message))
 
     def close(self) -> None:
+        if self.pool is not None:
+            self.drain_pool()
+            self.pool.close()
+            self.pool = None
         for pending in self.pending.values():
             pending.abort()
         self.pending.clear()

@@ -14,6 +14,7 @@ suddenly empty; otherwise it raises `SafetyStop` and sends nothing more.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import stat
 import time
@@ -53,6 +54,43 @@ COMPRESS_ABOVE = 256  # smaller contents travel raw
 BULK_QUEUE = 100  # more queued paths than this: compress for speed (zlib level 1)
 RECENT_BYTES = 32 << 20  # contents of recently sent small files: bases of zdict deltas
 RENAME_MATCH = 0.5  # share of a vanished directory's files a new one must hold to be its move
+PREFETCH = 16  # queued files read, hashed and compressed ahead in worker threads
+PREFETCH_MAX = 8 << 20  # bigger files are read when their turn comes
+PREFETCH_WORKERS = 2
+REAL_PARENT_TTL = 0.05  # seconds a "this directory is no symlink" answer is reused
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A file read, hashed, cut into compressed pieces and signed ahead of its turn."""
+
+    content: bytes
+    entry: LocalEntry
+    level: int
+    pieces: list[tuple[bytes, bool]]  # per CHUNK of content: (data, zlib-compressed)
+    signature: Signature
+
+
+def _pack_piece(piece: bytes, level: int) -> tuple[bytes, bool]:
+    if len(piece) >= COMPRESS_ABOVE:
+        packed = zlib.compress(piece, level)
+        if len(packed) < len(piece) * 0.9:
+            return packed, True
+    return piece, False
+
+
+def _pieces(content: bytes, level: int) -> list[tuple[bytes, bool]]:
+    return [_pack_piece(content[offset:offset + CHUNK], level)
+            for offset in range(0, max(len(content), 1), CHUNK)]
+
+
+def _prepare(root: Path, path: str, cache: HashCache, level: int) -> Prepared | None:
+    """Worker-thread half of sending a new file whole (zlib releases the GIL)."""
+    try:
+        content, entry = read_file_stable(root, path, cache, limit=PREFETCH_MAX)
+    except (OSError, ScanError):
+        return None  # not a file, too big, unstable, gone: its turn will sort it out
+    return Prepared(content, entry, level, _pieces(content, level), signature(content))
 
 @dataclass(slots=True)
 class InFlight:
@@ -95,6 +133,10 @@ class SyncEngine:
         self._recent_bytes = 0
         self._initial_total = (0, 0)  # files, bytes queued by the initial comparison
         self._initial_done = (0, 0)
+        self._dirty_dirs: set[str] = set()  # queued paths that are directories remotely
+        self._real_parents: dict[str, tuple[bool, float]] = {}
+        self._prefetched: dict[str, concurrent.futures.Future[Prepared | None]] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     # -- input ----------------------------------------------------------------------------
     def mark_dirty(self, paths: Iterable[str], since: float | None = None) -> None:
@@ -104,6 +146,9 @@ class SyncEngine:
             if path not in self.dirty:
                 self.dirty[path] = when
                 added = True
+                entry = self.model.get(path)
+                if entry is not None and entry.kind == DIR:
+                    self._dirty_dirs.add(path)
         if added:
             self._idle.clear()
             self._wakeup.set()
@@ -200,12 +245,57 @@ class SyncEngine:
                 if self.dirty.get(path) != since:
                     continue
                 del self.dirty[path]
+                if len(self.dirty) > 1:
+                    self._prefetch_ahead()
                 await self._reconcile(path, since)
                 self.reporter.queue(len(self.dirty), len(self.in_flight))
         finally:
             for handle in self._retry_handles:
                 handle.cancel()
             self._retry_handles.clear()
+            self._prefetched.clear()
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+
+    # -- reading ahead ----------------------------------------------------------------------
+    def _prefetch_ahead(self) -> None:
+        """Start reading the next queued new files in worker threads, so that reading,
+        hashing and compressing overlap with sending (a burst or the initial sync)."""
+        if len(self._prefetched) >= PREFETCH:
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                PREFETCH_WORKERS, thread_name_prefix="lsync-read")
+        level = self._level()
+        for path in self.dirty:
+            if path in self._prefetched:
+                continue
+            entry = self.model.get(path)
+            if entry is not None and (entry.kind != FILE or entry.signature is not None):
+                continue  # a directory or link, or a file that may travel as a delta
+            self._prefetched[path] = self._pool.submit(_prepare, self.root, path, self.cache,
+                                                       level)
+            if len(self._prefetched) >= PREFETCH:
+                return
+
+    async def _take_prepared(self, future: concurrent.futures.Future[Prepared | None] | None,
+                             st: os.stat_result) -> Prepared | None:
+        """What a worker read ahead of time, if it is still the file `st` shows."""
+        if future is None:
+            return None
+        prepared = await asyncio.wrap_future(future)
+        if prepared is None:
+            return None
+        entry = prepared.entry
+        if (entry.ino, entry.size, entry.mtime_ns, entry.ctime_ns) != (
+                st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+            return None  # changed since: read it again
+        return prepared
+
+    def _level(self) -> int:
+        # A burst (initial sync, branch switch) compresses fast; a single save compresses well.
+        return 1 if len(self.dirty) > BULK_QUEUE else 6
 
     async def _wait_for_window(self) -> None:
         while len(self.in_flight) >= WINDOW_OPS or self.in_flight_bytes >= WINDOW_BYTES:
@@ -222,6 +312,7 @@ class SyncEngine:
 
     # -- reconciling one path -------------------------------------------------------------
     async def _reconcile(self, path: str, since: float) -> None:
+        ahead = self._prefetched.pop(path, None)
         if path == "":
             self._check_root()
             await self._reconcile_dir_listing("", since)
@@ -252,14 +343,25 @@ class SyncEngine:
         elif stat.S_ISLNK(st.st_mode):
             await self._reconcile_link(path, remote, since)
         elif stat.S_ISREG(st.st_mode):
-            await self._reconcile_file(path, remote, st, since)
+            await self._reconcile_file(path, remote, st, since, ahead)
 
     def _parent_is_real(self, path: str) -> bool:
-        """False when a directory above `path` is now a symlink: the path is gone for us."""
+        """False when a directory above `path` is now a symlink: the path is gone for us.
+
+        An answer is reused for REAL_PARENT_TTL (the files of one directory come in a row);
+        reading a file goes through no symlink anyway (see read_file_stable)."""
         parent = path.rpartition("/")[0]
         if not parent:
             return True
-        return os.path.realpath(self.root / parent) == str(self.root / parent)
+        now = self.clock()
+        known = self._real_parents.get(parent)
+        if known is not None and now - known[1] < REAL_PARENT_TTL:
+            return known[0]
+        real = os.path.realpath(self.root / parent) == str(self.root / parent)
+        if len(self._real_parents) > 4096:
+            self._real_parents.clear()
+        self._real_parents[parent] = (real, now)
+        return real
 
     async def _reconcile_dir(self, path: str, remote: RemoteEntry | None, mode: int,
                              since: float) -> None:
@@ -284,7 +386,8 @@ class SyncEngine:
 
     def _vanished_twin(self, path: str) -> str | None:
         """A queued directory that is gone locally and whose files `path` now holds."""
-        candidates = [p for p in self.dirty if p != path and not p.startswith(path + "/")
+        self._dirty_dirs.intersection_update(self.dirty)
+        candidates = [p for p in self._dirty_dirs if p != path and not p.startswith(path + "/")
                       and (e := self.model.get(p)) is not None and e.kind == DIR and e.owned
                       and not os.path.lexists(self.root / p)]
         if not candidates:
@@ -343,7 +446,9 @@ class SyncEngine:
         self.model.put(path, RemoteEntry(LINK, 0, target=target, owned=True))
 
     async def _reconcile_file(self, path: str, remote: RemoteEntry | None,
-                              st: os.stat_result, since: float) -> None:
+                              st: os.stat_result, since: float,
+                              ahead: concurrent.futures.Future[Prepared | None] | None = None
+                              ) -> None:
         mode = stat.S_IMODE(st.st_mode)
         if remote is not None and remote.kind == FILE and remote.mode == mode and remote.owned:
             # The hash cache trusts a stat only for files older than the clock's granularity,
@@ -351,17 +456,21 @@ class SyncEngine:
             known = self.cache.lookup(path, st)
             if known is not None and known == remote.digest:
                 return
-        try:
-            content, entry = read_file_stable(self.root, path, self.cache, limit=MAX_FILE)
-        except UnstableFileError:
-            self._retry_later(path, since)
-            return
-        except FileNotFoundError:
-            self._retry_later(path, since)  # gone or replaced meanwhile: look again
-            return
-        except (OSError, ScanError) as exc:
-            self.reporter.failed(path, f"cannot read: {exc}")
-            return
+        prepared = await self._take_prepared(ahead, st)
+        if prepared is not None:
+            content, entry = prepared.content, prepared.entry
+        else:
+            try:
+                content, entry = read_file_stable(self.root, path, self.cache, limit=MAX_FILE)
+            except UnstableFileError:
+                self._retry_later(path, since)
+                return
+            except FileNotFoundError:
+                self._retry_later(path, since)  # gone or replaced meanwhile: look again
+                return
+            except (OSError, ScanError) as exc:
+                self.reporter.failed(path, f"cannot read: {exc}")
+                return
         digest = entry.digest
         assert digest is not None  # read_file_stable hashes what it read
         mode = entry.mode
@@ -384,7 +493,8 @@ class SyncEngine:
             self.model.put(path, RemoteEntry(FILE, mode, digest, owned=True, size=len(content),
                                              signature=source.signature if source else None))
             return
-        new_signature = await self._send_file(path, content, mode, digest, remote, since)
+        new_signature = await self._send_file(path, content, mode, digest, remote, since,
+                                              prepared)
         self.model.put(path, RemoteEntry(FILE, mode, digest, owned=True, size=len(content),
                                          signature=new_signature))
         self._remember_content(path, digest, content)
@@ -409,7 +519,8 @@ class SyncEngine:
         return found[1]
 
     async def _send_file(self, path: str, content: bytes, mode: int, digest: bytes,
-                         remote: RemoteEntry | None, since: float) -> Signature:
+                         remote: RemoteEntry | None, since: float,
+                         prepared: Prepared | None = None) -> Signature:
         """Send the new content as a delta against the remote version when that is smaller,
         else whole (in CHUNK pieces, zlib-compressed when that helps); returns the new
         version's signature."""
@@ -423,27 +534,27 @@ class SyncEngine:
                              len(content), since, op="write")
                 await self.link.drain()
                 return new_signature
+        elif prepared is not None:
+            new_signature = prepared.signature
         else:
             new_signature = signature(content)
-        # A burst (initial sync, branch switch) compresses fast; a single save compresses well.
-        level = 1 if len(self.dirty) > BULK_QUEUE else 6
-        self._submit(self._chunk(seq, path, mode, content, 0, level), path, len(content),
-                     since, op="write")
-        for offset in range(CHUNK, len(content), CHUNK):
-            self.link.send(self._chunk(seq, path, mode, content, offset, level))
+        level = self._level()
+        if prepared is not None and prepared.level == level:
+            pieces = prepared.pieces
+        elif len(content) > CHUNK:
+            pieces = await asyncio.to_thread(_pieces, content, level)
+        else:
+            pieces = _pieces(content, level)
+        for index, (data, packed) in enumerate(pieces):
+            offset = index * CHUNK
+            final = index == len(pieces) - 1
+            message = m.WriteFile(seq, path, mode, offset, data, final, packed)
+            if index == 0:
+                self._submit(message, path, len(content), since, op="write")
+            else:
+                self.link.send(message)
             await self.link.drain()
-        await self.link.drain()
         return new_signature
-
-    def _chunk(self, seq: int, path: str, mode: int, content: bytes, offset: int,
-               level: int) -> m.WriteFile:
-        piece = content[offset:offset + CHUNK]
-        final = offset + CHUNK >= len(content)
-        if len(piece) >= COMPRESS_ABOVE:
-            packed = zlib.compress(piece, level)
-            if len(packed) < len(piece) * 0.9:
-                return m.WriteFile(seq, path, mode, offset, packed, final, True)
-        return m.WriteFile(seq, path, mode, offset, piece, final, False)
 
     async def _remove(self, path: str, since: float) -> None:
         """Delete what lsync owns at and below `path`; the rest stays."""

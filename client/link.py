@@ -4,7 +4,9 @@ It owns the sans-IO `Connection` and one reader task. Operations are submitted w
 `submit`, which returns a future resolved by the matching `Ack` or `Error`; requests
 (`list_tree`, `hash_paths`, `ping`) are awaited the same way. When the stream ends or a
 protocol error arrives, every pending future fails at once with `LinkBroken`, so nothing
-waits forever. The link moves bytes and matches replies; it makes no sync decisions.
+waits forever; `unanswered()` then tells which operations never got a reply (the session
+retries their paths after a reconnect). The link moves bytes and matches replies; it makes
+no sync decisions.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from lsync.client.errors import ConnectError, LinkBroken
 from lsync.client.streams import AgentStream
@@ -24,7 +26,24 @@ from lsync.protocol.connection import CLIENT, Connection
 from lsync.protocol.errors import ErrorCode, ProtocolError
 
 Reply = m.Ack | m.Error
-DRAIN_ABOVE = 4 << 20  # await the stream's drain once this much was written since the last
+
+
+class Unanswered(NamedTuple):
+    """What an operation without a reply was about: its kind, its path and (for a rename or
+    a copy) its source path; only names are kept, never content."""
+
+    kind: str
+    path: str
+    src: str = ""
+
+    @classmethod
+    def of(cls, op: m.Message) -> Unanswered:
+        if isinstance(op, m.Rename | m.Copy):
+            return cls(type(op).__name__, op.dst, op.src)
+        return cls(type(op).__name__, str(getattr(op, "path", "")))
+
+
+DRAIN_ABOVE = 1 << 20  # ask the stream for backpressure after this much was written
 
 
 class AgentLink:
@@ -33,6 +52,7 @@ class AgentLink:
         self.conn = Connection(CLIENT)
         self._seq = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._ops: dict[int, Unanswered] = {}  # submitted operations not answered yet
         self._manifests: dict[int, asyncio.Queue[m.ManifestBatch | None]] = {}
         self._welcome: asyncio.Future[m.Welcome] = asyncio.get_running_loop().create_future()
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -104,9 +124,16 @@ class AgentLink:
 
     def submit(self, op: m.Message) -> asyncio.Future[Reply]:
         """Send an operation; the future resolves with its Ack or Error."""
-        future = self._expect(op.seq)  # type: ignore[union-attr]
+        seq: int = op.seq  # type: ignore[union-attr]
+        future = self._expect(seq)
         self.send(op)
+        self._ops[seq] = Unanswered.of(op)
         return future
+
+    def unanswered(self) -> list[Unanswered]:
+        """Operations submitted that got neither an Ack nor an Error, in the order sent:
+        after the link broke, the remote may or may not have applied them."""
+        return list(self._ops.values())
 
     async def hash_paths(self, paths: list[str]) -> list[bytes | None]:
         seq = self.next_seq()
@@ -196,6 +223,8 @@ class AgentLink:
     def _on_reply(self, message: m.Ack | m.Error | m.Hashes | m.Pong) -> None:
         key = message.nonce if isinstance(message, m.Pong) else message.seq
         future = self._pending.pop(key, None)
+        if not isinstance(message, m.Pong):
+            self._ops.pop(key, None)
         if future is None:
             raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"reply to unknown request {key}")
         if not future.done():

@@ -17,6 +17,10 @@ from typing import Protocol
 import asyncssh
 
 READ_SIZE = 1 << 20
+# Writes buffer up to WRITE_HIGH before drain() waits, and drain() returns below WRITE_LOW:
+# the agent always has work queued while the client prepares the next files.
+WRITE_HIGH = 8 << 20
+WRITE_LOW = 2 << 20
 
 
 class AgentStream(Protocol):
@@ -77,7 +81,8 @@ class LocalAgentStream:
             *argv_for(self._early.take(max_initial)), stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
             limit=READ_SIZE)
-        assert self.process.stderr is not None
+        assert self.process.stderr is not None and self.process.stdin is not None
+        self.process.stdin.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         self._stderr_task = asyncio.ensure_future(self._stderr.collect(self.process.stderr))
         self._started.set()
         rest = self._early.rest()
@@ -191,6 +196,7 @@ class SshAgentStream:
     # -- callbacks from _AgentSession ----------------------------------------------------
     def _channel_opened(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
         self._chan = chan
+        chan.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
 
     def _stdout_received(self, data: bytes) -> None:
         self._chunks.append(data)

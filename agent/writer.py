@@ -1,0 +1,124 @@
+"""Whole-file writes in worker threads, so that creating files overlaps reading the stream.
+
+Creating a file is the slow part of a bulk sync (a filesystem may take hundreds of
+microseconds per create) and it releases the GIL, as do inflating and hashing. `WritePool`
+runs such jobs in a few threads and hands their outcomes back to the main thread, which
+alone touches the service's state and answers the client.
+
+The ordering promise is the caller's half of the contract: `AgentService` gives the pool
+only jobs on paths that `conflicts()` says are independent of every job still running, and
+drains the pool before any operation that could see or change a running job's path, so
+every path still goes through its operations in sequence order. Answers may leave in a
+different order; each names its sequence number.
+"""
+
+import collections
+import os
+import select
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional
+
+WORKERS = 4
+
+
+class Outcome(NamedTuple):
+    seq: int
+    path: str
+    result: Any  # the job's return value, when error is None
+    error: Optional[BaseException]
+    trace: str  # the formatted traceback of an unexpected error
+
+
+class WritePool:
+    def __init__(self, workers: int = WORKERS) -> None:
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="lsync-write")
+        self._done: Deque[Outcome] = collections.deque()
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._busy: Dict[str, int] = {}  # path -> jobs running on it
+        self._below: Dict[str, int] = {}  # directory -> jobs running under it
+        self._lock = threading.Lock()
+        self.outstanding = 0
+
+    @property
+    def wakeup_fd(self) -> int:
+        """Readable when a job has finished (select on it next to the input)."""
+        return self._read_fd
+
+    def conflicts(self, path: str) -> bool:
+        """Whether an operation on `path` could see or change a running job's path."""
+        if not self.outstanding:
+            return False
+        if path in self._busy or path in self._below:
+            return True
+        parent = path.rpartition("/")[0]
+        while parent:
+            if parent in self._busy:
+                return True
+            parent = parent.rpartition("/")[0]
+        return False
+
+    def submit(self, seq: int, path: str, job: Callable[[], Any]) -> None:
+        self._count(path, 1)
+        self.outstanding += 1
+        self._executor.submit(self._run, seq, path, job)
+
+    def _run(self, seq: int, path: str, job: Callable[[], Any]) -> None:
+        try:
+            outcome = Outcome(seq, path, job(), None, "")
+        except BaseException as exc:  # handed to the main thread, which answers for it
+            outcome = Outcome(seq, path, None, exc, traceback.format_exc())
+        with self._lock:
+            self._done.append(outcome)
+        try:
+            os.write(self._write_fd, b"!")
+        except OSError:
+            pass  # the pipe is full: the main thread has wake-ups enough
+
+    def collect(self, wait: bool = False) -> List[Outcome]:
+        """Outcomes of finished jobs; with `wait`, block until at least one (if any runs)."""
+        if wait and self.outstanding:
+            while True:
+                with self._lock:
+                    if self._done:
+                        break
+                select.select([self._read_fd], [], [])
+                self._clear_wakeups()
+        self._clear_wakeups()
+        with self._lock:
+            finished = list(self._done)
+            self._done.clear()
+        for outcome in finished:
+            self._count(outcome.path, -1)
+            self.outstanding -= 1
+        return finished
+
+    def _clear_wakeups(self) -> None:
+        try:
+            while os.read(self._read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _count(self, path: str, step: int) -> None:
+        _bump(self._busy, path, step)
+        parent = path.rpartition("/")[0]
+        while parent:
+            _bump(self._below, parent, step)
+            parent = parent.rpartition("/")[0]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        os.close(self._read_fd)
+        os.close(self._write_fd)
+
+
+def _bump(counts: Dict[str, int], key: str, step: int) -> None:
+    value = counts.get(key, 0) + step
+    if value:
+        counts[key] = value
+    else:
+        counts.pop(key, None)
