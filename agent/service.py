@@ -9,7 +9,6 @@ tree as it was and never ends the session. Handlers are dispatched through `_HAN
 import os
 import stat
 import sys
-import zlib
 from typing import Any, Callable, Dict, List, Optional, Set
 
 from lsync.agent.confined import (
@@ -24,7 +23,7 @@ from lsync.agent.confined import (
 )
 from lsync.agent.records import DigestRecord
 from lsync.agent.writer import WritePool
-from lsync.protocol import PROTOCOL_VERSION, hashing
+from lsync.protocol import PROTOCOL_VERSION, hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.delta import DeltaError, apply_delta
 from lsync.protocol.errors import AckStatus, ErrorCode
@@ -104,7 +103,7 @@ class AgentService:
         hasher = self._new_hasher()
 
         def job() -> Any:
-            data = inflate_chunk(msg.path, msg.data) if msg.zlib else msg.data
+            data = unpack_chunk(msg.path, msg.data, msg.packing)
             hasher.update(data)
             pending = root.begin_write(msg.path)
             try:
@@ -184,7 +183,8 @@ class AgentService:
         cache = DigestRecord.default_path(path, chosen) if self.use_cache else None
         self.record = DigestRecord(cache, chosen)
         self.record.load()
-        self.send(m.Welcome(PROTOCOL_VERSION, {"hash": chosen, "compression": "zlib"}, {
+        compression = packing.choose_packing(msg.capabilities.get("compression", []))
+        self.send(m.Welcome(PROTOCOL_VERSION, {"hash": chosen, "compression": compression}, {
             "root": path,
             "python": "{}.{}.{}".format(*sys.version_info[:3]),
             "pid": str(os.getpid()),
@@ -243,7 +243,7 @@ class AgentService:
                 self.pending_hashers[msg.seq] = self._new_hasher()
             elif msg.offset != pending.size or msg.path != pending.path:
                 raise OpError(ErrorCode.INTERNAL, "chunk of {} out of order".format(msg.path))
-            data = inflate_chunk(msg.path, msg.data) if msg.zlib else msg.data
+            data = unpack_chunk(msg.path, msg.data, msg.packing)
             pending.write(data)
             self.pending_hashers[msg.seq].update(data)
             if not msg.final:
@@ -409,17 +409,13 @@ _HANDLERS: Dict[Any, Callable[[AgentService, Any], None]] = {
 }
 
 
-def inflate_chunk(path: str, data: bytes) -> bytes:
-    """One zlib-compressed WriteFile chunk, refusing anything beyond `MAX_CHUNK` bytes."""
-    inflater = zlib.decompressobj()
+def unpack_chunk(path: str, data: bytes, code: int) -> bytes:
+    """One WriteFile chunk's content, refusing anything beyond `MAX_CHUNK` bytes."""
     try:
-        out = inflater.decompress(data, m.MAX_CHUNK)
-    except zlib.error as exc:
-        raise OpError(ErrorCode.BAD_DELTA, "bad compressed data for {}: {}".format(path, exc))
-    if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
-        raise OpError(ErrorCode.BAD_DELTA, "compressed chunk for {} is malformed or larger "
-                      "than {} bytes".format(path, m.MAX_CHUNK))
-    return out
+        return packing.unpack(data, code, m.MAX_CHUNK)
+    except packing.PackingError as exc:
+        raise OpError(ErrorCode.BAD_DELTA, "compressed chunk for {} refused: {}".format(
+            path, exc))
 
 
 def resolve_root(root: str, create: bool) -> str:

@@ -18,7 +18,6 @@ import concurrent.futures
 import os
 import stat
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from lsync.client.scanner import (
     scan_tree,
 )
 from lsync.protocol import messages as m
+from lsync.protocol import packing
 from lsync.protocol.errors import AckStatus, ErrorCode
 from lsync.protocol.paths import relpath_problem
 
@@ -51,8 +51,10 @@ UNSTABLE_RETRY = 0.05
 # Files are read whole into memory (and sent in CHUNK pieces); bigger ones are reported.
 MAX_FILE = 1 << 30
 COMPRESS_ABOVE = 256  # smaller contents travel raw
-BULK_QUEUE = 100  # more queued paths than this: compress for speed (zlib level 1)
+BULK_QUEUE = 100  # more queued paths than this: compress for speed (see _PACKERS)
 RECENT_BYTES = 32 << 20  # contents of recently sent small files: bases of zdict deltas
+# Per packing: its code, its level in bursts and for single saves.
+_PACKERS = {packing.ZLIB: (packing.PACK_ZLIB, 1, 6), packing.ZSTD: (packing.PACK_ZSTD, 3, 9)}
 RENAME_MATCH = 0.5  # share of a vanished directory's files a new one must hold to be its move
 PREFETCH = 16  # queued files read, hashed and compressed ahead in worker threads
 PREFETCH_MAX = 8 << 20  # bigger files are read when their turn comes
@@ -66,31 +68,34 @@ class Prepared:
 
     content: bytes
     entry: LocalEntry
-    level: int
-    pieces: list[tuple[bytes, bool]]  # per CHUNK of content: (data, zlib-compressed)
+    packer: Packer
+    pieces: list[tuple[bytes, int]]  # per CHUNK of content: (data, packing code)
     signature: Signature
 
 
-def _pack_piece(piece: bytes, level: int) -> tuple[bytes, bool]:
+Packer = tuple[int, int]  # (packing code, level)
+
+
+def _pack_piece(piece: bytes, packer: Packer) -> tuple[bytes, int]:
     if len(piece) >= COMPRESS_ABOVE:
-        packed = zlib.compress(piece, level)
+        packed = packing.pack(piece, *packer)
         if len(packed) < len(piece) * 0.9:
-            return packed, True
-    return piece, False
+            return packed, packer[0]
+    return piece, packing.PACK_RAW
 
 
-def _pieces(content: bytes, level: int) -> list[tuple[bytes, bool]]:
-    return [_pack_piece(content[offset:offset + CHUNK], level)
+def _pieces(content: bytes, packer: Packer) -> list[tuple[bytes, int]]:
+    return [_pack_piece(content[offset:offset + CHUNK], packer)
             for offset in range(0, max(len(content), 1), CHUNK)]
 
 
-def _prepare(root: Path, path: str, cache: HashCache, level: int) -> Prepared | None:
-    """Worker-thread half of sending a new file whole (zlib releases the GIL)."""
+def _prepare(root: Path, path: str, cache: HashCache, packer: Packer) -> Prepared | None:
+    """Worker-thread half of sending a new file whole (compressors release the GIL)."""
     try:
         content, entry = read_file_stable(root, path, cache, limit=PREFETCH_MAX)
     except (OSError, ScanError):
         return None  # not a file, too big, unstable, gone: its turn will sort it out
-    return Prepared(content, entry, level, _pieces(content, level), signature(content))
+    return Prepared(content, entry, packer, _pieces(content, packer), signature(content))
 
 @dataclass(slots=True)
 class InFlight:
@@ -112,7 +117,8 @@ class Counters:
 class SyncEngine:
     def __init__(self, link: AgentLink, root: Path, rules: IgnoreRules, cache: HashCache,
                  reporter: Reporter, delete_extra: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 compression: str = packing.ZLIB) -> None:
         self.link = link
         self.root = root
         self.rules = rules
@@ -120,6 +126,7 @@ class SyncEngine:
         self.reporter = reporter
         self.delete_extra = delete_extra
         self.clock = clock
+        self.packing = _PACKERS.get(compression, _PACKERS[packing.ZLIB])
         self.model = RemoteModel()
         self.dirty: dict[str, float] = {}
         self.in_flight: dict[int, InFlight] = {}
@@ -267,7 +274,7 @@ class SyncEngine:
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 PREFETCH_WORKERS, thread_name_prefix="lsync-read")
-        level = self._level()
+        packer = self._packer()
         for path in self.dirty:
             if path in self._prefetched:
                 continue
@@ -275,7 +282,7 @@ class SyncEngine:
             if entry is not None and (entry.kind != FILE or entry.signature is not None):
                 continue  # a directory or link, or a file that may travel as a delta
             self._prefetched[path] = self._pool.submit(_prepare, self.root, path, self.cache,
-                                                       level)
+                                                       packer)
             if len(self._prefetched) >= PREFETCH:
                 return
 
@@ -293,9 +300,10 @@ class SyncEngine:
             return None  # changed since: read it again
         return prepared
 
-    def _level(self) -> int:
+    def _packer(self) -> Packer:
         # A burst (initial sync, branch switch) compresses fast; a single save compresses well.
-        return 1 if len(self.dirty) > BULK_QUEUE else 6
+        code, bulk, single = self.packing
+        return code, bulk if len(self.dirty) > BULK_QUEUE else single
 
     async def _wait_for_window(self) -> None:
         while len(self.in_flight) >= WINDOW_OPS or self.in_flight_bytes >= WINDOW_BYTES:
@@ -522,7 +530,7 @@ class SyncEngine:
                          remote: RemoteEntry | None, since: float,
                          prepared: Prepared | None = None) -> Signature:
         """Send the new content as a delta against the remote version when that is smaller,
-        else whole (in CHUNK pieces, zlib-compressed when that helps); returns the new
+        else whole (in CHUNK pieces, compressed when that helps); returns the new
         version's signature."""
         seq = self.link.next_seq()
         if (remote is not None and remote.kind == FILE and remote.digest is not None
@@ -538,17 +546,17 @@ class SyncEngine:
             new_signature = prepared.signature
         else:
             new_signature = signature(content)
-        level = self._level()
-        if prepared is not None and prepared.level == level:
+        packer = self._packer()
+        if prepared is not None and prepared.packer == packer:
             pieces = prepared.pieces
         elif len(content) > CHUNK:
-            pieces = await asyncio.to_thread(_pieces, content, level)
+            pieces = await asyncio.to_thread(_pieces, content, packer)
         else:
-            pieces = _pieces(content, level)
-        for index, (data, packed) in enumerate(pieces):
+            pieces = _pieces(content, packer)
+        for index, (data, code) in enumerate(pieces):
             offset = index * CHUNK
             final = index == len(pieces) - 1
-            message = m.WriteFile(seq, path, mode, offset, data, final, packed)
+            message = m.WriteFile(seq, path, mode, offset, data, final, code)
             if index == 0:
                 self._submit(message, path, len(content), since, op="write")
             else:

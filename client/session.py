@@ -5,8 +5,12 @@ initial scan is missed: its batches wait in a buffer until the engine exists. Ea
 connection runs the same sequence — start the agent, send Hello and ListTree in one flight,
 scan the local tree (hash cache) while the manifest streams in, queue the differences, and
 then reconcile watcher batches — and a broken link leads to a reconnect with backoff that
-repeats it (the rescan is cheap with a warm cache). Stopping (Ctrl-C) drains what is queued,
-says goodbye to the agent, and ends cleanly.
+repeats it (the rescan is cheap with a warm cache). The backoff starts again from its first
+step once a connection got as far as the initial sync. What lsync owned on the remote (it
+made or verified it there) stays owned across reconnects, so files deleted locally while the
+link was down, or whose delete or rename was in flight when it broke, are still deleted or
+moved remotely; paths of operations left unanswered are reconciled again. Stopping (Ctrl-C)
+drains what is queued, says goodbye to the agent, and ends cleanly.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,14 +31,14 @@ from lsync.client import ssh
 from lsync.client.bootstrap import MAX_INITIAL, local_argv
 from lsync.client.engine import SyncEngine
 from lsync.client.errors import ConnectError, LinkBroken, LsyncError, SafetyStop, UsageError
-from lsync.client.hashcache import HashCache
+from lsync.client.hashcache import HashCache, default_cache_path
 from lsync.client.ignore import IgnoreRules
 from lsync.client.link import AgentLink
 from lsync.client.reporter import Reporter
-from lsync.client.scanner import scan_tree
+from lsync.client.scanner import LocalEntry, scan_tree
 from lsync.client.streams import LocalAgentStream, SshAgentStream
 from lsync.client.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS, watch
-from lsync.protocol import PROTOCOL_VERSION, hashing
+from lsync.protocol import PROTOCOL_VERSION, hashing, packing
 from lsync.protocol import messages as m
 
 WELCOME_TIMEOUT = 60.0
@@ -73,6 +77,11 @@ class Session:
         self.engine: SyncEngine | None = None
         self._buffered: dict[str, float] = {}
         self._ssh: asyncssh.SSHClientConnection | None = None
+        # Carried from one connection to the next: remote paths lsync owned, and trees
+        # whose delete or rename got no answer (everything below them was ours).
+        self._owned: set[str] = set()
+        self._owned_trees: set[str] = set()
+        self._hash_seen: str | None = None  # the hash the agent chose last
 
     # -- the watcher feeds whichever engine is current --------------------------------------
     def _on_batch(self, batch: list[str]) -> None:
@@ -135,6 +144,8 @@ class Session:
                     raise
                 if not self.options.reconnect or self.stop.is_set():
                     raise
+                if self.engine is not None:
+                    attempt = 0  # this connection worked: start the backoff again
                 delay = BACKOFF[min(attempt, len(BACKOFF) - 1)]
                 attempt += 1
                 self.reporter.state(f"disconnected ({exc}); reconnecting in {delay:.0f} s")
@@ -143,10 +154,61 @@ class Session:
             finally:
                 connected_once = connected_once or self.engine is not None
                 if self.engine is not None:
-                    # Whatever this engine had queued is found again by the next rescan.
-                    for path, since in self.engine.dirty.items():
-                        self._buffered.setdefault(path, since)
+                    self._carry_over(self.engine)
                 self.engine = None
+
+    def _carry_over(self, engine: SyncEngine) -> None:
+        """Keep what the next connection needs from one that ended: the queued paths, the
+        paths of unanswered operations (the remote may or may not have applied them), and
+        what lsync owned remotely."""
+        now = time.monotonic()
+        for path, since in engine.dirty.items():
+            self._buffered.setdefault(path, since)
+        self._owned = {path for path, entry in engine.model.entries.items() if entry.owned}
+        self._owned_trees = set()
+        for op in engine.link.unanswered():
+            for path in (op.path, op.src):
+                if path:
+                    self._buffered.setdefault(path, now)
+            if op.kind == "Delete":
+                self._owned_trees.add(op.path)
+            elif op.kind == "Rename":
+                self._owned_trees.add(op.src)
+
+    def _adopt_owned(self, engine: SyncEngine, local: Container[str]) -> list[str]:
+        """After a reconnect: mark what lsync owned before as owned again in the new model,
+        and return those paths that are gone locally (they are to be deleted remotely)."""
+        if not self._owned and not self._owned_trees:
+            return []
+        trees = tuple(self._owned_trees)
+        gone: list[str] = []
+        for path, entry in engine.model.entries.items():
+            if entry.owned:
+                continue
+            if path in self._owned or any(path == top or path.startswith(top + "/")
+                                          for top in trees):
+                entry.owned = True
+                if path not in local:
+                    gone.append(path)
+        return gone
+
+    async def _scan(self, hash_name: str) -> tuple[HashCache, dict[str, LocalEntry]]:
+        cache = HashCache(hash_name, root=self.root)
+        await asyncio.to_thread(cache.load)
+        local = await asyncio.to_thread(scan_tree, self.root, self.rules, cache,
+                                        on_error=self._scan_problem)
+        return cache, local
+
+    def _likely_hash(self) -> str:
+        """The hash the agent chose last time (this session, else the newest hash cache of
+        this tree on disk), so that the scan can start before the agent answers."""
+        if self._hash_seen is not None:
+            return self._hash_seen
+        found = []
+        for name in (hashing.XXH3_128, hashing.BLAKE2B_128):
+            with contextlib.suppress(OSError):
+                found.append((default_cache_path(self.root, name).stat().st_mtime, name))
+        return max(found)[1] if found else hashing.XXH3_128
 
     def _scan_problem(self, path: str, exc: Exception) -> None:
         self.reporter.failed(path, f"not synced for now: {exc}")
@@ -171,18 +233,28 @@ class Session:
         target = self.options.target
         hello = m.Hello(
             PROTOCOL_VERSION,
-            {"hash": [hashing.XXH3_128, hashing.BLAKE2B_128], "compression": ["zlib"]},
+            {"hash": [hashing.XXH3_128, hashing.BLAKE2B_128],
+             "compression": packing.available_packings()},
             target.tree, {"create_root": True})
+        # Scan while SSH connects, with the hash the agent is likely to choose.
+        guess = self._likely_hash()
+        scan = asyncio.create_task(self._scan(guess), name="scan")
         stream: LocalAgentStream | SshAgentStream
         if target.host is None:
             stream = LocalAgentStream()
         else:
             self.reporter.state(f"connecting to {target.describe()}")
-            self._ssh = await self._or_stop(ssh.connect(
-                target, self.options.ssh_config, self.options.accept_new_host_key))
+            try:
+                self._ssh = await self._or_stop(ssh.connect(
+                    target, self.options.ssh_config, self.options.accept_new_host_key))
+            except BaseException:
+                scan.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await scan
+                raise
             stream = SshAgentStream()
         link = AgentLink(stream)
-        tasks: list[asyncio.Task[Any]] = []
+        tasks: list[asyncio.Task[Any]] = [scan]
         try:
             # Hello and ListTree travel on the agent's command line, with its code.
             link.start(hello)
@@ -195,17 +267,22 @@ class Session:
                 await stream.launch(local_argv, MAX_INITIAL)
             welcome = await self._or_stop(link.welcome(WELCOME_TIMEOUT))
             hash_name = welcome.chosen["hash"]
+            self._hash_seen = hash_name
             self.reporter.state(f"scanning (agent python {welcome.info.get('python', '?')}, "
                                 f"{hash_name})")
-            cache = HashCache(hash_name, root=self.root)
-            await asyncio.to_thread(cache.load)
-            local = await self._or_stop(asyncio.to_thread(
-                scan_tree, self.root, self.rules, cache, on_error=self._scan_problem))
+            if hash_name != guess:
+                scan.cancel()
+                scan = asyncio.create_task(self._scan(hash_name), name="scan")
+                tasks.append(scan)
+            cache, local = await self._or_stop(scan)
             entries = await self._or_stop(manifest)
             engine = SyncEngine(link, self.root, self.rules, cache, self.reporter,
-                                self.options.delete)
+                                self.options.delete,
+                                compression=welcome.chosen.get("compression", packing.ZLIB))
             await engine.initial_sync(local, entries)
+            gone = self._adopt_owned(engine, local)
             self.engine = engine
+            engine.mark_dirty(sorted(gone))
             buffered, self._buffered = self._buffered, {}
             for path, since in buffered.items():
                 engine.mark_dirty([path], since)

@@ -78,8 +78,9 @@ class WriteFile(NamedTuple):
 
     Chunks arrive in order with increasing `offset` (counted in uncompressed bytes); the one
     with final=True makes the agent rename the finished temporary file over `path` and
-    acknowledge. With zlib=True each chunk's data is one complete zlib stream that inflates
-    to at most `MAX_CHUNK` bytes.
+    acknowledge. `packing` says how each chunk's data is compressed (a PACK_* code of
+    lsync.protocol.packing: 0 raw, 1 one complete zlib stream, 2 one zstd frame); packed
+    data inflates to at most `MAX_CHUNK` bytes.
     """
 
     seq: int
@@ -88,7 +89,7 @@ class WriteFile(NamedTuple):
     offset: int
     data: bytes
     final: bool
-    zlib: bool = False
+    packing: int = 0
 
 
 class WriteDelta(NamedTuple):
@@ -285,7 +286,7 @@ SCHEMA: Dict[int, Tuple[Any, str, Tuple[FieldCheck, ...]]] = {
     11: (ManifestBatch, "a", (_is_uint, _is_manifest_entries, _is_bool)),
     12: (HashPaths, "c", (_is_uint, _is_str_list)),
     13: (Hashes, "a", (_is_uint, _is_digest_list)),
-    20: (WriteFile, "c", (_is_uint, _is_str, _is_uint, _is_uint, _is_bytes, _is_bool, _is_bool)),
+    20: (WriteFile, "c", (_is_uint, _is_str, _is_uint, _is_uint, _is_bytes, _is_bool, _is_uint)),
     21: (WriteDelta, "c", (_is_uint, _is_str, _is_uint, _is_bytes, _is_bytes, _is_bytes)),
     22: (Delete, "c", (_is_uint, _is_str)),
     23: (Rename, "c", (_is_uint, _is_str, _is_str)),

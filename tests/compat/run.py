@@ -40,7 +40,7 @@ def main():
     passed = failed = 0
     try:
         import importlib
-        for module_name in ("test_protocol", "test_agent", "test_writer"):
+        for module_name in ("test_protocol", "test_agent", "test_writer", "test_packing"):
             module = importlib.import_module("tests.compat." + module_name)
             for name in sorted(dir(module)):
                 if not name.startswith("test_"):

@@ -219,12 +219,12 @@ def test_compressed_chunks_are_inflated_and_bad_ones_refused():
     tree, pair, _ = _session()
     try:
         data = b"int x = 1;\n" * 1000
-        reply = pair.op(m.WriteFile(1, "z.c", 0o644, 0, zlib.compress(data), True, True))
+        reply = pair.op(m.WriteFile(1, "z.c", 0o644, 0, zlib.compress(data), True, 1))
         assert reply.status == AckStatus.OK and tree.read("z.c") == data
-        reply = pair.op(m.WriteFile(2, "bad.c", 0o644, 0, b"not zlib at all", True, True))
+        reply = pair.op(m.WriteFile(2, "bad.c", 0o644, 0, b"not zlib at all", True, 1))
         assert reply.code == ErrorCode.BAD_DELTA and not os.path.exists(tree.path("bad.c"))
         bomb = zlib.compress(b"\0" * (m.MAX_CHUNK + 1))
-        reply = pair.op(m.WriteFile(3, "bomb", 0o644, 0, bomb, True, True))
+        reply = pair.op(m.WriteFile(3, "bomb", 0o644, 0, bomb, True, 1))
         assert reply.code == ErrorCode.BAD_DELTA and _no_temp_files(tree)
     finally:
         tree.cleanup()

@@ -1,0 +1,120 @@
+"""How whole-file chunks are compressed on the wire, and the negotiation of it.
+
+"zlib" is always there (the standard library). "zstd" is used where both ends have it: the
+standard library's `compression.zstd` from Python 3.14, or the `zstandard` package. The
+client offers its list in order of preference; the agent picks the first it can unpack
+(`choose_packing`). A `WriteFile` names its chunk's packing with one of the PACK_* codes.
+
+`unpack` is the one place compressed input is opened: it inflates to at most `limit` bytes
+and raises `PackingError` for anything malformed, truncated, trailing or too large, never
+another exception. This module only transforms bytes (no I/O).
+"""
+
+import zlib
+from typing import Any, Callable, Dict, List, Optional
+
+ZLIB = "zlib"
+ZSTD = "zstd"
+
+PACK_RAW = 0
+PACK_ZLIB = 1
+PACK_ZSTD = 2
+CODES = {ZLIB: PACK_ZLIB, ZSTD: PACK_ZSTD}
+
+
+class PackingError(Exception):
+    """Compressed data that is malformed or inflates beyond its limit."""
+
+
+def _zstd_backend() -> Optional[Dict[str, Callable[..., Any]]]:
+    try:
+        from compression import zstd as std_zstd  # type: ignore[import-not-found]
+    except ImportError:
+        pass
+    else:
+        def std_pack(data: bytes, level: int) -> bytes:
+            return bytes(std_zstd.compress(data, level=level))
+
+        def std_unpack(data: bytes, limit: int) -> bytes:
+            decompressor = std_zstd.ZstdDecompressor()
+            out = decompressor.decompress(data, max_length=limit)
+            if not decompressor.eof or decompressor.unused_data or len(out) > limit:
+                raise PackingError("zstd frame is truncated, has trailing data or exceeds "
+                                   "{} bytes".format(limit))
+            return bytes(out)
+
+        return {"pack": std_pack, "unpack": std_unpack, "error": std_zstd.ZstdError}
+    try:
+        import zstandard  # type: ignore[import-untyped,unused-ignore]
+    except ImportError:
+        return None
+
+    def pkg_pack(data: bytes, level: int) -> bytes:
+        return bytes(zstandard.ZstdCompressor(level=level).compress(data))
+
+    def pkg_unpack(data: bytes, limit: int) -> bytes:
+        # The frame header states the content size (zstd checks the content against it),
+        # so nothing beyond `limit` is ever inflated.
+        try:
+            size = zstandard.frame_content_size(data)
+            if size < 0 or size > limit:
+                raise PackingError("zstd frame of unknown size or over {} bytes".format(limit))
+            decompressor = zstandard.ZstdDecompressor().decompressobj()
+            out = decompressor.decompress(data)
+        except zstandard.ZstdError as exc:
+            raise PackingError("bad zstd data: {}".format(exc))
+        if len(out) != size or not decompressor.eof or decompressor.unused_data:
+            raise PackingError("zstd frame is truncated or has trailing data")
+        return bytes(out)
+
+    return {"pack": pkg_pack, "unpack": pkg_unpack, "error": zstandard.ZstdError}
+
+
+_ZSTD = _zstd_backend()
+
+
+def available_packings() -> List[str]:
+    """Packings this process can both produce and unpack, best first."""
+    return [ZSTD, ZLIB] if _ZSTD is not None else [ZLIB]
+
+
+def choose_packing(offered: List[str]) -> str:
+    """The first offered packing this process supports; zlib when none is."""
+    mine = available_packings()
+    for name in offered:
+        if name in mine:
+            return name
+    return ZLIB
+
+
+def pack(data: bytes, code: int, level: int) -> bytes:
+    """Compress `data` with the packing `code` (PACK_ZLIB or PACK_ZSTD) at `level`."""
+    if code == PACK_ZLIB:
+        return zlib.compress(data, level)
+    if code == PACK_ZSTD and _ZSTD is not None:
+        return _ZSTD["pack"](data, level)  # type: ignore[no-any-return]
+    raise PackingError("packing {} is not available here".format(code))
+
+
+def unpack(data: bytes, code: int, limit: int) -> bytes:
+    """The content of a packed chunk, at most `limit` bytes; PackingError otherwise."""
+    if code == PACK_RAW:
+        return data
+    if code == PACK_ZLIB:
+        inflater = zlib.decompressobj()
+        try:
+            out = inflater.decompress(data, limit)
+        except zlib.error as exc:
+            raise PackingError("bad zlib data: {}".format(exc))
+        if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
+            raise PackingError("zlib stream is truncated, has trailing data or exceeds "
+                               "{} bytes".format(limit))
+        return out
+    if code == PACK_ZSTD and _ZSTD is not None:
+        try:
+            return _ZSTD["unpack"](data, limit)  # type: ignore[no-any-return]
+        except PackingError:
+            raise
+        except Exception as exc:  # the backend's own error types
+            raise PackingError("bad zstd data: {}".format(exc))
+    raise PackingError("unknown or unavailable packing {}".format(code))

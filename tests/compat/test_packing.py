@@ -1,0 +1,60 @@
+"""Chunk packing: negotiation, round trips, and refusal of malformed or oversized input."""
+
+import zlib
+
+from lsync.protocol import packing
+
+
+def _codes():
+    return [packing.CODES[name] for name in packing.available_packings()]
+
+
+def test_zlib_is_always_available_and_chosen_when_nothing_else_is_common():
+    assert packing.ZLIB in packing.available_packings()
+    assert packing.choose_packing([]) == packing.ZLIB
+    assert packing.choose_packing(["brotli", "zlib"]) == packing.ZLIB
+    assert packing.choose_packing(["brotli"]) == packing.ZLIB
+
+
+def test_zstd_is_chosen_first_when_this_end_has_it():
+    chosen = packing.choose_packing([packing.ZSTD, packing.ZLIB])
+    assert chosen == (packing.ZSTD if packing.ZSTD in packing.available_packings()
+                      else packing.ZLIB)
+
+
+def test_every_available_packing_round_trips():
+    data = b"static int lsync_counter = 0;\n" * 3000 + bytes(range(256))
+    for code in _codes():
+        for level in (1, 3, 6):
+            packed = packing.pack(data, code, level)
+            assert len(packed) < len(data)
+            assert packing.unpack(packed, code, len(data)) == data
+    assert packing.unpack(b"raw", packing.PACK_RAW, 10) == b"raw"
+
+
+def test_malformed_truncated_trailing_and_oversized_input_raise_packing_error():
+    data = b"x" * 100000
+    for code in _codes():
+        packed = packing.pack(data, code, 3)
+        bad_inputs = [
+            (b"definitely not compressed", len(data)),
+            (packed[:len(packed) // 2], len(data)),
+            (packed + b"trailing", len(data)),
+            (packed, len(data) - 1),  # inflates beyond the limit
+            (b"", len(data)),
+        ]
+        for blob, limit in bad_inputs:
+            try:
+                packing.unpack(blob, code, limit)
+            except packing.PackingError:
+                continue
+            raise AssertionError("accepted bad input for code {}: {!r}".format(code, blob[:20]))
+
+
+def test_unknown_packing_code_is_refused():
+    for code in (3, 99):
+        try:
+            packing.unpack(zlib.compress(b"x"), code, 10)
+        except packing.PackingError:
+            continue
+        raise AssertionError("accepted code {}".format(code))
