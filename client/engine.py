@@ -505,7 +505,10 @@ class SyncEngine:
                                               prepared)
         self.model.put(path, RemoteEntry(FILE, mode, digest, owned=True, size=len(content),
                                          signature=new_signature))
-        self._remember_content(path, digest, content)
+        if len(self.dirty) <= BULK_QUEUE:
+            # A file saved on its own is likely to be saved again soon: keep it as the base
+            # of the next delta. Files of a burst are not (and would only evict those).
+            self._remember_content(path, digest, content)
 
     def _remember_content(self, path: str, digest: bytes, content: bytes) -> None:
         old = self._recent.pop(path, None)
