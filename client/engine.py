@@ -178,7 +178,9 @@ class SyncEngine:
                            remote_entries: list[list[Any]]) -> None:
         """Load the remote manifest and queue every path where local and remote differ."""
         for path, kind, size, _mtime, mode, digest, target in remote_entries:
-            if self.rules.is_ignored(path, kind == DIR):
+            # The scan already judged local paths; a path of the same kind is not ignored.
+            mine = local.get(path)
+            if (mine is None or _kind(mine) != kind) and self.rules.is_ignored(path, kind == DIR):
                 continue
             self.model.put(path, RemoteEntry(kind, mode, digest, target, owned=False,
                                              size=size))
