@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import os
 import stat
 import time
@@ -59,6 +60,7 @@ RENAME_MATCH = 0.5  # share of a vanished directory's files a new one must hold 
 PREFETCH = 16  # queued files read, hashed and compressed ahead in worker threads
 PREFETCH_MAX = 8 << 20  # bigger files are read when their turn comes
 PREFETCH_WORKERS = 2
+PREFETCH_LOOK = 4 * PREFETCH  # queued paths examined for reading ahead, from the head
 REAL_PARENT_TTL = 0.05  # seconds a "this directory is no symlink" answer is reused
 
 
@@ -277,7 +279,8 @@ class SyncEngine:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 PREFETCH_WORKERS, thread_name_prefix="lsync-read")
         packer = self._packer()
-        for path in self.dirty:
+        # Look only at the head of the queue: the engine takes paths from there.
+        for path in itertools.islice(self.dirty, PREFETCH_LOOK):
             if path in self._prefetched:
                 continue
             entry = self.model.get(path)
