@@ -64,6 +64,7 @@ class AgentService:
         self.pending: Dict[int, PendingFile] = {}
         self.pending_hashers: Dict[int, Any] = {}
         self.failed_writes: Set[int] = set()
+        self.zdict = b""  # the preset dictionary of PACK_ZLIB_DICT chunks
 
     # -- dispatch -------------------------------------------------------------------------
     def handle(self, message: m.Message) -> None:
@@ -101,9 +102,10 @@ class AgentService:
         assert self.pool is not None and self.root is not None
         root = self.root
         hasher = self._new_hasher()
+        zdict = self.zdict
 
         def job() -> Any:
-            data = unpack_chunk(msg.path, msg.data, msg.packing)
+            data = unpack_chunk(msg.path, msg.data, msg.packing, zdict)
             hasher.update(data)
             pending = root.begin_write(msg.path)
             try:
@@ -243,7 +245,7 @@ class AgentService:
                 self.pending_hashers[msg.seq] = self._new_hasher()
             elif msg.offset != pending.size or msg.path != pending.path:
                 raise OpError(ErrorCode.INTERNAL, "chunk of {} out of order".format(msg.path))
-            data = unpack_chunk(msg.path, msg.data, msg.packing)
+            data = unpack_chunk(msg.path, msg.data, msg.packing, self.zdict)
             pending.write(data)
             self.pending_hashers[msg.seq].update(data)
             if not msg.final:
@@ -322,6 +324,13 @@ class AgentService:
             os.close(fd)
             raise
         return fd
+
+    def on_set_dictionary(self, msg: m.SetDictionary) -> None:
+        if len(msg.data) > m.MAX_DICTIONARY:
+            raise OpError(ErrorCode.BAD_DELTA, "dictionary of {} bytes; at most {}".format(
+                len(msg.data), m.MAX_DICTIONARY))
+        self.zdict = msg.data
+        self._ack(msg.seq)
 
     def on_delete(self, msg: m.Delete) -> None:
         assert self.root is not None and self.record is not None
@@ -406,13 +415,14 @@ _HANDLERS: Dict[Any, Callable[[AgentService, Any], None]] = {
     m.Mkdir: AgentService.on_mkdir,
     m.Symlink: AgentService.on_symlink,
     m.SetMode: AgentService.on_set_mode,
+    m.SetDictionary: AgentService.on_set_dictionary,
 }
 
 
-def unpack_chunk(path: str, data: bytes, code: int) -> bytes:
+def unpack_chunk(path: str, data: bytes, code: int, zdict: bytes) -> bytes:
     """One WriteFile chunk's content, refusing anything beyond `MAX_CHUNK` bytes."""
     try:
-        return packing.unpack(data, code, m.MAX_CHUNK)
+        return packing.unpack(data, code, m.MAX_CHUNK, zdict)
     except packing.PackingError as exc:
         raise OpError(ErrorCode.BAD_DELTA, "compressed chunk for {} refused: {}".format(
             path, exc))

@@ -44,6 +44,7 @@ class Unanswered(NamedTuple):
 
 
 DRAIN_ABOVE = 1 << 20  # ask the stream for backpressure after this much was written
+COALESCE = 64 << 10  # queued messages are written at once beyond this many bytes
 
 
 class AgentLink:
@@ -58,6 +59,8 @@ class AgentLink:
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reader: asyncio.Task[None] | None = None
         self._unflushed = 0
+        self._out = bytearray()  # messages of this turn of the event loop, not yet written
+        self._flush_scheduled = False
         self.failure: LinkBroken | None = None
         self.goodbye: m.Goodbye | None = None
         self.bytes_sent = 0
@@ -106,13 +109,32 @@ class AgentLink:
             self._unflushed += len(data)
 
     def send(self, message: m.Message) -> None:
+        """Queue a message; messages sent in one turn of the event loop leave together (up to
+        COALESCE bytes), so a burst of small files does not cost a packet and a system call
+        each. Nothing waits: the flush runs as soon as the current callback returns."""
         if self.failure is not None:
             raise self.failure
         self.conn.send(message)
-        self._write(self.conn.data_to_send())
+        self._out += self.conn.data_to_send()
+        if len(self._out) >= COALESCE:
+            self.flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        if self.failure is None:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._out:
+            data, self._out = bytes(self._out), bytearray()
+            self._write(data)
 
     async def drain(self) -> None:
         """Backpressure: wait while the stream holds a lot of unsent data."""
+        self.flush()
         if self._unflushed >= DRAIN_ABOVE:
             self._unflushed = 0
             await self.stream.drain()

@@ -44,6 +44,7 @@ from lsync.protocol import messages as m
 WELCOME_TIMEOUT = 60.0
 DRAIN_TIMEOUT = 60.0
 BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+LONG_LINK_HANDSHAKE = 0.25  # seconds; about 35 ms of round trip or more
 
 
 _T = TypeVar("_T")
@@ -240,13 +241,17 @@ class Session:
         guess = self._likely_hash()
         scan = asyncio.create_task(self._scan(guess), name="scan")
         stream: LocalAgentStream | SshAgentStream
+        long_link = False
         if target.host is None:
             stream = LocalAgentStream()
         else:
             self.reporter.state(f"connecting to {target.describe()}")
             try:
+                connecting = time.monotonic()
                 self._ssh = await self._or_stop(ssh.connect(
                     target, self.options.ssh_config, self.options.accept_new_host_key))
+                # An SSH handshake is about 7 round trips: a slow one means a long link.
+                long_link = time.monotonic() - connecting > LONG_LINK_HANDSHAKE
             except BaseException:
                 scan.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -278,7 +283,8 @@ class Session:
             entries = await self._or_stop(manifest)
             engine = SyncEngine(link, self.root, self.rules, cache, self.reporter,
                                 self.options.delete,
-                                compression=welcome.chosen.get("compression", packing.ZLIB))
+                                compression=welcome.chosen.get("compression", packing.ZLIB),
+                                long_link=long_link)
             await engine.initial_sync(local, entries)
             gone = self._adopt_owned(engine, local)
             self.engine = engine

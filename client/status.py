@@ -1,20 +1,24 @@
 """What the user sees: one live status line on a terminal, or timestamped log lines.
 
 `LiveStatus` redraws a single line (connection state, files and bytes synced, queue depth,
-last save-to-acknowledgement latency) at most every 100 ms; notes and errors are printed
-above it. `LogStatus` writes `<iso time> <event> ...` lines, for when stdout is not a
-terminal: `ready files=N bytes=M` once the initial sync is acknowledged and, with -v, one
-`ack <path> ms=<latency>` line per acknowledged write. -q keeps errors only.
+last save-to-acknowledgement latency) at most every 100 ms; an update that comes sooner is
+drawn when those 100 ms are over (the line never stays behind the last event); notes and
+errors are printed above it. `LogStatus` writes `<iso time> <event> ...` lines, for when
+stdout is not a terminal: `ready files=N bytes=M` once the initial sync is acknowledged
+and, with -v, one `ack <path> ms=<latency>` line per acknowledged write. -q keeps errors
+only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import sys
 import time
 from typing import TextIO
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
+REDRAW_INTERVAL = 0.1  # seconds: the live line is redrawn at most this often
 
 
 def _size(nbytes: int) -> str:
@@ -95,11 +99,17 @@ class LiveStatus(_Base):
         super().__init__(out, verbosity)
         self._drawn = 0.0
         self._progress = ""
+        self._late: asyncio.TimerHandle | None = None
 
     def _draw(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._drawn < 0.1:
+        wait = REDRAW_INTERVAL - (now - self._drawn)
+        if not force and wait > 0:
+            self._draw_later(wait)
             return
+        if self._late is not None:
+            self._late.cancel()
+            self._late = None
         self._drawn = now
         latency = f"{self.last_latency * 1000:.0f} ms" if self.last_latency is not None else "-"
         parts = [self.state_text]
@@ -111,6 +121,20 @@ class LiveStatus(_Base):
             parts.append(f"{self.errors} errors")
         self.out.write("\r\x1b[2K" + " | ".join(parts))
         self.out.flush()
+
+    def _draw_later(self, wait: float) -> None:
+        """Draw once `wait` seconds have passed, so that a throttled update still shows."""
+        if self._late is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not called from the event loop: the next draw shows the update
+        self._late = loop.call_later(wait, self._draw_late)
+
+    def _draw_late(self) -> None:
+        self._late = None
+        self._draw(force=True)
 
     def _above(self, text: str) -> None:
         self.out.write("\r\x1b[2K" + text + "\n")
@@ -156,7 +180,7 @@ class LiveStatus(_Base):
             self._above(f"in sync: {files} files, {_size(nbytes)} in {seconds:.1f} s; watching")
 
     def close(self) -> None:
-        self._draw(force=True)
+        self._draw(force=True)  # also cancels a pending late draw
         self.out.write("\n")
         self.out.flush()
 

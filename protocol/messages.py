@@ -15,6 +15,8 @@ import msgpack
 
 from lsync.protocol.errors import ErrorCode, ProtocolError
 
+# Largest preset dictionary (deflate's window).
+MAX_DICTIONARY = 32768
 # Largest uncompressed content one WriteFile chunk may carry.
 MAX_CHUNK = 8 * 1024 * 1024
 
@@ -79,8 +81,9 @@ class WriteFile(NamedTuple):
     Chunks arrive in order with increasing `offset` (counted in uncompressed bytes); the one
     with final=True makes the agent rename the finished temporary file over `path` and
     acknowledge. `packing` says how each chunk's data is compressed (a PACK_* code of
-    lsync.protocol.packing: 0 raw, 1 one complete zlib stream, 2 one zstd frame); packed
-    data inflates to at most `MAX_CHUNK` bytes.
+    lsync.protocol.packing: 0 raw, 1 one complete zlib stream, 2 one zstd frame, 3 one zlib
+    stream with the session's `SetDictionary` preset); packed data inflates to at most
+    `MAX_CHUNK` bytes.
     """
 
     seq: int
@@ -159,6 +162,15 @@ class SetMode(NamedTuple):
     mode: int
 
 
+class SetDictionary(NamedTuple):
+    """Client → agent: the preset dictionary (at most `MAX_DICTIONARY` bytes) for later
+    chunks packed as PACK_ZLIB_DICT, replacing any earlier one. Many small files of one
+    tree share much (licence headers, includes, idioms) that a file alone cannot exploit."""
+
+    seq: int
+    data: bytes
+
+
 class Ack(NamedTuple):
     """Agent → client: operation `seq` succeeded; `status` is an `AckStatus`."""
 
@@ -196,11 +208,13 @@ class Goodbye(NamedTuple):
 
 Message = Union[
     Hello, Welcome, ListTree, ManifestBatch, HashPaths, Hashes, WriteFile, WriteDelta,
-    Delete, Rename, Copy, Mkdir, Symlink, SetMode, Ack, Error, Ping, Pong, Goodbye,
+    Delete, Rename, Copy, Mkdir, Symlink, SetMode, SetDictionary, Ack, Error, Ping, Pong,
+    Goodbye,
 ]
 
 # Operations: messages that carry a seq and are answered by Ack or Error.
-OPERATIONS = (WriteFile, WriteDelta, Delete, Rename, Copy, Mkdir, Symlink, SetMode)
+OPERATIONS = (WriteFile, WriteDelta, Delete, Rename, Copy, Mkdir, Symlink, SetMode,
+              SetDictionary)
 
 FieldCheck = Callable[[Any], bool]
 
@@ -294,6 +308,7 @@ SCHEMA: Dict[int, Tuple[Any, str, Tuple[FieldCheck, ...]]] = {
     25: (Mkdir, "c", (_is_uint, _is_str, _is_uint)),
     26: (Symlink, "c", (_is_uint, _is_str, _is_str)),
     27: (SetMode, "c", (_is_uint, _is_str, _is_uint)),
+    28: (SetDictionary, "c", (_is_uint, _is_bytes)),
     40: (Ack, "a", (_is_uint, _is_uint, _is_str)),
     41: (Error, "a", (_is_uint, _is_uint, _is_str)),
     50: (Ping, "ca", (_is_uint,)),

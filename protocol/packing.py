@@ -19,6 +19,7 @@ ZSTD = "zstd"
 PACK_RAW = 0
 PACK_ZLIB = 1
 PACK_ZSTD = 2
+PACK_ZLIB_DICT = 3  # zlib with the preset dictionary the client set for the session
 CODES = {ZLIB: PACK_ZLIB, ZSTD: PACK_ZSTD}
 
 
@@ -87,24 +88,32 @@ def choose_packing(offered: List[str]) -> str:
     return ZLIB
 
 
-def pack(data: bytes, code: int, level: int) -> bytes:
-    """Compress `data` with the packing `code` (PACK_ZLIB or PACK_ZSTD) at `level`."""
+def pack(data: bytes, code: int, level: int, zdict: bytes = b"") -> bytes:
+    """Compress `data` with the packing `code` at `level` (`zdict`: the preset dictionary
+    of PACK_ZLIB_DICT)."""
     if code == PACK_ZLIB:
         return zlib.compress(data, level)
+    if code == PACK_ZLIB_DICT and zdict:
+        packer = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS, 9,
+                                  zlib.Z_DEFAULT_STRATEGY, zdict)
+        return packer.compress(data) + packer.flush()
     if code == PACK_ZSTD and _ZSTD is not None:
         return _ZSTD["pack"](data, level)  # type: ignore[no-any-return]
     raise PackingError("packing {} is not available here".format(code))
 
 
-def unpack(data: bytes, code: int, limit: int) -> bytes:
+def unpack(data: bytes, code: int, limit: int, zdict: bytes = b"") -> bytes:
     """The content of a packed chunk, at most `limit` bytes; PackingError otherwise."""
     if code == PACK_RAW:
         return data
-    if code == PACK_ZLIB:
-        inflater = zlib.decompressobj()
+    if code in (PACK_ZLIB, PACK_ZLIB_DICT):
+        if code == PACK_ZLIB_DICT and not zdict:
+            raise PackingError("chunk needs the session's dictionary, and none was set")
+        inflater = zlib.decompressobj(zdict=zdict) if code == PACK_ZLIB_DICT \
+            else zlib.decompressobj()
         try:
             out = inflater.decompress(data, limit)
-        except zlib.error as exc:
+        except (zlib.error, ValueError) as exc:
             raise PackingError("bad zlib data: {}".format(exc))
         if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
             raise PackingError("zlib stream is truncated, has trailing data or exceeds "

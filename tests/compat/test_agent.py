@@ -228,3 +228,22 @@ def test_compressed_chunks_are_inflated_and_bad_ones_refused():
         assert reply.code == ErrorCode.BAD_DELTA and _no_temp_files(tree)
     finally:
         tree.cleanup()
+
+
+def test_dictionary_chunks_use_the_dictionary_set_before_them():
+    from lsync.protocol import packing
+    tree, pair, _ = _session()
+    try:
+        zdict = b"#include <linux/module.h>\nMODULE_LICENSE(\"GPL\");\n" * 50
+        data = b"#include <linux/module.h>\nMODULE_LICENSE(\"GPL\");\nint y;\n" * 3
+        packed = packing.pack(data, packing.PACK_ZLIB_DICT, 6, zdict)
+        reply = pair.op(m.WriteFile(1, "early.c", 0o644, 0, packed, True,
+                                    packing.PACK_ZLIB_DICT))
+        assert reply.code == ErrorCode.BAD_DELTA and not os.path.exists(tree.path("early.c"))
+        assert pair.op(m.SetDictionary(2, zdict)) == m.Ack(2, 0, "")
+        reply = pair.op(m.WriteFile(3, "m.c", 0o644, 0, packed, True, packing.PACK_ZLIB_DICT))
+        assert reply.status == AckStatus.OK and tree.read("m.c") == data
+        reply = pair.op(m.SetDictionary(4, b"x" * (m.MAX_DICTIONARY + 1)))
+        assert reply.code == ErrorCode.BAD_DELTA
+    finally:
+        tree.cleanup()

@@ -58,3 +58,17 @@ def test_unknown_packing_code_is_refused():
         except packing.PackingError:
             continue
         raise AssertionError("accepted code {}".format(code))
+
+
+def test_dictionary_packing_round_trips_and_needs_its_dictionary():
+    zdict = b"/* SPDX-License-Identifier: GPL-2.0 */\n#include <linux/kernel.h>\n" * 100
+    data = b"/* SPDX-License-Identifier: GPL-2.0 */\n#include <linux/kernel.h>\nint x;\n"
+    packed = packing.pack(data, packing.PACK_ZLIB_DICT, 6, zdict)
+    assert len(packed) < len(packing.pack(data, packing.PACK_ZLIB, 6))
+    assert packing.unpack(packed, packing.PACK_ZLIB_DICT, 1000, zdict) == data
+    for wrong in (b"", b"another dictionary entirely" * 10):
+        try:
+            packing.unpack(packed, packing.PACK_ZLIB_DICT, 1000, wrong)
+        except packing.PackingError:
+            continue
+        raise AssertionError("inflated without the right dictionary")

@@ -26,6 +26,8 @@ SAMPLES = [
     m.Mkdir(14, "d", 0o755),
     m.Symlink(15, "l", "../x"),
     m.SetMode(16, "a", 0o600),
+    m.SetDictionary(17, b"#include <stdio.h>\n"),
+    m.WriteFile(18, "z", 0o644, 0, b"packed", True, 3),
     m.Ack(9, 0, ""),
     m.Error(9, int(ErrorCode.NO_SPACE), "disk full"),
     m.Ping(1),
