@@ -153,6 +153,7 @@ class SyncEngine:
         self._initial_total = (0, 0)  # files, bytes queued by the initial comparison
         self._initial_done = (0, 0)
         self._dirty_dirs: set[str] = set()  # queued paths that are directories remotely
+        self._deferred: set[str] = set()  # deletes put back once behind the rest of the queue
         self._real_parents: dict[str, tuple[bool, float]] = {}
         self._prefetched: dict[str, concurrent.futures.Future[Prepared | None]] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -383,10 +384,19 @@ class SyncEngine:
                 self.model.drop_tree(path)  # ignored now: leave the remote copy alone
             return
         if st is None:
+            if remote is not None and self.dirty and path not in self._deferred:
+                # Gone locally: delete it after the paths queued behind it, one of which may
+                # be where it moved (a file moved into a new directory is listed after it),
+                # so that its content can still be copied there remotely.
+                self._deferred.add(path)
+                self.dirty[path] = since
+                return
+            self._deferred.discard(path)
             self.rules.forget(path)
             if remote is not None:
                 await self._remove(path, since)
             return
+        self._deferred.discard(path)
         mode = stat.S_IMODE(st.st_mode)
         if stat.S_ISDIR(st.st_mode):
             await self._reconcile_dir(path, remote, mode, since)
@@ -703,10 +713,12 @@ class SyncEngine:
             return
         # The remote state of this path is unknown now: the next change sends it whole.
         self.model.set_digest(flight.path, None)
-        if error.code in (ErrorCode.BASE_MISMATCH, ErrorCode.DIGEST_MISMATCH):
-            if flight.src:  # a copy whose source was not what we thought
-                self.model.set_digest(flight.src, None)
-                self.mark_dirty([flight.src])
+        if flight.op == "copy":
+            # Its source was not what we thought (changed, or gone: NOT_FOUND): look at both
+            # again; with the source's digest forgotten, the retry sends the content.
+            self.model.set_digest(flight.src, None)
+            self.mark_dirty([flight.src, flight.path])
+        elif error.code in (ErrorCode.BASE_MISMATCH, ErrorCode.DIGEST_MISMATCH):
             self.mark_dirty([flight.path])
 
 

@@ -104,7 +104,12 @@ class AgentLink:
 
     def _write(self, data: bytes) -> None:
         if data:
-            self.stream.write(data)
+            try:
+                self.stream.write(data)
+            except OSError as exc:  # the channel closed under us: the link is broken
+                self._finish(LinkBroken(f"connection to the agent lost: {exc}"))
+                assert self.failure is not None
+                raise self.failure from None
             self.bytes_sent += len(data)
             self._unflushed += len(data)
 
@@ -124,10 +129,13 @@ class AgentLink:
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
-        if self.failure is None:
+        with contextlib.suppress(LinkBroken):  # reported through `failure` and `closed`
             self.flush()
 
     def flush(self) -> None:
+        if self.failure is not None:
+            self._out.clear()
+            raise self.failure
         if self._out:
             data, self._out = bytes(self._out), bytearray()
             self._write(data)

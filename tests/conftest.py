@@ -2,11 +2,17 @@
 
 End-to-end tests start the real `lsync` command as a subprocess (stdout piped, so it writes
 timestamped log lines), against the private OpenSSH sshd of `benchmarks.testbed.sshd` or
-against a local directory, and compare the two trees with a bounded wait.
+against a local directory, and compare the two trees with a bounded wait. `counting_link`
+puts a byte-counting proxy (benchmarks.testbed.proxy, no delay unless asked) between lsync
+and sshd, for tests that measure bytes on the wire or cut the connection; `ContentSampler`
+watches remote files in a thread and remembers every content it ever saw (torn or
+wrongly built files would show up there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -16,10 +22,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from benchmarks.testbed.proxy import ThreadedProxy
 from benchmarks.testbed.sshd import PrivateSshd
 
 LSYNC = [sys.executable, "-m", "lsync.client.cli"]
@@ -69,15 +77,21 @@ def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> bool:
 
 
 class LsyncProcess:
-    """A running `lsync connect`; its log lines are collected by a reader thread."""
+    """A running `lsync connect`; its log lines are collected by a reader thread.
+
+    Only the reader threads read its pipes (stdout into `lines`, stderr into `stderr` once
+    it has finished), so no line is lost to another reader, also after an interrupt."""
 
     def __init__(self, args: list[str], cwd: Path) -> None:
         self.proc = subprocess.Popen(
             LSYNC + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL, text=True)
         self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._stderr_parts: list[str] = []
+        self._readers = [threading.Thread(target=self._read, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for reader in self._readers:
+            reader.start()
         self.stderr = ""
 
     def _read(self) -> None:
@@ -85,14 +99,31 @@ class LsyncProcess:
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
 
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._stderr_parts.append(line)
+
     def saw(self, text: str) -> bool:
         return any(text in line for line in self.lines)
+
+    def count(self, text: str) -> int:
+        """How many log lines so far contain `text`."""
+        return sum(text in line for line in list(self.lines))
+
+    def wait_for_count(self, text: str, count: int, timeout: float = WAIT) -> None:
+        """Wait until at least `count` log lines contain `text` (lsync must keep running)."""
+        if not wait_until(lambda: self.count(text) >= count or self.proc.poll() is not None,
+                          timeout) or self.count(text) < count:
+            raise AssertionError(f"{self.count(text)} of {count} {text!r} lines (exit "
+                                 f"{self.proc.poll()}):\n" + "\n".join(self.lines))
 
     def wait_for_line(self, text: str, timeout: float = WAIT) -> None:
         if not wait_until(lambda: self.saw(text) or self.proc.poll() is not None, timeout):
             raise AssertionError(f"no {text!r} in lsync output:\n" + "\n".join(self.lines))
         if not self.saw(text):
-            self.finish(timeout=1)
+            self.finish(timeout=1)  # lsync has exited: every line it wrote is read now
+        if not self.saw(text):
             raise AssertionError(f"lsync exited {self.proc.returncode} before {text!r}:\n"
                                  + "\n".join(self.lines) + "\n" + self.stderr)
 
@@ -102,11 +133,13 @@ class LsyncProcess:
 
     def finish(self, timeout: float = 30) -> int:
         try:
-            _, self.stderr = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, self.stderr = self.proc.communicate()
-        self._reader.join(timeout=5)
+            self.proc.wait()
+        for reader in self._readers:
+            reader.join(timeout=5)
+        self.stderr = "".join(self._stderr_parts)
         return self.proc.returncode
 
 
@@ -129,7 +162,10 @@ def run_lsync() -> Iterator[Callable[..., LsyncProcess]]:
 def assert_trees_equal(local: Path, remote: Path, skip: Callable[[str], bool] = lambda r: False,
                        timeout: float = WAIT) -> None:
     def same() -> bool:
-        return snapshot(local, skip) == snapshot(remote, skip)
+        try:
+            return snapshot(local, skip) == snapshot(remote, skip)
+        except FileNotFoundError:
+            return False  # an entry vanished while we looked: still changing
 
     if not wait_until(same, timeout):
         want, have = snapshot(local, skip), snapshot(remote, skip)
@@ -149,3 +185,99 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink()
+
+
+def wait_steady(read: Callable[[], int], quiet: float = 0.3, timeout: float = WAIT) -> int:
+    """Poll `read()` until it has not changed for `quiet` seconds; return that value."""
+    deadline = time.monotonic() + timeout
+    value = read()
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        now_value = read()
+        if now_value != value:
+            value, since = now_value, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return value
+    raise AssertionError(f"value still changing after {timeout} s (last {value})")
+
+
+@dataclass
+class CountingLink:
+    """A proxy between lsync and the private sshd, and an ssh config that goes through it."""
+
+    sshd: PrivateSshd
+    proxy: ThreadedProxy
+    config: Path
+
+    def connect_args(self, remote: Path | str, *extra: str) -> list[str]:
+        return ["connect", "-F", str(self.config), *extra, f"{self.sshd.alias}:{remote}"]
+
+    def bytes_up(self) -> int:
+        """Bytes client -> server since the last reset."""
+        return self.proxy.counters().bytes_up
+
+
+@contextlib.contextmanager
+def counting_link_to(sshd: PrivateSshd, delay: float = 0.0) -> Iterator[CountingLink]:
+    """A `CountingLink` (one-way delay `delay`, default none) for as long as the block runs."""
+    proxy = ThreadedProxy(("127.0.0.1", sshd.port), delay, handshake=delay > 0)
+    with proxy:
+        config = sshd.write_client_config(port=proxy.port)
+        yield CountingLink(sshd, proxy, config)
+
+
+@pytest.fixture
+def counting_link(sshd: PrivateSshd) -> Iterator[CountingLink]:
+    with counting_link_to(sshd) as link:
+        yield link
+
+
+def save_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` by a complete new version at once (write a temp file, rename it over),
+    so that a watcher never sees it empty or half written."""
+    temp = path.with_name(f".{path.name}.save")
+    temp.write_bytes(data)
+    os.rename(temp, path)
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+class ContentSampler:
+    """Reads some files over and over in a thread and remembers every content seen.
+
+    `seen[path]` holds the digests of all contents observed (None: the file was absent).
+    Writes are atomic renames, so each read sees one whole version; a torn or wrongly built
+    file would appear here as a digest that no local version ever had.
+    """
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self.seen: dict[Path, set[bytes | None]] = {path: set() for path in paths}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for path in self.paths:
+                try:
+                    self.seen[path].add(digest(path.read_bytes()))
+                except FileNotFoundError:
+                    self.seen[path].add(None)
+            self.samples += 1
+
+    def __enter__(self) -> ContentSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def unexpected(self, path: Path, allowed: list[bytes | None]) -> set[bytes | None]:
+        """Digests seen at `path` that are none of the `allowed` contents (None: absent)."""
+        ok = {None if item is None else digest(item) for item in allowed}
+        return self.seen[path] - ok
