@@ -357,7 +357,13 @@ class AgentService:
 
     def on_copy(self, msg: m.Copy) -> None:
         assert self.root is not None and self.record is not None
-        fd = self.root.open_read(msg.src)
+        try:
+            fd = self.root.open_read(msg.src)
+        except OpError as exc:
+            if exc.code in (ErrorCode.NOT_FOUND, ErrorCode.TYPE_CONFLICT):
+                raise OpError(ErrorCode.DIGEST_MISMATCH, "{} no longer has the expected "
+                              "content: {}".format(msg.src, exc.message))
+            raise
         try:
             pending = self.root.begin_write(msg.dst)
             try:

@@ -110,6 +110,8 @@ def test_rename_copy_mkdir_symlink_and_set_mode():
         assert tree.read("copy") == b"payload"
         wrong = pair.op(m.Copy(3, "b/c/x", "copy2", 0o600, b"\0" * 16))
         assert wrong.code == ErrorCode.DIGEST_MISMATCH and not os.path.exists(tree.path("copy2"))
+        gone = pair.op(m.Copy(7, "no/such/source", "copy3", 0o600, digest))
+        assert gone.code == ErrorCode.DIGEST_MISMATCH and not os.path.exists(tree.path("copy3"))
         assert pair.op(m.Mkdir(4, "new/dir", 0o750)).status == AckStatus.OK
         assert stat.S_IMODE(os.stat(tree.path("new/dir")).st_mode) == 0o750
         assert pair.op(m.Symlink(5, "copy", "b/c/x")).status == AckStatus.OK
