@@ -24,6 +24,12 @@ def relpath_problem(path: str) -> str:
         return "path is not valid UTF-8"
     if len(encoded) > MAX_PATH_BYTES:
         return "path too long"
+    # Fast path (every path of a tree walk comes through here): look at the components only
+    # when the whole could hide a bad one.
+    padded = "/" + path + "/"
+    if "//" not in padded and "/./" not in padded and "/../" not in padded \
+            and len(encoded) <= MAX_NAME_BYTES:
+        return ""
     for part in path.split("/"):
         if part in ("", ".", ".."):
             return "path component {!r} not allowed".format(part)
