@@ -26,7 +26,7 @@ from lsync.agent.writer import WritePool
 from lsync.protocol import PROTOCOL_VERSION, hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.delta import DeltaError, apply_delta
-from lsync.protocol.errors import AckStatus, ErrorCode
+from lsync.protocol.errors import AckStatus, ErrorCode, ProtocolError
 from lsync.protocol.paths import relpath_problem
 
 MANIFEST_BATCH = 2000
@@ -147,7 +147,13 @@ class AgentService:
 
     def close(self) -> None:
         if self.pool is not None:
-            self.drain_pool()
+            # Let every started write finish (each is atomic); their answers may no longer
+            # be deliverable once the conversation is over.
+            while self.pool.outstanding:
+                try:
+                    self.drain_pool()
+                except ProtocolError:
+                    pass
             self.pool.close()
             self.pool = None
         for pending in self.pending.values():
