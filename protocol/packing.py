@@ -27,24 +27,30 @@ class PackingError(Exception):
     """Compressed data that is malformed or inflates beyond its limit."""
 
 
-def _zstd_backend() -> Optional[Dict[str, Callable[..., Any]]]:
+Backend = Dict[str, Callable[..., Any]]
+
+
+def _std_backend() -> Optional[Backend]:
     try:
         from compression import zstd as std_zstd  # type: ignore[import-not-found]
     except ImportError:
-        pass
-    else:
-        def std_pack(data: bytes, level: int) -> bytes:
-            return bytes(std_zstd.compress(data, level=level))
+        return None
 
-        def std_unpack(data: bytes, limit: int) -> bytes:
-            decompressor = std_zstd.ZstdDecompressor()
-            out = decompressor.decompress(data, max_length=limit)
-            if not decompressor.eof or decompressor.unused_data or len(out) > limit:
-                raise PackingError("zstd frame is truncated, has trailing data or exceeds "
-                                   "{} bytes".format(limit))
-            return bytes(out)
+    def std_pack(data: bytes, level: int) -> bytes:
+        return bytes(std_zstd.compress(data, level=level))
 
-        return {"pack": std_pack, "unpack": std_unpack, "error": std_zstd.ZstdError}
+    def std_unpack(data: bytes, limit: int) -> bytes:
+        decompressor = std_zstd.ZstdDecompressor()
+        out = decompressor.decompress(data, max_length=limit)
+        if not decompressor.eof or decompressor.unused_data or len(out) > limit:
+            raise PackingError("zstd frame is truncated, has trailing data or exceeds "
+                               "{} bytes".format(limit))
+        return bytes(out)
+
+    return {"pack": std_pack, "unpack": std_unpack}
+
+
+def _package_backend() -> Optional[Backend]:
     try:
         import zstandard  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
@@ -68,7 +74,22 @@ def _zstd_backend() -> Optional[Dict[str, Callable[..., Any]]]:
             raise PackingError("zstd frame is truncated or has trailing data")
         return bytes(out)
 
-    return {"pack": pkg_pack, "unpack": pkg_unpack, "error": zstandard.ZstdError}
+    return {"pack": pkg_pack, "unpack": pkg_unpack}
+
+
+def _zstd_backend() -> Optional[Backend]:
+    """The first zstd implementation that passes a round trip here (an interpreter whose
+    module behaves unlike what this code expects offers zlib only, rather than failing)."""
+    sample = b"lsync zstd self-test\n" * 64
+    for make in (_std_backend, _package_backend):
+        try:
+            backend = make()
+            if backend is not None and \
+                    backend["unpack"](backend["pack"](sample, 3), len(sample)) == sample:
+                return backend
+        except Exception:  # any surprise means: not usable here
+            continue
+    return None
 
 
 _ZSTD = _zstd_backend()
