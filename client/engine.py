@@ -446,7 +446,8 @@ class SyncEngine:
 
     def _vanished_twin(self, path: str) -> str | None:
         """A queued directory that is gone locally and whose files `path` now holds."""
-        self._dirty_dirs.intersection_update(self.dirty)
+        # (set.intersection_update(dict) would walk the whole queue: keep this O(dirs).)
+        self._dirty_dirs = {p for p in self._dirty_dirs if p in self.dirty}
         candidates = [p for p in self._dirty_dirs if p != path and not p.startswith(path + "/")
                       and (e := self.model.get(p)) is not None and e.kind == DIR and e.owned
                       and not os.path.lexists(self.root / p)]
