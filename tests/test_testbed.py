@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import peers
+from benchmarks import peers, procstat
 from benchmarks.testbed import trees
 from benchmarks.testbed.proxy import DelayProxy, ThreadedProxy, self_check
 from benchmarks.testbed.sshd import SSHD_BINARY, PrivateSshd, generate_key
@@ -368,18 +368,66 @@ def test_rsync_push_and_blog_script_sync_through_the_private_sshd(
         assert seconds is not None
 
 
-# -- the benchmark command ------------------------------------------------------------------------
+# -- /proc readings and the benchmark command -----------------------------------------------------
+
+
+def test_procstat_reads_cpu_time_and_peak_memory_of_a_process() -> None:
+    pid = os.getpid()
+    before = procstat.cpu_seconds(pid)
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:  # burn 50 ms of CPU
+        pass
+    assert procstat.cpu_seconds(pid) - before >= 0.03
+    mem = procstat.memory(pid)
+    assert 0 < mem.rss <= mem.peak
+
+
+def test_procstat_finds_a_descendant_by_its_command_line() -> None:
+    marker = f"lsync-procstat-marker-{os.getpid()}"
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", marker],
+                             stdin=subprocess.PIPE)
+    try:
+        found = None
+        deadline = time.monotonic() + 10
+        while found is None and time.monotonic() < deadline:
+            found = procstat.find_descendant(os.getpid(), marker)
+        assert found == child.pid
+        assert procstat.find_descendant(os.getpid(), marker + "-absent") is None
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(timeout=10)
+    with pytest.raises(procstat.ProcessGone):
+        procstat.cpu_seconds(child.pid)
+
+
+def test_a_burst_stopped_by_its_timeout_reports_progress_and_an_estimate() -> None:
+    from benchmarks.scenarios import bounded
+
+    cell = bounded(peers.BurstResult(None, 25, 1000), 60.0)
+    assert cell.text == "> 60 s (25/1000 done; all in ~40 min at that rate)"
+    assert cell.value is None
 
 
 @needs_sshd
-def test_benchmark_short_mode_runs_and_prints_the_table() -> None:
+def test_benchmark_short_mode_runs_every_scenario_and_prints_the_tables(tmp_path: Path) -> None:
     if shutil.which("rsync") is None:
         pytest.skip("rsync not installed")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--short", "--rtt-ms", "0",
-         "--systems", "rsync", "--no-readme"],
-        capture_output=True, text=True, timeout=120, check=False,
+         "--systems", "lsync,rsync", "--no-readme", "--idle-seconds", "1",
+         "--cache-dir", str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "| scenario | link | lsync | rsync |" in proc.stdout
-    assert "| c. initial sync, tiny tree (s) | RTT 0 ms | not run |" in proc.stdout
+    out = proc.stdout
+    assert "| scenario | link | target (lsync) | lsync | rsync |" in out
+    for row in ("| a. one save, truncate", "| a. one save, rename", "| b. burst of 40 files",
+                "| c. initial sync, tiny tree (s) | RTT 0 ms |",
+                "| d. restart, nothing changed, tiny tree", "| e. one-line edit, 10 MB file",
+                "| f. idle CPU while watching, tiny tree", "| f. peak RSS, tiny tree",
+                "| one-line edit, 20 KB C file | RTT 0 ms |",
+                "| directory of 1,000 files renamed | RTT 0 ms |"):
+        assert row in out, row
+    assert "### The watcher's step" in out
+    assert "\n| 50 | " in out  # a row of the watcher table

@@ -1,0 +1,442 @@
+"""The shared state of one benchmark run: settings, links, trees, measured rows.
+
+`Settings` holds what a run does (full or short mode, which scenarios, links, sizes and
+timeouts). `Bench` owns the work directory, the private sshd, the trees and everything
+measured so far; `Bench.link(spec)` puts a fresh delay proxy (with byte counters) in front of
+the sshd for the duration of a `with` block. Trees are generated once into a cache directory
+(``~/.cache/lsync-bench/trees`` unless told otherwise) and reused by later runs as long as
+the generator's source is unchanged; scenarios that modify files work on copies.
+`Cell` and `Row` are the main table's entries; `BytesRow` and `WatchRow` are the rows of the
+bytes-on-the-wire table (issue 3) and of the watcher trade-off table. Helpers here poll
+conditions with deadlines; nothing sleeps in place of a condition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import math
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import peers
+from benchmarks.lsync_runner import LsyncWatcher, lsync_available
+from benchmarks.peers import Link, Watcher
+from benchmarks.testbed import trees
+from benchmarks.testbed.proxy import ThreadedProxy
+from benchmarks.testbed.sshd import PrivateSshd
+
+LSYNC = "lsync"
+RSYNC = "rsync"
+SCRIPT_CM = "script+CM"
+SCRIPT = "script"
+LSYNCD = "lsyncd"
+SYSTEMS = (LSYNC, RSYNC, SCRIPT_CM, SCRIPT, LSYNCD)
+WATCHERS = (LSYNC, SCRIPT_CM, SCRIPT, LSYNCD)
+SCENARIOS = ("a", "b", "c", "d", "e", "f", "bytes", "watch")
+
+# Files the benchmark adds to the tree for its own cases (never part of a/b's sample).
+EXTRA_DIR = "lsync-bench"
+BIG_FILE = f"{EXTRA_DIR}/big-10mb.c"  # one-line edits in 10 MB (scenario e, bytes table)
+INSERT_FILE = f"{EXTRA_DIR}/insert-10mb.c"  # insertions at the start of 10 MB
+SMALL_FILE = f"{EXTRA_DIR}/edit-20k.c"  # one-line edits in 20 KB
+RENAME_PARENT = f"{EXTRA_DIR}/rename"
+RENAME_A = f"{RENAME_PARENT}/dir-a"  # the directory of 1,000 files that gets renamed
+RENAME_B = f"{RENAME_PARENT}/dir-b"
+TEN_MB = 10_000_000
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "lsync-bench"
+
+
+@dataclass
+class Settings:
+    short: bool
+    tree: str  # for a, b, e, bytes, watch
+    rtts_ms: list[float]
+    systems: list[str]
+    scenarios: list[str]
+    saves: int
+    burst: int
+    cap_mbit: float
+    save_timeout: float
+    burst_timeout: float
+    peer_mode_budget: float  # seconds of saves per peer and kind in a (then report n)
+    abort_after_misses: int
+    initial_trees: list[str]  # for c, d, f
+    bytes_rtts_ms: list[float]  # links of issue 3's bytes table
+    idle_seconds: float
+    watch_steps: list[int]
+    watch_events: int
+    watch_idle: float
+    rename_files: int
+    cache_dir: Path
+    write_readme: bool
+    keep: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Settings:
+        short = bool(args.short)
+        # The short mode leaves out the script without a ControlMaster (the slowest peer,
+        # and never better than the script with one) unless asked for by name.
+        default_systems = [s for s in SYSTEMS if s != SCRIPT] if short else list(SYSTEMS)
+        systems = args.systems.split(",") if args.systems else default_systems
+        unknown = sorted(set(systems) - set(SYSTEMS))
+        if unknown:
+            raise SystemExit(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
+        scenarios = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
+        unknown = sorted(set(scenarios) - set(SCENARIOS))
+        if unknown:
+            raise SystemExit(f"unknown scenarios {unknown}; choose from {', '.join(SCENARIOS)}")
+        tree = args.tree or ("tiny" if short else "small")
+        rtts = [float(x) for x in args.rtt_ms.split(",")]
+        initial = [tree] if short or tree == "kernel" else [tree, "kernel"]
+        if args.no_kernel:
+            initial = [t for t in initial if t != "kernel"] or [tree]
+        return cls(
+            short=short,
+            tree=tree,
+            rtts_ms=rtts,
+            systems=systems,
+            scenarios=scenarios,
+            saves=args.saves or (2 if short else 20),
+            burst=args.burst or (40 if short else 1000),
+            cap_mbit=args.cap_mbit,
+            save_timeout=4.0 if short else 15.0,
+            burst_timeout=args.burst_timeout or (4.0 if short else 90.0),
+            peer_mode_budget=10.0 if short else 75.0,
+            abort_after_misses=1 if short else 2,
+            initial_trees=initial,
+            bytes_rtts_ms=[min(rtts)] if short else rtts,
+            idle_seconds=args.idle_seconds or (2.0 if short else 30.0),
+            watch_steps=[1, 5, 50] if short else [1, 5, 20, 50],
+            watch_events=3 if short else 30,
+            watch_idle=1.0 if short else 10.0,
+            rename_files=1000,
+            cache_dir=args.cache_dir or default_cache_dir(),
+            write_readme=not args.no_readme,
+            keep=args.keep,
+        )
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    rtt_ms: float
+    cap_mbit: float | None = None
+
+    @property
+    def label(self) -> str:
+        text = f"RTT {self.rtt_ms:g} ms"
+        return text + (f", {self.cap_mbit:g} Mbit/s" if self.cap_mbit else "")
+
+    @property
+    def delay(self) -> float:
+        return self.rtt_ms / 2000.0
+
+
+@dataclass
+class Cell:
+    """One measured value for one system in one row (display text plus a number to compare)."""
+
+    text: str
+    value: float | None = None  # seconds, bytes or a share (p50 for latencies): ratios
+    p95: float | None = None
+    target_ok: bool | None = None
+    extra: dict[str, float] = field(default_factory=dict)  # more numbers for targets
+
+
+@dataclass
+class Row:
+    scenario: str
+    link: str
+    target: str = "—"
+    cells: dict[str, Cell] = field(default_factory=dict)
+    ratios: bool = True  # print lsync/peer ratios in the peers' cells
+
+    @property
+    def letter(self) -> str:
+        return self.scenario[0]
+
+
+@dataclass
+class Transfer:
+    """What one change cost on the wire, and how long until the remote was identical."""
+
+    bytes_up: int
+    bytes_down: int
+    seconds: float | None  # None: never identical within the timeout
+    note: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.bytes_up + self.bytes_down
+
+
+@dataclass
+class BytesRow:
+    case: str
+    link: str
+    rtt_ms: float
+    data_bytes: int  # bytes of the file or directory involved
+    target_text: str
+    target_bytes: float | None  # limit on lsync's bytes both ways
+    lsync_first: Transfer | None = None  # the first such change after lsync started
+    lsync_later: Transfer | None = None  # the same kind of change again, same session
+    rsync: Transfer | None = None
+    lsync_note: str = ""
+
+
+@dataclass
+class WatchRow:
+    step_ms: int
+    debounce_ms: int
+    detect: list[float] = field(default_factory=list)  # watchfiles alone: write -> event
+    detect_missed: int = 0
+    watch_cpu: float | None = None
+    lsync_saves: list[float] = field(default_factory=list)  # lsync, RTT 0: save -> identical
+    lsync_missed: int = 0
+    lsync_cpu: float | None = None
+    note: str = ""
+
+
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def mirror(src: Path, dst: Path, checksum: bool = True) -> None:
+    """Make `dst` a copy of `src` (local rsync; with checksums, same-second edits too)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    argv = ["rsync", "-a", "--delete", *(["--checksum"] if checksum else []),
+            f"{src}/", f"{dst}/"]
+    subprocess.run(argv, check=True)
+
+
+def empty_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def wait_quiet(proxy: ThreadedProxy, quiet: float, limit: float = 30.0) -> bool:
+    """Wait until no byte has crossed the proxy for `quiet` seconds; False if it never was."""
+    deadline = time.monotonic() + limit
+    last = proxy.counters().bytes_total
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        now_total = proxy.counters().bytes_total
+        if now_total != last:
+            last, since = now_total, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return True
+    return False
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, poll: float = 0.002) -> float | None:
+    """Poll `condition` until true; perf_counter() then, or None after `timeout` seconds."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        now = time.perf_counter()
+        if condition():
+            return now
+        if now >= deadline:
+            return None
+        time.sleep(poll)
+
+
+def quiet_for(spec: LinkSpec) -> float:
+    return max(0.15, 2 * spec.rtt_ms / 1000.0)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def fmt_kb(nbytes: float) -> str:
+    if nbytes >= 10e6:
+        return f"{nbytes / 1e6:.1f} MB"
+    return f"{nbytes / 1000:.1f} KB"
+
+
+def same_files(a: Path, b: Path) -> str:
+    """"" when trees `a` and `b` hold the same paths with the same sizes, else what differs.
+    (Cheap: content is compared elsewhere, where the benchmark knows what changed.)"""
+
+    def listing(root: Path) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for dirpath, _dirs, files in os.walk(root):
+            rel = os.path.relpath(dirpath, root)
+            for name in files:
+                path = name if rel == "." else f"{rel}/{name}"
+                with contextlib.suppress(FileNotFoundError):
+                    out[path] = os.lstat(os.path.join(dirpath, name)).st_size
+        return out
+
+    la, lb = listing(a), listing(b)
+    missing = sorted(set(la) - set(lb))
+    extra = sorted(set(lb) - set(la))
+    wrong = sorted(p for p in set(la) & set(lb) if la[p] != lb[p])
+    if not (missing or extra or wrong):
+        return ""
+    parts = []
+    for what, paths in (("missing", missing), ("extra", extra), ("size differs", wrong)):
+        if paths:
+            parts.append(f"{len(paths)} {what} (e.g. {paths[0]})")
+    return "; ".join(parts)
+
+
+class Bench:
+    """Owns the work directory, the sshd, the trees and the rows measured so far."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.work = Path(tempfile.mkdtemp(prefix="lsync-bench-"))
+        self.sshd = PrivateSshd(self.work / "sshd")
+        self.rows: list[Row] = []
+        self.bytes_rows: list[BytesRow] = []
+        self.watch_rows: list[WatchRow] = []
+        self.src = self.work / "src"  # the bench tree plus the extra files
+        self.local = self.work / "local"
+        self.remote = self.work / "remote"
+        self.lsync_ok, self.lsync_reason = (False, "not selected")
+        self.tree_files: list[str] = []
+        self.tree_info: dict[str, trees.TreeStats] = {}
+        self.notes: list[str] = []
+        self.save_p50_300: float | None = None  # scenario a, lsync, RTT 300: for the bytes table
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        peers.ensure_peer_tools()
+        self.sshd.start()
+        if LSYNC in self.s.systems:
+            self.lsync_ok, self.lsync_reason = lsync_available()
+        base = self.tree_dir(self.s.tree)
+        if any(self.wants(x) for x in ("a", "b", "e", "bytes", "watch")):
+            mirror(base, self.src, checksum=False)
+            self._write_extras(self.src)
+            self.tree_files = [f for f in trees.walk_files(self.src)
+                               if not f.startswith(EXTRA_DIR + "/")]
+
+    def tree_dir(self, preset: str) -> Path:
+        """The cached, pristine copy of a generated tree (made on first use). Read-only."""
+        generator = Path(trees.__file__).read_bytes()
+        tag = hashlib.sha256(generator).hexdigest()[:12]
+        root = self.s.cache_dir / "trees" / f"{preset}-seed0"
+        stamp = root.with_name(root.name + ".stamp")
+        if stamp.exists() and root.is_dir():
+            lines = stamp.read_text().split()
+            if len(lines) == 4 and lines[0] == tag:
+                self.tree_info[preset] = trees.TreeStats(preset, 0, int(lines[1]),
+                                                         int(lines[2]), int(lines[3]), 0.0)
+                return root
+        shutil.rmtree(root, ignore_errors=True)
+        stamp.unlink(missing_ok=True)
+        stats = trees.generate(preset, root)
+        stamp.write_text(f"{tag} {stats.files} {stats.dirs} {stats.bytes}\n")
+        self.tree_info[preset] = stats
+        say(f"tree {preset}: {stats.files} files, {stats.bytes / 1e6:.1f} MB, generated in "
+            f"{stats.seconds:.1f} s into {root}")
+        return root
+
+    def _write_extras(self, root: Path) -> None:
+        big = root / BIG_FILE
+        big.parent.mkdir(parents=True, exist_ok=True)
+        big.write_bytes(trees.text_of_size(TEN_MB, seed=1, name=BIG_FILE))
+        (root / INSERT_FILE).write_bytes(trees.text_of_size(TEN_MB, seed=2, name=INSERT_FILE))
+        (root / SMALL_FILE).write_bytes(trees.text_of_size(20_000, seed=3, name=SMALL_FILE))
+        rng = random.Random("rename-dir")
+        lo, hi = (200, 4_000) if self.s.short else (1_000, 30_000)
+        d = root / RENAME_A
+        for i in range(self.s.rename_files):
+            sub = d / f"sub{i % 10}"
+            sub.mkdir(parents=True, exist_ok=True)
+            rel = f"{RENAME_A}/sub{i % 10}/file{i:04d}.c"
+            (root / rel).write_bytes(trees.text_of_size(rng.randint(lo, hi), seed=4, name=rel))
+
+    def cleanup(self) -> None:
+        self.sshd.stop()
+        if not self.s.keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+            self._forget_agent_records()
+
+    def _forget_agent_records(self) -> None:
+        """Delete the digest records lsync's agent kept for this run's remote tree.
+
+        The agent remembers what it wrote in ~/.cache/lsync/agent-<hash>.json (the same
+        home here: the private sshd logs in as this user), named after the remote root and
+        the hash algorithm as in agent/records.py; the tree is gone, so are its records
+        (about 9 MB for the kernel tree)."""
+        directory = Path.home() / ".cache" / "lsync"
+        for algorithm in ("xxh3-128", "blake2b-128"):
+            key = f"{self.remote}\0{algorithm}".encode("utf-8", "surrogateescape")
+            name = hashlib.sha256(key).hexdigest()[:24]
+            (directory / f"agent-{name}.json").unlink(missing_ok=True)
+
+    def reset(self, remote_empty: bool = False) -> None:
+        """local := src and remote := src (or empty), by content, without any ssh."""
+        mirror(self.src, self.local)
+        if remote_empty:
+            empty_dir(self.remote)
+        else:
+            mirror(self.src, self.remote)
+
+    @contextlib.contextmanager
+    def link(self, spec: LinkSpec) -> Iterator[tuple[Link, ThreadedProxy]]:
+        rate = spec.cap_mbit * 1e6 if spec.cap_mbit else None
+        with ThreadedProxy(("127.0.0.1", self.sshd.port), spec.delay, rate_bps=rate) as proxy:
+            cfg = self.sshd.write_client_config(port=proxy.port)
+            yield Link(cfg, self.sshd.alias, self.remote), proxy
+
+    def lsync(self, link: Link, local: Path | None = None, name: str = "lsync",
+              extra_args: Sequence[str] = (), verbose: bool = True,
+              cache_home: Path | None = None) -> LsyncWatcher:
+        wd = self.work / "peer-work" / name
+        return LsyncWatcher(local or self.local, link, wd, extra_args=extra_args,
+                            verbose=verbose,
+                            cache_home=cache_home or self.work / "lsync-cache" / "shared")
+
+    def watcher(self, system: str, link: Link) -> Watcher:
+        wd = self.work / "peer-work" / system.replace("+", "-")
+        if system == LSYNC:
+            return self.lsync(link)
+        if system == SCRIPT_CM:
+            return peers.BlogScript(self.local, link, wd, control_master=True)
+        if system == SCRIPT:
+            return peers.BlogScript(self.local, link, wd, control_master=False)
+        if system == LSYNCD:
+            return peers.Lsyncd(self.local, link, wd, delay=0)
+        raise ValueError(system)
+
+    def runnable(self, system: str) -> bool:
+        return system in self.s.systems and (system != LSYNC or self.lsync_ok)
+
+    def wants(self, scenario: str) -> bool:
+        return scenario in self.s.scenarios
+
+    def failed(self, system: str, where: str, exc: Exception) -> None:
+        """Record why a system failed (its log tail), for the report's notes."""
+        text = " ".join(str(exc).split())
+        self.notes.append(f"{system} failed in {where}: {text[-400:]}")
+        say(f"{system} failed in {where}: {text[-400:]}")
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        say(f"note: {text}")
+
+    def row(self, scenario: str, spec: LinkSpec | str, target: str = "—",
+            ratios: bool = True) -> Row:
+        label = spec if isinstance(spec, str) else spec.label
+        r = Row(scenario, label, target, ratios=ratios)
+        self.rows.append(r)
+        return r

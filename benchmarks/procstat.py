@@ -1,0 +1,123 @@
+"""CPU time and memory of running processes, read from Linux's /proc.
+
+`cpu_seconds(pid)` is the user + system time a process (all its threads) has used so far,
+from fields 14 and 15 of ``/proc/<pid>/stat`` in clock ticks (1/100 s here);
+`memory(pid)` reads ``VmRSS`` and ``VmHWM`` (peak resident set) from ``/proc/<pid>/status``;
+`idle_cpu(pid, seconds)` is the share of one core a process used over a window in which the
+caller does nothing to it. `find_descendant(root_pid, needle)` finds the newest living
+process below `root_pid` whose command line contains `needle` — this is how the benchmark
+finds lsync's agent, a ``python3 -c <loader>`` process spawned by the private sshd.
+Every function raises `ProcessGone` when the process has exited.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class ProcessGone(RuntimeError):
+    """The process exited (or never existed) while it was being measured."""
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise ProcessGone(path) from exc
+
+
+def _stat_fields(pid: int) -> list[str]:
+    text = _read(f"/proc/{pid}/stat")
+    # The command name (field 2) is in parentheses and may contain spaces: split after it.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used by `pid` so far (all threads; not its children)."""
+    fields = _stat_fields(pid)
+    # After the name: field 3 (state) is index 0, so utime (14) and stime (15) are 11, 12.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def parent_pid(pid: int) -> int:
+    return int(_stat_fields(pid)[1])
+
+
+def start_ticks(pid: int) -> int:
+    """When the process started, in clock ticks after boot (field 22)."""
+    return int(_stat_fields(pid)[19])
+
+
+@dataclass(frozen=True)
+class Memory:
+    rss: int  # bytes resident now (VmRSS)
+    peak: int  # bytes resident at most so far (VmHWM)
+
+
+def memory(pid: int) -> Memory:
+    values: dict[str, int] = {}
+    for line in _read(f"/proc/{pid}/status").splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) * 1024  # reported in kB
+    if "VmRSS" not in values or "VmHWM" not in values:
+        raise ProcessGone(f"/proc/{pid}/status has no VmRSS/VmHWM (a zombie?)")
+    return Memory(rss=values["VmRSS"], peak=values["VmHWM"])
+
+
+def idle_cpu(pid: int, seconds: float) -> float:
+    """Share of one core (0.0-1.0) that `pid` used over the next `seconds` of wall time."""
+    c0, t0 = cpu_seconds(pid), time.monotonic()
+    deadline = t0 + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.5))
+        if not os.path.exists(f"/proc/{pid}"):
+            raise ProcessGone(f"process {pid} exited while idle")
+    c1, t1 = cpu_seconds(pid), time.monotonic()
+    return (c1 - c0) / (t1 - t0)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+def _descends_from(pid: int, root_pid: int) -> bool:
+    seen = 0
+    while pid > 1 and seen < 64:
+        if pid == root_pid:
+            return True
+        try:
+            pid = parent_pid(pid)
+        except (ProcessGone, ValueError, IndexError):
+            return False
+        seen += 1
+    return pid == root_pid
+
+
+def find_descendant(root_pid: int, needle: str) -> int | None:
+    """The newest living process below `root_pid` whose command line contains `needle`."""
+    best: tuple[int, int] | None = None
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        if pid == root_pid or needle not in _cmdline(pid):
+            continue
+        try:
+            if not _descends_from(pid, root_pid):
+                continue
+            started = start_ticks(pid)
+        except (ProcessGone, ValueError, IndexError):
+            continue
+        if best is None or started > best[0]:
+            best = (started, pid)
+    return None if best is None else best[1]

@@ -1,0 +1,729 @@
+"""The benchmark's scenarios: each measures lsync and its peers on one link and adds rows.
+
+  a. one save -> remote identical, p50/p95/max, truncate-and-write and temp-then-rename saves
+     (for lsync also save -> acknowledgement);
+  b. a burst of files rewritten at once -> all identical (slow peers bounded by a timeout,
+     reported as "> N s (k/n done)");
+  c. initial sync into an empty remote, against ``rsync -az``;
+  d. restart with nothing changed: a new lsync on a tree a previous lsync run synced (and
+     left with SIGINT), until "ready", and the bytes both ways; ``rsync -az`` re-run on a tree
+     it synced itself;
+  e. a one-line edit in a 10 MB file: bytes both ways (proxy counters) and time;
+  f. idle CPU of the watching lsync client (/proc utime + stime over a quiet window) and
+     its peak RSS (VmHWM), and the agent's;
+  bytes: issue 3's table: bytes both ways for a one-line edit in 20 KB, a one-line edit
+     and an insertion at the start of 10 MB, and the rename of a directory of 1,000 files,
+     lsync (in a running session: the first such change, then the same change again) next
+     to ``rsync -az``;
+  watch: watchfiles' step against detection latency and idle CPU, and lsync's own
+     save -> identical and idle CPU at RTT 0 with each step.
+
+Every scenario marks lsync's cells against the issues' targets (✓/✗) where one is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks import peers, procstat, watch_latency
+from benchmarks.bench import (
+    BIG_FILE,
+    INSERT_FILE,
+    LSYNC,
+    RENAME_A,
+    RENAME_B,
+    RENAME_PARENT,
+    RSYNC,
+    SMALL_FILE,
+    WATCHERS,
+    Bench,
+    BytesRow,
+    Cell,
+    LinkSpec,
+    Transfer,
+    WatchRow,
+    empty_dir,
+    fmt_kb,
+    percentile,
+    quiet_for,
+    same_files,
+    say,
+    wait_quiet,
+    wait_until,
+)
+from benchmarks.lsync_runner import AGENT_CMDLINE_NEEDLE, LsyncWatcher
+from benchmarks.peers import Link, PeerError, SaveMode
+from benchmarks.testbed import trees
+
+# ---------------------------------------------------------------------------------------------
+# Cells
+# ---------------------------------------------------------------------------------------------
+
+
+def mark(cell: Cell, ok: bool) -> Cell:
+    cell.target_ok = ok if cell.target_ok is None else cell.target_ok and ok
+    cell.text += " ✓" if ok else " ✗"
+    return cell
+
+
+def fmt_ms(values: list[float], missed: int, tried: int, wanted: int, timeout: float) -> Cell:
+    if not values:
+        return Cell(f"> {timeout:g} s ({missed}/{tried} saves never identical within it)")
+    p50, p95, worst = (percentile(values, q) * 1000 for q in (0.5, 0.95, 1.0))
+    text = f"{p50:.0f} / {p95:.0f} / {worst:.0f}"
+    if tried < wanted:
+        text += f" (n={tried})"
+    if missed:
+        text += f" ({missed}/{tried} not identical within {timeout:g} s)"
+    return Cell(text, value=p50 / 1000, p95=p95 / 1000)
+
+
+def fmt_seconds(seconds: float | None, note: str = "") -> Cell:
+    if seconds is None:
+        return Cell(note or "failed")
+    return Cell(f"{seconds:.2f}" + (f" ({note})" if note else ""), value=seconds)
+
+
+def fmt_transfer(t: Transfer | None) -> str:
+    if t is None:
+        return "—"
+    when = "never" if t.seconds is None else f"{t.seconds:.2f} s"
+    text = f"{fmt_kb(t.total)}, {when}"
+    return text + (f" ({t.note})" if t.note else "")
+
+
+def new_content(bench: Bench, rel: str, seed: int) -> bytes:
+    return trees.one_line_edit((bench.local / rel).read_bytes(), seed=seed)
+
+
+def is_rtt300(spec: LinkSpec) -> bool:
+    return spec.rtt_ms == 300 and not spec.cap_mbit
+
+
+def find_agent(bench: Bench) -> int | None:
+    pid = bench.sshd.pid
+    return None if pid is None else procstat.find_descendant(pid, AGENT_CMDLINE_NEEDLE)
+
+
+def agent_peak(bench: Bench) -> int | None:
+    pid = find_agent(bench)
+    if pid is None:
+        return None
+    try:
+        return procstat.memory(pid).peak
+    except procstat.ProcessGone:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# a. one save
+# ---------------------------------------------------------------------------------------------
+
+
+def scenario_a_one_save(bench: Bench, spec: LinkSpec) -> None:
+    """a. one save -> identical (p50/p95/max) for each kind of save; lsync also -> ack."""
+    modes: tuple[SaveMode, ...] = peers.SAVE_MODES
+    t300 = is_rtt300(spec)
+    rows = {m: bench.row(f"a. one save, {m} (p50 / p95 / max ms)", spec,
+                         "p50 ≤ 165, p95 ≤ 185" if t300 else "—") for m in modes}
+    ack_row = bench.row("a. lsync save -> ack (p50 / p95 / max ms)", spec,
+                        "p50 ≤ 320" if t300 else "—", ratios=False)
+    timeout = bench.s.save_timeout
+    for system in WATCHERS:
+        if not bench.runnable(system):
+            continue
+        bench.reset()
+        rng = random.Random(f"a:{system}:{spec.label}")
+        files = rng.sample(bench.tree_files, min(len(bench.tree_files), 2 * bench.s.saves))
+        with bench.link(spec) as (link, proxy):
+            w = bench.watcher(system, link)
+            try:
+                w.start()
+            except PeerError as exc:
+                for m in modes:
+                    rows[m].cells[system] = Cell(f"failed to start ({exc.code})")
+                bench.failed(system, f"a {spec.label}", exc)
+                continue
+            try:
+                acks: list[float] = []
+                for mi, mode in enumerate(modes):
+                    latencies: list[float] = []
+                    missed = tried = 0
+                    began = time.monotonic()
+                    for i in range(bench.s.saves):
+                        rel = files[(mi * bench.s.saves + i) % len(files)]
+                        data = new_content(bench, rel, seed=i)
+                        wait_quiet(proxy, quiet_for(spec))
+                        t0 = peers.save_file(bench.local / rel, data, mode)
+                        t1 = peers.wait_identical(bench.remote / rel, data, timeout)
+                        tried += 1
+                        if t1 is None:
+                            missed += 1
+                        else:
+                            latencies.append(t1 - t0)
+                        if isinstance(w, LsyncWatcher):
+                            ta = w.wait_ack(rel, t0, timeout)
+                            if ta is not None:
+                                acks.append(ta - t0)
+                        if not latencies and missed >= bench.s.abort_after_misses:
+                            break
+                        if (system != LSYNC and len(latencies) >= 3
+                                and time.monotonic() - began > bench.s.peer_mode_budget):
+                            break  # a slow peer: enough samples to show it
+                        if not w.alive():
+                            break
+                    cell = fmt_ms(latencies, missed, tried, bench.s.saves, timeout)
+                    rows[mode].cells[system] = cell
+                    if system == LSYNC and t300 and cell.value is not None:
+                        assert cell.p95 is not None
+                        mark(cell, cell.value <= 0.165 and cell.p95 <= 0.185 and not missed)
+                        if mode == "truncate":
+                            bench.save_p50_300 = cell.value
+                    if not w.alive():
+                        cell.text += " (exited)"
+                        bench.note(f"{system} exited during scenario a {spec.label}; see its log")
+                        break
+                    say(f"a {spec.label} {system} {mode}: {cell.text}")
+                if isinstance(w, LsyncWatcher):
+                    total = 2 * bench.s.saves
+                    ack_cell = fmt_ms(acks, total - len(acks), total, total, timeout)
+                    if t300 and ack_cell.value is not None:
+                        mark(ack_cell, ack_cell.value <= 0.320)
+                    ack_row.cells[system] = ack_cell
+            finally:
+                w.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# b. burst
+# ---------------------------------------------------------------------------------------------
+
+
+def bounded(res: peers.BurstResult, timeout: float) -> Cell:
+    """"> N s (k/n done; all in ~M min at that rate)" for a peer the timeout stopped."""
+    text = f"> {timeout:g} s ({res.done}/{res.total} done"
+    if 0 < res.done < res.total:
+        estimate = timeout * res.total / res.done
+        when = f"{estimate:.0f} s" if estimate < 120 else f"{estimate / 60:.0f} min"
+        text += f"; all in ~{when} at that rate"
+    return Cell(text + ")")
+
+
+def scenario_b_burst(bench: Bench, spec: LinkSpec) -> None:
+    """b. N files rewritten at once (like a branch switch) -> all identical."""
+    n = min(bench.s.burst, len(bench.tree_files))
+    row = bench.row(f"b. burst of {n} files -> all identical (s)", spec,
+                    "≤ 1.5" if is_rtt300(spec) else "—")
+    rng = random.Random(f"b:{spec.label}")
+    chosen = sorted(rng.sample(bench.tree_files, n))
+    for system in (RSYNC, *WATCHERS):
+        if not bench.runnable(system):
+            continue
+        bench.reset()
+        with bench.link(spec) as (link, proxy):
+            contents = [(rel, new_content(bench, rel, seed=7)) for rel in chosen]
+            if system == RSYNC:
+                for rel, data in contents:
+                    peers.save_file(bench.local / rel, data)
+                r = peers.rsync_push(bench.local, link, files=chosen, check=False)
+                ok = all((bench.remote / rel).read_bytes() == data for rel, data in contents)
+                row.cells[system] = fmt_seconds(r.seconds if ok else None,
+                                                "" if ok else f"rsync exit {r.returncode}")
+                say(f"b {spec.label} rsync: {row.cells[system].text}")
+                continue
+            w = bench.watcher(system, link)
+            try:
+                w.start()
+            except PeerError as exc:
+                row.cells[system] = Cell(f"failed to start ({exc.code})")
+                bench.failed(system, f"b {spec.label}", exc)
+                continue
+            try:
+                wait_quiet(proxy, quiet_for(spec))
+                for rel, data in contents:
+                    peers.save_file(bench.local / rel, data)
+                t0 = time.perf_counter()
+                res = peers.wait_all_identical(
+                    [(bench.remote / rel, data) for rel, data in contents], t0,
+                    bench.s.burst_timeout)
+                if res.seconds is None:
+                    row.cells[system] = bounded(res, bench.s.burst_timeout)
+                else:
+                    row.cells[system] = fmt_seconds(res.seconds)
+                    if system == LSYNC and is_rtt300(spec):
+                        mark(row.cells[system], res.seconds <= 1.5)
+                say(f"b {spec.label} {system}: {row.cells[system].text}")
+            finally:
+                w.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# c, d, f: initial sync, restart, idle
+# ---------------------------------------------------------------------------------------------
+
+
+def c_target(spec: LinkSpec) -> tuple[str, float]:
+    if spec.cap_mbit:
+        return "≤ 0.5x rsync", 0.5
+    if spec.rtt_ms == 0:
+        return "≤ 1.0x rsync", 1.0
+    if spec.rtt_ms == 300:
+        return "≤ 0.4x rsync", 0.4
+    return "—", 0.0
+
+
+def restart_cell(seconds: float | None, up: int, down: int, tree_bytes: int,
+                 note: str = "") -> Cell:
+    share = (up + down) / tree_bytes
+    if seconds is None:
+        return Cell(note or "failed", extra={"share": share})
+    text = (f"{seconds:.2f} s; {fmt_kb(up)} up + {fmt_kb(down)} down = "
+            f"{100 * share:.3f}% of the tree")
+    if note:
+        text += f" ({note})"
+    return Cell(text, value=seconds, extra={"share": share})
+
+
+@dataclass
+class LsyncMemory:
+    client_initial: int | None = None
+    client_restart: int | None = None
+    agent_initial: int | None = None
+    agent_restart: int | None = None
+
+
+def scenario_cdf(bench: Bench, tree: str, spec: LinkSpec, do_c: bool, do_d: bool,
+                 do_f: bool) -> None:
+    """c (initial sync), d (restart, nothing changed) and f (idle) for one tree and link.
+
+    rsync: into an empty remote (c), then again on the tree it has just synced (d).
+    lsync: into an empty remote with a cold hash cache (c), stopped with SIGINT; then a new
+    lsync on that synced tree with the same cache (d); while it watches, f is measured."""
+    source = bench.tree_dir(tree)
+    info = bench.tree_info[tree]
+    c_text, c_limit = c_target(spec)
+    c_row = bench.row(f"c. initial sync, {tree} tree (s)", spec, c_text) if do_c else None
+    kernel300 = tree == "kernel" and is_rtt300(spec)
+    d_row = (bench.row(f"d. restart, nothing changed, {tree} tree: until in sync, bytes", spec,
+                       "≤ 3 s, ≤ 1% of the tree" if kernel300 else "—")
+             if do_d else None)
+    if bench.runnable(RSYNC):
+        empty_dir(bench.remote)
+        with bench.link(spec) as (link, proxy):
+            r = peers.rsync_push(source, link, check=False)
+        problem = (same_files(source, bench.remote) if r.returncode == 0
+                   else f"rsync exit {r.returncode}")
+        if c_row is not None:
+            c_row.cells[RSYNC] = fmt_seconds(r.seconds, problem)
+            say(f"c {spec.label} {tree} rsync: {c_row.cells[RSYNC].text}")
+        if d_row is not None:
+            with bench.link(spec) as (link, proxy):
+                r2 = peers.rsync_push(source, link, check=False)
+                counters = proxy.counters()
+            ok = r2.returncode == 0 and not problem
+            d_row.cells[RSYNC] = restart_cell(
+                r2.seconds if ok else None, counters.bytes_up, counters.bytes_down, info.bytes,
+                "" if ok else problem or f"rsync exit {r2.returncode}")
+            say(f"d {spec.label} {tree} rsync: {d_row.cells[RSYNC].text}")
+    if not bench.runnable(LSYNC):
+        return
+    empty_dir(bench.remote)
+    cache = bench.work / "lsync-cache" / f"{tree}-{spec.label.replace(' ', '_')}"
+    empty_dir(cache)  # a cold hash cache: lsync has never seen this tree
+    mem = LsyncMemory()
+    name = f"lsync-{tree}"
+    with bench.link(spec) as (link, proxy):
+        w = bench.lsync(link, local=source, name=name, verbose=False, cache_home=cache)
+        try:
+            w.start()
+            mem.client_initial = _peak(w)
+            mem.agent_initial = agent_peak(bench)
+            cpu = _cpu_text(bench, w)
+        except PeerError as exc:
+            if c_row is not None:
+                c_row.cells[LSYNC] = Cell(f"failed ({exc.code})")
+            bench.failed(LSYNC, f"c {spec.label} {tree}", exc)
+            return
+        finally:
+            w.stop()
+            status = w.exit_status
+        initial = w.startup_seconds
+        up = proxy.counters().bytes_up
+    if status != 0:
+        bench.note(f"lsync ({tree}, {spec.label}) exited with status {status} after SIGINT "
+                   f"at the end of its initial sync; log: {w.log}")
+    problem = same_files(source, bench.remote)
+    if problem:
+        bench.note(f"after lsync's initial sync ({tree}, {spec.label}) the remote differs: "
+                   f"{problem}")
+    if c_row is not None:
+        cell = c_row.cells[LSYNC] = fmt_seconds(initial, problem)
+        rsync_cell = c_row.cells.get(RSYNC)
+        if initial is not None and c_limit and rsync_cell and rsync_cell.value:
+            mark(cell, not problem and initial <= c_limit * rsync_cell.value)
+        if initial is not None and cpu:
+            cell.text += f" ({cpu})"
+        say(f"c {spec.label} {tree} lsync: {cell.text} ({up / 1e6:.1f} MB up)")
+    if not (do_d or do_f):
+        return
+    idle: float | None = None
+    with bench.link(spec) as (link, proxy):
+        w = bench.lsync(link, local=source, name=name, verbose=False, cache_home=cache)
+        try:
+            w.start()
+            wait_quiet(proxy, quiet_for(spec), limit=10.0)
+            counters = proxy.counters()
+            if do_f:
+                assert w.pid is not None
+                idle = procstat.idle_cpu(w.pid, bench.s.idle_seconds)
+            mem.client_restart = _peak(w)
+            mem.agent_restart = agent_peak(bench)
+        except (PeerError, procstat.ProcessGone) as exc:
+            if d_row is not None:
+                d_row.cells[LSYNC] = Cell(f"failed ({type(exc).__name__})")
+            bench.failed(LSYNC, f"d {spec.label} {tree}", exc)
+            return
+        finally:
+            w.stop()
+            status = w.exit_status
+    if status != 0:
+        bench.note(f"lsync restart ({tree}, {spec.label}) exited with status {status} after "
+                   f"SIGINT; log: {w.log}")
+    if d_row is not None:
+        cell = d_row.cells[LSYNC] = restart_cell(w.startup_seconds, counters.bytes_up,
+                                                 counters.bytes_down, info.bytes)
+        if kernel300 and cell.value is not None:
+            mark(cell, cell.value <= 3.0 and cell.extra["share"] <= 0.01)
+        say(f"d {spec.label} {tree} lsync: {cell.text}")
+    if do_f:
+        _f_rows(bench, tree, spec, idle, mem)
+
+
+def _cpu_text(bench: Bench, w: LsyncWatcher) -> str:
+    """CPU seconds the client and the agent used so far (where the time of a sync goes)."""
+    parts = []
+    with contextlib.suppress(procstat.ProcessGone):
+        if w.pid is not None:
+            parts.append(f"CPU: client {procstat.cpu_seconds(w.pid):.1f} s")
+    agent = find_agent(bench)
+    with contextlib.suppress(procstat.ProcessGone):
+        if agent is not None:
+            parts.append(f"agent {procstat.cpu_seconds(agent):.1f} s")
+    return ", ".join(parts)
+
+
+def _peak(w: LsyncWatcher) -> int | None:
+    if w.pid is None:
+        return None
+    try:
+        return procstat.memory(w.pid).peak
+    except procstat.ProcessGone:
+        return None
+
+
+def _mb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.0f}"
+
+
+def _f_rows(bench: Bench, tree: str, spec: LinkSpec, idle: float | None,
+            mem: LsyncMemory) -> None:
+    cpu_row = bench.row(f"f. idle CPU while watching, {tree} tree (% of one core)", spec,
+                        "≤ 1%", ratios=False)
+    if idle is not None:
+        cell = Cell(f"{100 * idle:.2f}% over {bench.s.idle_seconds:g} s", value=idle)
+        cpu_row.cells[LSYNC] = mark(cell, idle <= 0.01)
+        say(f"f {spec.label} {tree} idle CPU: {cell.text}")
+    rss_row = bench.row(f"f. peak RSS, {tree} tree (MB)", spec,
+                        "client ≤ 250" if tree == "kernel" else "—", ratios=False)
+    peaks = [p for p in (mem.client_initial, mem.client_restart) if p is not None]
+    if peaks:
+        text = (f"client {_mb(max(peaks))} MB (initial sync {_mb(mem.client_initial)}, "
+                f"restart {_mb(mem.client_restart)}); agent {_mb(mem.agent_initial)} MB "
+                f"(initial sync), {_mb(mem.agent_restart)} MB (restart)")
+        cell = Cell(text, value=float(max(peaks)))
+        if tree == "kernel":
+            mark(cell, max(peaks) <= 250e6)
+        rss_row.cells[LSYNC] = cell
+        say(f"f {spec.label} {tree} RSS: {cell.text}")
+
+
+# ---------------------------------------------------------------------------------------------
+# e. one-line edit in a 10 MB file, every system
+# ---------------------------------------------------------------------------------------------
+
+
+def scenario_e_big_edit(bench: Bench, spec: LinkSpec) -> None:
+    """e. one-line edit in a 10 MB file: bytes on the wire (both ways) and time."""
+    row = bench.row("e. one-line edit, 10 MB file: bytes both ways, time to identical", spec,
+                    "≤ 4 KB (issue 3)")
+    for system in (RSYNC, *WATCHERS):
+        if not bench.runnable(system):
+            continue
+        bench.reset()
+        first = new_content(bench, BIG_FILE, seed=11)
+        later = trees.one_line_edit(first, seed=12)
+        with bench.link(spec) as (link, proxy):
+            if system == RSYNC:
+                peers.save_file(bench.local / BIG_FILE, first)
+                proxy.reset_counters()
+                r = peers.rsync_push(bench.local, link, files=[BIG_FILE], check=False)
+                ok = (bench.remote / BIG_FILE).read_bytes() == first
+                total = proxy.counters().bytes_total
+                row.cells[system] = Cell(
+                    fmt_transfer(Transfer(total, 0, r.seconds if ok else None)),
+                    value=float(total))
+                say(f"e {spec.label} rsync: {row.cells[system].text}")
+                continue
+            w = bench.watcher(system, link)
+            try:
+                w.start()
+            except PeerError as exc:
+                row.cells[system] = Cell(f"failed to start ({exc.code})")
+                bench.failed(system, f"e {spec.label}", exc)
+                continue
+            try:
+                results: list[Transfer] = []
+                for data in ((first, later) if system == LSYNC else (first,)):
+                    wait_quiet(proxy, quiet_for(spec))
+                    proxy.reset_counters()
+                    t0 = time.perf_counter()
+                    seconds = peers.measure_save(bench.local / BIG_FILE,
+                                                 bench.remote / BIG_FILE, data, "truncate",
+                                                 bench.s.save_timeout * 3)
+                    wait_quiet(proxy, quiet_for(spec))
+                    c = proxy.counters()
+                    writes = w.acks_since(BIG_FILE, t0) if isinstance(w, LsyncWatcher) else 1
+                    note = f"{writes} writes acknowledged" if writes > 1 else ""
+                    results.append(Transfer(c.bytes_up, c.bytes_down, seconds, note))
+                cell = Cell(fmt_transfer(results[0]), value=float(results[0].total))
+                if system == LSYNC:
+                    mark(cell, results[0].total <= 4000)
+                    cell.text = "first edit after start " + cell.text
+                    cell.text += f"; again {fmt_transfer(results[1])}"
+                    mark(cell, results[1].total <= 4000)
+                row.cells[system] = cell
+                say(f"e {spec.label} {system}: {cell.text}")
+            finally:
+                w.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# bytes: issue 3's table
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Change:
+    """One kind of change: applied to the local tree, it says what the remote must become."""
+
+    case: str
+    rel: str  # the file, or the directory whose contents rsync mirrors (with --delete)
+    target_text: str
+    target_bytes: Callable[[int], float | None]  # limit from the data's size
+    apply: Callable[[Path, int], tuple[dict[str, bytes], list[str]]]  # -> (expected, gone)
+    is_dir: bool = False
+
+
+def _edit(rel: str) -> Callable[[Path, int], tuple[dict[str, bytes], list[str]]]:
+    def apply(root: Path, n: int) -> tuple[dict[str, bytes], list[str]]:
+        data = trees.one_line_edit((root / rel).read_bytes(), seed=100 + n)
+        peers.save_file(root / rel, data)
+        return {rel: data}, []
+
+    return apply
+
+
+def _insert(rel: str) -> Callable[[Path, int], tuple[dict[str, bytes], list[str]]]:
+    def apply(root: Path, n: int) -> tuple[dict[str, bytes], list[str]]:
+        data = f"#include <linux/inserted{n}.h>\n".encode() + (root / rel).read_bytes()
+        peers.save_file(root / rel, data)
+        return {rel: data}, []
+
+    return apply
+
+
+def _rename(root: Path, n: int) -> tuple[dict[str, bytes], list[str]]:
+    old, new = (RENAME_A, RENAME_B) if n % 2 == 0 else (RENAME_B, RENAME_A)
+    os.rename(root / old, root / new)
+    expected = {}
+    for dirpath, _dirs, files in os.walk(root / new):
+        for name in files:
+            path = Path(dirpath, name)
+            expected[path.relative_to(root).as_posix()] = path.read_bytes()
+    return expected, [old]
+
+
+CHANGES = (
+    Change("one-line edit, 20 KB C file", SMALL_FILE, "≤ rsync", lambda _n: None,
+           _edit(SMALL_FILE)),
+    Change("one-line edit, 10 MB file", BIG_FILE, "≤ 4 KB", lambda _n: 4000.0,
+           _edit(BIG_FILE)),
+    Change("insertion at the start, 10 MB file", INSERT_FILE, "≤ 8 KB", lambda _n: 8000.0,
+           _insert(INSERT_FILE)),
+    Change("directory of 1,000 files renamed", RENAME_PARENT, "≤ 1% of its bytes",
+           lambda n: 0.01 * n, _rename, is_dir=True),
+)
+
+
+def _data_bytes(root: Path, change: Change) -> int:
+    path = root / change.rel
+    if not change.is_dir:
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _wait_remote(bench: Bench, expected: dict[str, bytes], gone: list[str], t0: float,
+                 timeout: float) -> float | None:
+    res = peers.wait_all_identical([(bench.remote / rel, data) for rel, data in expected.items()],
+                                   t0, timeout)
+    if res.seconds is None:
+        return None
+    t1 = wait_until(lambda: not any((bench.remote / g).exists() for g in gone),
+                    max(0.0, t0 + timeout - time.perf_counter()))
+    return None if t1 is None else max(res.seconds, t1 - t0)
+
+
+def scenario_bytes(bench: Bench, spec: LinkSpec) -> None:
+    """Issue 3's bytes table for one link: lsync (first change, same change again) vs rsync."""
+    rows = []
+    for change in CHANGES:
+        size = _data_bytes(bench.src, change)
+        rows.append(BytesRow(change.case, spec.label, spec.rtt_ms, size, change.target_text,
+                             change.target_bytes(size)))
+    bench.bytes_rows.extend(rows)
+    timeout = 60.0
+    if bench.runnable(RSYNC):
+        for change, row in zip(CHANGES, rows, strict=True):
+            bench.reset()
+            expected, gone = change.apply(bench.local, 0)
+            with bench.link(spec) as (link, proxy):
+                if change.is_dir:
+                    sub = Link(link.ssh_config, link.alias, bench.remote / change.rel)
+                    r = peers.rsync_push(bench.local / change.rel, sub, extra_args=["--delete"],
+                                         check=False)
+                else:
+                    r = peers.rsync_push(bench.local, link, files=[change.rel], check=False)
+                c = proxy.counters()
+            ok = r.returncode == 0 and _wait_remote(bench, expected, gone, time.perf_counter(),
+                                                    0.0) is not None
+            row.rsync = Transfer(c.bytes_up, c.bytes_down, r.seconds if ok else None,
+                                 "" if ok else f"rsync exit {r.returncode}")
+            say(f"bytes {spec.label} {change.case} rsync: {fmt_transfer(row.rsync)}")
+    if not bench.runnable(LSYNC):
+        return
+    bench.reset()
+    with bench.link(spec) as (link, proxy):
+        w = bench.lsync(link, name="lsync-bytes")
+        try:
+            w.start()
+        except PeerError as exc:
+            for row in rows:
+                row.lsync_note = f"failed to start ({exc.code})"
+            bench.failed(LSYNC, f"bytes {spec.label}", exc)
+            return
+        try:
+            for change, row in zip(CHANGES, rows, strict=True):
+                for n in (0, 1):
+                    wait_quiet(proxy, quiet_for(spec))
+                    proxy.reset_counters()
+                    expected, gone = change.apply(bench.local, n)
+                    t0 = time.perf_counter()
+                    seconds = _wait_remote(bench, expected, gone, t0, timeout)
+                    quiet = wait_quiet(proxy, quiet_for(spec))
+                    c = proxy.counters()
+                    notes = [] if quiet else ["link never went quiet"]
+                    writes = w.acks_since(change.rel, t0)
+                    if not change.is_dir and writes > 1:
+                        notes.append(f"{writes} writes acknowledged")
+                    t = Transfer(c.bytes_up, c.bytes_down, seconds, "; ".join(notes))
+                    if n == 0:
+                        row.lsync_first = t
+                    else:
+                        row.lsync_later = t
+                    say(f"bytes {spec.label} {change.case} lsync #{n + 1}: {fmt_transfer(t)}")
+                    if not w.alive():
+                        row.lsync_note = "lsync exited"
+                        bench.note(f"lsync exited during the bytes table ({spec.label}); "
+                                   f"log: {w.tail(400)}")
+                        return
+        finally:
+            w.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# watch: the watcher's step
+# ---------------------------------------------------------------------------------------------
+
+
+def lsync_debounce_ms() -> int:
+    """lsync's default watcher debounce (looked up at run time: lsync may not import)."""
+    try:
+        watcher = importlib.import_module("lsync.client.watcher")
+    except ImportError:
+        return 50
+    return int(getattr(watcher, "DEFAULT_DEBOUNCE_MS", 50))
+
+
+def scenario_watch(bench: Bench) -> None:
+    """watchfiles alone, then lsync at RTT 0, for each watcher step."""
+    debounce = lsync_debounce_ms()
+    rng = random.Random("watch")
+    rels = rng.sample(bench.tree_files, min(20, len(bench.tree_files)))
+    rows = [WatchRow(step, debounce) for step in bench.s.watch_steps]
+    bench.watch_rows.extend(rows)
+    bench.reset()
+    for row in rows:
+        try:
+            r = watch_latency.measure_step(bench.local, [bench.local / rel for rel in rels],
+                                           row.step_ms, debounce, bench.s.watch_events,
+                                           bench.s.watch_idle)
+        except (watch_latency.ProbeError, procstat.ProcessGone) as exc:
+            row.note = f"watchfiles probe failed: {exc}"
+            say(row.note)
+            continue
+        row.detect, row.detect_missed, row.watch_cpu = r.latencies, r.missed, r.idle_cpu
+        say(f"watch step {row.step_ms}: watchfiles detect p50 "
+            f"{percentile(r.latencies, 0.5) * 1000:.1f} ms, idle {100 * r.idle_cpu:.2f}%")
+    if not bench.runnable(LSYNC):
+        return
+    spec = LinkSpec(0.0)
+    for row in rows:
+        bench.reset()
+        with bench.link(spec) as (link, proxy):
+            w = bench.lsync(link, name=f"lsync-step{row.step_ms}",
+                            extra_args=["--step-ms", str(row.step_ms)])
+            try:
+                w.start()
+            except PeerError as exc:
+                row.note = f"lsync failed to start ({exc.code})"
+                bench.failed(LSYNC, f"watch step {row.step_ms}", exc)
+                continue
+            try:
+                for i in range(bench.s.watch_events):
+                    rel = rels[i % len(rels)]
+                    data = new_content(bench, rel, seed=200 + i)
+                    wait_quiet(proxy, quiet_for(spec))
+                    seconds = peers.measure_save(bench.local / rel, bench.remote / rel, data,
+                                                 "truncate", bench.s.save_timeout)
+                    if seconds is None:
+                        row.lsync_missed += 1
+                    else:
+                        row.lsync_saves.append(seconds)
+                wait_quiet(proxy, quiet_for(spec))
+                assert w.pid is not None
+                row.lsync_cpu = procstat.idle_cpu(w.pid, bench.s.watch_idle)
+            except procstat.ProcessGone as exc:
+                row.note = f"lsync exited: {exc}"
+            finally:
+                w.stop()
+        if row.lsync_saves:
+            say(f"watch step {row.step_ms}: lsync save p50 "
+                f"{percentile(row.lsync_saves, 0.5) * 1000:.1f} ms, idle "
+                f"{100 * (row.lsync_cpu or 0):.2f}%")
