@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lsync.client import sigstore
 from lsync.client.delta import ZDICT_MAX_NEW, Signature, make_delta_and_signature, signature
 from lsync.client.errors import SafetyStop
 from lsync.client.hashcache import HashCache
@@ -274,6 +275,26 @@ class SyncEngine:
         self._submit(m.SetDictionary(self.link.next_seq(), zdict), "", 0, self.clock(),
                      op="dictionary")
         self._zdict = zdict
+
+    # -- signatures kept between sessions (lsync.client.sigstore) -------------------------
+    def adopt_signatures(self, stored: dict[str, tuple[bytes, Signature]]) -> int:
+        """Take the stored signatures of remote files that still hold the version they were
+        made for; returns how many were taken."""
+        taken = 0
+        for path, (digest, sig) in stored.items():
+            entry = self.model.get(path)
+            if (entry is not None and entry.kind == FILE and entry.owned
+                    and entry.signature is None and entry.digest == digest
+                    and entry.size == sig.size):
+                entry.signature = sig
+                taken += 1
+        return taken
+
+    def signatures_to_keep(self) -> list[tuple[str, bytes, Signature]]:
+        return [(path, entry.digest, entry.signature)
+                for path, entry in self.model.entries.items()
+                if entry.kind == FILE and entry.digest is not None
+                and entry.signature is not None and entry.size >= sigstore.MIN_SIZE]
 
     # -- the loop -------------------------------------------------------------------------
     async def run(self) -> None:

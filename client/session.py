@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from lsync.client import ssh
+from lsync.client import sigstore, ssh
 from lsync.client.bootstrap import MAX_INITIAL, local_argv
 from lsync.client.engine import SyncEngine
 from lsync.client.errors import ConnectError, LinkBroken, LsyncError, SafetyStop, UsageError
@@ -286,6 +286,8 @@ class Session:
                                 compression=welcome.chosen.get("compression", packing.ZLIB),
                                 long_link=long_link)
             await engine.initial_sync(local, entries)
+            signatures = sigstore.default_path(self.root, hash_name)
+            engine.adopt_signatures(await asyncio.to_thread(sigstore.load, signatures))
             gone = self._adopt_owned(engine, local)
             self.engine = engine
             engine.mark_dirty(sorted(gone))
@@ -309,6 +311,7 @@ class Session:
                                 time.monotonic() - started)
             self.reporter.state("watching")
             await asyncio.to_thread(cache.save)
+            await asyncio.to_thread(sigstore.save, signatures, engine.signatures_to_keep())
             await _first(stopping, runner, watcher, link_closed)
             _raise_failures(runner, watcher, link)
             self.reporter.state("stopping: draining queued writes")
@@ -317,6 +320,7 @@ class Session:
             await _first(drained, runner, link_closed,
                          asyncio.ensure_future(asyncio.sleep(DRAIN_TIMEOUT)))
             _raise_failures(runner, None, link)
+            await asyncio.to_thread(sigstore.save, signatures, engine.signatures_to_keep())
             await link.close("user stopped lsync")
             self.reporter.state("stopped")
         finally:

@@ -139,3 +139,29 @@ def test_file_moved_into_another_directory_costs_no_content(metered: Metered) ->
     sent = metered.cost_of_converging()
     assert (metered.remote / "sub" / "renamed.bin").exists()
     assert sent <= COPIED // 100, f"moving a {COPIED}-byte file sent {sent} bytes"
+
+
+def test_first_edit_after_a_restart_is_a_delta(sshd: PrivateSshd, tmp_path: Path) -> None:
+    """The signature of the remote's version outlives the session (lsync.client.sigstore):
+    the first edit of a big file after lsync starts again needs no whole-file send."""
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    local.mkdir()
+    path = local / "restart.c"
+    content = c_like_text(random.Random(5), BIG_TEXT)
+    path.write_bytes(content)
+    with counting_link_to(sshd) as link:
+        first = LsyncProcess(link.connect_args(remote, "-v"), cwd=local)
+        first.wait_for_line(" ready ", timeout=60)
+        assert first.interrupt() == 0, first.stderr
+        second = LsyncProcess(link.connect_args(remote, "-v"), cwd=local)
+        second.wait_for_line(" ready ", timeout=60)
+        wait_steady(link.bytes_up)
+        link.proxy.reset_counters()
+        middle = content.index(b"\n", len(content) // 3) + 1
+        edited = content[:middle] + b"\treturn -EAGAIN; /* after a restart */\n" + content[middle:]
+        save_atomically(path, edited)
+        assert_trees_equal(local, remote, timeout=60)
+        sent = wait_steady(link.bytes_up)
+        assert (remote / "restart.c").read_bytes() == edited
+        assert sent <= 4 * 1024, f"the first edit after a restart sent {sent} bytes"
+        assert second.interrupt() == 0, second.stderr
