@@ -31,7 +31,9 @@ Threshold rules: when a delta is worth it (sizes are bytes on the wire):
    even built: it could save too little to be worth a second compression.
 3. Zdict delta: only with `base_content`, when the new file is at most `ZDICT_MAX_NEW` bytes:
    the new file deflated with the base (its first `ZDICT_DICT_SIZE` bytes) as preset
-   dictionary. The smaller of the two candidates wins.
+   dictionary. Where both ends have zstd, also the new file as a zstd frame with the whole
+   base as raw-content dictionary (smaller than zdict on scattered edits: ~50 bytes against
+   ~200 for a rename in 4 places of a 20 KB file). The smallest candidate wins.
 4. The winner is returned only if it is smaller than the whole file would be: for files up to
    `WHOLE_MEASURE_LIMIT` that cost is measured (`min(len(new), len(zlib.compress(new, 6)))`,
    about 2 ms at that size); above it, it is estimated from the compression ratio of three
@@ -315,6 +317,12 @@ def zdict_delta(base_content: bytes, new: bytes) -> bytes:
     return wire.encode_zdict_delta(len(base_content), new, 0, dictionary, DELTA_LEVEL)
 
 
+def zstd_dict_delta(base_content: bytes, new: bytes) -> bytes:
+    """`new` as a zstd frame with the whole base as raw-content dictionary (no threshold;
+    only where both ends have zstd)."""
+    return wire.encode_zstd_dict_delta(len(base_content), new, 0, base_content)
+
+
 def whole_cost(new: bytes) -> float:
     """Bytes the whole file would cost: measured up to WHOLE_MEASURE_LIMIT, else estimated.
 
@@ -334,6 +342,7 @@ def _best_delta(
     hashes: array[int],
     lengths: array[int],
     base_content: bytes | None,
+    zstd: bool = False,
 ) -> bytes | None:
     if not new:
         return None
@@ -344,6 +353,8 @@ def _best_delta(
         candidates.append(wire.encode_block_delta(base.size, new, copies, DELTA_LEVEL))
     if base_content and len(new) <= ZDICT_MAX_NEW:
         candidates.append(zdict_delta(base_content, new))
+        if zstd:
+            candidates.append(zstd_dict_delta(base_content, new))
     if not candidates:
         return None
     best = min(candidates, key=len)
@@ -351,7 +362,7 @@ def _best_delta(
 
 
 def make_delta_and_signature(
-    base: Signature, new: bytes, base_content: bytes | None = None
+    base: Signature, new: bytes, base_content: bytes | None = None, zstd: bool = False
 ) -> tuple[bytes | None, Signature]:
     """`make_delta` plus the signature of `new`, reusing the chunking done for the delta.
 
@@ -360,7 +371,7 @@ def make_delta_and_signature(
     """
     _check_base_content(base, base_content)
     hashes, lengths = _cut(new, base.avg_chunk)
-    delta = _best_delta(base, new, hashes, lengths, base_content)
+    delta = _best_delta(base, new, hashes, lengths, base_content, zstd)
     if chunk_size_for(len(new)) == base.avg_chunk:
         new_signature = _pack(len(new), base.avg_chunk, hashes, lengths)
     else:

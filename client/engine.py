@@ -613,7 +613,8 @@ class SyncEngine:
         if (remote is not None and remote.kind == FILE and remote.digest is not None
                 and remote.signature is not None):
             base = self._recent_content(path, remote.digest)
-            delta, new_signature = make_delta_and_signature(remote.signature, content, base)
+            delta, new_signature = make_delta_and_signature(
+                remote.signature, content, base, zstd=self.packing[0] == packing.PACK_ZSTD)
             if delta is not None:
                 self._submit(m.WriteDelta(seq, path, mode, remote.digest, digest, delta), path,
                              len(content), since, op="write", wire=len(delta))

@@ -36,20 +36,32 @@ Format (all integers are unsigned LEB128 varints unless said otherwise)::
                       dictionary preset (zlib.compressobj(wbits=-15, zdict=dictionary));
                       nothing may follow it.
 
-Kinds 3 and up are reserved (e.g. zstd with the base as dictionary, negotiated as a
-capability); this version rejects them. Raw deflate omits zlib's header and Adler-32 (6-10
-bytes): integrity comes from the agent's result hash.
+    kind 3, ZSTD_DICT (only where both ends have zstd: the "zstd" packing was negotiated):
+        body := dict_offset dict_len frame
+        dictionary := base[dict_offset : dict_offset + dict_len] (raw content),
+                      dict_len <= ZSTD_MAX_DICT
+        frame      := one zstd frame of the whole result (its header states the result
+                      size), compressed with that dictionary; nothing may follow it.
+                      result_size <= ZSTD_MAX_RESULT (the result is built in memory).
+
+Kinds 4 and up are reserved; this version rejects them. Raw deflate omits zlib's header and
+Adler-32 (6-10 bytes): integrity comes from the agent's result hash.
 """
 
 import zlib
 from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
+from lsync.protocol import packing
 from lsync.protocol.errors import ErrorCode
 
 FORMAT_VERSION = 1
 KIND_BLOCK = 1
 KIND_ZDICT = 2
-KIND_NAMES = {KIND_BLOCK: "block", KIND_ZDICT: "zdict"}
+KIND_ZSTD_DICT = 3
+KIND_NAMES = {KIND_BLOCK: "block", KIND_ZDICT: "zdict", KIND_ZSTD_DICT: "zstd-dict"}
+
+ZSTD_MAX_DICT = 1 << 20
+ZSTD_MAX_RESULT = 1 << 20
 
 ZDICT_MAX_DICT = 32768
 """Largest preset dictionary: deflate's window. zlib uses at most this many bytes anyway."""
@@ -204,6 +216,23 @@ def encode_zdict_delta(
     return bytes(out)
 
 
+def encode_zstd_dict_delta(
+    base_size: int, new: bytes, dict_offset: int, dictionary: bytes, level: int = 9
+) -> bytes:
+    """A ZSTD_DICT delta: `new` as a zstd frame with base[dict_offset:][:len(dictionary)] as
+    raw-content dictionary. Raises ValueError when the sizes or the range do not fit, and
+    PackingError where zstd is not available."""
+    if len(dictionary) > ZSTD_MAX_DICT or len(new) > ZSTD_MAX_RESULT:
+        raise ValueError("dictionary or result too large for a zstd-dict delta")
+    if dict_offset < 0 or dict_offset + len(dictionary) > base_size:
+        raise ValueError("dictionary range outside the base")
+    out = _header(KIND_ZSTD_DICT, base_size, len(new))
+    _put_uvarint(out, dict_offset)
+    _put_uvarint(out, len(dictionary))
+    out += packing.zstd_dict_pack(new, level, dictionary)
+    return bytes(out)
+
+
 # ----------------------------------------------------------------------------- decoding
 
 
@@ -268,6 +297,14 @@ def apply_delta(
         return _apply_block(blob, ops_start, ops_end, read_base)
     dict_offset, pos = _get_uvarint(blob, pos, len(blob), "dictionary offset")
     dict_len, pos = _get_uvarint(blob, pos, len(blob), "dictionary length")
+    if info.kind == KIND_ZSTD_DICT:
+        if dict_len > ZSTD_MAX_DICT or info.result_size > ZSTD_MAX_RESULT:
+            raise DeltaError("zstd-dict delta with a dictionary of {} bytes and a result of "
+                             "{}: too large".format(dict_len, info.result_size))
+        if dict_offset + dict_len > base_size:
+            raise DeltaError("dictionary range outside the base")
+        return _apply_zstd_dict(blob, pos, dict_offset, dict_len, info.result_size,
+                                read_base)
     if dict_len > ZDICT_MAX_DICT:
         raise DeltaError("dictionary of {} bytes exceeds {}".format(dict_len, ZDICT_MAX_DICT))
     if dict_offset + dict_len > base_size:
@@ -443,6 +480,18 @@ def _apply_block(blob: bytes, pos: int, end: int, read_base: ReadBase) -> Iterat
         inflater.finish()
     if output.buf:
         yield output.take()
+
+
+def _apply_zstd_dict(
+    blob: bytes, pos: int, dict_offset: int, dict_len: int, result_size: int, read_base: ReadBase
+) -> Iterator[bytes]:
+    dictionary = _read_exact(read_base, dict_offset, dict_len)
+    try:
+        result = packing.zstd_dict_unpack(blob[pos:], dictionary, result_size)
+    except packing.PackingError as exc:
+        raise DeltaError("zstd-dict delta: {}".format(exc))
+    if result:
+        yield result
 
 
 def _apply_zdict(

@@ -47,7 +47,21 @@ def _std_backend() -> Optional[Backend]:
                                "{} bytes".format(limit))
         return bytes(out)
 
-    return {"pack": std_pack, "unpack": std_unpack}
+    def std_dict_pack(data: bytes, level: int, dictionary: bytes) -> bytes:
+        zdict = std_zstd.ZstdDict(dictionary, is_raw=True)
+        return bytes(std_zstd.compress(data, level=level, zstd_dict=zdict))
+
+    def std_dict_unpack(data: bytes, dictionary: bytes, size: int) -> bytes:
+        zdict = std_zstd.ZstdDict(dictionary, is_raw=True)
+        decompressor = std_zstd.ZstdDecompressor(zstd_dict=zdict)
+        out = decompressor.decompress(data, max_length=size)
+        if not decompressor.eof or decompressor.unused_data or len(out) != size:
+            raise PackingError("zstd frame is truncated, has trailing data or is not "
+                               "{} bytes".format(size))
+        return bytes(out)
+
+    return {"pack": std_pack, "unpack": std_unpack, "dict_pack": std_dict_pack,
+            "dict_unpack": std_dict_unpack}
 
 
 def _package_backend() -> Optional[Backend]:
@@ -74,7 +88,28 @@ def _package_backend() -> Optional[Backend]:
             raise PackingError("zstd frame is truncated or has trailing data")
         return bytes(out)
 
-    return {"pack": pkg_pack, "unpack": pkg_unpack}
+    def pkg_dict_pack(data: bytes, level: int, dictionary: bytes) -> bytes:
+        zdict = zstandard.ZstdCompressionDict(dictionary,
+                                              dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        return bytes(zstandard.ZstdCompressor(level=level, dict_data=zdict).compress(data))
+
+    def pkg_dict_unpack(data: bytes, dictionary: bytes, size: int) -> bytes:
+        try:
+            declared = zstandard.frame_content_size(data)
+            if declared != size:
+                raise PackingError("zstd frame of {} bytes, expected {}".format(declared, size))
+            zdict = zstandard.ZstdCompressionDict(dictionary,
+                                                  dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+            decompressor = zstandard.ZstdDecompressor(dict_data=zdict).decompressobj()
+            out = decompressor.decompress(data)
+        except zstandard.ZstdError as exc:
+            raise PackingError("bad zstd data: {}".format(exc))
+        if len(out) != size or not decompressor.eof or decompressor.unused_data:
+            raise PackingError("zstd frame is truncated or has trailing data")
+        return bytes(out)
+
+    return {"pack": pkg_pack, "unpack": pkg_unpack, "dict_pack": pkg_dict_pack,
+            "dict_unpack": pkg_dict_unpack}
 
 
 def _zstd_backend() -> Optional[Backend]:
@@ -84,8 +119,11 @@ def _zstd_backend() -> Optional[Backend]:
     for make in (_std_backend, _package_backend):
         try:
             backend = make()
-            if backend is not None and \
-                    backend["unpack"](backend["pack"](sample, 3), len(sample)) == sample:
+            if backend is None:
+                continue
+            packed = backend["dict_pack"](sample, 3, sample[:100])
+            if backend["unpack"](backend["pack"](sample, 3), len(sample)) == sample and \
+                    backend["dict_unpack"](packed, sample[:100], len(sample)) == sample:
                 return backend
         except Exception:  # any surprise means: not usable here
             continue
@@ -107,6 +145,25 @@ def choose_packing(offered: List[str]) -> str:
         if name in mine:
             return name
     return ZLIB
+
+
+def zstd_dict_pack(data: bytes, level: int, dictionary: bytes) -> bytes:
+    """`data` as one zstd frame compressed with `dictionary` (raw content) preset."""
+    if _ZSTD is None:
+        raise PackingError("zstd is not available here")
+    return _ZSTD["dict_pack"](data, level, dictionary)  # type: ignore[no-any-return]
+
+
+def zstd_dict_unpack(data: bytes, dictionary: bytes, size: int) -> bytes:
+    """The `size` bytes a `zstd_dict_pack` frame holds; PackingError for anything else."""
+    if _ZSTD is None:
+        raise PackingError("zstd is not available here")
+    try:
+        return _ZSTD["dict_unpack"](data, dictionary, size)  # type: ignore[no-any-return]
+    except PackingError:
+        raise
+    except Exception as exc:  # the backend's own error types
+        raise PackingError("bad zstd data: {}".format(exc))
 
 
 def pack(data: bytes, code: int, level: int, zdict: bytes = b"") -> bytes:

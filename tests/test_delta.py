@@ -163,6 +163,28 @@ def test_zdict_delta_rebuilds_new_content_exactly(
 
 
 @FAST
+@given(old=contents, edits=edit_lists)
+def test_zstd_dict_delta_rebuilds_new_content_exactly(
+    old: bytes, edits: list[tuple[str, int, int, int]]
+) -> None:
+    new = apply_edits(old, edits)
+    if len(new) > wire.ZSTD_MAX_RESULT or len(old) > wire.ZSTD_MAX_DICT:
+        return
+    assert apply(cdelta.zstd_dict_delta(old, new), old) == new
+
+
+def test_zstd_dict_delta_wins_on_scattered_edits_of_a_small_file() -> None:
+    old = _big_text(20_000, 11)
+    new = old.replace(b"struct", b"union", 4)  # a rename in 4 places
+    plain = cdelta.make_delta(cdelta.signature(old), new, old)
+    delta, _ = cdelta.make_delta_and_signature(cdelta.signature(old), new, old, zstd=True)
+    assert plain is not None and delta is not None
+    assert wire.read_delta_info(delta).kind == wire.KIND_ZSTD_DICT
+    assert len(delta) < len(plain)
+    assert apply(delta, old) == new
+
+
+@FAST
 @given(old=contents, edits=edit_lists, with_base=st.booleans())
 def test_make_delta_rebuilds_new_content_or_declines(
     old: bytes, edits: list[tuple[str, int, int, int]], with_base: bool
@@ -322,9 +344,11 @@ def _consume(delta: bytes, base: bytes, limit: int = 1 << 20) -> bytes:
 def mutated_deltas(draw: st.DrawFn) -> tuple[bytes, bytes]:
     old = draw(small_contents)
     new = apply_edits(old, draw(edit_lists))
-    kind = draw(st.sampled_from(["block", "block+base", "zdict"]))
+    kind = draw(st.sampled_from(["block", "block+base", "zdict", "zstd-dict"]))
     if kind == "zdict":
         delta = bytearray(cdelta.zdict_delta(old, new))
+    elif kind == "zstd-dict":
+        delta = bytearray(cdelta.zstd_dict_delta(old, new))
     else:
         base_content = old if kind == "block+base" else None
         delta = bytearray(cdelta.block_delta(cdelta.signature(old), new, base_content))

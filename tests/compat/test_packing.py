@@ -72,3 +72,19 @@ def test_dictionary_packing_round_trips_and_needs_its_dictionary():
         except packing.PackingError:
             continue
         raise AssertionError("inflated without the right dictionary")
+
+
+def test_zstd_dict_delta_is_applied_or_refused_cleanly_whatever_this_python_has():
+    from lsync.protocol import delta as wire
+    base = b"static int probe(struct device *dev);\n" * 3
+    garbage = bytes([wire.FORMAT_VERSION, wire.KIND_ZSTD_DICT, len(base), 5, 0, 10]) + b"junk"
+    try:
+        wire.apply_delta_to_bytes(garbage, base, 1000)
+    except wire.DeltaError:
+        pass
+    else:
+        raise AssertionError("a malformed zstd-dict delta was applied")
+    if packing.ZSTD in packing.available_packings():
+        new = base.replace(b"probe", b"remove", 2)
+        delta = wire.encode_zstd_dict_delta(len(base), new, 0, base)
+        assert wire.apply_delta_to_bytes(delta, base, 10000) == new
