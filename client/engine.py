@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import os
 import stat
@@ -50,6 +51,9 @@ WINDOW_OPS = 16384
 WINDOW_BYTES = 64 << 20  # of operations on the wire (compressed), not yet acknowledged
 HASH_BATCH = 2000
 UNSTABLE_RETRY = 0.05
+SETTLE_SIZE = 1 << 20  # files this big are sent once they have been still for SETTLE seconds
+SETTLE = 0.02
+SETTLE_MAX = 1.0
 # Files are read whole into memory (and sent in CHUNK pieces); bigger ones are reported.
 MAX_FILE = 1 << 30
 COMPRESS_ABOVE = 256  # smaller contents travel raw
@@ -67,6 +71,8 @@ PREFETCH = 16  # queued files read, hashed and compressed ahead in worker thread
 PREFETCH_MAX = 8 << 20  # bigger files are read when their turn comes
 PREFETCH_WORKERS = 2
 PREFETCH_LOOK = 4 * PREFETCH  # queued paths examined for reading ahead, from the head
+SIGN_AHEAD_MIN = 256 << 10  # verified remote files this big are signed once in sync
+SIGN_AHEAD_MAX = 64 << 20  # (read whole: bigger ones wait for their first send)
 REAL_PARENT_TTL = 0.05  # seconds a "this directory is no symlink" answer is reused
 
 
@@ -104,6 +110,16 @@ def _prepare(root: Path, path: str, cache: HashCache, packer: Packer) -> Prepare
     except (OSError, ScanError):
         return None  # not a file, too big, unstable, gone: its turn will sort it out
     return Prepared(content, entry, packer, _pieces(content, packer), signature(content))
+
+
+def _sign_local(root: Path, path: str, cache: HashCache, digest: bytes) -> Signature | None:
+    """Worker-thread half of signing ahead: the signature of the local file, if it still
+    holds the content whose digest is `digest` (the remote's version)."""
+    try:
+        content, entry = read_file_stable(root, path, cache, limit=SIGN_AHEAD_MAX)
+    except (OSError, ScanError):
+        return None
+    return signature(content) if entry.digest == digest else None
 
 
 @dataclass(slots=True)
@@ -155,6 +171,7 @@ class SyncEngine:
         self._initial_done = (0, 0)
         self._dirty_dirs: set[str] = set()  # queued paths that are directories remotely
         self._deferred: set[str] = set()  # deletes put back once behind the rest of the queue
+        self._settling: dict[str, float] = {}  # big files waiting to be still: since when
         self._real_parents: dict[str, tuple[bool, float]] = {}
         self._prefetched: dict[str, concurrent.futures.Future[Prepared | None]] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -299,6 +316,7 @@ class SyncEngine:
     # -- the loop -------------------------------------------------------------------------
     async def run(self) -> None:
         """Reconcile dirty paths for ever (until cancelled or a SafetyStop)."""
+        signer = asyncio.ensure_future(self._sign_ahead())
         try:
             while True:
                 if not self.dirty:
@@ -316,6 +334,9 @@ class SyncEngine:
                 await self._reconcile(path, since)
                 self.reporter.queue(len(self.dirty), len(self.in_flight))
         finally:
+            signer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await signer
             for handle in self._retry_handles:
                 handle.cancel()
             self._retry_handles.clear()
@@ -324,15 +345,45 @@ class SyncEngine:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
 
+    async def _sign_ahead(self) -> None:
+        """Once in sync, sign the bigger remote files that lsync verified but never sent
+        (it has no signature of them, and none was stored), so that their first edit is a
+        delta too. One file at a time in a worker thread, only while nothing is queued."""
+        await self.wait_idle()
+        todo = [path for path, entry in self.model.entries.items()
+                if entry.kind == FILE and entry.owned and entry.signature is None
+                and entry.digest is not None
+                and SIGN_AHEAD_MIN <= entry.size <= SIGN_AHEAD_MAX]
+        signed = 0
+        for path in todo:
+            await self.wait_idle()
+            entry = self.model.get(path)
+            if entry is None or entry.signature is not None or entry.digest is None:
+                continue
+            digest = entry.digest
+            result = await asyncio.wrap_future(self._workers().submit(
+                _sign_local, self.root, path, self.cache, digest))
+            entry = self.model.get(path)
+            if (result is not None and entry is not None and entry.digest == digest
+                    and entry.signature is None):
+                entry.signature = result
+                signed += 1
+        if signed:
+            self.reporter.note(f"{signed} big files signed: their first edits travel as deltas")
+
+    def _workers(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                PREFETCH_WORKERS, thread_name_prefix="lsync-read")
+        return self._pool
+
     # -- reading ahead ----------------------------------------------------------------------
     def _prefetch_ahead(self) -> None:
         """Start reading the next queued new files in worker threads, so that reading,
         hashing and compressing overlap with sending (a burst or the initial sync)."""
         if len(self._prefetched) >= PREFETCH:
             return
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                PREFETCH_WORKERS, thread_name_prefix="lsync-read")
+        pool = self._workers()
         packer = self._packer()
         # Look only at the head of the queue: the engine takes paths from there.
         for path in itertools.islice(self.dirty, PREFETCH_LOOK):
@@ -341,8 +392,7 @@ class SyncEngine:
             entry = self.model.get(path)
             if entry is not None and (entry.kind != FILE or entry.signature is not None):
                 continue  # a directory or link, or a file that may travel as a delta
-            self._prefetched[path] = self._pool.submit(_prepare, self.root, path, self.cache,
-                                                       packer)
+            self._prefetched[path] = pool.submit(_prepare, self.root, path, self.cache, packer)
             if len(self._prefetched) >= PREFETCH:
                 return
 
@@ -374,12 +424,12 @@ class SyncEngine:
             self._space.clear()
             await self._space.wait()
 
-    def _retry_later(self, path: str, since: float) -> None:
+    def _retry_later(self, path: str, since: float, delay: float = UNSTABLE_RETRY) -> None:
         def again() -> None:
             self._retry_handles.discard(handle)
             self.mark_dirty([path], since)
 
-        handle = asyncio.get_running_loop().call_later(UNSTABLE_RETRY, again)
+        handle = asyncio.get_running_loop().call_later(delay, again)
         self._retry_handles.add(handle)
 
     # -- reconciling one path -------------------------------------------------------------
@@ -538,6 +588,17 @@ class SyncEngine:
             known = self.cache.lookup(path, st)
             if known is not None and known == remote.digest:
                 return
+        if st.st_size >= SETTLE_SIZE:
+            # A big file written in place may be caught between the truncate and the last
+            # write, in a state that is consistent but not the one being saved: wait until
+            # it has not been modified for SETTLE (small files, most saves, never wait), but
+            # never more than SETTLE_MAX in all (a file written all the time still goes).
+            quiet = (time.time_ns() - st.st_mtime_ns) / 1e9
+            waiting = self._settling.setdefault(path, self.clock())
+            if 0 <= quiet < SETTLE and self.clock() - waiting < SETTLE_MAX:
+                self._retry_later(path, since, SETTLE - quiet)
+                return
+        self._settling.pop(path, None)
         prepared = await self._take_prepared(ahead, st)
         if prepared is not None:
             content, entry = prepared.content, prepared.entry

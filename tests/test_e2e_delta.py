@@ -165,3 +165,29 @@ def test_first_edit_after_a_restart_is_a_delta(sshd: PrivateSshd, tmp_path: Path
         assert (remote / "restart.c").read_bytes() == edited
         assert sent <= 4 * 1024, f"the first edit after a restart sent {sent} bytes"
         assert second.interrupt() == 0, second.stderr
+
+
+def test_first_edit_of_a_file_lsync_did_not_send_is_a_delta(
+        sshd: PrivateSshd, tmp_path: Path) -> None:
+    """A tree already in sync by other means (here a copy): lsync verifies it by digest and
+    then signs the big files in the background, so their first edit is a delta."""
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    local.mkdir()
+    path = local / "copied.c"
+    content = c_like_text(random.Random(8), BIG_TEXT)
+    path.write_bytes(content)
+    shutil.copytree(local, remote)
+    with counting_link_to(sshd) as link:
+        lsync = LsyncProcess(link.connect_args(remote, "-v"), cwd=local)
+        lsync.wait_for_line(" ready ", timeout=60)
+        lsync.wait_for_line("signed", timeout=30)
+        wait_steady(link.bytes_up)
+        link.proxy.reset_counters()
+        middle = content.index(b"\n", len(content) // 2) + 1
+        edited = content[:middle] + b"\tgoto out; /* first edit */\n" + content[middle:]
+        save_atomically(path, edited)
+        assert_trees_equal(local, remote, timeout=60)
+        sent = wait_steady(link.bytes_up)
+        assert (remote / "copied.c").read_bytes() == edited
+        assert sent <= 4 * 1024, f"the first edit of a verified file sent {sent} bytes"
+        assert lsync.interrupt() == 0, lsync.stderr
