@@ -463,6 +463,7 @@ class SyncEngine:
                 self.dirty[path] = since
                 return
             self._deferred.discard(path)
+            self._settling.pop(path, None)
             self.rules.forget(path)
             if remote is not None:
                 await self._remove(path, since)
@@ -588,7 +589,8 @@ class SyncEngine:
             known = self.cache.lookup(path, st)
             if known is not None and known == remote.digest:
                 return
-        if st.st_size >= SETTLE_SIZE:
+        old_size = remote.size if remote is not None and remote.kind == FILE else 0
+        if max(st.st_size, old_size) >= SETTLE_SIZE:
             # A big file written in place may be caught between the truncate and the last
             # write, in a state that is consistent but not the one being saved: wait until
             # it has not been modified for SETTLE (small files, most saves, never wait), but
