@@ -73,40 +73,45 @@ def _package_backend() -> Optional[Backend]:
     def pkg_pack(data: bytes, level: int) -> bytes:
         return bytes(zstandard.ZstdCompressor(level=level).compress(data))
 
-    def pkg_unpack(data: bytes, limit: int) -> bytes:
-        # The frame header states the content size (zstd checks the content against it),
-        # so nothing beyond `limit` is ever inflated.
+    def frame_size(data: bytes) -> int:
         try:
-            size = zstandard.frame_content_size(data)
-            if size < 0 or size > limit:
-                raise PackingError("zstd frame of unknown size or over {} bytes".format(limit))
-            decompressor = zstandard.ZstdDecompressor().decompressobj()
+            return int(zstandard.frame_content_size(data))
+        except zstandard.ZstdError as exc:
+            raise PackingError("bad zstd data: {}".format(exc))
+
+    def decompress(data: bytes, size: int, zdict: Any = None) -> bytes:
+        # The frame header states the content size and zstd checks the content against it,
+        # so nothing beyond `size` (checked by the caller) is ever inflated.
+        maker = zstandard.ZstdDecompressor(dict_data=zdict) if zdict is not None \
+            else zstandard.ZstdDecompressor()
+        decompressor = maker.decompressobj()
+        try:
             out = decompressor.decompress(data)
         except zstandard.ZstdError as exc:
             raise PackingError("bad zstd data: {}".format(exc))
         if len(out) != size or not decompressor.eof or decompressor.unused_data:
             raise PackingError("zstd frame is truncated or has trailing data")
         return bytes(out)
+
+    def pkg_unpack(data: bytes, limit: int) -> bytes:
+        size = frame_size(data)
+        if size < 0 or size > limit:
+            raise PackingError("zstd frame of unknown size or over {} bytes".format(limit))
+        return decompress(data, size)
+
+    def raw_dict(dictionary: bytes) -> Any:
+        return zstandard.ZstdCompressionDict(dictionary,
+                                             dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 
     def pkg_dict_pack(data: bytes, level: int, dictionary: bytes) -> bytes:
-        zdict = zstandard.ZstdCompressionDict(dictionary,
-                                              dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-        return bytes(zstandard.ZstdCompressor(level=level, dict_data=zdict).compress(data))
+        compressor = zstandard.ZstdCompressor(level=level, dict_data=raw_dict(dictionary))
+        return bytes(compressor.compress(data))
 
     def pkg_dict_unpack(data: bytes, dictionary: bytes, size: int) -> bytes:
-        try:
-            declared = zstandard.frame_content_size(data)
-            if declared != size:
-                raise PackingError("zstd frame of {} bytes, expected {}".format(declared, size))
-            zdict = zstandard.ZstdCompressionDict(dictionary,
-                                                  dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-            decompressor = zstandard.ZstdDecompressor(dict_data=zdict).decompressobj()
-            out = decompressor.decompress(data)
-        except zstandard.ZstdError as exc:
-            raise PackingError("bad zstd data: {}".format(exc))
-        if len(out) != size or not decompressor.eof or decompressor.unused_data:
-            raise PackingError("zstd frame is truncated or has trailing data")
-        return bytes(out)
+        declared = frame_size(data)
+        if declared != size:
+            raise PackingError("zstd frame of {} bytes, expected {}".format(declared, size))
+        return decompress(data, size, raw_dict(dictionary))
 
     return {"pack": pkg_pack, "unpack": pkg_unpack, "dict_pack": pkg_dict_pack,
             "dict_unpack": pkg_dict_unpack}
