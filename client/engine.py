@@ -172,6 +172,7 @@ class SyncEngine:
         self._dirty_dirs: set[str] = set()  # queued paths that are directories remotely
         self._deferred: set[str] = set()  # deletes put back once behind the rest of the queue
         self._settling: dict[str, float] = {}  # big files waiting to be still: since when
+        self._settle_wait: set[str] = set()  # ... and due to be looked at again: not idle
         self._real_parents: dict[str, tuple[bool, float]] = {}
         self._prefetched: dict[str, concurrent.futures.Future[Prepared | None]] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -203,7 +204,7 @@ class SyncEngine:
             await self._idle.wait()
 
     def _check_idle(self) -> None:
-        if not self.dirty and not self.in_flight:
+        if not self.dirty and not self.in_flight and not self._settle_wait:
             self._idle.set()
 
     # -- initial comparison ---------------------------------------------------------------
@@ -435,6 +436,7 @@ class SyncEngine:
     # -- reconciling one path -------------------------------------------------------------
     async def _reconcile(self, path: str, since: float) -> None:
         ahead = self._prefetched.pop(path, None)
+        self._settle_wait.discard(path)
         if path == "":
             self._check_root()
             await self._reconcile_dir_listing("", since)
@@ -598,6 +600,8 @@ class SyncEngine:
             quiet = (time.time_ns() - st.st_mtime_ns) / 1e9
             waiting = self._settling.setdefault(path, self.clock())
             if 0 <= quiet < SETTLE and self.clock() - waiting < SETTLE_MAX:
+                self._settle_wait.add(path)
+                self._idle.clear()
                 self._retry_later(path, since, SETTLE - quiet)
                 return
         self._settling.pop(path, None)

@@ -20,6 +20,7 @@ import asyncio
 import os
 import random
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -482,3 +483,35 @@ def test_file_moved_into_a_new_directory_is_copied_not_resent(rig: EngineRig) ->
         if (rig.local / "newdir").exists():
             (rig.local / "newdir").rmdir()
         rig.sync(["newdir", "moving.bin"])
+
+
+def test_big_file_rewritten_in_place_is_sent_once_its_writer_is_done(rig: EngineRig) -> None:
+    """A writer that truncates a synced 2 MB file and rewrites it, pausing 5 ms half way: the
+    engine looks while the file is half written, waits until it has been still, and sends
+    only the finished content (lsync.client.engine: SETTLE)."""
+    assert rig.link is not None and rig.engine is not None
+    engine = rig.engine
+    path = rig.local / "inplace.bin"
+    rng = random.Random(11)
+    old, new = rng.randbytes(2_000_000), rng.randbytes(2_000_000)
+
+    async def noticed() -> None:
+        engine.mark_dirty(["inplace.bin"])
+
+    try:
+        path.write_bytes(old)
+        rig.sync(["inplace.bin"])
+        sent_before = len(rig.link.sent)
+        with path.open("wb") as handle:  # truncates
+            handle.write(new[:1_000_000])
+            handle.flush()
+            rig.call(noticed())  # the watcher reports the file while it is half written
+            time.sleep(0.005)  # the writer's pause (part of the scenario, not a wait)
+            handle.write(new[1_000_000:])
+        rig.sync(["inplace.bin"])
+        assert (rig.remote / "inplace.bin").read_bytes() == new
+        ops = [kind for kind, where in rig.link.sent[sent_before:] if where == "inplace.bin"]
+        assert len(ops) == 1, f"operations for the file: {ops}"
+    finally:
+        path.unlink(missing_ok=True)
+        rig.sync(["inplace.bin"])
