@@ -317,8 +317,9 @@ class Session:
             self.reporter.state("stopping: draining queued writes")
             drained = asyncio.create_task(engine.wait_idle(), name="drain")
             tasks.append(drained)
-            await _first(drained, runner, link_closed,
-                         asyncio.ensure_future(asyncio.sleep(DRAIN_TIMEOUT)))
+            drain_limit = asyncio.create_task(asyncio.sleep(DRAIN_TIMEOUT), name="drain-limit")
+            tasks.append(drain_limit)
+            await _first(drained, runner, link_closed, drain_limit)
             _raise_failures(runner, None, link)
             await asyncio.to_thread(sigstore.save, signatures, engine.signatures_to_keep())
             await link.close("user stopped lsync")
