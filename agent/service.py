@@ -75,13 +75,10 @@ class AgentService:
         if seq is not None and self.root is None:
             self._error(seq, ErrorCode.ROOT_UNAVAILABLE, "no root is open")
             return
-        if self.pool is not None and self.pool.outstanding:
-            if isinstance(message, m.Ping):
-                pass
-            elif isinstance(message, _PATH_OPS) or self._poolable(message):
-                if self.pool.conflicts(message.path):  # type: ignore[union-attr]
-                    self.drain_pool()
-            else:
+        if self.pool is not None and self.pool.outstanding and not isinstance(message, m.Ping):
+            # Wait for the pooled writes unless this message cannot see their paths.
+            independent = isinstance(message, _PATH_OPS) or self._poolable(message)
+            if not independent or self.pool.conflicts(message.path):  # type: ignore[union-attr]
                 self.drain_pool()
         if self.pool is not None and self._poolable(message):
             self._pool_write(message)  # type: ignore[arg-type]

@@ -405,9 +405,7 @@ class SyncEngine:
         prepared = await asyncio.wrap_future(future)
         if prepared is None:
             return None
-        entry = prepared.entry
-        if (entry.ino, entry.size, entry.mtime_ns, entry.ctime_ns) != (
-                st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+        if prepared.entry.local_key != (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
             return None  # changed since: read it again
         return prepared
 

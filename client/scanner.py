@@ -416,6 +416,16 @@ def stat_path(root: Path, rel: str, rules: IgnoreRules, cache: HashCache) -> Loc
         os.close(dir_fd)
 
 
+def _open_parent_or_gone(root: Path, rel: str) -> tuple[int, str]:
+    """`_open_parent`, with a path that is gone (also below a symlink) as FileNotFoundError."""
+    try:
+        return _open_parent(root, rel)
+    except OSError as exc:
+        if exc.errno in _GONE:
+            raise FileNotFoundError(errno.ENOENT, "no such file", rel) from exc
+        raise
+
+
 def read_file_stable(
     root: Path, rel: str, cache: HashCache, *, limit: int = INLINE_LIMIT
 ) -> tuple[bytes, LocalEntry]:
@@ -426,12 +436,7 @@ def read_file_stable(
     NotRegularFileError, FileTooLargeError above `limit` (use StableFileReader),
     UnstableFileError, or another OSError.
     """
-    try:
-        dir_fd, name = _open_parent(root, rel)
-    except OSError as exc:
-        if exc.errno in _GONE:
-            raise FileNotFoundError(errno.ENOENT, "no such file", rel) from exc
-        raise
+    dir_fd, name = _open_parent_or_gone(root, rel)
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode):
@@ -463,12 +468,7 @@ class StableFileReader:
         self._cache = cache
         self._chunk_size = chunk_size
         self._entry: LocalEntry | None = None
-        try:
-            dir_fd, name = _open_parent(root, rel)
-        except OSError as exc:
-            if exc.errno in _GONE:
-                raise FileNotFoundError(errno.ENOENT, "no such file", rel) from exc
-            raise
+        dir_fd, name = _open_parent_or_gone(root, rel)
         self._dir_fd = dir_fd
         self._name = name
         self._fd = -1

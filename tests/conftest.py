@@ -203,6 +203,15 @@ def wait_steady(read: Callable[[], int], quiet: float = 0.3, timeout: float = WA
 
 
 @dataclass
+class Synced:
+    """A running lsync and the two trees it keeps in sync (module-scoped fixtures)."""
+
+    local: Path
+    remote: Path
+    lsync: LsyncProcess
+
+
+@dataclass
 class CountingLink:
     """A proxy between lsync and the private sshd, and an ssh config that goes through it."""
 

@@ -9,20 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from benchmarks.testbed.sshd import PrivateSshd
-from tests.conftest import LsyncProcess, assert_trees_equal, snapshot
-
-
-@dataclass
-class Synced:
-    local: Path
-    remote: Path
-    lsync: LsyncProcess
+from tests.conftest import LsyncProcess, Synced, assert_trees_equal, snapshot
 
 
 @pytest.fixture(scope="module")

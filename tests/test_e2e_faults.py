@@ -19,7 +19,6 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from tests.conftest import (
     ContentSampler,
     CountingLink,
     LsyncProcess,
+    Synced,
     assert_trees_equal,
     fresh_dirs,
     save_atomically,
@@ -208,13 +208,6 @@ def test_ctrl_c_while_the_link_is_down_exits_promptly(
 
 
 # -- base mismatch ----------------------------------------------------------------------------
-
-
-@dataclass
-class Synced:
-    local: Path
-    remote: Path
-    lsync: LsyncProcess
 
 
 @pytest.fixture(scope="module")
