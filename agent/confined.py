@@ -16,7 +16,7 @@ import itertools
 import os
 import re
 import stat
-from typing import Any, Callable, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 from lsync.protocol.errors import ErrorCode
 from lsync.protocol.paths import relpath_problem
@@ -88,6 +88,14 @@ class ConfinedRoot:
         self.path = root
         self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
         self._counter = itertools.count(1)  # next() is atomic: writer threads share it
+        # Directories made on the way to a path: (path, inode). Writer threads append
+        # (atomic), the service takes them (`take_made`) to record that lsync made them.
+        self._made: List[Tuple[str, int]] = []
+
+    def take_made(self) -> List[Tuple[str, int]]:
+        """The directories made as parents since the last call."""
+        made, self._made = self._made, []
+        return made
 
     def close(self) -> None:
         os.close(self.fd)
@@ -118,9 +126,12 @@ class ConfinedRoot:
                             "/".join(walked)))
                     try:
                         os.mkdir(part, 0o755, dir_fd=fd)
+                        made = True
                     except FileExistsError:
-                        pass
+                        made = False
                     next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                    if made:
+                        self._made.append(("/".join(walked), os.fstat(next_fd).st_ino))
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(part, fd):
                         raise OpError(ErrorCode.BAD_PATH, "refused path {!r}: {} is a "
@@ -196,16 +207,18 @@ class ConfinedRoot:
             raise op_error(exc, "create temporary file for", path)
         return PendingFile(path, dfd, name, temp, fd)
 
-    def remove(self, path: str) -> bool:
-        """Remove a file, symlink or empty directory. False if a directory was not empty.
+    def remove(self, path: str) -> Tuple[bool, bool]:
+        """Remove a file, symlink or empty directory: (removed, it was a directory).
 
-        Raises OpError(NOT_FOUND) when there is nothing at `path`.
+        Only the named entry is ever removed: a directory that is not empty is kept
+        (removed is False) with everything in it. Raises OpError(NOT_FOUND) when there is
+        nothing at `path`.
         """
         dfd, name = self.parent_fd(path)
         try:
             try:
                 os.unlink(name, dir_fd=dfd)
-                return True
+                return True, False
             except IsADirectoryError:
                 pass
             except PermissionError as exc:
@@ -217,21 +230,28 @@ class ConfinedRoot:
                 os.rmdir(name, dir_fd=dfd)
             except OSError as exc:
                 if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    return False
+                    return False, True
                 raise
-            return True
+            return True, True
         except OSError as exc:
             raise op_error(exc, "delete", path)
         finally:
             os.close(dfd)
 
-    def rename(self, src: str, dst: str) -> None:
-        """Move `src` to `dst`, replacing a file (not a non-empty directory) at `dst`."""
+    def rename(self, src: str, dst: str) -> Optional[os.stat_result]:
+        """Move `src` to `dst`, replacing a file (not a non-empty directory) at `dst`.
+
+        Returns the lstat of what is now at `dst` (None if it vanished at once).
+        """
         sfd, sname = self.parent_fd(src)
         try:
             dfd, dname = self.parent_fd(dst, create=True)
             try:
                 os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+                try:
+                    return os.lstat(dname, dir_fd=dfd)
+                except OSError:
+                    return None
             except OSError as exc:
                 raise op_error(exc, "rename {} to".format(src), dst)
             finally:
@@ -239,8 +259,11 @@ class ConfinedRoot:
         finally:
             os.close(sfd)
 
-    def mkdir(self, path: str, mode: int) -> None:
-        """Make directory `path` (and its parents); an existing directory gets `mode`."""
+    def mkdir(self, path: str, mode: int) -> os.stat_result:
+        """Make directory `path` (and its parents); an existing directory gets `mode`.
+
+        Returns the directory's stat.
+        """
         dfd, name = self.parent_fd(path, create=True)
         try:
             try:
@@ -251,6 +274,7 @@ class ConfinedRoot:
                     raise OpError(ErrorCode.TYPE_CONFLICT,
                                   "{} exists and is not a directory".format(path))
             os.chmod(name, mode & 0o7777, dir_fd=dfd)
+            return os.lstat(name, dir_fd=dfd)
         except OSError as exc:
             raise op_error(exc, "make directory", path)
         finally:

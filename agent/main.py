@@ -5,6 +5,11 @@ hands each to the service, and writes the answers out before it blocks again. A 
 error from the client ends the session with a `Goodbye` carrying the code; an unexpected
 exception in a handler becomes an `Error(INTERNAL)` reply for that operation, and its
 traceback goes to ~/.cache/lsync/agent.log, never over the wire.
+
+The record of what lsync wrote is journaled before any answer is written out, so an agent
+killed by a dropped link loses no ownership it acknowledged; the full snapshot of the
+record (which grows with the tree) is written when the input has been quiet for
+`QUIET_NS`, at most every 30 s, and at the end of the session.
 """
 
 import os
@@ -21,7 +26,7 @@ from lsync.protocol.connection import AGENT, Connection
 from lsync.protocol.errors import ErrorCode, ProtocolError
 
 READ_SIZE = 1 << 20
-SAVE_INTERVAL_NS = 30 * 10 ** 9
+QUIET_NS = 10 ** 9  # no input for this long: a good moment for a snapshot of the record
 
 
 def _log_internal(context: str, trace: Optional[str] = None) -> None:
@@ -51,16 +56,37 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
     command line, see lsync.client.bootstrap); stdin carries the rest.
     """
     conn = Connection(AGENT)
+    now_ns = time.time_ns if hasattr(time, "time_ns") else lambda: int(time.time() * 1e9)
 
     def flush() -> None:
         data = conn.data_to_send()
         if data:
+            service.journal()  # what the answers acknowledge is on disk before they leave
             _write_all(out_fd, data)
 
     pool = WritePool() if threads else None
-    service = AgentService(conn.send, flush, time.time_ns if hasattr(time, "time_ns")
-                           else lambda: int(time.time() * 1e9), use_cache, pool, _log_internal)
-    last_save = time.monotonic()
+    service = AgentService(conn.send, flush, now_ns, use_cache, pool, _log_internal)
+
+    def wait_for_input() -> None:
+        """Block until stdin is readable, answering finished pooled writes meanwhile and
+        saving the record once the input has been quiet long enough."""
+        while True:
+            fds = [in_fd]
+            if pool is not None and pool.outstanding:
+                fds.append(pool.wakeup_fd)
+            due = service.snapshot_wanted(quiet=True)
+            timeout: Optional[float] = None
+            if due is not None:
+                timeout = min(max(QUIET_NS, due - now_ns()), 30 * QUIET_NS) / 1e9
+            ready = select.select(fds, [], [], timeout)[0]
+            if pool is not None and pool.outstanding:
+                service.collect_pool()
+                flush()
+            if in_fd in ready:
+                return
+            if not ready:
+                service.save_record_if_due(quiet=True)
+
     status = 0
     pending = initial
     try:
@@ -68,14 +94,7 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
             if pending:
                 data, pending = pending, b""
             else:
-                if pool is not None and pool.outstanding:
-                    # Answer finished writes while waiting for input.
-                    while pool.outstanding:
-                        ready = select.select([in_fd, pool.wakeup_fd], [], [])[0]
-                        service.collect_pool()
-                        flush()
-                        if in_fd in ready:
-                            break
+                wait_for_input()
                 data = os.read(in_fd, READ_SIZE)
             if not data:
                 conn.receive_eof()
@@ -98,9 +117,7 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
                                       "internal agent error: {}".format(type(exc).__name__)))
             service.collect_pool()
             flush()
-            if time.monotonic() - last_save > SAVE_INTERVAL_NS / 1e9:
-                service.maybe_save_record()
-                last_save = time.monotonic()
+            service.save_record_if_due(quiet=False)
     except SessionEnd as end:
         status = 0 if end.code == 0 else 1
     except ProtocolError as exc:

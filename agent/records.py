@@ -1,22 +1,50 @@
-"""The agent's record of file digests, so that it rarely has to read a file to know it.
+"""The agent's record of the remote tree: digests it knows, and what lsync itself made.
 
-For each path it holds (size, mtime_ns, inode, digest) of the version it last wrote or hashed.
-A file whose current lstat matches the key is taken to have that digest; anything else is
-"unknown" and is hashed when someone needs to know. The record persists between sessions in
-a small JSON file under ~/.cache/lsync (a corrupt or foreign file is ignored), which makes a
-restart on an unchanged tree cheap.
+It holds two facts per path, kept apart because they age differently:
+
+- The digest cache: (size, mtime_ns, inode) and the digest of the version the agent last
+  wrote or hashed. A file whose current lstat matches the key is taken to have that digest;
+  anything else is "unknown" and is hashed when someone needs to know. On load, keys whose
+  mtime was too close to the moment they were saved are dropped (the racy-mtime rule: a
+  same-size rewrite within the clock's granularity would keep the key).
+- What lsync wrote ("written"): for a file the digest of the content lsync wrote, for a
+  symlink its target, for a directory that lsync made it (Mkdir) and its inode. This is a
+  fact about lsync's own actions, not a guess from a stat key, so it survives restarts
+  whatever the mtimes. `written()` reports it only while the entry is still of that kind
+  (and, for a directory, the same inode); the client compares a file's or link's written
+  value with what is there now to decide what lsync owns.
+
+Persistence, under ~/.cache/lsync: a snapshot `agent-<hash>.json` (temp file + rename), and
+an append-only journal `agent-<hash>.journal` of the changes to "written" since that
+snapshot. The journal's first line names the snapshot it extends; it is replayed only onto
+that snapshot, and a torn last line (an agent killed mid-write) ends the replay. The agent
+appends the journal before its acknowledgements leave (`journal`), so a killed agent loses
+no ownership it acknowledged, at the cost of one small write. `save` writes a new snapshot
+and starts an empty journal; its cost grows with the tree (see `snapshot_wanted` for when
+the driver pays it). A missing, corrupt or foreign file is ignored: ownership unknown is
+the safe default, since lsync deletes nothing it cannot show it made.
 """
 
 import hashlib
 import json
 import os
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+from lsync.protocol.messages import KIND_DIR, KIND_FILE, KIND_LINK
 
 Key = Tuple[int, int, int]
+Written = Tuple[str, bytes, int]  # (kind, digest / link target / b"", inode of a directory)
 
-# Entries whose mtime is this close to the moment they were recorded are not trusted on a
-# later run: a same-size rewrite within the clock's granularity would keep the key.
 _RACY_NS = 2 * 10 ** 9
+_JOURNAL_MAGIC = "lsync-journal"
+_JOURNAL_FORMAT = 1
+# A snapshot is due when the journal has this many lines (or half the record, if more)...
+JOURNAL_COMPACT_LINES = 20000
+# ... and, for the digest cache alone, when the last one is this old.
+SNAPSHOT_INTERVAL_NS = 30 * 10 ** 9
+# A journal this many times over the compaction size is compacted even while busy.
+JOURNAL_HARD_FACTOR = 4
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
 class DigestRecord:
@@ -24,7 +52,13 @@ class DigestRecord:
         self.cache_path = cache_path
         self.algorithm = algorithm
         self._entries: Dict[str, Tuple[int, int, int, bytes]] = {}
-        self._dirty = False
+        self._written: Dict[str, Written] = {}
+        self._dirty = False  # changed since the last snapshot
+        self._pending: List[str] = []  # journal lines not yet appended
+        self._journal_id: Optional[str] = None  # the snapshot on disk our journal extends
+        self._journal_fd = -1
+        self._journal_lines = 0
+        self._saved_ns = 0
 
     @staticmethod
     def default_path(root: str, algorithm: str) -> Optional[str]:
@@ -35,6 +69,14 @@ class DigestRecord:
                               "surrogateescape")).hexdigest()[:24]
         return os.path.join(home, ".cache", "lsync", "agent-{}.json".format(name))
 
+    @property
+    def journal_path(self) -> Optional[str]:
+        if not self.cache_path:
+            return None
+        base = self.cache_path[:-5] if self.cache_path.endswith(".json") else self.cache_path
+        return base + ".journal"
+
+    # -- the digest cache -----------------------------------------------------------------
     def lookup(self, path: str, key: Key) -> Optional[bytes]:
         entry = self._entries.get(path)
         if entry is None or entry[:3] != key:
@@ -45,28 +87,186 @@ class DigestRecord:
         self._entries[path] = (key[0], key[1], key[2], digest)
         self._dirty = True
 
-    def forget(self, path: str) -> None:
-        if self._entries.pop(path, None) is not None:
-            self._dirty = True
+    # -- what lsync wrote -----------------------------------------------------------------
+    def wrote_file(self, path: str, digest: bytes) -> None:
+        self._set_written(path, (KIND_FILE, digest, 0))
 
-    def forget_tree(self, path: str) -> None:
-        prefix = path + "/"
-        for name in [n for n in self._entries if n == path or n.startswith(prefix)]:
-            del self._entries[name]
-            self._dirty = True
+    def wrote_link(self, path: str, target: str) -> None:
+        self._set_written(path, (KIND_LINK, target.encode("utf-8", "surrogateescape"), 0))
 
-    def move_tree(self, src: str, dst: str) -> None:
-        prefix = src + "/"
-        moved = {}
-        for name in [n for n in self._entries if n == src or n.startswith(prefix)]:
-            moved[dst + name[len(src):]] = self._entries.pop(name)
-        self.forget_tree(dst)
-        self._entries.update(moved)
+    def made_dir(self, path: str, ino: int) -> None:
+        self._set_written(path, (KIND_DIR, b"", ino))
+
+    def _set_written(self, path: str, value: Written) -> None:
+        if self._written.get(path) == value:
+            return
+        self._written[path] = value
         self._dirty = True
+        self._log(["w", path, value[0], value[1].hex(), value[2]])
 
+    def written(self, path: str, kind: str, ino: int) -> Optional[bytes]:
+        """What lsync wrote at `path` if the entry there is still of that kind, else None."""
+        value = self._written.get(path)
+        if value is None or value[0] != kind or (kind == KIND_DIR and value[2] != ino):
+            return None
+        return value[1]
+
+    # -- both, as the tree changes --------------------------------------------------------
+    def forget(self, path: str, tree: bool = False) -> None:
+        """Forget `path` (and, with `tree`, everything below it): it is gone or replaced."""
+        if self._drop(path, tree):
+            self._log(["x", path, int(tree)])
+
+    def move(self, src: str, dst: str, tree: bool = False) -> None:
+        """Records of `src` (and below, with `tree`) now belong to `dst`, replacing dst's."""
+        if self._move(src, dst, tree):
+            self._log(["m", src, dst, int(tree)])
+
+    def _tables(self) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        return self._entries, self._written
+
+    def _drop(self, path: str, tree: bool) -> bool:
+        changed = False
+        prefix = path + "/"
+        for table in self._tables():
+            if table.pop(path, None) is not None:
+                changed = True
+            if tree:
+                for name in [n for n in table if n.startswith(prefix)]:
+                    del table[name]
+                    changed = True
+        self._dirty = self._dirty or changed
+        return changed
+
+    def _move(self, src: str, dst: str, tree: bool) -> bool:
+        moved: List[Dict[str, Any]] = []
+        prefix = src + "/"
+        for table in self._tables():
+            taken = {}
+            if src in table:
+                taken[dst] = table.pop(src)
+            if tree:
+                for name in [n for n in table if n.startswith(prefix)]:
+                    taken[dst + name[len(src):]] = table.pop(name)
+            moved.append(taken)
+        changed = self._drop(dst, tree)
+        for table, taken in zip(self._tables(), moved):
+            table.update(taken)
+            changed = changed or bool(taken)
+        self._dirty = self._dirty or changed
+        return changed
+
+    # -- the journal ----------------------------------------------------------------------
+    def _log(self, line: List[Any]) -> None:
+        if self.cache_path:
+            self._pending.append(json.dumps(line, separators=(",", ":")) + "\n")
+
+    def journal(self, now_ns: int) -> None:
+        """Make every change to "written" so far durable against this process dying.
+
+        Appends the pending lines to the journal (one write), or writes a snapshot when
+        there is no journal on disk that extends the current snapshot.
+        """
+        if not self._pending:
+            return
+        if self._journal_fd < 0 and self._journal_id is not None:
+            self._open_journal()
+        if self._journal_fd < 0:
+            self.save(now_ns)
+            return
+        data = "".join(self._pending).encode("utf-8")
+        count = len(self._pending)
+        self._pending = []
+        try:
+            _write_all(self._journal_fd, data)
+        except OSError:
+            # Possibly torn: stop appending to it; the next change writes a snapshot.
+            self._close_journal()
+            self._journal_id = None
+            return
+        self._journal_lines += count
+
+    def _open_journal(self) -> None:
+        path = self.journal_path
+        try:
+            if path is None:
+                raise OSError("no journal path")
+            self._journal_fd = os.open(path, os.O_WRONLY | os.O_APPEND
+                                       | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            self._journal_id = None
+
+    def _close_journal(self) -> None:
+        if self._journal_fd >= 0:
+            try:
+                os.close(self._journal_fd)
+            except OSError:
+                pass
+            self._journal_fd = -1
+
+    def _replay(self, journal_id: str) -> None:
+        """Apply the journal that extends snapshot `journal_id`; ignore any other."""
+        path = self.journal_path
+        if path is None:
+            return
+        try:
+            with open(path, "r", encoding="utf-8") as handle:
+                text = handle.read()
+        except (OSError, ValueError):
+            return
+        lines = text.split("\n")
+        # The last piece is "" after a complete last line; anything else was cut short.
+        torn = lines.pop() != ""
+        try:
+            if not lines or json.loads(lines[0]) != [_JOURNAL_MAGIC, _JOURNAL_FORMAT,
+                                                      journal_id]:
+                return
+        except ValueError:
+            return
+        count = 0
+        for line in lines[1:]:
+            try:
+                self._apply(json.loads(line))
+            except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+                torn = True
+                break
+            count += 1
+        # Appending after a torn line would hide every later line from the next replay.
+        self._journal_id = None if torn else journal_id
+        self._journal_lines = count
+
+    def _apply(self, line: Any) -> None:
+        op = line[0]
+        if op == "w" and line[2] in (KIND_FILE, KIND_LINK, KIND_DIR):
+            self._written[str(line[1])] = (line[2], bytes.fromhex(line[3]), int(line[4]))
+        elif op == "x":
+            self._drop(str(line[1]), bool(line[2]))
+        elif op == "m":
+            self._move(str(line[1]), str(line[2]), bool(line[3]))
+        else:
+            raise ValueError("unknown journal line")
+
+    # -- snapshots ------------------------------------------------------------------------
     @property
     def dirty(self) -> bool:
-        return self._dirty
+        return self._dirty or bool(self._pending)
+
+    def snapshot_wanted(self, now_ns: int, quiet: bool) -> Optional[int]:
+        """When a snapshot should be written (ns, possibly past), or None for not yet.
+
+        While the input is quiet: once the journal is long, or the last snapshot is older
+        than SNAPSHOT_INTERVAL_NS and something changed. While busy: only once the journal
+        is JOURNAL_HARD_FACTOR times longer than that.
+        """
+        if not self.cache_path or not self.dirty:
+            return None
+        compact = max(JOURNAL_COMPACT_LINES, len(self._written) // 2)
+        lines = self._journal_lines + len(self._pending)
+        if not quiet:
+            return now_ns if lines >= compact * JOURNAL_HARD_FACTOR else None
+        if lines >= compact:
+            return now_ns
+        return self._saved_ns + SNAPSHOT_INTERVAL_NS
 
     def load(self) -> None:
         if not self.cache_path:
@@ -74,35 +274,104 @@ class DigestRecord:
         try:
             with open(self.cache_path, "r", encoding="utf-8") as handle:
                 data = json.load(handle)
-            if data.get("algorithm") != self.algorithm:
+            if not isinstance(data, dict) or data.get("algorithm") != self.algorithm:
                 return
+        except (OSError, ValueError):
+            return
+        try:
             saved_at = int(data["saved_ns"])
             for path, (size, mtime_ns, ino, digest) in data["entries"].items():
                 if saved_at - int(mtime_ns) < _RACY_NS:
                     continue
                 self._entries[str(path)] = (int(size), int(mtime_ns), int(ino),
                                             bytes.fromhex(digest))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             self._entries.clear()
+        try:
+            self._load_written(data.get("written", {}))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self._written.clear()
+            return  # a journal extends the whole snapshot, not a part of it
+        journal_id = data.get("journal")
+        if isinstance(journal_id, str):
+            self._replay(journal_id)
+
+    def _load_written(self, section: Any) -> None:
+        for path, digest in section.get(KIND_FILE, {}).items():
+            self._written[str(path)] = (KIND_FILE, bytes.fromhex(digest), 0)
+        for path, target in section.get(KIND_LINK, {}).items():
+            self._written[str(path)] = (KIND_LINK, bytes.fromhex(target), 0)
+        for path, ino in section.get(KIND_DIR, {}).items():
+            self._written[str(path)] = (KIND_DIR, b"", int(ino))
 
     def save(self, now_ns: int) -> None:
-        if not self.cache_path or not self._dirty:
+        """Write a snapshot of everything and start an empty journal that extends it."""
+        if not self.cache_path or not self.dirty:
             return
+        journal_id = os.urandom(8).hex()
+        section: Dict[str, Dict[str, Any]] = {KIND_FILE: {}, KIND_LINK: {}, KIND_DIR: {}}
+        for path, (kind, value, ino) in self._written.items():
+            section[kind][path] = ino if kind == KIND_DIR else value.hex()
         data = {
             "algorithm": self.algorithm,
             "saved_ns": now_ns,
             "entries": {p: [e[0], e[1], e[2], e[3].hex()] for p, e in self._entries.items()},
+            "written": section,
+            "journal": journal_id,
         }
-        directory = os.path.dirname(self.cache_path)
-        temp = "{}.{}.tmp".format(self.cache_path, os.getpid())
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            with open(temp, "w", encoding="utf-8") as handle:
-                json.dump(data, handle, separators=(",", ":"))
-            os.replace(temp, self.cache_path)
-            self._dirty = False
+            os.makedirs(os.path.dirname(self.cache_path), mode=0o700, exist_ok=True)
+            _replace(self.cache_path, json.dumps(data, separators=(",", ":")).encode("utf-8"))
         except OSError:
-            try:
-                os.unlink(temp)
-            except OSError:
-                pass
+            return  # the old snapshot and journal still stand
+        self._pending = []
+        self._close_journal()
+        self._journal_id = None
+        self._journal_lines = 0
+        self._saved_ns = now_ns
+        # Keys saved while racy are dropped by the next load: save again once they are not.
+        self._dirty = any(now_ns - e[1] < _RACY_NS for e in self._entries.values())
+        header = json.dumps([_JOURNAL_MAGIC, _JOURNAL_FORMAT, journal_id]) + "\n"
+        try:
+            self._journal_fd = _replace(str(self.journal_path), header.encode("utf-8"),
+                                        keep_open=True)
+        except OSError:
+            return  # the new snapshot stands alone; the next change writes another
+        self._journal_id = journal_id
+
+    def close(self, now_ns: int) -> None:
+        self.save(now_ns)
+        self._close_journal()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _replace(path: str, data: bytes, keep_open: bool = False) -> int:
+    """Write `data` to a temporary file and rename it over `path` (atomic for readers).
+
+    With keep_open the file stays open for appending and its fd is returned, else -1.
+    """
+    temp = "{}.{}.tmp".format(path, os.getpid())
+    try:
+        os.unlink(temp)
+    except OSError:
+        pass
+    fd = os.open(temp, _FILE_FLAGS | (os.O_APPEND if keep_open else 0), 0o600)
+    try:
+        _write_all(fd, data)
+        os.replace(temp, path)
+    except OSError:
+        os.close(fd)
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    if keep_open:
+        return fd
+    os.close(fd)
+    return -1

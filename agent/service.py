@@ -4,6 +4,8 @@
 which the driver implements, when a long answer such as the manifest is streamed). Every
 operation gets exactly one `Ack` or `Error` with its `seq`; a failed operation leaves the
 tree as it was and never ends the session. Handlers are dispatched through `_HANDLERS`.
+Each change also updates the record of what lsync made (`lsync.agent.records`), which the
+manifest reports as each entry's `written` field and which outlives the agent.
 """
 
 import os
@@ -89,6 +91,13 @@ class AgentService:
             if seq is None:
                 raise
             self._error(seq, exc.code, exc.message)
+        finally:
+            self._record_made_parents()
+
+    def _record_made_parents(self) -> None:
+        if self.root is not None and self.record is not None:
+            for path, ino in self.root.take_made():
+                self.record.made_dir(path, ino)
 
     # -- whole-file writes in worker threads (see lsync.agent.writer) ----------------------
     def _poolable(self, message: m.Message) -> bool:
@@ -118,11 +127,14 @@ class AgentService:
         """Answer for the pooled writes that have finished (with `wait`, for at least one)."""
         if self.pool is None:
             return
-        for outcome in self.pool.collect(wait):
+        outcomes = self.pool.collect(wait)
+        self._record_made_parents()
+        for outcome in outcomes:
             if outcome.error is None:
                 st, digest = outcome.result
                 assert self.record is not None
                 self.record.remember(outcome.path, file_key(st), digest)
+                self.record.wrote_file(outcome.path, digest)
                 self._ack(outcome.seq)
             elif isinstance(outcome.error, OpError):
                 self._error(outcome.seq, outcome.error.code, outcome.error.message)
@@ -157,14 +169,31 @@ class AgentService:
             pending.abort()
         self.pending.clear()
         if self.record is not None:
-            self.record.save(self.now_ns())
+            self.record.close(self.now_ns())
         if self.root is not None:
             self.root.close()
             self.root = None
 
-    def maybe_save_record(self) -> None:
-        if self.record is not None and self.record.dirty:
-            self.record.save(self.now_ns())
+    # -- keeping the record on disk (see lsync.agent.records) ------------------------------
+    def journal(self) -> None:
+        """Make what lsync wrote so far survive this process; call before acks leave."""
+        if self.record is not None:
+            self.record.journal(self.now_ns())
+
+    def snapshot_wanted(self, quiet: bool) -> Optional[int]:
+        """When (ns) the record wants a snapshot if the input stays quiet, or None."""
+        if self.record is None:
+            return None
+        return self.record.snapshot_wanted(self.now_ns(), quiet)
+
+    def save_record_if_due(self, quiet: bool) -> None:
+        """Write a snapshot when one is due: `quiet` says the input has been idle a while."""
+        if self.record is None:
+            return
+        now = self.now_ns()
+        due = self.record.snapshot_wanted(now, quiet)
+        if due is not None and due <= now:
+            self.record.save(now)
 
     # -- handshake ------------------------------------------------------------------------
     def on_hello(self, msg: m.Hello) -> None:
@@ -264,7 +293,9 @@ class AgentService:
             if not msg.final:
                 self.failed_writes.add(msg.seq)
             raise
-        self.record.remember(msg.path, file_key(st), hasher.digest())
+        digest = hasher.digest()
+        self.record.remember(msg.path, file_key(st), digest)
+        self.record.wrote_file(msg.path, digest)
         self._ack(msg.seq)
 
     def on_write_delta(self, msg: m.WriteDelta) -> None:
@@ -300,6 +331,7 @@ class AgentService:
         finally:
             os.close(fd)
         self.record.remember(msg.path, file_key(st), digest)
+        self.record.wrote_file(msg.path, digest)
         self._ack(msg.seq)
 
     def _open_base(self, path: str, base: bytes) -> int:
@@ -338,7 +370,7 @@ class AgentService:
     def on_delete(self, msg: m.Delete) -> None:
         assert self.root is not None and self.record is not None
         try:
-            removed = self.root.remove(msg.path)
+            removed, was_dir = self.root.remove(msg.path)
         except OpError as exc:
             if exc.code == ErrorCode.NOT_FOUND:
                 self.record.forget(msg.path)
@@ -346,16 +378,18 @@ class AgentService:
                 return
             raise
         if removed:
-            self.record.forget_tree(msg.path)
+            # An empty directory may still have records of entries removed behind our back.
+            self.record.forget(msg.path, tree=was_dir)
             self._ack(msg.seq)
         else:
+            # Nothing was removed (remove() touches only the named entry): records stay.
             self._ack(msg.seq, AckStatus.KEPT_NOT_EMPTY,
                       "kept {}: it holds files lsync did not sync".format(msg.path))
 
     def on_rename(self, msg: m.Rename) -> None:
         assert self.root is not None and self.record is not None
-        self.root.rename(msg.src, msg.dst)
-        self.record.move_tree(msg.src, msg.dst)
+        st = self.root.rename(msg.src, msg.dst)
+        self.record.move(msg.src, msg.dst, tree=st is None or stat.S_ISDIR(st.st_mode))
         self._ack(msg.seq)
 
     def on_copy(self, msg: m.Copy) -> None:
@@ -391,17 +425,21 @@ class AgentService:
         finally:
             os.close(fd)
         self.record.remember(msg.dst, file_key(st), digest)
+        self.record.wrote_file(msg.dst, digest)
         self._ack(msg.seq)
 
     def on_mkdir(self, msg: m.Mkdir) -> None:
-        assert self.root is not None
-        self.root.mkdir(msg.path, msg.mode)
+        assert self.root is not None and self.record is not None
+        st = self.root.mkdir(msg.path, msg.mode)
+        # Made or found: either way the client now owns this directory.
+        self.record.made_dir(msg.path, st.st_ino)
         self._ack(msg.seq)
 
     def on_symlink(self, msg: m.Symlink) -> None:
         assert self.root is not None and self.record is not None
         self.root.symlink(msg.path, msg.target)
         self.record.forget(msg.path)
+        self.record.wrote_link(msg.path, msg.target)
         self._ack(msg.seq)
 
     def on_set_mode(self, msg: m.SetMode) -> None:
@@ -479,15 +517,17 @@ def walk_tree(top: str, record: DigestRecord) -> Any:
                     continue
                 mode = st.st_mode
                 if stat.S_ISDIR(mode):
-                    yield [rel, m.KIND_DIR, 0, st.st_mtime_ns, stat.S_IMODE(mode), None, None]
+                    yield [rel, m.KIND_DIR, 0, st.st_mtime_ns, stat.S_IMODE(mode), None, None,
+                           record.written(rel, m.KIND_DIR, st.st_ino)]
                     stack.append(rel)
                 elif stat.S_ISREG(mode):
                     digest = record.lookup(rel, file_key(st))
                     yield [rel, m.KIND_FILE, st.st_size, st.st_mtime_ns, stat.S_IMODE(mode),
-                           digest, None]
+                           digest, None, record.written(rel, m.KIND_FILE, st.st_ino)]
                 elif stat.S_ISLNK(mode):
                     try:
                         target = os.readlink(item.path)
                     except OSError:
                         continue
-                    yield [rel, m.KIND_LINK, 0, st.st_mtime_ns, 0, None, target]
+                    yield [rel, m.KIND_LINK, 0, st.st_mtime_ns, 0, None, target,
+                           record.written(rel, m.KIND_LINK, st.st_ino)]

@@ -373,15 +373,16 @@ class Bench:
     def _forget_agent_records(self) -> None:
         """Delete the digest records lsync's agent kept for this run's remote tree.
 
-        The agent remembers what it wrote in ~/.cache/lsync/agent-<hash>.json (the same
-        home here: the private sshd logs in as this user), named after the remote root and
-        the hash algorithm as in agent/records.py; the tree is gone, so are its records
-        (about 9 MB for the kernel tree)."""
+        The agent remembers what it wrote in ~/.cache/lsync/agent-<hash>.json and .journal
+        (the same home here: the private sshd logs in as this user), named after the remote
+        root and the hash algorithm as in agent/records.py; the tree is gone, so are its
+        records (about 16 MB for the kernel tree)."""
         directory = Path.home() / ".cache" / "lsync"
         for algorithm in ("xxh3-128", "blake2b-128"):
             key = f"{self.remote}\0{algorithm}".encode("utf-8", "surrogateescape")
             name = hashlib.sha256(key).hexdigest()[:24]
             (directory / f"agent-{name}.json").unlink(missing_ok=True)
+            (directory / f"agent-{name}.journal").unlink(missing_ok=True)
 
     def reset(self, remote_empty: bool = False) -> None:
         """local := src and remote := src (or empty), by content, without any ssh."""

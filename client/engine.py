@@ -211,7 +211,7 @@ class SyncEngine:
     async def initial_sync(self, local: dict[str, LocalEntry],
                            remote_entries: list[list[Any]]) -> None:
         """Load the remote manifest and queue every path where local and remote differ."""
-        for path, kind, size, _mtime, mode, digest, target in remote_entries:
+        for path, kind, size, _mtime, mode, digest, target, _written in remote_entries:
             # The scan already judged local paths; a path of the same kind is not ignored.
             mine = local.get(path)
             if (mine is None or _kind(mine) != kind) and self.rules.is_ignored(path, kind == DIR):

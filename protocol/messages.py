@@ -52,8 +52,16 @@ class ListTree(NamedTuple):
 class ManifestBatch(NamedTuple):
     """Agent → client: part of the remote manifest; the last batch has done=True.
 
-    Each entry is [path, kind, size, mtime_ns, mode, digest or None, link target or None];
-    the digest is present only when the agent knows it without reading the file.
+    Each entry is [path, kind, size, mtime_ns, mode, digest, target, written]:
+    - digest: the file's content digest, or None; present only when the agent knows it
+      without reading the file (ask `HashPaths` for the others);
+    - target: a symlink's target, None for files and directories;
+    - written: what lsync itself made at this path, as the agent recorded it across its
+      sessions, or None when lsync did not make this entry (or does not know): for a file
+      the digest of the content lsync wrote, for a symlink the target it wrote (UTF-8),
+      for a directory b"" (lsync made it, or a Mkdir claimed it). It is reported only while
+      the entry is of the kind lsync made. A file is lsync's own when `written` equals its
+      current digest, a link when it equals its current target.
     """
 
     seq: int
@@ -279,7 +287,7 @@ def _is_manifest_entries(value: Any) -> bool:
     for entry in value:
         if not (
             isinstance(entry, list)
-            and len(entry) == 7
+            and len(entry) == 8
             and isinstance(entry[0], str)
             and entry[1] in (KIND_FILE, KIND_DIR, KIND_LINK)
             and _is_uint(entry[2])
@@ -287,6 +295,7 @@ def _is_manifest_entries(value: Any) -> bool:
             and _is_uint(entry[4])
             and _is_opt_bytes(entry[5])
             and (entry[6] is None or isinstance(entry[6], str))
+            and _is_opt_bytes(entry[7])
         ):
             return False
     return True

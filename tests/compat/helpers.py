@@ -1,9 +1,10 @@
 """Wiring for compat tests: a client `Connection` talking to an in-process `AgentService`."""
 
+import contextlib
 import os
 import shutil
 import tempfile
-from typing import Any, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 from lsync.agent.service import AgentService, SessionEnd
 from lsync.protocol import PROTOCOL_VERSION
@@ -18,12 +19,13 @@ class Pair:
     fed separately, which exercises every partial-frame path of the decoder.
     """
 
-    def __init__(self, root: str, byte_at_a_time: bool = False) -> None:
+    def __init__(self, root: str, byte_at_a_time: bool = False, use_cache: bool = False,
+                 now_ns: Optional[Callable[[], int]] = None) -> None:
         self.client = Connection(CLIENT)
         self.agent_conn = Connection(AGENT)
         self.byte_at_a_time = byte_at_a_time
         self.service = AgentService(self.agent_conn.send, lambda: None,
-                                    lambda: 10 ** 18, use_cache=False)
+                                    now_ns or (lambda: 10 ** 18), use_cache=use_cache)
         self.received: List[m.Message] = []
         self.ended: Optional[SessionEnd] = None
         self.client.send(m.Hello(PROTOCOL_VERSION, {"hash": ["xxh3-128", "blake2b-128"]},
@@ -52,6 +54,7 @@ class Pair:
                         self.service.handle(msg)
                     except SessionEnd as end:
                         self.ended = end
+            self.service.journal()  # as the agent's driver does before answers leave
             back = self.agent_conn.data_to_send()
             if back:
                 moved = True
@@ -70,6 +73,26 @@ class Pair:
         replies = [r for r in self.pump() if not isinstance(r, m.Welcome)]
         assert len(replies) == 1, replies
         return replies[0]
+
+
+def manifest(pair: Pair, seq: int) -> Any:
+    """The remote manifest as {path: entry}."""
+    pair.client.send(m.ListTree(seq))
+    return {e[0]: e for b in pair.pump() for e in b.entries}
+
+
+@contextlib.contextmanager
+def home_at(path: str) -> Iterator[None]:
+    """HOME (where the agent keeps its record) set to `path` for a while."""
+    old = os.environ.get("HOME")
+    os.environ["HOME"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["HOME"]
+        else:
+            os.environ["HOME"] = old
 
 
 class TempTree:

@@ -40,7 +40,8 @@ def main():
     passed = failed = 0
     try:
         import importlib
-        for module_name in ("test_protocol", "test_agent", "test_writer", "test_packing"):
+        for module_name in ("test_protocol", "test_agent", "test_writer", "test_packing",
+                            "test_records"):
             module = importlib.import_module("tests.compat." + module_name)
             for name in sorted(dir(module)):
                 if not name.startswith("test_"):

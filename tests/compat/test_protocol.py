@@ -14,8 +14,10 @@ SAMPLES = [
     m.Hello(1, {"hash": ["xxh3-128"]}, "src/tree", {"create_root": True}),
     m.Welcome(1, {"hash": "blake2b-128"}, {"root": "/x", "python": "3.6.15"}),
     m.ListTree(7),
-    m.ManifestBatch(7, [["a", "f", 3, 10, 420, b"d" * 16, None], ["l", "l", 0, 0, 0, None, "a"]],
-                    True),
+    m.ManifestBatch(7, [["a", "f", 3, 10, 420, b"d" * 16, None, b"d" * 16],
+                        ["l", "l", 0, 0, 0, None, "a", b"a"],
+                        ["d", "d", 0, 0, 493, None, None, b""],
+                        ["n", "f", 3, 10, 420, None, None, None]], True),
     m.HashPaths(8, ["a", "b/c"]),
     m.Hashes(8, [b"x" * 16, None]),
     m.WriteFile(9, "a", 0o644, 0, b"data", True),
@@ -158,3 +160,14 @@ def test_wire_paths_are_checked():
         assert relpath_problem(bad), bad
     for good in ("a", "a/b.c", ".hidden/x", "a b/ü"):
         assert relpath_problem(good) == "", good
+
+
+def test_manifest_entries_need_the_written_field():
+    import msgpack
+    good = ["a", "f", 3, 10, 420, None, None, None]
+    for bad in (good[:7], good + [None], good[:7] + ["text"], good[:7] + [1]):
+        payload = msgpack.packb([11, 1, [bad], True], use_bin_type=True)
+        exc = _raises_protocol_error(m.decode_message, payload, "a")
+        assert exc.code == ErrorCode.MALFORMED_FRAME, bad
+    payload = msgpack.packb([11, 1, [good], True], use_bin_type=True)
+    assert m.decode_message(payload, "a").entries == [good]
