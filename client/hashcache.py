@@ -23,6 +23,10 @@ says why in `load_problem`. Loading 80,000 records takes a few split and slice c
 record is one 56-byte bytes object per path; `retain`, run after a full scan, drops paths
 that are gone and shares the path strings with the scan result (about 10 MB beyond the
 scan itself for 80,000 files).
+
+Threads: the scanner and the engine's reader threads call `lookup`, `store` and `discard`
+while the event loop's thread may call `save`; one lock guards the records, and `save`
+encodes a snapshot taken under it, so a save never mixes two states of the cache.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import json
 import os
 import re
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -110,6 +115,7 @@ class HashCache:
         self.misses = 0
         self._records: dict[str, bytes] = {}
         self._dirty = False
+        self._lock = threading.Lock()  # guards _records and _dirty (see the module docstring)
 
     def __len__(self) -> int:
         """The number of remembered digests."""
@@ -133,7 +139,8 @@ class HashCache:
 
     def lookup(self, rel: str, st: os.stat_result) -> bytes | None:
         """The digest of `rel` if it was read when it had exactly this stat, else None."""
-        record = self._records.get(rel)
+        with self._lock:
+            record = self._records.get(rel)
         if record is not None and record[:_KEY_SIZE] == _stat_key(st):
             self.hits += 1
             return record[_KEY_SIZE:]
@@ -144,26 +151,29 @@ class HashCache:
         """Remember `digest` for `rel` read with stat `st` (unchanged from before to after
         reading), reading having finished at `read_done_ns`. A racily recent file is not
         remembered (any old record is dropped). Returns whether it was remembered."""
-        if max(st.st_mtime_ns, st.st_ctime_ns) > read_done_ns - RACY_NS:
-            if self._records.pop(rel, None) is not None:
-                self._dirty = True
-            return False
-        self._records[rel] = _stat_key(st) + digest
-        self._dirty = True
-        return True
+        with self._lock:
+            if max(st.st_mtime_ns, st.st_ctime_ns) > read_done_ns - RACY_NS:
+                if self._records.pop(rel, None) is not None:
+                    self._dirty = True
+                return False
+            self._records[rel] = _stat_key(st) + digest
+            self._dirty = True
+            return True
 
     def discard(self, rel: str) -> None:
-        if self._records.pop(rel, None) is not None:
-            self._dirty = True
+        with self._lock:
+            if self._records.pop(rel, None) is not None:
+                self._dirty = True
 
     def retain(self, paths: Iterable[str]) -> None:
         """Keep only the records of `paths` (the files of a full scan), re-keyed with the
         given strings so the cache shares them instead of holding copies."""
-        old = self._records
-        kept = {rel: record for rel in paths if (record := old.get(rel)) is not None}
-        if len(kept) != len(old):
-            self._dirty = True
-        self._records = kept
+        with self._lock:
+            old = self._records
+            kept = {rel: record for rel in paths if (record := old.get(rel)) is not None}
+            if len(kept) != len(old):
+                self._dirty = True
+            self._records = kept
 
     def load(self) -> bool:
         """Replace the records with those of the cache file. Returns False, leaving the
@@ -237,23 +247,26 @@ class HashCache:
     def save(self, *, force: bool = False) -> None:
         """Write the cache file atomically (temporary file, fsync, rename) if anything
         changed since load or the last save."""
-        if self.path is None or not (self._dirty or force):
-            return
+        with self._lock:
+            if self.path is None or not (self._dirty or force):
+                return
+            records = dict(self._records)
+            self._dirty = False  # set again by any store after this snapshot
         header = {
             "version": VERSION,
             "algorithm": self.algorithm,
             "root": self.root,
             "saved_at_ns": self.clock(),
-            "count": len(self._records),
+            "count": len(records),
         }
         header_bytes = json.dumps(header).encode()
-        paths_blob = "\0".join(self._records).encode("utf-8", "surrogateescape")
+        paths_blob = "\0".join(records).encode("utf-8", "surrogateescape")
         parts = [
             MAGIC,
             _LENGTHS.pack(len(header_bytes), len(paths_blob)),
             header_bytes,
             paths_blob,
-            b"".join(self._records.values()),
+            b"".join(records.values()),
         ]
         body = b"".join(parts)
         data = body + _checksum(body)
@@ -268,5 +281,6 @@ class HashCache:
             os.replace(temp, self.path)
         except BaseException:
             temp.unlink(missing_ok=True)
+            with self._lock:
+                self._dirty = True
             raise
-        self._dirty = False

@@ -33,6 +33,9 @@ class RemoteEntry:
     size: int = 0
     # Block signature of the remote's version, the base of the next delta; None: send whole.
     signature: Signature | None = None
+    # What the agent recorded lsync wrote there (manifest): a file's digest, a link's target,
+    # b"" for a directory; None when lsync did not make it (or the agent does not know).
+    written: bytes | None = None
 
 
 class RemoteModel:

@@ -290,6 +290,35 @@ def scan_tree(
     return result
 
 
+def scan_dir(root: Path, rel: str, rules: IgnoreRules,
+             cache: HashCache) -> dict[str, LocalEntry] | None:
+    """The entries directly inside directory `rel` ("" for the root) that are not ignored,
+    or None when `rel` is gone, ignored, or no longer a directory (also below a symlink).
+    Problems with single entries leave them out or without digest, as in `scan_tree`."""
+    result: dict[str, LocalEntry] = {}
+    if rel and rules.is_ignored(rel, True):
+        return None
+    try:
+        if rel:
+            parent_fd, name = _open_parent(root, rel)
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+            finally:
+                os.close(parent_fd)
+        else:
+            fd = _open_root(root)
+    except OSError as exc:
+        if exc.errno in _GONE:
+            return None
+        raise
+    try:
+        _scan_dir(fd, rel + "/" if rel else "", rules, cache, result,
+                  lambda path, exc: None, top=True)
+    finally:
+        os.close(fd)
+    return result
+
+
 def _scan_dir(
     fd: int,
     prefix: str,

@@ -37,7 +37,15 @@ from lsync.client.link import AgentLink
 from lsync.client.reporter import Reporter
 from lsync.client.scanner import LocalEntry, scan_tree
 from lsync.client.streams import LocalAgentStream, SshAgentStream
-from lsync.client.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS, watch
+from lsync.client.watcher import (
+    DEFAULT_DEBOUNCE_MS,
+    DEFAULT_STEP_MS,
+    RootGone,
+    TreeWatcher,
+    WatchBatch,
+    open_watcher,
+)
+from lsync.client.window import Op
 from lsync.protocol import PROTOCOL_VERSION, hashing, packing
 from lsync.protocol import messages as m
 
@@ -83,34 +91,53 @@ class Session:
         self._owned: set[str] = set()
         self._owned_trees: set[str] = set()
         self._hash_seen: str | None = None  # the hash the agent chose last
+        self._watcher: TreeWatcher | None = None
 
     # -- the watcher feeds whichever engine is current --------------------------------------
-    def _on_batch(self, batch: list[str]) -> None:
+    def _on_batch(self, batch: WatchBatch) -> None:
         now = time.monotonic()
         dirty: list[str] = []
-        for path in batch:
+        for path in batch.paths:
             name = path.rpartition("/")[2]
             if self.rules.is_rules_file(path):
                 directory = path.rpartition("/")[0]
-                self.rules.reload(directory)
+                if self.rules.reload(directory) and self._watcher is not None:
+                    self._watcher.refresh(directory)  # newly unignored directories
                 dirty.append(directory)  # re-list: newly (un)ignored entries
             if name.startswith(".lsync-tmp-"):
                 continue
             dirty.append(path)
-        if self.engine is not None:
-            self.engine.mark_dirty(dirty, now)
+        engine = self.engine
+        if engine is not None:
+            engine.mark_dirty(dirty, now)
+            engine.hold(p for p in batch.writing if not p.rpartition("/")[2].startswith(
+                ".lsync-tmp-"))
+            engine.release(batch.closed)
+            if batch.overflow:
+                self.reporter.note(f"watcher: {batch.note}; checking the whole tree")
+                engine.check_all(batch.note)
         else:
+            # The next connection compares the whole tree anyway (overflow or not).
             for path in dirty:
                 self._buffered.setdefault(path, now)
 
     async def _watch(self) -> None:
-        async for batch in watch(self.root, self.stop, self.options.step_ms,
-                                 self.options.debounce_ms):
-            self._on_batch(batch)
+        watcher = open_watcher(self.root, self._skip_dir, self.options.step_ms,
+                               self.options.debounce_ms)
+        self._watcher = watcher
+        try:
+            async for batch in watcher.batches(self.stop):
+                self._on_batch(batch)
+        except RootGone:
+            pass
+        finally:
+            watcher.close()
         if not self.stop.is_set():
-            # watchfiles ends when the watched root goes away.
             raise SafetyStop(f"the local tree {self.root} is no longer watchable (removed or "
                              "unmounted?); stopped without deleting anything on the remote")
+
+    def _skip_dir(self, rel: str) -> bool:
+        return bool(rel) and self.rules.is_ignored(rel, True)
 
     # -- running ----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -159,22 +186,19 @@ class Session:
                 self.engine = None
 
     def _carry_over(self, engine: SyncEngine) -> None:
-        """Keep what the next connection needs from one that ended: the queued paths, the
-        paths of unanswered operations (the remote may or may not have applied them), and
-        what lsync owned remotely."""
+        """Keep what the next connection needs from one that ended: the paths still to do
+        or whose operations got no answer (the remote may or may not have applied them),
+        and what lsync owned remotely."""
         now = time.monotonic()
-        for path, since in engine.dirty.items():
-            self._buffered.setdefault(path, since)
+        for path in engine.pending_paths():
+            self._buffered.setdefault(path, now)
         self._owned = {path for path, entry in engine.model.entries.items() if entry.owned}
         self._owned_trees = set()
-        for op in engine.link.unanswered():
-            for path in (op.path, op.src):
-                if path:
-                    self._buffered.setdefault(path, now)
-            if op.kind == "Delete":
-                self._owned_trees.add(op.path)
-            elif op.kind == "Rename":
-                self._owned_trees.add(op.src)
+        for flight in engine.window.flights.values():
+            if flight.op is Op.DELETE:
+                self._owned_trees.add(flight.target)
+            elif flight.op is Op.RENAME:
+                self._owned_trees.add(flight.src)
 
     def _adopt_owned(self, engine: SyncEngine, local: Container[str]) -> list[str]:
         """After a reconnect: mark what lsync owned before as owned again in the new model,
@@ -281,10 +305,13 @@ class Session:
                 tasks.append(scan)
             cache, local = await self._or_stop(scan)
             entries = await self._or_stop(manifest)
-            engine = SyncEngine(link, self.root, self.rules, cache, self.reporter,
-                                self.options.delete,
-                                compression=welcome.chosen.get("compression", packing.ZLIB),
-                                long_link=long_link)
+            tree_watcher = self._watcher
+            engine = SyncEngine(
+                link, self.root, self.rules, cache, self.reporter, self.options.delete,
+                compression=welcome.chosen.get("compression", packing.ZLIB),
+                long_link=long_link,
+                seen_until=tree_watcher.seen_until if tree_watcher else time.time_ns,
+                close_events=bool(tree_watcher and tree_watcher.close_events))
             await engine.initial_sync(local, entries)
             signatures = sigstore.default_path(self.root, hash_name)
             engine.adopt_signatures(await asyncio.to_thread(sigstore.load, signatures))
@@ -310,8 +337,7 @@ class Session:
             self.reporter.ready(engine.counters.files, engine.counters.bytes,
                                 time.monotonic() - started)
             self.reporter.state("watching")
-            await asyncio.to_thread(cache.save)
-            await asyncio.to_thread(sigstore.save, signatures, engine.signatures_to_keep())
+            await self._save_caches(cache, signatures, engine)
             await _first(stopping, runner, watcher, link_closed)
             _raise_failures(runner, watcher, link)
             self.reporter.state("stopping: draining queued writes")
@@ -321,7 +347,7 @@ class Session:
             tasks.append(drain_limit)
             await _first(drained, runner, link_closed, drain_limit)
             _raise_failures(runner, None, link)
-            await asyncio.to_thread(sigstore.save, signatures, engine.signatures_to_keep())
+            await self._save_caches(cache, signatures, engine)
             await link.close("user stopped lsync")
             self.reporter.state("stopped")
         finally:
@@ -336,6 +362,19 @@ class Session:
                 with contextlib.suppress(OSError, asyncssh.Error):
                     await self._ssh.wait_closed()
                 self._ssh = None
+
+
+    async def _save_caches(self, cache: HashCache, signatures: Path,
+                           engine: SyncEngine) -> None:
+        """Save the hash cache and the signatures; a failure is a note, never fatal."""
+        for what, save in (("hash cache", cache.save),
+                           ("signatures", lambda: sigstore.save(
+                               signatures, engine.signatures_to_keep()))):
+            try:
+                await asyncio.to_thread(save)
+            except (OSError, ValueError) as exc:
+                self.reporter.note(f"could not save the {what} ({exc}); the next start "
+                                   "reads more")
 
 
 async def _collect(batches: AsyncIterator[list[list[Any]]]) -> list[list[Any]]:

@@ -1,11 +1,14 @@
 """What the user sees: one live status line on a terminal, or timestamped log lines.
 
 `LiveStatus` redraws a single line (connection state, files and bytes synced, queue depth,
-last save-to-acknowledgement latency) at most every 100 ms; an update that comes sooner is
+last save-to-acknowledgement latency, and `in sync HH:MM:SS` once a convergence check
+found nothing left to send) at most every 100 ms; an update that comes sooner is
 drawn when those 100 ms are over (the line never stays behind the last event); notes and
 errors are printed above it. `LogStatus` writes `<iso time> <event> ...` lines, for when
 stdout is not a terminal: `ready files=N bytes=M` once the initial sync is acknowledged
-and, with -v, one `ack <path> ms=<latency>` line per acknowledged write. -q keeps errors
+and, with -v, one `ack <path> ms=<latency>` line per acknowledged write; after each burst of
+work, once a convergence check found nothing left, `in-sync as-of=<unix ns> files=N
+bytes=M`: every local change made before that instant is on the remote. -q keeps errors
 only.
 """
 
@@ -88,6 +91,10 @@ class LogStatus(_Base):
         if self.verbosity >= NORMAL:
             self._line(f"ready files={files} bytes={nbytes} seconds={seconds:.2f}")
 
+    def in_sync(self, as_of_ns: int, files: int, nbytes: int) -> None:
+        if self.verbosity >= NORMAL:
+            self._line(f"in-sync as-of={as_of_ns} files={files} bytes={nbytes}")
+
     def close(self) -> None:
         pass
 
@@ -99,6 +106,7 @@ class LiveStatus(_Base):
         super().__init__(out, verbosity)
         self._drawn = 0.0
         self._progress = ""
+        self._synced = ""  # when the last convergence check found everything in sync
         self._late: asyncio.TimerHandle | None = None
 
     def _draw(self, force: bool = False) -> None:
@@ -119,6 +127,8 @@ class LiveStatus(_Base):
                   f"queue {self.queued}+{self.in_flight}", f"last {latency}"]
         if self.errors:
             parts.append(f"{self.errors} errors")
+        if self._synced:
+            parts.append(f"in sync {self._synced}")
         self.out.write("\r\x1b[2K" + " | ".join(parts))
         self.out.flush()
 
@@ -161,6 +171,8 @@ class LiveStatus(_Base):
 
     def queue(self, queued: int, in_flight: int) -> None:
         self.queued, self.in_flight = queued, in_flight
+        if queued or in_flight:
+            self._synced = ""  # work again: no longer known to be in sync
         self._draw()
 
     def progress(self, done_bytes: int, total_bytes: int, done_files: int,
@@ -178,6 +190,10 @@ class LiveStatus(_Base):
         self._progress = ""
         if self.verbosity >= NORMAL:
             self._above(f"in sync: {files} files, {_size(nbytes)} in {seconds:.1f} s; watching")
+
+    def in_sync(self, as_of_ns: int, files: int, nbytes: int) -> None:
+        self._synced = datetime.datetime.fromtimestamp(as_of_ns / 1e9).strftime("%H:%M:%S")
+        self._draw(force=True)
 
     def close(self) -> None:
         self._draw(force=True)  # also cancels a pending late draw

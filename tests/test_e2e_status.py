@@ -30,7 +30,8 @@ _CTTY_EXEC = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY,
               "os.execv(sys.argv[1], sys.argv[1:])")
 _STATUS = re.compile(r"(?P<state>[^|]+?) \| (?:\[[#.]+\][^|]*\| )?(?P<files>\d+) files \| "
                      r"(?P<size>[\d.]+ (?:B|KiB|MiB|GiB)) \| queue (?P<queued>\d+)\+"
-                     r"(?P<in_flight>\d+) \| last (?P<last>-|\d+ ms)")
+                     r"(?P<in_flight>\d+) \| last (?P<last>-|\d+ ms)"
+                     r"(?: \| \d+ errors)?(?: \| in sync (?P<synced>[\d:]+))?")
 
 
 class TerminalLsync:
@@ -111,7 +112,8 @@ def _settled_after(session: TerminalLsync, files_before: int) -> bool:
     status = session.current()
     return (status is not None and status["state"] == "watching"
             and int(status["files"]) > files_before and status["queued"] == "0"
-            and status["in_flight"] == "0" and status["last"] != "-")
+            and status["in_flight"] == "0" and status["last"] != "-"
+            and status["synced"] is not None)
 
 
 def _check_live_line_and_ctrl_c(session: TerminalLsync, local: Path, remote: Path) -> None:

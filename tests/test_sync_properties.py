@@ -77,6 +77,9 @@ class RecordingReporter:
     def ready(self, files: int, nbytes: int, seconds: float) -> None:
         pass
 
+    def in_sync(self, as_of_ns: int, files: int, nbytes: int) -> None:
+        pass
+
 
 class RecordingLink(AgentLink):
     """An `AgentLink` that remembers the kind and path of every operation submitted."""

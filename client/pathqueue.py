@@ -1,0 +1,278 @@
+"""Every local path that lsync still has to make true on the remote, each in one state.
+
+This is the heart of the client core: no asyncio, no file I/O, time passed in. A path is
+known here from the moment something says it may have changed (a watcher hint, a scan
+difference, a reply that failed) until the remote has acknowledged every operation sent
+for it. Its record is in exactly one state:
+
+- QUEUED: to be looked at, in the order paths were marked (`take` hands them out);
+- HELD: its writer still has it open (the watcher saw a write and no close yet), or it
+  could not be read consistently: looked at again at `due`, or as soon as `release` says
+  the writer closed it;
+- READING: taken by the engine, which is looking at the local path, reading it, and
+  sending operations;
+- WAITING: operations were sent for it and some are not answered yet;
+- FAILED: its last operation failed; marked again at `due`, with a growing backoff.
+
+A path changed again while READING or WAITING goes back to QUEUED (`again` for READING:
+the engine's current pass may have read an old version), while its unanswered operations
+stay counted (`inflight`). "Idle" is "no record except FAILED ones". Each change gets a
+tick from one counter; `oldest_tick` is the flush watermark: every change with a smaller
+tick has been acknowledged by the remote, or failed (`failing` tells how many paths).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+RETRY_FIRST = 1.0  # seconds before a failed path is tried again; doubles up to RETRY_MAX
+RETRY_MAX = 60.0
+
+
+class State(Enum):
+    QUEUED = "queued"
+    HELD = "held"
+    READING = "reading"
+    WAITING = "waiting"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class PathRecord:
+    state: State
+    tick: int  # the oldest change of this path not yet acknowledged
+    since: float  # when that change was seen: the save, as far as we can tell (latency)
+    inflight: int = 0  # operations sent for this path and not answered
+    again: bool = False  # READING: changed again meanwhile, look once more when done
+    due: float = 0.0  # HELD, FAILED: when to look again
+    hold_started: float = 0.0  # HELD by a writer: since when (holds are bounded)
+    deferred: bool = False  # READING: was put back behind the queue once already
+    failures: int = 0  # consecutive failed attempts (backoff)
+    reason: str = ""  # FAILED: what went wrong, for the user
+
+
+class PathQueue:
+    def __init__(self, hold_max: float = 2.0) -> None:
+        self.hold_max = hold_max  # longest a path waits for its writer to close it
+        self.records: dict[str, PathRecord] = {}
+        self._queue: dict[str, None] = {}  # QUEUED paths, in order
+        self._tick = 0
+
+    # -- questions ---------------------------------------------------------------------------
+    def __contains__(self, path: str) -> bool:
+        return path in self.records
+
+    def state(self, path: str) -> State | None:
+        record = self.records.get(path)
+        return None if record is None else record.state
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to do and nothing unanswered (failing paths aside)."""
+        return all(r.state is State.FAILED for r in self.records.values())
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def count(self, state: State) -> int:
+        return sum(1 for r in self.records.values() if r.state is state)
+
+    def failing(self) -> dict[str, str]:
+        return {p: r.reason for p, r in self.records.items() if r.state is State.FAILED}
+
+    def now_tick(self) -> int:
+        """The tick the next change will get: a flush taken now waits for every change
+        with a smaller one."""
+        return self._tick + 1
+
+    def oldest_tick(self, include_failed: bool = False) -> int | None:
+        """The flush watermark: the oldest change not acknowledged yet (None: none)."""
+        ticks = [r.tick for r in self.records.values()
+                 if include_failed or r.state is not State.FAILED]
+        return min(ticks) if ticks else None
+
+    def flushed(self, tick: int) -> bool:
+        """Every change older than `tick` is acknowledged (failed ones do not count)."""
+        oldest = self.oldest_tick(include_failed=True)
+        return oldest is None or oldest >= tick
+
+    def next_due(self) -> float | None:
+        dues = [r.due for r in self.records.values() if r.state in (State.HELD, State.FAILED)]
+        return min(dues) if dues else None
+
+    # -- changes -----------------------------------------------------------------------------
+    def mark(self, paths: Iterable[str], now: float, since: float | None = None,
+             retry_failed: bool = True) -> int:
+        """These paths may have changed (at `since`, default `now`); returns how many were
+        not queued already. A FAILED path is queued at once only with `retry_failed` (a
+        watcher hint: the user may have fixed the cause); otherwise it waits for its due time."""
+        added = 0
+        when = now if since is None else since
+        for path in paths:
+            record = self.records.get(path)
+            if record is None:
+                self._tick += 1
+                self.records[path] = PathRecord(State.QUEUED, self._tick, when)
+                self._queue[path] = None
+                added += 1
+            elif record.state is State.READING:
+                record.again = True
+            elif record.state is State.WAITING or (record.state is State.FAILED
+                                                   and retry_failed):
+                if record.state is State.FAILED:
+                    self._tick += 1
+                    record.tick, record.since = self._tick, when
+                record.state = State.QUEUED
+                self._queue[path] = None
+                added += 1
+            # QUEUED stays where it is; HELD waits for its writer or its deadline.
+        return added
+
+    def hold(self, paths: Iterable[str], now: float) -> None:
+        """Their writers have them open: do not read them before `release` or hold_max."""
+        for path in paths:
+            record = self.records.get(path)
+            if record is None:
+                self.mark([path], now)
+                record = self.records[path]
+            if record.state is State.QUEUED:
+                del self._queue[path]
+                record.state, record.hold_started = State.HELD, now
+                record.due = now + self.hold_max
+            elif record.state is State.READING:
+                record.again = True  # the pass finishing now will be followed by a hold
+
+    def release(self, paths: Iterable[str], now: float) -> None:
+        """Their writers closed them: queue the held ones now."""
+        for path in paths:
+            record = self.records.get(path)
+            if record is not None and record.state is State.HELD and record.due > now:
+                record.due = now
+        self.wake(now)
+
+    def wake(self, now: float) -> int:
+        """Queue every HELD or FAILED path whose time has come; returns how many."""
+        woken = 0
+        for path, record in self.records.items():
+            if record.state in (State.HELD, State.FAILED) and record.due <= now:
+                if record.state is State.FAILED:
+                    self._tick += 1
+                    record.tick, record.since = self._tick, now
+                record.state = State.QUEUED
+                self._queue[path] = None
+                woken += 1
+        return woken
+
+    # -- the engine's passes -----------------------------------------------------------------
+    def take(self) -> tuple[str, PathRecord] | None:
+        """The next QUEUED path, now READING."""
+        while self._queue:
+            path = next(iter(self._queue))
+            del self._queue[path]
+            record = self.records[path]
+            if record.state is State.QUEUED:
+                record.state, record.again = State.READING, False
+                return path, record
+        return None
+
+    def peek(self, limit: int) -> list[str]:
+        """The next `limit` QUEUED paths, for reading ahead."""
+        out: list[str] = []
+        for path in self._queue:
+            if len(out) >= limit:
+                break
+            out.append(path)
+        return out
+
+    def defer(self, path: str) -> None:
+        """READING → QUEUED at the end of the queue (a delete waits behind the paths marked
+        with it, one of which may be where its content went)."""
+        record = self.records[path]
+        record.state, record.deferred = State.QUEUED, True
+        self._queue[path] = None
+
+    def retry(self, path: str, now: float, delay: float) -> None:
+        """READING → HELD for `delay` (the file kept changing while read, or vanished)."""
+        record = self.records[path]
+        record.deferred = False
+        if record.again:
+            record.again = False
+            record.state = State.QUEUED
+            self._queue[path] = None
+            return
+        record.state, record.due, record.hold_started = State.HELD, now + delay, now
+
+    def done(self, path: str, now: float) -> None:
+        """The engine's pass over `path` is over: whatever it sent is counted in flight."""
+        record = self.records[path]
+        record.deferred = False
+        if record.again:
+            record.again = False
+            record.state = State.QUEUED
+            self._queue[path] = None
+        elif record.inflight:
+            record.state = State.WAITING
+        else:
+            del self.records[path]
+
+    def fail(self, path: str, now: float, reason: str, own_pass: bool = False) -> None:
+        """The path cannot be synced now: a remote operation for it failed, or (`own_pass`)
+        the engine's pass over it, which is READING it, could not read it."""
+        record = self.records.get(path)
+        if record is None:
+            self._tick += 1
+            record = self.records[path] = PathRecord(State.FAILED, self._tick, now)
+        if own_pass and record.state is State.READING:
+            if record.again:  # changed meanwhile: look again at once
+                record.again = False
+                record.state = State.QUEUED
+                self._queue[path] = None
+                return
+        elif record.state in (State.QUEUED, State.READING):
+            if record.state is State.READING:
+                record.again = True  # the pass under way looks again, what failed forgotten
+            record.reason = reason
+            return  # a newer pass is coming anyway
+        self._queue.pop(path, None)
+        record.failures += 1
+        record.reason = reason
+        record.again = False
+        record.state = State.FAILED
+        record.due = now + min(RETRY_MAX, RETRY_FIRST * 2 ** (record.failures - 1))
+
+    # -- the window's replies ----------------------------------------------------------------
+    def sent(self, path: str) -> None:
+        """An operation for `path` went out (during its pass)."""
+        record = self.records.get(path)
+        if record is None:
+            self._tick += 1
+            record = self.records[path] = PathRecord(State.WAITING, self._tick, 0.0)
+        record.inflight += 1
+
+    def answered(self, path: str, ok: bool) -> None:
+        """One operation for `path` was answered (`ok`: acknowledged)."""
+        record = self.records.get(path)
+        if record is None:
+            return
+        record.inflight -= 1
+        if ok and record.state is State.FAILED and record.inflight == 0:
+            return  # an older failure still stands until its retry
+        if ok:
+            record.failures = 0 if record.inflight == 0 else record.failures
+        if record.state is State.WAITING and record.inflight == 0:
+            del self.records[path]
+
+    def forget_unanswered(self) -> list[str]:
+        """The link broke: nothing in flight will be answered. Paths that had operations in
+        flight are queued again (the remote may or may not have applied them)."""
+        paths = [p for p, r in self.records.items() if r.inflight]
+        for path in paths:
+            record = self.records[path]
+            record.inflight = 0
+            if record.state in (State.WAITING, State.FAILED):
+                record.state = State.QUEUED
+                self._queue[path] = None
+        return paths
