@@ -62,6 +62,7 @@ from lsync.protocol.paths import relpath_problem
 
 HASH_BATCH = 2000
 UNSTABLE_RETRY = 0.05
+DELETE_WAIT = 0.01  # a delete waits this long (again) while the watcher has undelivered events
 SETTLE_SIZE = 1 << 20  # without close-write events, files this big wait to be still
 SETTLE = 0.02
 MAX_FILE = 1 << 30  # files are read whole into memory; bigger ones are reported
@@ -410,6 +411,7 @@ class SyncEngine:
             return "done"
         if relpath_problem(path):
             return "done"
+        wall_now = time.time_ns()
         try:
             st = os.lstat(self.root / path) if self._parent_is_real(path) else None
         except FileNotFoundError:
@@ -424,6 +426,11 @@ class SyncEngine:
                 self.model.drop_tree(path)  # ignored now: leave the remote copy alone
             return "done"
         if st is None:
+            if remote is not None and self.seen_until() < wall_now:
+                # The watcher has events not delivered yet: more of the tree may be going
+                # (an emptied or unmounted root). Deletes wait until it has caught up.
+                self.queue.retry(path, self.clock(), DELETE_WAIT)
+                return "retry"
             if remote is not None and self.queue.queued and not record.deferred:
                 # Gone locally: delete it after the paths queued behind it, one of which may
                 # be where it moved, so that its content can still be copied there remotely.

@@ -30,8 +30,10 @@ import ctypes
 import errno
 import functools
 import os
+import select
 import struct
 import sys
+import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +212,7 @@ class InotifyWatcher:
         self._subdirs: dict[str, set[str]] = {}  # watched directory -> its watched children
         self._open_for_write: set[str] = set()   # IN_MODIFY seen after the last IN_CLOSE_WRITE
         self._pending = BatchCollector()
+        self._clean_ns = 0  # wall time when, last seen, no event was unread or undelivered
         self._first_at: float | None = None      # loop time of the pending batch's first event
         self._last_at = 0.0
         self._resync_due = False
@@ -268,6 +271,19 @@ class InotifyWatcher:
         finally:
             stop_task.cancel()
             await asyncio.wait({stop_task})
+
+    def seen_until(self) -> int:
+        """A wall time (Unix ns) such that every change made before it has been delivered
+        in a batch: now, when no event waits unread in the kernel's queue and none waits
+        here for its batch; else the last time that was so."""
+        fd = self._fd
+        if fd is None or self._first_at is not None or self._pending:
+            return self._clean_ns
+        now = time.time_ns()
+        if select.select([fd], [], [], 0)[0]:
+            return self._clean_ns
+        self._clean_ns = now
+        return now
 
     def close(self) -> None:
         """Stop reading and close the descriptor (which drops every watch); idempotent."""

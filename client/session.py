@@ -123,7 +123,7 @@ class Session:
 
     async def _watch(self) -> None:
         watcher = open_watcher(self.root, self._skip_dir, self.options.step_ms,
-                               self.options.debounce_ms)
+                               self.options.debounce_ms, self.reporter.note)
         self._watcher = watcher
         try:
             async for batch in watcher.batches(self.stop):

@@ -62,20 +62,13 @@ class _Inotify:
     def __init__(self, root: Path, skip_dir: Callable[[str], bool], step_ms: int,
                  debounce_ms: int) -> None:
         self.watcher = InotifyWatcher(root, skip_dir, step_ms, debounce_ms)
-        self.debounce_ns = (debounce_ms + step_ms) * 1_000_000
-        self._delivered = 0
 
     async def batches(self, stop: asyncio.Event) -> AsyncIterator[WatchBatch]:
-        self.watcher.start()
-        self._delivered = time.time_ns()
         async for batch in self.watcher.batches(stop):
-            self._delivered = time.time_ns()
             yield batch
 
     def seen_until(self) -> int:
-        # The watcher collects events for at most debounce_ms + step_ms before it
-        # delivers them: every change older than that has been delivered.
-        return max(self._delivered, time.time_ns() - self.debounce_ns - 20_000_000)
+        return self.watcher.seen_until()
 
     def refresh(self, rel: str) -> None:
         self.watcher.refresh(rel)
@@ -132,9 +125,18 @@ class _Watchfiles:
 
 
 def open_watcher(root: Path, skip_dir: Callable[[str], bool],
-                 step_ms: int = DEFAULT_STEP_MS,
-                 debounce_ms: int = DEFAULT_DEBOUNCE_MS) -> TreeWatcher:
-    """The best watcher for this platform (inotify on Linux, watchfiles elsewhere)."""
+                 step_ms: int = DEFAULT_STEP_MS, debounce_ms: int = DEFAULT_DEBOUNCE_MS,
+                 on_fallback: Callable[[str], None] = lambda why: None) -> TreeWatcher:
+    """The best watcher for this platform, started (inotify on Linux, watchfiles elsewhere
+    or when inotify cannot start, e.g. too many inotify instances: `on_fallback` says why).
+    Call it from the event loop's thread."""
     if sys.platform.startswith("linux") and available():
-        return _Inotify(root, skip_dir, step_ms, debounce_ms)
+        watcher = _Inotify(root, skip_dir, step_ms, debounce_ms)
+        try:
+            watcher.watcher.start()
+            return watcher
+        except OSError as exc:
+            watcher.close()
+            on_fallback(f"inotify unavailable ({exc.strerror or exc}); watching with "
+                        "watchfiles, which cannot report lost events")
     return _Watchfiles(root, step_ms, debounce_ms)

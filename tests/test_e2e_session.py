@@ -100,7 +100,7 @@ def test_emptied_local_root_stops_without_deleting_remotely(
     status = lsync.finish(timeout=20)
     assert status == 6, (status, lsync.stderr)
     assert "suddenly empty" in lsync.stderr
-    assert len(list(remote.iterdir())) >= 19  # at most a delete that raced the check
+    assert len(list(remote.iterdir())) == 20
 
 
 def test_write_through_a_remote_symlinked_directory_is_refused(
