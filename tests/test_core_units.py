@@ -1,0 +1,259 @@
+"""Unit tests of the client core's pure parts: PathQueue, Window/verdict, planner, HashCache.
+
+No sockets, no event loop: time is a number passed in.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+from lsync.client import planner
+from lsync.client.hashcache import HashCache
+from lsync.client.model import DIR, FILE, LINK, RemoteEntry, RemoteModel
+from lsync.client.pathqueue import PathQueue, State
+from lsync.client.scanner import LocalEntry
+from lsync.client.window import InFlight, Op, Window, verdict
+from lsync.protocol import messages as m
+from lsync.protocol.errors import AckStatus, ErrorCode
+
+D1 = b"1" * 16
+D2 = b"2" * 16
+
+
+def never_ignored(path: str, is_dir: bool) -> bool:
+    return False
+
+
+# -- PathQueue ---------------------------------------------------------------------------------
+
+
+def test_queue_is_idle_only_when_no_path_is_queued_read_or_unanswered() -> None:
+    queue = PathQueue()
+    assert queue.idle
+    queue.mark(["a"], 0.0)
+    assert queue.state("a") is State.QUEUED
+    taken = queue.take()
+    assert taken is not None and taken[0] == "a" and queue.state("a") is State.READING
+    assert not queue.idle  # being read: not idle (the `ready` printed too early, issue 8.6)
+    queue.sent("a")
+    queue.done("a", 0.0)
+    assert queue.state("a") is State.WAITING and not queue.idle
+    queue.answered("a", ok=True)
+    assert queue.idle and "a" not in queue
+
+
+def test_change_during_a_read_queues_the_path_again_when_the_pass_ends() -> None:
+    queue = PathQueue()
+    queue.mark(["a"], 0.0)
+    queue.take()
+    queue.mark(["a"], 1.0)  # saved again while being read
+    queue.done("a", 1.0)
+    assert queue.state("a") is State.QUEUED
+
+
+def test_flush_watermark_waits_for_every_older_change_only() -> None:
+    queue = PathQueue()
+    queue.mark(["a"], 0.0)
+    barrier = queue.now_tick()
+    queue.mark(["b"], 0.0)
+    assert not queue.flushed(barrier)
+    taken = queue.take()
+    assert taken is not None and taken[0] == "a"
+    queue.sent("a")
+    queue.done("a", 0.0)
+    assert not queue.flushed(barrier)  # sent, not acknowledged
+    queue.answered("a", ok=True)
+    assert queue.flushed(barrier)  # b is newer than the barrier
+    assert not queue.idle
+
+
+def test_held_path_waits_for_its_writer_to_close_or_for_the_bound() -> None:
+    queue = PathQueue(hold_max=2.0)
+    queue.mark(["big"], 0.0)
+    queue.hold(["big"], 0.0)
+    assert queue.take() is None and queue.state("big") is State.HELD
+    assert not queue.idle
+    queue.release(["big"], 0.5)
+    assert queue.state("big") is State.QUEUED
+    queue.take()
+    queue.done("big", 0.5)
+    queue.hold(["big"], 1.0)  # a writer that never closes
+    queue.wake(2.9)
+    assert queue.state("big") is State.HELD
+    queue.wake(3.0)
+    assert queue.state("big") is State.QUEUED
+
+
+def test_failed_path_is_retried_with_backoff_and_not_counted_as_busy() -> None:
+    queue = PathQueue()
+    queue.mark(["x"], 0.0)
+    queue.take()
+    queue.sent("x")
+    queue.done("x", 0.0)
+    queue.answered("x", ok=False)
+    queue.fail("x", 0.0, "no space left on device")
+    assert queue.state("x") is State.FAILED and queue.idle
+    assert queue.failing() == {"x": "no space left on device"}
+    assert not queue.flushed(queue.now_tick())  # a failed change is not flushed
+    queue.mark(["x"], 0.5, retry_failed=False)  # a convergence check: waits for its time
+    assert queue.state("x") is State.FAILED
+    queue.wake(1.0)
+    assert queue.state("x") is State.QUEUED
+    queue.take()
+    queue.fail("x", 1.0, "still full", own_pass=True)
+    assert queue.state("x") is State.FAILED
+    assert queue.next_due() == 1.0 + 2.0  # doubled
+
+
+def test_deferred_delete_goes_behind_the_queue_once() -> None:
+    queue = PathQueue()
+    queue.mark(["gone", "new"], 0.0)
+    taken = queue.take()
+    assert taken is not None and taken[0] == "gone" and not taken[1].deferred
+    queue.defer("gone")
+    taken = queue.take()
+    assert taken is not None and taken[0] == "new"
+    queue.done("new", 0.0)
+    taken = queue.take()
+    assert taken is not None and taken[0] == "gone" and taken[1].deferred
+
+
+def test_link_cut_queues_again_every_path_with_unanswered_operations() -> None:
+    queue = PathQueue()
+    queue.mark(["a", "b"], 0.0)
+    for _ in range(2):
+        taken = queue.take()
+        assert taken is not None
+        queue.sent(taken[0])
+        queue.done(taken[0], 0.0)
+    queue.answered("a", ok=True)
+    assert queue.forget_unanswered() == ["b"]
+    assert queue.state("b") is State.QUEUED
+
+
+# -- Window and verdicts -----------------------------------------------------------------------
+
+
+def test_window_bounds_operations_and_wire_bytes() -> None:
+    window = Window(max_ops=2, max_bytes=100)
+    window.add(1, InFlight("a", Op.WRITE, "a", 0.0, wire=60))
+    assert window.has_space()
+    window.add(2, InFlight("b", Op.WRITE, "b", 0.0, wire=60))
+    assert not window.has_space()
+    flight = window.answer(1)
+    assert flight is not None and flight.owner == "a"
+    assert window.has_space() and window.wire_bytes == 60
+    assert window.answer(1) is None  # answered twice: not in flight
+
+
+def test_verdicts_say_what_each_reply_implies() -> None:
+    write = InFlight("f", Op.WRITE, "f", 0.0, nbytes=10)
+    assert verdict(write, m.Ack(1, int(AckStatus.OK), "")).synced_file
+    kept = verdict(InFlight("d", Op.DELETE, "d", 0.0),
+                   m.Ack(1, int(AckStatus.KEPT_NOT_EMPTY), "kept d"))
+    assert kept.ok and kept.note == "kept d" and not kept.synced_file
+    base = verdict(write, m.Error(1, int(ErrorCode.BASE_MISMATCH), "changed"))
+    assert base.look_again == ["f"] and base.unknown == ["f"] and not base.retry_later
+    full = verdict(write, m.Error(1, int(ErrorCode.IO_ERROR), "no space"))
+    assert full.retry_later and full.failure == "no space"
+    copy = verdict(InFlight("g", Op.COPY, "g", 0.0, src="f"),
+                   m.Error(1, int(ErrorCode.DIGEST_MISMATCH), "changed"))
+    assert set(copy.look_again) == {"f", "g"}
+    rename = verdict(InFlight("b", Op.RENAME, "b", 0.0, src="a"),
+                     m.Error(1, int(ErrorCode.IO_ERROR), "busy"), below=["b/x", "b"])
+    assert rename.unknown == ["b/x", "b"] and "a stays on the remote" in rename.note
+    dictionary = verdict(InFlight("", Op.DICTIONARY, "", 0.0),
+                         m.Error(1, int(ErrorCode.BAD_DELTA), "no"))
+    assert dictionary.drop_dictionary and not dictionary.failure
+
+
+# -- planner ----------------------------------------------------------------------------------
+
+
+def _file(digest: bytes | None, size: int = 3, mode: int = 0o644) -> LocalEntry:
+    return LocalEntry("file", size, 0, mode, digest)
+
+
+def test_manifest_ownership_comes_from_what_lsync_wrote() -> None:
+    entries = [
+        ["mine.c", FILE, 3, 0, 0o644, D1, None, D1],  # unchanged since lsync wrote it
+        ["changed.c", FILE, 3, 0, 0o644, D2, None, D1],  # changed remotely since
+        ["unknown.c", FILE, 3, 0, 0o644, None, None, D1],  # digest to be asked
+        ["theirs.o", FILE, 3, 0, 0o644, D1, None, None],  # a build output
+        ["dir", DIR, 0, 0, 0o755, None, None, b""],
+        ["link", LINK, 0, 0, 0, None, "dir", b"dir"],
+        ["moved-link", LINK, 0, 0, 0, None, "elsewhere", b"dir"],
+    ]
+    model, need_hash = planner.load_manifest(entries, {}, never_ignored)
+    owned = {path for path, entry in model.entries.items() if entry.owned}
+    assert owned == {"mine.c", "dir", "link"}
+    assert need_hash == ["unknown.c"]
+
+
+def test_differences_delete_only_what_lsync_owns_and_is_not_ignored() -> None:
+    model = RemoteModel()
+    model.put("a.c", RemoteEntry(FILE, 0o644, D1, owned=True))
+    model.put("gone.c", RemoteEntry(FILE, 0o644, D1, owned=True))
+    model.put("out.o", RemoteEntry(FILE, 0o644, D2, owned=True))  # ignored locally now
+    model.put("theirs.txt", RemoteEntry(FILE, 0o644, D2, owned=False))
+    local = {"a.c": _file(D1), "new.c": _file(D2)}
+
+    def ignored(path: str, is_dir: bool) -> bool:
+        return path.endswith(".o")
+
+    assert planner.differences(local, model, ignored, delete_extra=False) == ["gone.c",
+                                                                               "new.c"]
+    assert planner.differences(local, model, ignored, delete_extra=True) == [
+        "gone.c", "new.c", "theirs.txt"]
+
+
+def test_differences_of_one_directory_look_at_its_children_only() -> None:
+    model = RemoteModel()
+    model.put("d", RemoteEntry(DIR, 0o755, owned=True))
+    model.put("d/x", RemoteEntry(FILE, 0o644, D1, owned=True))
+    model.put("d/sub", RemoteEntry(DIR, 0o755, owned=True))
+    model.put("d/sub/deep", RemoteEntry(FILE, 0o644, D1, owned=True))
+    model.put("other", RemoteEntry(FILE, 0o644, D1, owned=True))
+    local = {"d/x": _file(D2), "d/sub": LocalEntry("dir", 0, 0, 0o755)}
+    assert planner.differences(local, model, never_ignored, False, under="d",
+                               shallow=True) == ["d/x"]
+
+
+# -- HashCache under threads (issue 8.8) -------------------------------------------------------
+
+
+def test_hash_cache_saved_while_threads_store_always_loads(tmp_path: Path) -> None:
+    files = []
+    for i in range(200):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(b"x")
+        os.utime(path, ns=(10**9, 10**9))  # old: not racy, so it is remembered
+        files.append((f"f{i}", path.stat()))
+    cache = HashCache(path=tmp_path / "cache.bin", clock=lambda: 10**19)
+
+    def store_many(offset: int) -> None:
+        for n in range(100_000):
+            _, st = files[(n + offset) % len(files)]
+            cache.store(f"w{offset}/{n}", st, D1, 10**19)
+            cache.discard(f"w{offset}/{n - 50}")
+
+    workers = [threading.Thread(target=store_many, args=(i * 7,)) for i in range(2)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often: a save between two stores is likely
+    for worker in workers:
+        worker.start()
+    saves = 0
+    try:
+        while any(worker.is_alive() for worker in workers) or saves < 5:
+            cache.save(force=True)
+            saves += 1
+            loaded = HashCache(path=tmp_path / "cache.bin")
+            assert loaded.load(), loaded.load_problem
+    finally:
+        for worker in workers:
+            worker.join()
+        sys.setswitchinterval(interval)
+    assert saves >= 5
