@@ -32,7 +32,7 @@ def never_ignored(path: str, is_dir: bool) -> bool:
 
 def test_queue_is_idle_only_when_no_path_is_queued_read_or_unanswered() -> None:
     queue = PathQueue()
-    assert queue.idle
+    assert queue.oldest_tick() is None
     queue.mark(["a"], 0.0)
     assert queue.state("a") is State.QUEUED
     taken = queue.take()
