@@ -14,10 +14,10 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from lsync.client.errors import LsyncError
+from lsync.client.errors import LsyncError, internal_error
 from lsync.client.session import Options, Session, default_local_root
 from lsync.client.ssh import Target
-from lsync.client.status import NORMAL, QUIET, VERBOSE, make_status
+from lsync.client.status import NORMAL, QUIET, VERBOSE, make_status, terminal_safe
 from lsync.client.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS
 
 
@@ -68,10 +68,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         reconnect=not args.no_reconnect,
     )
     try:
-        asyncio.run(Session(options, status).run())
+        try:
+            asyncio.run(Session(options, status).run())
+        except (LsyncError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # the last boundary: a bug, in one line, never a traceback
+            raise internal_error("syncing", exc) from None
     except LsyncError as exc:
         status.close()
-        print(f"lsync: {exc}", file=sys.stderr)
+        print(f"lsync: {terminal_safe(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_status)
     except KeyboardInterrupt:
         status.close()

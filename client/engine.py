@@ -29,7 +29,7 @@ from typing import Any
 
 from lsync.client import planner, sigstore
 from lsync.client.delta import Signature, signature
-from lsync.client.errors import SafetyStop
+from lsync.client.errors import InternalError, SafetyStop, internal_error
 from lsync.client.hashcache import HashCache
 from lsync.client.ignore import IgnoreRules
 from lsync.client.link import AgentLink, Reply
@@ -124,6 +124,7 @@ class SyncEngine:
         self._initial_total = (0, 0)
         self._initial_done = (0, 0)
         self._worked = False  # something was sent since the last in_sync report
+        self._failure: InternalError | None = None  # a bug in a reply callback
 
     # -- input ----------------------------------------------------------------------------
     def mark_dirty(self, paths: Iterable[str], since: float | None = None,
@@ -259,6 +260,8 @@ class SyncEngine:
         signer = asyncio.ensure_future(self._sign_ahead())
         try:
             while True:
+                if self._failure is not None:
+                    raise self._failure
                 now = self.clock()
                 self.queue.wake(now)
                 if self.queue.queued and self.window.has_space():
@@ -698,6 +701,16 @@ class SyncEngine:
         future.add_done_callback(lambda done: self._on_reply(seq, done))
 
     def _on_reply(self, seq: int, future: asyncio.Future[Reply]) -> None:
+        """A done-callback: an exception here would only be logged by asyncio, so a bug is
+        kept and raised by `run` (an internal error ends the session, never silently)."""
+        try:
+            self._apply_reply(seq, future)
+        except Exception as exc:
+            if self._failure is None:
+                self._failure = internal_error("applying an acknowledgement", exc)
+            self._changed.set()
+
+    def _apply_reply(self, seq: int, future: asyncio.Future[Reply]) -> None:
         flight = self.window.answer(seq)
         if flight is None or future.cancelled() or future.exception() is not None:
             return  # the link broke; the session reports it and resyncs on reconnect

@@ -1,11 +1,20 @@
 """The client's error vocabulary, grouped by what the user can do about it.
 
-Foreign exceptions (asyncssh, OSError, the protocol's) are mapped into these at the few
-places where they enter the client; the CLI prints `str(error)` and exits with
-`error.exit_status`, never a traceback.
+Foreign exceptions (asyncssh, OSError, the protocol's) are mapped into these where they
+enter the client (ssh.py, streams.py, link.py); the CLI prints `str(error)` and exits with
+`error.exit_status`, never a traceback. Three kinds, by what can be done about them:
+*closed* (the user stopped lsync: exit 0), *broken by the world* (`ConnectError`,
+`LinkBroken`: reconnect with backoff, or report), and *internal* (`InternalError`, a bug in
+lsync: never retried, reported in one line, the traceback kept in a log file). Anything else
+that reaches the CLI is mapped to `InternalError` there, the last boundary.
 """
 
 from __future__ import annotations
+
+import datetime
+import os
+import traceback
+from pathlib import Path
 
 
 class LsyncError(Exception):
@@ -42,3 +51,35 @@ class SafetyStop(LsyncError):
     """lsync stopped rather than mirror a vanished or emptied local tree."""
 
     exit_status = 6
+
+
+class InternalError(LsyncError):
+    """A bug in lsync (or in something it relies on) ended the session; never retried.
+    The traceback went to `log_path` (see lsync.client.cli)."""
+
+    exit_status = 70  # EX_SOFTWARE
+
+    def __init__(self, message: str, log_path: str = "") -> None:
+        super().__init__(message)
+        self.log_path = log_path
+
+
+def log_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lsync"
+
+
+def internal_error(context: str, exc: BaseException) -> InternalError:
+    """`exc`, an exception nothing expected, as an `InternalError`: its traceback is
+    appended to ~/.cache/lsync/client.log (best effort), the message names the log."""
+    path = log_dir() / "client.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(f"{datetime.datetime.now().isoformat()} pid {os.getpid()}: {context}\n")
+            log.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        where = f"; details in {path}"
+    except OSError:
+        where = ""
+    return InternalError(f"internal error while {context}: {type(exc).__name__}: {exc}"
+                         f"{where} (please report it)", str(path) if where else "")

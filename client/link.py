@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple
 
-from lsync.client.errors import ConnectError, LinkBroken
+from lsync.client.errors import ConnectError, InternalError, LinkBroken, internal_error
 from lsync.client.streams import AgentStream
 from lsync.protocol import PROTOCOL_VERSION
 from lsync.protocol import messages as m
@@ -54,14 +54,17 @@ class AgentLink:
         self._seq = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ops: dict[int, Unanswered] = {}  # submitted operations not answered yet
+        self._kinds: dict[int, tuple[type[Any], ...]] = {}  # the replies each seq may get
         self._manifests: dict[int, asyncio.Queue[m.ManifestBatch | None]] = {}
         self._welcome: asyncio.Future[m.Welcome] = asyncio.get_running_loop().create_future()
+        self.conn_offer: dict[str, list[str]] = {}  # the capabilities the Hello offered
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reader: asyncio.Task[None] | None = None
         self._unflushed = 0
         self._out = bytearray()  # messages of this turn of the event loop, not yet written
         self._flush_scheduled = False
         self.failure: LinkBroken | None = None
+        self.internal: InternalError | None = None  # a bug ended the link (never retried)
         self.goodbye: m.Goodbye | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -69,6 +72,7 @@ class AgentLink:
     # -- life cycle -----------------------------------------------------------------------
     def start(self, hello: m.Hello) -> None:
         """Send the Hello (operations may follow at once); the reader starts listening."""
+        self.conn_offer = hello.capabilities
         self.conn.send(hello)
         self._write(self.conn.data_to_send())
         self._reader = asyncio.ensure_future(self._read_loop())
@@ -147,15 +151,18 @@ class AgentLink:
             self._unflushed = 0
             await self.stream.drain()
 
-    def _expect(self, seq: int) -> asyncio.Future[Any]:
+    def _expect(self, seq: int, *kinds: type[Any]) -> asyncio.Future[Any]:
+        """A future for the reply to `seq`, which must be one of `kinds` (else the agent
+        broke the protocol)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[seq] = future
+        self._kinds[seq] = kinds
         return future
 
     def submit(self, op: m.Message) -> asyncio.Future[Reply]:
         """Send an operation; the future resolves with its Ack or Error."""
         seq: int = op.seq  # type: ignore[union-attr]
-        future = self._expect(seq)
+        future = self._expect(seq, m.Ack, m.Error)
         self.send(op)
         self._ops[seq] = Unanswered.of(op)
         return future
@@ -167,9 +174,16 @@ class AgentLink:
 
     async def hash_paths(self, paths: list[str]) -> list[bytes | None]:
         seq = self.next_seq()
-        future = self._expect(seq)
+        future = self._expect(seq, m.Hashes)
         self.send(m.HashPaths(seq, paths))
-        reply: m.Hashes = await future
+        reply: m.Hashes | m.Error = await future
+        if isinstance(reply, m.Error):
+            raise LinkBroken(f"the agent refused to hash files: {reply.message}")
+        if len(reply.digests) != len(paths):
+            broken = LinkBroken(f"agent link failed: {len(reply.digests)} digests for "
+                                f"{len(paths)} paths")
+            self._finish(broken)
+            raise broken
         return reply.digests
 
     def list_tree(self) -> AsyncIterator[list[list[Any]]]:
@@ -197,7 +211,7 @@ class AgentLink:
     async def ping(self) -> float:
         """Round-trip time to the agent, in seconds."""
         nonce = self.next_seq()
-        future = self._expect(nonce)
+        future = self._expect(nonce, m.Pong)
         started = time.monotonic()
         self.send(m.Ping(nonce))
         await future
@@ -224,8 +238,9 @@ class AgentLink:
             self._finish(self._broken(exc))
         except (OSError, EOFError) as exc:
             self._finish(LinkBroken(f"connection to the agent lost: {exc}"))
-        except Exception as exc:  # a bug here must end the link visibly, not hang it
-            self._finish(LinkBroken(f"agent link failed: internal error {exc!r}"))
+        except Exception as exc:  # a bug here ends the session visibly: not retried
+            self.internal = internal_error("reading the agent's replies", exc)
+            self._finish(LinkBroken(f"agent link failed: {self.internal}"))
         except asyncio.CancelledError:
             self._finish(LinkBroken("connection closed"))
             raise
@@ -248,15 +263,28 @@ class AgentLink:
     def _on_welcome(self, message: m.Welcome) -> None:
         if message.version != PROTOCOL_VERSION:
             raise ProtocolError(ErrorCode.VERSION_MISMATCH, "agent speaks another version")
+        if self._welcome.done():
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "a second Welcome")
+        offered = self.conn_offer
+        for name in ("hash", "compression"):
+            chosen = message.chosen.get(name)
+            if chosen is None or (name in offered and chosen not in offered[name]):
+                raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE,
+                                    f"the agent chose {name} {chosen!r}, which was not offered")
         self._welcome.set_result(message)
 
     def _on_reply(self, message: m.Ack | m.Error | m.Hashes | m.Pong) -> None:
         key = message.nonce if isinstance(message, m.Pong) else message.seq
         future = self._pending.pop(key, None)
+        kinds = self._kinds.pop(key, ())
         if not isinstance(message, m.Pong):
             self._ops.pop(key, None)
         if future is None:
             raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"reply to unknown request {key}")
+        if not isinstance(message, kinds) and not (isinstance(message, m.Error)
+                                                   and m.Hashes in kinds):
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE,
+                                f"{type(message).__name__} answered request {key}")
         if not future.done():
             future.set_result(message)
 

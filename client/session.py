@@ -395,6 +395,8 @@ def _raise_failures(runner: asyncio.Task[Any], watcher: asyncio.Task[Any] | None
             exc = task.exception()
             if exc is not None:
                 raise exc
+    if link.internal is not None:
+        raise link.internal
     if link.failure is not None:
         raise link.failure
     if link.goodbye is not None:

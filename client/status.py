@@ -16,12 +16,24 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import re
 import sys
 import time
 from typing import TextIO
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 REDRAW_INTERVAL = 0.1  # seconds: the live line is redrawn at most this often
+
+
+# C0 and C1 controls (DEL too) and the bidirectional-text controls: text that came over the
+# wire (agent errors, goodbye reasons) or from file names must not drive the terminal.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every control character shown as an escape (\\x1b, \\u202e)."""
+    return _UNSAFE.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"),
+                       text)
 
 
 def _size(nbytes: int) -> str:
@@ -57,7 +69,7 @@ class LogStatus(_Base):
 
     def _line(self, text: str) -> None:
         stamp = datetime.datetime.now().isoformat(timespec="microseconds")
-        self.out.write(f"{stamp} {text}\n")
+        self.out.write(f"{stamp} {terminal_safe(text)}\n")
         self.out.flush()
 
     def state(self, text: str) -> None:
@@ -129,7 +141,7 @@ class LiveStatus(_Base):
             parts.append(f"{self.errors} errors")
         if self._synced:
             parts.append(f"in sync {self._synced}")
-        self.out.write("\r\x1b[2K" + " | ".join(parts))
+        self.out.write("\r\x1b[2K" + terminal_safe(" | ".join(parts)))
         self.out.flush()
 
     def _draw_later(self, wait: float) -> None:
@@ -147,7 +159,7 @@ class LiveStatus(_Base):
         self._draw(force=True)
 
     def _above(self, text: str) -> None:
-        self.out.write("\r\x1b[2K" + text + "\n")
+        self.out.write("\r\x1b[2K" + terminal_safe(text) + "\n")
         self._draw(force=True)
 
     def state(self, text: str) -> None:
