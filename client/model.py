@@ -127,3 +127,25 @@ class RemoteModel:
 
     def file_bytes(self) -> int:
         return sum(e.size for e in self.entries.values() if e.kind == FILE)
+
+    # -- signatures kept between sessions (lsync.client.sigstore) -----------------------------
+    def adopt_signatures(self, stored: dict[str, tuple[bytes, Signature]]) -> int:
+        """Take the stored signatures of remote files that lsync owns and that still hold
+        the version they were made for; returns how many were taken."""
+        taken = 0
+        for path, (digest, sig) in stored.items():
+            entry = self.entries.get(path)
+            if (entry is not None and entry.kind == FILE and entry.owned
+                    and entry.signature is None and entry.digest == digest
+                    and entry.size == sig.size):
+                entry.signature = sig
+                taken += 1
+        return taken
+
+    def signatures_to_keep(self, min_size: int) -> list[tuple[str, bytes, Signature]]:
+        """(path, digest, signature) of the files at least `min_size` big with a known
+        signature: worth keeping for the next session."""
+        return [(path, entry.digest, entry.signature)
+                for path, entry in self.entries.items()
+                if entry.kind == FILE and entry.digest is not None
+                and entry.signature is not None and entry.size >= min_size]

@@ -7,12 +7,16 @@ must be asked for. `differences` compares local entries (a scan of the tree or o
 it) with the model: it is the initial comparison and every later convergence check, and it
 names each path whose local and remote sides differ — including owned remote paths that
 are gone locally, but never a path that is ignored locally or that lsync did not make
-(unless the user asked for --delete). No I/O: the callers scan and ask.
+(unless the user asked for --delete). `plan_path` and `plan_content` decide what one pass
+over one path must do, and `moved_from` recognises a directory moved as delete + add. No
+I/O: the callers look, scan and ask.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from lsync.client.model import DIR, FILE, LINK, RemoteEntry, RemoteModel
@@ -109,3 +113,120 @@ def _remote_scope(model: RemoteModel, under: str | None, shallow: bool) -> Itera
     if shallow:
         return list(model.child_names(under))
     return list(model.descendants(under))
+
+
+# -- one path: what a pass must do -------------------------------------------------------------
+
+
+class Step(Enum):
+    NOTHING = "nothing"  # the remote already matches (or there is nothing to match)
+    FORGET = "forget"  # ignored locally now: forget the remote side, leave it there
+    WAIT = "wait"  # gone, but the watcher has undelivered events: look again shortly
+    DEFER = "defer"  # gone: delete after the paths queued behind it (one may be its move)
+    REMOVE = "remove"  # gone: delete what lsync owns at and below it
+    DIR = "dir"  # make it a directory (see Plan), then compare its children
+    LINK = "link"  # make it a symlink to Plan.target
+    READ = "read"  # a file that may differ: read it, then `plan_content`
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What a pass saw at a local path (lstat, never through a symlink)."""
+
+    kind: str | None  # FILE, DIR, LINK; None: gone (or below a symlink); "" another type
+    mode: int = 0
+    target: str | None = None  # a link's target
+    ignored: bool = False  # it exists and the ignore rules exclude it
+    cached_digest: bytes | None = None  # a file's digest from the hash cache, if trusted
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    step: Step
+    remove_first: bool = False  # the remote holds another kind there: remove that first
+    may_be_moved: bool = False  # DIR, new remotely: it may be a directory moved here
+    target: str | None = None  # LINK
+
+
+def plan_path(seen: Seen, remote: RemoteEntry | None, *, watcher_behind: bool,
+              others_queued: bool, deferred: bool) -> Plan:
+    """What one pass over a path must do, from what it saw and what the remote holds.
+    `watcher_behind`: the watcher has events it has not delivered; `others_queued`: other
+    paths wait in the queue; `deferred`: this path was put behind them once already."""
+    if seen.ignored:
+        return Plan(Step.FORGET if remote is not None else Step.NOTHING)
+    if seen.kind is None:
+        if remote is None:
+            return Plan(Step.NOTHING)
+        if watcher_behind:
+            return Plan(Step.WAIT)  # an emptied or unmounted root is seen whole first
+        if others_queued and not deferred:
+            return Plan(Step.DEFER)
+        return Plan(Step.REMOVE)
+    other_kind = remote is not None and remote.kind != seen.kind
+    if seen.kind == DIR:
+        return Plan(Step.DIR, remove_first=other_kind, may_be_moved=remote is None or other_kind)
+    if seen.kind == LINK:
+        if remote is not None and remote.kind == LINK and remote.target == seen.target:
+            return Plan(Step.NOTHING)
+        return Plan(Step.LINK, remove_first=remote is not None and remote.kind == DIR,
+                    target=seen.target)
+    if seen.kind == FILE:
+        if (remote is not None and remote.kind == FILE and remote.owned
+                and remote.mode == seen.mode and seen.cached_digest is not None
+                and seen.cached_digest == remote.digest):
+            return Plan(Step.NOTHING)
+        return Plan(Step.READ)
+    return Plan(Step.NOTHING)  # sockets, FIFOs, devices are not synced
+
+
+def needs_mkdir(remote: RemoteEntry | None, mode: int) -> bool:
+    """A directory must be made (or given `mode`, or claimed) remotely."""
+    return remote is None or remote.kind != DIR or remote.mode != mode or not remote.owned
+
+
+class Content(Enum):
+    SAME = "same"  # the remote file already holds it (and its mode)
+    SET_MODE = "set-mode"  # same content, other mode
+    COPY = "copy"  # another remote file holds it: copy that (no content on the wire)
+    SEND = "send"  # send it: a delta against the remote version when there is a base
+
+
+@dataclass(frozen=True, slots=True)
+class ContentPlan:
+    action: Content
+    remove_first: bool = False  # a directory is there remotely: remove what lsync owns
+    source: str = ""  # COPY: the remote file to copy
+
+
+def plan_content(path: str, digest: bytes, mode: int, model: RemoteModel) -> ContentPlan:
+    """What to do with a local file's content, now that it is read and hashed."""
+    remote = model.get(path)
+    if remote is not None and remote.kind == FILE and remote.digest == digest:
+        return ContentPlan(Content.SAME if remote.mode == mode else Content.SET_MODE)
+    remove_first = remote is not None and remote.kind == DIR
+    holder = model.holder_of(digest)
+    if holder is not None and holder != path:
+        return ContentPlan(Content.COPY, remove_first, holder)
+    return ContentPlan(Content.SEND, remove_first)
+
+
+def moved_from(here: Mapping[str, bytes | None], candidates: Iterable[str],
+               model: RemoteModel, share: float) -> str | None:
+    """Which of `candidates` (directories gone locally, still in the model) moved to where
+    the files `here` are (relative path within the new directory → digest): the first one
+    that holds at least `share` of the larger of the two sets, at the same relative paths
+    with the same content."""
+    if not here:
+        return None
+    for candidate in candidates:
+        files = [(p, e) for p in model.descendants(candidate)
+                 if (e := model.get(p)) is not None and e.kind == FILE]
+        if not files:
+            continue
+        cut = len(candidate) + 1
+        same_files = sum(1 for p, e in files
+                         if e.digest is not None and here.get(p[cut:]) == e.digest)
+        if same_files >= share * max(len(files), len(here)):
+            return candidate
+    return None

@@ -314,7 +314,7 @@ class Session:
                 close_events=bool(tree_watcher and tree_watcher.close_events))
             await engine.initial_sync(local, entries)
             signatures = sigstore.default_path(self.root, hash_name)
-            engine.adopt_signatures(await asyncio.to_thread(sigstore.load, signatures))
+            engine.model.adopt_signatures(await asyncio.to_thread(sigstore.load, signatures))
             gone = self._adopt_owned(engine, local)
             self.engine = engine
             engine.mark_dirty(sorted(gone))
@@ -369,7 +369,7 @@ class Session:
         """Save the hash cache and the signatures; a failure is a note, never fatal."""
         for what, save in (("hash cache", cache.save),
                            ("signatures", lambda: sigstore.save(
-                               signatures, engine.signatures_to_keep()))):
+                               signatures, engine.model.signatures_to_keep(sigstore.MIN_SIZE)))):
             try:
                 await asyncio.to_thread(save)
             except (OSError, ValueError) as exc:

@@ -1,0 +1,362 @@
+"""One pass over one local path: look at it, and send what makes the remote match.
+
+The planner decides (`lsync.client.planner.plan_path` from what an lstat saw and what the
+model holds, `plan_content` once a file is read); `PathPasses` does the looking, reading and
+sending for the engine (`lsync.client.engine.SyncEngine` is a `PathPasses`). Every pass ends
+in the queue as done, deferred, retried later or failed. Promises kept here: nothing is
+read through a symlinked directory; a file is sent only as a consistent snapshot (or not at
+all); what lsync did not make is never deleted (a directory holding such files is kept,
+and renamed along with its contents when it moved); and before any delete the local root
+is checked: a vanished or suddenly empty root raises `SafetyStop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import os
+import stat
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from lsync.client import planner
+from lsync.client.delta import Signature, signature
+from lsync.client.errors import SafetyStop
+from lsync.client.hashcache import HashCache
+from lsync.client.ignore import IgnoreRules
+from lsync.client.link import AgentLink
+from lsync.client.model import DIR, FILE, LINK, RemoteEntry, RemoteModel
+from lsync.client.pathqueue import PathQueue, PathRecord
+from lsync.client.planner import Content, Step
+from lsync.client.reporter import Reporter
+from lsync.client.scanner import (
+    LocalEntry,
+    ScanError,
+    UnstableFileError,
+    read_file_stable,
+    scan_tree,
+)
+from lsync.client.sender import (
+    Packing,
+    Prepared,
+    RecentBases,
+    content_messages,
+    delta_message,
+    pieces_of,
+    still_current,
+)
+from lsync.client.window import InFlight, Op
+from lsync.protocol import messages as m
+from lsync.protocol.paths import relpath_problem
+
+UNSTABLE_RETRY = 0.05
+DELETE_WAIT = 0.01  # a delete waits this long (again) while the watcher has undelivered events
+SETTLE_SIZE = 1 << 20  # without close-write events, files this big wait to be still
+SETTLE = 0.02
+MAX_FILE = 1 << 30  # files are read whole into memory; bigger ones are reported
+BULK_QUEUE = 100  # more queued paths than this: compress for speed
+RENAME_MATCH = 0.5  # share of a vanished directory's files a new one must hold to be its move
+REAL_PARENT_TTL = 0.05  # seconds a "this directory is no symlink" answer is reused
+_GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})  # lstat: no such path any more
+
+
+class PathPasses:
+    """The per-path half of the engine (see the module docstring)."""
+
+    root: Path
+    rules: IgnoreRules
+    cache: HashCache
+    reporter: Reporter
+    link: AgentLink
+    model: RemoteModel
+    queue: PathQueue
+    packing: Packing
+    recent: RecentBases
+    delete_extra: bool
+    close_events: bool
+    clock: Callable[[], float]
+    seen_until: Callable[[], int]
+    _queued_dirs: set[str]
+    _real_parents: dict[str, tuple[bool, float]]
+
+    def mark_dirty(self, paths: Iterable[str], since: float | None = None,
+                   hint: bool = True) -> None:
+        raise NotImplementedError
+
+    def _submit(self, message: m.Message, flight: InFlight) -> None:
+        raise NotImplementedError
+
+    async def _reconcile(self, path: str, record: PathRecord,
+                         ahead: concurrent.futures.Future[Prepared | None] | None) -> str:
+        if path == "":
+            self._check_root()
+            self._reconcile_listing("", record.since)
+            return "done"
+        if relpath_problem(path):
+            return "done"
+        wall_now = time.time_ns()
+        try:
+            st = os.lstat(self.root / path) if self._parent_is_real(path) else None
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                return self._cannot_read(path, exc.strerror or str(exc))
+            st = None  # gone, or a parent is no longer a directory
+        remote = self.model.get(path)
+        seen = self._seen(path, st)
+        plan = planner.plan_path(seen, remote, watcher_behind=self.seen_until() < wall_now,
+                                 others_queued=bool(self.queue.queued),
+                                 deferred=record.deferred)
+        since = record.since
+        step = plan.step
+        if step is Step.NOTHING:
+            if seen.kind is None:
+                self.rules.forget(path)
+            elif remote is not None:
+                remote.owned = True  # verified equal
+        elif step is Step.FORGET:
+            self.model.drop_tree(path)  # ignored now: leave the remote copy alone
+        elif step is Step.WAIT:
+            self.queue.retry(path, self.clock(), DELETE_WAIT)
+            return "retry"
+        elif step is Step.DEFER:
+            self.queue.defer(path)
+            return "deferred"
+        elif step is Step.REMOVE:
+            self.rules.forget(path)
+            self._remove(path, path, since)
+        elif step is Step.DIR:
+            self._make_dir(path, plan, seen.mode, since)
+        elif step is Step.LINK:
+            if plan.remove_first:
+                self._remove(path, path, since)
+            assert plan.target is not None
+            self._submit(m.Symlink(self.link.next_seq(), path, plan.target),
+                         InFlight(path, Op.SYMLINK, path, since))
+            self.model.put(path, RemoteEntry(LINK, 0, target=plan.target, owned=True))
+        elif step is Step.READ:
+            assert st is not None
+            return await self._sync_file(path, st, since, ahead)
+        return "done"
+
+    def _seen(self, path: str, st: os.stat_result | None) -> planner.Seen:
+        if st is None:
+            return planner.Seen(None)
+        mode = st.st_mode
+        if self.rules.is_ignored(path, stat.S_ISDIR(mode)):
+            return planner.Seen("", ignored=True)
+        if stat.S_ISDIR(mode):
+            return planner.Seen(DIR, stat.S_IMODE(mode))
+        if stat.S_ISLNK(mode):
+            try:
+                return planner.Seen(LINK, target=os.readlink(self.root / path))
+            except OSError:
+                return planner.Seen(None)  # changed type meanwhile: its event follows
+        if stat.S_ISREG(mode):
+            return planner.Seen(FILE, stat.S_IMODE(mode), cached_digest=self.cache.lookup(path, st))
+        return planner.Seen("")
+
+    def _cannot_read(self, path: str, why: str) -> str:
+        reason = f"cannot read: {why}"
+        self.queue.fail(path, self.clock(), reason, own_pass=True)
+        self.reporter.failed(path, reason)
+        return "failed"
+
+    def _parent_is_real(self, path: str) -> bool:
+        """False when a directory above `path` is now a symlink: the path is gone for us.
+        An answer is reused for REAL_PARENT_TTL (the files of one directory come in a row);
+        reading a file goes through no symlink anyway (see read_file_stable)."""
+        parent = path.rpartition("/")[0]
+        if not parent:
+            return True
+        now = self.clock()
+        known = self._real_parents.get(parent)
+        if known is not None and now - known[1] < REAL_PARENT_TTL:
+            return known[0]
+        real = os.path.realpath(self.root / parent) == str(self.root / parent)
+        if len(self._real_parents) > 4096:
+            self._real_parents.clear()
+        self._real_parents[parent] = (real, now)
+        return real
+
+    def _make_dir(self, path: str, plan: planner.Plan, mode: int, since: float) -> None:
+        if plan.remove_first:
+            self._remove(path, path, since)
+        source = self._moved_here(path) if plan.may_be_moved else None
+        if source is not None:
+            # A directory moved (seen as delete + add): rename it remotely, build outputs
+            # and all, then let the listing below fix whatever differs inside.
+            self._submit(m.Rename(self.link.next_seq(), source, path),
+                         InFlight(path, Op.RENAME, path, since, src=source))
+            self.model.move_tree(source, path)
+            self.mark_dirty(sorted(self.model.child_names(path)), since, hint=False)
+        if planner.needs_mkdir(self.model.get(path), mode):
+            self._submit(m.Mkdir(self.link.next_seq(), path, mode),
+                         InFlight(path, Op.MKDIR, path, since))
+            self.model.put(path, RemoteEntry(DIR, mode, owned=True))
+        self._reconcile_listing(path, since)
+
+    def _moved_here(self, path: str) -> str | None:
+        """A queued directory, gone locally, whose files the new directory `path` holds."""
+        # (Only the queued directories are looked at, never the whole queue: O(dirs).)
+        self._queued_dirs = {p for p in self._queued_dirs if p in self.queue}
+        candidates = [p for p in self._queued_dirs
+                      if p != path and not p.startswith(path + "/")
+                      and (e := self.model.get(p)) is not None and e.kind == DIR and e.owned
+                      and not os.path.lexists(self.root / p)]
+        if not candidates:
+            return None
+        try:
+            local = scan_tree(self.root, self.rules, self.cache, subdir=path,
+                              on_error=lambda rel, exc: None)
+        except OSError:
+            return None
+        cut = len(path) + 1
+        here = {rel[cut:]: e.digest for rel, e in local.items() if e.kind == "file"}
+        return planner.moved_from(here, candidates, self.model, RENAME_MATCH)
+
+    def _reconcile_listing(self, path: str, since: float) -> None:
+        """Queue children that exist on one side only (moved-in or vanished subtrees)."""
+        local_children: set[str] = set()
+        try:
+            with os.scandir(self.root / path if path else self.root) as listing:
+                for item in listing:
+                    child = f"{path}/{item.name}" if path else item.name
+                    if relpath_problem(child):
+                        continue
+                    if self.rules.is_ignored(child, item.is_dir(follow_symlinks=False)):
+                        continue
+                    local_children.add(child)
+        except OSError:
+            return
+        self.mark_dirty(sorted(local_children ^ self.model.child_names(path)), since,
+                        hint=False)
+
+    async def _sync_file(self, path: str, st: os.stat_result, since: float,
+                         ahead: concurrent.futures.Future[Prepared | None] | None) -> str:
+        remote = self.model.get(path)
+        old_size = remote.size if remote is not None and remote.kind == FILE else 0
+        if not self.close_events and max(st.st_size, old_size) >= SETTLE_SIZE:
+            # No close events from this watcher: a big file written in place may be caught
+            # between the truncate and the last write. Wait until it has been still for
+            # SETTLE (the queue bounds how long a path is held).
+            quiet = (time.time_ns() - st.st_mtime_ns) / 1e9
+            if 0 <= quiet < SETTLE:
+                self.queue.retry(path, self.clock(), SETTLE - quiet)
+                return "retry"
+        prepared = still_current(await asyncio.wrap_future(ahead), st) if ahead else None
+        if prepared is not None:
+            content, entry = prepared.content, prepared.entry
+        else:
+            try:
+                content, entry = await self._read(path, st)
+            except (UnstableFileError, FileNotFoundError):
+                self.queue.retry(path, self.clock(), UNSTABLE_RETRY)  # look again soon
+                return "retry"
+            except (OSError, ScanError) as exc:
+                return self._cannot_read(path, str(getattr(exc, "strerror", None) or exc))
+        digest, mode = entry.digest, entry.mode
+        assert digest is not None  # read_file_stable hashes what it read
+        plan = planner.plan_content(path, digest, mode, self.model)
+        remote = self.model.get(path)
+        if plan.action is Content.SAME or plan.action is Content.SET_MODE:
+            assert remote is not None
+            if plan.action is Content.SET_MODE:
+                self._submit(m.SetMode(self.link.next_seq(), path, mode),
+                             InFlight(path, Op.SET_MODE, path, since))
+                remote.mode = mode
+            remote.owned = True
+            return "done"
+        if plan.remove_first:
+            self._remove(path, path, since)
+            remote = None
+        if plan.action is Content.COPY:
+            # The remote already has this content (a copy, or a move seen as add + delete
+            # whose delete is still queued behind this): copy it there, send no content.
+            source = self.model.get(plan.source)
+            self._submit(m.Copy(self.link.next_seq(), plan.source, path, mode, digest),
+                         InFlight(path, Op.COPY, path, since, src=plan.source))
+            self.model.put(path, RemoteEntry(FILE, mode, digest, owned=True, size=len(content),
+                                             signature=source.signature if source else None))
+            return "done"
+        new_signature = await self._send_content(path, content, mode, digest, remote, since,
+                                                 prepared)
+        self.model.put(path, RemoteEntry(FILE, mode, digest, owned=True, size=len(content),
+                                         signature=new_signature))
+        if self.queue.queued <= BULK_QUEUE:
+            # A file saved on its own is likely to be saved again soon: keep it as the base
+            # of the next delta. Files of a burst are not (and would only evict those).
+            self.recent.remember(path, digest, content)
+        return "done"
+
+    async def _read(self, path: str, st: os.stat_result) -> tuple[bytes, LocalEntry]:
+        if st.st_size <= SETTLE_SIZE:
+            return read_file_stable(self.root, path, self.cache, limit=MAX_FILE)
+        return await asyncio.to_thread(read_file_stable, self.root, path, self.cache,
+                                       limit=MAX_FILE)
+
+    async def _send_content(self, path: str, content: bytes, mode: int, digest: bytes,
+                            remote: RemoteEntry | None, since: float,
+                            prepared: Prepared | None) -> Signature:
+        """Send the new content as a delta against the remote version when that is smaller
+        (and fits in a frame), else whole in chunks; returns the new version's signature."""
+        seq = self.link.next_seq()
+        if (remote is not None and remote.kind == FILE and remote.digest is not None
+                and remote.signature is not None):
+            base = self.recent.get(path, remote.digest)
+            delta, new_signature = delta_message(seq, path, mode, remote.digest,
+                                                 remote.signature, content, digest, base,
+                                                 self.packing.zstd)
+            if delta is not None:
+                self._submit(delta, InFlight(path, Op.WRITE, path, since,
+                                             nbytes=len(content), wire=len(delta.delta)))
+                await self.link.drain()
+                return new_signature
+        elif prepared is not None:
+            new_signature = prepared.signature
+        else:
+            new_signature = signature(content)
+        packer = self.packing.packer(burst=self.queue.queued > BULK_QUEUE)
+        if prepared is not None and prepared.packer == packer:
+            pieces = prepared.pieces
+        elif len(content) > SETTLE_SIZE:
+            pieces = await asyncio.to_thread(pieces_of, content, packer)
+        else:
+            pieces = pieces_of(content, packer)
+        messages = content_messages(seq, path, mode, pieces)
+        wire = sum(len(data) for data, _ in pieces)
+        self._submit(messages[0], InFlight(path, Op.WRITE, path, since, nbytes=len(content),
+                                           wire=wire))
+        await self.link.drain()
+        for message in messages[1:]:
+            self.link.send(message)
+            await self.link.drain()
+        return new_signature
+
+    def _remove(self, owner: str, path: str, since: float) -> None:
+        """Delete what lsync owns at and below `path`; the rest stays (and is forgotten)."""
+        self._check_root()
+        for below in [*self.model.descendants(path), path]:
+            entry = self.model.get(below)
+            if entry is None:
+                continue
+            if entry.owned or self.delete_extra:
+                self._submit(m.Delete(self.link.next_seq(), below),
+                             InFlight(owner, Op.DELETE, below, since))
+            self.model.drop(below)
+
+    def _check_root(self) -> None:
+        if not self.root.is_dir():
+            raise SafetyStop(f"the local tree {self.root} has disappeared; stopped without "
+                             "deleting anything on the remote")
+        try:
+            with os.scandir(self.root) as listing:
+                empty = next(iter(listing), None) is None
+        except OSError as exc:
+            raise SafetyStop(f"the local tree {self.root} cannot be read ({exc.strerror}); "
+                             "stopped without deleting anything on the remote") from None
+        if empty and self.model.owned_count():
+            raise SafetyStop(f"the local tree {self.root} is suddenly empty (an unmounted "
+                             "disk?); stopped without deleting anything on the remote")
+
