@@ -1,4 +1,5 @@
-"""Unit tests of the client core's pure parts: PathQueue, Window/verdict, planner, HashCache.
+"""Unit tests of the client core's pure parts: PathQueue, Window/verdict, planner, the check
+schedule, and the HashCache's thread contract.
 
 No sockets, no event loop: time is a number passed in.
 """
@@ -11,6 +12,7 @@ import threading
 from pathlib import Path
 
 from lsync.client import planner
+from lsync.client.checks import CheckSchedule, Due
 from lsync.client.hashcache import HashCache
 from lsync.client.model import DIR, FILE, LINK, RemoteEntry, RemoteModel
 from lsync.client.pathqueue import PathQueue, State
@@ -261,3 +263,82 @@ def test_hash_cache_saved_while_threads_store_always_loads(tmp_path: Path) -> No
             worker.join()
         sys.setswitchinterval(interval)
     assert saves >= 5
+
+
+# -- planner: one pass ------------------------------------------------------------------------
+
+
+def _plan(seen: planner.Seen, remote: RemoteEntry | None, behind: bool = False,
+          others: bool = False, deferred: bool = False) -> planner.Plan:
+    return planner.plan_path(seen, remote, watcher_behind=behind, others_queued=others,
+                             deferred=deferred)
+
+
+def test_a_gone_path_waits_for_the_watcher_then_for_the_queue_then_is_removed() -> None:
+    remote = RemoteEntry(FILE, 0o644, D1, owned=True)
+    gone = planner.Seen(None)
+    assert _plan(gone, None).step is planner.Step.NOTHING
+    assert _plan(gone, remote, behind=True, others=True).step is planner.Step.WAIT
+    assert _plan(gone, remote, others=True).step is planner.Step.DEFER
+    assert _plan(gone, remote, others=True, deferred=True).step is planner.Step.REMOVE
+    assert _plan(planner.Seen("", ignored=True), remote).step is planner.Step.FORGET
+
+
+def test_type_changes_remove_the_other_kind_first() -> None:
+    a_dir = RemoteEntry(DIR, 0o755, owned=True)
+    a_file = RemoteEntry(FILE, 0o644, D1, owned=True)
+    link_plan = _plan(planner.Seen(LINK, target="x"), a_dir)
+    assert link_plan.step is planner.Step.LINK and link_plan.remove_first
+    dir_plan = _plan(planner.Seen(DIR, 0o755), a_file)
+    assert dir_plan.step is planner.Step.DIR and dir_plan.remove_first and dir_plan.may_be_moved
+    assert _plan(planner.Seen(DIR, 0o755), a_dir) == planner.Plan(planner.Step.DIR)
+    assert _plan(planner.Seen(LINK, target="x"),
+                 RemoteEntry(LINK, 0, target="x")).step is planner.Step.NOTHING
+
+
+def test_a_file_is_read_unless_the_cache_proves_the_remote_has_it() -> None:
+    remote = RemoteEntry(FILE, 0o644, D1, owned=True)
+    assert _plan(planner.Seen(FILE, 0o644, cached_digest=D1), remote).step is planner.Step.NOTHING
+    for seen in (planner.Seen(FILE, 0o644), planner.Seen(FILE, 0o644, cached_digest=D2),
+                 planner.Seen(FILE, 0o755, cached_digest=D1)):
+        assert _plan(seen, remote).step is planner.Step.READ
+
+
+def test_content_already_remote_is_copied_not_sent() -> None:
+    model = RemoteModel()
+    model.put("a", RemoteEntry(FILE, 0o644, D1, owned=True))
+    model.put("d", RemoteEntry(DIR, 0o755, owned=True))
+    assert planner.plan_content("a", D1, 0o644, model).action is planner.Content.SAME
+    assert planner.plan_content("a", D1, 0o755, model).action is planner.Content.SET_MODE
+    copy = planner.plan_content("b", D1, 0o644, model)
+    assert copy.action is planner.Content.COPY and copy.source == "a"
+    over_dir = planner.plan_content("d", D2, 0o644, model)
+    assert over_dir.action is planner.Content.SEND and over_dir.remove_first
+
+
+def test_a_directory_holding_most_of_a_vanished_ones_files_is_its_move() -> None:
+    model = RemoteModel()
+    model.put("old", RemoteEntry(DIR, 0o755, owned=True))
+    model.put("old/x.c", RemoteEntry(FILE, 0o644, D1, owned=True))
+    model.put("old/y.c", RemoteEntry(FILE, 0o644, D2, owned=True))
+    assert planner.moved_from({"x.c": D1, "y.c": D2}, ["old"], model, 0.5) == "old"
+    assert planner.moved_from({"x.c": D2, "z.c": D1}, ["old"], model, 0.5) is None
+
+
+# -- check schedule ---------------------------------------------------------------------------
+
+
+def test_checks_look_at_touched_directories_then_the_whole_tree_when_events_were_lost() -> None:
+    checks = CheckSchedule(0.0, full_every=100.0, touched_limit=2)
+    assert checks.take(1.0) == Due()
+    checks.touched("a/b/f.c")
+    checks.touched("top.c")
+    checks.worked()
+    assert checks.take(2.0) == Due(directories=("", "a/b"), report=True)
+    checks.whole("inotify queue overflowed")
+    assert checks.take(3.0) == Due(whole=True, reason="inotify queue overflowed", report=True)
+    for name in ("a/1", "b/1", "c/1"):
+        checks.touched(name)
+    assert checks.take(4.0).whole  # too many directories: the whole tree at once
+    assert checks.next_time() == 104.0
+    assert checks.take(104.0) == Due(whole=True, reason="periodic check", report=True)
