@@ -3,9 +3,17 @@
 Every path comes from the wire and is resolved component by component from an open file
 descriptor of the root, with O_NOFOLLOW: a path with '..', an absolute path, or a path that
 passes through a symlink is refused with `OpError(BAD_PATH)` before anything is touched.
-All writes go to a temporary file in the target's directory that is renamed over the target,
-so a reader never sees a half-written file. Temporary names are `.lsync-tmp-<pid>-<n>`;
-`is_stale_temp` recognises the leftovers of an agent that is no longer running.
+Nothing acts by path after a check: the last component is acted on relative to its parent's
+descriptor, by calls that do not follow symlinks (rename, unlink, mkdir), or through a
+descriptor of its own opened with O_NOFOLLOW (read, fchmod), so a directory swapped for a
+symlink while an operation runs cannot lead it outside the root.
+
+Every open of a file is O_NONBLOCK and is checked with fstat: a FIFO, socket or device at a
+synced path never blocks the agent; it is refused with TYPE_CONFLICT, and never replaced
+(lsync did not make it). All writes go to a temporary file in the target's directory that
+is renamed over the target, so a reader never sees a half-written file. Temporary names are
+`.lsync-tmp-<pid>-<n>`; `is_stale_temp` recognises the leftovers of an agent that is no
+longer running.
 
 Failures become `OpError` with a code from `ErrorCode`; no other exception escapes for
 ordinary filesystem trouble (missing, permission, full disk, type conflicts).
@@ -19,14 +27,16 @@ import stat
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 from lsync.protocol.errors import ErrorCode
-from lsync.protocol.paths import relpath_problem
+from lsync.protocol.paths import relpath_problem, shown
 
 TEMP_PREFIX = ".lsync-tmp-"
 _TEMP_RE = re.compile(r"^\.lsync-tmp-(\d+)-\d+$")
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-_NEW_FILE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                   | getattr(os, "O_CLOEXEC", 0))
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_SAFE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | _SAFE
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _SAFE
+_READ_FLAGS = os.O_RDONLY | _SAFE
+_HAS_O_PATH = hasattr(os, "O_PATH")
+_PATH_FLAGS = getattr(os, "O_PATH", 0) | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 READ_CHUNK = 1 << 20
 
 
@@ -81,12 +91,39 @@ def file_key(st: os.stat_result) -> Tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
+def special_kind(mode: int) -> str:
+    """'a FIFO', 'a socket', 'a device' for what lsync never opens nor replaces, else ''."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return ""
+
+
+def _refuse_special(st: Optional[os.stat_result], path: str) -> None:
+    kind = special_kind(st.st_mode) if st is not None else ""
+    if kind:
+        raise OpError(ErrorCode.TYPE_CONFLICT, "{} is {}; lsync leaves alone what it did not "
+                      "make".format(path, kind))
+
+
+def _lstat_at(dfd: int, name: str) -> Optional[os.stat_result]:
+    try:
+        return os.lstat(name, dir_fd=dfd)
+    except FileNotFoundError:
+        return None
+
+
 class ConfinedRoot:
     """The remote tree: an open root directory and operations on wire paths below it."""
 
     def __init__(self, root: str) -> None:
         self.path = root
-        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        # The root itself may be a symlink (~/src -> /data/src): no O_NOFOLLOW for it.
+        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK
+                          | getattr(os, "O_CLOEXEC", 0))
         self._counter = itertools.count(1)  # next() is atomic: writer threads share it
         # Directories made on the way to a path: (path, inode). Writer threads append
         # (atomic), the service takes them (`take_made`) to record that lsync made them.
@@ -104,7 +141,8 @@ class ConfinedRoot:
     def _check(self, path: str) -> None:
         problem = relpath_problem(path)
         if problem:
-            raise OpError(ErrorCode.BAD_PATH, "refused path {!r}: {}".format(path, problem))
+            raise OpError(ErrorCode.BAD_PATH, "refused path {}: {}".format(shown(path),
+                                                                           problem))
 
     def parent_fd(self, path: str, create: bool = False) -> Tuple[int, str]:
         """An fd of the directory holding `path`, and the last component's name.
@@ -119,7 +157,7 @@ class ConfinedRoot:
             for part in parts[:-1]:
                 walked.append(part)
                 try:
-                    next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                    next_fd = os.open(part, DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
                     if not create:
                         raise OpError(ErrorCode.NOT_FOUND, "no directory {}".format(
@@ -129,7 +167,7 @@ class ConfinedRoot:
                         made = True
                     except FileExistsError:
                         made = False
-                    next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                    next_fd = os.open(part, DIR_FLAGS, dir_fd=fd)
                     if made:
                         self._made.append(("/".join(walked), os.fstat(next_fd).st_ino))
                 except OSError as exc:
@@ -147,39 +185,34 @@ class ConfinedRoot:
             raise
         return fd, parts[-1]
 
-    def lstat(self, path: str) -> Optional[os.stat_result]:
-        """lstat of `path`, or None if it (or its parent) does not exist."""
-        try:
-            dfd, name = self.parent_fd(path)
-        except OpError as exc:
-            if exc.code in (ErrorCode.NOT_FOUND, ErrorCode.TYPE_CONFLICT):
-                return None
-            raise
-        try:
-            return os.lstat(name, dir_fd=dfd)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise op_error(exc, "stat", path)
-        finally:
-            os.close(dfd)
-
     def _temp_name(self) -> str:
         return "{}{}-{}".format(TEMP_PREFIX, os.getpid(), next(self._counter))
 
     # -- reading --------------------------------------------------------------------------
     def open_read(self, path: str) -> int:
-        """An fd reading the regular file `path` (never through a symlink)."""
+        """An fd reading the regular file `path` (never through a symlink, never blocking:
+        anything but a regular file is refused with TYPE_CONFLICT)."""
         dfd, name = self.parent_fd(path)
         try:
+            st = _lstat_at(dfd, name)
+            kind = special_kind(st.st_mode) if st is not None else ""
+            if kind:  # not even opened: opening a device may act
+                raise OpError(ErrorCode.TYPE_CONFLICT, "{} is {}, not a regular file".format(
+                    path, kind))
             fd = os.open(name, _READ_FLAGS, dir_fd=dfd)
         except OSError as exc:
             raise op_error(exc, "open", path)
         finally:
             os.close(dfd)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError as exc:
             os.close(fd)
-            raise OpError(ErrorCode.TYPE_CONFLICT, "{} is not a regular file".format(path))
+            raise op_error(exc, "stat", path)
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise OpError(ErrorCode.TYPE_CONFLICT, "{} is {}, not a regular file".format(
+                path, special_kind(mode) or "a directory"))
         return fd
 
     def digest_file(self, path: str, new_hasher: Callable[[], Any]) -> Tuple[bytes, os.stat_result]:
@@ -211,12 +244,13 @@ class ConfinedRoot:
         """Remove a file, symlink or empty directory: (removed, it was a directory).
 
         Only the named entry is ever removed: a directory that is not empty is kept
-        (removed is False) with everything in it. Raises OpError(NOT_FOUND) when there is
-        nothing at `path`.
+        (removed is False) with everything in it; a FIFO, socket or device is refused.
+        Raises OpError(NOT_FOUND) when there is nothing at `path`.
         """
         dfd, name = self.parent_fd(path)
         try:
             try:
+                _refuse_special(_lstat_at(dfd, name), path)
                 os.unlink(name, dir_fd=dfd)
                 return True, False
             except IsADirectoryError:
@@ -239,7 +273,8 @@ class ConfinedRoot:
             os.close(dfd)
 
     def rename(self, src: str, dst: str) -> Optional[os.stat_result]:
-        """Move `src` to `dst`, replacing a file (not a non-empty directory) at `dst`.
+        """Move `src` to `dst`, replacing a file (not a non-empty directory) at `dst`; a
+        FIFO, socket or device at either end is refused.
 
         Returns the lstat of what is now at `dst` (None if it vanished at once).
         """
@@ -247,6 +282,8 @@ class ConfinedRoot:
         try:
             dfd, dname = self.parent_fd(dst, create=True)
             try:
+                _refuse_special(_lstat_at(sfd, sname), src)
+                _refuse_special(_lstat_at(dfd, dname), dst)
                 os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
                 try:
                     return os.lstat(dname, dir_fd=dfd)
@@ -262,19 +299,18 @@ class ConfinedRoot:
     def mkdir(self, path: str, mode: int) -> os.stat_result:
         """Make directory `path` (and its parents); an existing directory gets `mode`.
 
-        Returns the directory's stat.
+        Returns the directory's stat. The mode is set through a descriptor of the directory
+        opened with O_NOFOLLOW: a directory swapped for a symlink is refused, not followed.
         """
         dfd, name = self.parent_fd(path, create=True)
         try:
             try:
                 os.mkdir(name, 0o700, dir_fd=dfd)
             except FileExistsError:
-                st = os.lstat(name, dir_fd=dfd)
-                if not stat.S_ISDIR(st.st_mode):
-                    raise OpError(ErrorCode.TYPE_CONFLICT,
-                                  "{} exists and is not a directory".format(path))
-            os.chmod(name, mode & 0o7777, dir_fd=dfd)
-            return os.lstat(name, dir_fd=dfd)
+                pass
+            st = chmod_at(dfd, name, path, mode, directory=True)
+            assert st is not None
+            return st
         except OSError as exc:
             raise op_error(exc, "make directory", path)
         finally:
@@ -285,6 +321,7 @@ class ConfinedRoot:
         dfd, name = self.parent_fd(path, create=True)
         temp = self._temp_name()
         try:
+            _refuse_special(_lstat_at(dfd, name), path)
             os.symlink(target, temp, dir_fd=dfd)
             try:
                 os.rename(temp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
@@ -297,16 +334,82 @@ class ConfinedRoot:
             os.close(dfd)
 
     def set_mode(self, path: str, mode: int) -> None:
-        """chmod a file or directory; a symlink (which has no mode of its own) is left as is."""
+        """chmod a file or directory; a symlink (which has no mode of its own) is left as is.
+
+        The mode is set through a descriptor opened with O_NOFOLLOW, never by name.
+        """
         dfd, name = self.parent_fd(path)
         try:
-            st = os.lstat(name, dir_fd=dfd)
-            if not stat.S_ISLNK(st.st_mode):
-                os.chmod(name, mode & 0o7777, dir_fd=dfd)
+            chmod_at(dfd, name, path, mode, directory=False)
         except OSError as exc:
             raise op_error(exc, "set mode of", path)
         finally:
             os.close(dfd)
+
+
+def chmod_at(dfd: int, name: str, path: str, mode: int,
+             directory: bool) -> Optional[os.stat_result]:
+    """Set the mode of entry `name` of directory `dfd` through a descriptor of its own.
+
+    A symlink is left as is (None; with `directory`, TYPE_CONFLICT), a FIFO, socket or
+    device is refused. Returns the entry's fstat after the change. The lstat first is only
+    a hint (not to open what must not be opened): the fd, opened O_NOFOLLOW and checked
+    with fstat, is what decides, so a swap in between cannot redirect the chmod.
+    """
+    st = os.lstat(name, dir_fd=dfd)
+    if stat.S_ISLNK(st.st_mode) and not directory:
+        return None
+    if directory and not stat.S_ISDIR(st.st_mode):
+        raise OpError(ErrorCode.TYPE_CONFLICT, "{} exists and is not a directory".format(path))
+    _refuse_special(st, path)
+    flags = DIR_FLAGS if directory else _READ_FLAGS
+    try:
+        fd = os.open(name, flags, dir_fd=dfd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+            # It became a symlink (or not a directory) since the lstat.
+            if directory:
+                raise OpError(ErrorCode.TYPE_CONFLICT, "{} is not a directory".format(path))
+            return None
+        if exc.errno != errno.EACCES or not _HAS_O_PATH:
+            raise
+        return _chmod_unreadable(dfd, name, path, mode, directory)
+    try:
+        st = os.fstat(fd)
+        _check_chmod_target(st, path, directory)
+        if stat.S_ISLNK(st.st_mode):
+            return None
+        os.fchmod(fd, mode & 0o7777)
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_chmod_target(st: os.stat_result, path: str, directory: bool) -> None:
+    _refuse_special(st, path)
+    if directory and not stat.S_ISDIR(st.st_mode):
+        raise OpError(ErrorCode.TYPE_CONFLICT, "{} is not a directory".format(path))
+
+
+def _chmod_unreadable(dfd: int, name: str, path: str, mode: int,
+                      directory: bool) -> Optional[os.stat_result]:
+    """chmod an entry this process may not open (mode 0o000, a write-only file, a directory
+    without read permission): an O_PATH descriptor (Linux) names the very inode, and
+    chmod goes through /proc/self/fd, which does not resolve any name again."""
+    fd = os.open(name, _PATH_FLAGS | (os.O_DIRECTORY if directory else 0), dir_fd=dfd)
+    try:
+        st = os.fstat(fd)
+        _check_chmod_target(st, path, directory)
+        if stat.S_ISLNK(st.st_mode):
+            return None
+        proc = "/proc/self/fd/{}".format(fd)
+        if not os.path.exists(proc):
+            raise OpError(ErrorCode.PERMISSION_DENIED, "cannot open {} to change its mode "
+                          "(and no /proc to do it otherwise)".format(path))
+        os.chmod(proc, mode & 0o7777)
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_link(name: str, dir_fd: int) -> bool:
@@ -358,6 +461,7 @@ class PendingFile:
                 target = None
             if target is not None and stat.S_ISDIR(target.st_mode):
                 raise OpError(ErrorCode.TYPE_CONFLICT, "{} is a directory".format(self.path))
+            _refuse_special(target, self.path)
             os.rename(self.temp, self.name, src_dir_fd=self.dfd, dst_dir_fd=self.dfd)
         except OSError as exc:
             self.abort()

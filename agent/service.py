@@ -3,7 +3,9 @@
 `AgentService.handle` takes one decoded message and answers through `send` (and `flush`,
 which the driver implements, when a long answer such as the manifest is streamed). Every
 operation gets exactly one `Ack` or `Error` with its `seq`; a failed operation leaves the
-tree as it was and never ends the session. Handlers are dispatched through `_HANDLERS`.
+tree as it was and never ends the session. Handlers are dispatched through `_HANDLERS`,
+after `messages.request_problem` has had its say: what it refuses is answered with its code
+(an Error, or a Goodbye for a Hello) and never reaches a handler.
 Each change also updates the record of what lsync made (`lsync.agent.records`), which the
 manifest reports as each entry's `written` field and which outlives the agent.
 """
@@ -14,25 +16,25 @@ import sys
 from typing import Any, Callable, Dict, List, Optional, Set
 
 from lsync.agent.confined import (
-    TEMP_PREFIX,
     ConfinedRoot,
     OpError,
     PendingFile,
     file_key,
-    is_stale_temp,
     iter_fd,
     op_error,
 )
+from lsync.agent.manifest import walk_tree
 from lsync.agent.records import DigestRecord
 from lsync.agent.writer import WritePool
 from lsync.protocol import PROTOCOL_VERSION, hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.delta import DeltaError, apply_delta
 from lsync.protocol.errors import AckStatus, ErrorCode, ProtocolError
-from lsync.protocol.paths import relpath_problem
+from lsync.protocol.paths import shown
 
 MANIFEST_BATCH = 2000
 MAX_DELTA_RESULT = 1 << 40  # the result is streamed to disk; this only bounds nonsense
+MAX_MESSAGE = 1000  # characters of an Error's message
 
 Send = Callable[[m.Message], None]
 LogInternal = Callable[[str, str], None]  # (context, traceback text)
@@ -74,6 +76,14 @@ class AgentService:
         if handler is None:  # messages the agent may receive but need no answer (Pong)
             return
         seq = getattr(message, "seq", None)
+        problem = m.request_problem(message)
+        if problem is not None:
+            code, reason = problem
+            if seq is not None:
+                self._error(seq, code, reason)
+                return
+            self.send(m.Goodbye(int(code), reason))  # a Hello that cannot be served
+            raise SessionEnd(int(code), reason)
         if seq is not None and self.root is None:
             self._error(seq, ErrorCode.ROOT_UNAVAILABLE, "no root is open")
             return
@@ -152,6 +162,8 @@ class AgentService:
         self.send(m.Ack(seq, int(status), detail))
 
     def _error(self, seq: int, code: ErrorCode, message: str) -> None:
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE] + "..."
         self.send(m.Error(seq, int(code), message))
 
     def close(self) -> None:
@@ -210,8 +222,9 @@ class AgentService:
         try:
             path = resolve_root(msg.root, bool(msg.options.get("create_root", True)))
             self.root = ConfinedRoot(path)
-        except OSError as exc:
-            reason = "cannot use {!r} as the root: {}".format(msg.root, exc.strerror or exc)
+        except (OSError, ValueError) as exc:
+            reason = "cannot use {} as the root: {}".format(
+                shown(msg.root), getattr(exc, "strerror", None) or exc)
             self.send(m.Goodbye(int(ErrorCode.ROOT_UNAVAILABLE), reason))
             raise SessionEnd(int(ErrorCode.ROOT_UNAVAILABLE), reason)
         cache = DigestRecord.default_path(path, chosen) if self.use_cache else None
@@ -235,12 +248,16 @@ class AgentService:
     def on_list_tree(self, msg: m.ListTree) -> None:
         assert self.root is not None and self.record is not None
         batch: List[List[Any]] = []
-        for entry in walk_tree(self.root.path, self.record):
-            batch.append(entry)
-            if len(batch) >= MANIFEST_BATCH:
-                self.send(m.ManifestBatch(msg.seq, batch, False))
-                self.flush()
-                batch = []
+        walk = walk_tree(self.root.fd, self.record)
+        try:
+            for entry in walk:
+                batch.append(entry)
+                if len(batch) >= MANIFEST_BATCH:
+                    self.send(m.ManifestBatch(msg.seq, batch, False))
+                    self.flush()
+                    batch = []
+        finally:
+            walk.close()  # its directory descriptors, now even if sending failed
         self.send(m.ManifestBatch(msg.seq, batch, True))
 
     def on_hash_paths(self, msg: m.HashPaths) -> None:
@@ -270,13 +287,15 @@ class AgentService:
         try:
             if pending is None:
                 if msg.offset != 0:
-                    raise OpError(ErrorCode.INTERNAL, "write {} starts at offset {}".format(
-                        msg.path, msg.offset))
+                    raise OpError(ErrorCode.BAD_REQUEST, "write {} starts at offset {}".format(
+                        shown(msg.path), msg.offset))
                 pending = self.root.begin_write(msg.path)
                 self.pending[msg.seq] = pending
                 self.pending_hashers[msg.seq] = self._new_hasher()
             elif msg.offset != pending.size or msg.path != pending.path:
-                raise OpError(ErrorCode.INTERNAL, "chunk of {} out of order".format(msg.path))
+                raise OpError(ErrorCode.BAD_REQUEST, "chunk of {} out of order: offset {}, "
+                              "expected {} of {}".format(shown(msg.path), msg.offset,
+                                                        pending.size, shown(pending.path)))
             data = unpack_chunk(msg.path, msg.data, msg.packing, self.zdict)
             pending.write(data)
             self.pending_hashers[msg.seq].update(data)
@@ -484,50 +503,3 @@ def resolve_root(root: str, create: bool) -> str:
     if create and not os.path.isdir(path):
         os.makedirs(path, exist_ok=True)
     return path
-
-
-def walk_tree(top: str, record: DigestRecord) -> Any:
-    """Yield manifest entries for everything below `top`, never following symlinks.
-
-    Stale temporary files of dead agents are removed on the way and never listed.
-    """
-    stack = [""]
-    while stack:
-        rel_dir = stack.pop()
-        try:
-            scanner = os.scandir(os.path.join(top, rel_dir) if rel_dir else top)
-        except OSError:
-            continue
-        with scanner:
-            for item in scanner:
-                name = item.name
-                rel = rel_dir + "/" + name if rel_dir else name
-                if name.startswith(TEMP_PREFIX):
-                    if is_stale_temp(name):
-                        try:
-                            os.unlink(item.path)
-                        except OSError:
-                            pass
-                    continue
-                if relpath_problem(rel):
-                    continue  # not representable on the wire (e.g. not UTF-8)
-                try:
-                    st = item.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                mode = st.st_mode
-                if stat.S_ISDIR(mode):
-                    yield [rel, m.KIND_DIR, 0, st.st_mtime_ns, stat.S_IMODE(mode), None, None,
-                           record.written(rel, m.KIND_DIR, st.st_ino)]
-                    stack.append(rel)
-                elif stat.S_ISREG(mode):
-                    digest = record.lookup(rel, file_key(st))
-                    yield [rel, m.KIND_FILE, st.st_size, st.st_mtime_ns, stat.S_IMODE(mode),
-                           digest, None, record.written(rel, m.KIND_FILE, st.st_ino)]
-                elif stat.S_ISLNK(mode):
-                    try:
-                        target = os.readlink(item.path)
-                    except OSError:
-                        continue
-                    yield [rel, m.KIND_LINK, 0, st.st_mtime_ns, 0, None, target,
-                           record.written(rel, m.KIND_LINK, st.st_ino)]

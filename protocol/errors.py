@@ -29,7 +29,8 @@ class ErrorCode(enum.IntEnum):
     IO_ERROR = 27
     BAD_DELTA = 28
     ROOT_UNAVAILABLE = 29
-    INTERNAL = 30
+    INTERNAL = 30  # a fault of the agent itself, never of the request
+    BAD_REQUEST = 31  # well-formed but not acceptable: too many paths, chunks out of order
 
 
 class AckStatus(enum.IntEnum):

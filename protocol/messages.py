@@ -3,7 +3,13 @@
 A message travels as one msgpack array: ``[type_code, field, field, ...]``. `SCHEMA` is
 the single table that ties a type code to its record class, the types of its fields and the
 direction it may travel in; `decode_message` accepts exactly what the table allows and raises
-`ProtocolError(MALFORMED_FRAME)` for anything else, whatever the bytes were.
+`ProtocolError(MALFORMED_FRAME)` for anything else, whatever the bytes were. No array in a
+message may hold more than `MAX_ARRAY_LEN` items, so a hostile frame costs little to refuse.
+
+A well-typed request may still ask for what the agent must refuse: `request_problem` says
+why (a NUL byte in the root or a link target, more than `MAX_HASH_PATHS` paths), with the
+code of the answer (a `Goodbye` for a Hello, an `Error` for an operation). Wire paths are
+checked where the agent resolves them (lsync.agent.confined), with BAD_PATH.
 
 Operations that change the remote tree carry a sequence number (`seq`) chosen by the client;
 the agent answers each with exactly one `Ack` or `Error` bearing the same `seq`.
@@ -14,11 +20,17 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 import msgpack
 
 from lsync.protocol.errors import ErrorCode, ProtocolError
+from lsync.protocol.paths import link_target_problem, root_problem, shown
 
 # Largest preset dictionary (deflate's window).
 MAX_DICTIONARY = 32768
 # Largest uncompressed content one WriteFile chunk may carry.
 MAX_CHUNK = 8 * 1024 * 1024
+# Most paths one HashPaths may ask for (the client asks in batches of 2,000).
+MAX_HASH_PATHS = 10000
+# Most items of any array (and entries of any map) in a message, checked while unpacking.
+MAX_ARRAY_LEN = 4 * MAX_HASH_PATHS
+MAX_MAP_LEN = 1024
 
 # Kinds of tree entries in a manifest.
 KIND_FILE = "f"
@@ -70,7 +82,8 @@ class ManifestBatch(NamedTuple):
 
 
 class HashPaths(NamedTuple):
-    """Client → agent: content digests of regular files, answered by `Hashes`."""
+    """Client → agent: content digests of regular files, answered by `Hashes`; at most
+    `MAX_HASH_PATHS` paths (more is refused with BAD_REQUEST)."""
 
     seq: int
     paths: List[str]
@@ -121,7 +134,8 @@ class WriteDelta(NamedTuple):
 class Delete(NamedTuple):
     """Client → agent: remove a file, a symlink, or an empty directory.
 
-    A directory that still holds entries is kept and acknowledged as KEPT_NOT_EMPTY.
+    A directory that still holds entries is kept and acknowledged as KEPT_NOT_EMPTY; a
+    FIFO, socket or device is never removed (Error TYPE_CONFLICT).
     """
 
     seq: int
@@ -259,6 +273,11 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
+def _is_path_list(value: Any) -> bool:
+    # An overlong list is refused by `request_problem` without looking at its items.
+    return isinstance(value, list) and (len(value) > MAX_HASH_PATHS or _is_str_list(value))
+
+
 def _is_digest_list(value: Any) -> bool:
     return isinstance(value, list) and all(_is_opt_bytes(v) for v in value)
 
@@ -307,7 +326,7 @@ SCHEMA: Dict[int, Tuple[Any, str, Tuple[FieldCheck, ...]]] = {
     2: (Welcome, "a", (_is_uint, _is_str_map, _is_str_map)),
     10: (ListTree, "c", (_is_uint,)),
     11: (ManifestBatch, "a", (_is_uint, _is_manifest_entries, _is_bool)),
-    12: (HashPaths, "c", (_is_uint, _is_str_list)),
+    12: (HashPaths, "c", (_is_uint, _is_path_list)),
     13: (Hashes, "a", (_is_uint, _is_digest_list)),
     20: (WriteFile, "c", (_is_uint, _is_str, _is_uint, _is_uint, _is_bytes, _is_bool, _is_uint)),
     21: (WriteDelta, "c", (_is_uint, _is_str, _is_uint, _is_bytes, _is_bytes, _is_bytes)),
@@ -342,7 +361,8 @@ def decode_message(payload: bytes, sender: str) -> Message:
     UNEXPECTED_MESSAGE for a message that `sender` may not send.
     """
     try:
-        obj = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True)
+        obj = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True,
+                              max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN)
     except Exception as exc:  # msgpack raises several unrelated types on hostile input
         raise ProtocolError(ErrorCode.MALFORMED_FRAME, "undecodable payload: {}".format(
             type(exc).__name__))
@@ -365,3 +385,38 @@ def decode_message(payload: bytes, sender: str) -> Message:
                 cls.__name__, name))
     message: Message = cls(*fields)
     return message
+
+
+Problem = Tuple[ErrorCode, str]
+
+
+def _hello_problem(msg: Hello) -> Optional[Problem]:
+    problem = root_problem(msg.root)
+    return (ErrorCode.BAD_PATH, "refused root {}: {}".format(shown(msg.root), problem)) \
+        if problem else None
+
+
+def _hash_paths_problem(msg: HashPaths) -> Optional[Problem]:
+    if len(msg.paths) > MAX_HASH_PATHS:
+        return (ErrorCode.BAD_REQUEST, "{} paths in one HashPaths; at most {}".format(
+            len(msg.paths), MAX_HASH_PATHS))
+    return None
+
+
+def _symlink_problem(msg: Symlink) -> Optional[Problem]:
+    problem = link_target_problem(msg.target)
+    return (ErrorCode.BAD_PATH, "refused target {} for {}: {}".format(
+        shown(msg.target), shown(msg.path), problem)) if problem else None
+
+
+_REQUEST_CHECKS: Dict[Any, Callable[[Any], Optional[Problem]]] = {
+    Hello: _hello_problem,
+    HashPaths: _hash_paths_problem,
+    Symlink: _symlink_problem,
+}
+
+
+def request_problem(message: Message) -> Optional[Problem]:
+    """Why the agent must refuse a decoded request, with the code to answer; None if not."""
+    check = _REQUEST_CHECKS.get(type(message))
+    return check(message) if check is not None else None

@@ -3,7 +3,9 @@
 A wire path is a relative POSIX path: '/'-separated, no empty, '.' or '..' components, no
 NUL byte, not absolute, valid UTF-8 (names that are not are skipped by the client with a
 warning), and not longer than `MAX_PATH_BYTES`. Both ends check every path with
-`check_relpath`; the agent additionally refuses to pass through symlinks when it resolves one.
+`relpath_problem`; the agent additionally refuses to pass through symlinks when it resolves
+one. A symlink target (`link_target_problem`) and the root named by Hello (`root_problem`)
+are free text but never hold a NUL byte, which no system call could take.
 """
 
 MAX_PATH_BYTES = 4096
@@ -36,6 +38,46 @@ def relpath_problem(path: str) -> str:
         if len(part.encode("utf-8")) > MAX_NAME_BYTES:
             return "path component too long"
     return ""
+
+
+def link_target_problem(target: str) -> str:
+    """Return why `target` cannot be a symlink's target, or '' when it can.
+
+    Any text the filesystem can store: not empty, no NUL byte, at most `MAX_PATH_BYTES`
+    bytes of UTF-8. (A target may be absolute or climb with '..': a symlink is never
+    followed by the agent, whatever it points at.)
+    """
+    if not target:
+        return "empty link target"
+    if "\x00" in target:
+        return "link target contains a NUL byte"
+    try:
+        encoded = target.encode("utf-8")
+    except UnicodeError:
+        return "link target is not valid UTF-8"
+    if len(encoded) > MAX_PATH_BYTES:
+        return "link target too long"
+    return ""
+
+
+def root_problem(root: str) -> str:
+    """Return why `root` (a Hello's root, a path on the agent's host) is unusable, or ''."""
+    if "\x00" in root:
+        return "root contains a NUL byte"
+    try:
+        encoded = root.encode("utf-8")
+    except UnicodeError:
+        return "root is not valid UTF-8"
+    if len(encoded) > MAX_PATH_BYTES:
+        return "root path too long"
+    return ""
+
+
+def shown(text: str, limit: int = 200) -> str:
+    """`text` quoted for a message: control characters escaped, at most about `limit`."""
+    if len(text) > limit:
+        return repr(text[:limit]) + "... ({} characters)".format(len(text))
+    return repr(text)
 
 
 def parent_of(path: str) -> str:

@@ -1,0 +1,103 @@
+"""The remote manifest: every entry below the root, walked from directory descriptors.
+
+`walk_tree` yields the tree as manifest entries (the 8 fields of `ManifestBatch`) without
+following a symlink or naming anything by a path from the root: each directory is opened
+relative to its parent's descriptor with O_DIRECTORY|O_NOFOLLOW, its entries are listed and
+lstat'ed relative to it, and a directory swapped for a symlink while the walk runs is
+skipped, never followed, so nothing outside the root is listed or touched. Stale temporary
+files of dead agents are removed on the way (unlink relative to the directory's descriptor)
+and never listed. Entries that cannot travel on the wire (names or link targets that are
+not UTF-8) and special files (FIFOs, sockets, devices) are left out.
+
+The walk holds one descriptor per level of the directory being listed, and closes them all
+when it ends or is abandoned. Standard library only, Python 3.6 and later (os.listdir and
+os.stat accept a directory descriptor there; os.scandir does only from 3.7).
+"""
+
+import os
+import stat
+from typing import Any, Generator, List, Optional, Tuple
+
+from lsync.agent.confined import DIR_FLAGS, TEMP_PREFIX, file_key, is_stale_temp
+from lsync.agent.records import DigestRecord
+from lsync.protocol import messages as m
+from lsync.protocol.paths import relpath_problem
+
+Entry = List[Any]
+
+
+def walk_tree(root_fd: int, record: DigestRecord) -> Generator[Entry, None, None]:
+    """Yield manifest entries for everything below the directory `root_fd` (not closed).
+
+    Digests come from `record` when it knows them without reading a file, and so does
+    each entry's `written` field (what lsync made there).
+    """
+    # (descriptor, wire path, subdirectories still to visit; None until listed)
+    stack: List[Tuple[int, str, Optional[List[str]]]] = []
+    try:
+        stack.append((os.dup(root_fd), "", None))
+        while stack:
+            dfd, rel_dir, subdirs = stack[-1]
+            if subdirs is None:
+                entries, subdirs = _list_dir(dfd, rel_dir, record)
+                subdirs.reverse()  # visited in listing order
+                stack[-1] = (dfd, rel_dir, subdirs)
+                for entry in entries:
+                    yield entry
+                continue
+            if not subdirs:
+                stack.pop()
+                os.close(dfd)
+                continue
+            name = subdirs.pop()
+            try:
+                child = os.open(name, DIR_FLAGS, dir_fd=dfd)
+            except OSError:
+                continue  # gone, or no longer a directory (a symlink now): not followed
+            stack.append((child, rel_dir + "/" + name if rel_dir else name, None))
+    finally:
+        for dfd, _, _ in stack:
+            os.close(dfd)
+
+
+def _list_dir(dfd: int, rel_dir: str, record: DigestRecord) -> Tuple[List[Entry], List[str]]:
+    """The entries of one directory, and the names of its subdirectories."""
+    entries: List[Entry] = []
+    subdirs: List[str] = []
+    try:
+        names = os.listdir(dfd)
+    except OSError:
+        return entries, subdirs
+    for name in names:
+        rel = rel_dir + "/" + name if rel_dir else name
+        if name.startswith(TEMP_PREFIX):
+            if is_stale_temp(name):
+                try:
+                    os.unlink(name, dir_fd=dfd)
+                except OSError:
+                    pass
+            continue
+        if relpath_problem(rel):
+            continue  # not representable on the wire (e.g. not UTF-8)
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except OSError:
+            continue
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            entries.append([rel, m.KIND_DIR, 0, st.st_mtime_ns, stat.S_IMODE(mode), None, None,
+                            record.written(rel, m.KIND_DIR, st.st_ino)])
+            subdirs.append(name)
+        elif stat.S_ISREG(mode):
+            entries.append([rel, m.KIND_FILE, st.st_size, st.st_mtime_ns, stat.S_IMODE(mode),
+                            record.lookup(rel, file_key(st)), None,
+                            record.written(rel, m.KIND_FILE, st.st_ino)])
+        elif stat.S_ISLNK(mode):
+            try:
+                target = os.readlink(name, dir_fd=dfd)
+                target.encode("utf-8")
+            except (OSError, UnicodeError):
+                continue
+            entries.append([rel, m.KIND_LINK, 0, st.st_mtime_ns, 0, None, target,
+                            record.written(rel, m.KIND_LINK, st.st_ino)])
+    return entries, subdirs
