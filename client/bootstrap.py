@@ -12,11 +12,13 @@ stream (INITIAL: the Hello, the ListTree and any operation already queued). Open
 session channel's window only once the command runs, so data sent on the channel costs a
 round trip more; with the command line carrying it, the agent answers two round trips after
 authentication (channel open, then exec). Linux limits one argument to 128 KiB; the bundle
-takes about 35 KiB and INITIAL is capped at `MAX_INITIAL`, the rest goes on stdin.
+(docstrings blanked) and INITIAL, capped at `MAX_INITIAL`, must fit in it together
+(tests/test_bootstrap_size.py checks it); the rest of the stream goes on stdin.
 """
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import pkgutil
@@ -101,15 +103,37 @@ def local_argv(initial: bytes = b"", python: str | None = None) -> list[str]:
             base64.b64encode(initial).decode("ascii")]
 
 
+def without_docstrings(source: str) -> str:
+    """`source` with its docstrings blanked out (lines kept, so tracebacks still point at
+    the right line): the command line that carries the bundle is limited to 128 KiB."""
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                 ast.AsyncFunctionDef)) or not node.body:
+            continue
+        first = node.body[0]
+        if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)):
+            continue
+        start, end = first.lineno - 1, (first.end_lineno or first.lineno) - 1
+        indent = lines[start][:len(lines[start]) - len(lines[start].lstrip())]
+        lines[start] = f"{indent}pass\n" if len(node.body) == 1 else "\n"
+        for index in range(start + 1, end + 1):
+            lines[index] = "\n"
+    return "".join(lines)
+
+
 def _package_sources(package: object, prefix: str) -> dict[str, tuple[bool, str]]:
     found: dict[str, tuple[bool, str]] = {}
     directory = Path(package.__file__).parent  # type: ignore[attr-defined]
-    found[prefix] = (True, (directory / "__init__.py").read_text(encoding="utf-8"))
+    found[prefix] = (True, without_docstrings(
+        (directory / "__init__.py").read_text(encoding="utf-8")))
     for info in pkgutil.iter_modules([str(directory)]):
         if info.ispkg or info.name.startswith("__"):
             continue
         source = (directory / f"{info.name}.py").read_text(encoding="utf-8")
-        found[f"{prefix}.{info.name}"] = (False, source)
+        found[f"{prefix}.{info.name}"] = (False, without_docstrings(source))
     return found
 
 

@@ -1,21 +1,32 @@
 """The `lsync` command line.
 
-    lsync connect [user@]host:tree   keep `tree` on `host` in sync with this directory
-    lsync connect /some/dir          the same against a local directory (no SSH)
+    lsync connect [[user@]host:tree]   keep `tree` on `host` in sync with this directory
+    lsync connect /some/dir            the same against a local directory (no SSH)
+    lsync flush [--timeout S]          wait until every change made so far is on the remote
+    lsync run [options] -- CMD ARGS    flush, then run CMD in the remote tree
+    lsync status [--json]              the running session's state
 
-Errors are printed as one line and map to exit statuses (see `lsync.client.errors`);
-Ctrl-C drains in-flight writes and exits 0.
+`connect` reads `.lsync.toml` at the root of the tree (see `lsync.client.project`); an
+option on the command line overrides the file. Errors are printed as one line and map to
+exit statuses (see `lsync.client.errors` and `lsync.client.commands`); Ctrl-C drains
+in-flight writes and exits 0. This module is the last exception boundary: anything
+unexpected becomes an `InternalError` line, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
 
+from lsync.client import commands
 from lsync.client.errors import LsyncError, internal_error
-from lsync.client.session import Options, Session, default_local_root
+from lsync.client.project import find_project, load_project, merge
+from lsync.client.session import Options, Session
 from lsync.client.ssh import Target
 from lsync.client.status import NORMAL, QUIET, VERBOSE, make_status, terminal_safe
 from lsync.client.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS
@@ -24,65 +35,141 @@ from lsync.client.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lsync", description="Low-latency continuous one-way sync over one SSH connection.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    connect = commands.add_parser(
+    commands_ = parser.add_subparsers(dest="command", required=True)
+    connect = commands_.add_parser(
         "connect", help="sync this tree to [user@]host:tree (or a local directory) until stopped")
-    connect.add_argument("target", help="[user@]host:tree, or a local directory path")
-    connect.add_argument("--local", metavar="DIR", help="local tree (default: current directory)")
-    connect.add_argument("-F", dest="ssh_config", metavar="FILE", action="append",
+    connect.add_argument("target", nargs="?", default=None,
+                         help="[user@]host:tree, or a local directory path (default: the "
+                              "`target` of .lsync.toml)")
+    _tree_option(connect)
+    connect.add_argument("-F", dest="ssh_config", metavar="FILE", action="append", default=None,
                          help="SSH client config file (default ~/.ssh/config)")
-    connect.add_argument("--delete", action="store_true",
+    connect.add_argument("--delete", action="store_true", default=None,
                          help="also delete remote files that do not exist locally")
-    connect.add_argument("--exclude", metavar="PATTERN", action="append", default=[],
+    connect.add_argument("--exclude", metavar="PATTERN", action="append", default=None,
                          help="ignore paths matching PATTERN (gitignore syntax); repeatable")
-    connect.add_argument("--include-vcs", action="store_true",
+    connect.add_argument("--include-vcs", action="store_true", default=None,
                          help="sync the .git directory too (excluded by default)")
-    connect.add_argument("--accept-new-host-key", action="store_true",
+    connect.add_argument("--accept-new-host-key", action="store_true", default=None,
                          help="trust and record an unknown host key (never a changed one)")
-    connect.add_argument("--step-ms", type=int, default=DEFAULT_STEP_MS,
+    connect.add_argument("--step-ms", type=int, default=None,
                          help=f"watcher quiet period before a batch (default {DEFAULT_STEP_MS})")
-    connect.add_argument("--debounce-ms", type=int, default=DEFAULT_DEBOUNCE_MS,
+    connect.add_argument("--debounce-ms", type=int, default=None,
                          help=f"longest a batch collects (default {DEFAULT_DEBOUNCE_MS})")
-    connect.add_argument("--no-reconnect", action="store_true",
+    connect.add_argument("--no-reconnect", action="store_true", default=None,
                          help="exit when the connection breaks instead of reconnecting")
     level = connect.add_mutually_exclusive_group()
     level.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     level.add_argument("-v", "--verbose", action="store_true", help="print every write")
+
+    flush = commands_.add_parser(
+        "flush", help="return once every change made so far is acknowledged by the remote")
+    _tree_option(flush)
+    flush.add_argument("--timeout", type=float, default=None, metavar="S",
+                       help="give up after S seconds (exit 1, printing what is pending)")
+
+    run = commands_.add_parser(
+        "run", help="flush, then run a command in the remote tree over the same connection")
+    _tree_option(run)
+    run.add_argument("--timeout", type=float, default=None, metavar="S",
+                     help="give up if the flush before the command takes more than S seconds")
+    run.add_argument("--no-map-paths", action="store_true", default=None,
+                     help="do not rewrite remote paths in the output to local ones")
+    run.add_argument("--watch", action="store_true",
+                     help="run again after each batch of changes lands (a stale run is "
+                          "interrupted)")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                     help="the command to run remotely")
+
+    status = commands_.add_parser("status", help="show the running session's state")
+    _tree_option(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def _tree_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--local", metavar="DIR", default=None,
+                        help="the local tree (default: the tree of the current directory)")
+
+
+def _connect_options(args: argparse.Namespace) -> tuple[Options, int]:
+    start = Path(args.local or os.getcwd()).expanduser()
+    found = find_project(start)
+    project = load_project(found) if found is not None else None
+    settings = merge(project, args)
+    verbosity = {"quiet": QUIET, "normal": NORMAL, "verbose": VERBOSE}[settings.log]
+    options = Options(
+        target=Target.parse(settings.target),
+        local_root=settings.local_root,
+        ssh_config=settings.ssh_config,
+        delete=settings.delete,
+        excludes=settings.exclude,
+        include_vcs=settings.include_vcs,
+        accept_new_host_key=settings.accept_new_host_key,
+        step_ms=settings.step_ms,
+        debounce_ms=settings.debounce_ms,
+        reconnect=settings.reconnect,
+    )
+    return options, verbosity
+
+
+def _run_map_paths(args: argparse.Namespace, start: Path) -> bool:
+    found = find_project(start)
+    project = load_project(found) if found is not None else None
+    return not args.no_map_paths and (project is None or project.map_paths)
+
+
+def _guarded(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        return asyncio.run(coro)
+    except (LsyncError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # the last boundary: a bug, in one line, never a traceback
+        raise internal_error("running the command", exc) from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    verbosity = QUIET if args.quiet else VERBOSE if args.verbose else NORMAL
-    status = make_status(verbosity)
-    options = Options(
-        target=Target.parse(args.target),
-        local_root=default_local_root(args.local),
-        ssh_config=args.ssh_config,
-        delete=args.delete,
-        excludes=args.exclude,
-        include_vcs=args.include_vcs,
-        accept_new_host_key=args.accept_new_host_key,
-        step_ms=args.step_ms,
-        debounce_ms=args.debounce_ms,
-        reconnect=not args.no_reconnect,
-    )
+    status = None
     try:
-        try:
-            asyncio.run(Session(options, status).run())
-        except (LsyncError, KeyboardInterrupt):
-            raise
-        except Exception as exc:  # the last boundary: a bug, in one line, never a traceback
-            raise internal_error("syncing", exc) from None
+        if args.command == "connect":
+            options, verbosity = _connect_options(args)
+            status = make_status(verbosity)
+            session = Session(options, status)
+            _guarded(_session(session))
+            code = 0
+        else:
+            start = Path(args.local or os.getcwd()).expanduser().absolute()
+            if args.command == "flush":
+                code = _guarded(commands.flush(start, args.timeout))
+            elif args.command == "status":
+                code = _guarded(commands.status(start, args.json))
+            else:
+                argv_ = list(args.argv)
+                if argv_[:1] == ["--"]:
+                    argv_ = argv_[1:]
+                if not argv_:
+                    print("lsync: run needs a command: lsync run -- CMD ARGS", file=sys.stderr)
+                    sys.exit(2)
+                code = _guarded(commands.run(start, argv_, args.timeout,
+                                             _run_map_paths(args, start), args.watch))
     except LsyncError as exc:
-        status.close()
+        if status is not None:
+            status.close()
         print(f"lsync: {terminal_safe(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_status)
     except KeyboardInterrupt:
-        status.close()
+        if status is not None:
+            status.close()
         sys.exit(130)
-    status.close()
-    sys.exit(0)
+    if status is not None:
+        status.close()
+    sys.exit(code)
+
+
+async def _session(session: Session) -> int:
+    await session.run()
+    return 0
 
 
 if __name__ == "__main__":

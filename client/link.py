@@ -43,6 +43,8 @@ class Unanswered(NamedTuple):
         return cls(type(op).__name__, str(getattr(op, "path", "")))
 
 
+PING_EVERY = 5.0  # seconds between liveness pings while nothing else is outstanding
+STALL = 15.0  # seconds of silence, with something outstanding, that mean a stuck link
 DRAIN_ABOVE = 1 << 20  # ask the stream for backpressure after this much was written
 COALESCE = 64 << 10  # queued messages are written at once beyond this many bytes
 
@@ -95,7 +97,36 @@ class AgentLink:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, LinkBroken):
                 await self._reader
-        await self.stream.close()
+        # A broken link may be a frozen one: do not wait for a clean end that cannot come.
+        await self.stream.close(wait=0.5 if self.failure is not None else 10.0)
+
+    async def watch_liveness(self, every: float = PING_EVERY, stall: float = STALL,
+                             tick: float = 1.0) -> None:
+        """Until the link ends: ping the agent every `every` seconds while nothing else is
+        outstanding, and break the link when nothing at all arrived for `stall` seconds
+        although something was asked (a frozen link, a stopped agent). Replies queue behind
+        bulk data on the same channel, so the deadline is on silence, not on one ping's
+        round trip. Looks every `tick` seconds."""
+        loop = asyncio.get_running_loop()
+        heard, heard_at, pinged_at = self.bytes_received, loop.time(), loop.time()
+        while self.failure is None and self.goodbye is None and not self._closed.done():
+            now = loop.time()
+            if self.bytes_received != heard or not self._pending:
+                heard, heard_at = self.bytes_received, now
+            elif now - heard_at >= stall:
+                self._finish(LinkBroken(f"no answer from the agent for {stall:.0f} s "
+                                        "(the link or the agent is stuck)"))
+                if self._reader is not None:
+                    self._reader.cancel()
+                return
+            if not self._pending and now - pinged_at >= every:
+                pinged_at = now
+                nonce = self.next_seq()
+                pong = self._expect(nonce, m.Pong)
+                pong.add_done_callback(lambda done: done.cancelled() or done.exception())
+                self.send(m.Ping(nonce))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._closed), tick)
 
     @property
     def closed(self) -> Awaitable[None]:

@@ -29,8 +29,17 @@ import asyncssh
 
 from lsync.client import sigstore, ssh
 from lsync.client.bootstrap import MAX_INITIAL, local_argv
+from lsync.client.buildloop import BuildLoop, Progress, TrackingReporter
+from lsync.client.control import ControlError, ControlServer, socket_path
 from lsync.client.engine import SyncEngine
-from lsync.client.errors import ConnectError, LinkBroken, LsyncError, SafetyStop, UsageError
+from lsync.client.errors import (
+    ConnectError,
+    LinkBroken,
+    LsyncError,
+    SafetyStop,
+    UsageError,
+    internal_error,
+)
 from lsync.client.hashcache import HashCache, default_cache_path
 from lsync.client.ignore import IgnoreRules
 from lsync.client.link import AgentLink
@@ -77,10 +86,18 @@ class Options:
 
 
 class Session:
-    def __init__(self, options: Options, reporter: Reporter) -> None:
+    def __init__(self, options: Options, reporter: Reporter, control: bool = True) -> None:
         self.options = options
-        self.reporter = reporter
+        self.progress = Progress()
+        self.reporter: Reporter = TrackingReporter(reporter, self.progress)
         self.root = options.local_root
+        self.target_text = options.target.describe()
+        self.control = control  # serve `lsync flush/run/status` on the control socket
+        # For the build loop (lsync.client.buildloop): the current engine, whether its
+        # initial sync is done, and an event set whenever either changes.
+        self.engine_ready = False
+        self.engine_changed = asyncio.Event()
+        self.remote_root: str | None = None
         self.rules = IgnoreRules(self.root, options.excludes, options.include_vcs)
         self.stop = asyncio.Event()
         self.engine: SyncEngine | None = None
@@ -92,6 +109,19 @@ class Session:
         self._owned_trees: set[str] = set()
         self._hash_seen: str | None = None  # the hash the agent chose last
         self._watcher: TreeWatcher | None = None
+
+    def _set_engine(self, engine: SyncEngine | None) -> None:
+        self.engine = engine
+        self.engine_ready = False
+        self.engine_changed.set()
+
+    @property
+    def ssh_connection(self) -> asyncssh.SSHClientConnection | None:
+        return self._ssh
+
+    def seen_until(self) -> int:
+        """Unix ns before which every local change has been delivered by the watcher."""
+        return self._watcher.seen_until() if self._watcher is not None else time.time_ns()
 
     # -- the watcher feeds whichever engine is current --------------------------------------
     def _on_batch(self, batch: WatchBatch) -> None:
@@ -146,6 +176,7 @@ class Session:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self.stop.set)
+        server = await self._serve_control()
         watcher = asyncio.create_task(self._watch(), name="watcher")
         try:
             await self._connect_loop(watcher)
@@ -156,6 +187,28 @@ class Session:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, SafetyStop):
                 await watcher
+            if server is not None:
+                await server.close()
+
+    async def _serve_control(self) -> ControlServer | None:
+        """The control socket for `lsync flush/run/status` (none when no safe place for it
+        exists: a note says so). Another session for this tree is a usage error."""
+        if not self.control:
+            return None
+        try:
+            server = ControlServer(socket_path(self.root), BuildLoop(self),
+                                   on_internal_error=self._control_bug)
+            await server.start()
+        except ControlError as exc:
+            if exc.code == "busy":
+                raise UsageError(str(exc)) from None
+            self.reporter.note(f"no control socket ({exc}): flush, run and status are "
+                               "unavailable for this session")
+            return None
+        return server
+
+    def _control_bug(self, exc: BaseException) -> None:
+        self.reporter.note(str(internal_error("answering a control request", exc)))
 
     async def _connect_loop(self, watcher: asyncio.Task[None]) -> None:
         attempt = 0
@@ -183,7 +236,7 @@ class Session:
                 connected_once = connected_once or self.engine is not None
                 if self.engine is not None:
                     self._carry_over(self.engine)
-                self.engine = None
+                self._set_engine(None)
 
     def _carry_over(self, engine: SyncEngine) -> None:
         """Keep what the next connection needs from one that ended: the paths still to do
@@ -295,6 +348,7 @@ class Session:
             else:
                 await stream.launch(local_argv, MAX_INITIAL)
             welcome = await self._or_stop(link.welcome(WELCOME_TIMEOUT))
+            tasks.append(asyncio.create_task(link.watch_liveness(), name="liveness"))
             hash_name = welcome.chosen["hash"]
             self._hash_seen = hash_name
             self.reporter.state(f"scanning (agent python {welcome.info.get('python', '?')}, "
@@ -316,7 +370,8 @@ class Session:
             signatures = sigstore.default_path(self.root, hash_name)
             engine.model.adopt_signatures(await asyncio.to_thread(sigstore.load, signatures))
             gone = self._adopt_owned(engine, local)
-            self.engine = engine
+            self.remote_root = welcome.info.get("root") or None
+            self._set_engine(engine)
             engine.mark_dirty(sorted(gone))
             buffered, self._buffered = self._buffered, {}
             for path, since in buffered.items():
@@ -336,6 +391,8 @@ class Session:
                 raise _Stopped
             self.reporter.ready(engine.counters.files, engine.counters.bytes,
                                 time.monotonic() - started)
+            self.engine_ready = True
+            self.engine_changed.set()
             self.reporter.state("watching")
             await self._save_caches(cache, signatures, engine)
             await _first(stopping, runner, watcher, link_closed)
@@ -358,9 +415,7 @@ class Session:
                     await task
             await link.close("client ending")
             if self._ssh is not None:
-                self._ssh.close()
-                with contextlib.suppress(OSError, asyncssh.Error):
-                    await self._ssh.wait_closed()
+                await _close_ssh(self._ssh, clean=link.failure is None)
                 self._ssh = None
 
 
@@ -375,6 +430,19 @@ class Session:
             except (OSError, ValueError) as exc:
                 self.reporter.note(f"could not save the {what} ({exc}); the next start "
                                    "reads more")
+
+
+async def _close_ssh(conn: asyncssh.SSHClientConnection, clean: bool) -> None:
+    """Close the connection; abort it when the link broke or a clean close takes long
+    (on a frozen TCP path a clean close would wait for ever)."""
+    if clean:
+        conn.close()
+        with contextlib.suppress(OSError, asyncssh.Error, asyncio.TimeoutError):
+            await asyncio.wait_for(conn.wait_closed(), 5)
+            return
+    conn.abort()
+    with contextlib.suppress(OSError, asyncssh.Error, asyncio.TimeoutError):
+        await asyncio.wait_for(conn.wait_closed(), 2)
 
 
 async def _collect(batches: AsyncIterator[list[list[Any]]]) -> list[list[Any]]:

@@ -112,7 +112,9 @@ async def connect(target: Target, config_files: list[str] | None, accept_new: bo
                   connect_timeout: float = 30.0) -> asyncssh.SSHClientConnection:
     assert target.host is not None
     config: list[str] | tuple[()] = list(config_files) if config_files else ()
-    kwargs: dict[str, Any] = {"config": config, "connect_timeout": connect_timeout}
+    # SSH keepalives notice a dead TCP path even when the agent link is quiet.
+    kwargs: dict[str, Any] = {"config": config, "connect_timeout": connect_timeout,
+                              "keepalive_interval": 10, "keepalive_count_max": 3}
     if target.user:
         kwargs["username"] = target.user
     try:

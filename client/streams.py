@@ -27,7 +27,7 @@ class AgentStream(Protocol):
     def write(self, data: bytes) -> None: ...
     async def drain(self) -> None: ...
     async def read(self) -> bytes: ...  # b"" at end of stream
-    async def close(self) -> None: ...
+    async def close(self, wait: float = 10.0) -> None: ...  # wait: for a clean end
     def stderr_tail(self) -> str: ...
     def exit_status(self) -> int | None: ...
 
@@ -105,13 +105,13 @@ class LocalAgentStream:
         assert self.process is not None and self.process.stdout is not None
         return await self.process.stdout.read(READ_SIZE)
 
-    async def close(self) -> None:
+    async def close(self, wait: float = 10.0) -> None:
         if self.process is None:
             return
         if self.process.stdin is not None and not self.process.stdin.is_closing():
             self.process.stdin.close()
         try:
-            await asyncio.wait_for(self.process.wait(), 10)
+            await asyncio.wait_for(self.process.wait(), wait)
         except asyncio.TimeoutError:
             self.process.kill()
             await self.process.wait()
@@ -246,13 +246,13 @@ class SshAgentStream:
             self._chan.resume_reading()
         return data
 
-    async def close(self) -> None:
+    async def close(self, wait: float = 10.0) -> None:
         if self._chan is None:
             return
         with contextlib.suppress(OSError, asyncssh.Error):
             self._chan.write_eof()
         try:
-            await asyncio.wait_for(self._closed.wait(), 10)
+            await asyncio.wait_for(self._closed.wait(), wait)
         except asyncio.TimeoutError:
             self._chan.close()
 

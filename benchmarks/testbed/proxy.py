@@ -159,10 +159,18 @@ class _Direction:
         self.pause_reasons: set[str] = set()
         self.eof_queued = False
         self.eof_delivered = False
+        self.frozen = False  # nothing is delivered, nothing more is read; nothing closes
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         return self.conn.proxy.loop
+
+    def freeze(self) -> None:
+        self.frozen = True
+        self.pause("freeze")
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def _due(self, nbytes: int, now: float) -> float:
         due = max(self.link.schedule(nbytes, now), self.last_due)
@@ -226,7 +234,7 @@ class _Direction:
             self.src.transport.resume_reading()
 
     def _arm(self) -> None:
-        if self.timer is not None or not self.queue:
+        if self.timer is not None or not self.queue or self.frozen:
             return
         if self.dst is None or self.dst.transport is None:
             return  # upstream not connected yet: flushed when it is
@@ -457,6 +465,15 @@ class DelayProxy:
         self._cut += len(conns)
         return len(conns)
 
+    def freeze(self) -> int:
+        """Stop every open connection dead without closing it (a link gone silent: no
+        byte either way, no RST); new connections are not affected. Returns how many."""
+        conns = list(self._connections)
+        for conn in conns:
+            conn.up.freeze()
+            conn.down.freeze()
+        return len(conns)
+
     def counters(self) -> Counters:
         return Counters(
             bytes_up=self._bytes[UP],
@@ -542,6 +559,9 @@ class ThreadedProxy:
 
     def cut(self) -> int:
         return self._call_sync(self.proxy.cut)
+
+    def freeze(self) -> int:
+        return self._call_sync(self.proxy.freeze)
 
     def counters(self) -> Counters:
         return self._call_sync(self.proxy.counters)

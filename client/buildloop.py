@@ -1,0 +1,366 @@
+"""The build loop inside a running `lsync connect`: flush, status and run, for the control
+socket (`lsync.client.control`).
+
+- **flush** is a barrier, not a rescan: it takes the moment it was asked, waits until the
+  watcher has delivered every event from before it (inotify: its queue was seen empty
+  since), then waits until the client core's flush watermark passes the changes queued by
+  then — all acknowledged by the agent. With nothing pending that is one local round trip
+  and no network traffic. While the link is down it waits for the reconnect (the new
+  connection's initial comparison covers everything changed meanwhile) and says so.
+- **run** flushes, then runs the command in the remote tree over a new channel of the same
+  SSH connection (no new handshake), through the remote user's login shell, with a pty when
+  asked; output streams back as it comes, paths under the remote root rewritten to the
+  local root (unless the client asked not to); signals, window sizes and stdin are relayed;
+  the exit status is the command's (128 + N when a signal N ended it). Against a local
+  target the command runs as a local subprocess in the target directory.
+- **status** reports the session: state, target, counters, queue, failing paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import asyncssh
+
+from lsync.client.control import (
+    ClientLine,
+    ControlError,
+    JsonObject,
+    Resize,
+    RunRequest,
+    SendLine,
+    Signal,
+    Stdin,
+    StdinEnd,
+    output_lines,
+)
+from lsync.client.pathmap import PathMapper
+from lsync.client.reporter import Reporter
+
+if TYPE_CHECKING:
+    from lsync.client.engine import SyncEngine
+
+WATCHER_POLL = 0.002  # seconds between looks at the watcher's queue during a flush
+READ_SIZE = 32 * 1024
+
+
+@dataclass
+class Progress:
+    """What the session reports, kept for `status` (the reporter feeds it)."""
+
+    state: str = "starting"
+    last_error: str = ""
+    last_check: str = ""
+    in_sync_ns: int = 0
+    in_sync_changes: int = 0  # changes acknowledged as of the last in-sync report
+    commands: list[str] = field(default_factory=list)
+
+
+class TrackingReporter:
+    """A `Reporter` that keeps what `status` needs (`kept`) and passes everything on."""
+
+    def __init__(self, inner: Reporter, progress: Progress) -> None:
+        self.inner = inner
+        self.kept = progress
+        self.changes = 0  # operations acknowledged (writes, deletes, renames, ...)
+
+    def state(self, text: str) -> None:
+        self.kept.state = text
+        self.inner.state(text)
+
+    def failed(self, path: str, message: str) -> None:
+        self.kept.last_error = f"{path}: {message}"
+        self.inner.failed(path, message)
+
+    def note(self, message: str) -> None:
+        if message.startswith("check of"):
+            self.kept.last_check = message
+        self.inner.note(message)
+
+    def queue(self, queued: int, in_flight: int) -> None:
+        self.inner.queue(queued, in_flight)
+
+    def progress(self, done_bytes: int, total_bytes: int, done_files: int,
+                    total_files: int) -> None:
+        self.inner.progress(done_bytes, total_bytes, done_files, total_files)
+
+    def ready(self, files: int, nbytes: int, seconds: float) -> None:
+        self.inner.ready(files, nbytes, seconds)
+
+    def acked(self, path: str, latency: float | None, nbytes: int) -> None:
+        self.changes += 1
+        self.inner.acked(path, latency, nbytes)
+
+    def in_sync(self, as_of_ns: int, files: int, nbytes: int) -> None:
+        self.kept.in_sync_ns = as_of_ns
+        self.kept.in_sync_changes = self.changes
+        self.inner.in_sync(as_of_ns, files, nbytes)
+
+
+class SessionView(Protocol):
+    """What the build loop needs from the session (lsync.client.session.Session)."""
+
+    engine: SyncEngine | None
+    engine_ready: bool
+    engine_changed: asyncio.Event
+    remote_root: str | None
+    root: Path
+    target_text: str
+    progress: Progress
+
+    @property
+    def ssh_connection(self) -> asyncssh.SSHClientConnection | None: ...
+
+    def seen_until(self) -> int: ...
+
+
+class BuildLoop:
+    """The control socket's handler for one session."""
+
+    def __init__(self, session: SessionView) -> None:
+        self.session = session
+
+    # -- flush ------------------------------------------------------------------------------
+    async def flush(self, timeout: float | None, notify: SendLine | None = None) -> JsonObject:
+        started = time.monotonic()
+        asked_ns = time.time_ns()
+        try:
+            await asyncio.wait_for(self._barrier(asked_ns, notify), timeout)
+        except asyncio.TimeoutError:
+            raise ControlError("timeout", self._pending_text(),
+                               details=self._pending_details()) from None
+        return {"waited_ms": round((time.monotonic() - started) * 1000, 1)}
+
+    async def _barrier(self, asked_ns: int, notify: SendLine | None) -> None:
+        session = self.session
+        said = False
+        while True:
+            engine = session.engine
+            if engine is None or not session.engine_ready:
+                if notify is not None and not said:
+                    said = True
+                    await notify({"note": f"waiting for the link ({session.progress.state})"})
+                session.engine_changed.clear()
+                await session.engine_changed.wait()
+                continue
+            while session.seen_until() < asked_ns and session.engine is engine:
+                await asyncio.sleep(WATCHER_POLL)  # the kernel's queue has no wake-up for us
+            tick = engine.queue.now_tick()
+            flushed = asyncio.ensure_future(engine.wait_flushed(tick))
+            changed = asyncio.ensure_future(self._engine_replaced(engine))
+            try:
+                await asyncio.wait({flushed, changed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (flushed, changed):
+                    task.cancel()
+                await asyncio.gather(flushed, changed, return_exceptions=True)
+            if flushed.done() and not flushed.cancelled() and session.engine is engine:
+                return
+
+    async def _engine_replaced(self, engine: SyncEngine) -> None:
+        while self.session.engine is engine:
+            self.session.engine_changed.clear()
+            await self.session.engine_changed.wait()
+
+    def _pending_details(self) -> dict[str, object]:
+        engine = self.session.engine
+        if engine is None:
+            return {"state": self.session.progress.state, "pending": None}
+        failing = engine.queue.failing()
+        return {"state": self.session.progress.state, "pending": len(engine.queue.records),
+                "failing": dict(list(failing.items())[:20])}
+
+    def _pending_text(self) -> str:
+        engine = self.session.engine
+        if engine is None or not self.session.engine_ready:
+            return f"not connected ({self.session.progress.state})"
+        failing = engine.queue.failing()
+        text = f"{len(engine.queue.records)} paths still pending"
+        if failing:
+            path, why = next(iter(failing.items()))
+            text += f", {len(failing)} failing (first: {path}: {why})"
+        return text
+
+    # -- status -----------------------------------------------------------------------------
+    async def status(self) -> JsonObject:
+        session = self.session
+        engine = session.engine
+        out: JsonObject = {
+            "state": session.progress.state,
+            "connected": engine is not None,
+            "target": session.target_text,
+            "local": str(session.root),
+            "last_error": session.progress.last_error,
+            "last_check": session.progress.last_check,
+            "in_sync_as_of_ns": session.progress.in_sync_ns,
+            "in_sync_changes": session.progress.in_sync_changes,
+            "commands": list(session.progress.commands),
+        }
+        if engine is not None:
+            counters = engine.counters
+            failing = engine.queue.failing()
+            out.update({
+                "files": counters.files, "bytes": counters.bytes, "errors": counters.errors,
+                "queued": engine.queue.queued, "in_flight": len(engine.window),
+                "pending": len(engine.queue.records), "failing": len(failing),
+                "failing_paths": dict(list(failing.items())[:20]),
+                "last_latency_ms": None if counters.last_latency is None
+                else round(counters.last_latency * 1000, 1),
+                "checks": counters.checks, "check_findings": counters.found,
+                "idle": engine.idle,
+            })
+        return out
+
+    # -- run --------------------------------------------------------------------------------
+    async def run(self, request: RunRequest, send_line: SendLine,
+                  incoming: AsyncIterator[ClientLine]) -> int:
+        await self.flush(request.timeout, send_line)
+        session = self.session
+        remote_root = session.remote_root
+        if remote_root is None:
+            raise ControlError("closed", "the session has no remote tree yet")
+        cwd = remote_root
+        if request.cwd is not None:
+            rel = os.path.relpath(request.cwd, session.root)
+            if rel.startswith(".."):
+                raise ControlError("bad-request", f"{request.cwd} is outside the synced tree")
+            if rel != ".":
+                cwd = f"{remote_root}/{Path(rel).as_posix()}"
+        inner = f"cd {shlex.quote(cwd)} && exec {shlex.join(request.argv)}"
+        shown = shlex.join(request.argv)
+        session.progress.commands.append(shown)
+        try:
+            if session.ssh_connection is not None:
+                return await _run_ssh(session.ssh_connection, inner, request, send_line,
+                                      incoming, self._mappers(request, remote_root))
+            return await _run_local(inner, request, send_line, incoming,
+                                    self._mappers(request, remote_root))
+        finally:
+            session.progress.commands.remove(shown)
+
+    def _mappers(self, request: RunRequest, remote_root: str) -> dict[str, PathMapper | None]:
+        def make() -> PathMapper | None:
+            if not request.map_paths or remote_root == str(self.session.root):
+                return None
+            return PathMapper(remote_root, str(self.session.root))
+
+        return {"out": make(), "err": make()}
+
+
+async def _relay(name: str, reader: Any, send_line: SendLine,
+                 mapper: PathMapper | None) -> None:
+    """Send what `reader` yields to the client as output lines of stream `name`."""
+    while True:
+        data: bytes = await reader.read(READ_SIZE)
+        if not data:
+            break
+        if mapper is not None:
+            data = mapper.feed(data)
+            if not reader.at_eof() and not data:
+                continue
+        for line in output_lines(name, data):
+            await send_line(line)
+    if mapper is not None:
+        rest = mapper.flush()
+        for line in output_lines(name, rest):
+            await send_line(line)
+
+
+async def _run_ssh(conn: asyncssh.SSHClientConnection, inner: str, request: RunRequest,
+                   send_line: SendLine, incoming: AsyncIterator[ClientLine],
+                   mappers: dict[str, PathMapper | None]) -> int:
+    command = f'exec "${{SHELL:-/bin/sh}}" -l -c {shlex.quote(inner)}'
+    options: dict[str, Any] = {}
+    if request.pty:
+        options = {"term_type": request.term or "xterm", "term_size": (request.cols, request.rows)}
+    try:
+        process = await conn.create_process(command, encoding=None, **options)
+    except (asyncssh.Error, OSError) as exc:
+        raise ControlError("closed", f"cannot start the command remotely: {exc}") from None
+    relays = [asyncio.ensure_future(_relay("out", process.stdout, send_line, mappers["out"])),
+              asyncio.ensure_future(_relay("err", process.stderr, send_line, mappers["err"]))]
+    control = asyncio.ensure_future(_forward_ssh(process, request, incoming))
+    try:
+        await asyncio.gather(*relays)
+        await process.wait_closed()
+    except (asyncssh.Error, OSError) as exc:
+        raise ControlError("closed", f"the connection broke during the command: {exc}") from None
+    finally:
+        control.cancel()
+        for task in relays:
+            task.cancel()
+        await asyncio.gather(control, *relays, return_exceptions=True)
+        if process.exit_status is None and process.exit_signal is None:
+            with contextlib.suppress(asyncssh.Error, OSError):
+                process.kill()
+            process.close()
+    if process.exit_signal is not None:
+        number = getattr(signal, f"SIG{process.exit_signal[0]}", None)
+        return 128 + (int(number) if number is not None else 0)
+    return process.exit_status if process.exit_status is not None else 255
+
+
+async def _forward_ssh(process: asyncssh.SSHClientProcess[bytes], request: RunRequest,
+                       incoming: AsyncIterator[ClientLine]) -> None:
+    async for line in incoming:
+        with contextlib.suppress(asyncssh.Error, OSError, BrokenPipeError):
+            if isinstance(line, Signal):
+                if line.name == "INT" and request.pty:
+                    process.stdin.write(b"\x03")  # the remote terminal's own Ctrl-C
+                elif line.name == "KILL":
+                    process.kill()
+                    process.close()
+                else:
+                    process.send_signal(line.name)
+            elif isinstance(line, Resize):
+                process.change_terminal_size(line.cols, line.rows)
+            elif isinstance(line, Stdin):
+                process.stdin.write(line.data)
+            elif isinstance(line, StdinEnd):
+                process.stdin.write_eof()
+
+
+async def _run_local(inner: str, request: RunRequest, send_line: SendLine,
+                     incoming: AsyncIterator[ClientLine],
+                     mappers: dict[str, PathMapper | None]) -> int:
+    """The command against a local target: a subprocess in its own session (pipes only)."""
+    process = await asyncio.create_subprocess_exec(
+        "/bin/sh", "-c", inner, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    assert process.stdout is not None and process.stderr is not None
+    relays = [asyncio.ensure_future(_relay("out", process.stdout, send_line, mappers["out"])),
+              asyncio.ensure_future(_relay("err", process.stderr, send_line, mappers["err"]))]
+
+    async def forward() -> None:
+        async for line in incoming:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                if isinstance(line, Signal):
+                    os.killpg(process.pid, getattr(signal, f"SIG{line.name}"))
+                elif isinstance(line, Stdin) and process.stdin is not None:
+                    process.stdin.write(line.data)
+                elif isinstance(line, StdinEnd) and process.stdin is not None:
+                    process.stdin.close()
+
+    control = asyncio.ensure_future(forward())
+    try:
+        await asyncio.gather(*relays)
+        status = await process.wait()
+    finally:
+        control.cancel()
+        for task in relays:
+            task.cancel()
+        await asyncio.gather(control, *relays, return_exceptions=True)
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+    return 128 - status if status < 0 else status

@@ -1,0 +1,216 @@
+"""`lsync flush`, `lsync run` and `lsync status`: clients of a running session's control
+socket (`lsync.client.control`), found from the current directory (or `--local`).
+
+Exit statuses (also in the README):
+
+- flush: 0 every change made before it was called is acknowledged by the remote; 1 the
+  timeout passed first (what is still pending is printed); 3 no running `lsync connect`
+  for this tree.
+- run: the command's own status (128 + N when signal N ended it); 124 the flush before it
+  timed out; 125 lsync could not run it (no session for this tree, the link broke).
+- status: 0; 3 no running session.
+
+`run` relays the command's output as it comes (stdout to stdout, stderr to stderr; with a
+pty, which it asks for when its own stdout is a terminal, both come as one stream). The
+first Ctrl-C is sent to the remote command (on a pty, as the terminal's own ^C), a second
+one ends it hard. With `--watch` the command runs again after each batch of changes is in
+sync remotely, and a run that a newer change made stale is interrupted first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from lsync.client.control import ControlError, decode_output, find_socket, request, stream
+from lsync.client.status import terminal_safe
+
+NO_SESSION = 3
+FLUSH_TIMEOUT = 124
+RUN_FAILED = 125
+WATCH_POLL = 0.2  # seconds between looks at the session's in-sync time with --watch
+
+
+def _socket(start: Path) -> Path:
+    found = find_socket(start)
+    if found is None:
+        raise ControlError("no-session", f"no running `lsync connect` for {start} "
+                           "(start one in this tree, or use `lsync run --connect`)")
+    return found
+
+
+def _say(text: str) -> None:
+    print(f"lsync: {terminal_safe(text)}", file=sys.stderr)
+
+
+async def flush(start: Path, timeout: float | None) -> int:
+    try:
+        path = _socket(start)
+        reply = await request(path, {"v": 1, "op": "flush", "timeout": timeout},
+                              None if timeout is None else timeout + 10, tree=start)
+    except ControlError as exc:
+        _say(str(exc))
+        return NO_SESSION if exc.code == "no-session" else 1
+    waited = reply.get("waited_ms")
+    if waited is not None and os.environ.get("LSYNC_VERBOSE"):
+        _say(f"flushed in {waited} ms")
+    return 0
+
+
+async def status(start: Path, as_json: bool) -> int:
+    try:
+        reply = await request(_socket(start), {"v": 1, "op": "status"}, 10, tree=start)
+    except ControlError as exc:
+        _say(str(exc))
+        return NO_SESSION if exc.code == "no-session" else 1
+    reply = {k: v for k, v in reply.items() if k not in ("v", "ok")}
+    if as_json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+        return 0
+    lines = [f"{reply.get('state')}: {reply.get('local')} -> {reply.get('target')}"]
+    if reply.get("connected"):
+        latency = reply.get("last_latency_ms")
+        lines.append(f"synced {reply.get('files')} files, {reply.get('bytes')} bytes; "
+                     f"queue {reply.get('queued')}+{reply.get('in_flight')}; "
+                     f"last {'-' if latency is None else f'{latency} ms'}")
+        failing = reply.get("failing_paths")
+        if reply.get("failing") and isinstance(failing, dict):
+            lines.append(f"{reply.get('failing')} paths failing: "
+                         + ", ".join(f"{p} ({why})" for p, why in failing.items()))
+    for key, label in (("last_error", "last error"), ("last_check", "last check")):
+        if reply.get(key):
+            lines.append(f"{label}: {reply.get(key)}")
+    running = reply.get("commands")
+    if isinstance(running, list) and running:
+        lines.append("running: " + "; ".join(str(command) for command in running))
+    print("\n".join(terminal_safe(line) for line in lines))
+    return 0
+
+
+async def run(start: Path, argv: Sequence[str], timeout: float | None, map_paths: bool,
+              watch: bool) -> int:
+    try:
+        path = _socket(start)
+    except ControlError as exc:
+        _say(str(exc))
+        return RUN_FAILED
+    if not watch:
+        return await _run_once(path, start, argv, timeout, map_paths)
+    return await _run_watching(path, start, argv, timeout, map_paths)
+
+
+async def _run_once(path: Path, start: Path, argv: Sequence[str], timeout: float | None,
+                    map_paths: bool, stale: asyncio.Event | None = None) -> int:
+    tty = sys.stdout.isatty()
+    cols, rows = _size()
+    message: dict[str, object] = {
+        "v": 1, "op": "run", "argv": list(argv), "pty": tty,
+        "term": os.environ.get("TERM") if tty else None, "cols": cols, "rows": rows,
+        "map_paths": map_paths, "cwd": str(start.resolve()), "timeout": timeout}
+    loop = asyncio.get_running_loop()
+    interrupts = 0
+    try:
+        async with stream(path, message, tree=start) as lines:
+            sending: set[asyncio.Future[None]] = set()  # owned until sent
+
+            def send_soon(line: Coroutine[Any, Any, None]) -> None:
+                task = asyncio.ensure_future(line)
+                sending.add(task)
+                task.add_done_callback(sending.discard)
+
+            def on_int() -> None:
+                nonlocal interrupts
+                interrupts += 1
+                send_soon(lines.signal("INT" if interrupts == 1 else "KILL"))
+
+            def on_winch() -> None:
+                send_soon(lines.resize(*_size()))
+
+            loop.add_signal_handler(signal.SIGINT, on_int)
+            if tty:
+                loop.add_signal_handler(signal.SIGWINCH, on_winch)
+            stopper = asyncio.ensure_future(_interrupt_when(stale, lines.signal))
+            try:
+                if not sys.stdin.isatty():
+                    await lines.close_stdin()
+                async for line in lines:
+                    output = decode_output(line)
+                    if output is not None:
+                        out = sys.stdout if output[0] == "out" else sys.stderr
+                        out.buffer.write(output[1])
+                        out.buffer.flush()
+                    elif "note" in line:
+                        _say(str(line["note"]))
+                    elif "ok" in line:
+                        exit_status = line.get("exit")
+                        return exit_status if isinstance(exit_status, int) else RUN_FAILED
+            finally:
+                stopper.cancel()
+                for task in (stopper, *sending):
+                    with contextlib.suppress(asyncio.CancelledError, ControlError):
+                        await task
+                loop.remove_signal_handler(signal.SIGINT)
+                if tty:
+                    loop.remove_signal_handler(signal.SIGWINCH)
+    except ControlError as exc:
+        _say(str(exc))
+        return FLUSH_TIMEOUT if exc.code == "timeout" else RUN_FAILED
+    _say("the session ended the command without an exit status")
+    return RUN_FAILED
+
+
+async def _interrupt_when(stale: asyncio.Event | None, send: object) -> None:
+    if stale is None:
+        return
+    await stale.wait()
+    assert callable(send)
+    with contextlib.suppress(ControlError):
+        await send("INT")
+
+
+async def _run_watching(path: Path, start: Path, argv: Sequence[str], timeout: float | None,
+                        map_paths: bool) -> int:
+    """Run, then run again each time the session is in sync after newer changes; a run
+    still going when a newer batch lands is interrupted (it is stale)."""
+    seen = await _synced_changes(path, start)
+    while True:
+        stale = asyncio.Event()
+        watcher = asyncio.ensure_future(_wait_newer(path, start, seen, stale))
+        try:
+            code = await _run_once(path, start, argv, timeout, map_paths, stale)
+            _say(f"exit {code}; waiting for changes (Ctrl-C to stop)")
+            await watcher
+        except ControlError as exc:
+            _say(str(exc))
+            return RUN_FAILED
+        finally:
+            watcher.cancel()
+        seen = await _synced_changes(path, start)
+
+
+async def _synced_changes(path: Path, start: Path) -> int:
+    """How many changes the session has synced, as of its last in-sync report (0: none)."""
+    reply = await request(path, {"v": 1, "op": "status"}, 10, tree=start)
+    value = reply.get("in_sync_changes")
+    return value if isinstance(value, int) else 0
+
+
+async def _wait_newer(path: Path, start: Path, seen: int, event: asyncio.Event) -> None:
+    while await _synced_changes(path, start) <= seen:
+        await asyncio.sleep(WATCH_POLL)  # the session has no change feed: look again
+    event.set()
+
+
+def _size() -> tuple[int, int]:
+    try:
+        size = os.get_terminal_size(sys.stdout.fileno())
+        return size.columns, size.lines
+    except OSError:
+        return 80, 24
