@@ -112,7 +112,8 @@ def verdict(flight: InFlight, reply: m.Ack | m.Error, dictionary_failed: bool = 
     if flight.op is Op.COPY:
         # Its source was not what we thought (changed, or gone): look at both again; with
         # the source's digest forgotten, the retry sends the content.
-        return Verdict(False, failure=reply.message, unknown=[flight.src, flight.target],
+        # Not an error for the user: lsync's own guess (the content is there) was stale.
+        return Verdict(False, unknown=[flight.src, flight.target],
                        look_again=[flight.src, flight.target])
     if reply.code in _FALLBACKS:
         return Verdict(False, failure=reply.message, unknown=[flight.target],
