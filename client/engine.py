@@ -369,6 +369,8 @@ class SyncEngine(PathPasses):
             below = [*self.model.descendants(flight.target), flight.target]
         result = verdict(flight, reply, self.packing.dictionary_failed, below)
         now = self.clock()
+        if result.retry_later:  # before `answered`, which forgets a path with nothing left
+            self.queue.fail(flight.owner, now, result.failure)
         if flight.op is not Op.DICTIONARY:
             self.queue.answered(flight.owner, result.ok)
         if result.drop_dictionary:
@@ -384,8 +386,6 @@ class SyncEngine(PathPasses):
         if result.failure:
             self.counters.errors += 1
             self.reporter.failed(flight.target, result.failure)
-        if result.retry_later:
-            self.queue.fail(flight.owner, now, result.failure)
         if result.look_again:
             self.mark_dirty(result.look_again, hint=False)
         self._poke()

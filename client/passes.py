@@ -130,7 +130,7 @@ class PathPasses:
             self._make_dir(path, plan, seen.mode, since)
         elif step is Step.LINK:
             if plan.remove_first:
-                self._remove(path, path, since)
+                self._set_aside(path, since)
             assert plan.target is not None
             self._submit(m.Symlink(self.link.next_seq(), path, plan.target),
                          InFlight(path, Op.SYMLINK, path, since))
@@ -269,7 +269,7 @@ class PathPasses:
             remote.owned = True
             return "done"
         if plan.remove_first:
-            self._remove(path, path, since)
+            self._set_aside(path, since)
             remote = None
         if plan.action is Content.COPY:
             # The remote already has this content (a copy, or a move seen as add + delete
@@ -345,6 +345,25 @@ class PathPasses:
                 self._submit(m.Delete(self.link.next_seq(), below),
                              InFlight(owner, Op.DELETE, below, since))
             self.model.drop(below)
+
+    def _set_aside(self, path: str, since: float) -> None:
+        """Make room for a file or link where the remote has a directory: delete what lsync
+        owns below it, then move the directory aside (`PATH.lsync-kept-N`) and delete it
+        there, which removes it when nothing is left and keeps it, with the build outputs
+        lsync did not make, when something is (the agent says so, and it is reported)."""
+        self._check_root()
+        for below in list(self.model.descendants(path)):
+            entry = self.model.get(below)
+            if entry is not None and (entry.owned or self.delete_extra):
+                self._submit(m.Delete(self.link.next_seq(), below),
+                             InFlight(path, Op.DELETE, below, since))
+            self.model.drop(below)
+        aside = f"{path}.lsync-kept-{time.time_ns() % 10**9}"
+        self._submit(m.Rename(self.link.next_seq(), path, aside),
+                     InFlight(path, Op.RENAME, aside, since, src=path))
+        self._submit(m.Delete(self.link.next_seq(), aside),
+                     InFlight(path, Op.DELETE, aside, since))
+        self.model.drop(path)
 
     def _check_root(self) -> None:
         if not self.root.is_dir():

@@ -354,8 +354,6 @@ def test_remote_build_outputs_survive_directory_moves_and_renames_over(
     t.converged(time.time_ns(), "rename drivers/net-old over the empty lib/empty")
 
 
-@pytest.mark.xfail(reason="issue 8: a remote directory holding build outputs is never replaced "
-                   "by a local file (error retried for ever, no in-sync)", strict=False)
 def test_directory_of_remote_build_outputs_replaced_by_a_file_converges_and_keeps_them(
         real_tree: RealTree) -> None:
     t = real_tree
