@@ -342,3 +342,24 @@ def test_checks_look_at_touched_directories_then_the_whole_tree_when_events_were
     assert checks.take(4.0).whole  # too many directories: the whole tree at once
     assert checks.next_time() == 104.0
     assert checks.take(104.0) == Due(whole=True, reason="periodic check", report=True)
+
+
+def test_a_path_whose_operation_keeps_failing_backs_off_more_each_time() -> None:
+    queue = PathQueue()
+    queue.mark(["d"], 0.0)
+    now = 0.0
+    dues = []
+    for _ in range(4):
+        taken = queue.take()
+        assert taken is not None and taken[0] == "d"
+        queue.sent("d")
+        queue.done("d", now)
+        queue.fail("d", now, "is a directory")  # the engine counts the failure first
+        queue.answered("d", ok=False)
+        assert queue.state("d") is State.FAILED
+        due = queue.next_due()
+        assert due is not None
+        dues.append(due - now)
+        now = due
+        queue.wake(now)
+    assert dues == [1.0, 2.0, 4.0, 8.0]
