@@ -2,11 +2,15 @@
 
 End-to-end tests start the real `lsync` command as a subprocess (stdout piped, so it writes
 timestamped log lines), against the private OpenSSH sshd of `benchmarks.testbed.sshd` or
-against a local directory, and compare the two trees with a bounded wait. `counting_link`
-puts a byte-counting proxy (benchmarks.testbed.proxy, no delay unless asked) between lsync
-and sshd, for tests that measure bytes on the wire or cut the connection; `ContentSampler`
-watches remote files in a thread and remembers every content it ever saw (torn or
-wrongly built files would show up there).
+against a local directory, and trust what lsync promises: right after its ` ready ` line,
+and right after an `in-sync as-of=N` line with N at or after the moment a local change was
+made (`LsyncProcess.wait_in_sync`), the two trees are compared once (`assert_same_now`),
+with no polling: a difference then is a broken promise. `Synced` is one lsync shared by the
+tests of a module, each working in its own directory (`own_dir`). `counting_link` puts a
+byte-counting proxy (benchmarks.testbed.proxy, no delay unless asked) between lsync and
+sshd, for tests that measure bytes on the wire or cut the connection; `ContentSampler`
+watches remote files in a thread and remembers every content it ever saw (torn or wrongly
+built files would show up there).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import signal
 import stat
@@ -21,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +37,8 @@ from benchmarks.testbed.sshd import PrivateSshd
 
 LSYNC = [sys.executable, "-m", "lsync.client.cli"]
 WAIT = 20.0
+IN_SYNC = re.compile(r" in-sync as-of=(\d+)\b")
+LOG_TAIL = 40  # log lines shown when a wait fails
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -127,6 +134,36 @@ class LsyncProcess:
             raise AssertionError(f"lsync exited {self.proc.returncode} before {text!r}:\n"
                                  + "\n".join(self.lines) + "\n" + self.stderr)
 
+    def in_sync_as_of(self) -> int | None:
+        """The newest N of the `in-sync as-of=N` lines so far (None: no such line yet)."""
+        found = [int(match.group(1)) for line in list(self.lines)
+                 if (match := IN_SYNC.search(line)) is not None]
+        return max(found, default=None)
+
+    def wait_in_sync(self, after_ns: int, timeout: float = WAIT) -> None:
+        """Wait (at most `timeout` s) for lsync's promise that every local change made before
+        `after_ns` (Unix ns, `time.time_ns()`) is on the remote and acknowledged: a log line
+        `in-sync as-of=N` with N >= after_ns. Fails with the log if lsync exits first."""
+        def reached() -> bool:
+            newest = self.in_sync_as_of()
+            return newest is not None and newest >= after_ns
+
+        if wait_until(lambda: reached() or self.proc.poll() is not None, timeout) and reached():
+            return
+        state = "still running"
+        if self.proc.poll() is not None:
+            self.finish(timeout=1)  # lsync has exited: every line it wrote is read now
+            if reached():
+                return
+            state = f"exited {self.proc.returncode}"
+        raise AssertionError(
+            f"no 'in-sync as-of=N' with N >= {after_ns} within {timeout} s (newest: "
+            f"{self.in_sync_as_of()}; lsync {state}); last lines:\n" + self.log_tail()
+            + (f"\n{self.stderr}" if self.stderr else ""))
+
+    def log_tail(self, count: int = LOG_TAIL) -> str:
+        return "\n".join(list(self.lines)[-count:])
+
     def interrupt(self) -> int:
         self.proc.send_signal(signal.SIGINT)
         return self.finish()
@@ -159,8 +196,46 @@ def run_lsync() -> Iterator[Callable[..., LsyncProcess]]:
             process.finish(timeout=5)
 
 
+def describe(entry: object) -> str:
+    """One entry of a `snapshot`, in words (content by size and digest)."""
+    if entry is None:
+        return "absent"
+    assert isinstance(entry, tuple)
+    if entry[0] == "file":
+        return f"file of {len(entry[1])} B, mode {entry[2]:o}, {digest(entry[1]).hex()[:8]}"
+    if entry[0] == "dir":
+        return f"dir, mode {entry[1]:o}"
+    return f"link -> {entry[1]}"
+
+
+def tree_differences(local: Path, remote: Path,
+                     skip: Callable[[str], bool] = lambda rel: False) -> list[str]:
+    """Every path whose entry differs between the two trees, with both entries in words."""
+    want, have = snapshot(local, skip), snapshot(remote, skip)
+    return [f"{rel}: local {describe(want.get(rel))}, remote {describe(have.get(rel))}"
+            for rel in sorted(set(want) | set(have)) if want.get(rel) != have.get(rel)]
+
+
+def assert_same_now(local: Path, remote: Path, skip: Callable[[str], bool] = lambda r: False,
+                    lsync: LsyncProcess | None = None) -> None:
+    """Compare the two trees once, now (after a promise of lsync: no waiting, no retry), and
+    fail listing every differing path (and the end of lsync's log, when given)."""
+    differences = tree_differences(local, remote, skip)
+    if differences:
+        log = f"\nlsync's last lines:\n{lsync.log_tail()}" if lsync is not None else ""
+        raise AssertionError(f"trees differ at {len(differences)} paths:\n"
+                             + "\n".join(differences[:30]) + log)
+
+
 def assert_trees_equal(local: Path, remote: Path, skip: Callable[[str], bool] = lambda r: False,
                        timeout: float = WAIT) -> None:
+    """Wait (bounded) until the trees are equal; `timeout=0` compares once, now
+    (`assert_same_now`). Only for a tree lsync makes no promise about: after ` ready ` or an
+    `in-sync` line, compare once."""
+    if timeout <= 0:
+        assert_same_now(local, remote, skip)
+        return
+
     def same() -> bool:
         try:
             return snapshot(local, skip) == snapshot(remote, skip)
@@ -168,9 +243,9 @@ def assert_trees_equal(local: Path, remote: Path, skip: Callable[[str], bool] = 
             return False  # an entry vanished while we looked: still changing
 
     if not wait_until(same, timeout):
-        want, have = snapshot(local, skip), snapshot(remote, skip)
-        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-        raise AssertionError(f"trees differ after {timeout} s at: {diff[:20]}")
+        differences = tree_differences(local, remote, skip)
+        raise AssertionError(f"trees differ after {timeout} s at {len(differences)} paths:\n"
+                             + "\n".join(differences[:20]))
 
 
 def fresh_dirs(tmp_path: Path) -> tuple[Path, Path]:
@@ -202,13 +277,72 @@ def wait_steady(read: Callable[[], int], quiet: float = 0.3, timeout: float = WA
     raise AssertionError(f"value still changing after {timeout} s (last {value})")
 
 
-@dataclass
 class Synced:
-    """A running lsync and the two trees it keeps in sync (module-scoped fixtures)."""
+    """A running `lsync connect` shared by the tests of a module, and the two trees it keeps
+    in sync.
 
-    local: Path
-    remote: Path
-    lsync: LsyncProcess
+    The tests sharing it each work in their own directory (`own_dir`), so that none needs
+    what another made. When one fails, lsync is replaced by a fresh one on the same trees
+    before the next test runs: a test that failed because lsync broke its promise (a path
+    failing for ever, say, so that no in-sync line comes) does not fail the tests after it.
+    """
+
+    def __init__(self, args: list[str], local: Path, remote: Path,
+                 ready_timeout: float = WAIT) -> None:
+        self.args = args
+        self.local = local
+        self.remote = remote
+        self.ready_timeout = ready_timeout
+        self.lsync = self._start()
+        # Compared once, right after ` ready `: lsync's promise is that this list is empty.
+        self.differences_at_ready = tree_differences(local, remote)
+
+    def _start(self) -> LsyncProcess:
+        lsync = LsyncProcess(self.args, self.local)
+        lsync.wait_for_line(" ready ", self.ready_timeout)
+        return lsync
+
+    def converged(self, mark: int, timeout: float = WAIT) -> None:
+        """lsync says in sync as of `mark` (taken right after a local change), and right then
+        the two trees are equal."""
+        self.lsync.wait_in_sync(mark, timeout)
+        assert_same_now(self.local, self.remote, lsync=self.lsync)
+
+    def restart(self) -> None:
+        """Stop this lsync (whatever state it is in) and start a fresh one on the same trees;
+        right after its ` ready ` the trees are equal."""
+        self.lsync.interrupt()
+        self.lsync = self._start()
+        assert_same_now(self.local, self.remote, lsync=self.lsync)
+
+    def stop(self) -> int:
+        """Ctrl-C: lsync drains and exits; its exit status."""
+        return self.lsync.interrupt()
+
+
+FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+        item: pytest.Item,
+        call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Remember on the test item that it failed (for `own_dir`)."""
+    report = yield
+    if report.failed:
+        item.stash[FAILED] = True
+    return report
+
+
+@pytest.fixture
+def own_dir(synced: Synced, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """The calling test's own local directory in the module's shared tree (`synced`), named
+    after the test; if the test fails, the shared lsync is restarted after it."""
+    directory = synced.local / str(request.node.name)
+    directory.mkdir()
+    yield directory
+    if request.node.stash.get(FAILED, False):
+        synced.restart()
 
 
 @dataclass

@@ -1,11 +1,14 @@
 """End to end over a real sshd: bytes on the wire for edits, moves and copies (issue 3).
 
-One `lsync connect` runs for the module through a byte-counting proxy (no delay) in front of
-the private sshd on 127.0.0.1. Each test lets lsync settle, resets the proxy's counters, makes
-one change locally, waits (bounded) until the remote tree equals the local one and the
-traffic has stopped, and then bounds the bytes sent client -> server: a one-line edit of a
-2 MB file costs a few KB (a delta against the acknowledged version), and a directory rename,
-a `cp` and a `mv` cost no content at all (the agent moves or copies what it already has).
+One `lsync connect -v` runs for the module through a byte-counting proxy (no delay) in front
+of the private sshd on 127.0.0.1. Each test makes what it needs in its own directory (named
+after the test), so that it runs alone or in any order: it lets lsync sync that, resets the
+proxy's counters, makes one change locally, waits for lsync's `in-sync as-of=N` line with N at
+or after the moment of the change, compares the trees once (lsync has promised they are
+equal), waits until the traffic has stopped, and then bounds the bytes sent client -> server:
+a one-line edit of a 2 MB file costs a few KB (a delta against the acknowledged version), and
+a directory rename, a `cp` and a `mv` cost no content at all (the agent moves or copies what
+it already has).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import random
 import shutil
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +27,8 @@ from benchmarks.testbed.sshd import PrivateSshd
 from tests.conftest import (
     CountingLink,
     LsyncProcess,
-    assert_trees_equal,
+    Synced,
+    assert_same_now,
     counting_link_to,
     save_atomically,
     wait_steady,
@@ -33,24 +38,37 @@ DIR_FILES = 1000
 DIR_FILE_SIZE = 5000  # 1,000 files of incompressible bytes: ~5 MB
 BIG_TEXT = 2 * 1024 * 1024
 COPIED = 1024 * 1024
+SYNC_WAIT = 60.0  # seconds: a few MB on 127.0.0.1, with room for a loaded machine
 
 
 @dataclass
 class Metered:
-    local: Path
-    remote: Path
-    link: CountingLink
-    lsync: LsyncProcess
+    """The module's lsync (through a counting link) and the calling test's own directory."""
 
-    def settle(self) -> None:
-        """Wait until the trees are equal and lsync has stopped sending, then reset counts."""
-        assert_trees_equal(self.local, self.remote, timeout=60)
+    synced: Synced
+    link: CountingLink
+    here: Path  # local
+
+    def log(self) -> str:
+        return "; lsync's last lines:\n" + self.synced.lsync.log_tail()
+
+    @property
+    def remote_here(self) -> Path:
+        return self.synced.remote / self.here.name
+
+    def prepare(self, make: Callable[[Path], object]) -> Path:
+        """Make the test's files in its own directory with `make`, let lsync sync them and
+        stop sending, then reset the byte counts; returns the local directory."""
+        make(self.here)
+        self.synced.converged(time.time_ns(), SYNC_WAIT)
         wait_steady(self.link.bytes_up)
         self.link.proxy.reset_counters()
+        return self.here
 
-    def cost_of_converging(self) -> int:
-        """Bytes client -> server from the last `settle` until the trees are equal again."""
-        assert_trees_equal(self.local, self.remote, timeout=60)
+    def cost_of_converging(self, mark: int) -> int:
+        """Bytes client -> server since `prepare`, once lsync is in sync as of `mark` (taken
+        right after the change), the trees are equal, and lsync has stopped sending."""
+        self.synced.converged(mark, SYNC_WAIT)
         return wait_steady(self.link.bytes_up)
 
 
@@ -70,75 +88,95 @@ def c_like_text(rng: random.Random, size: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def metered(sshd: PrivateSshd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Metered]:
+def module_link(sshd: PrivateSshd) -> Iterator[CountingLink]:
+    with counting_link_to(sshd) as link:
+        yield link
+
+
+@pytest.fixture(scope="module")
+def synced(module_link: CountingLink,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synced]:
     base = tmp_path_factory.mktemp("delta")
     local, remote = base / "local", base / "remote"
-    rng = random.Random(3)
-    tree = local / "drivers" / "net"
-    tree.mkdir(parents=True)
-    for i in range(DIR_FILES):
-        (tree / f"file{i:04d}.bin").write_bytes(rng.randbytes(DIR_FILE_SIZE))
-    (local / "big.c").write_bytes(c_like_text(rng, BIG_TEXT))
-    (local / "blob.bin").write_bytes(rng.randbytes(COPIED))
-    (local / "moved.bin").write_bytes(rng.randbytes(COPIED))
-    with counting_link_to(sshd) as link:
-        lsync = LsyncProcess(link.connect_args(remote, "-v"), cwd=local)
-        lsync.wait_for_line(" ready ", timeout=60)
-        yield Metered(local, remote, link, lsync)
-        assert lsync.interrupt() == 0, lsync.stderr
+    local.mkdir()
+    (local / "README").write_text("each test makes its own directory\n")
+    synced = Synced(module_link.connect_args(remote, "-v"), local, remote,
+                    ready_timeout=SYNC_WAIT)
+    assert synced.differences_at_ready == [], synced.differences_at_ready
+    yield synced
+    assert synced.stop() == 0, synced.lsync.stderr
+
+
+@pytest.fixture
+def metered(synced: Synced, module_link: CountingLink, own_dir: Path) -> Metered:
+    return Metered(synced, module_link, own_dir)
+
+
+def _random_bytes(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
 
 
 def test_one_line_edit_of_a_2mb_file_costs_a_few_kilobytes(metered: Metered) -> None:
-    path = metered.local / "big.c"
-    metered.settle()
-    content = path.read_bytes()
+    content = c_like_text(random.Random(3), BIG_TEXT)
+    here = metered.prepare(lambda d: (d / "big.c").write_bytes(content))
     middle = content.index(b"\n", len(content) // 2) + 1
     edited = content[:middle] + b"\tpr_info(\"lsync was here: %d\\n\", err);\n" + content[middle:]
-    save_atomically(path, edited)  # as vim saves: never seen half written
-    sent = metered.cost_of_converging()
-    assert (metered.remote / "big.c").read_bytes() == edited
-    assert sent <= 4 * 1024, f"a one-line edit of a 2 MB file sent {sent} bytes"
+    save_atomically(here / "big.c", edited)  # as vim saves: never seen half written
+    sent = metered.cost_of_converging(time.time_ns())
+    assert (metered.remote_here / "big.c").read_bytes() == edited
+    assert sent <= 4 * 1024, f"a one-line edit of a 2 MB file sent {sent} bytes" + metered.log()
 
 
 def test_directory_rename_of_1000_files_sends_under_one_percent_of_its_bytes(
         metered: Metered) -> None:
-    metered.settle()
-    (metered.local / "drivers" / "net").rename(metered.local / "drivers" / "network")
-    sent = metered.cost_of_converging()
+    def make(directory: Path) -> None:
+        tree = directory / "drivers" / "net"
+        tree.mkdir(parents=True)
+        rng = random.Random(4)
+        for i in range(DIR_FILES):
+            (tree / f"file{i:04d}.bin").write_bytes(rng.randbytes(DIR_FILE_SIZE))
+
+    here = metered.prepare(make)
+    (here / "drivers" / "net").rename(here / "drivers" / "network")
+    sent = metered.cost_of_converging(time.time_ns())
     total = DIR_FILES * DIR_FILE_SIZE
-    assert not (metered.remote / "drivers" / "net").exists()
-    assert len(list((metered.remote / "drivers" / "network").iterdir())) == DIR_FILES
-    assert sent <= total // 100, f"renaming a {total}-byte directory sent {sent} bytes"
+    assert not (metered.remote_here / "drivers" / "net").exists()
+    assert len(list((metered.remote_here / "drivers" / "network").iterdir())) == DIR_FILES
+    assert sent <= total // 100, (f"renaming a {total}-byte directory sent {sent} bytes"
+                                  + metered.log())
 
 
 def test_copied_file_costs_no_content(metered: Metered) -> None:
-    metered.settle()
-    subprocess.run(["cp", str(metered.local / "blob.bin"), str(metered.local / "copy.bin")],
-                   check=True)
-    sent = metered.cost_of_converging()
-    assert (metered.remote / "copy.bin").read_bytes() == (metered.local / "blob.bin").read_bytes()
-    assert sent <= COPIED // 100, f"a cp of a {COPIED}-byte file sent {sent} bytes"
+    here = metered.prepare(lambda d: (d / "blob.bin").write_bytes(_random_bytes(COPIED, 5)))
+    subprocess.run(["cp", str(here / "blob.bin"), str(here / "copy.bin")], check=True)
+    sent = metered.cost_of_converging(time.time_ns())
+    assert (metered.remote_here / "copy.bin").read_bytes() == (
+        here / "blob.bin").read_bytes()
+    assert sent <= COPIED // 100, f"a cp of a {COPIED}-byte file sent {sent} bytes" + metered.log()
 
 
 def test_file_renamed_by_mv_costs_no_content(metered: Metered) -> None:
-    metered.settle()
-    subprocess.run(["mv", str(metered.local / "moved.bin"), str(metered.local / "renamed.bin")],
-                   check=True)
-    sent = metered.cost_of_converging()
-    assert not (metered.remote / "moved.bin").exists()
-    assert sent <= COPIED // 100, f"an mv of a {COPIED}-byte file sent {sent} bytes"
+    here = metered.prepare(lambda d: (d / "moved.bin").write_bytes(_random_bytes(COPIED, 6)))
+    subprocess.run(["mv", str(here / "moved.bin"), str(here / "renamed.bin")], check=True)
+    sent = metered.cost_of_converging(time.time_ns())
+    assert not (metered.remote_here / "moved.bin").exists()
+    assert sent <= COPIED // 100, f"an mv of a {COPIED}-byte file sent {sent} bytes" + metered.log()
 
 
 def test_file_moved_into_another_directory_costs_no_content(metered: Metered) -> None:
     # The directory exists remotely first, so the watcher reports the move itself; a move
     # into a directory created just before is covered at the engine level (see
     # test_sync_properties.test_file_moved_into_a_new_directory_is_copied_not_resent).
-    (metered.local / "sub").mkdir()
-    metered.settle()
-    shutil.move(metered.local / "renamed.bin", metered.local / "sub" / "renamed.bin")
-    sent = metered.cost_of_converging()
-    assert (metered.remote / "sub" / "renamed.bin").exists()
-    assert sent <= COPIED // 100, f"moving a {COPIED}-byte file sent {sent} bytes"
+    def make(directory: Path) -> None:
+        (directory / "sub").mkdir()
+        (directory / "moved.bin").write_bytes(_random_bytes(COPIED, 7))
+
+    here = metered.prepare(make)
+    shutil.move(here / "moved.bin", here / "sub" / "moved.bin")
+    sent = metered.cost_of_converging(time.time_ns())
+    assert (metered.remote_here / "sub" / "moved.bin").exists()
+    assert not (metered.remote_here / "moved.bin").exists()
+    assert sent <= COPIED // 100, f"moving a {COPIED}-byte file sent {sent} bytes" + metered.log()
 
 
 def test_first_edit_after_a_restart_is_a_delta(sshd: PrivateSshd, tmp_path: Path) -> None:
@@ -151,19 +189,23 @@ def test_first_edit_after_a_restart_is_a_delta(sshd: PrivateSshd, tmp_path: Path
     path.write_bytes(content)
     with counting_link_to(sshd) as link:
         first = LsyncProcess(link.connect_args(remote, "-v"), cwd=local)
-        first.wait_for_line(" ready ", timeout=60)
+        first.wait_for_line(" ready ", timeout=SYNC_WAIT)
+        assert_same_now(local, remote, lsync=first)
         assert first.interrupt() == 0, first.stderr
         second = LsyncProcess(link.connect_args(remote, "-v"), cwd=local)
-        second.wait_for_line(" ready ", timeout=60)
+        second.wait_for_line(" ready ", timeout=SYNC_WAIT)
+        assert_same_now(local, remote, lsync=second)
         wait_steady(link.bytes_up)
         link.proxy.reset_counters()
         middle = content.index(b"\n", len(content) // 3) + 1
         edited = content[:middle] + b"\treturn -EAGAIN; /* after a restart */\n" + content[middle:]
         save_atomically(path, edited)
-        assert_trees_equal(local, remote, timeout=60)
+        second.wait_in_sync(time.time_ns(), SYNC_WAIT)
+        assert_same_now(local, remote, lsync=second)
         sent = wait_steady(link.bytes_up)
         assert (remote / "restart.c").read_bytes() == edited
-        assert sent <= 4 * 1024, f"the first edit after a restart sent {sent} bytes"
+        assert sent <= 4 * 1024, (f"the first edit after a restart sent {sent} bytes; first "
+                                  f"run:\n{first.log_tail()}\nsecond run:\n{second.log_tail()}")
         assert second.interrupt() == 0, second.stderr
 
 
@@ -179,15 +221,18 @@ def test_first_edit_of_a_file_lsync_did_not_send_is_a_delta(
     shutil.copytree(local, remote)
     with counting_link_to(sshd) as link:
         lsync = LsyncProcess(link.connect_args(remote, "-v"), cwd=local)
-        lsync.wait_for_line(" ready ", timeout=60)
+        lsync.wait_for_line(" ready ", timeout=SYNC_WAIT)
+        assert_same_now(local, remote, lsync=lsync)
         lsync.wait_for_line("signed", timeout=30)
         wait_steady(link.bytes_up)
         link.proxy.reset_counters()
         middle = content.index(b"\n", len(content) // 2) + 1
         edited = content[:middle] + b"\tgoto out; /* first edit */\n" + content[middle:]
         save_atomically(path, edited)
-        assert_trees_equal(local, remote, timeout=60)
+        lsync.wait_in_sync(time.time_ns(), SYNC_WAIT)
+        assert_same_now(local, remote, lsync=lsync)
         sent = wait_steady(link.bytes_up)
         assert (remote / "copied.c").read_bytes() == edited
-        assert sent <= 4 * 1024, f"the first edit of a verified file sent {sent} bytes"
+        assert sent <= 4 * 1024, (f"the first edit of a verified file sent {sent} bytes:\n"
+                                  + lsync.log_tail())
         assert lsync.interrupt() == 0, lsync.stderr

@@ -2,15 +2,19 @@
 
 Dropped link: lsync runs through a proxy in front of the private sshd; `cut()` resets the
 connection (with writes in flight, or idle), edits are made while it is down, and lsync must
-reconnect by itself (its log says so), resync, and end with the remote tree equal to the
-local one — nothing lost, nothing torn, no temporary file left behind.
+reconnect by itself (its log says so), resync, and say ` ready ` again: right then the remote
+tree equals the local one (compared once) — nothing lost, nothing torn, no temporary file
+left behind. After a later edit, the trees are compared once lsync's `in-sync as-of=N` line
+covers the moment of the edit.
 
 Base mismatch (issue 3): a synced file is changed on the remote (same size, other size,
 same size with the mtime put back, replaced by another inode, removed) and then edited
 locally, so lsync sends a delta against a base the remote no longer has. The agent must
 refuse it (base mismatch, or a result whose hash is wrong), write nothing, and the client
-must fall back to the whole file: the remote ends byte-identical to the local file, and a
-sampler reading the remote file all along never sees a version built from the wrong base.
+must fall back to the whole file: once lsync says it is in sync as of the edit, the remote is
+byte-identical to the local file, and a sampler reading the remote file all along never sees
+a version built from the wrong base. Each case uses its own directory (`own_dir`) of the
+module's shared `lsync connect`, so that it runs alone or in any order.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from tests.conftest import (
     CountingLink,
     LsyncProcess,
     Synced,
-    assert_trees_equal,
+    assert_same_now,
     fresh_dirs,
     save_atomically,
     wait_until,
@@ -58,7 +62,7 @@ def test_dropped_link_reconnects_by_itself_and_syncs_edits_made_while_down(
     _populate(local, rng)
     lsync = run_lsync(*counting_link.connect_args(remote, "-v"), cwd=local)
     lsync.wait_for_line(" ready ")
-    assert_trees_equal(local, remote)
+    assert_same_now(local, remote, lsync=lsync)
     proxy = counting_link.proxy
     proxy.set_accepting(False)
     assert proxy.cut() >= 1
@@ -77,9 +81,10 @@ def test_dropped_link_reconnects_by_itself_and_syncs_edits_made_while_down(
     assert not (remote / "src" / "new.c").exists()
     proxy.set_accepting(True)
     lsync.wait_for_count(" ready ", 2, timeout=40)
-    assert_trees_equal(local, remote)
+    assert_same_now(local, remote, lsync=lsync)
     (local / "src" / "after.c").write_text("/* after the reconnection */\n")
-    assert_trees_equal(local, remote)
+    lsync.wait_in_sync(time.time_ns())
+    assert_same_now(local, remote, lsync=lsync)
     assert lsync.interrupt() == 0, lsync.stderr
 
 
@@ -90,7 +95,7 @@ def test_local_tree_emptied_while_the_link_is_down_stops_without_deleting_remote
         (local / f"f{i}.c").write_text(f"{i}\n")
     lsync = run_lsync(*counting_link.connect_args(remote), cwd=local)
     lsync.wait_for_line(" ready ")
-    assert_trees_equal(local, remote)
+    assert_same_now(local, remote, lsync=lsync)
     counting_link.proxy.set_accepting(False)
     assert counting_link.proxy.cut() >= 1
     lsync.wait_for_line("reconnecting in")
@@ -110,7 +115,7 @@ def test_writes_in_flight_at_the_cut_arrive_after_reconnection(
     _populate(local, rng)
     lsync = run_lsync(*counting_link.connect_args(remote, "-v"), cwd=local)
     lsync.wait_for_line(" ready ")
-    assert_trees_equal(local, remote)
+    assert_same_now(local, remote, lsync=lsync)
     proxy = counting_link.proxy
     old_f5 = (local / "src" / "f5.c").read_bytes()
     new_f5 = b"int f5(void) { return -5; }\n" * 60
@@ -132,7 +137,7 @@ def test_writes_in_flight_at_the_cut_arrive_after_reconnection(
         assert proxy.cut() >= 1
         lsync.wait_for_line("reconnecting in")
         lsync.wait_for_count(" ready ", 2, timeout=40)
-        assert_trees_equal(local, remote)
+        assert_same_now(local, remote, lsync=lsync)
     assert sampler.samples > 0
     assert not sampler.unexpected(watched[0], [None, big]), "in-flight.bin was seen torn"
     assert not sampler.unexpected(watched[1], [old_f5, new_f5]), "f5.c was seen torn"
@@ -145,12 +150,15 @@ def test_reconnection_backoff_starts_again_after_a_successful_reconnection(
     (local / "a.c").write_text("a\n")
     lsync = run_lsync(*counting_link.connect_args(remote), cwd=local)
     lsync.wait_for_line(" ready ")
+    assert_same_now(local, remote, lsync=lsync)
     for drop in (1, 2, 3):
         assert counting_link.proxy.cut() >= 1
         lsync.wait_for_count("reconnecting in", drop)
         lsync.wait_for_count(" ready ", drop + 1)
+        assert_same_now(local, remote, lsync=lsync)
         (local / "a.c").write_text(f"a after drop {drop}\n")
-        assert_trees_equal(local, remote)
+        lsync.wait_in_sync(time.time_ns())
+        assert_same_now(local, remote, lsync=lsync)
     waits = [line.rpartition("reconnecting in ")[2] for line in lsync.lines
              if "reconnecting in" in line]
     assert waits == ["1 s", "1 s", "1 s"], waits
@@ -172,7 +180,7 @@ def test_link_dropped_during_the_initial_sync_is_resumed_after_reconnection(
     assert proxy.cut() >= 1
     lsync.wait_for_line("reconnecting in")
     lsync.wait_for_line(" ready ", timeout=40)
-    assert_trees_equal(local, remote)
+    assert_same_now(local, remote, lsync=lsync)
     assert lsync.interrupt() == 0, lsync.stderr
 
 
@@ -216,11 +224,11 @@ def synced(sshd: PrivateSshd, tmp_path_factory: pytest.TempPathFactory) -> Itera
     local, remote = base / "local", base / "remote"
     local.mkdir()
     (local / "keep").write_text("keep\n")
-    lsync = LsyncProcess(["connect", "-F", str(sshd.client_config), "-v",
-                          f"{sshd.alias}:{remote}"], cwd=local)
-    lsync.wait_for_line(" ready ")
-    yield Synced(local, remote, lsync)
-    assert lsync.interrupt() == 0, lsync.stderr
+    synced = Synced(["connect", "-F", str(sshd.client_config), "-v", f"{sshd.alias}:{remote}"],
+                    local, remote)
+    assert synced.differences_at_ready == [], synced.differences_at_ready
+    yield synced
+    assert synced.stop() == 0, synced.lsync.stderr
 
 
 def _text(rng: random.Random, size: int) -> bytes:
@@ -281,29 +289,27 @@ SIZES = {"20KB": 20_000, "300KB": 300_000}  # a zdict delta, a block delta
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("tamper", TAMPERS)
 def test_delta_against_a_remote_changed_behind_our_back_falls_back_to_the_whole_file(
-        synced: Synced, tamper: str, size: str) -> None:
-    name = f"{tamper}-{size}.c"
-    local, remote = synced.local / name, synced.remote / name
+        synced: Synced, own_dir: Path, tamper: str, size: str) -> None:
+    rel = f"{own_dir.name}/file.c"
+    local, remote = synced.local / rel, synced.remote / rel
     rng = random.Random(f"{tamper}-{size}")
     original = _text(rng, SIZES[size])
     save_atomically(local, original)
-    synced.lsync.wait_for_count(f"ack {name} ", 1)
-    assert remote.read_bytes() == original
+    synced.converged(time.time_ns())
     _tamper(remote, tamper)
     tampered = remote.read_bytes() if remote.exists() else None
     edited = _edit_line(original, 0.6, b"static int lsync_was_here = 1;\n")
     again = _edit_line(edited, 0.3, b"static int and_here_too = 2;\n")
     with ContentSampler([remote]) as sampler:
         save_atomically(local, edited)
-        synced.lsync.wait_for_count(f"ack {name} ", 2)
-        assert wait_until(lambda: remote.exists() and remote.read_bytes() == edited)
+        synced.converged(time.time_ns())
+        assert remote.read_bytes() == edited
         # The delta was refused, not applied: the agent said so, and lsync logged it.
-        assert synced.lsync.count(f"error {name}: ") == 1, synced.lsync.lines[-10:]
+        assert synced.lsync.count(f"error {rel}: ") == 1, synced.lsync.log_tail()
         # The whole file re-established a base: the next edit is a delta that applies.
         save_atomically(local, again)
-        synced.lsync.wait_for_count(f"ack {name} ", 3)
-        assert wait_until(lambda: remote.read_bytes() == again)
-    assert synced.lsync.count(f"error {name}: ") == 1
+        synced.converged(time.time_ns())
+        assert remote.read_bytes() == again
+    assert synced.lsync.count(f"error {rel}: ") == 1, synced.lsync.log_tail()
     assert not sampler.unexpected(remote, [original, tampered, edited, again]), (
         "the remote file held a version that was never written locally")
-    assert_trees_equal(synced.local, synced.remote)

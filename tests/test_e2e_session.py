@@ -1,7 +1,9 @@
 """End to end: ignores, remote-only files, safety stops, path escapes, host keys, local target.
 
-Each test starts its own `lsync connect` against the private sshd (or a local directory)
-and checks the remote tree within a bounded wait.
+Each test starts its own `lsync connect` against the private sshd (or a local directory).
+Right after lsync's ` ready ` line, and right after an `in-sync as-of=N` line with N at or
+after the moment of a local change, the trees are compared once: lsync has promised they are
+equal. What is not such a promise (an error line, an exit status) is waited for, bounded.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.testbed.sshd import PrivateSshd
-from tests.conftest import LsyncProcess, assert_trees_equal, fresh_dirs, wait_until
+from tests.conftest import LsyncProcess, assert_same_now, fresh_dirs
 
 Start = Callable[..., LsyncProcess]
 
@@ -44,14 +46,16 @@ def test_gitignore_keeps_ignored_files_local_and_remote_build_outputs_untouched(
     def ignored(rel: str) -> bool:
         return rel.endswith((".o", "generated.h")) or rel.startswith(("build", ".git"))
 
-    assert_trees_equal(local, remote, skip=ignored)
+    assert_same_now(local, remote, skip=ignored, lsync=lsync)
     assert not (remote / "build").exists() and not (remote / ".git").exists()
     assert (remote / "drivers" / "a.o").read_text() == "remote object\n"
     # Deleting the directory locally removes what lsync synced there, keeps the build output.
     shutil.rmtree(local / "drivers")
-    assert wait_until(lambda: not (remote / "drivers" / "a.c").exists())
+    lsync.wait_in_sync(time.time_ns())
     assert (remote / "drivers" / "a.o").read_text() == "remote object\n"
-    assert wait_until(lambda: lsync.saw("kept drivers"))
+    assert lsync.saw("kept drivers"), lsync.log_tail()
+    assert_same_now(local, remote, skip=lambda rel: ignored(rel) or rel == "drivers",
+                    lsync=lsync)
     assert lsync.interrupt() == 0
 
 
@@ -63,12 +67,12 @@ def test_remote_only_files_are_kept_without_delete_and_removed_with_it(
     (remote / "theirs" / "notes.txt").write_text("keep me\n")
     lsync = _connect(run_lsync, sshd, local, remote)
     lsync.wait_for_line(" ready ")
-    assert (remote / "mine.c").read_text() == "mine\n"
+    assert_same_now(local, remote, skip=lambda rel: rel.startswith("theirs"), lsync=lsync)
     assert lsync.interrupt() == 0
     assert (remote / "theirs" / "notes.txt").read_text() == "keep me\n"
     lsync = _connect(run_lsync, sshd, local, remote, "--delete")
     lsync.wait_for_line(" ready ")
-    assert_trees_equal(local, remote)
+    assert_same_now(local, remote, lsync=lsync)
     assert lsync.interrupt() == 0
 
 
@@ -79,7 +83,7 @@ def test_vanished_local_root_stops_without_deleting_remotely(
         (local / f"f{i}.c").write_text(f"{i}\n")
     lsync = _connect(run_lsync, sshd, local, remote)
     lsync.wait_for_line(" ready ")
-    assert_trees_equal(local, remote)
+    assert_same_now(local, remote, lsync=lsync)
     shutil.rmtree(local)
     status = lsync.finish(timeout=20)
     assert status == 6, (status, lsync.stderr)
@@ -94,7 +98,7 @@ def test_emptied_local_root_stops_without_deleting_remotely(
         (local / f"f{i}.c").write_text(f"{i}\n")
     lsync = _connect(run_lsync, sshd, local, remote)
     lsync.wait_for_line(" ready ")
-    assert_trees_equal(local, remote)
+    assert_same_now(local, remote, lsync=lsync)
     for child in local.iterdir():
         child.unlink()
     status = lsync.finish(timeout=20)
@@ -115,9 +119,13 @@ def test_write_through_a_remote_symlinked_directory_is_refused(
     (local / "ok.txt").write_text("fine\n")
     lsync = _connect(run_lsync, sshd, local, remote)
     lsync.wait_for_line(" ready ")
-    assert (remote / "ok.txt").read_text() == "fine\n"
+    assert_same_now(local, remote, skip=lambda rel: rel.startswith("sneaky"), lsync=lsync)
     assert list(outside.iterdir()) == []
-    assert wait_until(lambda: lsync.saw("is a symlink"))
+    lsync.wait_for_line("is a symlink")
+    # A path that keeps failing is no convergence: lsync says so instead of "in-sync".
+    lsync.wait_for_line("paths failing")
+    assert not lsync.saw(" in-sync "), lsync.log_tail()
+    assert list(outside.iterdir()) == []
     assert lsync.interrupt() == 0
 
 
@@ -135,7 +143,7 @@ def test_unknown_host_key_is_refused_and_accepted_only_when_asked(
     lsync = run_lsync("connect", "-F", str(config), "--accept-new-host-key",
                       f"{sshd.alias}:{remote}", cwd=local)
     lsync.wait_for_line(" ready ")
-    assert (remote / "a").read_text() == "a\n"
+    assert_same_now(local, remote, lsync=lsync)
     assert lsync.interrupt() == 0
     assert sshd.host_public_key.split()[1] in empty_known.read_text()
 
@@ -159,9 +167,10 @@ def test_local_target_syncs_without_ssh(tmp_path: Path, run_lsync: Start) -> Non
     (local / "x.c").write_text("x\n")
     lsync = run_lsync("connect", "-v", str(remote), cwd=local)
     lsync.wait_for_line(" ready ")
-    assert_trees_equal(local, remote)
+    assert_same_now(local, remote, lsync=lsync)
     (local / "y.c").write_text("y\n")
-    assert_trees_equal(local, remote)
+    lsync.wait_in_sync(time.time_ns())
+    assert_same_now(local, remote, lsync=lsync)
     assert lsync.interrupt() == 0
 
 
@@ -174,7 +183,7 @@ def test_relative_remote_tree_is_under_the_remote_home(
     try:
         lsync = _connect(run_lsync, sshd, local, name)
         lsync.wait_for_line(" ready ")
-        assert (home / "x.c").read_text() == "x\n"
+        assert_same_now(local, home, lsync=lsync)
         assert lsync.interrupt() == 0
     finally:
         shutil.rmtree(home, ignore_errors=True)
@@ -187,8 +196,10 @@ def test_restart_with_nothing_changed_sends_no_file(
         (local / f"f{i}.c").write_text(f"content {i}\n" * 100)
     lsync = _connect(run_lsync, sshd, local, remote)
     lsync.wait_for_line(" ready ")
+    assert_same_now(local, remote, lsync=lsync)
     assert lsync.interrupt() == 0
     lsync = _connect(run_lsync, sshd, local, remote)
     lsync.wait_for_line(" ready ")
-    assert lsync.saw("ready files=0 bytes=0")
+    assert lsync.saw("ready files=0 bytes=0"), lsync.log_tail()
+    assert_same_now(local, remote, lsync=lsync)
     assert lsync.interrupt() == 0

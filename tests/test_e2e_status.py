@@ -3,9 +3,12 @@
 `lsync connect` runs on a pseudo-terminal that is its controlling terminal (as in a shell),
 against the private sshd and against a local directory. On a terminal lsync draws one live
 line: connection state, files and bytes synced, queue depth and the last save-to-ack
-latency; the tests read what the terminal shows and wait (bounded) for that line to reflect
-a save. Ctrl-C is typed into the terminal (so the whole foreground process group gets
-SIGINT, a local agent included); lsync must drain, say goodbye and exit 0.
+latency, and `in sync HH:MM:SS` once a convergence check found nothing left. The tests read
+what the terminal shows: right after the `in sync: ...; watching` line (the terminal's
+` ready `) the trees are compared once, and after a save they wait (bounded) for the status
+line to count it with `in sync` shown again, then compare the trees once (lsync has promised
+they are equal). Ctrl-C is typed into the terminal (so the whole foreground process group
+gets SIGINT, a local agent included); lsync must drain, say goodbye and exit 0.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.testbed.sshd import PrivateSshd
-from tests.conftest import LSYNC, WAIT, assert_trees_equal, fresh_dirs, wait_until
+from tests.conftest import LSYNC, WAIT, assert_same_now, fresh_dirs, wait_until
 
 # Make the pty the controlling terminal of the new session, then become lsync.
 _CTTY_EXEC = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
@@ -109,6 +112,8 @@ def terminal() -> Iterator[list[TerminalLsync]]:
 
 
 def _settled_after(session: TerminalLsync, files_before: int) -> bool:
+    """The status line counts a new file, shows nothing queued and `in sync` again (which
+    is cleared while work is queued, so it now covers the save)."""
     status = session.current()
     return (status is not None and status["state"] == "watching"
             and int(status["files"]) > files_before and status["queued"] == "0"
@@ -119,6 +124,7 @@ def _settled_after(session: TerminalLsync, files_before: int) -> bool:
 def _check_live_line_and_ctrl_c(session: TerminalLsync, local: Path, remote: Path) -> None:
     session.wait_for("'in sync' line", lambda: any(s.startswith("in sync:")
                                                    for s in session.screens()))
+    assert_same_now(local, remote)  # the terminal's `ready`: trusted, compared once
     session.wait_for("watching status", lambda: (s := session.current()) is not None
                      and s["state"] == "watching")
     status = session.current()
@@ -128,7 +134,7 @@ def _check_live_line_and_ctrl_c(session: TerminalLsync, local: Path, remote: Pat
     # The line catches up with the save: one more file, nothing queued, a latency shown.
     session.wait_for("status line after the save", lambda: _settled_after(session,
                                                                           files_before))
-    assert_trees_equal(local, remote)
+    assert_same_now(local, remote)
     assert session.ctrl_c() == 0, "\n".join(session.screens()[-15:])
     assert any(screen.startswith("stopped |") for screen in session.screens()), (
         session.screens()[-5:])
