@@ -4,7 +4,9 @@
 User, Port, IdentityFile, ProxyJump, UserKnownHostsFile; it uses the ssh agent and verifies
 the host key against known_hosts. An unknown key is refused unless the user asked to accept
 a new key on first use, in which case it is appended to the user's known_hosts; a changed
-key is always refused. Channel windows are sized so that a long link is not window-bound.
+key, and a key marked @revoked, are always refused; `UserKnownHostsFile none` means no key
+is known (every key is unknown), never "do not verify". Channel windows are sized so that a
+long link is not window-bound.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ class _TofuClient(asyncssh.SSHClient):
 
     def validate_host_public_key(self, host: str, addr: str, port: int,
                                  key: asyncssh.SSHKey) -> bool:
+        if _is_revoked(self.known_hosts_files, host, addr, port, key):
+            self.rejected_reason = (
+                f"the host key of {host} ({key.get_fingerprint()}) is marked @revoked in "
+                "known_hosts; refusing to connect.")
+            return False
         if _host_has_keys(self.known_hosts_files, host, addr, port):
             self.rejected_reason = (
                 f"the host key of {host} has CHANGED (it is not the one in known_hosts); "
@@ -75,7 +82,9 @@ class _TofuClient(asyncssh.SSHClient):
         return True
 
 
-def _host_has_keys(files: list[str], host: str, addr: str, port: int) -> bool:
+def _matches(files: list[str], host: str, addr: str, port: int | None) -> list[Any]:
+    """asyncssh's known_hosts match for each readable file in `files`."""
+    found = []
     for name in files:
         path = Path(name).expanduser()
         if not path.exists():
@@ -84,10 +93,31 @@ def _host_has_keys(files: list[str], host: str, addr: str, port: int) -> bool:
             known = asyncssh.read_known_hosts(str(path))
         except (OSError, ValueError):
             continue
-        trusted = known.match(host, addr, port)
-        if trusted[0] or trusted[1]:
-            return True
-    return False
+        found.append(known.match(host, addr, port))
+    return found
+
+
+def _no_known_keys(host: str, addr: str, port: int | None) -> tuple[list[Any], ...]:
+    """known_hosts as a callable that knows no key (asyncssh then asks the client)."""
+    return [], [], []
+
+
+def _host_has_keys(files: list[str], host: str, addr: str, port: int) -> bool:
+    return any(match[0] or match[1] for match in _matches(files, host, addr, port))
+
+
+def _is_revoked(files: list[str], host: str, addr: str, port: int,
+                key: asyncssh.SSHKey) -> bool:
+    """Whether known_hosts marks `key` @revoked for this host. (asyncssh's own lookup
+    drops the `[host]:port` entries when they hold only revoked keys and retries without the
+    port, so those entries are looked up here by their literal names too.)"""
+    wanted = key.export_public_key()
+    matches = _matches(files, host, addr, port)
+    if port and port != 22:
+        for name in {f"[{host}]:{port}", f"[{addr}]:{port}"}:
+            matches += _matches(files, name, "", None)
+    return any(revoked.export_public_key() == wanted
+               for match in matches for revoked in match[2])
 
 
 def _record_key(path: str, host: str, port: int, key: asyncssh.SSHKey) -> None:
@@ -100,8 +130,11 @@ def _record_key(path: str, host: str, port: int, key: asyncssh.SSHKey) -> None:
 
 
 def _known_hosts_files(options: asyncssh.SSHClientConnectionOptions) -> list[str]:
-    """The known_hosts files asyncssh will check: UserKnownHostsFile, else the default."""
+    """The known_hosts files asyncssh will check: UserKnownHostsFile, else the default;
+    none at all for `UserKnownHostsFile none`."""
     configured = getattr(options, "known_hosts", ())
+    if configured is None:
+        return []
     if isinstance(configured, (list, tuple)) and configured and all(
             isinstance(f, str) for f in configured):
         return [os.path.expanduser(f) for f in configured]
@@ -122,6 +155,10 @@ async def connect(target: Target, config_files: list[str] | None, accept_new: bo
     except (OSError, asyncssh.Error, ValueError) as exc:
         raise ConnectError(f"cannot read the SSH configuration: {exc}") from None
     known_files = _known_hosts_files(options)
+    if options.known_hosts is None:
+        # `UserKnownHostsFile none`: asyncssh would skip host-key checking altogether.
+        # OpenSSH still verifies (against no known key): so do we.
+        options = asyncssh.SSHClientConnectionOptions(options=options, known_hosts=_no_known_keys)
     client = _TofuClient(accept_new, known_files)
     try:
         conn = await asyncssh.connect(target.host, options=options,
@@ -132,7 +169,7 @@ async def connect(target: Target, config_files: list[str] | None, accept_new: bo
         raise ConnectError(f"SSH authentication to {target.host} failed: {exc}") from None
     except (OSError, asyncssh.Error, TimeoutError) as exc:
         raise ConnectError(f"cannot connect to {target.host}: {exc}") from None
-    if client.accepted is not None:
+    if client.accepted is not None and known_files:
         host, port, key = client.accepted
         _record_key(known_files[0], host, port, key)
     return conn
