@@ -55,6 +55,9 @@ UNSTABLE_RETRY = 0.05
 DELETE_WAIT = 0.01  # a delete waits this long (again) while the watcher has undelivered events
 SETTLE_SIZE = 1 << 20  # without close-write events, files this big wait to be still
 SETTLE = 0.02
+SETTLE_MAX = 1.0  # a file written all the time is sent anyway, this long after its change
+NEW_FILE_SETTLE_SIZE = 256 << 10
+NEW_FILE_SETTLE = 0.05
 MAX_FILE = 1 << 30  # files are read whole into memory; bigger ones are reported
 BULK_QUEUE = 100  # more queued paths than this: compress for speed
 RENAME_MATCH = 0.5  # share of a vanished directory's files a new one must hold to be its move
@@ -237,14 +240,20 @@ class PathPasses:
                          ahead: concurrent.futures.Future[Prepared | None] | None) -> str:
         remote = self.model.get(path)
         old_size = remote.size if remote is not None and remote.kind == FILE else 0
+        settle = 0.0
         if not self.close_events and max(st.st_size, old_size) >= SETTLE_SIZE:
             # No close events from this watcher: a big file written in place may be caught
-            # between the truncate and the last write. Wait until it has been still for
-            # SETTLE (the queue bounds how long a path is held).
-            quiet = (time.time_ns() - st.st_mtime_ns) / 1e9
-            if 0 <= quiet < SETTLE:
-                self.queue.retry(path, self.clock(), SETTLE - quiet)
-                return "retry"
+            # between the truncate and the last write.
+            settle = SETTLE
+        if remote is None and st.st_size >= NEW_FILE_SETTLE_SIZE:
+            # A big new file just written is likely an editor's temporary file about to be
+            # renamed over its target: give the rename a moment (the target then travels
+            # as a delta, and the temporary file not at all).
+            settle = max(settle, NEW_FILE_SETTLE)
+        quiet = (time.time_ns() - st.st_mtime_ns) / 1e9
+        if 0 <= quiet < settle and self.clock() - since < SETTLE_MAX:
+            self.queue.retry(path, self.clock(), settle - quiet)  # until still, or SETTLE_MAX
+            return "retry"
         prepared = still_current(await asyncio.wrap_future(ahead), st) if ahead else None
         if prepared is not None:
             content, entry = prepared.content, prepared.entry
