@@ -24,6 +24,7 @@ from lsync.protocol import PROTOCOL_VERSION
 from lsync.protocol import messages as m
 from lsync.protocol.connection import CLIENT, Connection
 from lsync.protocol.errors import ErrorCode, ProtocolError
+from lsync.protocol.paths import relpath_problem
 
 Reply = m.Ack | m.Error
 
@@ -43,6 +44,7 @@ class Unanswered(NamedTuple):
         return cls(type(op).__name__, str(getattr(op, "path", "")))
 
 
+MAX_MANIFEST_ENTRIES = 4_000_000  # a remote tree bigger than this is refused (memory)
 PING_EVERY = 5.0  # seconds between liveness pings while nothing else is outstanding
 STALL = 15.0  # seconds of silence, with something outstanding, that mean a stuck link
 DRAIN_ABOVE = 1 << 20  # ask the stream for backpressure after this much was written
@@ -70,6 +72,7 @@ class AgentLink:
         self.goodbye: m.Goodbye | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.manifest_entries = 0
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self, hello: m.Hello) -> None:
@@ -306,16 +309,19 @@ class AgentLink:
 
     def _on_reply(self, message: m.Ack | m.Error | m.Hashes | m.Pong) -> None:
         key = message.nonce if isinstance(message, m.Pong) else message.seq
-        future = self._pending.pop(key, None)
-        kinds = self._kinds.pop(key, ())
-        if not isinstance(message, m.Pong):
-            self._ops.pop(key, None)
+        future = self._pending.get(key)
+        kinds = self._kinds.get(key, ())
         if future is None:
             raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"reply to unknown request {key}")
         if not isinstance(message, kinds) and not (isinstance(message, m.Error)
                                                    and m.Hashes in kinds):
+            # (Left pending: the link's end fails it with the reason.)
             raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE,
                                 f"{type(message).__name__} answered request {key}")
+        del self._pending[key]
+        self._kinds.pop(key, None)
+        if not isinstance(message, m.Pong):
+            self._ops.pop(key, None)
         if not future.done():
             future.set_result(message)
 
@@ -323,6 +329,15 @@ class AgentLink:
         queue = self._manifests.get(message.seq)
         if queue is None:
             raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "manifest nobody asked for")
+        self.manifest_entries += len(message.entries)
+        if self.manifest_entries > MAX_MANIFEST_ENTRIES:
+            raise ProtocolError(ErrorCode.MALFORMED_FRAME, "the remote manifest has more "
+                                f"than {MAX_MANIFEST_ENTRIES} entries")
+        for entry in message.entries:
+            problem = relpath_problem(entry[0])
+            if problem:
+                raise ProtocolError(ErrorCode.MALFORMED_FRAME,
+                                    f"the remote manifest names a bad path: {problem}")
         queue.put_nowait(message)
 
     def _on_ping(self, message: m.Ping) -> None:

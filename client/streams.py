@@ -33,15 +33,27 @@ class AgentStream(Protocol):
 
 
 class _StderrTail:
+    """The last lines the agent wrote to stderr, in bounded memory whatever it writes (a
+    flood without newlines keeps only its last `LINE_MAX` characters)."""
+
+    LINE_MAX = 2000
+
     def __init__(self) -> None:
         self.lines: deque[str] = deque(maxlen=20)
+        self.partial = b""
 
     async def collect(self, reader: asyncio.StreamReader | asyncssh.SSHReader[bytes]) -> None:
         while True:
-            line = await reader.readline()
-            if not line:
+            data = await reader.read(1 << 16)
+            if not data:
+                if self.partial:
+                    self.lines.append(self.partial.decode("utf-8", "replace").rstrip())
+                    self.partial = b""
                 return
-            self.lines.append(line.decode("utf-8", "replace").rstrip())
+            *complete, rest = (self.partial + data).split(b"\n")
+            for line in complete[-20:]:
+                self.lines.append(line[-self.LINE_MAX:].decode("utf-8", "replace").rstrip())
+            self.partial = rest[-self.LINE_MAX:]
 
     def text(self) -> str:
         return "\n".join(self.lines)
