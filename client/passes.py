@@ -116,7 +116,7 @@ class PathPasses:
         if step is Step.NOTHING:
             if seen.kind is None:
                 self.rules.forget(path)
-            elif remote is not None:
+            elif remote is not None and seen.kind == LINK:
                 remote.owned = True  # verified equal
         elif step is Step.FORGET:
             self.model.drop_tree(path)  # ignored now: leave the remote copy alone
