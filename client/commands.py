@@ -42,7 +42,7 @@ def _socket(start: Path) -> Path:
     found = find_socket(start)
     if found is None:
         raise ControlError("no-session", f"no running `lsync connect` for {start} "
-                           "(start one in this tree, or use `lsync run --connect`)")
+                           "(start one in this tree)")
     return found
 
 
@@ -209,8 +209,10 @@ async def _wait_newer(path: Path, start: Path, seen: int, event: asyncio.Event) 
 
 
 def _size() -> tuple[int, int]:
+    """The terminal's (columns, rows); 80x24 where it does not say (not a terminal, or a
+    pty whose size was never set: 0x0, which the session would refuse)."""
     try:
         size = os.get_terminal_size(sys.stdout.fileno())
-        return size.columns, size.lines
     except OSError:
         return 80, 24
+    return size.columns or 80, size.lines or 24
