@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shlex
 import signal
 import time
@@ -49,6 +50,9 @@ from lsync.client.reporter import Reporter
 if TYPE_CHECKING:
     from lsync.client.engine import SyncEngine
 
+PID_LINE = re.compile(rb"lsync-pid (\d+)\r?\n")  # what the wrapper prints first on stderr
+PID_LINES = 64  # lines of the login shell's own stderr passed on before it
+KILL_GRACE = 2.0  # seconds after a KILL before lsync stops waiting for the command's channel
 WATCHER_POLL = 0.002  # seconds between looks at the watcher's queue during a flush
 READ_SIZE = 32 * 1024
 
@@ -236,6 +240,9 @@ class BuildLoop:
             if rel != ".":
                 cwd = f"{remote_root}/{Path(rel).as_posix()}"
         inner = f"cd {shlex.quote(cwd)} && exec {shlex.join(request.argv)}"
+        if session.ssh_connection is not None and not request.pty:
+            # Its pid, for signals (it leads its own process group: sshd made it a session).
+            inner = f"printf 'lsync-pid %s\\n' \"$$\" >&2; {inner}"
         shown = shlex.join(request.argv)
         session.progress.commands.append(shown)
         try:
@@ -256,23 +263,37 @@ class BuildLoop:
         return {"out": make(), "err": make()}
 
 
-async def _relay(name: str, reader: Any, send_line: SendLine,
-                 mapper: PathMapper | None) -> None:
-    """Send what `reader` yields to the client as output lines of stream `name`."""
+async def _relay(name: str, reader: Any, send_line: SendLine, mapper: PathMapper | None,
+                 pid: asyncio.Future[int] | None = None) -> None:
+    """Send what `reader` yields to the client as output lines of stream `name`. With `pid`,
+    the line `lsync-pid N` that the command's wrapper prints first is taken out (and the
+    login shell's own output before it passed on)."""
+    if pid is not None:
+        for _ in range(PID_LINES):
+            line: bytes = await reader.readline()
+            found = PID_LINE.fullmatch(line)
+            if found is not None:
+                pid.set_result(int(found.group(1)))
+                break
+            if not line:
+                return
+            await _send_output(name, line, send_line, mapper)
     while True:
         data: bytes = await reader.read(READ_SIZE)
         if not data:
             break
-        if mapper is not None:
-            data = mapper.feed(data)
-            if not reader.at_eof() and not data:
-                continue
-        for line in output_lines(name, data):
-            await send_line(line)
+        await _send_output(name, data, send_line, mapper)
     if mapper is not None:
-        rest = mapper.flush()
-        for line in output_lines(name, rest):
-            await send_line(line)
+        for out in output_lines(name, mapper.flush()):
+            await send_line(out)
+
+
+async def _send_output(name: str, data: bytes, send_line: SendLine,
+                       mapper: PathMapper | None) -> None:
+    if mapper is not None:
+        data = mapper.feed(data)
+    for line in output_lines(name, data):
+        await send_line(line)
 
 
 async def _run_ssh(conn: asyncssh.SSHClientConnection, inner: str, request: RunRequest,
@@ -286,9 +307,11 @@ async def _run_ssh(conn: asyncssh.SSHClientConnection, inner: str, request: RunR
         process = await conn.create_process(command, encoding=None, **options)
     except (asyncssh.Error, OSError) as exc:
         raise ControlError("closed", f"cannot start the command remotely: {exc}") from None
+    pid: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     relays = [asyncio.ensure_future(_relay("out", process.stdout, send_line, mappers["out"])),
-              asyncio.ensure_future(_relay("err", process.stderr, send_line, mappers["err"]))]
-    control = asyncio.ensure_future(_forward_ssh(process, request, incoming))
+              asyncio.ensure_future(_relay("err", process.stderr, send_line, mappers["err"],
+                                           None if request.pty else pid))]
+    control = asyncio.ensure_future(_forward_ssh(conn, process, request, incoming, pid))
     try:
         await asyncio.gather(*relays)
         await process.wait_closed()
@@ -309,24 +332,44 @@ async def _run_ssh(conn: asyncssh.SSHClientConnection, inner: str, request: RunR
     return process.exit_status if process.exit_status is not None else 255
 
 
-async def _forward_ssh(process: asyncssh.SSHClientProcess[bytes], request: RunRequest,
-                       incoming: AsyncIterator[ClientLine]) -> None:
-    async for line in incoming:
-        with contextlib.suppress(asyncssh.Error, OSError, BrokenPipeError):
-            if isinstance(line, Signal):
-                if line.name == "INT" and request.pty:
-                    process.stdin.write(b"\x03")  # the remote terminal's own Ctrl-C
-                elif line.name == "KILL":
-                    process.kill()
-                    process.close()
-                else:
-                    process.send_signal(line.name)
-            elif isinstance(line, Resize):
-                process.change_terminal_size(line.cols, line.rows)
-            elif isinstance(line, Stdin):
-                process.stdin.write(line.data)
-            elif isinstance(line, StdinEnd):
-                process.stdin.write_eof()
+async def _forward_ssh(conn: asyncssh.SSHClientConnection,
+                       process: asyncssh.SSHClientProcess[bytes], request: RunRequest,
+                       incoming: AsyncIterator[ClientLine], pid: asyncio.Future[int]) -> None:
+    """Relay the client's lines to the command. Without a pty, signals go to the command's
+    process group by `kill` over another channel of the connection (sshd refuses signal
+    requests where it runs without privilege separation, e.g. for root); on a pty, Ctrl-C is
+    the terminal's own ^C."""
+    killers: set[asyncio.Task[None]] = set()
+    try:
+        async for line in incoming:
+            with contextlib.suppress(asyncssh.Error, OSError, BrokenPipeError):
+                if isinstance(line, Signal):
+                    if line.name == "INT" and request.pty:
+                        process.stdin.write(b"\x03")  # the remote terminal's own Ctrl-C
+                    elif pid.done():
+                        task = asyncio.ensure_future(_kill_group(conn, pid.result(), line.name))
+                        killers.add(task)
+                        task.add_done_callback(killers.discard)
+                    else:
+                        process.send_signal(line.name)
+                    if line.name == "KILL":
+                        await asyncio.sleep(KILL_GRACE)  # then stop waiting for the channel
+                        process.close()
+                elif isinstance(line, Resize):
+                    process.change_terminal_size(line.cols, line.rows)
+                elif isinstance(line, Stdin):
+                    process.stdin.write(line.data)
+                elif isinstance(line, StdinEnd):
+                    process.stdin.write_eof()
+    finally:
+        for task in killers:
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def _kill_group(conn: asyncssh.SSHClientConnection, pid: int, name: str) -> None:
+    command = f"kill -s {name} -- -{pid} 2>/dev/null || kill -s {name} {pid}"
+    with contextlib.suppress(asyncssh.Error, OSError):
+        await asyncio.wait_for(conn.run(command, check=False), KILL_GRACE * 5)
 
 
 async def _run_local(inner: str, request: RunRequest, send_line: SendLine,

@@ -406,10 +406,6 @@ def test_run_opens_no_new_ssh_connection(slow: Session, request: pytest.FixtureR
     assert slow.link.proxy.counters().connections_total == before
 
 
-@pytest.mark.xfail(os.geteuid() == 0, strict=True, reason=(
-    "OpenSSH refuses 'signal' requests for root logins (no privilege separation for root: "
-    "sshd logs 'session_signal_req: session signalling requires privilege separation'), and "
-    "lsync has no other way to signal a command without a pty"))
 def test_ctrl_c_of_lsync_run_without_a_terminal_ends_the_remote_command(
         fast: Session, request: pytest.FixtureRequest) -> None:
     local, remote = fast.own_dir(request.node.name)
@@ -494,9 +490,6 @@ def test_run_watch_runs_again_after_each_change_lands(
             watching.stop()
 
 
-@pytest.mark.xfail(os.geteuid() == 0, strict=True, reason=(
-    "the stale run is interrupted by an SSH 'signal' request, which OpenSSH refuses for "
-    "root logins (see the Ctrl-C test without a terminal)"))
 def test_run_watch_interrupts_a_run_that_a_newer_change_made_stale(
         fast: Session, request: pytest.FixtureRequest) -> None:
     local, remote = fast.own_dir(request.node.name)
