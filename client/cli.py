@@ -21,15 +21,16 @@ import os
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lsync.client import commands
 from lsync.client.errors import LsyncError, internal_error
 from lsync.client.project import find_project, load_project, merge
-from lsync.client.session import Options, Session
-from lsync.client.ssh import Target
 from lsync.client.status import NORMAL, QUIET, VERBOSE, make_status, terminal_safe
 from lsync.client.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS
+
+if TYPE_CHECKING:
+    from lsync.client.session import Options, Session
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +94,10 @@ def _tree_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _connect_options(args: argparse.Namespace) -> tuple[Options, int]:
+    # (The session and SSH are imported here only: flush, run and status start faster.)
+    from lsync.client.session import Options
+    from lsync.client.target import Target
+
     start = Path(args.local or os.getcwd()).expanduser()
     found = find_project(start)
     project = load_project(found) if found is not None else None
@@ -135,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "connect":
             options, verbosity = _connect_options(args)
             status = make_status(verbosity)
+            from lsync.client.session import Session
+
             session = Session(options, status)
             _guarded(_session(session))
             code = 0

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Literal, NoReturn
 
 from lsync.client.errors import UsageError
-from lsync.client.ssh import Target
+from lsync.client.target import Target
 from lsync.client.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS
 
 if sys.version_info >= (3, 11):

@@ -12,7 +12,6 @@ long link is not window-bound.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,33 +20,11 @@ import asyncssh
 from lsync.client.bootstrap import MAX_INITIAL, remote_command
 from lsync.client.errors import ConnectError, HostKeyError
 from lsync.client.streams import SshAgentStream
+from lsync.client.target import Target as Target  # (re-exported: callers say ssh.Target)
 
 # 64 MiB: at 300 ms round trip one channel then carries > 200 MiB/s before its window stalls.
 CHANNEL_WINDOW = 64 << 20
 MAX_PACKET = 256 << 10
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where to sync to: `[user@]host:tree`, or a local directory when host is None."""
-
-    host: str | None
-    user: str | None
-    tree: str
-
-    @classmethod
-    def parse(cls, text: str) -> Target:
-        head, sep, tail = text.partition(":")
-        if sep and "/" not in head and head:
-            user, at, host = head.rpartition("@")
-            return cls(host=host, user=user if at else None, tree=tail or ".")
-        return cls(host=None, user=None, tree=text)
-
-    def describe(self) -> str:
-        if self.host is None:
-            return self.tree
-        user = f"{self.user}@" if self.user else ""
-        return f"{user}{self.host}:{self.tree}"
 
 
 class _TofuClient(asyncssh.SSHClient):
