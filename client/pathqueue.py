@@ -23,6 +23,7 @@ tick has been acknowledged by the remote, or failed (`failing` tells how many pa
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -39,8 +40,12 @@ class State(Enum):
     FAILED = "failed"
 
 
+_TIMED = (State.HELD, State.FAILED)  # states that end at a time (`due`)
+
+
 @dataclass(slots=True)
 class PathRecord:
+    path: str
     state: State
     tick: int  # the oldest change of this path not yet acknowledged
     since: float  # when that change was seen: the save, as far as we can tell (latency)
@@ -58,7 +63,25 @@ class PathQueue:
         self.hold_max = hold_max  # longest a path waits for its writer to close it
         self.records: dict[str, PathRecord] = {}
         self._queue: dict[str, None] = {}  # QUEUED paths, in order
+        self._timed: set[str] = set()  # HELD and FAILED paths: what `wake` looks at
+        self._failed = 0  # FAILED records (so that `idle` is one comparison)
+        self._ticks: list[tuple[int, str]] = []  # (tick, path), lazily pruned: the watermark
         self._tick = 0
+
+    def _to(self, record: PathRecord, state: State) -> None:
+        """Every change of a record's state goes through here (it keeps the indexes)."""
+        old = record.state
+        if old is state:
+            return
+        if old in _TIMED:
+            self._timed.discard(record.path)
+        if old is State.FAILED:
+            self._failed -= 1
+        record.state = state
+        if state in _TIMED:
+            self._timed.add(record.path)
+        if state is State.FAILED:
+            self._failed += 1
 
     # -- questions ---------------------------------------------------------------------------
     def __contains__(self, path: str) -> bool:
@@ -71,7 +94,7 @@ class PathQueue:
     @property
     def idle(self) -> bool:
         """Nothing to do and nothing unanswered (failing paths aside)."""
-        return all(r.state is State.FAILED for r in self.records.values())
+        return len(self.records) == self._failed
 
     @property
     def queued(self) -> int:
@@ -81,7 +104,8 @@ class PathQueue:
         return sum(1 for r in self.records.values() if r.state is state)
 
     def failing(self) -> dict[str, str]:
-        return {p: r.reason for p, r in self.records.items() if r.state is State.FAILED}
+        return {p: self.records[p].reason for p in sorted(self._timed)
+                if self.records[p].state is State.FAILED}
 
     def now_tick(self) -> int:
         """The tick the next change will get: a flush taken now waits for every change
@@ -96,11 +120,17 @@ class PathQueue:
 
     def flushed(self, tick: int) -> bool:
         """Every change older than `tick` is acknowledged (failed ones do not count)."""
-        oldest = self.oldest_tick(include_failed=True)
-        return oldest is None or oldest >= tick
+        ticks = self._ticks
+        while ticks:
+            oldest, path = ticks[0]
+            record = self.records.get(path)
+            if record is not None and record.tick == oldest:
+                return oldest >= tick
+            heapq.heappop(ticks)  # that record is gone, or has a newer change now
+        return True
 
     def next_due(self) -> float | None:
-        dues = [r.due for r in self.records.values() if r.state in (State.HELD, State.FAILED)]
+        dues = [self.records[p].due for p in self._timed]
         return min(dues) if dues else None
 
     # -- changes -----------------------------------------------------------------------------
@@ -115,7 +145,8 @@ class PathQueue:
             record = self.records.get(path)
             if record is None:
                 self._tick += 1
-                self.records[path] = PathRecord(State.QUEUED, self._tick, when)
+                self.records[path] = PathRecord(path, State.QUEUED, self._tick, when)
+                heapq.heappush(self._ticks, (self._tick, path))
                 self._queue[path] = None
                 added += 1
             elif record.state is State.READING:
@@ -125,7 +156,8 @@ class PathQueue:
                 if record.state is State.FAILED:
                     self._tick += 1
                     record.tick, record.since = self._tick, when
-                record.state = State.QUEUED
+                    heapq.heappush(self._ticks, (self._tick, path))
+                self._to(record, State.QUEUED)
                 self._queue[path] = None
                 added += 1
             # QUEUED stays where it is; HELD waits for its writer or its deadline.
@@ -140,7 +172,8 @@ class PathQueue:
                 record = self.records[path]
             if record.state is State.QUEUED:
                 del self._queue[path]
-                record.state, record.hold_started = State.HELD, now
+                self._to(record, State.HELD)
+                record.hold_started = now
                 record.due = now + self.hold_max
             elif record.state is State.READING:
                 record.again = True  # the pass finishing now will be followed by a hold
@@ -156,14 +189,15 @@ class PathQueue:
     def wake(self, now: float) -> int:
         """Queue every HELD or FAILED path whose time has come; returns how many."""
         woken = 0
-        for path, record in self.records.items():
-            if record.state in (State.HELD, State.FAILED) and record.due <= now:
-                if record.state is State.FAILED:
-                    self._tick += 1
-                    record.tick, record.since = self._tick, now
-                record.state = State.QUEUED
-                self._queue[path] = None
-                woken += 1
+        for path in [p for p in self._timed if self.records[p].due <= now]:
+            record = self.records[path]
+            if record.state is State.FAILED:
+                self._tick += 1
+                record.tick, record.since = self._tick, now
+                heapq.heappush(self._ticks, (self._tick, path))
+            self._to(record, State.QUEUED)
+            self._queue[path] = None
+            woken += 1
         return woken
 
     # -- the engine's passes -----------------------------------------------------------------
@@ -174,7 +208,8 @@ class PathQueue:
             del self._queue[path]
             record = self.records[path]
             if record.state is State.QUEUED:
-                record.state, record.again = State.READING, False
+                self._to(record, State.READING)
+                record.again = False
                 return path, record
         return None
 
@@ -191,7 +226,8 @@ class PathQueue:
         """READING → QUEUED at the end of the queue (a delete waits behind the paths marked
         with it, one of which may be where its content went)."""
         record = self.records[path]
-        record.state, record.deferred = State.QUEUED, True
+        self._to(record, State.QUEUED)
+        record.deferred = True
         self._queue[path] = None
 
     def retry(self, path: str, now: float, delay: float) -> None:
@@ -200,10 +236,11 @@ class PathQueue:
         record.deferred = False
         if record.again:
             record.again = False
-            record.state = State.QUEUED
+            self._to(record, State.QUEUED)
             self._queue[path] = None
             return
-        record.state, record.due, record.hold_started = State.HELD, now + delay, now
+        self._to(record, State.HELD)
+        record.due, record.hold_started = now + delay, now
 
     def done(self, path: str, now: float) -> None:
         """The engine's pass over `path` is over: whatever it sent is counted in flight."""
@@ -211,10 +248,10 @@ class PathQueue:
         record.deferred = False
         if record.again:
             record.again = False
-            record.state = State.QUEUED
+            self._to(record, State.QUEUED)
             self._queue[path] = None
         elif record.inflight:
-            record.state = State.WAITING
+            self._to(record, State.WAITING)
         else:
             del self.records[path]
 
@@ -224,11 +261,12 @@ class PathQueue:
         record = self.records.get(path)
         if record is None:
             self._tick += 1
-            record = self.records[path] = PathRecord(State.FAILED, self._tick, now)
+            record = self.records[path] = PathRecord(path, State.WAITING, self._tick, now)
+            heapq.heappush(self._ticks, (self._tick, path))
         if own_pass and record.state is State.READING:
             if record.again:  # changed meanwhile: look again at once
                 record.again = False
-                record.state = State.QUEUED
+                self._to(record, State.QUEUED)
                 self._queue[path] = None
                 return
         elif record.state in (State.QUEUED, State.READING):
@@ -240,7 +278,7 @@ class PathQueue:
         record.failures += 1
         record.reason = reason
         record.again = False
-        record.state = State.FAILED
+        self._to(record, State.FAILED)
         record.due = now + min(RETRY_MAX, RETRY_FIRST * 2 ** (record.failures - 1))
 
     # -- the window's replies ----------------------------------------------------------------
@@ -249,7 +287,8 @@ class PathQueue:
         record = self.records.get(path)
         if record is None:
             self._tick += 1
-            record = self.records[path] = PathRecord(State.WAITING, self._tick, 0.0)
+            record = self.records[path] = PathRecord(path, State.WAITING, self._tick, 0.0)
+            heapq.heappush(self._ticks, (self._tick, path))
         record.inflight += 1
 
     def answered(self, path: str, ok: bool) -> None:
@@ -273,6 +312,6 @@ class PathQueue:
             record = self.records[path]
             record.inflight = 0
             if record.state in (State.WAITING, State.FAILED):
-                record.state = State.QUEUED
+                self._to(record, State.QUEUED)
                 self._queue[path] = None
         return paths
