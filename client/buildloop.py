@@ -126,6 +126,11 @@ class SessionView(Protocol):
 
     def seen_until(self) -> int: ...
 
+    def buffered_paths(self) -> list[str]: ...  # changed while disconnected
+
+    @property
+    def reporter(self) -> Reporter: ...
+
 
 class BuildLoop:
     """The control socket's handler for one session."""
@@ -186,7 +191,11 @@ class BuildLoop:
     def _pending_text(self) -> str:
         engine = self.session.engine
         if engine is None or not self.session.engine_ready:
-            return f"not connected ({self.session.progress.state})"
+            waiting = self.session.buffered_paths()
+            shown = ", ".join(waiting[:5]) + (" ..." if len(waiting) > 5 else "")
+            return (f"not connected ({self.session.progress.state}); "
+                    f"{len(waiting)} changed paths wait for the link"
+                    + (f": {shown}" if waiting else ""))
         failing = engine.queue.failing()
         text = f"{len(engine.queue.records)} paths still pending"
         if failing:
@@ -245,14 +254,19 @@ class BuildLoop:
             inner = f"printf 'lsync-pid %s\\n' \"$$\" >&2; {inner}"
         shown = shlex.join(request.argv)
         session.progress.commands.append(shown)
+        session.reporter.note(f"running {shown}")
+        status = 125
         try:
             if session.ssh_connection is not None:
-                return await _run_ssh(session.ssh_connection, inner, request, send_line,
-                                      incoming, self._mappers(request, remote_root))
-            return await _run_local(inner, request, send_line, incoming,
-                                    self._mappers(request, remote_root))
+                status = await _run_ssh(session.ssh_connection, inner, request, send_line,
+                                        incoming, self._mappers(request, remote_root))
+            else:
+                status = await _run_local(inner, request, send_line, incoming,
+                                          self._mappers(request, remote_root))
+            return status
         finally:
             session.progress.commands.remove(shown)
+            session.reporter.note(f"{shown}: exit {status}")
 
     def _mappers(self, request: RunRequest, remote_root: str) -> dict[str, PathMapper | None]:
         def make() -> PathMapper | None:

@@ -119,6 +119,10 @@ class Session:
     def ssh_connection(self) -> asyncssh.SSHClientConnection | None:
         return self._ssh
 
+    def buffered_paths(self) -> list[str]:
+        """Paths changed while no connection was up (the next one compares everything)."""
+        return sorted(self._buffered)
+
     def seen_until(self) -> int:
         """Unix ns before which every local change has been delivered by the watcher."""
         return self._watcher.seen_until() if self._watcher is not None else time.time_ns()
