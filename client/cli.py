@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lsync.client import commands
+from lsync.client.control import find_socket
 from lsync.client.errors import LsyncError, internal_error
 from lsync.client.project import find_project, load_project, merge
 from lsync.client.status import NORMAL, QUIET, VERBOSE, make_status, terminal_safe
@@ -79,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--watch", action="store_true",
                      help="run again after each batch of changes lands (a stale run is "
                           "interrupted)")
+    run.add_argument("--connect", action="store_true",
+                     help="without a running session for this tree: sync it once (target "
+                          "from .lsync.toml), run the command, and stop")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
                      help="the command to run remotely")
 
@@ -158,8 +163,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if not argv_:
                     print("lsync: run needs a command: lsync run -- CMD ARGS", file=sys.stderr)
                     sys.exit(2)
-                code = _guarded(commands.run(start, argv_, args.timeout,
-                                             _run_map_paths(args, start), args.watch))
+                map_paths = _run_map_paths(args, start)
+                if args.connect and find_socket(start) is None:
+                    options, _ = _connect_options(argparse.Namespace(local=args.local))
+                    code = _guarded(_run_connected(options, start, argv_, map_paths))
+                else:
+                    code = _guarded(commands.run(start, argv_, args.timeout, map_paths,
+                                                 args.watch))
     except LsyncError as exc:
         if status is not None:
             status.close()
@@ -172,6 +182,47 @@ def main(argv: Sequence[str] | None = None) -> None:
     if status is not None:
         status.close()
     sys.exit(code)
+
+
+async def _run_connected(options: Options, start: Path, argv: list[str],
+                         map_paths: bool) -> int:
+    """`lsync run --connect`: a session of our own (no control socket), the command once
+    its initial sync is acknowledged, then a clean stop."""
+    from lsync.client.buildloop import BuildLoop
+    from lsync.client.control import RunRequest, decode_output
+    from lsync.client.session import Session
+
+    status = make_status(QUIET, sys.stderr)  # errors only: stdout is the command's
+    session = Session(options, status, control=False)
+    running = asyncio.ensure_future(session.run())
+    try:
+        while not session.engine_ready:
+            if running.done():
+                running.result()  # raises what stopped the session
+                return commands.RUN_FAILED
+            session.engine_changed.clear()
+            changed = asyncio.ensure_future(session.engine_changed.wait())
+            await asyncio.wait({changed, running}, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+
+        async def send_line(line: dict[str, object]) -> None:
+            output = decode_output(line)
+            if output is not None:
+                out = sys.stdout if output[0] == "out" else sys.stderr
+                out.buffer.write(output[1])
+                out.buffer.flush()
+
+        async def nothing() -> AsyncIterator[Any]:
+            return
+            yield
+
+        request = RunRequest(tuple(argv), map_paths=map_paths, cwd=str(start.resolve()))
+        return await BuildLoop(session).run(request, send_line, nothing())
+    finally:
+        session.stop.set()
+        with contextlib.suppress(LsyncError):
+            await running
+        status.close()
 
 
 async def _session(session: Session) -> int:

@@ -722,6 +722,20 @@ def test_without_a_session_run_exits_125_flush_and_status_exit_3(tmp_path: Path)
     assert lsync_cli("status", cwd=tmp_path).returncode == 3
 
 
+def test_run_connect_without_a_session_syncs_once_runs_and_stops(
+        sshd: PrivateSshd, tmp_path: Path) -> None:
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    local.mkdir()
+    (local / "a.c").write_text("int a;\n")
+    (local / ".lsync.toml").write_text(
+        f'target = "{sshd.alias}:{remote}"\nssh_config = "{sshd.client_config}"\n')
+    ran = lsync_cli("run", "--connect", "--", "sh", "-c", "cat a.c; exit 5", cwd=local)
+    assert ran.returncode == 5, ran.stderr
+    assert ran.stdout == "int a;\n"
+    assert (remote / "a.c").read_text() == "int a;\n"
+    assert lsync_cli("status", cwd=local).returncode == 3  # nothing left running
+
+
 # -- the project file -------------------------------------------------------------------------
 
 
