@@ -30,7 +30,8 @@ import asyncssh
 from lsync.client import sigstore, ssh
 from lsync.client.bootstrap import MAX_INITIAL, local_argv
 from lsync.client.buildloop import BuildLoop, Progress, TrackingReporter
-from lsync.client.control import ControlError, ControlServer, socket_path
+from lsync.client.control import ControlError, socket_path
+from lsync.client.control_server import ControlServer
 from lsync.client.engine import SyncEngine
 from lsync.client.errors import (
     ConnectError,

@@ -24,7 +24,6 @@ from lsync.client.control import (
     MAX_REQUEST_LINE,
     ClientLine,
     ControlError,
-    ControlServer,
     Flush,
     Hello,
     Resize,
@@ -43,6 +42,7 @@ from lsync.client.control import (
     socket_path,
     stream,
 )
+from lsync.client.control_server import ControlServer
 
 BOUND = 10.0  # seconds: no wait in these tests should come near it
 JsonObject = dict[str, object]
