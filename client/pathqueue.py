@@ -153,12 +153,7 @@ class PathQueue:
                 record.again = True
             elif record.state is State.WAITING or (record.state is State.FAILED
                                                    and retry_failed):
-                if record.state is State.FAILED:
-                    self._tick += 1
-                    record.tick, record.since = self._tick, when
-                    heapq.heappush(self._ticks, (self._tick, path))
-                self._to(record, State.QUEUED)
-                self._queue[path] = None
+                self._requeue(record, when)
                 added += 1
             # QUEUED stays where it is; HELD waits for its writer or its deadline.
         return added
@@ -190,15 +185,18 @@ class PathQueue:
         """Queue every HELD or FAILED path whose time has come; returns how many."""
         woken = 0
         for path in [p for p in self._timed if self.records[p].due <= now]:
-            record = self.records[path]
-            if record.state is State.FAILED:
-                self._tick += 1
-                record.tick, record.since = self._tick, now
-                heapq.heappush(self._ticks, (self._tick, path))
-            self._to(record, State.QUEUED)
-            self._queue[path] = None
+            self._requeue(self.records[path], now)
             woken += 1
         return woken
+
+    def _requeue(self, record: PathRecord, when: float) -> None:
+        """Back to the end of the queue; a failed change counts as a new one (its own tick)."""
+        if record.state is State.FAILED:
+            self._tick += 1
+            record.tick, record.since = self._tick, when
+            heapq.heappush(self._ticks, (self._tick, record.path))
+        self._to(record, State.QUEUED)
+        self._queue[record.path] = None
 
     # -- the engine's passes -----------------------------------------------------------------
     def take(self) -> tuple[str, PathRecord] | None:
