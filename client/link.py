@@ -73,6 +73,7 @@ class AgentLink:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.manifest_entries = 0
+        self.closing = False  # a Goodbye was sent: nothing more may follow it
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self, hello: m.Hello) -> None:
@@ -90,9 +91,10 @@ class AgentLink:
 
     async def close(self, reason: str = "done") -> None:
         """Say goodbye, wait briefly for the agent's, and release the stream."""
-        if self.failure is None and self.goodbye is None:
+        if self.failure is None and self.goodbye is None and not self.closing:
             try:
                 self.send(m.Goodbye(0, reason))
+                self.closing = True
                 await asyncio.wait_for(asyncio.shield(self._closed), 5)
             except (asyncio.TimeoutError, LinkBroken, ProtocolError):
                 pass
@@ -112,7 +114,8 @@ class AgentLink:
         round trip. Looks every `tick` seconds."""
         loop = asyncio.get_running_loop()
         heard, heard_at, pinged_at = self.bytes_received, loop.time(), loop.time()
-        while self.failure is None and self.goodbye is None and not self._closed.done():
+        while (self.failure is None and self.goodbye is None and not self.closing
+               and not self._closed.done()):
             now = loop.time()
             if self.bytes_received != heard or not self._pending:
                 heard, heard_at = self.bytes_received, now
@@ -157,6 +160,9 @@ class AgentLink:
         each. Nothing waits: the flush runs as soon as the current callback returns."""
         if self.failure is not None:
             raise self.failure
+        if self.closing and not isinstance(message, m.Goodbye):
+            # Said goodbye already (a clean stop): late work is refused like a closed link.
+            raise LinkBroken("the connection to the agent is closing")
         self.conn.send(message)
         self._out += self.conn.data_to_send()
         if len(self._out) >= COALESCE:
@@ -197,7 +203,13 @@ class AgentLink:
         """Send an operation; the future resolves with its Ack or Error."""
         seq: int = op.seq  # type: ignore[union-attr]
         future = self._expect(seq, m.Ack, m.Error)
-        self.send(op)
+        try:
+            self.send(op)
+        except BaseException:
+            self._pending.pop(seq, None)  # never sent: nobody will wait for it
+            self._kinds.pop(seq, None)
+            future.cancel()
+            raise
         self._ops[seq] = Unanswered.of(op)
         return future
 

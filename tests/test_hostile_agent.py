@@ -172,3 +172,21 @@ def test_stderr_flood_without_newlines_keeps_a_bounded_tail() -> None:
         assert len(tail.text()) <= _StderrTail.LINE_MAX
 
     asyncio.run(run())
+
+
+def test_liveness_pings_stop_once_goodbye_is_sent_and_late_work_is_refused() -> None:
+    """A stop says goodbye and waits for the agent's: a ping (or an operation) sent in
+    that window used to raise a ProtocolError out of the session (exit 70)."""
+
+    async def run() -> None:
+        link = await _started(answering())  # never answers Goodbye nor Ping
+        liveness = asyncio.ensure_future(link.watch_liveness(every=0.01, stall=60, tick=0.01))
+        closing = asyncio.ensure_future(link.close("user stopped lsync"))
+        await asyncio.sleep(0.1)  # the window in which pings used to be sent after Goodbye
+        with pytest.raises(LinkBroken, match="closing"):
+            link.submit(m.Mkdir(link.next_seq(), "late", 0o755))
+        await asyncio.wait_for(liveness, BOUND)  # ends by itself, without an exception
+        closing.cancel()
+        await asyncio.gather(closing, return_exceptions=True)
+
+    asyncio.run(run())
