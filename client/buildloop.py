@@ -137,6 +137,16 @@ class BuildLoop:
 
     def __init__(self, session: SessionView) -> None:
         self.session = session
+        self.spares = Spares()
+
+    def warm(self) -> None:
+        """Open a spare command channel on the session's connection (when it has one)."""
+        conn = self.session.ssh_connection
+        if conn is not None:
+            self.spares.warm(conn, RunRequest(argv=("true",)))
+
+    async def close(self) -> None:
+        await self.spares.close()
 
     # -- flush ------------------------------------------------------------------------------
     async def flush(self, timeout: float | None, notify: SendLine | None = None) -> JsonObject:
@@ -257,9 +267,12 @@ class BuildLoop:
         session.reporter.note(f"running {shown}")
         status = 125
         try:
-            if session.ssh_connection is not None:
-                status = await _run_ssh(session.ssh_connection, inner, request, send_line,
-                                        incoming, self._mappers(request, remote_root))
+            conn = session.ssh_connection
+            if conn is not None:
+                spare = await self.spares.take(conn, request) if "\n" not in inner else None
+                self.spares.warm(conn, request)  # for the next command
+                status = await _run_ssh(conn, inner, request, send_line, incoming,
+                                        self._mappers(request, remote_root), spare)
             else:
                 status = await _run_local(inner, request, send_line, incoming,
                                           self._mappers(request, remote_root))
@@ -312,15 +325,24 @@ async def _send_output(name: str, data: bytes, send_line: SendLine,
 
 async def _run_ssh(conn: asyncssh.SSHClientConnection, inner: str, request: RunRequest,
                    send_line: SendLine, incoming: AsyncIterator[ClientLine],
-                   mappers: dict[str, PathMapper | None]) -> int:
-    command = f'exec "${{SHELL:-/bin/sh}}" -l -c {shlex.quote(inner)}'
-    options: dict[str, Any] = {}
-    if request.pty:
-        options = {"term_type": request.term or "xterm", "term_size": (request.cols, request.rows)}
-    try:
-        process = await conn.create_process(command, encoding=None, **options)
-    except (asyncssh.Error, OSError) as exc:
-        raise ControlError("closed", f"cannot start the command remotely: {exc}") from None
+                   mappers: dict[str, PathMapper | None],
+                   spare: asyncssh.SSHClientProcess[bytes] | None = None) -> int:
+    if spare is not None:
+        # A login shell already waiting on a channel opened ahead of time: the command
+        # costs one way of the link instead of a channel open, an exec and a shell start.
+        process = spare
+        try:
+            process.stdin.write(inner.encode("utf-8", "surrogateescape") + b"\n")
+        except (asyncssh.Error, OSError) as exc:
+            raise ControlError("closed", f"cannot start the command remotely: {exc}") from None
+    else:
+        command = f'exec "${{SHELL:-/bin/sh}}" -l -c {shlex.quote(inner)}'
+        try:
+            process = await conn.create_process(command, encoding=None,
+                                                **_terminal(request))
+        except (asyncssh.Error, OSError) as exc:
+            raise ControlError("closed", f"cannot start the command remotely: {exc}"
+                               ) from None
     pid: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     relays = [asyncio.ensure_future(_relay("out", process.stdout, send_line, mappers["out"])),
               asyncio.ensure_future(_relay("err", process.stderr, send_line, mappers["err"],
@@ -344,6 +366,61 @@ async def _run_ssh(conn: asyncssh.SSHClientConnection, inner: str, request: RunR
         number = getattr(signal, f"SIG{process.exit_signal[0]}", None)
         return 128 + (int(number) if number is not None else 0)
     return process.exit_status if process.exit_status is not None else 255
+
+
+def _terminal(request: RunRequest) -> dict[str, Any]:
+    if not request.pty:
+        return {}
+    return {"term_type": request.term or "xterm", "term_size": (request.cols, request.rows)}
+
+
+class Spares:
+    """Command channels opened ahead of time, each a login shell in the remote tree waiting
+    for one command line on its stdin; one kept ready per kind (pipes, or a pty of one
+    terminal type), for the current connection. Owns the tasks that open them."""
+
+    # Reads one line and runs it in this shell (its `exec` replaces the shell).
+    WAITING = 'exec "${SHELL:-/bin/sh}" -l -c ' + shlex.quote(
+        'IFS= read -r lsync_command && eval "$lsync_command"')
+
+    def __init__(self) -> None:
+        self._ready: dict[tuple[object, ...], asyncio.Task[Any]] = {}
+
+    @staticmethod
+    def key(conn: asyncssh.SSHClientConnection, request: RunRequest) -> tuple[object, ...]:
+        return (id(conn), request.term or "xterm") if request.pty else (id(conn),)
+
+    def warm(self, conn: asyncssh.SSHClientConnection, request: RunRequest) -> None:
+        key = self.key(conn, request)
+        if key not in self._ready:
+            self._ready[key] = asyncio.ensure_future(conn.create_process(
+                self.WAITING, encoding=None, **_terminal(request)))
+
+    async def take(self, conn: asyncssh.SSHClientConnection,
+                   request: RunRequest) -> asyncssh.SSHClientProcess[bytes] | None:
+        """A spare for `request`, resized to it; None when there is none (or it died)."""
+        task = self._ready.pop(self.key(conn, request), None)
+        if task is None:
+            return None
+        try:
+            process: asyncssh.SSHClientProcess[bytes] = await task
+        except (asyncssh.Error, OSError):
+            return None
+        if process.exit_status is not None or process.exit_signal is not None \
+                or process.stdin.is_closing():
+            return None
+        if request.pty:
+            with contextlib.suppress(asyncssh.Error, OSError):
+                process.change_terminal_size(request.cols, request.rows)
+        return process
+
+    async def close(self) -> None:
+        tasks, self._ready = list(self._ready.values()), {}
+        for task in tasks:
+            task.cancel()
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, asyncssh.SSHClientProcess):
+                result.close()
 
 
 async def _forward_ssh(conn: asyncssh.SSHClientConnection,

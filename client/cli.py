@@ -217,7 +217,11 @@ async def _run_connected(options: Options, start: Path, argv: list[str],
             yield
 
         request = RunRequest(tuple(argv), map_paths=map_paths, cwd=str(start.resolve()))
-        return await BuildLoop(session).run(request, send_line, nothing())
+        loop = BuildLoop(session)
+        try:
+            return await loop.run(request, send_line, nothing())
+        finally:
+            await loop.close()
     finally:
         session.stop.set()
         with contextlib.suppress(LsyncError):

@@ -110,6 +110,7 @@ class Session:
         self._owned_trees: set[str] = set()
         self._hash_seen: str | None = None  # the hash the agent chose last
         self._watcher: TreeWatcher | None = None
+        self._buildloop: BuildLoop | None = None
 
     def _set_engine(self, engine: SyncEngine | None) -> None:
         self.engine = engine
@@ -194,6 +195,8 @@ class Session:
                 await watcher
             if server is not None:
                 await server.close()
+            if self._buildloop is not None:
+                await self._buildloop.close()
 
     async def _serve_control(self) -> ControlServer | None:
         """The control socket for `lsync flush/run/status` (none when no safe place for it
@@ -201,7 +204,8 @@ class Session:
         if not self.control:
             return None
         try:
-            server = ControlServer(socket_path(self.root), BuildLoop(self),
+            self._buildloop = BuildLoop(self)
+            server = ControlServer(socket_path(self.root), self._buildloop,
                                    on_internal_error=self._control_bug)
             await server.start()
         except ControlError as exc:
@@ -398,6 +402,8 @@ class Session:
                                 time.monotonic() - started)
             self.engine_ready = True
             self.engine_changed.set()
+            if self._buildloop is not None:
+                self._buildloop.warm()  # `lsync run` then starts without opening a channel
             self.reporter.state("watching")
             await self._save_caches(cache, signatures, engine)
             await _first(stopping, runner, watcher, link_closed)
