@@ -94,10 +94,10 @@ class SyncEngine(PathPasses):
         self.counters = Counters()
         self.read_ahead = ReadAhead(root, cache)
         self.recent = RecentBases()
-        self._changed = asyncio.Event()  # the queue or the window changed: re-check
+        self._changed = asyncio.Event()  # the queue or the window changed: waiters re-check
+        self._wake = asyncio.Event()  # the same, for the loop alone (it clears it itself)
         self.checks = CheckSchedule(clock())
         self._queued_dirs: set[str] = set()  # marked paths that are directories remotely
-        self._real_parents: dict[str, tuple[bool, float]] = {}
         self._initial_total = (0, 0)
         self._initial_done = (0, 0)
         self._failure: InternalError | None = None  # a bug in a reply callback
@@ -134,6 +134,7 @@ class SyncEngine(PathPasses):
 
     def _poke(self) -> None:
         self._changed.set()
+        self._wake.set()
         self.reporter.queue(self.queue.queued, len(self.window))
 
     @property
@@ -206,6 +207,9 @@ class SyncEngine(PathPasses):
         signer = asyncio.ensure_future(self._sign_ahead())
         try:
             while True:
+                # Cleared before the work, not before the wait: a poke that comes while
+                # this iteration awaits (a read, a convergence check) is not lost.
+                self._wake.clear()
                 if self._failure is not None:
                     raise self._failure
                 now = self.clock()
@@ -222,9 +226,8 @@ class SyncEngine(PathPasses):
                     if self.queue.queued:
                         continue
                 timeout = self._next_wake(now)
-                self._changed.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), timeout)
+                    await asyncio.wait_for(self._wake.wait(), timeout)
         finally:
             signer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -357,7 +360,7 @@ class SyncEngine(PathPasses):
         except Exception as exc:
             if self._failure is None:
                 self._failure = internal_error("applying an acknowledgement", exc)
-            self._changed.set()
+            self._poke()
 
     def _apply_reply(self, seq: int, future: asyncio.Future[Reply]) -> None:
         flight = self.window.answer(seq)
@@ -366,7 +369,11 @@ class SyncEngine(PathPasses):
         reply = future.result()
         below = None
         if flight.op is Op.RENAME and isinstance(reply, m.Error):
-            below = [*self.model.descendants(flight.target), flight.target]
+            # The model moved the tree when the Rename was sent: it did not move remotely.
+            if self.model.get(flight.target) is not None and flight.src:
+                self.model.move_tree(flight.target, flight.src)
+                self.model.set_digest(flight.src, None)
+            below = [*self.model.descendants(flight.src), flight.src, flight.target]
         result = verdict(flight, reply, self.packing.dictionary_failed, below)
         now = self.clock()
         if result.retry_later:  # before `answered`, which forgets a path with nothing left

@@ -33,8 +33,10 @@ from lsync.client.planner import Content, Step
 from lsync.client.reporter import Reporter
 from lsync.client.scanner import (
     LocalEntry,
+    NotRegularFileError,
     ScanError,
     UnstableFileError,
+    lstat_confined,
     read_file_stable,
     scan_tree,
 )
@@ -61,7 +63,7 @@ NEW_FILE_SETTLE = 0.05
 MAX_FILE = 1 << 30  # files are read whole into memory; bigger ones are reported
 BULK_QUEUE = 100  # more queued paths than this: compress for speed
 RENAME_MATCH = 0.5  # share of a vanished directory's files a new one must hold to be its move
-REAL_PARENT_TTL = 0.05  # seconds a "this directory is no symlink" answer is reused
+PARENT_WAIT = 0.005  # a path whose parent is not a known directory remotely waits this long
 _GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})  # lstat: no such path any more
 
 
@@ -82,7 +84,6 @@ class PathPasses:
     clock: Callable[[], float]
     seen_until: Callable[[], int]
     _queued_dirs: set[str]
-    _real_parents: dict[str, tuple[bool, float]]
 
     def mark_dirty(self, paths: Iterable[str], since: float | None = None,
                    hint: bool = True) -> None:
@@ -101,18 +102,21 @@ class PathPasses:
             return "done"
         wall_now = time.time_ns()
         try:
-            st = os.lstat(self.root / path) if self._parent_is_real(path) else None
+            # Never through a symlink: a directory swapped for a link hides what is below.
+            found = lstat_confined(self.root, path)
         except OSError as exc:
-            if exc.errno not in _GONE:
-                return self._cannot_read(path, exc.strerror or str(exc))
-            st = None  # gone, or a parent is no longer a directory
+            return self._cannot_read(path, exc.strerror or str(exc))
+        st, target = found if found is not None else (None, None)
         remote = self.model.get(path)
-        seen = self._seen(path, st)
+        seen = self._seen(path, st, target)
         plan = planner.plan_path(seen, remote, watcher_behind=self.seen_until() < wall_now,
                                  others_queued=bool(self.queue.queued),
                                  deferred=record.deferred)
         since = record.since
         step = plan.step
+        if step in (Step.DIR, Step.LINK, Step.READ) and not self._parent_ready(path):
+            self.queue.retry(path, self.clock(), PARENT_WAIT)  # its parent goes first
+            return "retry"
         if step is Step.NOTHING:
             if seen.kind is None:
                 self.rules.forget(path)
@@ -143,7 +147,21 @@ class PathPasses:
             return await self._sync_file(path, st, since, ahead)
         return "done"
 
-    def _seen(self, path: str, st: os.stat_result | None) -> planner.Seen:
+    def _parent_ready(self, path: str) -> bool:
+        """Whether the remote holds `path`'s parent as a directory that lsync knows; if
+        not, the parent is queued (the agent would otherwise make it behind the model's
+        back, or refuse a path below a file or link)."""
+        parent = path.rpartition("/")[0]
+        if not parent:
+            return True
+        entry = self.model.get(parent)
+        if entry is not None and entry.kind == DIR:
+            return True
+        self.mark_dirty([parent], hint=False)
+        return False
+
+    def _seen(self, path: str, st: os.stat_result | None,
+              target: str | None) -> planner.Seen:
         if st is None:
             return planner.Seen(None)
         mode = st.st_mode
@@ -152,10 +170,7 @@ class PathPasses:
         if stat.S_ISDIR(mode):
             return planner.Seen(DIR, stat.S_IMODE(mode))
         if stat.S_ISLNK(mode):
-            try:
-                return planner.Seen(LINK, target=os.readlink(self.root / path))
-            except OSError:
-                return planner.Seen(None)  # changed type meanwhile: its event follows
+            return planner.Seen(LINK, target=target)
         if stat.S_ISREG(mode):
             return planner.Seen(FILE, stat.S_IMODE(mode), cached_digest=self.cache.lookup(path, st))
         return planner.Seen("")
@@ -165,23 +180,6 @@ class PathPasses:
         self.queue.fail(path, self.clock(), reason, own_pass=True)
         self.reporter.failed(path, reason)
         return "failed"
-
-    def _parent_is_real(self, path: str) -> bool:
-        """False when a directory above `path` is now a symlink: the path is gone for us.
-        An answer is reused for REAL_PARENT_TTL (the files of one directory come in a row);
-        reading a file goes through no symlink anyway (see read_file_stable)."""
-        parent = path.rpartition("/")[0]
-        if not parent:
-            return True
-        now = self.clock()
-        known = self._real_parents.get(parent)
-        if known is not None and now - known[1] < REAL_PARENT_TTL:
-            return known[0]
-        real = os.path.realpath(self.root / parent) == str(self.root / parent)
-        if len(self._real_parents) > 4096:
-            self._real_parents.clear()
-        self._real_parents[parent] = (real, now)
-        return real
 
     def _make_dir(self, path: str, plan: planner.Plan, mode: int, since: float) -> None:
         if plan.remove_first:
@@ -193,7 +191,9 @@ class PathPasses:
             self._submit(m.Rename(self.link.next_seq(), source, path),
                          InFlight(path, Op.RENAME, path, since, src=source))
             self.model.move_tree(source, path)
-            self.mark_dirty(sorted(self.model.child_names(path)), since, hint=False)
+            # Everything that moved is looked at (a file changed just before the move was
+            # reported under its old path).
+            self.mark_dirty(list(self.model.descendants(path)), since, hint=False)
         if planner.needs_mkdir(self.model.get(path), mode):
             self._submit(m.Mkdir(self.link.next_seq(), path, mode),
                          InFlight(path, Op.MKDIR, path, since))
@@ -220,7 +220,8 @@ class PathPasses:
         return planner.moved_from(here, candidates, self.model, RENAME_MATCH)
 
     def _reconcile_listing(self, path: str, since: float) -> None:
-        """Queue children that exist on one side only (moved-in or vanished subtrees)."""
+        """Queue the children of a directory the watcher reported (moved in, swapped, its
+        mode changed) or that lsync made: each is looked at (cheaply, when unchanged)."""
         local_children: set[str] = set()
         try:
             with os.scandir(self.root / path if path else self.root) as listing:
@@ -233,7 +234,9 @@ class PathPasses:
                     local_children.add(child)
         except OSError:
             return
-        self.mark_dirty(sorted(local_children ^ self.model.child_names(path)), since,
+        # Every child, not only those on one side: a directory moved in, or swapped for
+        # another under the same name, holds other files under the same names.
+        self.mark_dirty(sorted(local_children | self.model.child_names(path)), since,
                         hint=False)
 
     async def _sync_file(self, path: str, st: os.stat_result, since: float,
@@ -260,8 +263,9 @@ class PathPasses:
         else:
             try:
                 content, entry = await self._read(path, st)
-            except (UnstableFileError, FileNotFoundError):
-                self.queue.retry(path, self.clock(), UNSTABLE_RETRY)  # look again soon
+            except (UnstableFileError, FileNotFoundError, NotRegularFileError):
+                # Changing, gone, or no longer a file: look again soon.
+                self.queue.retry(path, self.clock(), UNSTABLE_RETRY)
                 return "retry"
             except (OSError, ScanError) as exc:
                 return self._cannot_read(path, str(getattr(exc, "strerror", None) or exc))

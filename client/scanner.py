@@ -445,6 +445,28 @@ def stat_path(root: Path, rel: str, rules: IgnoreRules, cache: HashCache) -> Loc
         os.close(dir_fd)
 
 
+def lstat_confined(root: Path, rel: str) -> tuple[os.stat_result, str | None] | None:
+    """lstat of `rel` reached without following any symlink on the way (None when it is
+    gone, also below a symlink or a non-directory), and its target when it is a link.
+    Raises OSError for other failures (e.g. permissions)."""
+    try:
+        dir_fd, name = _open_parent(root, rel)
+    except OSError as exc:
+        if exc.errno in _GONE:
+            return None
+        raise
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        target = os.readlink(name, dir_fd=dir_fd) if stat.S_ISLNK(st.st_mode) else None
+        return st, target
+    except OSError as exc:
+        if exc.errno in _GONE or exc.errno == errno.EINVAL:  # gone, or no longer a link
+            return None
+        raise
+    finally:
+        os.close(dir_fd)
+
+
 def _open_parent_or_gone(root: Path, rel: str) -> tuple[int, str]:
     """`_open_parent`, with a path that is gone (also below a symlink) as FileNotFoundError."""
     try:

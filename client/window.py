@@ -109,10 +109,11 @@ def verdict(flight: InFlight, reply: m.Ack | m.Error, dictionary_failed: bool = 
         return Verdict(False, failure=reply.message, unknown=moved, look_again=moved,
                        note=f"{flight.src} stays on the remote (the rename failed); "
                             f"{flight.target} is sent whole")
-    if flight.op is Op.COPY:
+    if flight.op is Op.COPY and reply.code in (*_FALLBACKS, ErrorCode.NOT_FOUND):
         # Its source was not what we thought (changed, or gone): look at both again; with
-        # the source's digest forgotten, the retry sends the content.
-        # Not an error for the user: lsync's own guess (the content is there) was stale.
+        # the source's digest forgotten, the retry sends the content. Not an error for the
+        # user: lsync's own guess (the content is there) was stale. Any other refusal (the
+        # destination cannot be written) is a failure like a write's, retried with backoff.
         return Verdict(False, unknown=[flight.src, flight.target],
                        look_again=[flight.src, flight.target])
     if reply.code in _FALLBACKS:
