@@ -11,6 +11,12 @@ made or verified it there) stays owned across reconnects, so files deleted local
 link was down, or whose delete or rename was in flight when it broke, are still deleted or
 moved remotely; paths of operations left unanswered are reconciled again. Stopping (Ctrl-C)
 drains what is queued, says goodbye to the agent, and ends cleanly.
+
+The session also serves the control socket (`lsync flush/run/status`, see
+lsync.client.buildloop), checks the link's liveness (pings, a bound on silence), and tells
+the engine what the watcher saw: changed paths, files still open for writing or closed,
+and overflows (which make the engine check the whole tree). Ownership across restarts comes
+from the agent's record (the manifest's `written` field), not from this process.
 """
 
 from __future__ import annotations
