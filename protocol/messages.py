@@ -4,7 +4,8 @@ A message travels as one msgpack array: ``[type_code, field, field, ...]``. `SCH
 the single table that ties a type code to its record class, the types of its fields and the
 direction it may travel in; `decode_message` accepts exactly what the table allows and raises
 `ProtocolError(MALFORMED_FRAME)` for anything else, whatever the bytes were. No array in a
-message may hold more than `MAX_ARRAY_LEN` items, so a hostile frame costs little to refuse.
+message may hold more than `MAX_ARRAY_LEN` items, and no frame more than `MAX_CONTAINERS`
+arrays and maps, so a hostile frame costs little to refuse.
 
 A well-typed request may still ask for what the agent must refuse: `request_problem` says
 why (a NUL byte in the root or a link target, more than `MAX_HASH_PATHS` paths), with the
@@ -31,6 +32,10 @@ MAX_HASH_PATHS = 10000
 # Most items of any array (and entries of any map) in a message, checked while unpacking.
 MAX_ARRAY_LEN = 4 * MAX_HASH_PATHS
 MAX_MAP_LEN = 1024
+# Arrays and maps in one frame: a legal 16 MiB frame of nested empty arrays would otherwise
+# build millions of objects (about 1 GB) before any check. A manifest batch holds about
+# MANIFEST_BATCH + 2 of them; nothing legitimate comes near this.
+MAX_CONTAINERS = 100000
 
 # Kinds of tree entries in a manifest.
 KIND_FILE = "f"
@@ -360,9 +365,18 @@ def decode_message(payload: bytes, sender: str) -> Message:
     Raises only `ProtocolError`: MALFORMED_FRAME for undecodable or ill-typed payloads,
     UNEXPECTED_MESSAGE for a message that `sender` may not send.
     """
+    budget = [MAX_CONTAINERS]
+
+    def count(obj):  # type: (Any) -> Any
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ValueError("too many arrays and maps in one frame")
+        return obj
+
     try:
         obj = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True,
-                              max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN)
+                              max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN,
+                              list_hook=count, object_hook=count)
     except Exception as exc:  # msgpack raises several unrelated types on hostile input
         raise ProtocolError(ErrorCode.MALFORMED_FRAME, "undecodable payload: {}".format(
             type(exc).__name__))

@@ -171,3 +171,28 @@ def test_manifest_entries_need_the_written_field():
         assert exc.code == ErrorCode.MALFORMED_FRAME, bad
     payload = msgpack.packb([11, 1, [good], True], use_bin_type=True)
     assert m.decode_message(payload, "a").entries == [good]
+
+
+def test_frame_of_millions_of_nested_empty_arrays_is_refused_cheaply():
+    # [11, [[], [], ...] * 400]: a legal-size frame (16 MB) that would build 16 million
+    # lists (about 1 GB) if decoded whole.
+    import resource
+
+    inner = b"\xdc" + struct.pack(">H", 40000) + b"\x90" * 40000
+    payload = b"\x92\x0b\xdc" + struct.pack(">H", 400) + inner * 400
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        m.decode_message(payload, "a")
+    except ProtocolError as exc:
+        assert exc.code == ErrorCode.MALFORMED_FRAME
+    else:
+        raise AssertionError("accepted a frame of 16 million lists")
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kb < 100 * 1024, "decoding it took {} KB".format(grown_kb)
+
+
+def test_a_full_manifest_batch_still_decodes():
+    entries = [["d/f{}".format(i), m.KIND_FILE, 1, 0, 0o644, None, None, None]
+               for i in range(5000)]
+    payload = m.encode_message(m.ManifestBatch(7, entries, True))
+    assert m.decode_message(payload, "a") == m.ManifestBatch(7, entries, True)
