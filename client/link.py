@@ -90,8 +90,11 @@ class AgentLink:
             raise ConnectError(f"the agent did not answer within {timeout:.0f} s") from None
 
     async def close(self, reason: str = "done") -> None:
-        """Say goodbye, wait briefly for the agent's, and release the stream."""
-        if self.failure is None and self.goodbye is None and not self.closing:
+        """Say goodbye, wait briefly for the agent's, and release the stream. An agent
+        that never welcomed us gets no goodbye and no wait (it may never answer)."""
+        welcomed = (self._welcome.done() and not self._welcome.cancelled()
+                    and self._welcome.exception() is None)
+        if self.failure is None and self.goodbye is None and not self.closing and welcomed:
             try:
                 self.send(m.Goodbye(0, reason))
                 self.closing = True
@@ -103,7 +106,7 @@ class AgentLink:
             with contextlib.suppress(asyncio.CancelledError, LinkBroken):
                 await self._reader
         # A broken link may be a frozen one: do not wait for a clean end that cannot come.
-        await self.stream.close(wait=0.5 if self.failure is not None else 10.0)
+        await self.stream.close(wait=0.5 if self.failure is not None or not welcomed else 10.0)
 
     async def watch_liveness(self, every: float = PING_EVERY, stall: float = STALL,
                              tick: float = 1.0) -> None:

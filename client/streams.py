@@ -32,6 +32,11 @@ class AgentStream(Protocol):
     def exit_status(self) -> int | None: ...
 
 
+async def _discard(reader: asyncio.StreamReader | None) -> None:
+    while reader is not None and await reader.read(READ_SIZE):
+        pass
+
+
 class _StderrTail:
     """The last lines the agent wrote to stderr, in bounded memory whatever it writes (a
     flood without newlines keeps only its last `LINE_MAX` characters)."""
@@ -122,11 +127,18 @@ class LocalAgentStream:
             return
         if self.process.stdin is not None and not self.process.stdin.is_closing():
             self.process.stdin.close()
+        # Whatever the agent still writes is read and dropped: asyncio reports the process
+        # ended only once its pipes are closed, and a full stdout pipe nobody reads (an
+        # agent printing garbage) would keep it waiting for ever.
+        drain = asyncio.ensure_future(_discard(self.process.stdout))
         try:
             await asyncio.wait_for(self.process.wait(), wait)
         except asyncio.TimeoutError:
             self.process.kill()
             await self.process.wait()
+        finally:
+            drain.cancel()
+            await asyncio.gather(drain, return_exceptions=True)
         if self._stderr_task is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stderr_task, 2)

@@ -11,6 +11,7 @@ in bounded memory, never a hang or an internal error.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -188,5 +189,31 @@ def test_liveness_pings_stop_once_goodbye_is_sent_and_late_work_is_refused() -> 
         await asyncio.wait_for(liveness, BOUND)  # ends by itself, without an exception
         closing.cancel()
         await asyncio.gather(closing, return_exceptions=True)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("garbage", [
+    "import sys\nwhile True: sys.stdout.write('x' * 65536); sys.stdout.flush()",
+    "import os, sys, time\nsys.stdout.write('not lsync\\n'); sys.stdout.flush(); "
+    "os.close(2); time.sleep(60)",
+], ids=["endless-garbage", "garbage-then-silence"])
+def test_an_agent_printing_garbage_ends_the_link_and_is_reaped_quickly(garbage: str) -> None:
+    """A remote shell or program that writes something else than the protocol on the
+    agent's stdout: the link fails with a clear reason (no magic within 64 KiB, or no
+    Welcome in time) and the process is gone when the link is closed."""
+    from lsync.client.streams import LocalAgentStream
+
+    async def run() -> None:
+        stream = LocalAgentStream()
+        link = AgentLink(stream)
+        link.start(hello())
+        await stream.launch(lambda initial: [sys.executable, "-c", garbage], 0)
+        with pytest.raises((LinkBroken, ConnectError)):
+            await link.welcome(2.0)
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(link.close("test over"), BOUND)
+        assert asyncio.get_running_loop().time() - started < BOUND
+        assert stream.process is not None and stream.process.returncode is not None
 
     asyncio.run(run())
