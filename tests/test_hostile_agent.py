@@ -217,3 +217,40 @@ def test_an_agent_printing_garbage_ends_the_link_and_is_reaped_quickly(garbage: 
         assert stream.process is not None and stream.process.returncode is not None
 
     asyncio.run(run())
+
+
+def test_an_agent_that_stops_answering_breaks_the_link_within_the_stall_bound(
+        tmp_path: Any) -> None:
+    """A real agent stopped dead (SIGSTOP: its process lives, its pipe stays open) while a
+    request is outstanding: the liveness watch ends the link with a clear reason after
+    `stall` seconds of silence, instead of waiting for ever (issue 11 item 6)."""
+    import os
+    import signal
+
+    from lsync.client.bootstrap import MAX_INITIAL, local_argv
+    from lsync.client.streams import LocalAgentStream
+
+    async def run() -> None:
+        stream = LocalAgentStream()
+        link = AgentLink(stream)
+        link.start(m.Hello(PROTOCOL_VERSION, {"hash": [hashing.XXH3_128],
+                                              "compression": ["zlib"]},
+                           str(tmp_path / "remote"), {"create_root": True}))
+        await stream.launch(local_argv, MAX_INITIAL,
+                            env={**os.environ, "HOME": str(tmp_path)})
+        await link.welcome(BOUND)
+        assert stream.process is not None
+        os.kill(stream.process.pid, signal.SIGSTOP)
+        try:
+            reply = link.submit(m.Mkdir(link.next_seq(), "d", 0o755))
+            started = asyncio.get_running_loop().time()
+            await asyncio.wait_for(link.watch_liveness(every=0.1, stall=1.0, tick=0.1), BOUND)
+            assert 1.0 <= asyncio.get_running_loop().time() - started < 3.0
+            assert link.failure is not None and "no answer from the agent" in str(link.failure)
+            with pytest.raises(LinkBroken):
+                await reply
+        finally:
+            os.kill(stream.process.pid, signal.SIGCONT)
+            await link.close("test over")
+
+    asyncio.run(run())

@@ -73,3 +73,18 @@ def test_log_lines_carry_ready_and_ack_events() -> None:
 
 def test_status_is_log_lines_when_stdout_is_not_a_terminal() -> None:
     assert isinstance(make_status(NORMAL, io.StringIO()), LogStatus)
+
+
+def test_text_from_the_wire_cannot_drive_the_terminal() -> None:
+    """Agent error messages, goodbye reasons and file names are shown with their control
+    characters escaped (issue 11 item 4): no colour, cursor or bidi trick reaches the
+    terminal, on the live line or in the log."""
+    hostile = "evil\x1b[2J\x1b]0;title\x07\u202egnp.exe\r\nfake line"
+    for status in (LogStatus(io.StringIO(), NORMAL), LiveStatus(io.StringIO(), NORMAL)):
+        status.failed(hostile, hostile)
+        status.note(hostile)
+        status.state(hostile)
+        out = status.out.getvalue()  # type: ignore[attr-defined]
+        written = out.replace("\r\x1b[2K", "").replace("\n", "")  # the line's own redraws
+        assert "\x1b" not in written and "\x07" not in written and "\u202e" not in written
+        assert "\r" not in written and "\\x1b" in out and "\\u202e" in out
