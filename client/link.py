@@ -4,9 +4,8 @@ It owns the sans-IO `Connection` and one reader task. Operations are submitted w
 `submit`, which returns a future resolved by the matching `Ack` or `Error`; requests
 (`list_tree`, `hash_paths`, `ping`) are awaited the same way. When the stream ends or a
 protocol error arrives, every pending future fails at once with `LinkBroken`, so nothing
-waits forever; `unanswered()` then tells which operations never got a reply (the session
-retries their paths after a reconnect). The link moves bytes and matches replies; it makes
-no sync decisions.
+waits forever (the engine's window knows which operations were left unanswered). The link
+moves bytes and matches replies; it makes no sync decisions.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 from lsync.client.errors import ConnectError, InternalError, LinkBroken, internal_error
 from lsync.client.streams import AgentStream
@@ -27,21 +26,6 @@ from lsync.protocol.errors import ErrorCode, ProtocolError
 from lsync.protocol.paths import relpath_problem
 
 Reply = m.Ack | m.Error
-
-
-class Unanswered(NamedTuple):
-    """What an operation without a reply was about: its kind, its path and (for a rename or
-    a copy) its source path; only names are kept, never content."""
-
-    kind: str
-    path: str
-    src: str = ""
-
-    @classmethod
-    def of(cls, op: m.Message) -> Unanswered:
-        if isinstance(op, m.Rename | m.Copy):
-            return cls(type(op).__name__, op.dst, op.src)
-        return cls(type(op).__name__, str(getattr(op, "path", "")))
 
 
 MAX_MANIFEST_ENTRIES = 4_000_000  # a remote tree bigger than this is refused (memory)
@@ -57,7 +41,6 @@ class AgentLink:
         self.conn = Connection(CLIENT)
         self._seq = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
-        self._ops: dict[int, Unanswered] = {}  # submitted operations not answered yet
         self._kinds: dict[int, tuple[type[Any], ...]] = {}  # the replies each seq may get
         self._manifests: dict[int, asyncio.Queue[m.ManifestBatch | None]] = {}
         self._welcome: asyncio.Future[m.Welcome] = asyncio.get_running_loop().create_future()
@@ -213,13 +196,7 @@ class AgentLink:
             self._kinds.pop(seq, None)
             future.cancel()
             raise
-        self._ops[seq] = Unanswered.of(op)
         return future
-
-    def unanswered(self) -> list[Unanswered]:
-        """Operations submitted that got neither an Ack nor an Error, in the order sent:
-        after the link broke, the remote may or may not have applied them."""
-        return list(self._ops.values())
 
     async def hash_paths(self, paths: list[str]) -> list[bytes | None]:
         seq = self.next_seq()
@@ -335,8 +312,6 @@ class AgentLink:
                                 f"{type(message).__name__} answered request {key}")
         del self._pending[key]
         self._kinds.pop(key, None)
-        if not isinstance(message, m.Pong):
-            self._ops.pop(key, None)
         if not future.done():
             future.set_result(message)
 

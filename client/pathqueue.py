@@ -17,8 +17,9 @@ for it. Its record is in exactly one state:
 A path changed again while READING or WAITING goes back to QUEUED (`again` for READING:
 the engine's current pass may have read an old version), while its unanswered operations
 stay counted (`inflight`). "Idle" is "no record except FAILED ones". Each change gets a
-tick from one counter; `oldest_tick` is the flush watermark: every change with a smaller
-tick has been acknowledged by the remote, or failed (`failing` tells how many paths).
+tick from one counter; `flushed(tick)` is the flush watermark: whether every change with a
+smaller tick has been acknowledged by the remote (a failed one has not; `failing` lists
+those paths).
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ class PathRecord:
     inflight: int = 0  # operations sent for this path and not answered
     again: bool = False  # READING: changed again meanwhile, look once more when done
     due: float = 0.0  # HELD, FAILED: when to look again
-    hold_started: float = 0.0  # HELD by a writer: since when (holds are bounded)
     deferred: bool = False  # READING: was put back behind the queue once already
     failures: int = 0  # consecutive failed attempts (backoff)
     reason: str = ""  # FAILED: what went wrong, for the user
@@ -100,9 +100,6 @@ class PathQueue:
     def queued(self) -> int:
         return len(self._queue)
 
-    def count(self, state: State) -> int:
-        return sum(1 for r in self.records.values() if r.state is state)
-
     def failing(self) -> dict[str, str]:
         return {p: self.records[p].reason for p in sorted(self._timed)
                 if self.records[p].state is State.FAILED}
@@ -111,12 +108,6 @@ class PathQueue:
         """The tick the next change will get: a flush taken now waits for every change
         with a smaller one."""
         return self._tick + 1
-
-    def oldest_tick(self, include_failed: bool = False) -> int | None:
-        """The flush watermark: the oldest change not acknowledged yet (None: none)."""
-        ticks = [r.tick for r in self.records.values()
-                 if include_failed or r.state is not State.FAILED]
-        return min(ticks) if ticks else None
 
     def flushed(self, tick: int) -> bool:
         """Every change older than `tick` is acknowledged (failed ones do not count)."""
@@ -168,7 +159,6 @@ class PathQueue:
             if record.state is State.QUEUED:
                 del self._queue[path]
                 self._to(record, State.HELD)
-                record.hold_started = now
                 record.due = now + self.hold_max
             elif record.state is State.READING:
                 record.again = True  # the pass finishing now will be followed by a hold
@@ -238,7 +228,7 @@ class PathQueue:
             self._queue[path] = None
             return
         self._to(record, State.HELD)
-        record.due, record.hold_started = now + delay, now
+        record.due = now + delay
 
     def done(self, path: str, now: float) -> None:
         """The engine's pass over `path` is over: whatever it sent is counted in flight."""
@@ -301,15 +291,3 @@ class PathQueue:
             record.failures = 0 if record.inflight == 0 else record.failures
         if record.state is State.WAITING and record.inflight == 0:
             del self.records[path]
-
-    def forget_unanswered(self) -> list[str]:
-        """The link broke: nothing in flight will be answered. Paths that had operations in
-        flight are queued again (the remote may or may not have applied them)."""
-        paths = [p for p, r in self.records.items() if r.inflight]
-        for path in paths:
-            record = self.records[path]
-            record.inflight = 0
-            if record.state in (State.WAITING, State.FAILED):
-                self._to(record, State.QUEUED)
-                self._queue[path] = None
-        return paths

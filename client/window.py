@@ -66,12 +66,6 @@ class Window:
             self.wire_bytes -= flight.wire
         return flight
 
-    def clear(self) -> list[InFlight]:
-        """The link broke: every operation in flight, in the order sent; the window empties."""
-        flights = list(self.flights.values())
-        self.flights.clear()
-        self.wire_bytes = 0
-        return flights
 
 
 @dataclass(slots=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -424,3 +425,18 @@ class ContentSampler:
         """Digests seen at `path` that are none of the `allowed` contents (None: absent)."""
         ok = {None if item is None else digest(item) for item in allowed}
         return self.seen[path] - ok
+
+
+def c_like_text(rng: random.Random, size: int) -> bytes:
+    """Lines that look like C: compressible a few times, but not trivially repetitive."""
+    words = ["int", "return", "struct", "static", "unsigned", "if", "else", "for", "while",
+             "const", "char", "void", "size_t", "u32", "->", "NULL", "err", "dev", "buf"]
+    lines: list[str] = []
+    total = 0
+    while total < size:
+        line = "\t" * rng.randint(0, 3) + " ".join(
+            rng.choice(words) if rng.random() < 0.7 else f"v{rng.getrandbits(24):x}"
+            for _ in range(rng.randint(2, 12))) + ";\n"
+        lines.append(line)
+        total += len(line)
+    return "".join(lines).encode()[:size]

@@ -38,7 +38,7 @@ def idle(queue: PathQueue) -> bool:
 
 def test_queue_is_idle_only_when_no_path_is_queued_read_or_unanswered() -> None:
     queue = PathQueue()
-    assert queue.oldest_tick() is None
+    assert queue.flushed(queue.now_tick())  # nothing pending
     queue.mark(["a"], 0.0)
     assert queue.state("a") is State.QUEUED
     taken = queue.take()
@@ -125,19 +125,6 @@ def test_deferred_delete_goes_behind_the_queue_once() -> None:
     queue.done("new", 0.0)
     taken = queue.take()
     assert taken is not None and taken[0] == "gone" and taken[1].deferred
-
-
-def test_link_cut_queues_again_every_path_with_unanswered_operations() -> None:
-    queue = PathQueue()
-    queue.mark(["a", "b"], 0.0)
-    for _ in range(2):
-        taken = queue.take()
-        assert taken is not None
-        queue.sent(taken[0])
-        queue.done(taken[0], 0.0)
-    queue.answered("a", ok=True)
-    assert queue.forget_unanswered() == ["b"]
-    assert queue.state("b") is State.QUEUED
 
 
 # -- Window and verdicts -----------------------------------------------------------------------

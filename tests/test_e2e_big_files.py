@@ -26,11 +26,11 @@ from tests.conftest import (
     ContentSampler,
     CountingLink,
     LsyncProcess,
+    c_like_text,
     digest,
     fresh_dirs,
     wait_steady,
 )
-from tests.test_e2e_real_trees import wait_in_sync
 
 Start = Callable[..., LsyncProcess]
 
@@ -58,21 +58,6 @@ def assert_same_file(local: Path, remote: Path, when: str) -> None:
         f"{when}: the remote {remote.name} ({len(have)} B) is not the local one ({len(want)} B)")
 
 
-def _text(rng: random.Random, size: int) -> str:
-    """C-like lines, compressible a few times but not trivially repetitive."""
-    words = ["int", "return", "struct", "static", "unsigned", "if", "else", "for", "while",
-             "const", "char", "void", "size_t", "u32", "->", "NULL", "err", "dev", "buf"]
-    lines: list[str] = []
-    total = 0
-    while total < size:
-        line = "\t" * rng.randint(0, 3) + " ".join(
-            rng.choice(words) if rng.random() < 0.7 else f"v{rng.getrandbits(24):x}"
-            for _ in range(rng.randint(2, 12))) + ";\n"
-        lines.append(line)
-        total += len(line)
-    return "".join(lines)
-
-
 def test_editing_half_of_a_synced_40_mib_file_keeps_lsync_running_and_syncs_it(
         counting_link: CountingLink, tmp_path: Path, run_lsync: Start) -> None:
     local, remote = fresh_dirs(tmp_path)
@@ -86,7 +71,7 @@ def test_editing_half_of_a_synced_40_mib_file_keeps_lsync_running_and_syncs_it(
         handle.seek(10 * MIB)
         handle.write(rng.randbytes(20 * MIB))
     edited_ns = time.time_ns()
-    wait_in_sync(lsync, edited_ns, HALF_EDIT_WAIT)
+    lsync.wait_in_sync(edited_ns, HALF_EDIT_WAIT)
     assert lsync.proc.poll() is None, f"lsync exited {lsync.proc.returncode}: {lsync.stderr}"
     assert_same_file(path, remote / "disk.img", "after half of it was rewritten")
     assert lsync.interrupt() == 0, lsync.stderr
@@ -97,7 +82,7 @@ def test_one_line_edits_of_a_10_mb_file_rewritten_in_place_with_a_pause_send_del
     local, remote = fresh_dirs(tmp_path)
     rng = random.Random(10)
     path = local / "big.c"
-    versions = [_text(rng, TEXT_SIZE)]
+    versions = [c_like_text(rng, TEXT_SIZE).decode()]
     path.write_text(versions[0])
     lsync = run_lsync(*counting_link.connect_args(remote), cwd=local)
     lsync.wait_for_line(" ready ", timeout=60)
@@ -116,7 +101,7 @@ def test_one_line_edits_of_a_10_mb_file_rewritten_in_place_with_a_pause_send_del
                 time.sleep(WRITER_PAUSE)  # the writer is busy: the file stays empty meanwhile
                 handle.write(version)
             edited_ns = time.time_ns()
-            wait_in_sync(lsync, edited_ns, EDIT_WAIT)
+            lsync.wait_in_sync(edited_ns, EDIT_WAIT)
             sent.append(counting_link.bytes_up())
             assert_same_file(path, remote / "big.c", f"edit {len(sent)} (bytes up {sent})")
     assert sampler.samples > 0

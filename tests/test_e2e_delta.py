@@ -29,6 +29,7 @@ from tests.conftest import (
     LsyncProcess,
     Synced,
     assert_same_now,
+    c_like_text,
     counting_link_to,
     save_atomically,
     wait_steady,
@@ -70,21 +71,6 @@ class Metered:
         right after the change), the trees are equal, and lsync has stopped sending."""
         self.synced.converged(mark, SYNC_WAIT)
         return wait_steady(self.link.bytes_up)
-
-
-def c_like_text(rng: random.Random, size: int) -> bytes:
-    """Lines that look like C: compressible a few times, but not trivially repetitive."""
-    words = ["int", "return", "struct", "static", "unsigned", "if", "else", "for", "while",
-             "const", "char", "void", "size_t", "u32", "->", "NULL", "err", "dev", "buf"]
-    lines: list[str] = []
-    total = 0
-    while total < size:
-        line = "\t" * rng.randint(0, 3) + " ".join(
-            rng.choice(words) if rng.random() < 0.7 else f"v{rng.getrandbits(24):x}"
-            for _ in range(rng.randint(2, 12))) + ";\n"
-        lines.append(line)
-        total += len(line)
-    return "".join(lines).encode()[:size]
 
 
 @pytest.fixture(scope="module")

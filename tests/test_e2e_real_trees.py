@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -39,12 +38,11 @@ from pathlib import Path
 import pytest
 
 from benchmarks.testbed.sshd import PrivateSshd
-from tests.conftest import LsyncProcess, snapshot, wait_until
+from tests.conftest import LsyncProcess, snapshot
 from tests.gitrepo import GitRepo, is_build_output, make_repo
 
 Start = Callable[..., LsyncProcess]
 
-IN_SYNC = re.compile(r"in-sync as-of=(\d+)")
 IN_SYNC_WAIT = 10.0  # seconds: a few hundred files on 127.0.0.1, verification rescan included
 BURST_WAIT = 30.0  # seconds: the overflow test's 2,000 files and its rescan
 READY_WAIT = 60.0
@@ -52,30 +50,6 @@ MAX_QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
 
 
 # -- what every test checks -------------------------------------------------------------------
-
-
-def wait_in_sync(lsync: LsyncProcess, after_ns: int, timeout: float) -> None:
-    """Wait (at most `timeout` s) for a log line `in-sync as-of=N` with N >= after_ns.
-
-    Fails at once if lsync exits first, and says what lsync printed last."""
-    def latest() -> int:
-        found = [int(m.group(1)) for line in list(lsync.lines)
-                 if (m := IN_SYNC.search(line)) is not None]
-        return max(found, default=-1)
-
-    if wait_until(lambda: latest() >= after_ns or lsync.proc.poll() is not None, timeout) \
-            and latest() >= after_ns:
-        return
-    status = lsync.proc.poll()
-    state, tail = "running", ""
-    if status is not None:
-        lsync.finish(timeout=5)
-        state, tail = f"exited {status}", "\n" + lsync.stderr
-    last = latest()
-    raise AssertionError(
-        f"no 'in-sync as-of=N' with N >= {after_ns} within {timeout} s (latest: "
-        f"{'none' if last < 0 else last}; lsync {state}); last lines:\n"
-        + "\n".join(lsync.lines[-15:]) + tail)
 
 
 def _describe(entry: object) -> str:
@@ -189,7 +163,7 @@ class RealTree:
         """lsync says in-sync as of after `since_ns`; right then the trees are equal and no
         remote build output is lost."""
         assert self.lsync is not None
-        wait_in_sync(self.lsync, since_ns, timeout)
+        self.lsync.wait_in_sync(since_ns, timeout)
         assert_converged(self.local, self.remote, what)
         assert_outputs_kept(self.outputs, self.remote, what)
 
@@ -290,13 +264,13 @@ def test_edit_in_a_directory_after_removing_a_symlink_to_it_reaches_the_remote(
     assert_converged(local, remote, "the initial sync")
     assert (remote / "s" / "link").is_symlink()
     (local / "s" / "link").unlink()
-    wait_in_sync(lsync, time.time_ns(), IN_SYNC_WAIT)
+    lsync.wait_in_sync(time.time_ns(), IN_SYNC_WAIT)
     assert_converged(local, remote, "rm s/link")
     (local / "a" / "f.c").write_text("int f(void) { return 2; }\n")
-    wait_in_sync(lsync, time.time_ns(), IN_SYNC_WAIT)
+    lsync.wait_in_sync(time.time_ns(), IN_SYNC_WAIT)
     assert_converged(local, remote, "an edit of a/f.c")
     (local / "a" / "g.c").write_text("int g(void) { return 3; }\n")
-    wait_in_sync(lsync, time.time_ns(), IN_SYNC_WAIT)
+    lsync.wait_in_sync(time.time_ns(), IN_SYNC_WAIT)
     assert_converged(local, remote, "a new file a/g.c")
 
 
