@@ -7,8 +7,9 @@ the sshd for the duration of a `with` block. Trees are generated once into a cac
 (``~/.cache/lsync-bench/trees`` unless told otherwise) and reused by later runs as long as
 the generator's source is unchanged; scenarios that modify files work on copies.
 `Cell` and `Row` are the main table's entries; `BytesRow` and `WatchRow` are the rows of the
-bytes-on-the-wire table (issue 3) and of the watcher trade-off table. Helpers here poll
-conditions with deadlines; nothing sleeps in place of a condition.
+bytes-on-the-wire table (issue 3) and of the watcher trade-off table; `Goal` is a row of the
+issue 10 table (one figure of its target table, lsync and rsync side by side, ✓/✗). Helpers
+here poll conditions with deadlines; nothing sleeps in place of a condition.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ SCRIPT = "script"
 LSYNCD = "lsyncd"
 SYSTEMS = (LSYNC, RSYNC, SCRIPT_CM, SCRIPT, LSYNCD)
 WATCHERS = (LSYNC, SCRIPT_CM, SCRIPT, LSYNCD)
-SCENARIOS = ("a", "b", "c", "d", "e", "f", "bytes", "watch")
+SCENARIOS = ("a", "b", "c", "d", "e", "f", "g", "h", "bytes", "watch")
+# What --issue10 runs: every figure of issue 10's target table, lsync next to rsync.
+ISSUE10_SCENARIOS = ("a", "b", "c", "d", "f", "g", "h")
+ISSUE10_SYSTEMS = (LSYNC, RSYNC)
 
 # Files the benchmark adds to the tree for its own cases (never part of a/b's sample).
 EXTRA_DIR = "lsync-bench"
@@ -74,6 +78,9 @@ class Settings:
     peer_mode_budget: float  # seconds of saves per peer and kind in a (then report n)
     abort_after_misses: int
     initial_trees: list[str]  # for c, d, f
+    contact_trees: list[str]  # for g (first contact with a copy lsync never saw)
+    bulk_tree: str  # for h's saves during an initial sync
+    bulk_gap: float  # seconds between one save's identical and the next save in h
     bytes_rtts_ms: list[float]  # links of issue 3's bytes table
     idle_seconds: float
     watch_steps: list[int]
@@ -87,6 +94,9 @@ class Settings:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
         short = bool(args.short)
+        if args.issue10:
+            args.systems = args.systems or ",".join(ISSUE10_SYSTEMS)
+            args.scenarios = args.scenarios or ",".join(ISSUE10_SCENARIOS)
         # The short mode leaves out the script without a ControlMaster (the slowest peer,
         # and never better than the script with one) unless asked for by name.
         default_systems = [s for s in SYSTEMS if s != SCRIPT] if short else list(SYSTEMS)
@@ -103,6 +113,7 @@ class Settings:
         initial = [tree] if short or tree == "kernel" else [tree, "kernel"]
         if args.no_kernel:
             initial = [t for t in initial if t != "kernel"] or [tree]
+        bulk = args.bulk_tree or ("kernel" if "kernel" in initial else tree)
         return cls(
             short=short,
             tree=tree,
@@ -117,6 +128,9 @@ class Settings:
             peer_mode_budget=10.0 if short else 75.0,
             abort_after_misses=1 if short else 2,
             initial_trees=initial,
+            contact_trees=list(initial),
+            bulk_tree=bulk,
+            bulk_gap=0.1 if short else 0.3,
             bytes_rtts_ms=[min(rtts)] if short else rtts,
             idle_seconds=args.idle_seconds or (2.0 if short else 30.0),
             watch_steps=[1, 5, 50] if short else [1, 5, 20, 50],
@@ -197,6 +211,52 @@ class BytesRow:
 
 
 @dataclass
+class Goal:
+    """One figure of issue 10's target table as measured in this run."""
+
+    order: int  # position in issue 10's table (GOAL_FIGURES)
+    figure: str
+    link: str
+    target: str
+    lsync: str
+    rsync: str = "—"
+    ratio: str = "—"  # lsync/rsync
+    ok: bool | None = None  # None: no verdict (lsync failed, or the row has no target here)
+
+
+# Issue 10's target table, in its order: (figure, link) as `Goal` rows name them. Rows a run
+# did not measure are listed under the table.
+GOAL_FIGURES: tuple[tuple[str, str], ...] = (
+    ("initial sync, kernel tree", "RTT 0 ms"),
+    ("initial sync, kernel tree", "RTT 300 ms"),
+    ("initial sync, kernel tree", "RTT 300 ms, 100 Mbit/s"),
+    ("initial sync, small tree", "RTT 0 ms"),
+    ("initial sync, small tree", "RTT 300 ms"),
+    ("initial sync, small tree", "RTT 300 ms, 100 Mbit/s"),
+    ("first contact with a copy lsync never saw, kernel tree", "RTT 300 ms"),
+    ("restart, kernel tree unchanged", "RTT 300 ms"),
+    ("a save during an initial sync", "RTT 300 ms"),
+    ("a save during a burst of 1000 files", "RTT 300 ms"),
+    ("client peak RSS, kernel tree", "RTT 300 ms"),
+    ("one save", "RTT 300 ms"),
+    ("burst of 1000 files", "RTT 300 ms"),
+)
+
+
+def goal_order(figure: str) -> int:
+    """The position of `figure` in issue 10's table (trees and links it does not name come
+    after the rows of the same figure)."""
+    stem = figure.split(",")[0]
+    for i, (name, _link) in enumerate(GOAL_FIGURES):
+        if name == figure:
+            return i
+    for i, (name, _link) in enumerate(GOAL_FIGURES):
+        if name.split(",")[0] == stem:
+            return i
+    return len(GOAL_FIGURES)
+
+
+@dataclass
 class WatchRow:
     step_ms: int
     debounce_ms: int
@@ -268,6 +328,50 @@ def fmt_kb(nbytes: float) -> str:
     return f"{nbytes / 1000:.1f} KB"
 
 
+def agent_record_files(root: Path) -> list[Path]:
+    """The files in which lsync's agent keeps its records of remote root `root`.
+
+    ~/.cache/lsync/agent-<hash>.json and .journal (the same home here: the private sshd logs
+    in as this user), <hash> = sha256("<root>\\0<hash algorithm>")[:24] as in
+    agent/records.py, for every algorithm the agent may choose; `root` as the agent resolves
+    it (absolute, normalised, symlinks not followed)."""
+    directory = Path.home() / ".cache" / "lsync"
+    out = []
+    for algorithm in ("xxh3-128", "blake2b-128"):
+        key = f"{os.path.normpath(root)}\0{algorithm}".encode("utf-8", "surrogateescape")
+        name = hashlib.sha256(key).hexdigest()[:24]
+        out += [directory / f"agent-{name}.json", directory / f"agent-{name}.journal"]
+    return out
+
+
+def copy_tree(src: Path, dst: Path, hardlinks: bool = False) -> None:
+    """`cp -r` (fresh timestamps: nothing preserved), or with `hardlinks` `cp -al` (a farm of
+    links to `src`: never write into one of its files in place)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    argv = ["cp", "-al" if hardlinks else "-r", str(src), str(dst)]
+    subprocess.run(argv, check=True)
+
+
+def differing_content(a: Path, b: Path) -> str:
+    """"" when trees `a` and `b` hold the same paths with the same bytes, else what differs."""
+    problem = same_files(a, b)
+    if problem:
+        return problem
+    wrong = []
+    for rel in trees.walk_files(a):
+        with open(a / rel, "rb") as fa, open(b / rel, "rb") as fb:
+            while True:
+                x, y = fa.read(1 << 20), fb.read(1 << 20)
+                if x != y:
+                    wrong.append(rel)
+                    break
+                if not x:
+                    break
+    return f"{len(wrong)} differ in content (e.g. {wrong[0]})" if wrong else ""
+
+
 def same_files(a: Path, b: Path) -> str:
     """"" when trees `a` and `b` hold the same paths with the same sizes, else what differs.
     (Cheap: content is compared elsewhere, where the benchmark knows what changed.)"""
@@ -313,6 +417,8 @@ class Bench:
         self.tree_info: dict[str, trees.TreeStats] = {}
         self.notes: list[str] = []
         self.save_p50_300: float | None = None  # scenario a, lsync, RTT 300: for the bytes table
+        self.goals: list[Goal] = []  # issue 10's table
+        self._remotes: list[Path] = [self.remote]  # remote roots lsync's agent may remember
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -322,7 +428,7 @@ class Bench:
         if LSYNC in self.s.systems:
             self.lsync_ok, self.lsync_reason = lsync_available()
         base = self.tree_dir(self.s.tree)
-        if any(self.wants(x) for x in ("a", "b", "e", "bytes", "watch")):
+        if any(self.wants(x) for x in ("a", "b", "e", "h", "bytes", "watch")):
             mirror(base, self.src, checksum=False)
             self._write_extras(self.src)
             self.tree_files = [f for f in trees.walk_files(self.src)
@@ -371,18 +477,24 @@ class Bench:
             self._forget_agent_records()
 
     def _forget_agent_records(self) -> None:
-        """Delete the digest records lsync's agent kept for this run's remote tree.
+        """Delete the digest records lsync's agent kept for this run's remote trees (the
+        trees are gone, so are their records: about 16 MB for the kernel tree)."""
+        for root in self._remotes:
+            for path in agent_record_files(root):
+                path.unlink(missing_ok=True)
 
-        The agent remembers what it wrote in ~/.cache/lsync/agent-<hash>.json and .journal
-        (the same home here: the private sshd logs in as this user), named after the remote
-        root and the hash algorithm as in agent/records.py; the tree is gone, so are its
-        records (about 16 MB for the kernel tree)."""
-        directory = Path.home() / ".cache" / "lsync"
-        for algorithm in ("xxh3-128", "blake2b-128"):
-            key = f"{self.remote}\0{algorithm}".encode("utf-8", "surrogateescape")
-            name = hashlib.sha256(key).hexdigest()[:24]
-            (directory / f"agent-{name}.json").unlink(missing_ok=True)
-            (directory / f"agent-{name}.journal").unlink(missing_ok=True)
+    def fresh_remote(self, name: str) -> Path:
+        """A remote root lsync's agent has never seen: a new path (its records are named after
+        the path), with no records under that name either way; not created."""
+        path = self.work / "remotes" / name
+        n = 1
+        while path.exists() or path in self._remotes:
+            n += 1
+            path = self.work / "remotes" / f"{name}-{n}"
+        for record in agent_record_files(path):
+            record.unlink(missing_ok=True)
+        self._remotes.append(path)
+        return path
 
     def reset(self, remote_empty: bool = False) -> None:
         """local := src and remote := src (or empty), by content, without any ssh."""
@@ -393,11 +505,14 @@ class Bench:
             mirror(self.src, self.remote)
 
     @contextlib.contextmanager
-    def link(self, spec: LinkSpec) -> Iterator[tuple[Link, ThreadedProxy]]:
+    def link(self, spec: LinkSpec,
+             remote: Path | None = None) -> Iterator[tuple[Link, ThreadedProxy]]:
+        """A fresh delay proxy in front of the sshd; the Link's tree is `remote` (default
+        the bench's remote directory)."""
         rate = spec.cap_mbit * 1e6 if spec.cap_mbit else None
         with ThreadedProxy(("127.0.0.1", self.sshd.port), spec.delay, rate_bps=rate) as proxy:
             cfg = self.sshd.write_client_config(port=proxy.port)
-            yield Link(cfg, self.sshd.alias, self.remote), proxy
+            yield Link(cfg, self.sshd.alias, remote or self.remote), proxy
 
     def lsync(self, link: Link, local: Path | None = None, name: str = "lsync",
               extra_args: Sequence[str] = (), verbose: bool = True,
@@ -434,6 +549,14 @@ class Bench:
     def note(self, text: str) -> None:
         self.notes.append(text)
         say(f"note: {text}")
+
+    def goal(self, figure: str, spec: LinkSpec, target: str, lsync: str, rsync: str = "—",
+             ratio: float | None = None, ok: bool | None = None) -> Goal:
+        """Record one row of issue 10's table."""
+        g = Goal(goal_order(figure), figure, spec.label, target, lsync, rsync,
+                 "—" if ratio is None else f"{ratio:.2f}", ok)
+        self.goals.append(g)
+        return g
 
     def row(self, scenario: str, spec: LinkSpec | str, target: str = "—",
             ratios: bool = True) -> Row:

@@ -7,6 +7,7 @@ subprocess (with this interpreter) and follows its log lines (see notes/contract
     <iso-time> ack <path> ms=<latency>    per acknowledged write (with -v)
 
 `start()` returns at the "ready" line (and records when it came, relative to the spawn);
+`spawn()` and `wait_ready()` are its two halves, for work done during the initial sync;
 `wait_ack()` finds the acknowledgement of a path; `stop()` sends SIGINT (lsync drains, says
 goodbye, exits 0) and keeps the exit status in `exit_status`. `pid` is the client process
 itself (for /proc measurements). lsync's local hash cache goes where `cache_home` says (it sets
@@ -93,6 +94,12 @@ class LsyncWatcher:
         return None if self.ready_at is None else self.ready_at - self.started_at
 
     def start(self, timeout: float = 600.0) -> None:
+        """Spawn lsync and return at its "ready" line (PeerError if it never comes)."""
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the process and return at once (its initial sync runs on; see wait_ready)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.cache_home.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, XDG_CACHE_HOME=str(self.cache_home))
@@ -107,17 +114,28 @@ class LsyncWatcher:
         )
         self._reader = threading.Thread(target=self._read, args=(self._proc,), daemon=True)
         self._reader.start()
+
+    def is_ready(self) -> bool:
+        """Whether the "ready" line has been read (the initial sync is acknowledged)."""
+        with self._cond:
+            return self.ready_at is not None
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait for the "ready" line of the spawned process; stop it and raise if it never
+        comes within `timeout` seconds or the process exits first."""
+        proc = self._proc
+        assert proc is not None, "spawn() first"
         deadline = time.monotonic() + timeout
         with self._cond:
             while self.ready_at is None:
-                if self._proc.poll() is not None:
+                if proc.poll() is not None:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(min(left, 0.1))
         if self.ready_at is None:
-            exited = self._proc.poll()
+            exited = proc.poll()
             self.stop()
             code = "start-timeout" if exited is None else "exited"
             raise PeerError(code, f"lsync not ready (exit {exited}): {self.tail()}")

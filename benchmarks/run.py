@@ -4,12 +4,14 @@ It installs what the peers need (Debian packages), starts a private sshd on 127.
 the delay proxy in front of it, takes deterministic trees from a cache (generating them the
 first time), and runs issue 4's scenarios (a-f, see benchmarks/scenarios.py) for lsync and
 its peers on the same link in the same run, at RTT 0 and RTT 300 ms (initial syncs also
-with a 100 Mbit/s cap), then issue 3's bytes-on-the-wire table and the watcher's
-step/latency/CPU trade-off.
+with a 100 Mbit/s cap), issue 10's (g: first contact with a remote copy lsync never saw, h: a
+save during bulk work; both at the longest RTT), then issue 3's bytes-on-the-wire table and
+the watcher's step/latency/CPU trade-off. `--issue10` runs only what issue 10's target table
+needs (lsync and rsync; a, b, c, d, f, g, h).
 
-It prints three Markdown tables and writes them into benchmarks/README.md between the
-results markers, with the date, the machine, each row's target and lsync's ✓/✗ against it,
-and the ratios lsync/peer. lsync is driven as a subprocess (benchmarks/lsync_runner.py);
+It prints the Markdown tables (issue 10's first) and writes them into benchmarks/README.md
+between the results markers, with the date, the machine, each row's target and lsync's ✓/✗
+against it, and the ratios lsync/peer. lsync is driven as a subprocess (benchmarks/lsync_runner.py);
 when it cannot be imported its column says "not run". The short mode (tiny tree, few
 samples, short timeouts) takes about three minutes; the full mode about 40.
 """
@@ -32,6 +34,9 @@ from pathlib import Path
 
 from benchmarks import scenarios
 from benchmarks.bench import (
+    GOAL_FIGURES,
+    ISSUE10_SCENARIOS,
+    ISSUE10_SYSTEMS,
     LSYNC,
     SCENARIOS,
     SYSTEMS,
@@ -158,6 +163,22 @@ def render_watch(rows: list[WatchRow]) -> str:
     return "\n".join(lines)
 
 
+def render_goals(bench: Bench) -> str:
+    """Issue 10's target table: each figure measured in this run, lsync next to rsync."""
+    lines = ["| figure | link | target (lsync) | lsync | rsync | lsync/rsync | met? |",
+             "|---|---|---|---|---|---|---|"]
+    for g in sorted(bench.goals, key=lambda g: g.order):
+        verdict = "—" if g.ok is None else ("✓" if g.ok else "✗")
+        lines.append(f"| {g.figure} | {g.link} | {g.target} | {g.lsync} | {g.rsync} | "
+                     f"{g.ratio} | {verdict} |")
+    seen = {(g.figure, g.link) for g in bench.goals}
+    missing = [f"{figure} ({link})" for figure, link in GOAL_FIGURES
+               if (figure, link) not in seen]
+    if missing:
+        lines += ["", "Not measured in this run: " + "; ".join(missing) + "."]
+    return "\n".join(lines)
+
+
 def _first_line(argv: list[str]) -> str:
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=10)
@@ -207,7 +228,14 @@ def report(bench: Bench, proxy_check: str, started: dt.datetime, minutes: float)
         "",
         f"Delay proxy self-check: {proxy_check}",
         "",
-        "### Issue 4: lsync and its peers",
+        *(["### Issue 10: targets", "", render_goals(bench), "",
+           "Ratios are lsync's value divided by rsync's (time; for the first contact also "
+           "bytes, in the lsync column). A save during bulk work: from the end of the save "
+           "until the remote copy is byte-identical (polled every ~1 ms); `n=` says how many "
+           "saves were made before the initial sync was done. \"No worse\" rows: the "
+           "earlier figures (162 ms p50, 0.78 s) with 2% of noise allowed. The rows come "
+           "from the tables below.", ""] if bench.goals else []),
+        "### Issues 4 and 10: lsync and its peers",
         "",
         render_main(bench),
         "",
@@ -290,6 +318,14 @@ def plan_steps(bench: Bench) -> list[tuple[str, Callable[[], None]]]:
     if not s.short and s.cap_mbit and bench.wants("c"):
         cdf_specs += [LinkSpec(rtt, s.cap_mbit) for rtt in s.rtts_ms if rtt > 0]
     f_spec = max((sp for sp in specs), key=lambda sp: sp.rtt_ms, default=None)
+    if bench.wants("g") and f_spec is not None:
+        for tree in s.contact_trees:
+            steps.append((f"g {f_spec.label} {tree}",
+                          functools.partial(scenarios.scenario_g_first_contact, bench, tree,
+                                            f_spec)))
+    if bench.wants("h") and f_spec is not None:
+        steps.append((f"h {f_spec.label}",
+                      functools.partial(scenarios.scenario_h_save_during_bulk, bench, f_spec)))
     for tree in s.initial_trees:
         for spec in cdf_specs:
             do_c = bench.wants("c")
@@ -338,7 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", help=f"comma list from {','.join(SYSTEMS)} (default all)")
     parser.add_argument("--scenarios",
                         help=f"comma list from {','.join(SCENARIOS)} (default all)")
-    parser.add_argument("--saves", type=int, help="saves per kind in scenario a")
+    parser.add_argument("--issue10", action="store_true",
+                        help=f"issue 10's target table only: --systems "
+                             f"{','.join(ISSUE10_SYSTEMS)} --scenarios "
+                             f"{','.join(ISSUE10_SCENARIOS)} unless given")
+    parser.add_argument("--saves", type=int, help="saves per kind in scenario a (and h)")
     parser.add_argument("--burst", type=int, help="files in the burst of scenario b")
     parser.add_argument("--burst-timeout", type=float,
                         help="seconds before a burst is reported as not done")
@@ -346,7 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap-mbit", type=float, default=100.0,
                         help="bandwidth cap for the capped initial sync (0: skip)")
     parser.add_argument("--no-kernel", action="store_true",
-                        help="skip the kernel tree (c, d, f) in full mode")
+                        help="skip the kernel tree (c, d, f, g, h) in full mode")
+    parser.add_argument("--bulk-tree", choices=sorted(trees.PRESETS),
+                        help="tree of h's initial sync (default kernel; the bench tree with "
+                             "--no-kernel or --short)")
     parser.add_argument("--cache-dir", type=Path,
                         help="where generated trees are kept (default ~/.cache/lsync-bench)")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
