@@ -13,6 +13,7 @@ manifest reports as each entry's `written` field and which outlives the agent.
 import os
 import stat
 import sys
+import traceback
 from typing import Any, Callable, Dict, List, Optional, Set
 
 from lsync.agent.confined import (
@@ -84,14 +85,21 @@ class AgentService:
                 return
             self.send(m.Goodbye(int(code), reason))  # a Hello that cannot be served
             raise SessionEnd(int(code), reason)
+        if self.root is None and isinstance(message, m.WriteBatch):
+            for item in message.files:
+                self._error(item[0], ErrorCode.ROOT_UNAVAILABLE, "no root is open")
+            return
         if seq is not None and self.root is None:
             self._error(seq, ErrorCode.ROOT_UNAVAILABLE, "no root is open")
             return
         if self.pool is not None and self.pool.outstanding and not isinstance(message, m.Ping):
             # Wait for the pooled writes unless this message cannot see their paths.
             independent = isinstance(message, _PATH_OPS) or self._poolable(message)
-            if not independent or self.pool.conflicts(message.path):  # type: ignore[union-attr]
+            if not independent or any(self.pool.conflicts(path) for path in _paths_of(message)):
                 self.drain_pool()
+        if self.pool is not None and isinstance(message, m.WriteBatch):
+            self._pool_batch(message)
+            return
         if self.pool is not None and self._poolable(message):
             self._pool_write(message)  # type: ignore[arg-type]
             return
@@ -111,6 +119,8 @@ class AgentService:
 
     # -- whole-file writes in worker threads (see lsync.agent.writer) ----------------------
     def _poolable(self, message: m.Message) -> bool:
+        if isinstance(message, m.WriteBatch):
+            return True
         return (isinstance(message, m.WriteFile) and message.offset == 0 and message.final
                 and message.seq not in self.pending and message.seq not in self.failed_writes)
 
@@ -133,6 +143,89 @@ class AgentService:
 
         self.pool.submit(msg.seq, msg.path, job)
 
+    def _pool_batch(self, msg: m.WriteBatch) -> None:
+        assert self.pool is not None
+        self.pool.submit_batch([item[1] for item in msg.files], self._batch_job(msg))
+
+    def _batch_job(self, msg: m.WriteBatch) -> Callable[[], Any]:
+        """The work of a WriteBatch, for any thread. It returns (files, results, error,
+        trace): per file written (seq, path, stat, digest), per file refused (seq, path,
+        None, OpError); `error` when the batch as a whole failed (every file in it fails)."""
+        assert self.root is not None
+        root = self.root
+        hash_name = self.hash_name
+        zdict = self.zdict
+
+        def write_all() -> List[Any]:
+            total = sum(item[3] for item in msg.files)
+            if total > m.MAX_CHUNK:
+                raise OpError(ErrorCode.BAD_REQUEST, "a batch of {} bytes; at most {}".format(
+                    total, m.MAX_CHUNK))
+            data = unpack_chunk("a batch", msg.data, msg.packing, zdict, total)
+            if len(data) != total:
+                raise OpError(ErrorCode.BAD_REQUEST, "a batch holds {} bytes, its files {}"
+                              .format(len(data), total))
+            results: List[Any] = []
+            offset = 0
+            for seq, path, mode, size in msg.files:
+                piece = data[offset:offset + size]
+                offset += size
+                try:
+                    pending = root.begin_write(path)
+                    try:
+                        pending.write(piece)
+                    except BaseException:
+                        pending.abort()
+                        raise
+                    hasher = hashing.new_hasher(hash_name)
+                    hasher.update(piece)
+                    results.append((seq, path, pending.commit(mode), hasher.digest()))
+                except OpError as exc:
+                    results.append((seq, path, None, exc))
+            return results
+
+        def job() -> Any:
+            try:
+                return msg.files, write_all(), None, ""
+            except Exception as exc:
+                return msg.files, None, exc, traceback.format_exc()
+
+        return job
+
+    def _answer_batch(self, files: List[List[Any]], results: Optional[List[Any]],
+                      error: Optional[BaseException], trace: str) -> None:
+        """Record and answer a batch's files (`error`: the whole batch failed)."""
+        assert self.record is not None
+        if error is not None:
+            if not isinstance(error, OpError) and self.log_internal is not None:
+                self.log_internal("writing a batch", trace)
+            for seq, _, _, _ in files:
+                self._answer_error(seq, error)
+            return
+        assert results is not None
+        acked = []
+        for seq, path, st, outcome in results:
+            if st is None:
+                self._answer_error(seq, outcome)
+                continue
+            self.record.remember(path, file_key(st), outcome)
+            self.record.wrote_file(path, outcome)
+            acked.append(seq)
+        if acked:
+            self.send(m.Acked(acked))
+
+    def _answer_error(self, seq: int, error: BaseException) -> None:
+        if isinstance(error, OpError):
+            self._error(seq, error.code, error.message)
+        else:
+            self._error(seq, ErrorCode.INTERNAL, "internal agent error: {}".format(
+                type(error).__name__))
+
+    def on_write_batch(self, msg: m.WriteBatch) -> None:
+        """A WriteBatch without a write pool: written here, in order."""
+        self._answer_batch(*self._batch_job(msg)())
+        self._record_made_parents()
+
     def collect_pool(self, wait: bool = False) -> None:
         """Answer for the pooled writes that have finished (with `wait`, for at least one)."""
         if self.pool is None:
@@ -140,7 +233,9 @@ class AgentService:
         outcomes = self.pool.collect(wait)
         self._record_made_parents()
         for outcome in outcomes:
-            if outcome.error is None:
+            if outcome.seq < 0 and outcome.error is None:
+                self._answer_batch(*outcome.result)
+            elif outcome.error is None:
                 st, digest = outcome.result
                 assert self.record is not None
                 self.record.remember(outcome.path, file_key(st), digest)
@@ -482,13 +577,21 @@ _HANDLERS: Dict[Any, Callable[[AgentService, Any], None]] = {
     m.Symlink: AgentService.on_symlink,
     m.SetMode: AgentService.on_set_mode,
     m.SetDictionary: AgentService.on_set_dictionary,
+    m.WriteBatch: AgentService.on_write_batch,
 }
 
 
-def unpack_chunk(path: str, data: bytes, code: int, zdict: bytes) -> bytes:
-    """One WriteFile chunk's content, refusing anything beyond `MAX_CHUNK` bytes."""
+def _paths_of(message: m.Message) -> List[str]:
+    if isinstance(message, m.WriteBatch):
+        return [item[1] for item in message.files]
+    return [message.path]  # type: ignore[union-attr]
+
+
+def unpack_chunk(path: str, data: bytes, code: int, zdict: bytes,
+                 limit: int = m.MAX_CHUNK) -> bytes:
+    """One WriteFile chunk's content, refusing anything beyond `limit` bytes."""
     try:
-        return packing.unpack(data, code, m.MAX_CHUNK, zdict)
+        return packing.unpack(data, code, limit, zdict)
     except packing.PackingError as exc:
         raise OpError(ErrorCode.BAD_DELTA, "compressed chunk for {} refused: {}".format(
             path, exc))

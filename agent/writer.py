@@ -24,11 +24,12 @@ WORKERS = 4
 
 
 class Outcome(NamedTuple):
-    seq: int
+    seq: int  # -1 for a job on several paths (a batch)
     path: str
     result: Any  # the job's return value, when error is None
     error: Optional[BaseException]
     trace: str  # the formatted traceback of an unexpected error
+    paths: List[str]  # every path the job was on
 
 
 class WritePool:
@@ -62,15 +63,24 @@ class WritePool:
         return False
 
     def submit(self, seq: int, path: str, job: Callable[[], Any]) -> None:
-        self._count(path, 1)
-        self.outstanding += 1
-        self._executor.submit(self._run, seq, path, job)
+        self._submit(seq, [path], job)
 
-    def _run(self, seq: int, path: str, job: Callable[[], Any]) -> None:
+    def submit_batch(self, paths: List[str], job: Callable[[], Any]) -> None:
+        """A job on several paths (seq -1 in its outcome); each counts as busy until done."""
+        self._submit(-1, paths, job)
+
+    def _submit(self, seq: int, paths: List[str], job: Callable[[], Any]) -> None:
+        for path in paths:
+            self._count(path, 1)
+        self.outstanding += 1
+        self._executor.submit(self._run, seq, paths, job)
+
+    def _run(self, seq: int, paths: List[str], job: Callable[[], Any]) -> None:
+        path = paths[0] if len(paths) == 1 else ""
         try:
-            outcome = Outcome(seq, path, job(), None, "")
+            outcome = Outcome(seq, path, job(), None, "", paths)
         except BaseException as exc:  # handed to the main thread, which answers for it
-            outcome = Outcome(seq, path, None, exc, traceback.format_exc())
+            outcome = Outcome(seq, path, None, exc, traceback.format_exc(), paths)
         with self._lock:
             self._done.append(outcome)
         try:
@@ -92,7 +102,8 @@ class WritePool:
             finished = list(self._done)
             self._done.clear()
         for outcome in finished:
-            self._count(outcome.path, -1)
+            for path in outcome.paths:
+                self._count(path, -1)
             self.outstanding -= 1
         return finished
 

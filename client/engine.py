@@ -226,6 +226,9 @@ class SyncEngine(PathPasses):
                     if self.queue.queued:
                         continue
                 timeout = self._next_wake(now)
+                self.link.close_batch()  # nothing more to add to it now
+                if not self.queue.queued:
+                    self.bursting = False
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
         finally:
@@ -350,6 +353,15 @@ class SyncEngine(PathPasses):
         if flight.op is not Op.DICTIONARY:
             self.queue.sent(flight.owner)
         future = self.link.submit(message)
+        future.add_done_callback(lambda done: self._on_reply(seq, done))
+
+    def _submit_batched(self, seq: int, path: str, mode: int, content: bytes,
+                        flight: InFlight) -> None:
+        """A small whole file of a burst: it travels in a WriteBatch with its neighbours."""
+        self.window.add(seq, flight)
+        self.queue.sent(flight.owner)
+        _, level, _ = self.packing.packer(burst=True)
+        future = self.link.submit_batched(seq, path, mode, content, self.packing.code, level)
         future.add_done_callback(lambda done: self._on_reply(seq, done))
 
     def _on_reply(self, seq: int, future: asyncio.Future[Reply]) -> None:

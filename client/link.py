@@ -11,6 +11,7 @@ moves bytes and matches replies; it makes no sync decisions.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import time
@@ -19,10 +20,10 @@ from typing import Any
 
 from lsync.client.errors import ConnectError, InternalError, LinkBroken, internal_error
 from lsync.client.streams import AgentStream
-from lsync.protocol import PROTOCOL_VERSION
+from lsync.protocol import PROTOCOL_VERSION, packing
 from lsync.protocol import messages as m
 from lsync.protocol.connection import CLIENT, Connection
-from lsync.protocol.errors import ErrorCode, ProtocolError
+from lsync.protocol.errors import AckStatus, ErrorCode, ProtocolError
 from lsync.protocol.paths import relpath_problem
 
 Reply = m.Ack | m.Error
@@ -33,6 +34,38 @@ PING_EVERY = 5.0  # seconds between liveness pings while nothing else is outstan
 STALL = 15.0  # seconds of silence, with something outstanding, that mean a stuck link
 DRAIN_ABOVE = 1 << 20  # ask the stream for backpressure after this much was written
 COALESCE = 64 << 10  # queued messages are written at once beyond this many bytes
+BATCH_BYTES = 1 << 20  # content bytes of one WriteBatch (well under MAX_CHUNK)
+BATCH_FILES = 1024  # files in one WriteBatch
+BATCH_DELAY = 0.002  # an open batch leaves at the latest this long after its first file
+PACKING_AHEAD = 4  # batches being compressed before `drain` waits
+
+
+class _Batch:
+    """Files submitted for the next WriteBatch."""
+
+    def __init__(self, code: int, level: int, timer: asyncio.TimerHandle) -> None:
+        self.code = code
+        self.level = level
+        self.timer = timer
+        self.files: list[list[Any]] = []
+        self.contents: list[bytes] = []
+        self.size = 0
+
+
+class _Packing:
+    """A closed batch while a worker thread compresses it."""
+
+    def __init__(self, files: list[list[Any]], packed: asyncio.Future[tuple[bytes, int]]) -> None:
+        self.files = files
+        self.packed = packed
+
+
+def _pack_batch(data: bytes, code: int, level: int) -> tuple[bytes, int]:
+    """A batch's contents packed as one piece (raw when that does not pay); any thread."""
+    packed = packing.pack(data, code, level) if code != packing.PACK_RAW else data
+    if len(packed) < len(data) * 0.9:
+        return packed, code
+    return data, packing.PACK_RAW
 
 
 class AgentLink:
@@ -50,6 +83,10 @@ class AgentLink:
         self._unflushed = 0
         self._out = bytearray()  # messages of this turn of the event loop, not yet written
         self._flush_scheduled = False
+        self._batch: _Batch | None = None  # files waiting for the next WriteBatch
+        # Sent in this order once each batch is compressed: batches and messages.
+        self._outbox: collections.deque[_Packing | m.Message] = collections.deque()
+        self._outbox_moved = asyncio.Event()
         self.failure: LinkBroken | None = None
         self.internal: InternalError | None = None  # a bug ended the link (never retried)
         self.goodbye: m.Goodbye | None = None
@@ -149,6 +186,10 @@ class AgentLink:
         if self.closing and not isinstance(message, m.Goodbye):
             # Said goodbye already (a clean stop): late work is refused like a closed link.
             raise LinkBroken("the connection to the agent is closing")
+        self.close_batch()  # files submitted before this message go before it
+        if self._outbox:
+            self._outbox.append(message)  # behind a batch still being compressed
+            return
         self.conn.send(message)
         self._out += self.conn.data_to_send()
         if len(self._out) >= COALESCE:
@@ -171,8 +212,12 @@ class AgentLink:
             self._write(data)
 
     async def drain(self) -> None:
-        """Backpressure: wait while the stream holds a lot of unsent data."""
+        """Backpressure: wait while the stream holds a lot of unsent data, or too many
+        batches are being compressed."""
         self.flush()
+        while len(self._outbox) > PACKING_AHEAD and self.failure is None:
+            self._outbox_moved.clear()
+            await self._outbox_moved.wait()
         if self._unflushed >= DRAIN_ABOVE:
             self._unflushed = 0
             await self.stream.drain()
@@ -197,6 +242,73 @@ class AgentLink:
             future.cancel()
             raise
         return future
+
+    def submit_batched(self, seq: int, path: str, mode: int, content: bytes, code: int,
+                       level: int) -> asyncio.Future[Reply]:
+        """Send a small whole file as part of a WriteBatch (packed with `code` at `level`
+        together with the files submitted around it); the future resolves with its Ack or
+        Error like `submit`'s. The batch leaves when it is full, when another message is
+        sent, on `close_batch`, or BATCH_DELAY after its first file."""
+        if self.failure is not None:
+            raise self.failure
+        if self.closing:
+            raise LinkBroken("the connection to the agent is closing")
+        batch = self._batch
+        if batch is not None and (batch.code, batch.level) != (code, level):
+            self.close_batch()
+            batch = None
+        if batch is None:
+            timer = asyncio.get_running_loop().call_later(BATCH_DELAY, self._timed_close)
+            batch = self._batch = _Batch(code, level, timer)
+        future = self._expect(seq, m.Ack, m.Error)
+        batch.files.append([seq, path, mode, len(content)])
+        batch.contents.append(content)
+        batch.size += len(content)
+        if batch.size >= BATCH_BYTES or len(batch.files) >= BATCH_FILES:
+            self.close_batch()
+        return future
+
+    def _timed_close(self) -> None:
+        with contextlib.suppress(LinkBroken):  # reported through `failure` and `closed`
+            self.close_batch()
+
+    def close_batch(self) -> None:
+        """Let the open batch leave (compressed in a worker thread, then sent in order)."""
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        batch.timer.cancel()
+        loop = asyncio.get_running_loop()
+        packed = loop.run_in_executor(None, _pack_batch, b"".join(batch.contents), batch.code,
+                                      batch.level)
+        self._outbox.append(_Packing(batch.files, packed))
+        packed.add_done_callback(lambda _: self._pump())
+
+    def _pump(self) -> None:
+        """Send what the outbox holds, in order, up to the first batch still compressing."""
+        try:
+            while self._outbox and self.failure is None:
+                head = self._outbox[0]
+                if isinstance(head, _Packing):
+                    if not head.packed.done():
+                        break
+                    data, code = head.packed.result()
+                    message: m.Message = m.WriteBatch(head.files, data, code)
+                else:
+                    message = head
+                self._outbox.popleft()
+                self.conn.send(message)
+                self._out += self.conn.data_to_send()
+            self.flush()
+        except LinkBroken:
+            pass  # reported through `failure` and `closed`
+        except Exception as exc:  # a bug (compressing, encoding): ends the session visibly
+            self.internal = internal_error("sending a batch", exc)
+            self._finish(LinkBroken(f"agent link failed: {self.internal}"))
+        finally:
+            if self.failure is not None:
+                self._outbox.clear()
+            self._outbox_moved.set()
 
     async def hash_paths(self, paths: list[str]) -> list[bytes | None]:
         seq = self.next_seq()
@@ -315,6 +427,10 @@ class AgentLink:
         if not future.done():
             future.set_result(message)
 
+    def _on_acked(self, message: m.Acked) -> None:
+        for seq in message.seqs:
+            self._on_reply(m.Ack(seq, int(AckStatus.OK), ""))
+
     def _on_manifest(self, message: m.ManifestBatch) -> None:
         queue = self._manifests.get(message.seq)
         if queue is None:
@@ -343,6 +459,11 @@ class AgentLink:
             failure = LinkBroken("the agent closed the connection")
         if failure is not None and self.failure is None:
             self.failure = failure
+        if self._batch is not None:
+            self._batch.timer.cancel()
+            self._batch = None
+        self._outbox.clear()
+        self._outbox_moved.set()
         error = self.failure or LinkBroken("connection closed")
         for future in self._pending.values():
             if not future.done():
@@ -360,6 +481,7 @@ class AgentLink:
 _DISPATCH: dict[type[Any], Callable[[AgentLink, Any], None]] = {
     m.Welcome: AgentLink._on_welcome,
     m.Ack: AgentLink._on_reply,
+    m.Acked: AgentLink._on_acked,
     m.Error: AgentLink._on_reply,
     m.Hashes: AgentLink._on_reply,
     m.Pong: AgentLink._on_reply,

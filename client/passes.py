@@ -41,6 +41,8 @@ from lsync.client.scanner import (
     scan_tree,
 )
 from lsync.client.sender import (
+    BATCH_FILE_MAX,
+    SIGN_MIN,
     Packing,
     Prepared,
     RecentBases,
@@ -61,7 +63,7 @@ SETTLE_MAX = 1.0  # a file written all the time is sent anyway, this long after 
 NEW_FILE_SETTLE_SIZE = 256 << 10
 NEW_FILE_SETTLE = 0.05
 MAX_FILE = 1 << 30  # files are read whole into memory; bigger ones are reported
-BULK_QUEUE = 100  # more queued paths than this: compress for speed
+BULK_QUEUE = 100  # more queued paths than this: compress for speed, batch small files
 RENAME_MATCH = 0.5  # share of a vanished directory's files a new one must hold to be its move
 PARENT_WAIT = 0.005  # a path whose parent is not a known directory remotely waits this long
 _GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})  # lstat: no such path any more
@@ -84,12 +86,17 @@ class PathPasses:
     clock: Callable[[], float]
     seen_until: Callable[[], int]
     _queued_dirs: set[str]
+    bursting = False  # many paths were queued, and the queue has not run dry since
 
     def mark_dirty(self, paths: Iterable[str], since: float | None = None,
                    hint: bool = True) -> None:
         raise NotImplementedError
 
     def _submit(self, message: m.Message, flight: InFlight) -> None:
+        raise NotImplementedError
+
+    def _submit_batched(self, seq: int, path: str, mode: int, content: bytes,
+                        flight: InFlight) -> None:
         raise NotImplementedError
 
     async def _reconcile(self, path: str, record: PathRecord,
@@ -311,9 +318,10 @@ class PathPasses:
 
     async def _send_content(self, path: str, content: bytes, mode: int, digest: bytes,
                             remote: RemoteEntry | None, since: float,
-                            prepared: Prepared | None) -> Signature:
+                            prepared: Prepared | None) -> Signature | None:
         """Send the new content as a delta against the remote version when that is smaller
-        (and fits in a frame), else whole in chunks; returns the new version's signature."""
+        (and fits in a frame), else whole in chunks or in a batch; returns the new version's
+        signature (None for a small file of a burst: not worth its time and memory)."""
         seq = self.link.next_seq()
         if (remote is not None and remote.kind == FILE and remote.digest is not None
                 and remote.signature is not None):
@@ -326,12 +334,25 @@ class PathPasses:
                                              nbytes=len(content), wire=len(delta.delta)))
                 await self.link.drain()
                 return new_signature
-        elif prepared is not None:
+        # (A burst lasts until the queue runs dry: its tail is batched too.)
+        self.bursting = burst = self.bursting or self.queue.queued > BULK_QUEUE
+        if burst and len(content) <= BATCH_FILE_MAX:
+            # One of many new files: it travels with its neighbours in one compressed batch,
+            # and unsigned when small (its first edit is sent whole; bigger ones are
+            # signed here or, once in sync, by the engine).
+            self._submit_batched(seq, path, mode, content,
+                                 InFlight(path, Op.WRITE, path, since, nbytes=len(content),
+                                          wire=len(content)))
+            await self.link.drain()
+            if len(content) < SIGN_MIN:
+                return None
+            return prepared.signature if prepared and prepared.signature else signature(content)
+        if prepared is not None and prepared.signature is not None:
             new_signature = prepared.signature
         else:
             new_signature = signature(content)
-        packer = self.packing.packer(burst=self.queue.queued > BULK_QUEUE)
-        if prepared is not None and prepared.packer == packer:
+        packer = self.packing.packer(burst=burst)
+        if prepared is not None and prepared.packer == packer and prepared.pieces is not None:
             pieces = prepared.pieces
         elif len(content) > SETTLE_SIZE:
             pieces = await asyncio.to_thread(pieces_of, content, packer)

@@ -25,6 +25,7 @@ those paths).
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -62,7 +63,9 @@ class PathQueue:
     def __init__(self, hold_max: float = 2.0) -> None:
         self.hold_max = hold_max  # longest a path waits for its writer to close it
         self.records: dict[str, PathRecord] = {}
-        self._queue: dict[str, None] = {}  # QUEUED paths, in order
+        # QUEUED paths, in order (an OrderedDict: taking from the front of a plain dict
+        # walks over the slots of every key deleted before, quadratic in a long burst).
+        self._queue: OrderedDict[str, None] = OrderedDict()
         self._timed: set[str] = set()  # HELD and FAILED paths: what `wake` looks at
         self._failed = 0  # FAILED records (so that `idle` is one comparison)
         self._ticks: list[tuple[int, str]] = []  # (tick, path), lazily pruned: the watermark
@@ -192,8 +195,7 @@ class PathQueue:
     def take(self) -> tuple[str, PathRecord] | None:
         """The next QUEUED path, now READING."""
         while self._queue:
-            path = next(iter(self._queue))
-            del self._queue[path]
+            path, _ = self._queue.popitem(last=False)
             record = self.records[path]
             if record.state is State.QUEUED:
                 self._to(record, State.READING)

@@ -33,6 +33,8 @@ RECENT_BYTES = 32 << 20  # contents of recently sent small files: bases of zdict
 PREFETCH = 16  # queued files read, hashed and compressed ahead in worker threads
 PREFETCH_MAX = 8 << 20  # bigger files are read when their turn comes
 PREFETCH_WORKERS = 2
+BATCH_FILE_MAX = 256 << 10  # whole new files of a burst up to this size travel in batches
+SIGN_MIN = 64 << 10  # smaller files of a burst are not signed (their first edit goes whole)
 DICTIONARY_SAMPLES = 16
 DICTIONARY_SAMPLE_MAX = 256 << 10  # files sampled for the preset dictionary are this small
 # Per packing: its code, its level in bursts, in bursts over a long link (bound by the SSH
@@ -100,13 +102,14 @@ def delta_message(seq: int, path: str, mode: int, base_digest: bytes, base: Sign
 
 @dataclass(slots=True)
 class Prepared:
-    """A file read, hashed, cut into compressed pieces and signed ahead of its turn."""
+    """A file read and hashed ahead of its turn; cut into compressed pieces unless small
+    enough to travel in a batch (`pieces` None), signed unless smaller than SIGN_MIN."""
 
     content: bytes
     entry: LocalEntry
     packer: Packer
-    pieces: Pieces
-    signature: Signature
+    pieces: Pieces | None
+    signature: Signature | None
 
 
 def _prepare(root: Path, path: str, cache: HashCache, packer: Packer) -> Prepared | None:
@@ -115,7 +118,10 @@ def _prepare(root: Path, path: str, cache: HashCache, packer: Packer) -> Prepare
         content, entry = read_file_stable(root, path, cache, limit=PREFETCH_MAX)
     except (OSError, ScanError):
         return None  # not a file, too big, unstable, gone: its turn will sort it out
-    return Prepared(content, entry, packer, pieces_of(content, packer), signature(content))
+    size = len(content)
+    return Prepared(content, entry, packer,
+                    pieces_of(content, packer) if size > BATCH_FILE_MAX else None,
+                    signature(content) if size >= SIGN_MIN else None)
 
 
 def sign_local(root: Path, path: str, cache: HashCache, digest: bytes,

@@ -5,4 +5,4 @@ send. Nothing in this package touches files, sockets, clocks or asyncio, and it 
 oldest Python the agent supports (3.6) with the standard library plus msgpack.
 """
 
-PROTOCOL_VERSION = 2  # 2: manifest entries carry `written` (what lsync made)
+PROTOCOL_VERSION = 3  # 2: manifest entries carry `written` (what lsync made); 3: WriteBatch

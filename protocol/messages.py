@@ -29,6 +29,8 @@ MAX_DICTIONARY = 32768
 MAX_CHUNK = 8 * 1024 * 1024
 # Most paths one HashPaths may ask for (the client asks in batches of 2,000).
 MAX_HASH_PATHS = 10000
+# Most files one WriteBatch may carry; their contents together inflate to at most MAX_CHUNK.
+MAX_BATCH_FILES = 4096
 # Most items of any array (and entries of any map) in a message, checked while unpacking.
 MAX_ARRAY_LEN = 4 * MAX_HASH_PATHS
 MAX_MAP_LEN = 1024
@@ -136,6 +138,22 @@ class WriteDelta(NamedTuple):
     delta: bytes
 
 
+class WriteBatch(NamedTuple):
+    """Client → agent: many small whole files in one message, each its own operation.
+
+    `files` are ``[seq, path, mode, size]``; `data` is their contents one after the other,
+    packed as one piece (`packing`, as for WriteFile: one compression context for them
+    all, which compresses far better than file by file). They inflate to exactly the sum of
+    the sizes, at most `MAX_CHUNK` bytes. The agent writes each file as a WriteFile of one
+    chunk would be written and answers each seq (`Acked` for those that succeeded, an
+    `Error` each for the others); a batch it cannot unpack fails every file in it.
+    """
+
+    files: List[List[Any]]
+    data: bytes
+    packing: int
+
+
 class Delete(NamedTuple):
     """Client → agent: remove a file, a symlink, or an empty directory.
 
@@ -206,6 +224,12 @@ class Ack(NamedTuple):
     detail: str
 
 
+class Acked(NamedTuple):
+    """Agent → client: the operations `seqs` succeeded (each as an `Ack` with status OK)."""
+
+    seqs: List[int]
+
+
 class Error(NamedTuple):
     """Agent → client: operation `seq` failed with `code`; nothing was half-done."""
 
@@ -235,8 +259,8 @@ class Goodbye(NamedTuple):
 
 Message = Union[
     Hello, Welcome, ListTree, ManifestBatch, HashPaths, Hashes, WriteFile, WriteDelta,
-    Delete, Rename, Copy, Mkdir, Symlink, SetMode, SetDictionary, Ack, Error, Ping, Pong,
-    Goodbye,
+    Delete, Rename, Copy, Mkdir, Symlink, SetMode, SetDictionary, WriteBatch, Ack, Acked,
+    Error, Ping, Pong, Goodbye,
 ]
 
 # Operations: messages that carry a seq and are answered by Ack or Error.
@@ -305,6 +329,20 @@ def _is_bool_map(value: Any) -> bool:
     )
 
 
+def _is_uint_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_uint(v) for v in value)
+
+
+def _is_batch_files(value: Any) -> bool:
+    if not isinstance(value, list) or not value or len(value) > MAX_BATCH_FILES:
+        return False
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 4 and _is_uint(item[0])
+                and _is_str(item[1]) and _is_uint(item[2]) and _is_uint(item[3])):
+            return False
+    return True
+
+
 def _is_manifest_entries(value: Any) -> bool:
     if not isinstance(value, list):
         return False
@@ -342,7 +380,9 @@ SCHEMA: Dict[int, Tuple[Any, str, Tuple[FieldCheck, ...]]] = {
     26: (Symlink, "c", (_is_uint, _is_str, _is_str)),
     27: (SetMode, "c", (_is_uint, _is_str, _is_uint)),
     28: (SetDictionary, "c", (_is_uint, _is_bytes)),
+    29: (WriteBatch, "c", (_is_batch_files, _is_bytes, _is_uint)),
     40: (Ack, "a", (_is_uint, _is_uint, _is_str)),
+    42: (Acked, "a", (_is_uint_list,)),
     41: (Error, "a", (_is_uint, _is_uint, _is_str)),
     50: (Ping, "ca", (_is_uint,)),
     51: (Pong, "ca", (_is_uint,)),

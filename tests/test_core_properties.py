@@ -873,20 +873,26 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 # Reduced sequences that failed before the core fixes of 0fc9d6a (moved subtrees):
-@example(steps=[Chmod(0), MoveDir(0, 1, "a", back=False)], final_overflow=False)
+@example(steps=[Chmod(0), MoveDir(0, 1, "a", back=False)], final_overflow=False,
+         batched=False)
 @example(steps=[MoveDir(0, 3, "a", back=False), MoveDir(3, 9, "a", back=False)],
-         final_overflow=False)
+         final_overflow=False, batched=False)
 @settings(max_examples=200, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
-@given(steps=STEPS, final_overflow=st.booleans())
+@given(steps=STEPS, final_overflow=st.booleans(), batched=st.booleans())
 def test_remote_converges_to_local_and_keeps_build_outputs_whatever_happens(
-        home: Path, steps: list[Step], final_overflow: bool) -> None:
-    """Properties (a)-(d) of the module docstring after any sequence of steps."""
+        home: Path, steps: list[Step], final_overflow: bool, batched: bool) -> None:
+    """Properties (a)-(d) of the module docstring after any sequence of steps; `batched`:
+    every new small file travels in a WriteBatch, as in a burst (whatever the queue)."""
     base = Path(tempfile.mkdtemp(dir=home.parent))
+    bulk_queue = passes_module.BULK_QUEUE
     try:
+        if batched:
+            passes_module.BULK_QUEUE = 0
         asyncio.run(_run_example(base, steps, final_overflow))
     finally:
+        passes_module.BULK_QUEUE = bulk_queue
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -26,6 +26,9 @@ def _run(root, messages, pooled):
     for reply in sent:
         if isinstance(reply, m.Ack):
             replies[reply.seq] = ("ack", reply.status)
+        elif isinstance(reply, m.Acked):
+            for seq in reply.seqs:
+                replies[seq] = ("ack", 0)
         elif isinstance(reply, m.Error):
             replies[reply.seq] = ("error", reply.code)
     return replies
@@ -51,10 +54,24 @@ def _workload(seed):
     names = ["d{}/f{}".format(rng.randrange(6), i) for i in range(40)]
     names += ["d1", "d2/f3/x", "d3/sub/deep", "d0/f1"]
     messages = []
-    for seq in range(1, 301):
+    seqs = iter(range(1, 10 ** 6))
+    for seq in seqs:
+        if seq > 300:
+            break
         path = rng.choice(names)
         kind = rng.random()
-        if kind < 0.65:
+        if kind < 0.1:
+            files, contents = [], []
+            for _ in range(rng.randrange(1, 6)):
+                data = os.urandom(rng.randrange(0, 500)) + b"y" * rng.randrange(0, 2000)
+                files.append([seq, rng.choice(names), rng.choice([0o644, 0o755]), len(data)])
+                contents.append(data)
+                seq = next(seqs)
+            joined = b"".join(contents)
+            packed = rng.random() < 0.5
+            messages.append(m.WriteBatch(files, zlib.compress(joined) if packed else joined,
+                                         int(packed)))
+        elif kind < 0.65:
             data = os.urandom(rng.randrange(0, 3000)) + b"x" * rng.randrange(0, 5000)
             packed = rng.random() < 0.5
             messages.append(m.WriteFile(seq, path, rng.choice([0o644, 0o755]), 0,
@@ -73,7 +90,7 @@ def _workload(seed):
     return messages
 
 
-def test_pooled_writes_match_sequential_handling():
+def test_pooled_writes_and_batches_match_sequential_handling():
     for seed in range(5):
         messages = _workload(seed)
         plain, pooled = TempTree(), TempTree()

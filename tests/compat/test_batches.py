@@ -1,0 +1,130 @@
+"""WriteBatch: many small files in one message, each its own operation and answer."""
+
+import os
+import stat
+import zlib
+
+from lsync.agent import confined
+from lsync.protocol import hashing
+from lsync.protocol import messages as m
+from lsync.protocol.errors import ErrorCode, ProtocolError
+from tests.compat.helpers import Pair, TempTree, manifest
+
+
+def _session():
+    tree = TempTree()
+    pair = Pair(tree.root)
+    welcome = pair.pump()
+    assert isinstance(welcome[0], m.Welcome), welcome
+    return tree, pair, welcome[0].chosen["hash"]
+
+
+def _batch(files, packed=True):
+    """[(seq, path, mode, content)] as one WriteBatch."""
+    joined = b"".join(content for _, _, _, content in files)
+    return m.WriteBatch([[seq, path, mode, len(content)] for seq, path, mode, content in files],
+                        zlib.compress(joined) if packed else joined, int(packed))
+
+
+def _answers(replies):
+    out = {}
+    for reply in replies:
+        if isinstance(reply, m.Acked):
+            for seq in reply.seqs:
+                out[seq] = "ok"
+        elif isinstance(reply, m.Error):
+            out[reply.seq] = ErrorCode(reply.code)
+    return out
+
+
+def _no_temp_files(tree):
+    return [p for p in tree.listing() if confined.TEMP_PREFIX in p] == []
+
+
+def test_batch_writes_every_file_with_its_mode_and_acks_them_in_one_answer():
+    tree, pair, algorithm = _session()
+    try:
+        files = [(1, "a.c", 0o644, b"int a;\n" * 50), (2, "d/b.c", 0o755, b""),
+                 (3, "d/e/c.h", 0o600, b"#define C 1\n")]
+        pair.client.send(_batch(files))
+        replies = pair.pump()
+        assert replies == [m.Acked([1, 2, 3])]
+        for _, path, mode, content in files:
+            assert tree.read(path) == content
+            assert stat.S_IMODE(os.stat(tree.path(path)).st_mode) == mode
+        entries = manifest(pair, 4)
+        # The agent knows the digests and that lsync wrote them (the `written` field).
+        assert entries["a.c"][5] == hashing.digest_of(algorithm, b"int a;\n" * 50)
+        assert entries["d/e/c.h"][7] == hashing.digest_of(algorithm, b"#define C 1\n")
+        assert _no_temp_files(tree)
+    finally:
+        tree.cleanup()
+
+
+def test_a_refused_file_fails_alone_and_its_neighbours_are_written():
+    tree, pair, _ = _session()
+    try:
+        os.mkdir(tree.path("dir"))
+        pair.client.send(_batch([(1, "ok1", 0o644, b"one"), (2, "../escape", 0o644, b"evil"),
+                                 (3, "dir", 0o644, b"over a directory"),
+                                 (4, "ok2", 0o644, b"two")], packed=False))
+        answers = _answers(pair.pump())
+        assert answers == {1: "ok", 2: ErrorCode.BAD_PATH, 3: ErrorCode.TYPE_CONFLICT, 4: "ok"}
+        assert tree.read("ok1") == b"one" and tree.read("ok2") == b"two"
+        assert os.path.isdir(tree.path("dir"))
+        assert not os.path.exists(os.path.join(os.path.dirname(tree.root), "escape"))
+        assert _no_temp_files(tree)
+    finally:
+        tree.cleanup()
+
+
+def test_a_batch_whose_data_does_not_match_its_sizes_fails_every_file_and_writes_none():
+    tree, pair, _ = _session()
+    try:
+        short = m.WriteBatch([[1, "a", 0o644, 10], [2, "b", 0o644, 10]], zlib.compress(b"x" * 15),
+                             1)
+        pair.client.send(short)
+        assert _answers(pair.pump()) == {1: ErrorCode.BAD_REQUEST, 2: ErrorCode.BAD_REQUEST}
+        # More data than the sizes say (a bomb is cut off at the sizes' sum).
+        bomb = m.WriteBatch([[3, "c", 0o644, 10]], zlib.compress(b"\0" * (m.MAX_CHUNK + 1)), 1)
+        pair.client.send(bomb)
+        assert _answers(pair.pump()) == {3: ErrorCode.BAD_DELTA}
+        garbage = m.WriteBatch([[4, "d", 0o644, 3]], b"not zlib", 1)
+        pair.client.send(garbage)
+        assert _answers(pair.pump()) == {4: ErrorCode.BAD_DELTA}
+        too_big = m.WriteBatch([[5, "e", 0o644, m.MAX_CHUNK], [6, "f", 0o644, 1]], b"", 0)
+        pair.client.send(too_big)
+        assert _answers(pair.pump()) == {5: ErrorCode.BAD_REQUEST, 6: ErrorCode.BAD_REQUEST}
+        assert not any(os.path.exists(tree.path(name)) for name in "abcdef")
+        assert _no_temp_files(tree)
+    finally:
+        tree.cleanup()
+
+
+def test_malformed_batches_are_refused_at_the_decode_boundary():
+    bad = [
+        [29, [], b"", 0],  # no files
+        [29, [[1, "a", 0o644]], b"", 0],  # an entry of three fields
+        [29, [[1, 2, 0o644, 0]], b"", 0],  # a path that is not a string
+        [29, [[-1, "a", 0o644, 0]], b"", 0],  # a negative seq
+        [29, [[i, "a", 0o644, 0] for i in range(m.MAX_BATCH_FILES + 1)], b"", 0],
+        [29, [[1, "a", 0o644, 0]], "text", 0],  # data that is not bytes
+    ]
+    import msgpack
+    for obj in bad:
+        try:
+            m.decode_message(msgpack.packb(obj, use_bin_type=True), "c")
+        except ProtocolError as exc:
+            assert exc.code == ErrorCode.MALFORMED_FRAME, obj[:2]
+        else:
+            raise AssertionError("accepted {}".format(obj[:2]))
+    # And only a client may send one.
+    good = [29, [[1, "a", 0o644, 1]], b"x", 0]
+    assert isinstance(m.decode_message(msgpack.packb(good, use_bin_type=True), "c"),
+                      m.WriteBatch)
+    try:
+        m.decode_message(msgpack.packb(good, use_bin_type=True), "a")
+    except ProtocolError as exc:
+        assert exc.code == ErrorCode.UNEXPECTED_MESSAGE
+    else:
+        raise AssertionError("an agent's WriteBatch was accepted")

@@ -1,0 +1,139 @@
+"""Small new files of a burst travel in WriteBatch messages (issue 10): fewer messages, one
+compression context, one answer; and nothing about convergence changes.
+
+The core runs against the real agent service through in-memory byte streams
+(tests/memagent.py), as in tests/test_core_properties.py, whose rig this module reuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from lsync.client.link import AgentLink
+from lsync.protocol import PROTOCOL_VERSION, hashing, packing
+from lsync.protocol import messages as m
+from lsync.protocol.errors import ErrorCode
+from tests.conftest import c_like_text
+from tests.memagent import MemoryAgentStream
+from tests.test_core_properties import STEP_TIMEOUT, Rig
+from tests.test_core_properties import home as home  # (a fixture)
+from tests.test_core_properties import rig as rig  # (a fixture)
+
+
+def _count_messages(rig: Rig) -> Counter[str]:
+    """Count, by type, the messages the current agent handles from now on."""
+    counts: Counter[str] = Counter()
+    service = rig.stream.service
+    handle = service.handle
+
+    def counting(message: m.Message) -> None:
+        counts[type(message).__name__] += 1
+        handle(message)
+
+    service.handle = counting  # type: ignore[method-assign]
+    return counts
+
+
+def _many_files(rig: Rig, n: int) -> dict[str, bytes]:
+    rng = random.Random(n)
+    files = {f"d{i % 7}/s{i % 3}/f{i}.c": c_like_text(rng, rng.randrange(0, 6000))
+             for i in range(n)}
+    for rel, data in files.items():
+        (rig.local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (rig.local / rel).write_bytes(data)
+    return files
+
+
+def test_initial_sync_of_many_small_files_travels_in_a_few_batches(rig: Rig) -> None:
+    files = _many_files(rig, 600)
+
+    async def scenario() -> None:
+        await rig.connect()
+        counts = _count_messages(rig)
+        await rig.converged()
+        assert not rig.problems(), rig.problems()
+        for rel, data in files.items():
+            assert (rig.remote / rel).read_bytes() == data
+        # 600 files: a handful of batches, not 600 messages (a few may go alone at the
+        # end of the burst, when the queue is short again).
+        assert counts["WriteBatch"] >= 1
+        assert counts["WriteBatch"] + counts["WriteFile"] < 150, counts
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_file_refused_inside_a_batch_fails_alone_and_converges_once_possible(
+        rig: Rig) -> None:
+    files = _many_files(rig, 300)
+    blocked = sorted(files)[150]
+    (rig.remote / blocked).parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(rig.remote / blocked)  # not in the manifest; the agent refuses to replace it
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.quiet()
+        failing = rig.engine.queue.failing()
+        assert list(failing) == [blocked], failing
+        for rel, data in files.items():
+            if rel != blocked:
+                assert (rig.remote / rel).read_bytes() == data
+        (rig.remote / blocked).unlink()
+        await rig.converged()
+        assert (rig.remote / blocked).read_bytes() == files[blocked]
+        assert not rig.engine.queue.failing()
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("after", [1, 3])
+def test_link_cut_while_batches_are_in_flight_converges_after_reconnecting(
+        rig: Rig, after: int) -> None:
+    files = _many_files(rig, 800)
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.cut(after)
+        await rig.converged()
+        assert not rig.problems(), rig.problems()
+        assert len(rig.streams) == 2
+        for rel, data in files.items():
+            assert (rig.remote / rel).read_bytes() == data
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_message_sent_after_batched_files_is_never_applied_before_them(
+        home: Path) -> None:
+    """The batch is compressed in a worker thread; what is sent meanwhile waits for it."""
+    remote = home.parent / "order-remote"
+
+    async def scenario() -> None:
+        stream = MemoryAgentStream()
+        link = AgentLink(stream)
+        link.start(m.Hello(PROTOCOL_VERSION, {"hash": [hashing.BLAKE2B_128],
+                                              "compression": [packing.ZLIB]},
+                           str(remote), {"create_root": True}))
+        await link.welcome(STEP_TIMEOUT)
+        content = b"int x;\n" * 20000
+        written = [link.submit_batched(link.next_seq(), f"f{i}", 0o644, content,
+                                       packing.PACK_ZLIB, 9) for i in range(3)]
+        renamed = link.submit(m.Rename(link.next_seq(), "f2", "g2"))
+        missing = link.submit(m.Rename(link.next_seq(), "nothing", "g3"))
+        replies = await asyncio.wait_for(asyncio.gather(*written, renamed, missing),
+                                         STEP_TIMEOUT)
+        assert all(isinstance(r, m.Ack) for r in replies[:4]), replies
+        assert isinstance(replies[4], m.Error) and replies[4].code == ErrorCode.NOT_FOUND
+        assert (remote / "g2").read_bytes() == content and not (remote / "f2").exists()
+        assert (remote / "f0").read_bytes() == content
+        await link.close()
+
+    asyncio.run(scenario())
