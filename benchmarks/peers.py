@@ -138,7 +138,7 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-class _RemoteFile:
+class RemoteFile:
     """Checks whether one remote file holds the expected bytes, reading it only when needed."""
 
     def __init__(self, path: Path, expected: bytes) -> None:
@@ -170,7 +170,7 @@ def wait_identical(
     remote_path: Path, expected: bytes, timeout: float, poll: float = POLL_SECONDS
 ) -> float | None:
     """Poll until `remote_path` holds exactly `expected`; return perf_counter() then, or None."""
-    remote = _RemoteFile(remote_path, expected)
+    remote = RemoteFile(remote_path, expected)
     deadline = time.perf_counter() + timeout
     while True:
         now = time.perf_counter()
@@ -192,7 +192,7 @@ def wait_all_identical(
     expected: Sequence[tuple[Path, bytes]], t0: float, timeout: float, poll: float = POLL_SECONDS
 ) -> BurstResult:
     """Poll until every remote path holds its bytes; times are measured from `t0`."""
-    pending = [_RemoteFile(p, data) for p, data in expected]
+    pending = [RemoteFile(p, data) for p, data in expected]
     deadline = t0 + timeout
     while True:
         now = time.perf_counter()

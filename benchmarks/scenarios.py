@@ -927,9 +927,10 @@ def scenario_h_save_during_bulk(bench: Bench, spec: LinkSpec) -> None:
 def _h_during_initial_sync(bench: Bench, spec: LinkSpec) -> None:
     """lsync starts on a copy of the bulk tree (hard links, the files to save unshared) into an
     empty remote that nothing remembers; while the initial sync runs, small files it has
-    already written remotely (their directories exist there) are rewritten one at a time (one
-    line changed, bulk_gap apart) and each is timed until the remote copy is identical. Saves
-    stop when the "ready" line comes; only saves made before it count."""
+    already written remotely (their directories exist there) are rewritten (one line changed),
+    one every `bulk_gap` seconds whether the previous one is done or not, and each is timed
+    from the end of its save until the remote copy is identical (all polled every ~1 ms).
+    Saves stop at the "ready" line: only saves made before it count."""
     tree = bench.s.bulk_tree
     target, limit = h_target(spec)
     row = bench.row(f"h. a save during the initial sync of the {tree} tree -> identical "
@@ -948,46 +949,55 @@ def _h_during_initial_sync(bench: Bench, spec: LinkSpec) -> None:
     wanted = bench.s.saves
     timeout = bench.s.save_timeout if bench.s.short else 120.0
     latencies: list[float] = []
-    missed = tried = 0
+    missed = made = 0
     initial: float | None = None
     with bench.link(spec, remote) as (link, proxy):
         w = bench.lsync(link, local=local, name=f"lsync-bulk-{tree}", verbose=False,
                         cache_home=cache)
         try:
             w.spawn()
-            unused = list(pool)
+            unused = list(pool)  # not saved yet; checked a few at a time for presence
+            synced: list[str] = []  # written remotely by lsync (identical to the original)
+            pending: list[tuple[float, peers.RemoteFile]] = []  # (end of save, remote copy)
             next_at = 0.0
-            while tried < wanted and not w.is_ready() and w.alive():
-                found: list[str] = []
-
-                def synced_file(found: list[str] = found) -> bool:
-                    """A file of the pool that lsync has already written remotely."""
-                    for rel in unused:
+            scan = 0
+            while True:
+                now = time.perf_counter()
+                for item in list(pending):
+                    t0, rf = item
+                    if rf.identical(now):
+                        latencies.append(now - t0)
+                        pending.remove(item)
+                    elif now - t0 > timeout:
+                        missed += 1
+                        pending.remove(item)
+                busy = made < wanted and not w.is_ready() and w.alive()
+                if not busy and not pending:
+                    break
+                if busy and unused:
+                    for _ in range(min(10, len(unused))):  # a few stats per turn
+                        scan %= len(unused)
+                        rel = unused[scan]
                         if _holds(remote / rel, originals[rel]):
-                            found.append(rel)
-                            return True
-                    return w.is_ready() or not w.alive()
-
-                wait_until(synced_file, timeout=600.0, poll=0.01)
-                if not found:
-                    break
-                rel = found[0]
-                while time.perf_counter() < next_at and not w.is_ready():
-                    time.sleep(0.005)  # spacing the saves by time
-                if w.is_ready():
-                    break
-                unused.remove(rel)
-                data = trees.one_line_edit(originals[rel], seed=300 + tried)
-                t0 = peers.save_file(local / rel, data)
-                if w.is_ready():
-                    break  # the initial sync ended as the save was made: not counted
-                t1 = peers.wait_identical(remote / rel, data, timeout)
-                tried += 1
-                if t1 is None:
-                    missed += 1
-                else:
-                    latencies.append(t1 - t0)
-                next_at = time.perf_counter() + bench.s.bulk_gap
+                            synced.append(rel)
+                            unused.pop(scan)
+                        else:
+                            scan += 1
+                        if not unused:
+                            break
+                if busy and synced and now >= next_at:
+                    rel = synced.pop(0)
+                    data = trees.one_line_edit(originals[rel], seed=300 + made)
+                    t0 = peers.save_file(local / rel, data)
+                    if w.is_ready():
+                        # the initial sync ended as the save was made: not counted, and no
+                        # more saves
+                        made = wanted
+                    else:
+                        made += 1
+                        pending.append((t0, peers.RemoteFile(remote / rel, data)))
+                        next_at = t0 + bench.s.bulk_gap
+                time.sleep(peers.POLL_SECONDS)
             w.wait_ready(timeout=900.0)
             initial = w.startup_seconds
             wait_quiet(proxy, quiet_for(spec), limit=60.0)
@@ -1002,6 +1012,7 @@ def _h_during_initial_sync(bench: Bench, spec: LinkSpec) -> None:
                    f"{w.exit_status} after SIGINT; log: {w.log}")
     problem = differing_content(local, remote)
     when = "?" if initial is None else f"{initial:.1f} s"
+    tried = len(latencies) + missed
     if tried:
         cell = _h_cell(latencies, missed, tried, wanted, timeout, limit)
         cell.text += f" (initial sync {when})"
