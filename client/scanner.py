@@ -2,9 +2,13 @@
 
 Promises:
 - Symlinks are never followed: a link is reported as a link with its target, even when it
-  points to a directory, and no path is ever resolved through a symlinked directory
-  (directories are opened one component at a time with O_NOFOLLOW, relative to their
-  parent's descriptor). The local root itself may be a symlink.
+  points to a directory, and no path is ever resolved through a symlinked directory nor
+  outside the root. A scan opens directories one at a time with O_NOFOLLOW, relative to
+  their parent's descriptor; a single path (`stat_path`, `lstat_confined`,
+  `read_file_stable`, `scan_dir`) is reached through `confined_open`: one openat2(2) call
+  with RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH relative to a kept descriptor of the root where
+  Linux offers it, else the same one-component-at-a-time walk. The local root itself may be
+  a symlink.
 - Ignored paths (`IgnoreRules`) are skipped and ignored directories are never entered.
   Sockets, FIFOs and devices are skipped. The root is not part of the result.
 - File content is never torn. A file is stat'ed before reading, then read through a
@@ -35,6 +39,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
+from lsync.client.confined_open import DIR_FLAGS as _DIR_FLAGS
+from lsync.client.confined_open import Parent, lstat_below
+from lsync.client.confined_open import open_parent as _open_parent
 from lsync.client.hashcache import HashCache, Hasher
 from lsync.client.ignore import IgnoreRules
 
@@ -44,7 +51,6 @@ INLINE_LIMIT = 64 << 20  # read_file_stable refuses bigger files
 CHUNK_SIZE = 1 << 20  # read size for big files
 MAX_ATTEMPTS = 3  # reads of a changing file before UnstableFileError
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a path swapped for a FIFO between lstat and open must not hang us.
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 # errnos meaning "this path does not exist as a plain path any more"
@@ -114,31 +120,8 @@ def _same(a: os.stat_result, b: os.stat_result) -> bool:
     )
 
 
-def _check_rel(rel: str) -> list[str]:
-    parts = rel.split("/")
-    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"not a relative path: {rel!r}")
-    return parts
-
-
 def _open_root(root: Path) -> int:
     return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-
-def _open_parent(root: Path, rel: str) -> tuple[int, str]:
-    """A descriptor of rel's parent directory reached without following symlinks, and
-    rel's last component. Raises OSError (ENOENT, ENOTDIR, ELOOP...) on the way."""
-    parts = _check_rel(rel)
-    fd = _open_root(root)
-    try:
-        for part in parts[:-1]:
-            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, parts[-1]
 
 
 def _entry(kind: EntryKind, st: os.stat_result, digest: bytes | None = None,
@@ -244,11 +227,8 @@ def scan_tree(
         if rules.is_ignored(subdir, True):
             return result
         try:
-            parent_fd, name = _open_parent(root, subdir)
-            try:
-                top_fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-            finally:
-                os.close(parent_fd)
+            with _open_parent(root, subdir) as parent:
+                top_fd = os.open(parent.name, _DIR_FLAGS, dir_fd=parent.fd)
         except OSError as exc:
             if exc.errno in _GONE:  # gone, or not a directory (any more)
                 return result
@@ -300,11 +280,8 @@ def scan_dir(root: Path, rel: str, rules: IgnoreRules,
         return None
     try:
         if rel:
-            parent_fd, name = _open_parent(root, rel)
-            try:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-            finally:
-                os.close(parent_fd)
+            with _open_parent(root, rel) as parent:
+                fd = os.open(parent.name, _DIR_FLAGS, dir_fd=parent.fd)
         else:
             fd = _open_root(root)
     except OSError as exc:
@@ -434,15 +411,13 @@ def stat_path(root: Path, rel: str, rules: IgnoreRules, cache: HashCache) -> Loc
     symlink or a non-directory), is ignored, or is a socket, FIFO or device.
     May raise UnstableFileError, and OSError for other failures (e.g. permissions)."""
     try:
-        dir_fd, name = _open_parent(root, rel)
+        parent = _open_parent(root, rel)
     except OSError as exc:
         if exc.errno in _GONE:
             return None
         raise
-    try:
-        return _entry_at(dir_fd, name, rel, rules, cache)
-    finally:
-        os.close(dir_fd)
+    with parent:
+        return _entry_at(parent.fd, parent.name, rel, rules, cache)
 
 
 def lstat_confined(root: Path, rel: str) -> tuple[os.stat_result, str | None] | None:
@@ -450,24 +425,14 @@ def lstat_confined(root: Path, rel: str) -> tuple[os.stat_result, str | None] | 
     gone, also below a symlink or a non-directory), and its target when it is a link.
     Raises OSError for other failures (e.g. permissions)."""
     try:
-        dir_fd, name = _open_parent(root, rel)
-    except OSError as exc:
-        if exc.errno in _GONE:
-            return None
-        raise
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        target = os.readlink(name, dir_fd=dir_fd) if stat.S_ISLNK(st.st_mode) else None
-        return st, target
+        return lstat_below(root, rel)
     except OSError as exc:
         if exc.errno in _GONE or exc.errno == errno.EINVAL:  # gone, or no longer a link
             return None
         raise
-    finally:
-        os.close(dir_fd)
 
 
-def _open_parent_or_gone(root: Path, rel: str) -> tuple[int, str]:
+def _open_parent_or_gone(root: Path, rel: str) -> Parent:
     """`_open_parent`, with a path that is gone (also below a symlink) as FileNotFoundError."""
     try:
         return _open_parent(root, rel)
@@ -487,17 +452,14 @@ def read_file_stable(
     NotRegularFileError, FileTooLargeError above `limit` (use StableFileReader),
     UnstableFileError, or another OSError.
     """
-    dir_fd, name = _open_parent_or_gone(root, rel)
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    with _open_parent_or_gone(root, rel) as parent:
+        st = os.stat(parent.name, dir_fd=parent.fd, follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode):
             raise NotRegularFileError(rel, "not a regular file")
         if st.st_size > limit:
             raise FileTooLargeError(rel, f"{st.st_size} bytes, more than {limit}")
-        content, st, digest = _read_stable(dir_fd, name, rel, cache, True, st)
+        content, st, digest = _read_stable(parent.fd, parent.name, rel, cache, True, st)
         return content, _entry("file", st, digest)
-    finally:
-        os.close(dir_fd)
 
 
 class StableFileReader:
@@ -519,9 +481,8 @@ class StableFileReader:
         self._cache = cache
         self._chunk_size = chunk_size
         self._entry: LocalEntry | None = None
-        dir_fd, name = _open_parent_or_gone(root, rel)
-        self._dir_fd = dir_fd
-        self._name = name
+        self._parent = _open_parent_or_gone(root, rel)
+        dir_fd, name = self._parent.fd, self._parent.name
         self._fd = -1
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -547,9 +508,7 @@ class StableFileReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if self._dir_fd >= 0:
-            os.close(self._dir_fd)
-            self._dir_fd = -1
+        self._parent.close()
 
     def __iter__(self) -> Iterator[bytes]:
         if self._fd < 0:
@@ -567,7 +526,7 @@ class StableFileReader:
         now = self._cache.now_ns()
         try:
             again: os.stat_result | None = os.stat(
-                self._name, dir_fd=self._dir_fd, follow_symlinks=False)
+                self._parent.name, dir_fd=self._parent.fd, follow_symlinks=False)
         except FileNotFoundError:
             again = None
         if total != self.size or not _same(self.file_stat, after) or again is None \
