@@ -7,15 +7,23 @@ a new key on first use, in which case it is appended to the user's known_hosts; 
 key, and a key marked @revoked, are always refused; `UserKnownHostsFile none` means no key
 is known (every key is unknown), never "do not verify". Channel windows are sized so that a
 long link is not window-bound.
+
+Authentication takes two round trips fewer than asyncssh's default (issue 10; see
+`_shorten_auth`): no `none` probe when public-key auth comes first anyway, and the signed
+request straight away, without asking first whether the server would take the key, for
+keys held in this process (key files). RFC 4252 allows both; a refused key costs one round
+trip, as the question did, and the next key or method is tried as before.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import asyncssh
+from asyncssh.packet import Boolean, String
 
 from lsync.client.bootstrap import MAX_INITIAL, remote_command
 from lsync.client.errors import ConnectError, HostKeyError
@@ -27,14 +35,119 @@ CHANNEL_WINDOW = 64 << 20
 MAX_PACKET = 256 << 10
 
 
+# -- shorter authentication -------------------------------------------------------------------
+#
+# asyncssh starts with a `none` request (to learn the server's methods), then for each key asks
+# whether the server would accept it (publickey without signature, answered PK_OK) before
+# sending the signed request: three round trips where one does. There is no option for either,
+# so the two shortcuts below reach into asyncssh; each checks that it finds what it expects and
+# otherwise leaves asyncssh's own behaviour untouched (tests/test_e2e_handshake.py counts the
+# requests, so an asyncssh that changes underneath shows up there).
+
+try:
+    from asyncssh.auth import _ClientPublicKeyAuth as _PublicKeyAuth
+except ImportError:  # pragma: no cover - another asyncssh: keep its handshake
+    _PublicKeyAuth = None  # type: ignore[assignment,misc]
+
+_SIGNED_FIRST_USABLE = _PublicKeyAuth is not None and all(
+    callable(getattr(_PublicKeyAuth, name, None))
+    for name in ("_start", "_send_signed_request", "send_request"))
+
+# Methods asyncssh may prefer to publickey, and how to tell that this connection cannot use
+# them (then publickey is what it would try first once the `none` probe answered).
+_UNUSABLE_BEFORE_PUBLICKEY: dict[bytes, Callable[[Any], bool]] = {
+    b"gssapi-keyex": lambda conn: conn._gss is None,
+    b"gssapi-with-mic": lambda conn: conn._gss is None,
+    b"hostbased": lambda conn: not conn._host_based_auth,
+}
+
+
+def _signs_unasked(keypair: Any) -> bool:
+    """Whether to send the signed request for `keypair` without asking first: only for keys
+    whose private half is in this process. An agent (or a PKCS#11 token) may ask the user to
+    confirm or touch for every signature, and should not be asked for a key the server then
+    refuses; so may a security key (`sk-*`) even when its handle is in a file."""
+    try:
+        return bool(keypair.get_key_type() == "local"
+                    and b"sk-" not in bytes(keypair.algorithm))
+    except (AttributeError, TypeError):
+        return False
+
+
+if _SIGNED_FIRST_USABLE:
+    class _SignedFirstPublicKeyAuth(_PublicKeyAuth):
+        """asyncssh's public-key auth, with the question "would you take this key?" replaced
+        by the signed request itself for `_signs_unasked` keys. A refusal comes back as the
+        same USERAUTH_FAILURE the question would have had, and asyncssh moves on to the next
+        key or method as usual; an accepted key saves the round trip of PK_OK."""
+
+        async def send_request(self, *args: bytes, key: Any = None,
+                               trivial: bool = True) -> None:
+            keypair = getattr(self, "_keypair", None)
+            if (key is None and keypair is not None and _signs_unasked(keypair)
+                    and args == (Boolean(False), String(keypair.algorithm),
+                                 String(keypair.public_data))):
+                await self._send_signed_request()
+                return
+            await super().send_request(*args, key=key, trivial=trivial)
+
+
+def _publickey_comes_first(conn: Any) -> bool:
+    """Whether asyncssh, after the `none` probe, would try publickey before anything else."""
+    preferred = list(conn._preferred_auth)
+    if b"publickey" not in preferred or not conn._public_key_auth:
+        return False
+    return all(method in _UNUSABLE_BEFORE_PUBLICKEY and _UNUSABLE_BEFORE_PUBLICKEY[method](conn)
+               for method in preferred[:preferred.index(b"publickey")])
+
+
+def _shorten_auth(conn: Any) -> None:
+    """Just before asyncssh begins authenticating `conn`: start with publickey instead of the
+    `none` probe, and let key-file keys go signed at once.
+
+    The method list becomes [publickey, none]: the server's first USERAUTH_FAILURE replaces
+    it with the methods the server offers (in the client's preferred order), exactly as the
+    answer to `none` would have, and when there is no key to offer at all, asyncssh moves on
+    to `none` and everything continues as without the shortcut. Does nothing unless asyncssh's
+    internals look as expected (asyncssh 2.x: `_auth_methods` is [b"none"] at this point)."""
+    try:
+        if conn._auth_methods != [b"none"] or conn._auth is not None:
+            return
+        if _publickey_comes_first(conn):
+            conn._auth_methods = [b"publickey", b"none"]
+        original = conn.try_next_auth
+    except (AttributeError, TypeError):
+        return
+    if not _SIGNED_FIRST_USABLE:
+        return
+
+    def try_next_auth(*, next_method: bool = False) -> None:
+        original(next_method=next_method)
+        auth = getattr(conn, "_auth", None)
+        # The new auth's task has not started yet: its requests go through the subclass.
+        if type(auth) is _PublicKeyAuth:
+            auth.__class__ = _SignedFirstPublicKeyAuth
+
+    conn.try_next_auth = try_next_auth
+
+
 class _TofuClient(asyncssh.SSHClient):
-    """Accepts a host key only when asked to and the host has no key on record at all."""
+    """Accepts a host key only when asked to and the host has no key on record at all; and
+    shortens authentication (`_shorten_auth`)."""
 
     def __init__(self, accept_new: bool, known_hosts_files: list[str]) -> None:
         self.accept_new = accept_new
         self.known_hosts_files = known_hosts_files
         self.accepted: tuple[str, int, asyncssh.SSHKey] | None = None
         self.rejected_reason = ""
+        self.conn: asyncssh.SSHClientConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        self.conn = conn
+
+    def begin_auth(self, username: str) -> None:
+        if self.conn is not None:
+            _shorten_auth(self.conn)
 
     def validate_host_public_key(self, host: str, addr: str, port: int,
                                  key: asyncssh.SSHKey) -> bool:
