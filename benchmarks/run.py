@@ -23,6 +23,8 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
+import hashlib
+import importlib.util
 import os
 import platform
 import subprocess
@@ -214,7 +216,35 @@ def _lsync_commit() -> str:
     return head + (" + uncommitted changes in client/agent/protocol" if dirty else "")
 
 
-def report(bench: Bench, proxy_check: str, started: dt.datetime, minutes: float) -> str:
+def _py_digest(dirs: dict[str, Path]) -> str:
+    """sha256 over the .py files (relative path and bytes) of each named directory."""
+    h = hashlib.sha256()
+    for name, base in sorted(dirs.items()):
+        for path in sorted(base.rglob("*.py")):
+            h.update(f"{name}/{path.relative_to(base).as_posix()}\0".encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def installed_lsync() -> str:
+    """A digest of the lsync that runs (the installed package, which others may reinstall
+    while the benchmark runs), and whether it is this working tree's client/agent/protocol."""
+    try:
+        spec = importlib.util.find_spec("lsync.client")
+    except ImportError:
+        return "not installed"
+    if spec is None or not spec.submodule_search_locations:
+        return "not installed"
+    installed = Path(next(iter(spec.submodule_search_locations))).parent
+    root = Path(__file__).resolve().parent.parent
+    names = ("client", "agent", "protocol")
+    digest = _py_digest({n: installed / n for n in names})
+    same = digest == _py_digest({n: root / n for n in names})
+    return f"{digest} ({'same as' if same else 'differs from'} the working tree)"
+
+
+def report(bench: Bench, proxy_check: str, started: dt.datetime, minutes: float,
+           installed: str) -> str:
     mode = "short" if bench.s.short else "full"
     lsync_note = "" if bench.lsync_ok else f" lsync not run: {bench.lsync_reason}."
     tree_text = ", ".join(f"`{name}` {info.files:,} files / {fmt_kb(info.bytes)}"
@@ -223,6 +253,8 @@ def report(bench: Bench, proxy_check: str, started: dt.datetime, minutes: float)
         f"Run {started:%Y-%m-%d %H:%M} UTC, {mode} mode, {minutes:.0f} min; lsync at "
         f"{_lsync_commit()}. Trees: {tree_text}; scenarios a, b, e on `{bench.s.tree}` "
         f"({bench.s.saves} saves per kind, burst {bench.s.burst}).{lsync_note}",
+        "",
+        f"Installed lsync (what ran): {installed}",
         "",
         f"Machine: {machine_description()}",
         "",
@@ -348,6 +380,8 @@ def run(settings: Settings) -> str:
         f"{check.first_echo * 1000:.0f} ms)")
     say(f"proxy self-check: {proxy_check}")
     bench = Bench(settings)
+    installed_at_start = installed_lsync()
+    say(f"installed lsync: {installed_at_start}")
     try:
         bench.setup()
         if LSYNC in settings.systems and not bench.lsync_ok:
@@ -359,7 +393,11 @@ def run(settings: Settings) -> str:
             except Exception as exc:  # recorded in the report; the other steps still run
                 bench.note(f"step {name} stopped by {type(exc).__name__}: {exc}")
                 bench.notes.append(traceback.format_exc(limit=3).replace("\n", " | "))
-        text = report(bench, proxy_check, started, (time.monotonic() - t_start) / 60)
+        at_end = installed_lsync()
+        if at_end != installed_at_start:
+            installed_at_start += f" at the start, {at_end} at the end: reinstalled meanwhile"
+        text = report(bench, proxy_check, started, (time.monotonic() - t_start) / 60,
+                      installed_at_start)
     finally:
         bench.cleanup()
     return text

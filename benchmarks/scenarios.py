@@ -949,6 +949,8 @@ def _h_during_initial_sync(bench: Bench, spec: LinkSpec) -> None:
     wanted = bench.s.saves
     timeout = bench.s.save_timeout if bench.s.short else 120.0
     latencies: list[float] = []
+    saved_at: list[float] = []  # perf_counter() at the end of each counted save
+    landed_at: list[float] = []  # ... and when its remote copy was identical
     missed = made = 0
     initial: float | None = None
     with bench.link(spec, remote) as (link, proxy):
@@ -967,6 +969,7 @@ def _h_during_initial_sync(bench: Bench, spec: LinkSpec) -> None:
                     t0, rf = item
                     if rf.identical(now):
                         latencies.append(now - t0)
+                        landed_at.append(now)
                         pending.remove(item)
                     elif now - t0 > timeout:
                         missed += 1
@@ -995,6 +998,7 @@ def _h_during_initial_sync(bench: Bench, spec: LinkSpec) -> None:
                         made = wanted
                     else:
                         made += 1
+                        saved_at.append(t0)
                         pending.append((t0, peers.RemoteFile(remote / rel, data)))
                         next_at = t0 + bench.s.bulk_gap
                 time.sleep(peers.POLL_SECONDS)
@@ -1015,7 +1019,13 @@ def _h_during_initial_sync(bench: Bench, spec: LinkSpec) -> None:
     tried = len(latencies) + missed
     if tried:
         cell = _h_cell(latencies, missed, tried, wanted, timeout, limit)
-        cell.text += f" (initial sync {when})"
+        spawn = w.started_at
+        cell.text += (f" (saved {min(saved_at) - spawn:.1f} to {max(saved_at) - spawn:.1f} s "
+                      f"after the spawn")
+        if landed_at:
+            cell.text += (f", identical {min(landed_at) - spawn:.1f} to "
+                          f"{max(landed_at) - spawn:.1f} s")
+        cell.text += f"; ready at {when})"
     else:
         cell = Cell(f"no save made: the initial sync was done first ({when})")
     if problem:
