@@ -58,7 +58,7 @@ _SIGNED_FIRST_USABLE = _PublicKeyAuth is not None and all(
 _UNUSABLE_BEFORE_PUBLICKEY: dict[bytes, Callable[[Any], bool]] = {
     b"gssapi-keyex": lambda conn: conn._gss is None,
     b"gssapi-with-mic": lambda conn: conn._gss is None,
-    b"hostbased": lambda conn: not conn._host_based_auth,
+    b"hostbased": lambda conn: not (conn._host_based_auth and conn._client_host_keys),
 }
 
 

@@ -1,0 +1,198 @@
+"""End to end: lsync authenticates in fewer round trips than asyncssh does by default (issue 10).
+
+Against the private sshd on 127.0.0.1, `lsync.client.ssh.connect` is watched through asyncssh's
+packet log: which USERAUTH_REQUESTs it sends (`none`, a public-key query without signature,
+or a signed public-key request) and whether the server had to answer PK_OK. With a key file
+the first request is already the signed one (one round trip instead of three); a key the
+server refuses costs one request and lsync goes on to the next key; an ssh-agent key is
+asked about first (an agent may want a confirmation or a touch per signature) but still
+without the `none` probe; with no usable key at all, asyncssh's own sequence runs and ends in
+a clean refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncssh
+import pytest
+from asyncssh.packet import SSHPacket
+
+from benchmarks.testbed.sshd import PrivateSshd, generate_key
+from lsync.client import ssh
+from lsync.client.errors import ConnectError
+from lsync.client.target import Target
+
+NONE, QUERY, SIGNED = "none", "query", "signed"
+
+
+class _AuthLog(logging.Handler):
+    """The USERAUTH_REQUESTs asyncssh sends, by kind, and the USERAUTH answers it receives."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.requests: list[str] = []
+        self.received: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage().split("\n")[0]
+        if message.startswith("["):  # asyncssh's context: "[conn=0, pktid=3] Sent ..."
+            message = message.partition("] ")[2]
+        if message.startswith("Received MSG_USERAUTH_"):
+            self.received.append(message.split()[1])
+        if not message.startswith("Sent MSG_USERAUTH_REQUEST"):
+            return
+        packet = SSHPacket(bytes(getattr(record, "packet", b""))[1:])
+        packet.get_string()  # user
+        packet.get_string()  # service
+        method = packet.get_string()
+        if method == b"publickey":
+            self.requests.append(SIGNED if packet.get_boolean() else QUERY)
+        else:
+            self.requests.append(method.decode("ascii"))
+
+
+@contextlib.contextmanager
+def auth_log() -> Iterator[_AuthLog]:
+    logger = logging.getLogger("asyncssh")
+    handler = _AuthLog()
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    asyncssh.set_debug_level(3)
+    try:
+        yield handler
+    finally:
+        asyncssh.set_debug_level(1)
+        logger.setLevel(old_level)
+        logger.removeHandler(handler)
+
+
+def _config(sshd: PrivateSshd, path: Path, identity_files: list[Path],
+            extra: dict[str, str] | None = None, drop: tuple[str, ...] = ()) -> Path:
+    """The testbed's client config for `sshd`, with `identity_files` (in order) as its keys."""
+    sshd.write_client_config(path=path, extra=extra)
+    lines = [line for line in path.read_text().splitlines()
+             if line.split()[:1] not in (["IdentityFile"], *([name] for name in drop))]
+    lines += [f"    IdentityFile {name}" for name in identity_files]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _connect_and_run(sshd: PrivateSshd, config: Path) -> str:
+    async def go() -> str:
+        conn = await ssh.connect(Target(host=sshd.alias, user=None, tree="x"), [str(config)],
+                                 accept_new=False)
+        try:
+            result = await conn.run("echo handshake-ok", check=True)
+            return str(result.stdout)
+        finally:
+            conn.close()
+            await conn.wait_closed()
+    return asyncio.run(go())
+
+
+def test_a_key_file_authenticates_with_one_signed_request(
+        sshd: PrivateSshd, tmp_path: Path) -> None:
+    config = _config(sshd, tmp_path / "ssh_config", [sshd.client_key])
+    with auth_log() as log:
+        assert _connect_and_run(sshd, config) == "handshake-ok\n"
+    assert log.requests == [SIGNED]  # no `none` probe, no query answered by PK_OK
+    assert log.received == ["MSG_USERAUTH_SUCCESS"]
+
+
+def test_with_asyncssh_default_method_order_publickey_still_goes_first(
+        sshd: PrivateSshd, tmp_path: Path) -> None:
+    # No PreferredAuthentications: asyncssh prefers gssapi and hostbased, unusable here.
+    config = _config(sshd, tmp_path / "ssh_config", [sshd.client_key],
+                     drop=("PreferredAuthentications", "PasswordAuthentication",
+                           "KbdInteractiveAuthentication"))
+    with auth_log() as log:
+        assert _connect_and_run(sshd, config) == "handshake-ok\n"
+    if log.requests[:1] == [NONE]:
+        pytest.skip("GSS-API is usable on this machine: asyncssh's order is kept")
+    assert log.requests == [SIGNED]
+
+
+def test_a_refused_first_key_falls_through_to_the_next(
+        sshd: PrivateSshd, tmp_path: Path) -> None:
+    stranger = generate_key(tmp_path / "id_stranger", "not authorized")
+    config = _config(sshd, tmp_path / "ssh_config", [stranger, sshd.client_key])
+    with auth_log() as log:
+        assert _connect_and_run(sshd, config) == "handshake-ok\n"
+    assert log.requests == [SIGNED, SIGNED]
+    assert log.received == ["MSG_USERAUTH_FAILURE", "MSG_USERAUTH_SUCCESS"]
+
+
+def _encrypted_copy(key: Path, path: Path) -> Path:
+    """A passphrase-protected copy of `key` (and its public half) at `path`: asyncssh skips an
+    encrypted IdentityFile it has no passphrase for, so this is a key lsync cannot use."""
+    shutil.copy(key, path)
+    shutil.copy(key.with_name(key.name + ".pub"), path.with_name(path.name + ".pub"))
+    path.chmod(0o600)
+    subprocess.run(["ssh-keygen", "-q", "-p", "-N", "not-given", "-f", str(path)], check=True,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    return path
+
+
+def test_no_usable_key_ends_in_a_clean_refusal(sshd: PrivateSshd, tmp_path: Path) -> None:
+    stranger = generate_key(tmp_path / "id_stranger", "not authorized")
+    config = _config(sshd, tmp_path / "ssh_config", [stranger])
+    with auth_log() as log, pytest.raises(ConnectError, match="authentication"):
+        _connect_and_run(sshd, config)
+    assert log.requests == [SIGNED]  # the server then offers only publickey: nothing left
+
+    locked = _encrypted_copy(sshd.client_key, tmp_path / "id_locked")
+    nothing = _config(sshd, tmp_path / "ssh_config_none", [locked])
+    with auth_log() as log, pytest.raises(ConnectError, match="authentication"):
+        _connect_and_run(sshd, nothing)
+    assert log.requests == [NONE]  # no key to lead with: asyncssh's own `none` probe
+
+
+@contextlib.contextmanager
+def ssh_agent() -> Iterator[str]:
+    """A private ssh-agent for the block; yields its socket path."""
+    if shutil.which("ssh-agent") is None or shutil.which("ssh-add") is None:
+        if os.environ.get("CI"):
+            raise RuntimeError("CI needs ssh-agent and ssh-add (openssh-client)")
+        pytest.skip("ssh-agent is not installed (tests/run.sh installs openssh-client)")
+    directory = Path(tempfile.mkdtemp(prefix="lsync-agent-", dir="/tmp"))  # short socket path
+    socket = directory / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not socket.exists():
+            assert agent.poll() is None, "ssh-agent exited"
+            assert time.monotonic() < deadline, "ssh-agent did not start"
+            time.sleep(0.02)
+        yield str(socket)
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_an_agent_key_is_asked_about_first_but_without_the_none_probe(
+        sshd: PrivateSshd, tmp_path: Path) -> None:
+    with ssh_agent() as socket:
+        subprocess.run(["ssh-add", "-q", str(sshd.client_key)],
+                       env={**os.environ, "SSH_AUTH_SOCK": socket}, check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        # The config names the same key, encrypted: the agent is the only way to sign.
+        locked = _encrypted_copy(sshd.client_key, tmp_path / "id_locked")
+        config = _config(sshd, tmp_path / "ssh_config", [locked],
+                         extra={"IdentityAgent": socket})
+        with auth_log() as log:
+            assert _connect_and_run(sshd, config) == "handshake-ok\n"
+    assert log.requests == [QUERY, SIGNED]
+    assert log.received == ["MSG_USERAUTH_PK_OK", "MSG_USERAUTH_SUCCESS"]
