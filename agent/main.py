@@ -17,8 +17,9 @@ import select
 import sys
 import time
 import traceback
-from typing import Optional
+from typing import List, Optional
 
+from lsync.agent.lanes import LaneServer, open_lanes
 from lsync.agent.service import AgentService, SessionEnd
 from lsync.agent.writer import WritePool
 from lsync.protocol import messages as m
@@ -65,13 +66,25 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
             _write_all(out_fd, data)
 
     pool = WritePool() if threads else None
-    service = AgentService(conn.send, flush, now_ns, use_cache, pool, _log_internal)
+    lanes: List[LaneServer] = []
 
-    def wait_for_input() -> None:
-        """Block until stdin is readable, answering finished pooled writes meanwhile and
-        saving the record once the input has been quiet long enough."""
+    def offer_lanes() -> str:
+        if not lanes:
+            server = open_lanes()
+            if server is None:
+                return ""
+            lanes.append(server)
+        return lanes[0].path
+
+    service = AgentService(conn.send, flush, now_ns, use_cache, pool, _log_internal,
+                           offer_lanes=offer_lanes)
+
+    def wait_for_input() -> List[int]:
+        """Block until stdin or a data lane is readable (those descriptors are returned),
+        answering finished pooled writes meanwhile and saving the record once the input has
+        been quiet long enough."""
         while True:
-            fds = [in_fd]
+            fds = [in_fd] + (lanes[0].fds() if lanes else [])
             if pool is not None and pool.outstanding:
                 fds.append(pool.wakeup_fd)
             due = service.snapshot_wanted(quiet=True)
@@ -82,39 +95,50 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
             if pool is not None and pool.outstanding:
                 service.collect_pool()
                 flush()
-            if in_fd in ready:
-                return
+            inputs = [fd for fd in ready if pool is None or fd != pool.wakeup_fd]
+            if inputs:
+                return inputs
             if not ready:
                 service.save_record_if_due(quiet=True)
+
+    def dispatch(message: m.Message) -> None:
+        try:
+            service.handle(message)
+        except (SessionEnd, ProtocolError):
+            raise
+        except Exception as exc:
+            _log_internal("handling {}".format(type(message).__name__))
+            seq = getattr(message, "seq", None)
+            if seq is None:
+                raise
+            conn.send(m.Error(seq, int(ErrorCode.INTERNAL),
+                              "internal agent error: {}".format(type(exc).__name__)))
 
     status = 0
     pending = initial
     try:
-        while True:
-            if pending:
-                data, pending = pending, b""
-            else:
-                wait_for_input()
-                data = os.read(in_fd, READ_SIZE)
-            if not data:
-                conn.receive_eof()
-                break
-            conn.receive_data(data)
-            while True:
-                message: Optional[m.Message] = conn.next_message()
-                if message is None:
+        ended = False
+        while not ended:
+            ready = [in_fd] if pending else wait_for_input()
+            for fd in ready:
+                if fd != in_fd:
+                    for lane_message in lanes[0].readable(fd):
+                        dispatch(lane_message)
+                    continue
+                if pending:
+                    data, pending = pending, b""
+                else:
+                    data = os.read(in_fd, READ_SIZE)
+                if not data:
+                    conn.receive_eof()
+                    ended = True
                     break
-                try:
-                    service.handle(message)
-                except (SessionEnd, ProtocolError):
-                    raise
-                except Exception as exc:
-                    _log_internal("handling {}".format(type(message).__name__))
-                    seq = getattr(message, "seq", None)
-                    if seq is None:
-                        raise
-                    conn.send(m.Error(seq, int(ErrorCode.INTERNAL),
-                                      "internal agent error: {}".format(type(exc).__name__)))
+                conn.receive_data(data)
+                while True:
+                    message: Optional[m.Message] = conn.next_message()
+                    if message is None:
+                        break
+                    dispatch(message)
             service.collect_pool()
             flush()
             service.save_record_if_due(quiet=False)
@@ -145,6 +169,8 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
         except (OSError, ProtocolError):
             pass
         service.close()
+        for server in lanes:
+            server.close()
     return status
 
 

@@ -56,8 +56,10 @@ class AgentService:
     def __init__(self, send: Send, flush: Callable[[], None],
                  now_ns: Callable[[], int], use_cache: bool = True,
                  pool: Optional[WritePool] = None,
-                 log_internal: Optional[LogInternal] = None) -> None:
+                 log_internal: Optional[LogInternal] = None,
+                 offer_lanes: Optional[Callable[[], str]] = None) -> None:
         self.send = send
+        self.offer_lanes = offer_lanes  # the driver's data-lane socket, "" if none
         self.pool = pool
         self.log_internal = log_internal
         self.flush = flush
@@ -326,11 +328,18 @@ class AgentService:
         self.record = DigestRecord(cache, chosen)
         self.record.load()
         compression = packing.choose_packing(msg.capabilities.get("compression", []))
-        self.send(m.Welcome(PROTOCOL_VERSION, {"hash": chosen, "compression": compression}, {
+        info = {
             "root": path,
             "python": "{}.{}.{}".format(*sys.version_info[:3]),
+            "executable": sys.executable or "",
             "pid": str(os.getpid()),
-        }))
+        }
+        if msg.options.get("lanes") and self.offer_lanes is not None:
+            lanes = self.offer_lanes()
+            if lanes:
+                info["lanes"] = lanes  # a Unix socket: extra channels pump writes into it
+        self.send(m.Welcome(PROTOCOL_VERSION, {"hash": chosen, "compression": compression},
+                            info))
 
     def on_goodbye(self, msg: m.Goodbye) -> None:
         self.send(m.Goodbye(0, "bye"))

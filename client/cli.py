@@ -24,10 +24,11 @@ from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lsync.agent.lanes import MAX_LANES
 from lsync.client import commands
 from lsync.client.control import find_socket
 from lsync.client.errors import LsyncError, internal_error
-from lsync.client.project import find_project, load_project, merge
+from lsync.client.project import DEFAULT_LANES, find_project, load_project, merge
 from lsync.client.status import NORMAL, QUIET, VERBOSE, make_status, terminal_safe
 from lsync.client.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS
 
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"watcher quiet period before a batch (default {DEFAULT_STEP_MS})")
     connect.add_argument("--debounce-ms", type=int, default=None,
                          help=f"longest a batch collects (default {DEFAULT_DEBOUNCE_MS})")
+    connect.add_argument("--lanes", type=int, default=None, metavar="N",
+                         choices=range(0, MAX_LANES + 1),
+                         help=f"extra SSH channels for data, 0 to {MAX_LANES} (default "
+                              f"{DEFAULT_LANES}: one for single saves, the rest for bulk)")
     connect.add_argument("--no-reconnect", action="store_true", default=None,
                          help="exit when the connection breaks instead of reconnecting")
     level = connect.add_mutually_exclusive_group()
@@ -119,6 +124,7 @@ def _connect_options(args: argparse.Namespace) -> tuple[Options, int]:
         step_ms=settings.step_ms,
         debounce_ms=settings.debounce_ms,
         reconnect=settings.reconnect,
+        lanes=settings.lanes,
     )
     return options, verbosity
 

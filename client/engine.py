@@ -52,6 +52,7 @@ from lsync.protocol import messages as m
 from lsync.protocol import packing
 
 HASH_BATCH = 2000
+URGENT_MAX = 16  # a watcher batch of at most this many paths is a save, not a burst
 DICTIONARY_MIN_FILES = 64  # an initial sync of this many files sets a preset dictionary
 PREFETCH_LOOK = 64  # queued paths examined for reading ahead, from the head
 SIGN_AHEAD_MIN = 256 << 10  # verified remote files this big are signed once in sync
@@ -114,7 +115,9 @@ class SyncEngine(PathPasses):
             entry = self.model.get(path)
             if entry is not None and entry.kind == DIR:
                 self._queued_dirs.add(path)
-        if self.queue.mark(paths, self.clock(), since, retry_failed=hint):
+        # A few paths from the watcher are a save: ahead of any bulk work still queued.
+        urgent = hint and len(paths) <= URGENT_MAX
+        if self.queue.mark(paths, self.clock(), since, retry_failed=hint, urgent=urgent):
             self._poke()
 
     def hold(self, paths: Iterable[str]) -> None:
@@ -352,7 +355,7 @@ class SyncEngine(PathPasses):
         self.window.add(seq, flight)
         if flight.op is not Op.DICTIONARY:
             self.queue.sent(flight.owner)
-        future = self.link.submit(message)
+        future = self.link.submit(message, flight.lane)
         future.add_done_callback(lambda done: self._on_reply(seq, done))
 
     def _submit_batched(self, seq: int, path: str, mode: int, content: bytes,
@@ -361,7 +364,8 @@ class SyncEngine(PathPasses):
         self.window.add(seq, flight)
         self.queue.sent(flight.owner)
         _, level, _ = self.packing.packer(burst=True)
-        future = self.link.submit_batched(seq, path, mode, content, self.packing.code, level)
+        future = self.link.submit_batched(seq, path, mode, content, self.packing.code, level,
+                                          flight.lane)
         future.add_done_callback(lambda done: self._on_reply(seq, done))
 
     def _on_reply(self, seq: int, future: asyncio.Future[Reply]) -> None:

@@ -13,16 +13,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from lsync.client.errors import ConnectError, InternalError, LinkBroken, internal_error
 from lsync.client.streams import AgentStream
 from lsync.protocol import PROTOCOL_VERSION, packing
 from lsync.protocol import messages as m
-from lsync.protocol.connection import CLIENT, Connection
+from lsync.protocol.connection import CLIENT, Connection, Lane
 from lsync.protocol.errors import AckStatus, ErrorCode, ProtocolError
 from lsync.protocol.paths import relpath_problem
 
@@ -41,9 +42,10 @@ PACKING_AHEAD = 4  # batches being compressed before `drain` waits
 
 
 class _Batch:
-    """Files submitted for the next WriteBatch."""
+    """Files submitted for the next WriteBatch of one lane."""
 
-    def __init__(self, code: int, level: int, timer: asyncio.TimerHandle) -> None:
+    def __init__(self, lane: int, code: int, level: int, timer: asyncio.TimerHandle) -> None:
+        self.lane = lane
         self.code = code
         self.level = level
         self.timer = timer
@@ -58,6 +60,26 @@ class _Packing:
     def __init__(self, files: list[list[Any]], packed: asyncio.Future[tuple[bytes, int]]) -> None:
         self.files = files
         self.packed = packed
+
+
+class LaneWriter(Protocol):
+    """The client's end of a data lane (see lsync.client.lanes)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    async def wait_closed(self) -> str:
+        """Until the lane ends; why it ended (for the user)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class _SideLane:
+    def __init__(self, writer: LaneWriter) -> None:
+        self.writer = writer
+        self.unflushed = 0
 
 
 def _pack_batch(data: bytes, code: int, level: int) -> tuple[bytes, int]:
@@ -83,10 +105,13 @@ class AgentLink:
         self._unflushed = 0
         self._out = bytearray()  # messages of this turn of the event loop, not yet written
         self._flush_scheduled = False
-        self._batch: _Batch | None = None  # files waiting for the next WriteBatch
-        # Sent in this order once each batch is compressed: batches and messages.
-        self._outbox: collections.deque[_Packing | m.Message] = collections.deque()
+        self._batches: dict[int, _Batch] = {}  # lane -> files waiting for its next batch
+        # Per lane, sent in this order once each batch is compressed: batches, messages.
+        self._outboxes: dict[int, collections.deque[_Packing | m.Message]] = {
+            0: collections.deque()}
         self._outbox_moved = asyncio.Event()
+        self._lanes: dict[int, _SideLane] = {}  # data lanes, numbered from 1
+        self._lane_watchers: list[asyncio.Task[None]] = []
         self.failure: LinkBroken | None = None
         self.internal: InternalError | None = None  # a bug ended the link (never retried)
         self.goodbye: m.Goodbye | None = None
@@ -127,6 +152,13 @@ class AgentLink:
                 await self._reader
         # A broken link may be a frozen one: do not wait for a clean end that cannot come.
         await self.stream.close(wait=0.5 if self.failure is not None or not welcomed else 10.0)
+        for watcher in self._lane_watchers:
+            watcher.cancel()
+        for watcher in self._lane_watchers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        for side in self._lanes.values():
+            await side.writer.close()
 
     async def watch_liveness(self, every: float = PING_EVERY, stall: float = STALL,
                              tick: float = 1.0) -> None:
@@ -186,9 +218,9 @@ class AgentLink:
         if self.closing and not isinstance(message, m.Goodbye):
             # Said goodbye already (a clean stop): late work is refused like a closed link.
             raise LinkBroken("the connection to the agent is closing")
-        self.close_batch()  # files submitted before this message go before it
-        if self._outbox:
-            self._outbox.append(message)  # behind a batch still being compressed
+        self.close_batch(0)  # files submitted before this message go before it
+        if self._outboxes[0]:
+            self._outboxes[0].append(message)  # behind a batch still being compressed
             return
         self.conn.send(message)
         self._out += self.conn.data_to_send()
@@ -211,13 +243,21 @@ class AgentLink:
             data, self._out = bytes(self._out), bytearray()
             self._write(data)
 
-    async def drain(self) -> None:
-        """Backpressure: wait while the stream holds a lot of unsent data, or too many
-        batches are being compressed."""
+    async def drain(self, lane: int = 0) -> None:
+        """Backpressure: wait while the stream (of `lane`) holds a lot of unsent data, or too
+        many batches are being compressed for it."""
         self.flush()
-        while len(self._outbox) > PACKING_AHEAD and self.failure is None:
+        while len(self._outboxes[lane]) > PACKING_AHEAD and self.failure is None:
             self._outbox_moved.clear()
             await self._outbox_moved.wait()
+        if self.failure is not None:
+            raise self.failure
+        if lane:
+            side = self._lanes[lane]
+            if side.unflushed >= DRAIN_ABOVE:
+                side.unflushed = 0
+                await side.writer.drain()
+            return
         if self._unflushed >= DRAIN_ABOVE:
             self._unflushed = 0
             await self.stream.drain()
@@ -230,12 +270,16 @@ class AgentLink:
         self._kinds[seq] = kinds
         return future
 
-    def submit(self, op: m.Message) -> asyncio.Future[Reply]:
-        """Send an operation; the future resolves with its Ack or Error."""
+    def submit(self, op: m.Message, lane: int = 0) -> asyncio.Future[Reply]:
+        """Send an operation (on data lane `lane`, if not 0); the future resolves with its
+        Ack or Error."""
         seq: int = op.seq  # type: ignore[union-attr]
         future = self._expect(seq, m.Ack, m.Error)
         try:
-            self.send(op)
+            if lane:
+                self._send_on_lane(op, lane)
+            else:
+                self.send(op)
         except BaseException:
             self._pending.pop(seq, None)  # never sent: nobody will wait for it
             self._kinds.pop(seq, None)
@@ -244,7 +288,7 @@ class AgentLink:
         return future
 
     def submit_batched(self, seq: int, path: str, mode: int, content: bytes, code: int,
-                       level: int) -> asyncio.Future[Reply]:
+                       level: int, lane: int = 0) -> asyncio.Future[Reply]:
         """Send a small whole file as part of a WriteBatch (packed with `code` at `level`
         together with the files submitted around it); the future resolves with its Ack or
         Error like `submit`'s. The batch leaves when it is full, when another message is
@@ -253,42 +297,51 @@ class AgentLink:
             raise self.failure
         if self.closing:
             raise LinkBroken("the connection to the agent is closing")
-        batch = self._batch
+        if lane and lane not in self._lanes:
+            lane = 0
+        batch = self._batches.get(lane)
         if batch is not None and (batch.code, batch.level) != (code, level):
-            self.close_batch()
+            self.close_batch(lane)
             batch = None
         if batch is None:
             timer = asyncio.get_running_loop().call_later(BATCH_DELAY, self._timed_close)
-            batch = self._batch = _Batch(code, level, timer)
+            batch = self._batches[lane] = _Batch(lane, code, level, timer)
         future = self._expect(seq, m.Ack, m.Error)
         batch.files.append([seq, path, mode, len(content)])
         batch.contents.append(content)
         batch.size += len(content)
         if batch.size >= BATCH_BYTES or len(batch.files) >= BATCH_FILES:
-            self.close_batch()
+            self.close_batch(lane)
         return future
 
     def _timed_close(self) -> None:
         with contextlib.suppress(LinkBroken):  # reported through `failure` and `closed`
             self.close_batch()
 
-    def close_batch(self) -> None:
-        """Let the open batch leave (compressed in a worker thread, then sent in order)."""
-        batch, self._batch = self._batch, None
-        if batch is None:
-            return
-        batch.timer.cancel()
-        loop = asyncio.get_running_loop()
-        packed = loop.run_in_executor(None, _pack_batch, b"".join(batch.contents), batch.code,
-                                      batch.level)
-        self._outbox.append(_Packing(batch.files, packed))
-        packed.add_done_callback(lambda _: self._pump())
+    def close_batch(self, lane: int | None = None) -> None:
+        """Let the open batch of `lane` (of every lane: None) leave: compressed in a worker
+        thread, then sent in order on its lane."""
+        for index in [lane] if lane is not None else list(self._batches):
+            batch = self._batches.pop(index, None)
+            if batch is None:
+                continue
+            batch.timer.cancel()
+            loop = asyncio.get_running_loop()
+            packed = loop.run_in_executor(None, _pack_batch, b"".join(batch.contents),
+                                          batch.code, batch.level)
+            self._outboxes[index].append(_Packing(batch.files, packed))
+            packed.add_done_callback(functools.partial(self._pumped, index))
 
-    def _pump(self) -> None:
-        """Send what the outbox holds, in order, up to the first batch still compressing."""
+    def _pumped(self, lane: int, _: asyncio.Future[tuple[bytes, int]]) -> None:
+        self._pump(lane)
+
+    def _pump(self, lane: int) -> None:
+        """Send what the lane's outbox holds, in order, up to the first batch still being
+        compressed."""
+        outbox = self._outboxes[lane]
         try:
-            while self._outbox and self.failure is None:
-                head = self._outbox[0]
+            while outbox and self.failure is None:
+                head = outbox[0]
                 if isinstance(head, _Packing):
                     if not head.packed.done():
                         break
@@ -296,9 +349,12 @@ class AgentLink:
                     message: m.Message = m.WriteBatch(head.files, data, code)
                 else:
                     message = head
-                self._outbox.popleft()
-                self.conn.send(message)
-                self._out += self.conn.data_to_send()
+                outbox.popleft()
+                if lane:
+                    self._write_lane(lane, Lane.encode(message))
+                else:
+                    self.conn.send(message)
+                    self._out += self.conn.data_to_send()
             self.flush()
         except LinkBroken:
             pass  # reported through `failure` and `closed`
@@ -307,8 +363,55 @@ class AgentLink:
             self._finish(LinkBroken(f"agent link failed: {self.internal}"))
         finally:
             if self.failure is not None:
-                self._outbox.clear()
+                outbox.clear()
             self._outbox_moved.set()
+
+    # -- data lanes -------------------------------------------------------------------------
+    def add_lane(self, writer: LaneWriter) -> int:
+        """Take a data lane into use (its magic already written); returns its number."""
+        number = len(self._lanes) + 1
+        self._lanes[number] = _SideLane(writer)
+        self._outboxes[number] = collections.deque()
+        self._lane_watchers.append(asyncio.ensure_future(self._watch_lane(number)))
+        return number
+
+    @property
+    def lanes(self) -> int:
+        return len(self._lanes)
+
+    async def _watch_lane(self, number: int) -> None:
+        why = await self._lanes[number].writer.wait_closed()
+        if self.failure is None and self.goodbye is None and not self.closing:
+            self._finish(LinkBroken(f"data lane {number} ended: {why}"))
+
+    def send_on(self, message: m.Message, lane: int) -> None:
+        """Send a message that is no operation of its own (a later chunk) on `lane`."""
+        if lane:
+            self._send_on_lane(message, lane)
+        else:
+            self.send(message)
+
+    def _send_on_lane(self, message: m.Message, lane: int) -> None:
+        if self.failure is not None:
+            raise self.failure
+        if self.closing:
+            raise LinkBroken("the connection to the agent is closing")
+        self.close_batch(lane)
+        if self._outboxes[lane]:
+            self._outboxes[lane].append(message)
+        else:
+            self._write_lane(lane, Lane.encode(message))
+
+    def _write_lane(self, lane: int, data: bytes) -> None:
+        side = self._lanes[lane]
+        try:
+            side.writer.write(data)
+        except OSError as exc:
+            self._finish(LinkBroken(f"data lane {lane} lost: {exc}"))
+            assert self.failure is not None
+            raise self.failure from None
+        self.bytes_sent += len(data)
+        side.unflushed += len(data)
 
     async def hash_paths(self, paths: list[str]) -> list[bytes | None]:
         seq = self.next_seq()
@@ -459,10 +562,11 @@ class AgentLink:
             failure = LinkBroken("the agent closed the connection")
         if failure is not None and self.failure is None:
             self.failure = failure
-        if self._batch is not None:
-            self._batch.timer.cancel()
-            self._batch = None
-        self._outbox.clear()
+        for batch in self._batches.values():
+            batch.timer.cancel()
+        self._batches.clear()
+        for outbox in self._outboxes.values():
+            outbox.clear()
         self._outbox_moved.set()
         error = self.failure or LinkBroken("connection closed")
         for future in self._pending.values():

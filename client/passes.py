@@ -26,7 +26,7 @@ from lsync.client.delta import Signature, signature
 from lsync.client.errors import SafetyStop
 from lsync.client.hashcache import HashCache
 from lsync.client.ignore import IgnoreRules
-from lsync.client.link import AgentLink
+from lsync.client.link import BATCH_BYTES, AgentLink
 from lsync.client.model import DIR, FILE, LINK, RemoteEntry, RemoteModel
 from lsync.client.pathqueue import PathQueue, PathRecord
 from lsync.client.planner import Content, Step
@@ -51,11 +51,13 @@ from lsync.client.sender import (
     pieces_of,
     still_current,
 )
-from lsync.client.window import InFlight, Op
+from lsync.client.window import InFlight, Op, Window
 from lsync.protocol import messages as m
 from lsync.protocol.paths import relpath_problem
 
 UNSTABLE_RETRY = 0.05
+LANE_WAIT = 0.01  # a pass waits this long (again) while data-lane writes below it fly
+FAST_LANE = 1  # the data lane of single saves; batches take the others in turn
 DELETE_WAIT = 0.01  # a delete waits this long (again) while the watcher has undelivered events
 SETTLE_SIZE = 1 << 20  # without close-write events, files this big wait to be still
 SETTLE = 0.02
@@ -79,6 +81,7 @@ class PathPasses:
     link: AgentLink
     model: RemoteModel
     queue: PathQueue
+    window: Window
     packing: Packing
     recent: RecentBases
     delete_extra: bool
@@ -87,6 +90,8 @@ class PathPasses:
     seen_until: Callable[[], int]
     _queued_dirs: set[str]
     bursting = False  # many paths were queued, and the queue has not run dry since
+    _bulk_turn = 0  # which bulk lane batches go to now
+    _bulk_bytes = 0  # content sent on it since it took its turn
 
     def mark_dirty(self, paths: Iterable[str], since: float | None = None,
                    hint: bool = True) -> None:
@@ -124,6 +129,10 @@ class PathPasses:
         if step in (Step.DIR, Step.LINK, Step.READ) and not self._parent_ready(path):
             self.queue.retry(path, self.clock(), PARENT_WAIT)  # its parent goes first
             return "retry"
+        if step in (Step.REMOVE, Step.DIR, Step.LINK) and self.window.side_busy(path):
+            # Main-stream operations on it would not wait for the data lanes' writes.
+            self.queue.retry(path, self.clock(), LANE_WAIT)
+            return "retry"
         if step is Step.NOTHING:
             if seen.kind is None:
                 self.rules.forget(path)
@@ -151,7 +160,7 @@ class PathPasses:
             self.model.put(path, RemoteEntry(LINK, 0, target=plan.target, owned=True))
         elif step is Step.READ:
             assert st is not None
-            return await self._sync_file(path, st, since, ahead)
+            return await self._sync_file(path, st, since, ahead, record.urgent)
         return "done"
 
     def _parent_ready(self, path: str) -> bool:
@@ -213,6 +222,7 @@ class PathPasses:
         self._queued_dirs = {p for p in self._queued_dirs if p in self.queue}
         candidates = [p for p in self._queued_dirs
                       if p != path and not p.startswith(path + "/")
+                      and not self.window.side_busy(p)
                       and (e := self.model.get(p)) is not None and e.kind == DIR and e.owned
                       and not os.path.lexists(self.root / p)]
         if not candidates:
@@ -247,7 +257,8 @@ class PathPasses:
                         hint=False)
 
     async def _sync_file(self, path: str, st: os.stat_result, since: float,
-                         ahead: concurrent.futures.Future[Prepared | None] | None) -> str:
+                         ahead: concurrent.futures.Future[Prepared | None] | None,
+                         urgent: bool = False) -> str:
         remote = self.model.get(path)
         old_size = remote.size if remote is not None and remote.kind == FILE else 0
         settle = 0.0
@@ -279,6 +290,12 @@ class PathPasses:
         digest, mode = entry.digest, entry.mode
         assert digest is not None  # read_file_stable hashes what it read
         plan = planner.plan_content(path, digest, mode, self.model)
+        if plan.action is Content.COPY and self.window.side_busy(plan.source):
+            plan = planner.ContentPlan(Content.SEND, plan.remove_first)  # not written yet
+        needs_main = plan.remove_first or plan.action in (Content.SET_MODE, Content.COPY)
+        if needs_main and self.window.side_busy(path):
+            self.queue.retry(path, self.clock(), LANE_WAIT)  # after its data-lane writes
+            return "retry"
         remote = self.model.get(path)
         if plan.action is Content.SAME or plan.action is Content.SET_MODE:
             assert remote is not None
@@ -301,10 +318,10 @@ class PathPasses:
                                              signature=source.signature if source else None))
             return "done"
         new_signature = await self._send_content(path, content, mode, digest, remote, since,
-                                                 prepared)
+                                                 prepared, urgent)
         self.model.put(path, RemoteEntry(FILE, mode, digest, owned=True, size=len(content),
                                          signature=new_signature))
-        if self.queue.queued <= BULK_QUEUE:
+        if self.queue.queued <= BULK_QUEUE or urgent:
             # A file saved on its own is likely to be saved again soon: keep it as the base
             # of the next delta. Files of a burst are not (and would only evict those).
             self.recent.remember(path, digest, content)
@@ -318,7 +335,8 @@ class PathPasses:
 
     async def _send_content(self, path: str, content: bytes, mode: int, digest: bytes,
                             remote: RemoteEntry | None, since: float,
-                            prepared: Prepared | None) -> Signature | None:
+                            prepared: Prepared | None, urgent: bool = False
+                            ) -> Signature | None:
         """Send the new content as a delta against the remote version when that is smaller
         (and fits in a frame), else whole in chunks or in a batch; returns the new version's
         signature (None for a small file of a burst: not worth its time and memory)."""
@@ -330,20 +348,25 @@ class PathPasses:
                                                  remote.signature, content, digest, base,
                                                  self.packing.zstd)
             if delta is not None:
+                lane = self.window.lane_for(path, self._save_lane())
                 self._submit(delta, InFlight(path, Op.WRITE, path, since,
-                                             nbytes=len(content), wire=len(delta.delta)))
-                await self.link.drain()
+                                             nbytes=len(content), wire=len(delta.delta),
+                                             lane=lane))
+                await self.link.drain(lane)
                 return new_signature
-        # (A burst lasts until the queue runs dry: its tail is batched too.)
-        self.bursting = burst = self.bursting or self.queue.queued > BULK_QUEUE
+        # (A burst lasts until the queue runs dry: its tail is batched too. A save made
+        # meanwhile is not part of it.)
+        self.bursting = self.bursting or self.queue.queued > BULK_QUEUE
+        burst = self.bursting and not urgent
         if burst and len(content) <= BATCH_FILE_MAX:
             # One of many new files: it travels with its neighbours in one compressed batch,
             # and unsigned when small (its first edit is sent whole; bigger ones are
             # signed here or, once in sync, by the engine).
+            lane = self.window.lane_for(path, self._bulk_lane(len(content)))
             self._submit_batched(seq, path, mode, content,
                                  InFlight(path, Op.WRITE, path, since, nbytes=len(content),
-                                          wire=len(content)))
-            await self.link.drain()
+                                          wire=len(content), lane=lane))
+            await self.link.drain(lane)
             if len(content) < SIGN_MIN:
                 return None
             return prepared.signature if prepared and prepared.signature else signature(content)
@@ -360,13 +383,32 @@ class PathPasses:
             pieces = pieces_of(content, packer)
         messages = content_messages(seq, path, mode, pieces)
         wire = sum(len(data) for data, _ in pieces)
+        # A save in one message takes the fast lane; bigger files the main stream, or the
+        # lane their earlier writes are on.
+        lane = self.window.lane_for(path, 0 if burst or len(messages) > 1
+                                    else self._save_lane())
         self._submit(messages[0], InFlight(path, Op.WRITE, path, since, nbytes=len(content),
-                                           wire=wire))
-        await self.link.drain()
+                                           wire=wire, lane=lane))
+        await self.link.drain(lane)
         for message in messages[1:]:
-            self.link.send(message)
-            await self.link.drain()
+            self.link.send_on(message, lane)
+            await self.link.drain(lane)
         return new_signature
+
+    def _save_lane(self) -> int:
+        return FAST_LANE if self.link.lanes >= FAST_LANE else 0
+
+    def _bulk_lane(self, size: int) -> int:
+        """The data lane of the next batched file: the lanes after the fast one, in turn,
+        a batch's worth of content each (main when there are none)."""
+        bulk = self.link.lanes - FAST_LANE
+        if bulk <= 0:
+            return 0
+        self._bulk_bytes += size
+        if self._bulk_bytes >= BATCH_BYTES:
+            self._bulk_bytes = 0
+            self._bulk_turn += 1
+        return FAST_LANE + 1 + self._bulk_turn % bulk
 
     def _remove(self, owner: str, path: str, since: float) -> None:
         """Delete what lsync owns at and below `path`; the rest stays (and is forgotten)."""

@@ -57,6 +57,7 @@ class PathRecord:
     deferred: bool = False  # READING: was put back behind the queue once already
     failures: int = 0  # consecutive failed attempts (backoff)
     reason: str = ""  # FAILED: what went wrong, for the user
+    urgent: bool = False  # a save the user just made: queued ahead of bulk work
 
 
 class PathQueue:
@@ -129,21 +130,28 @@ class PathQueue:
 
     # -- changes -----------------------------------------------------------------------------
     def mark(self, paths: Iterable[str], now: float, since: float | None = None,
-             retry_failed: bool = True) -> int:
+             retry_failed: bool = True, urgent: bool = False) -> int:
         """These paths may have changed (at `since`, default `now`); returns how many were
         not queued already. A FAILED path is queued at once only with `retry_failed` (a
-        watcher hint: the user may have fixed the cause); otherwise it waits for its due time."""
+        watcher hint: the user may have fixed the cause); otherwise it waits for its due
+        time. `urgent` paths (a save) go ahead of everything queued, now and when requeued."""
         added = 0
         when = now if since is None else since
         for path in paths:
             record = self.records.get(path)
             if record is None:
                 self._tick += 1
-                self.records[path] = PathRecord(path, State.QUEUED, self._tick, when)
+                record = self.records[path] = PathRecord(path, State.QUEUED, self._tick, when,
+                                                         urgent=urgent)
                 heapq.heappush(self._ticks, (self._tick, path))
-                self._queue[path] = None
+                self._enqueue(record)
                 added += 1
-            elif record.state is State.READING:
+                continue
+            if urgent and not record.urgent:
+                record.urgent = True
+                if record.state is State.QUEUED:
+                    self._queue.move_to_end(path, last=False)
+            if record.state is State.READING:
                 record.again = True
             elif record.state is State.WAITING or (record.state is State.FAILED
                                                    and retry_failed):
@@ -151,6 +159,11 @@ class PathQueue:
                 added += 1
             # QUEUED stays where it is; HELD waits for its writer or its deadline.
         return added
+
+    def _enqueue(self, record: PathRecord) -> None:
+        self._queue[record.path] = None
+        if record.urgent:
+            self._queue.move_to_end(record.path, last=False)
 
     def hold(self, paths: Iterable[str], now: float) -> None:
         """Their writers have them open: do not read them before `release` or hold_max."""
@@ -189,7 +202,7 @@ class PathQueue:
             record.tick, record.since = self._tick, when
             heapq.heappush(self._ticks, (self._tick, record.path))
         self._to(record, State.QUEUED)
-        self._queue[record.path] = None
+        self._enqueue(record)
 
     # -- the engine's passes -----------------------------------------------------------------
     def take(self) -> tuple[str, PathRecord] | None:
@@ -227,7 +240,7 @@ class PathQueue:
         if record.again:
             record.again = False
             self._to(record, State.QUEUED)
-            self._queue[path] = None
+            self._enqueue(record)
             return
         self._to(record, State.HELD)
         record.due = now + delay
@@ -239,7 +252,7 @@ class PathQueue:
         if record.again:
             record.again = False
             self._to(record, State.QUEUED)
-            self._queue[path] = None
+            self._enqueue(record)
         elif record.inflight:
             self._to(record, State.WAITING)
         else:
@@ -257,7 +270,7 @@ class PathQueue:
             if record.again:  # changed meanwhile: look again at once
                 record.again = False
                 self._to(record, State.QUEUED)
-                self._queue[path] = None
+                self._enqueue(record)
                 return
         elif record.state in (State.QUEUED, State.READING):
             if record.state is State.READING:

@@ -9,6 +9,7 @@
     step_ms = 5                        # --step-ms
     debounce_ms = 50                   # --debounce-ms
     reconnect = true                   # false is --no-reconnect
+    lanes = 4                          # --lanes (extra SSH channels; 0: one channel)
     log = "normal"                     # "quiet" (-q), "normal", "verbose" (-v)
 
     [run]
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NoReturn
 
+from lsync.agent.lanes import MAX_LANES
 from lsync.client.errors import UsageError
 from lsync.client.target import Target
 from lsync.client.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS
@@ -61,11 +63,12 @@ __all__ = ["PROJECT_FILE", "ConnectSettings", "LogLevel", "Project", "ProjectErr
            "find_project", "load_project", "merge"]
 
 PROJECT_FILE = ".lsync.toml"
+DEFAULT_LANES = 4  # data lanes: one for single saves, three for batches
 
 LogLevel = Literal["quiet", "normal", "verbose"]
 _LOG_LEVELS: tuple[LogLevel, ...] = ("quiet", "normal", "verbose")
 _TOP_KEYS = ("target", "ssh_config", "delete", "exclude", "include_vcs", "accept_new_host_key",
-             "step_ms", "debounce_ms", "reconnect", "log", "run")
+             "step_ms", "debounce_ms", "reconnect", "lanes", "log", "run")
 
 
 class ProjectError(UsageError):
@@ -94,6 +97,7 @@ class Project:
     step_ms: int = DEFAULT_STEP_MS
     debounce_ms: int = DEFAULT_DEBOUNCE_MS
     reconnect: bool = True
+    lanes: int = DEFAULT_LANES
     log: LogLevel = "normal"
     map_paths: bool = True  # [run] map_paths
 
@@ -112,6 +116,7 @@ class ConnectSettings:
     step_ms: int
     debounce_ms: int
     reconnect: bool
+    lanes: int
     log: LogLevel
     map_paths: bool
 
@@ -193,6 +198,7 @@ class _Checker:
             step_ms=self._milliseconds(document, "step_ms", d.step_ms),
             debounce_ms=self._milliseconds(document, "debounce_ms", d.debounce_ms),
             reconnect=self._bool(document, "reconnect", d.reconnect),
+            lanes=self._lanes(document, d.lanes),
             log=self._log(document, d.log),
             map_paths=self._bool(run, "map_paths", d.map_paths, ("run",)),
         )
@@ -223,6 +229,13 @@ class _Checker:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             self._fail("bad-value", key, (),
                        f"must be a whole number of milliseconds >= 0, not {_shown(value)}")
+        return value
+
+    def _lanes(self, table: dict[str, object], default: int) -> int:
+        value = table.get("lanes", default)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LANES:
+            self._fail("bad-value", "lanes", (),
+                       f"must be a whole number from 0 to {MAX_LANES}, not {_shown(value)}")
         return value
 
     def _log(self, table: dict[str, object], default: LogLevel) -> LogLevel:
@@ -443,6 +456,7 @@ def merge(project: Project | None, cli_args: object) -> ConnectSettings:
         step_ms=_int_or(given("step_ms"), base.step_ms),
         debounce_ms=_int_or(given("debounce_ms"), base.debounce_ms),
         reconnect=reconnect,
+        lanes=_int_or(given("lanes"), base.lanes),
         log=log,
         map_paths=map_paths,
     )

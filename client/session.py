@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from lsync.client import sigstore, ssh
+from lsync.client import lanes, sigstore, ssh
 from lsync.client.bootstrap import MAX_INITIAL, local_argv
 from lsync.client.buildloop import BuildLoop, Progress, TrackingReporter
 from lsync.client.control import ControlError, socket_path
@@ -50,6 +50,7 @@ from lsync.client.errors import (
 from lsync.client.hashcache import HashCache, default_cache_path
 from lsync.client.ignore import IgnoreRules
 from lsync.client.link import AgentLink
+from lsync.client.project import DEFAULT_LANES
 from lsync.client.reporter import Reporter
 from lsync.client.scanner import LocalEntry, scan_tree
 from lsync.client.streams import LocalAgentStream, SshAgentStream
@@ -90,6 +91,7 @@ class Options:
     step_ms: int = DEFAULT_STEP_MS
     debounce_ms: int = DEFAULT_DEBOUNCE_MS
     reconnect: bool = True
+    lanes: int = DEFAULT_LANES  # extra SSH channels for data (lsync.client.lanes)
 
 
 class Session:
@@ -328,7 +330,8 @@ class Session:
             PROTOCOL_VERSION,
             {"hash": [hashing.XXH3_128, hashing.BLAKE2B_128],
              "compression": packing.available_packings()},
-            target.tree, {"create_root": True})
+            target.tree, {"create_root": True,
+                          "lanes": target.host is not None and self.options.lanes > 0})
         # Scan while SSH connects, with the hash the agent is likely to choose.
         guess = self._likely_hash()
         scan = asyncio.create_task(self._scan(guess), name="scan")
@@ -364,6 +367,12 @@ class Session:
                 await stream.launch(local_argv, MAX_INITIAL)
             welcome = await self._or_stop(link.welcome(WELCOME_TIMEOUT))
             tasks.append(asyncio.create_task(link.watch_liveness(), name="liveness"))
+            socket = welcome.info.get("lanes")
+            if socket and self._ssh is not None:
+                # More channels for data, opened while the manifest and the scan go on.
+                tasks.append(asyncio.create_task(lanes.open_lanes(
+                    link, self._ssh, welcome.info.get("executable") or "python3", socket,
+                    ssh.CHANNEL_WINDOW, ssh.MAX_PACKET, self.options.lanes), name="lanes"))
             hash_name = welcome.chosen["hash"]
             self._hash_seen = hash_name
             self.reporter.state(f"scanning (agent python {welcome.info.get('python', '?')}, "

@@ -2,7 +2,13 @@
 
 `Window` maps the sequence number of every operation sent and not yet answered to what it
 was about (`InFlight`), and bounds how many operations and how many wire bytes may be
-unanswered at once (backpressure and bounded memory). `verdict` turns one reply into what
+unanswered at once (backpressure and bounded memory). It also keeps the rule of the data
+lanes (extra channels that carry content writes beside the main stream, in no order
+against it): a content write may take a side lane only when nothing in flight on the main
+stream touches its path or a directory above it (`lane_for`), and an operation for the
+main stream must wait while side-lane writes at or below its path are unanswered
+(`side_busy`). Writes of one path stay on one lane while any is in flight, so every path
+still sees its operations in the order they were sent. `verdict` turns one reply into what
 the engine must do about it — count a synced file, forget what the model believed about some
 remote paths, look at some local paths again, report a failure, retry later — without
 touching anything itself. No asyncio, no I/O.
@@ -40,6 +46,7 @@ class InFlight:
     src: str = ""  # copy, rename: the remote path the content comes from
     nbytes: int = 0  # content bytes it syncs
     wire: int = 0  # bytes it takes on the wire: what the window bounds
+    lane: int = 0  # 0: the main stream; else the data lane that carries it
 
 
 class Window:
@@ -48,6 +55,9 @@ class Window:
         self.max_bytes = max_bytes
         self.flights: dict[int, InFlight] = {}
         self.wire_bytes = 0
+        self._main_at: dict[str, int] = {}  # path -> main-stream ops on it (not Mkdir)
+        self._side_under: dict[str, int] = {}  # path -> side-lane writes at or below it
+        self._side_lane: dict[str, tuple[int, int]] = {}  # path -> (its lane, writes)
 
     def __len__(self) -> int:
         return len(self.flights)
@@ -58,13 +68,63 @@ class Window:
     def add(self, seq: int, flight: InFlight) -> None:
         self.flights[seq] = flight
         self.wire_bytes += flight.wire
+        self._count(flight, 1)
 
     def answer(self, seq: int) -> InFlight | None:
         """The operation `seq` was answered: its record, or None if it was not in flight."""
         flight = self.flights.pop(seq, None)
         if flight is not None:
             self.wire_bytes -= flight.wire
+            self._count(flight, -1)
         return flight
+
+    # -- data lanes -------------------------------------------------------------------------
+    def lane_for(self, path: str, wanted: int) -> int:
+        """The lane a content write of `path` may take, given the one `wanted` (0: main):
+        the lane its unanswered writes are on, else main when a main-stream operation on
+        it or a directory above it is unanswered, else `wanted`."""
+        if wanted == 0:
+            return self._side_lane.get(path, (0, 0))[0]
+        if path in self._side_lane:
+            return self._side_lane[path][0]
+        if self._main_at:
+            probe = path
+            while probe:
+                if probe in self._main_at:
+                    return 0
+                probe = probe.rpartition("/")[0]
+        return wanted
+
+    def side_busy(self, path: str) -> bool:
+        """Whether side-lane writes at or below `path` are unanswered ("": anywhere)."""
+        if not path:
+            return bool(self._side_lane)
+        return path in self._side_under
+
+    def _count(self, flight: InFlight, step: int) -> None:
+        if flight.lane == 0:
+            if flight.op is not Op.MKDIR and flight.op is not Op.DICTIONARY:
+                _bump(self._main_at, flight.target, step)
+                if flight.src:
+                    _bump(self._main_at, flight.src, step)
+            return
+        path = flight.target
+        lane, count = self._side_lane.get(path, (flight.lane, 0))
+        if count + step:
+            self._side_lane[path] = (lane, count + step)
+        else:
+            del self._side_lane[path]
+        while path:
+            _bump(self._side_under, path, step)
+            path = path.rpartition("/")[0]
+
+
+def _bump(counts: dict[str, int], key: str, step: int) -> None:
+    value = counts.get(key, 0) + step
+    if value:
+        counts[key] = value
+    else:
+        counts.pop(key, None)
 
 
 

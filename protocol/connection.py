@@ -113,3 +113,44 @@ class Connection:
     def skipped_output(self) -> bytes:
         """Whatever the peer printed before its stream started (shell banners)."""
         return self._decoder.skipped
+
+
+# What a data lane may carry: content writes, whose order against the main stream the
+# client guarantees does not matter (see lsync.client.window).
+LANE_MESSAGES = (m.WriteFile, m.WriteDelta, m.WriteBatch)
+
+
+class Lane:
+    """A data lane: an extra one-way stream of content writes from the client to the agent
+    (another SSH channel, joined to the agent through a local socket). It starts with
+    `MAGIC` like the main stream, carries only `LANE_MESSAGES`, and is answered on the main
+    stream. Raises only `ProtocolError`."""
+
+    def __init__(self, frame_limit: int = MAX_FRAME) -> None:
+        self._decoder = FrameDecoder(frame_limit)
+
+    @staticmethod
+    def encode(message: m.Message, frame_limit: int = MAX_FRAME) -> bytes:
+        """The bytes of one message on a lane (the client's side)."""
+        if not isinstance(message, LANE_MESSAGES):
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE,
+                                "{} may not travel on a data lane".format(type(message).__name__))
+        return encode_frame(m.encode_message(message), frame_limit)
+
+    def receive_data(self, data: bytes) -> None:
+        self._decoder.feed(data)
+
+    def next_message(self) -> Optional[m.Message]:
+        payload = self._decoder.next_frame()
+        if payload is None:
+            return None
+        message = m.decode_message(payload, "c")
+        if not isinstance(message, LANE_MESSAGES):
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE,
+                                "{} arrived on a data lane".format(type(message).__name__))
+        return message
+
+    def receive_eof(self) -> None:
+        """The lane ended: cleanly only between frames."""
+        if self._decoder.pending:
+            raise ProtocolError(ErrorCode.CONNECTION_LOST, "a data lane ended inside a frame")

@@ -15,6 +15,11 @@ other exception in a handler becomes `Error(INTERNAL)` for that operation (and i
 `internal_errors`, where `serve` would log its traceback). When the session ends the
 service is closed, exactly as `serve` closes it on end of input.
 
+`open_lane(delay_turns)` gives a data lane (the LaneWriter of lsync.client.link) into the
+same service: its frames are handled `delay_turns` turns of the event loop after they were
+written, so lanes and the main stream overtake each other the way separate SSH channels
+may. A cut ends the lanes too.
+
 `cut()` drops the connection the way a dead network does: bytes still travelling either
 way are lost, the agent sees its input end (and closes, keeping its record of what lsync
 wrote, which lives under $HOME/.cache/lsync unless `use_cache` is False), the client's
@@ -34,7 +39,8 @@ from collections.abc import Callable
 
 from lsync.agent.service import AgentService, SessionEnd
 from lsync.protocol import messages as m
-from lsync.protocol.connection import AGENT, Connection
+from lsync.protocol.connection import AGENT, Connection, Lane
+from lsync.protocol.framing import MAGIC
 from lsync.protocol.errors import ErrorCode, ProtocolError
 
 
@@ -58,6 +64,7 @@ class MemoryAgentStream:
         self._dropped = False  # cut: nothing travels any more
         self._cut_after: int | None = None
         self._stderr: list[str] = []
+        self.lanes: list[MemoryLane] = []
 
     # -- the agent's side (lsync.agent.main.serve, over buffers) --------------------------
     def _log_internal(self, context: str, trace: str | None = None) -> None:
@@ -134,6 +141,8 @@ class MemoryAgentStream:
         self.service.close()
         self._status = status
         self._readable.set()
+        for lane in self.lanes:
+            lane.ended.set()
 
     def _input_ended(self) -> None:
         """The agent reads the end of its input (after whatever was still buffered)."""
@@ -146,12 +155,40 @@ class MemoryAgentStream:
         else:
             self._end(0)
 
+    # -- data lanes -------------------------------------------------------------------------
+    def open_lane(self, delay_turns: int = 0) -> MemoryLane:
+        lane = MemoryLane(self, delay_turns)
+        self.lanes.append(lane)
+        return lane
+
+    def _serve_lane(self, lane: MemoryLane, data: bytes) -> None:
+        if self._status is not None or self._dropped:
+            return
+        try:
+            lane.decoder.receive_data(data)
+            while True:
+                if self._cut_after is not None and self.handled >= self._cut_after:
+                    self.cut()
+                    return
+                message = lane.decoder.next_message()
+                if message is None:
+                    break
+                self._handle(message)
+            self.service.collect_pool()
+            self._flush()
+        except SessionEnd as end:
+            self._end(0 if end.code == 0 else 1)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+
     # -- the test's controls --------------------------------------------------------------
     def cut(self) -> None:
         """Drop the connection now, as a dead network would."""
         if self._dropped:
             return
         self._dropped = True
+        for lane in self.lanes:
+            lane.ended.set()
         self.cuts += 1
         self._inbox.clear()
         self._outbox.clear()
@@ -213,3 +250,37 @@ class MemoryAgentStream:
 
     def exit_status(self) -> int | None:
         return self._status
+
+
+class MemoryLane:
+    """A data lane into a `MemoryAgentStream`'s service (see the module docstring)."""
+
+    def __init__(self, agent: MemoryAgentStream, delay_turns: int) -> None:
+        self.agent = agent
+        self.delay_turns = delay_turns
+        self.decoder = Lane()
+        self.ended = asyncio.Event()
+        self.write(MAGIC)
+
+    def write(self, data: bytes) -> None:
+        if self.agent.is_cut or self.ended.is_set():
+            raise ConnectionResetError("the in-memory lane was cut")
+        loop = asyncio.get_running_loop()
+
+        def later(turns: int) -> None:
+            if turns > 0:
+                loop.call_soon(later, turns - 1)
+            else:
+                self.agent._serve_lane(self, data)
+
+        loop.call_soon(later, self.delay_turns)
+
+    async def drain(self) -> None:
+        return None
+
+    async def wait_closed(self) -> str:
+        await self.ended.wait()
+        return "the in-memory link was cut"
+
+    async def close(self) -> None:
+        self.ended.set()

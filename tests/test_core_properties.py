@@ -79,6 +79,7 @@ from lsync.protocol import messages as m
 from lsync.protocol.framing import MAX_FRAME
 from tests.memagent import MemoryAgentStream
 
+LANE_DELAYS = (3, 0, 6, 1)  # turns of the event loop each in-memory data lane lags
 STEP_TIMEOUT = 30.0  # seconds any wait for the engine may take before the test fails
 QUICK_TIMEOUT = 3.0  # the same where the failure looked for is a hang or an endless loop
 EXAMPLE_TIMEOUT = 5.0  # the same in generated examples (tiny trees; shrinking repeats them)
@@ -195,8 +196,9 @@ class Rig:
     with nothing carried over."""
 
     def __init__(self, base: Path, timeout: float = STEP_TIMEOUT,
-                 frozen_clock: bool = False) -> None:
+                 frozen_clock: bool = False, lanes: int = 0) -> None:
         self.timeout = timeout  # the longest the engine may take for any one wait
+        self.lanes = lanes  # data lanes per connection, each slower than the main stream
         self.local = base / "local"
         self.remote = base / "remote"
         self.local.mkdir()
@@ -242,6 +244,9 @@ class Rig:
         link.start(hello)
         manifest = asyncio.ensure_future(_collect(link.list_tree()))
         welcome = await link.welcome(self.timeout)
+        for number in range(self.lanes):
+            # Lanes that lag the main stream by different turns: they overtake each other.
+            link.add_lane(stream.open_lane(LANE_DELAYS[number % len(LANE_DELAYS)]))
         session = self.session
         cache = HashCache(welcome.chosen["hash"])  # in memory only
         local: dict[str, LocalEntry] = await asyncio.to_thread(
@@ -818,8 +823,9 @@ def _remote_dirs(root: Path) -> list[str]:
     return ["", *sorted(rel for rel, entry in _view(root, rules).items() if entry[0] == "dir")]
 
 
-async def _run_example(base: Path, steps: list[Step], final_overflow: bool) -> None:
-    rig = Rig(base, EXAMPLE_TIMEOUT)
+async def _run_example(base: Path, steps: list[Step], final_overflow: bool,
+                       lanes: int = 0) -> None:
+    rig = Rig(base, EXAMPLE_TIMEOUT, lanes=lanes)
     _make_start(rig.local)
     lost = False
     try:
@@ -874,23 +880,26 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 # Reduced sequences that failed before the core fixes of 0fc9d6a (moved subtrees):
 @example(steps=[Chmod(0), MoveDir(0, 1, "a", back=False)], final_overflow=False,
-         batched=False)
+         batched=False, lanes=False)
 @example(steps=[MoveDir(0, 3, "a", back=False), MoveDir(3, 9, "a", back=False)],
-         final_overflow=False, batched=False)
+         final_overflow=False, batched=False, lanes=False)
 @settings(max_examples=200, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
-@given(steps=STEPS, final_overflow=st.booleans(), batched=st.booleans())
+@given(steps=STEPS, final_overflow=st.booleans(), batched=st.booleans(), lanes=st.booleans())
 def test_remote_converges_to_local_and_keeps_build_outputs_whatever_happens(
-        home: Path, steps: list[Step], final_overflow: bool, batched: bool) -> None:
+        home: Path, steps: list[Step], final_overflow: bool, batched: bool,
+        lanes: bool) -> None:
     """Properties (a)-(d) of the module docstring after any sequence of steps; `batched`:
-    every new small file travels in a WriteBatch, as in a burst (whatever the queue)."""
+    every new small file travels in a WriteBatch, as in a burst (whatever the queue);
+    `lanes`: four data lanes, each lagging the main stream differently, carry saves and
+    batches (so writes and other operations arrive out of the order they were sent)."""
     base = Path(tempfile.mkdtemp(dir=home.parent))
     bulk_queue = passes_module.BULK_QUEUE
     try:
         if batched:
             passes_module.BULK_QUEUE = 0
-        asyncio.run(_run_example(base, steps, final_overflow))
+        asyncio.run(_run_example(base, steps, final_overflow, 4 if lanes else 0))
     finally:
         passes_module.BULK_QUEUE = bulk_queue
         shutil.rmtree(base, ignore_errors=True)

@@ -1,5 +1,7 @@
-"""Small new files of a burst travel in WriteBatch messages (issue 10): fewer messages, one
-compression context, one answer; and nothing about convergence changes.
+"""Bulk transfers (issue 10): small new files of a burst travel in WriteBatch messages (fewer
+messages, one compression context, one answer), and data lanes (extra channels) carry
+saves and batches beside the main stream, in no order against it; nothing about
+convergence changes.
 
 The core runs against the real agent service through in-memory byte streams
 (tests/memagent.py), as in tests/test_core_properties.py, whose rig this module reuses.
@@ -135,5 +137,110 @@ def test_a_message_sent_after_batched_files_is_never_applied_before_them(
         assert (remote / "g2").read_bytes() == content and not (remote / "f2").exists()
         assert (remote / "f0").read_bytes() == content
         await link.close()
+
+    asyncio.run(scenario())
+
+
+# -- data lanes ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lane_rig(home: Path) -> Rig:  # noqa: F811
+    base = home.parent / "lane-rig"
+    base.mkdir()
+    return Rig(base, lanes=4)
+
+
+def test_initial_sync_over_lanes_converges_and_uses_them(lane_rig: Rig) -> None:
+    rig = lane_rig
+    files = _many_files(rig, 700)
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.converged()
+        assert not rig.problems(), rig.problems()
+        for rel, data in files.items():
+            assert (rig.remote / rel).read_bytes() == data
+        assert all(lane.decoder is not None for lane in rig.stream.lanes)
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_directory_renamed_right_after_a_save_in_it_waits_for_the_saves_lane(
+        lane_rig: Rig) -> None:
+    """The save of d/f.c travels on the fast lane (which lags the main stream here); the
+    rename of d that follows goes on the main stream and must not overtake it, or the
+    late write would make d/f.c again after d moved away."""
+    rig = lane_rig
+    (rig.local / "d").mkdir()
+    (rig.local / "d" / "f.c").write_bytes(b"one\n")
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.converged()
+        (rig.local / "d" / "f.c").write_bytes(b"two\n")
+        rig.changed(["d/f.c"])
+        for _ in range(2):
+            await asyncio.sleep(0)
+        (rig.local / "d").rename(rig.local / "e")
+        rig.changed(["d", "e"])
+        await rig.converged()
+        assert not rig.problems(), rig.problems()
+        assert not (rig.remote / "d").exists()
+        assert (rig.remote / "e" / "f.c").read_bytes() == b"two\n"
+        assert not rig.reporter.failures
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_file_deleted_right_after_it_was_saved_stays_deleted(lane_rig: Rig) -> None:
+    rig = lane_rig
+    (rig.local / "g.c").write_bytes(b"one\n")
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.converged()
+        for round_ in range(5):
+            (rig.local / "g.c").write_bytes(b"again %d\n" % round_)
+            rig.changed(["g.c"])
+            for _ in range(round_):
+                await asyncio.sleep(0)
+            (rig.local / "g.c").unlink()
+            rig.changed(["g.c"])
+            await rig.converged()
+            assert not (rig.remote / "g.c").exists(), round_
+            (rig.local / "g.c").write_bytes(b"back\n")
+            rig.changed(["g.c"])
+            await rig.converged()
+        assert not rig.problems(), rig.problems()
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_new_file_in_a_directory_being_renamed_waits_for_the_rename(lane_rig: Rig) -> None:
+    """A save into e/ while the rename d -> e is unanswered on the main stream may not take
+    a lane: the lane could make e/ before the rename arrives, and the rename would fail."""
+    rig = lane_rig
+    (rig.local / "d").mkdir()
+    for i in range(5):
+        (rig.local / "d" / f"f{i}.c").write_bytes(b"x%d\n" % i)
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.converged()
+        (rig.local / "d").rename(rig.local / "e")
+        rig.changed(["d", "e"])
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        (rig.local / "e" / "new.c").write_bytes(b"new\n")
+        rig.changed(["e/new.c"])
+        await rig.converged()
+        assert not rig.problems(), rig.problems()
+        assert (rig.remote / "e" / "new.c").read_bytes() == b"new\n"
+        assert not rig.reporter.failures, rig.reporter.failures
+        await rig.close()
 
     asyncio.run(scenario())

@@ -1,0 +1,128 @@
+"""Data lanes: extra streams of content writes from the client, joined through a socket.
+
+One SSH session channel has its own flow-control window (2 MiB in OpenSSH's sshd), which
+caps what a long link carries per round trip, and everything on it is delivered in order:
+a save queues behind the bulk data of an initial sync. The client therefore opens more
+channels, each running a tiny pump (`PUMP`: stdin to a Unix socket) that joins this agent
+through `LaneServer`'s socket. The agent reads their frames next to its stdin and answers
+everything on stdout; which writes may take a lane is the client's rule (they never
+depend on the order against the main stream).
+
+The socket lives in a fresh directory of mode 0700 (only this user can reach it) and each
+peer's credentials are checked where the platform tells them (SO_PEERCRED); the directory
+is removed when the agent ends. Nothing here writes into the tree.
+"""
+
+import os
+import shutil
+import socket
+import struct
+import tempfile
+from typing import Dict, List, Optional
+
+from lsync.protocol import messages as m
+from lsync.protocol.connection import Lane
+
+MAX_LANES = 8
+READ_SIZE = 1 << 20
+
+# The program a lane's channel runs (python3 -c PUMP SOCKET): stdin to the socket.
+PUMP = (
+    "import os,socket,sys\n"
+    "s=socket.socket(socket.AF_UNIX)\n"
+    "s.connect(sys.argv[1])\n"
+    "while True:\n"
+    " d=os.read(0,262144)\n"
+    " if not d:break\n"
+    " s.sendall(d)\n"
+)
+
+
+class LaneServer:
+    def __init__(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="lsync-lanes-")
+        self.path = os.path.join(self.directory, "s")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(MAX_LANES)
+        self.listener.setblocking(False)
+        self.lanes: Dict[int, "_Joined"] = {}
+
+    def fds(self) -> List[int]:
+        return [self.listener.fileno()] + list(self.lanes)
+
+    def readable(self, fd: int) -> List[m.Message]:
+        """Handle one readable descriptor: a new lane, or data (the messages it completed).
+        A lane that breaks the protocol raises ProtocolError; one that ends is dropped."""
+        if fd == self.listener.fileno():
+            self._accept()
+            return []
+        joined = self.lanes[fd]
+        try:
+            data = joined.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(fd)
+            joined.lane.receive_eof()
+            return []
+        joined.lane.receive_data(data)
+        out: List[m.Message] = []
+        while True:
+            message = joined.lane.next_message()
+            if message is None:
+                return out
+            out.append(message)
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if len(self.lanes) >= MAX_LANES or not _same_user(sock):
+            sock.close()
+            return
+        sock.setblocking(False)
+        self.lanes[sock.fileno()] = _Joined(sock)
+
+    def _drop(self, fd: int) -> None:
+        joined = self.lanes.pop(fd, None)
+        if joined is not None:
+            joined.sock.close()
+
+    def close(self) -> None:
+        for fd in list(self.lanes):
+            self._drop(fd)
+        self.listener.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class _Joined:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lane = Lane()
+
+
+def _same_user(sock: socket.socket) -> bool:
+    """Whether the peer runs as this user (True where the platform cannot tell: the
+    socket's directory admits only this user anyway)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return True
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    except OSError:
+        return False
+    _, uid, _ = struct.unpack("3i", creds)
+    return bool(uid == os.getuid())
+
+
+def open_lanes() -> Optional[LaneServer]:
+    """A lane server, or None when this host cannot offer one (no Unix sockets, no
+    writable temporary directory)."""
+    try:
+        return LaneServer()
+    except (OSError, AttributeError):
+        return None
