@@ -40,8 +40,8 @@ from collections.abc import Callable
 from lsync.agent.service import AgentService, SessionEnd
 from lsync.protocol import messages as m
 from lsync.protocol.connection import AGENT, Connection, Lane
-from lsync.protocol.framing import MAGIC
 from lsync.protocol.errors import ErrorCode, ProtocolError
+from lsync.protocol.framing import MAGIC
 
 
 class MemoryAgentStream:

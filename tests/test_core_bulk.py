@@ -145,7 +145,7 @@ def test_a_message_sent_after_batched_files_is_never_applied_before_them(
 
 
 @pytest.fixture
-def lane_rig(home: Path) -> Rig:  # noqa: F811
+def lane_rig(home: Path) -> Rig:
     base = home.parent / "lane-rig"
     base.mkdir()
     return Rig(base, lanes=4)
