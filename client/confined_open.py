@@ -12,9 +12,9 @@ Promises:
   component), RESOLVE_BENEATH (nothing outside the root) and RESOLVE_NO_MAGICLINKS;
   `lstat_below` opens `rel` itself with O_PATH|O_NOFOLLOW (a trailing symlink is then opened
   as the link) and fstats it. Elsewhere, or when the kernel or a seccomp filter refuses
-  openat2 (ENOSYS, EPERM...), every component is opened with O_NOFOLLOW|O_DIRECTORY relative
-  to the previous one. That is decided once per process (`openat2_available`);
-  `openat2_enabled = False` forces the component walk (for tests).
+  openat2 (ENOSYS, EPERM, EINVAL), every component is opened with O_NOFOLLOW|O_DIRECTORY
+  relative to the previous one. Whether openat2 works is probed once per process
+  (`openat2_available`); `openat2_enabled = False` forces the component walk (for tests).
 - The root itself may be a symlink; it is resolved as open(2) resolves it. Its descriptor is
   kept between calls and used only while stat() of the root path, made by every call, names
   that same directory (device and inode, mode and owner unchanged; the open descriptor keeps
@@ -97,6 +97,7 @@ def _probe() -> OpenAt2 | None:
         return None
     try:
         os.close(openat2(top, b".", DIR_FLAGS))
+        os.close(openat2(top, b".", _LINK_FLAGS))
     except OSError:
         return None  # ENOSYS (before 5.6), EPERM (seccomp), EINVAL (unknown flags)...
     finally:
@@ -269,8 +270,10 @@ def _openat2_or_none(openat2: OpenAt2, root_fd: int, path: str,
                 _openat2 = None  # gone after all (a filter installed since): walk
             elif exc.errno == errno.EXDEV:  # would leave the root: only through a link
                 raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path) from exc
-            elif exc.errno != errno.EPERM:  # EPERM may be a filter: let the walk say
+            elif exc.errno not in (errno.EPERM, errno.EINVAL):
                 raise
+            # EPERM may be a filter, EINVAL flags this kernel refuses: let the walk say
+            # (never report a path as gone on the word of a refused call).
             return None
     return None
 

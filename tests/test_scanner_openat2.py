@@ -317,11 +317,12 @@ def test_openat2_and_the_walk_give_the_same_answers(tmp_path: Path,
             assert found is None, rel
 
 
-@pytest.mark.parametrize("err", [errno.ENOSYS, errno.EPERM])
+@pytest.mark.parametrize("err", [errno.ENOSYS, errno.EPERM, errno.EINVAL])
 def test_openat2_refused_at_run_time_falls_back_to_the_walk(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int) -> None:
-    """A seccomp filter (EPERM) or a missing syscall (ENOSYS) met after the probe: the walk
-    answers, with the same promise; ENOSYS also turns openat2 off for good."""
+    """A seccomp filter (EPERM), a missing syscall (ENOSYS) or flags refused (EINVAL) met
+    after the probe: the walk answers, with the same promise, and a path that exists is not
+    reported gone; ENOSYS also turns openat2 off for good."""
     root, _ = symlinked_tree(tmp_path)
     calls: list[bytes] = []
 
