@@ -86,9 +86,14 @@ class RecordingLink(AgentLink):
 
     sent: list[tuple[str, str]]
 
-    def submit(self, op: m.Message) -> asyncio.Future[Reply]:
+    def submit(self, op: m.Message, lane: int = 0) -> asyncio.Future[Reply]:
         self.sent.append((type(op).__name__, str(getattr(op, "path", getattr(op, "dst", "")))))
-        return super().submit(op)
+        return super().submit(op, lane)
+
+    def submit_batched(self, seq: int, path: str, mode: int, content: bytes, code: int,
+                       level: int, lane: int = 0) -> asyncio.Future[Reply]:
+        self.sent.append(("WriteFile", path))  # a whole file, in a batch
+        return super().submit_batched(seq, path, mode, content, code, level, lane)
 
 
 class EngineRig:
