@@ -108,24 +108,32 @@ def _shorten_auth(conn: Any) -> None:
     The method list becomes [publickey, none]: the server's first USERAUTH_FAILURE replaces
     it with the methods the server offers (in the client's preferred order), exactly as the
     answer to `none` would have, and when there is no key to offer at all, asyncssh moves on
-    to `none` and everything continues as without the shortcut. Does nothing unless asyncssh's
-    internals look as expected (asyncssh 2.x: `_auth_methods` is [b"none"] at this point)."""
+    to `none` and everything continues as without the shortcut. As long as `none` has not been
+    tried, it stays last in the list (a server may accept it, as OpenSSH does for an account
+    with an empty password and PermitEmptyPasswords): whatever authenticated before still does.
+    Does nothing unless asyncssh's internals look as expected (asyncssh 2.x: `_auth_methods` is
+    [b"none"] at this point, and `try_next_auth` starts `_auth_methods[0]`)."""
     try:
         if conn._auth_methods != [b"none"] or conn._auth is not None:
             return
-        if _publickey_comes_first(conn):
-            conn._auth_methods = [b"publickey", b"none"]
+        none_skipped = _publickey_comes_first(conn)
         original = conn.try_next_auth
     except (AttributeError, TypeError):
         return
-    if not _SIGNED_FIRST_USABLE:
-        return
+    if none_skipped:
+        conn._auth_methods = [b"publickey", b"none"]
 
     def try_next_auth(*, next_method: bool = False) -> None:
+        nonlocal none_skipped
+        methods = conn._auth_methods
+        if none_skipped and b"none" not in methods:
+            methods.append(b"none")
         original(next_method=next_method)
-        auth = getattr(conn, "_auth", None)
+        auth = conn._auth
+        if auth is not None and conn._auth_methods[:1] == [b"none"]:
+            none_skipped = False  # `none` is being tried now: asyncssh's own sequence again
         # The new auth's task has not started yet: its requests go through the subclass.
-        if type(auth) is _PublicKeyAuth:
+        if _SIGNED_FIRST_USABLE and type(auth) is _PublicKeyAuth:
             auth.__class__ = _SignedFirstPublicKeyAuth
 
     conn.try_next_auth = try_next_auth
