@@ -15,12 +15,11 @@ Promises:
   openat2 (ENOSYS, EPERM, EINVAL), every component is opened with O_NOFOLLOW|O_DIRECTORY
   relative to the previous one. Whether openat2 works is probed once per process
   (`openat2_available`); `openat2_enabled = False` forces the component walk (for tests).
-- The root itself may be a symlink; it is resolved as open(2) resolves it. Its descriptor is
-  kept between calls and used only while stat() of the root path, made by every call, names
-  that same directory (device and inode, mode and owner unchanged; the open descriptor keeps
-  its inode number from being reused). A root replaced by another directory, or a retargeted
-  root link, is opened again. A kept descriptor is closed when no call holds it any more
-  (reference counting: a call holds the `_Root` whose `fd` it uses). Thread-safe.
+- The root itself may be a symlink; it is resolved as open(2) resolves it, once per call,
+  and its descriptor is closed when the call no longer holds it (a call holds the `_Root`
+  whose `fd` it uses). No descriptor outlives a call: one kept open would pin the local
+  filesystem, so that a lazily unmounted tree would never tell the watcher (and lsync must
+  stop then). Thread-safe.
 - openat2 checks permissions as stat(2) does: search (x) on the directories on the way; the
   component walk also needs read permission on each. A parent is opened for reading either way.
 """
@@ -33,7 +32,6 @@ import os
 import platform
 import stat
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,7 +43,6 @@ _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
 _SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437, "arm64": 437}
-MAX_ROOTS = 8  # root descriptors kept at once (one per synchronized root, in practice)
 
 OpenAt2 = Callable[[int, bytes, int], int]
 _LINK_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC  # the path itself, even a symlink
@@ -126,55 +123,25 @@ def check_rel(rel: str) -> list[str]:
 
 # --- root descriptors -----------------------------------------------------------------------
 
-Identity = tuple[int, int, int, int, int]
-
-
 class _Root:
     """A descriptor of a root directory, closed when the last reference to it goes: a call
     holds one while it uses `fd`, so the number cannot be closed and reused under it."""
 
-    __slots__ = ("fd", "identity")
+    __slots__ = ("fd",)
 
-    def __init__(self, fd: int, identity: Identity) -> None:
+    def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.identity = identity
 
     def __del__(self) -> None:
         os.close(self.fd)
 
 
-_roots: dict[str, _Root] = {}  # by root path; read without a lock (one dict.get)
-_roots_lock = threading.Lock()  # taken to replace or evict
-
-
 def _root(root: Path) -> _Root:
-    """The descriptor of the directory now at `root`: the kept one when stat() of the path
-    names that directory (same device and inode, mode and owner), else a new one."""
-    path = os.fspath(root)
-    st = os.stat(path)
-    kept = _roots.get(path)
-    if kept is not None and kept.identity == (st.st_dev, st.st_ino, st.st_mode, st.st_uid,
-                                              st.st_gid):
-        return kept
-    fd = os.open(path, _ROOT_FLAGS)
-    try:
-        st = os.fstat(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    fresh = _Root(fd, (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid))
-    with _roots_lock:
-        _roots.pop(path, None)  # re-inserted last: the oldest entry goes first
-        _roots[path] = fresh
-        while len(_roots) > MAX_ROOTS:
-            del _roots[next(iter(_roots))]
-    return fresh
-
-
-def forget_roots() -> None:
-    """Drop the kept root descriptors (each closes when no call uses it any more)."""
-    with _roots_lock:
-        _roots.clear()
+    """A descriptor of the directory now at `root`, opened for this call alone: a
+    descriptor kept between calls would pin the filesystem, and a lazily unmounted local
+    tree would then never report its unmount to the watcher (lsync must stop then)."""
+    fd = os.open(os.fspath(root), _ROOT_FLAGS)
+    return _Root(fd)
 
 
 # --- the walk -------------------------------------------------------------------------------
