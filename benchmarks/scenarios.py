@@ -285,7 +285,9 @@ def scenario_b_burst(bench: Bench, spec: LinkSpec) -> None:
                         bench.goal(f"burst of {n} files", spec,
                                    f"no worse: ≤ {B_GOAL_SECONDS:.2f} s (was 0.78)",
                                    f"{res.seconds:.2f} s",
-                                   "—" if peer is None else peer.text,
+                                   "—" if peer is None else (
+                                       f"{peer.value:.2f} s" if peer.value is not None
+                                       else peer.text),
                                    _ratio(row.cells[system], peer),
                                    res.seconds <= B_GOAL_SECONDS)
                 say(f"b {spec.label} {system}: {row.cells[system].text}")
