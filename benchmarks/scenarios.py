@@ -870,7 +870,8 @@ def scenario_g_first_contact(bench: Bench, tree: str, spec: LinkSpec) -> None:
     if notes:
         cell.text += f" ({'; '.join(notes)})"
     row.cells[LSYNC] = cell
-    goal_text = text + (f" ({'; '.join(notes)})" if notes else "")
+    goal_text = text + ("" if ratio_b is None else f"; bytes {ratio_b:.2f}x rsync's")
+    goal_text += f" ({'; '.join(notes)})" if notes else ""
     bench.goal(f"first contact with a copy lsync never saw, {tree} tree", spec, row.target,
                goal_text, "—" if rsync_cell is None else rsync_cell.text, ratio_t,
                cell.target_ok)
