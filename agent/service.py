@@ -357,12 +357,12 @@ class AgentService:
             for entry in walk:
                 batch.append(entry)
                 if len(batch) >= MANIFEST_BATCH:
-                    self.send(m.ManifestBatch(msg.seq, batch, False))
+                    self.send(m.packed(m.ManifestBatch(msg.seq, batch, False)))
                     self.flush()
                     batch = []
         finally:
             walk.close()  # its directory descriptors, now even if sending failed
-        self.send(m.ManifestBatch(msg.seq, batch, True))
+        self.send(m.packed(m.ManifestBatch(msg.seq, batch, True)))
 
     def on_hash_paths(self, msg: m.HashPaths) -> None:
         assert self.root is not None and self.record is not None

@@ -37,6 +37,8 @@ from lsync.client.pathqueue import PathQueue, PathRecord
 from lsync.client.reporter import Reporter
 from lsync.client.scanner import (
     LocalEntry,
+    ScanError,
+    hash_file,
     scan_dir,
     scan_tree,
 )
@@ -105,9 +107,10 @@ class SyncEngine(PathPasses):
 
     # -- input ----------------------------------------------------------------------------
     def mark_dirty(self, paths: Iterable[str], since: float | None = None,
-                   hint: bool = True) -> None:
+                   hint: bool = True, urgent: bool | None = None) -> None:
         """These paths may have changed. `hint`: from the watcher (their directories are
-        checked once it goes quiet, and a failing path is retried at once)."""
+        checked once it goes quiet, and a failing path is retried at once). `urgent`: taken
+        before the bulk work queued (default: a watcher batch of a few paths, a save)."""
         paths = list(paths)
         for path in paths:
             if hint:
@@ -115,8 +118,8 @@ class SyncEngine(PathPasses):
             entry = self.model.get(path)
             if entry is not None and entry.kind == DIR:
                 self._queued_dirs.add(path)
-        # A few paths from the watcher are a save: ahead of any bulk work still queued.
-        urgent = hint and len(paths) <= URGENT_MAX
+        if urgent is None:  # a few paths from the watcher are a save
+            urgent = hint and len(paths) <= URGENT_MAX
         if self.queue.mark(paths, self.clock(), since, retry_failed=hint, urgent=urgent):
             self._poke()
 
@@ -179,7 +182,18 @@ class SyncEngine(PathPasses):
                 f"the local tree {self.root} is empty while the remote holds "
                 f"{len(self.model)} entries; refusing to delete them (--delete)")
         batches = [need_hash[i:i + HASH_BATCH] for i in range(0, len(need_hash), HASH_BATCH)]
-        results = await asyncio.gather(*(self.link.hash_paths(b) for b in batches))
+        # Local files the scan did not hash (not in the hash cache) are hashed now, where
+        # the remote holds a file of that size at that path (it may be the same), while the
+        # agent hashes its side; the others are read once, when they are sent.
+        unhashed = [p for p, e in local.items()
+                    if e.kind == "file" and e.digest is None
+                    and (r := self.model.get(p)) is not None and r.kind == FILE
+                    and r.size == e.size]
+        hashing = asyncio.ensure_future(self._hash_local(unhashed))
+        try:
+            results = await asyncio.gather(*(self.link.hash_paths(b) for b in batches))
+        finally:
+            local.update(await hashing)
         for batch, digests in zip(batches, results, strict=True):
             for path, digest in zip(batch, digests, strict=True):
                 self.model.set_digest(path, digest)
@@ -194,6 +208,20 @@ class SyncEngine(PathPasses):
         self._initial_total = (len(files), sum(local[p].size for p in files))
         self._initial_done = (0, 0)
         self.mark_dirty(to_send, hint=False)
+
+    async def _hash_local(self, paths: list[str]) -> dict[str, LocalEntry]:
+        """Entries with digests for `paths`, read in the worker threads (a path that cannot
+        be read keeps no digest: its pass will look at it)."""
+        if not paths:
+            return {}
+        pool = self.read_ahead.pool()
+        loop = asyncio.get_running_loop()
+        chunks = [paths[i:i + HASH_BATCH] for i in range(0, len(paths), HASH_BATCH)]
+        found: dict[str, LocalEntry] = {}
+        for part in await asyncio.gather(*(loop.run_in_executor(
+                pool, _hash_files, self.root, chunk, self.cache) for chunk in chunks)):
+            found.update(part)
+        return found
 
     def _set_dictionary(self, files: list[str]) -> None:
         """Give the agent a preset dictionary sampled from the files about to be sent."""
@@ -422,3 +450,14 @@ class SyncEngine(PathPasses):
         if files < total_files:
             self._initial_done = (files + 1, nbytes + flight.nbytes)
             self.reporter.progress(nbytes + flight.nbytes, total_bytes, files + 1, total_files)
+
+
+def _hash_files(root: Path, paths: list[str], cache: HashCache) -> dict[str, LocalEntry]:
+    """For a worker thread: entries with digests of the files among `paths`."""
+    found: dict[str, LocalEntry] = {}
+    for path in paths:
+        try:
+            found[path] = hash_file(root, path, cache)
+        except (OSError, ScanError):
+            continue
+    return found

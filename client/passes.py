@@ -90,11 +90,12 @@ class PathPasses:
     seen_until: Callable[[], int]
     _queued_dirs: set[str]
     bursting = False  # many paths were queued, and the queue has not run dry since
+    _urgent = False  # the pass under way is over an urgent path
     _bulk_turn = 0  # which bulk lane batches go to now
     _bulk_bytes = 0  # content sent on it since it took its turn
 
     def mark_dirty(self, paths: Iterable[str], since: float | None = None,
-                   hint: bool = True) -> None:
+                   hint: bool = True, urgent: bool | None = None) -> None:
         raise NotImplementedError
 
     def _submit(self, message: m.Message, flight: InFlight) -> None:
@@ -112,6 +113,7 @@ class PathPasses:
             return "done"
         if relpath_problem(path):
             return "done"
+        self._urgent = record.urgent  # what the pass marks inherits it
         wall_now = time.time_ns()
         try:
             # Never through a symlink: a directory swapped for a link hides what is below.
@@ -173,7 +175,7 @@ class PathPasses:
         entry = self.model.get(parent)
         if entry is not None and entry.kind == DIR:
             return True
-        self.mark_dirty([parent], hint=False)
+        self.mark_dirty([parent], hint=False, urgent=self._urgent)
         return False
 
     def _seen(self, path: str, st: os.stat_result | None,
@@ -209,7 +211,8 @@ class PathPasses:
             self.model.move_tree(source, path)
             # Everything that moved is looked at (a file changed just before the move was
             # reported under its old path).
-            self.mark_dirty(list(self.model.descendants(path)), since, hint=False)
+            self.mark_dirty(list(self.model.descendants(path)), since, hint=False,
+                            urgent=self._urgent)
         if planner.needs_mkdir(self.model.get(path), mode):
             self._submit(m.Mkdir(self.link.next_seq(), path, mode),
                          InFlight(path, Op.MKDIR, path, since))
@@ -254,7 +257,7 @@ class PathPasses:
         # Every child, not only those on one side: a directory moved in, or swapped for
         # another under the same name, holds other files under the same names.
         self.mark_dirty(sorted(local_children | self.model.child_names(path)), since,
-                        hint=False)
+                        hint=False, urgent=self._urgent)
 
     async def _sync_file(self, path: str, st: os.stat_result, since: float,
                          ahead: concurrent.futures.Future[Prepared | None] | None,

@@ -67,6 +67,7 @@ class PathQueue:
         # QUEUED paths, in order (an OrderedDict: taking from the front of a plain dict
         # walks over the slots of every key deleted before, quadratic in a long burst).
         self._queue: OrderedDict[str, None] = OrderedDict()
+        self._urgent: OrderedDict[str, None] = OrderedDict()  # the same for urgent records
         self._timed: set[str] = set()  # HELD and FAILED paths: what `wake` looks at
         self._failed = 0  # FAILED records (so that `idle` is one comparison)
         self._ticks: list[tuple[int, str]] = []  # (tick, path), lazily pruned: the watermark
@@ -102,7 +103,7 @@ class PathQueue:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._urgent)
 
     def failing(self) -> dict[str, str]:
         return {p: self.records[p].reason for p in sorted(self._timed)
@@ -134,7 +135,8 @@ class PathQueue:
         """These paths may have changed (at `since`, default `now`); returns how many were
         not queued already. A FAILED path is queued at once only with `retry_failed` (a
         watcher hint: the user may have fixed the cause); otherwise it waits for its due
-        time. `urgent` paths (a save) go ahead of everything queued, now and when requeued."""
+        time. `urgent` paths (a save) are taken before every path that is not, in the order
+        they were marked, now and whenever they are queued again."""
         added = 0
         when = now if since is None else since
         for path in paths:
@@ -149,8 +151,8 @@ class PathQueue:
                 continue
             if urgent and not record.urgent:
                 record.urgent = True
-                if record.state is State.QUEUED:
-                    self._queue.move_to_end(path, last=False)
+                if self._queue.pop(path, 0) is None:  # it was queued: now with the urgent
+                    self._urgent[path] = None
             if record.state is State.READING:
                 record.again = True
             elif record.state is State.WAITING or (record.state is State.FAILED
@@ -161,9 +163,11 @@ class PathQueue:
         return added
 
     def _enqueue(self, record: PathRecord) -> None:
-        self._queue[record.path] = None
-        if record.urgent:
-            self._queue.move_to_end(record.path, last=False)
+        (self._urgent if record.urgent else self._queue)[record.path] = None
+
+    def _dequeue(self, path: str) -> None:
+        if self._queue.pop(path, 0) == 0:  # (None when it was there)
+            self._urgent.pop(path, None)
 
     def hold(self, paths: Iterable[str], now: float) -> None:
         """Their writers have them open: do not read them before `release` or hold_max."""
@@ -173,7 +177,7 @@ class PathQueue:
                 self.mark([path], now)
                 record = self.records[path]
             if record.state is State.QUEUED:
-                del self._queue[path]
+                self._dequeue(path)
                 self._to(record, State.HELD)
                 record.due = now + self.hold_max
             elif record.state is State.READING:
@@ -207,8 +211,8 @@ class PathQueue:
     # -- the engine's passes -----------------------------------------------------------------
     def take(self) -> tuple[str, PathRecord] | None:
         """The next QUEUED path, now READING."""
-        while self._queue:
-            path, _ = self._queue.popitem(last=False)
+        while self._urgent or self._queue:
+            path, _ = (self._urgent or self._queue).popitem(last=False)
             record = self.records[path]
             if record.state is State.QUEUED:
                 self._to(record, State.READING)
@@ -219,10 +223,11 @@ class PathQueue:
     def peek(self, limit: int) -> list[str]:
         """The next `limit` QUEUED paths, for reading ahead."""
         out: list[str] = []
-        for path in self._queue:
-            if len(out) >= limit:
-                break
-            out.append(path)
+        for queue in (self._urgent, self._queue):
+            for path in queue:
+                if len(out) >= limit:
+                    return out
+                out.append(path)
         return out
 
     def defer(self, path: str) -> None:
@@ -231,7 +236,7 @@ class PathQueue:
         record = self.records[path]
         self._to(record, State.QUEUED)
         record.deferred = True
-        self._queue[path] = None
+        self._enqueue(record)
 
     def retry(self, path: str, now: float, delay: float) -> None:
         """READING → HELD for `delay` (the file kept changing while read, or vanished)."""
@@ -277,7 +282,7 @@ class PathQueue:
                 record.again = True  # the pass under way looks again, what failed forgotten
             record.reason = reason
             return  # a newer pass is coming anyway
-        self._queue.pop(path, None)
+        self._dequeue(path)
         record.failures += 1
         record.reason = reason
         record.again = False

@@ -192,11 +192,21 @@ def _read_stable(
 
 
 def _file_entry(dir_fd: int, name: str, rel: str, st: os.stat_result,
-                cache: HashCache) -> LocalEntry:
+                cache: HashCache, hash_files: bool = True) -> LocalEntry:
     digest = cache.lookup(rel, st)
-    if digest is None:
+    if digest is None and hash_files:
         _, st, digest = _read_stable(dir_fd, name, rel, cache, False, st)
     return _entry("file", st, digest)
+
+
+def hash_file(root: Path, rel: str, cache: HashCache) -> LocalEntry:
+    """The entry of the regular file `rel` with its digest (from the cache when its stat
+    matches, else read); raises what read_file_stable raises, but for FileTooLargeError."""
+    with _open_parent_or_gone(root, rel) as parent:
+        st = os.stat(parent.name, dir_fd=parent.fd, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(rel, "not a regular file")
+        return _file_entry(parent.fd, parent.name, rel, st, cache)
 
 
 def scan_tree(
@@ -206,9 +216,12 @@ def scan_tree(
     *,
     subdir: str = "",
     on_error: ErrorHandler | None = None,
+    hash_files: bool = True,
 ) -> dict[str, LocalEntry]:
     """Every path below `root` (or below `root/subdir`) that is not ignored, by relative
     path. A full scan (no `subdir`) also drops cache records of files no longer present.
+    Without `hash_files`, a file whose digest the cache does not know is listed with digest
+    None instead of being read (the caller hashes what it needs: `hash_file`).
 
     Problems with single paths go to `on_error(rel, exc)`; without it they are raised.
     A file that cannot be read, or keeps changing (UnstableFileError), is still listed
@@ -241,7 +254,8 @@ def scan_tree(
     # Depth-first, one open descriptor per level: (fd, prefix, subdirectories to visit)
     stack: list[tuple[int, str, Iterator[str]]] = [(top_fd, top_prefix, iter(()))]
     try:
-        subdirs = _scan_dir(top_fd, top_prefix, rules, cache, result, report, top=True)
+        subdirs = _scan_dir(top_fd, top_prefix, rules, cache, result, report, top=True,
+                            hash_files=hash_files)
         stack[0] = (top_fd, top_prefix, iter(subdirs))
         while stack:
             fd, prefix, pending = stack[-1]
@@ -260,7 +274,8 @@ def scan_tree(
                     report(rel, exc)
                 continue
             stack.append((child_fd, rel + "/", iter(())))
-            subdirs = _scan_dir(child_fd, rel + "/", rules, cache, result, report, top=False)
+            subdirs = _scan_dir(child_fd, rel + "/", rules, cache, result, report, top=False,
+                                hash_files=hash_files)
             stack[-1] = (child_fd, rel + "/", iter(subdirs))
     finally:
         for fd, _, _ in stack:
@@ -305,6 +320,7 @@ def _scan_dir(
     report: ErrorHandler,
     *,
     top: bool,
+    hash_files: bool = True,
 ) -> list[str]:
     """Add the entries of one directory to `result`; return its subdirectories to visit.
     Failing to list the top directory raises; any other problem goes to `report`."""
@@ -329,7 +345,7 @@ def _scan_dir(
                         continue
                     st = item.stat(follow_symlinks=False)
                     try:
-                        result[rel] = _file_entry(fd, name, rel, st, cache)
+                        result[rel] = _file_entry(fd, name, rel, st, cache, hash_files)
                         continue
                     except NotRegularFileError:
                         pass  # replaced since listed: look again below

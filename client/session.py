@@ -290,8 +290,10 @@ class Session:
     async def _scan(self, hash_name: str) -> tuple[HashCache, dict[str, LocalEntry]]:
         cache = HashCache(hash_name, root=self.root)
         await asyncio.to_thread(cache.load)
+        # Files are hashed later, and only those the remote may already hold (see
+        # SyncEngine.initial_sync): the others are read once, when they are sent.
         local = await asyncio.to_thread(scan_tree, self.root, self.rules, cache,
-                                        on_error=self._scan_problem)
+                                        on_error=self._scan_problem, hash_files=False)
         return cache, local
 
     def _likely_hash(self) -> str:

@@ -16,6 +16,7 @@ Operations that change the remote tree carry a sequence number (`seq`) chosen by
 the agent answers each with exactly one `Ack` or `Error` bearing the same `seq`.
 """
 
+import zlib
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import msgpack
@@ -38,6 +39,9 @@ MAX_MAP_LEN = 1024
 # build millions of objects (about 1 GB) before any check. A manifest batch holds about
 # MANIFEST_BATCH + 2 of them; nothing legitimate comes near this.
 MAX_CONTAINERS = 100000
+
+# Largest payload a Packed message inflates to (a frame's size, see lsync.protocol.framing).
+MAX_PACKED = 16 * 1024 * 1024
 
 # Kinds of tree entries in a manifest.
 KIND_FILE = "f"
@@ -238,6 +242,15 @@ class Error(NamedTuple):
     message: str
 
 
+class Packed(NamedTuple):
+    """Agent → client: one other message, encoded and compressed as one zlib stream (big
+    answers such as manifest batches, whose paths share long prefixes). `decode_message`
+    hands back the message inside, which is never itself Packed and inflates to at most
+    a frame's size."""
+
+    payload: bytes
+
+
 class Ping(NamedTuple):
     """Either way: answered by `Pong` with the same nonce (liveness, round-trip time)."""
 
@@ -260,7 +273,7 @@ class Goodbye(NamedTuple):
 Message = Union[
     Hello, Welcome, ListTree, ManifestBatch, HashPaths, Hashes, WriteFile, WriteDelta,
     Delete, Rename, Copy, Mkdir, Symlink, SetMode, SetDictionary, WriteBatch, Ack, Acked,
-    Error, Ping, Pong, Goodbye,
+    Error, Packed, Ping, Pong, Goodbye,
 ]
 
 # Operations: messages that carry a seq and are answered by Ack or Error.
@@ -383,6 +396,7 @@ SCHEMA: Dict[int, Tuple[Any, str, Tuple[FieldCheck, ...]]] = {
     29: (WriteBatch, "c", (_is_batch_files, _is_bytes, _is_uint)),
     40: (Ack, "a", (_is_uint, _is_uint, _is_str)),
     42: (Acked, "a", (_is_uint_list,)),
+    45: (Packed, "a", (_is_bytes,)),
     41: (Error, "a", (_is_uint, _is_uint, _is_str)),
     50: (Ping, "ca", (_is_uint,)),
     51: (Pong, "ca", (_is_uint,)),
@@ -399,7 +413,12 @@ def encode_message(message: Message) -> bytes:
     return payload
 
 
-def decode_message(payload: bytes, sender: str) -> Message:
+def packed(message: Message, level: int = 1) -> Packed:
+    """`message` compressed into a Packed envelope."""
+    return Packed(zlib.compress(encode_message(message), level))
+
+
+def decode_message(payload: bytes, sender: str, inside_packed: bool = False) -> Message:
     """Decode and validate one payload sent by `sender` ("c" or "a").
 
     Raises only `ProtocolError`: MALFORMED_FRAME for undecodable or ill-typed payloads,
@@ -438,6 +457,18 @@ def decode_message(payload: bytes, sender: str) -> Message:
             raise ProtocolError(ErrorCode.MALFORMED_FRAME, "{}.{} has a bad value".format(
                 cls.__name__, name))
     message: Message = cls(*fields)
+    if isinstance(message, Packed):
+        if inside_packed:
+            raise ProtocolError(ErrorCode.MALFORMED_FRAME, "a packed message inside another")
+        inflater = zlib.decompressobj()
+        try:
+            inner = inflater.decompress(message.payload, MAX_PACKED)
+        except (zlib.error, ValueError) as exc:
+            raise ProtocolError(ErrorCode.MALFORMED_FRAME, "bad packed message: {}".format(exc))
+        if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
+            raise ProtocolError(ErrorCode.MALFORMED_FRAME, "a packed message is truncated, "
+                                "has trailing data or exceeds {} bytes".format(MAX_PACKED))
+        message = decode_message(inner, sender, inside_packed=True)
     return message
 
 

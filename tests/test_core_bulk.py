@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from lsync.client.link import AgentLink
+from lsync.client.pathqueue import PathQueue
 from lsync.protocol import PROTOCOL_VERSION, hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.errors import ErrorCode
@@ -241,6 +242,48 @@ def test_a_new_file_in_a_directory_being_renamed_waits_for_the_rename(lane_rig: 
         assert not rig.problems(), rig.problems()
         assert (rig.remote / "e" / "new.c").read_bytes() == b"new\n"
         assert not rig.reporter.failures, rig.reporter.failures
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+# -- saves made during bulk work ----------------------------------------------------------------
+
+
+def test_urgent_paths_are_taken_first_in_the_order_they_were_marked() -> None:
+    queue = PathQueue()
+    queue.mark([f"bulk/{i}" for i in range(5)], 0.0)
+    queue.mark(["save/a", "save/b"], 1.0, urgent=True)
+    queue.mark(["bulk/3"], 2.0, urgent=True)  # queued already: joins the urgent ones
+    assert queue.peek(4) == ["save/a", "save/b", "bulk/3", "bulk/0"]
+    path, _ = queue.take() or ("", None)
+    assert path == "save/a"
+    queue.defer("save/a")  # behind the other urgent paths, still ahead of the bulk
+    assert queue.peek(10) == ["save/b", "bulk/3", "save/a", "bulk/0", "bulk/1", "bulk/2",
+                              "bulk/4"]
+    assert queue.queued == 7
+
+
+def test_a_save_made_during_an_initial_sync_overtakes_it(lane_rig: Rig) -> None:
+    rig = lane_rig
+    files = _many_files(rig, 3000)
+    first = sorted(files)[0]
+
+    async def scenario() -> None:
+        await rig.connect()
+        # The initial sync has just begun: most files are still queued.
+        while not (rig.remote / first).exists():
+            await asyncio.sleep(0)
+        assert rig.engine.queue.queued > 1000
+        saved = sorted(files)[-1]  # the last one the bulk would reach
+        (rig.local / saved).write_bytes(b"saved during the initial sync\n")
+        rig.changed([saved])
+        while (not (rig.remote / saved).exists()
+               or (rig.remote / saved).read_bytes() != b"saved during the initial sync\n"):
+            await asyncio.sleep(0)
+        assert rig.engine.queue.queued > 500, "the save waited for the bulk"
+        await rig.converged()
+        assert not rig.problems(), rig.problems()
         await rig.close()
 
     asyncio.run(scenario())

@@ -250,7 +250,8 @@ class Rig:
         session = self.session
         cache = HashCache(welcome.chosen["hash"])  # in memory only
         local: dict[str, LocalEntry] = await asyncio.to_thread(
-            scan_tree, self.local, session.rules, cache, on_error=self._scan_problem)
+            scan_tree, self.local, session.rules, cache, on_error=self._scan_problem,
+            hash_files=False)
         entries = await asyncio.wait_for(manifest, self.timeout)
         engine = SyncEngine(link, self.local, session.rules, cache, session.reporter,
                             clock=self.clock,

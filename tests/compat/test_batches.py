@@ -128,3 +128,37 @@ def test_malformed_batches_are_refused_at_the_decode_boundary():
         assert exc.code == ErrorCode.UNEXPECTED_MESSAGE
     else:
         raise AssertionError("an agent's WriteBatch was accepted")
+
+
+def test_packed_messages_are_unwrapped_at_the_decode_boundary_and_bad_ones_refused():
+    import msgpack
+    inner = m.ManifestBatch(7, [["a.c", "f", 3, 0, 0o644, None, None, None]], True)
+    envelope = m.packed(inner)
+    assert len(envelope.payload) < len(m.encode_message(inner)) + 16
+    assert m.decode_message(m.encode_message(envelope), "a") == inner
+    nested = m.Packed(zlib.compress(m.encode_message(envelope)))
+    bomb = m.Packed(zlib.compress(b"\x00" * (m.MAX_PACKED + 1)))
+    garbage = m.Packed(b"not zlib")
+    truncated = m.Packed(zlib.compress(m.encode_message(inner))[:-3])
+    for bad in (nested, bomb, garbage, truncated):
+        try:
+            m.decode_message(m.encode_message(bad), "a")
+        except ProtocolError as exc:
+            assert exc.code == ErrorCode.MALFORMED_FRAME
+        else:
+            raise AssertionError("accepted a bad Packed message")
+    # A client may not send one, and what is inside is checked like any message.
+    try:
+        m.decode_message(m.encode_message(envelope), "c")
+    except ProtocolError as exc:
+        assert exc.code == ErrorCode.UNEXPECTED_MESSAGE
+    else:
+        raise AssertionError("a client's Packed message was accepted")
+    ill_typed = m.Packed(zlib.compress(msgpack.packb([11, 7, "not entries", True],
+                                                     use_bin_type=True)))
+    try:
+        m.decode_message(m.encode_message(ill_typed), "a")
+    except ProtocolError as exc:
+        assert exc.code == ErrorCode.MALFORMED_FRAME
+    else:
+        raise AssertionError("an ill-typed packed message was accepted")

@@ -88,7 +88,7 @@ def test_pooled_writes_are_recorded_too():
         service.drain_pool()
         assert sent[-1] == m.Ack(1, 0, "")
         service.handle(m.ListTree(2))
-        (entry,) = sent[-1].entries
+        (entry,) = m.decode_message(m.encode_message(sent[-1]), "a").entries  # unpacked
         assert entry[WRITTEN] == hashing.digest_of("blake2b-128", b"pooled")
     finally:
         service.close()
