@@ -27,7 +27,7 @@ from lsync.agent.confined import (
 from lsync.agent.manifest import walk_tree
 from lsync.agent.records import DigestRecord
 from lsync.agent.writer import WritePool
-from lsync.protocol import PROTOCOL_VERSION, hashing, packing
+from lsync.protocol import PROTOCOL_VERSION, fastpack, hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.delta import DeltaError, apply_delta
 from lsync.protocol.errors import AckStatus, ErrorCode, ProtocolError
@@ -357,12 +357,12 @@ class AgentService:
             for entry in walk:
                 batch.append(entry)
                 if len(batch) >= MANIFEST_BATCH:
-                    self.send(m.packed(m.ManifestBatch(msg.seq, batch, False)))
+                    self.send(_packed_manifest(m.ManifestBatch(msg.seq, batch, False)))
                     self.flush()
                     batch = []
         finally:
             walk.close()  # its directory descriptors, now even if sending failed
-        self.send(m.packed(m.ManifestBatch(msg.seq, batch, True)))
+        self.send(_packed_manifest(m.ManifestBatch(msg.seq, batch, True)))
 
     def on_hash_paths(self, msg: m.HashPaths) -> None:
         assert self.root is not None and self.record is not None
@@ -588,6 +588,10 @@ _HANDLERS: Dict[Any, Callable[[AgentService, Any], None]] = {
     m.SetDictionary: AgentService.on_set_dictionary,
     m.WriteBatch: AgentService.on_write_batch,
 }
+
+
+def _packed_manifest(batch: m.ManifestBatch) -> m.Packed:
+    return m.packed(batch, payload=fastpack.manifest_batch(batch))
 
 
 def _paths_of(message: m.Message) -> List[str]:

@@ -3,7 +3,7 @@
 Each SSH channel has its own flow-control window (2 MiB in OpenSSH's sshd): over a 300 ms
 link one channel carries at most about 7 MB/s, and everything on it arrives in order, so a
 save queues behind the bulk of an initial sync. When the agent offers a lane socket (see
-lsync.agent.lanes), the session opens `LANES` more channels, each running the agent's
+lsync.agent.lanes), the session opens `--lanes` more channels, each running the agent's
 pump (stdin into that socket), and hands them to the link: the first carries single saves,
 the others take batches in turn (which write may take which lane is decided in
 lsync.client.window). Answers come back on the main channel.
@@ -24,11 +24,13 @@ import asyncssh
 
 from lsync.agent.lanes import PUMP
 from lsync.client.link import AgentLink
-from lsync.client.streams import WRITE_HIGH, WRITE_LOW
 from lsync.protocol.framing import MAGIC
 
-LANES = 4  # one for single saves, three for batches
 OPEN_TIMEOUT = 15.0
+# A lane buffers this much beyond its channel's window before `drain` waits (enough to keep
+# a window of 2 MiB full; more would only cost memory), and drains to the low mark.
+LANE_WRITE_HIGH = 2 << 20
+LANE_WRITE_LOW = 512 << 10
 
 
 class _LaneSession(asyncssh.SSHClientSession[bytes]):
@@ -75,7 +77,7 @@ class SshLane:
         chan, _ = await conn.create_session(lambda: _LaneSession(lane), command,
                                             encoding=None, window=window,
                                             max_pktsize=max_pktsize)
-        chan.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+        chan.set_write_buffer_limits(LANE_WRITE_HIGH, LANE_WRITE_LOW)
         lane.chan = chan
         lane.write(MAGIC)
         return lane
@@ -113,7 +115,7 @@ class SshLane:
 
 async def open_lanes(link: AgentLink, conn: asyncssh.SSHClientConnection, python: str,
                      socket_path: str, window: int, max_pktsize: int,
-                     count: int = LANES) -> int:
+                     count: int) -> int:
     """Open up to `count` lanes in parallel and hand them to `link` in a fixed order;
     returns how many it took (those that failed to open are left out)."""
     opening = [asyncio.ensure_future(asyncio.wait_for(

@@ -42,7 +42,9 @@ class RemoteModel:
     def __init__(self) -> None:
         self.entries: dict[str, RemoteEntry] = {}
         self.children: dict[str, set[str]] = {"": set()}
-        self.by_digest: dict[bytes, set[str]] = {}
+        # digest -> the file holding it, or the set of files when several do (most files
+        # are unique: a set each would cost ~200 bytes per file of the tree).
+        self.by_digest: dict[bytes, str | set[str]] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -58,19 +60,33 @@ class RemoteModel:
             self._unindex(path, old)
         self.entries[path] = entry
         if entry.kind == FILE and entry.digest is not None:
-            self.by_digest.setdefault(entry.digest, set()).add(path)
+            self._index(path, entry.digest)
         parent = parent_of(path)
-        self.children.setdefault(parent, set()).add(path)
+        siblings = self.children.get(parent)
+        if siblings is None:
+            siblings = self.children[parent] = set()
+        siblings.add(path)
         if entry.kind == DIR:
             self.children.setdefault(path, set())
+
+    def _index(self, path: str, digest: bytes) -> None:
+        holders = self.by_digest.get(digest)
+        if holders is None or holders == path:
+            self.by_digest[digest] = path
+        elif isinstance(holders, str):
+            self.by_digest[digest] = {holders, path}
+        else:
+            holders.add(path)
 
     def _unindex(self, path: str, entry: RemoteEntry) -> None:
         if entry.digest is not None:
             holders = self.by_digest.get(entry.digest)
-            if holders is not None:
+            if holders == path:
+                del self.by_digest[entry.digest]
+            elif isinstance(holders, set):
                 holders.discard(path)
-                if not holders:
-                    del self.by_digest[entry.digest]
+                if len(holders) == 1:
+                    self.by_digest[entry.digest] = next(iter(holders))
 
     def set_digest(self, path: str, digest: bytes | None) -> None:
         """Change what the model believes a file's content is (None: unknown)."""
@@ -82,11 +98,13 @@ class RemoteModel:
         if digest is None:
             entry.signature = None
         elif entry.kind == FILE:
-            self.by_digest.setdefault(digest, set()).add(path)
+            self._index(path, digest)
 
     def holder_of(self, digest: bytes) -> str | None:
         """Some remote file that holds content `digest`, if the model knows one."""
         holders = self.by_digest.get(digest)
+        if holders is None or isinstance(holders, str):
+            return holders
         return next(iter(holders)) if holders else None
 
     def move_tree(self, src: str, dst: str) -> None:

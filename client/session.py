@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import asyncssh
 
 from lsync.client import lanes, sigstore, ssh
-from lsync.client.bootstrap import MAX_INITIAL, local_argv
+from lsync.client.bootstrap import MAX_INITIAL, bundle_b64, local_argv
 from lsync.client.buildloop import BuildLoop, Progress, TrackingReporter
 from lsync.client.control import ControlError, socket_path
 from lsync.client.control_server import ControlServer
@@ -334,6 +334,9 @@ class Session:
              "compression": packing.available_packings()},
             target.tree, {"create_root": True,
                           "lanes": target.host is not None and self.options.lanes > 0})
+        # The agent's bundle is built (once per process) while SSH connects.
+        warm = asyncio.get_running_loop().run_in_executor(None, bundle_b64)
+        warm.add_done_callback(lambda done: done.cancelled() or done.exception())  # seen later
         # Scan while SSH connects, with the hash the agent is likely to choose.
         guess = self._likely_hash()
         scan = asyncio.create_task(self._scan(guess), name="scan")

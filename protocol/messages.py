@@ -413,9 +413,15 @@ def encode_message(message: Message) -> bytes:
     return payload
 
 
-def packed(message: Message, level: int = 1) -> Packed:
-    """`message` compressed into a Packed envelope."""
-    return Packed(zlib.compress(encode_message(message), level))
+def code_of(cls: Any) -> int:
+    """The type code of a message class."""
+    return _CODE_OF_TYPE[cls]
+
+
+def packed(message: Message, level: int = 1, payload: Optional[bytes] = None) -> Packed:
+    """`message` (or its `payload`, already encoded) compressed into a Packed envelope."""
+    return Packed(zlib.compress(payload if payload is not None else encode_message(message),
+                                level))
 
 
 def decode_message(payload: bytes, sender: str, inside_packed: bool = False) -> Message:
