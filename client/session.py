@@ -109,6 +109,7 @@ class Session:
         self.remote_root: str | None = None
         self.rules = IgnoreRules(self.root, options.excludes, options.include_vcs)
         self.stop = asyncio.Event()
+        self._watching = asyncio.Event()  # the watcher is set up: a scan may start
         self.engine: SyncEngine | None = None
         self._buffered: dict[str, float] = {}
         self._ssh: asyncssh.SSHClientConnection | None = None
@@ -166,9 +167,11 @@ class Session:
                 self._buffered.setdefault(path, now)
 
     async def _watch(self) -> None:
+        await asyncio.sleep(0)  # the SSH connection starts first (see _one_connection)
         watcher = open_watcher(self.root, self._skip_dir, self.options.step_ms,
                                self.options.debounce_ms, self.reporter.note)
         self._watcher = watcher
+        self._watching.set()
         try:
             async for batch in watcher.batches(self.stop):
                 self._on_batch(batch)
@@ -334,6 +337,24 @@ class Session:
              "compression": packing.available_packings()},
             target.tree, {"create_root": True,
                           "lanes": target.host is not None and self.options.lanes > 0})
+        connecting = time.monotonic()
+        opening: asyncio.Future[asyncssh.SSHClientConnection] | None = None
+        if target.host is not None:
+            self.reporter.state(f"connecting to {target.describe()}")
+            # The connection starts first: the threads below compete for the interpreter.
+            opening = asyncio.ensure_future(ssh.connect(
+                target, self.options.ssh_config, self.options.accept_new_host_key))
+            await asyncio.sleep(0)
+        # Nothing is scanned before the watcher reports changes (none may fall between).
+        if not self._watching.is_set():
+            ready = asyncio.ensure_future(self._watching.wait())
+            await asyncio.wait({ready, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            if watcher.done() and not self._watching.is_set():
+                if opening is not None:
+                    opening.cancel()
+                watcher.result()  # its failure (a safety stop), else:
+                raise _Stopped
         # The agent's bundle is built (once per process) while SSH connects.
         warm = asyncio.get_running_loop().run_in_executor(None, bundle_b64)
         warm.add_done_callback(lambda done: done.cancelled() or done.exception())  # seen later
@@ -342,17 +363,17 @@ class Session:
         scan = asyncio.create_task(self._scan(guess), name="scan")
         stream: LocalAgentStream | SshAgentStream
         long_link = False
-        if target.host is None:
+        if opening is None:
             stream = LocalAgentStream()
         else:
-            self.reporter.state(f"connecting to {target.describe()}")
             try:
-                connecting = time.monotonic()
-                self._ssh = await self._or_stop(ssh.connect(
-                    target, self.options.ssh_config, self.options.accept_new_host_key))
+                self._ssh = await self._or_stop(opening)
                 # An SSH handshake is about 7 round trips: a slow one means a long link.
                 long_link = time.monotonic() - connecting > LONG_LINK_HANDSHAKE
             except BaseException:
+                opening.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await opening
                 scan.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await scan
