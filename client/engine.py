@@ -43,6 +43,7 @@ from lsync.client.scanner import (
     scan_tree,
 )
 from lsync.client.sender import (
+    PREFETCH,
     Packing,
     ReadAhead,
     RecentBases,
@@ -56,7 +57,7 @@ from lsync.protocol import packing
 HASH_BATCH = 2000
 URGENT_MAX = 16  # a watcher batch of at most this many paths is a save, not a burst
 DICTIONARY_MIN_FILES = 64  # an initial sync of this many files sets a preset dictionary
-PREFETCH_LOOK = 64  # queued paths examined for reading ahead, from the head
+PREFETCH_LOOK = 128  # queued paths examined for reading ahead, from the head
 SIGN_AHEAD_MIN = 256 << 10  # verified remote files this big are signed once in sync
 SIGN_AHEAD_MAX = 64 << 20
 
@@ -355,7 +356,10 @@ class SyncEngine(PathPasses):
             self.reporter.note(f"{signed} big files signed: their first edits travel as deltas")
 
     def _read_ahead(self) -> None:
-        """Start reading the next queued new files in worker threads."""
+        """Start reading the next queued new files in worker threads (in groups: only
+        once at most half of what may be read ahead is left)."""
+        if len(self.read_ahead.futures) > PREFETCH // 2:
+            return
         upcoming = [p for p in self.queue.peek(PREFETCH_LOOK)
                     if (e := self.model.get(p)) is None
                     or (e.kind == FILE and e.signature is None)]

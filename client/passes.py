@@ -278,7 +278,12 @@ class PathPasses:
         if 0 <= quiet < settle and self.clock() - since < SETTLE_MAX:
             self.queue.retry(path, self.clock(), settle - quiet)  # until still, or SETTLE_MAX
             return "retry"
-        prepared = still_current(await asyncio.wrap_future(ahead), st) if ahead else None
+        prepared = None
+        if ahead is not None:
+            # (A finished one is taken as it is: wrapping it would still cost a wake-up of
+            # the event loop through its self-pipe, per file.)
+            prepared = still_current(ahead.result() if ahead.done()
+                                     else await asyncio.wrap_future(ahead), st)
         if prepared is not None:
             content, entry = prepared.content, prepared.entry
         else:

@@ -30,7 +30,8 @@ CHUNK = 4 << 20  # content bytes per WriteFile chunk
 MAX_DELTA = MAX_FRAME - (64 << 10)  # a delta this big travels as a whole file instead
 COMPRESS_ABOVE = 256  # smaller contents travel raw
 RECENT_BYTES = 32 << 20  # contents of recently sent small files: bases of zdict deltas
-PREFETCH = 16  # queued files read, hashed and compressed ahead in worker threads
+PREFETCH = 64  # queued files read, hashed and compressed ahead in worker threads
+PREFETCH_GROUP = 8  # files per read-ahead job
 PREFETCH_MAX = 8 << 20  # bigger files are read when their turn comes
 PREFETCH_WORKERS = 2
 BATCH_FILE_MAX = 256 << 10  # whole new files of a burst up to this size travel in batches
@@ -152,7 +153,8 @@ def sample_dictionary(root: Path, files: list[str], cache: HashCache) -> bytes:
 
 
 class ReadAhead:
-    """Worker threads that prepare queued new files before their turn."""
+    """Worker threads that prepare queued new files before their turn, a group of files
+    per job (one hand-off between threads per group, not per file)."""
 
     def __init__(self, root: Path, cache: HashCache) -> None:
         self.root = root
@@ -167,21 +169,41 @@ class ReadAhead:
         return self._pool
 
     def start(self, paths: list[str], packer: Packer) -> None:
+        group: list[tuple[str, concurrent.futures.Future[Prepared | None]]] = []
         for path in paths:
             if len(self.futures) >= PREFETCH:
-                return
+                break
             if path not in self.futures:
-                self.futures[path] = self.pool().submit(_prepare, self.root, path, self.cache,
-                                                         packer)
+                future: concurrent.futures.Future[Prepared | None] = concurrent.futures.Future()
+                self.futures[path] = future
+                group.append((path, future))
+                if len(group) >= PREFETCH_GROUP:
+                    self.pool().submit(_prepare_group, self.root, group, self.cache, packer)
+                    group = []
+        if group:
+            self.pool().submit(_prepare_group, self.root, group, self.cache, packer)
 
     def take(self, path: str) -> concurrent.futures.Future[Prepared | None] | None:
         return self.futures.pop(path, None)
 
     def close(self) -> None:
+        for future in self.futures.values():
+            future.cancel()
         self.futures.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def _prepare_group(root: Path, group: list[tuple[str, concurrent.futures.Future[Prepared | None]]],
+                   cache: HashCache, packer: Packer) -> None:
+    for path, future in group:
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            future.set_result(_prepare(root, path, cache, packer))
+        except BaseException as exc:  # handed to whoever takes the future
+            future.set_exception(exc)
 
 
 def still_current(prepared: Prepared | None, st: os.stat_result) -> Prepared | None:
