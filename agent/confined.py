@@ -24,7 +24,7 @@ import itertools
 import os
 import re
 import stat
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from lsync.protocol.errors import ErrorCode
 from lsync.protocol.paths import relpath_problem, shown
@@ -229,16 +229,21 @@ class ConfinedRoot:
             os.close(fd)
 
     # -- writing --------------------------------------------------------------------------
-    def begin_write(self, path: str) -> "PendingFile":
-        """Start writing a new version of `path` into a temporary file beside it."""
-        dfd, name = self.parent_fd(path, create=True)
+    def begin_write(self, path: str, parents: Optional["Parents"] = None) -> "PendingFile":
+        """Start writing a new version of `path` into a temporary file beside it (its
+        directory reached through `parents` when given: a batch's files share them)."""
+        if parents is not None:
+            dfd, name = parents.parent_fd(path)
+        else:
+            dfd, name = self.parent_fd(path, create=True)
         temp = self._temp_name()
         try:
             fd = os.open(temp, _NEW_FILE_FLAGS, 0o600, dir_fd=dfd)
         except OSError as exc:
-            os.close(dfd)
+            if parents is None:
+                os.close(dfd)
             raise op_error(exc, "create temporary file for", path)
-        return PendingFile(path, dfd, name, temp, fd)
+        return PendingFile(path, dfd, name, temp, fd, owns_dfd=parents is None)
 
     def remove(self, path: str) -> Tuple[bool, bool]:
         """Remove a file, symlink or empty directory: (removed, it was a directory).
@@ -427,16 +432,42 @@ def iter_fd(fd: int) -> Iterator[bytes]:
         yield chunk
 
 
+class Parents:
+    """The directories of one batch of writes, each opened once (as `parent_fd` opens it:
+    never through a symlink, missing ones made) and kept until `close`."""
+
+    def __init__(self, root: "ConfinedRoot") -> None:
+        self.root = root
+        self._fds: Dict[str, int] = {}
+
+    def parent_fd(self, path: str) -> Tuple[int, str]:
+        directory, _, name = path.rpartition("/")
+        fd = self._fds.get(directory)
+        if fd is not None:
+            self.root._check(path)
+            return fd, name
+        fd, name = self.root.parent_fd(path, create=True)
+        self._fds[directory] = fd
+        return fd, name
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 class PendingFile:
     """A temporary file being written; `commit` renames it over the target, `abort` removes it."""
 
-    def __init__(self, path: str, dfd: int, name: str, temp: str, fd: int) -> None:
+    def __init__(self, path: str, dfd: int, name: str, temp: str, fd: int,
+                 owns_dfd: bool = True) -> None:
         self.path = path
         self.dfd = dfd
         self.name = name
         self.temp = temp
         self.fd = fd
         self.size = 0
+        self.owns_dfd = owns_dfd  # else the directory belongs to a batch's `Parents`
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -469,7 +500,8 @@ class PendingFile:
         except OpError:
             self.abort()
             raise
-        os.close(self.dfd)
+        if self.owns_dfd:
+            os.close(self.dfd)
         self.dfd = -1
         return st
 
@@ -482,5 +514,6 @@ class PendingFile:
                 os.unlink(self.temp, dir_fd=self.dfd)
             except OSError:
                 pass
-            os.close(self.dfd)
+            if self.owns_dfd:
+                os.close(self.dfd)
             self.dfd = -1

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Set
 from lsync.agent.confined import (
     ConfinedRoot,
     OpError,
+    Parents,
     PendingFile,
     file_key,
     iter_fd,
@@ -169,21 +170,25 @@ class AgentService:
                               .format(len(data), total))
             results: List[Any] = []
             offset = 0
-            for seq, path, mode, size in msg.files:
-                piece = data[offset:offset + size]
-                offset += size
-                try:
-                    pending = root.begin_write(path)
+            parents = Parents(root)
+            try:
+                for seq, path, mode, size in msg.files:
+                    piece = data[offset:offset + size]
+                    offset += size
                     try:
-                        pending.write(piece)
-                    except BaseException:
-                        pending.abort()
-                        raise
-                    hasher = hashing.new_hasher(hash_name)
-                    hasher.update(piece)
-                    results.append((seq, path, pending.commit(mode), hasher.digest()))
-                except OpError as exc:
-                    results.append((seq, path, None, exc))
+                        pending = root.begin_write(path, parents)
+                        try:
+                            pending.write(piece)
+                        except BaseException:
+                            pending.abort()
+                            raise
+                        hasher = hashing.new_hasher(hash_name)
+                        hasher.update(piece)
+                        results.append((seq, path, pending.commit(mode), hasher.digest()))
+                    except OpError as exc:
+                        results.append((seq, path, None, exc))
+            finally:
+                parents.close()
             return results
 
         def job() -> Any:
