@@ -282,8 +282,19 @@ def mirror(src: Path, dst: Path, checksum: bool = True) -> None:
 
 
 def empty_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    """Make `path` an empty directory. What it held is moved into a trash directory beside
+    it, deleted at the end of the run: deleting tens of thousands of files just before the
+    next system writes as many makes ext4's inode allocator skip every recently freed
+    inode (measured: 8 -> 17 s of system time for lsync's agent on the kernel tree), which
+    would penalise whichever system runs right after a deletion."""
+    if path.exists():
+        trash = path.parent / TRASH
+        trash.mkdir(exist_ok=True)
+        path.rename(trash / f"{path.name}-{time.monotonic_ns()}")
     path.mkdir(parents=True)
+
+
+TRASH = ".bench-trash"  # emptied by Bench.cleanup
 
 
 def wait_quiet(proxy: ThreadedProxy, quiet: float, limit: float = 30.0) -> bool:
@@ -474,6 +485,8 @@ class Bench:
         self.sshd.stop()
         if not self.s.keep:
             shutil.rmtree(self.work, ignore_errors=True)
+        for trash in {self.remote.parent / TRASH, self.local.parent / TRASH}:
+            shutil.rmtree(trash, ignore_errors=True)
             self._forget_agent_records()
 
     def _forget_agent_records(self) -> None:
