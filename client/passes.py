@@ -13,7 +13,6 @@ is checked: a vanished or suddenly empty root raises `SafetyStop`.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
 import os
 import stat
@@ -43,12 +42,14 @@ from lsync.client.scanner import (
 from lsync.client.sender import (
     BATCH_FILE_MAX,
     SIGN_MIN,
+    Ahead,
     Packing,
     Prepared,
     RecentBases,
     content_messages,
     delta_message,
     pieces_of,
+    prepared_of,
     still_current,
 )
 from lsync.client.window import InFlight, Op, Window
@@ -106,7 +107,7 @@ class PathPasses:
         raise NotImplementedError
 
     async def _reconcile(self, path: str, record: PathRecord,
-                         ahead: concurrent.futures.Future[Prepared | None] | None) -> str:
+                         ahead: Ahead | None) -> str:
         if path == "":
             self._check_root()
             self._reconcile_listing("", record.since)
@@ -260,8 +261,7 @@ class PathPasses:
                         hint=False, urgent=self._urgent)
 
     async def _sync_file(self, path: str, st: os.stat_result, since: float,
-                         ahead: concurrent.futures.Future[Prepared | None] | None,
-                         urgent: bool = False) -> str:
+                         ahead: Ahead | None, urgent: bool = False) -> str:
         remote = self.model.get(path)
         old_size = remote.size if remote is not None and remote.kind == FILE else 0
         settle = 0.0
@@ -280,10 +280,7 @@ class PathPasses:
             return "retry"
         prepared = None
         if ahead is not None:
-            # (A finished one is taken as it is: wrapping it would still cost a wake-up of
-            # the event loop through its self-pipe, per file.)
-            prepared = still_current(ahead.result() if ahead.done()
-                                     else await asyncio.wrap_future(ahead), st)
+            prepared = still_current(await prepared_of(ahead), st)
         if prepared is not None:
             content, entry = prepared.content, prepared.entry
         else:

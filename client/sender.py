@@ -13,6 +13,7 @@ its own lock. Everything else runs on the event loop's thread.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 from collections import OrderedDict
@@ -152,15 +153,27 @@ def sample_dictionary(root: Path, files: list[str], cache: HashCache) -> bytes:
     return dictionary if len(dictionary) >= 1024 else b""
 
 
+class Ahead:
+    """One file being read ahead: `done` once `result` is set (by a worker thread); `group`
+    resolves when every file of its job is done (what to wait on when this one is not)."""
+
+    __slots__ = ("done", "group", "result")
+
+    def __init__(self, group: concurrent.futures.Future[None]) -> None:
+        self.group = group
+        self.done = False
+        self.result: Prepared | None = None
+
+
 class ReadAhead:
     """Worker threads that prepare queued new files before their turn, a group of files
-    per job (one hand-off between threads per group, not per file)."""
+    per job: one hand-off between threads, and one future, per group, not per file."""
 
     def __init__(self, root: Path, cache: HashCache) -> None:
         self.root = root
         self.cache = cache
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self.futures: dict[str, concurrent.futures.Future[Prepared | None]] = {}
+        self.futures: dict[str, Ahead] = {}
 
     def pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._pool is None:
@@ -169,41 +182,55 @@ class ReadAhead:
         return self._pool
 
     def start(self, paths: list[str], packer: Packer) -> None:
-        group: list[tuple[str, concurrent.futures.Future[Prepared | None]]] = []
+        group: list[tuple[str, Ahead]] = []
         for path in paths:
             if len(self.futures) >= PREFETCH:
                 break
             if path not in self.futures:
-                future: concurrent.futures.Future[Prepared | None] = concurrent.futures.Future()
-                self.futures[path] = future
-                group.append((path, future))
+                if not group:
+                    done: concurrent.futures.Future[None] = concurrent.futures.Future()
+                ahead = self.futures[path] = Ahead(done)
+                group.append((path, ahead))
                 if len(group) >= PREFETCH_GROUP:
-                    self.pool().submit(_prepare_group, self.root, group, self.cache, packer)
+                    self._submit(group, done, packer)
                     group = []
         if group:
-            self.pool().submit(_prepare_group, self.root, group, self.cache, packer)
+            self._submit(group, group[0][1].group, packer)
 
-    def take(self, path: str) -> concurrent.futures.Future[Prepared | None] | None:
+    def _submit(self, group: list[tuple[str, Ahead]], done: concurrent.futures.Future[None],
+                packer: Packer) -> None:
+        self.pool().submit(_prepare_group, self.root, group, done, self.cache, packer)
+
+    def take(self, path: str) -> Ahead | None:
         return self.futures.pop(path, None)
 
     def close(self) -> None:
-        for future in self.futures.values():
-            future.cancel()
         self.futures.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
 
-def _prepare_group(root: Path, group: list[tuple[str, concurrent.futures.Future[Prepared | None]]],
-                   cache: HashCache, packer: Packer) -> None:
-    for path, future in group:
-        if not future.set_running_or_notify_cancel():
-            continue
-        try:
-            future.set_result(_prepare(root, path, cache, packer))
-        except BaseException as exc:  # handed to whoever takes the future
-            future.set_exception(exc)
+def _prepare_group(root: Path, group: list[tuple[str, Ahead]],
+                   done: concurrent.futures.Future[None], cache: HashCache,
+                   packer: Packer) -> None:
+    if not done.set_running_or_notify_cancel():
+        return
+    try:
+        for path, ahead in group:
+            ahead.result = _prepare(root, path, cache, packer)
+            ahead.done = True
+    except BaseException as exc:  # a bug: whoever waits for the group gets it
+        done.set_exception(exc)
+        return
+    done.set_result(None)
+
+
+async def prepared_of(ahead: Ahead) -> Prepared | None:
+    """What was read ahead (waiting for its group when it is not done yet)."""
+    if not ahead.done:
+        await asyncio.wrap_future(ahead.group)
+    return ahead.result
 
 
 def still_current(prepared: Prepared | None, st: os.stat_result) -> Prepared | None:
