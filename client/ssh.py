@@ -272,6 +272,10 @@ async def connect(target: Target, config_files: list[str] | None, accept_new: bo
         kwargs["username"] = target.user
     try:
         options = asyncssh.SSHClientConnectionOptions(host=target.host, **kwargs)
+        preferred = _preferred_ciphers(list(options.encryption_algs))
+        if preferred is not None:  # (built afresh: layering options would add keys twice)
+            options = asyncssh.SSHClientConnectionOptions(host=target.host, **kwargs,
+                                                          encryption_algs=preferred)
     except (OSError, asyncssh.Error, ValueError) as exc:
         raise ConnectError(f"cannot read the SSH configuration: {exc}") from None
     known_files = _known_hosts_files(options)
@@ -279,9 +283,6 @@ async def connect(target: Target, config_files: list[str] | None, accept_new: bo
         # `UserKnownHostsFile none`: asyncssh would skip host-key checking altogether.
         # OpenSSH still verifies (against no known key): so do we.
         options = asyncssh.SSHClientConnectionOptions(options=options, known_hosts=_no_known_keys)
-    preferred = _preferred_ciphers(list(options.encryption_algs))
-    if preferred is not None:
-        options = asyncssh.SSHClientConnectionOptions(options=options, encryption_algs=preferred)
     client = _TofuClient(accept_new, known_files)
     try:
         conn = await asyncssh.connect(target.host, options=options,

@@ -197,3 +197,15 @@ def test_an_agent_key_is_asked_about_first_but_without_the_none_probe(
             assert _connect_and_run(sshd, config) == "handshake-ok\n"
     assert log.requests == [QUERY, SIGNED]
     assert log.received == ["MSG_USERAUTH_PK_OK", "MSG_USERAUTH_SUCCESS"]
+
+
+def test_aes_gcm_leads_only_when_the_user_chose_no_ciphers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lsync.client import ssh as ssh_module
+    defaults = list(ssh_module._DEFAULT_CIPHERS)
+    monkeypatch.setattr(ssh_module, "_cpu_has_aes", lambda: True)
+    preferred = ssh_module._preferred_ciphers(defaults)
+    assert preferred is not None and preferred[0] == "aes128-gcm@openssh.com"
+    assert sorted(preferred) == sorted(alg.decode() for alg in defaults)  # only reordered
+    assert ssh_module._preferred_ciphers([b"aes256-ctr"]) is None  # the user's choice stands
+    monkeypatch.setattr(ssh_module, "_cpu_has_aes", lambda: False)
+    assert ssh_module._preferred_ciphers(defaults) is None
