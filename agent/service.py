@@ -37,12 +37,13 @@ from lsync.protocol.paths import shown
 MANIFEST_BATCH = 2000
 MAX_DELTA_RESULT = 1 << 40  # the result is streamed to disk; this only bounds nonsense
 MAX_MESSAGE = 1000  # characters of an Error's message
+INLINE_WRITE_MAX = 256 << 10  # a whole file this small (packed) is written without the pool
 
 Send = Callable[[m.Message], None]
 LogInternal = Callable[[str, str], None]  # (context, traceback text)
 
 # Operations that never touch a path a pooled write is on need not wait for the pool.
-_PATH_OPS = (m.Mkdir, m.SetMode, m.Symlink)
+_PATH_OPS = (m.Mkdir, m.SetMode, m.Symlink, m.WriteFile, m.WriteDelta)
 
 
 class SessionEnd(Exception):
@@ -122,9 +123,12 @@ class AgentService:
 
     # -- whole-file writes in worker threads (see lsync.agent.writer) ----------------------
     def _poolable(self, message: m.Message) -> bool:
+        """Batches and big whole files go to the pool; a small file (a save) is written at
+        once, never queued behind the batches of a burst."""
         if isinstance(message, m.WriteBatch):
             return True
         return (isinstance(message, m.WriteFile) and message.offset == 0 and message.final
+                and len(message.data) > INLINE_WRITE_MAX
                 and message.seq not in self.pending and message.seq not in self.failed_writes)
 
     def _pool_write(self, msg: m.WriteFile) -> None:

@@ -98,6 +98,7 @@ class SyncEngine(PathPasses):
         self.counters = Counters()
         self.read_ahead = ReadAhead(root, cache)
         self.recent = RecentBases()
+        self.urgent_work = asyncio.Event()  # urgent paths are queued
         self._changed = asyncio.Event()  # the queue or the window changed: waiters re-check
         self._wake = asyncio.Event()  # the same, for the loop alone (it clears it itself)
         self.checks = CheckSchedule(clock())
@@ -121,6 +122,8 @@ class SyncEngine(PathPasses):
                 self._queued_dirs.add(path)
         if urgent is None:  # a few paths from the watcher are a save
             urgent = hint and len(paths) <= URGENT_MAX
+        if urgent and paths:
+            self.urgent_work.set()  # a pass waiting for bulk backpressure lets it go first
         if self.queue.mark(paths, self.clock(), since, retry_failed=hint, urgent=urgent):
             self._poke()
 
@@ -246,6 +249,8 @@ class SyncEngine(PathPasses):
                     raise self._failure
                 now = self.clock()
                 self.queue.wake(now)
+                if not self.queue.urgent:
+                    self.urgent_work.clear()
                 if self.queue.queued and self.window.has_space():
                     taken = self.queue.take()
                     if taken is not None:

@@ -34,6 +34,7 @@ import select
 import struct
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ ROOT_GONE_MASK = IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_IGNORED
 _EVENT = struct.Struct("=iIII")  # struct inotify_event without its name
 READ_SIZE = 65536                # room for hundreds of events; one event never exceeds 272 bytes
 MAX_READS_PER_WAKEUP = 16        # then let the loop run; the reader is level-triggered
+LATEST = 16  # paths of a batch's last events it names (a save at the end of a burst)
 WATCH_LIMIT_NOTE = "cannot watch all directories: raise fs.inotify.max_user_watches"
 
 
@@ -78,6 +80,7 @@ class WatchBatch:
     closed: frozenset[str]   # paths that got IN_CLOSE_WRITE in this batch
     overflow: bool = False   # events were lost: the consumer must rescan everything
     note: str = ""           # why, when overflow; also names directories skipped for EACCES
+    latest: tuple[str, ...] = ()  # the paths of the batch's last events, the latest last
 
 
 class RootGone(Exception):
@@ -156,18 +159,28 @@ class BatchCollector:
         self.closed: set[str] = set()
         self.overflow = False
         self.notes: list[str] = []
+        self.latest: OrderedDict[str, None] = OrderedDict()
 
     def __bool__(self) -> bool:
         return bool(self.kinds or self.overflow or self.notes)
 
+    def _saw(self, rel: str) -> None:
+        self.latest[rel] = None
+        self.latest.move_to_end(rel)
+        if len(self.latest) > LATEST:
+            self.latest.popitem(last=False)
+
     def added(self, rel: str) -> None:
         self.kinds[rel] = _ADDED
+        self._saw(rel)
 
     def deleted(self, rel: str) -> None:
         self.kinds[rel] = _DELETED
+        self._saw(rel)
 
     def modified(self, rel: str) -> None:
         self.kinds.setdefault(rel, _MODIFIED)
+        self._saw(rel)
 
     def note(self, text: str, overflow: bool = False) -> None:
         if text not in self.notes:
@@ -180,7 +193,8 @@ class BatchCollector:
             groups[kind].append(rel)
         paths = sorted(groups[0]) + sorted(groups[1]) + sorted(groups[2])
         return WatchBatch(paths, frozenset(open_for_write.intersection(self.kinds)),
-                          frozenset(self.closed), self.overflow, "; ".join(self.notes))
+                          frozenset(self.closed), self.overflow, "; ".join(self.notes),
+                          tuple(self.latest))
 
 
 def _is_real_dir(entry: os.DirEntry[str]) -> bool:

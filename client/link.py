@@ -16,7 +16,7 @@ import contextlib
 import functools
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 from lsync.client.errors import ConnectError, InternalError, LinkBroken, internal_error
@@ -80,6 +80,27 @@ class _SideLane:
     def __init__(self, writer: LaneWriter) -> None:
         self.writer = writer
         self.unflushed = 0
+
+
+async def _unless(wait: Coroutine[Any, Any, Any], interrupt: asyncio.Event | None) -> bool:
+    """Await `wait` unless `interrupt` is or gets set first; whether `wait` finished."""
+    if interrupt is None:
+        await wait
+        return True
+    if interrupt.is_set():
+        wait.close()
+        return False
+    waiting = asyncio.ensure_future(wait)
+    interrupted = asyncio.ensure_future(interrupt.wait())
+    try:
+        await asyncio.wait({waiting, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        interrupted.cancel()
+        if not waiting.done():
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+    return waiting.done() and not waiting.cancelled()
 
 
 def _pack_batch(data: bytes, code: int, level: int) -> tuple[bytes, int]:
@@ -243,24 +264,26 @@ class AgentLink:
             data, self._out = bytes(self._out), bytearray()
             self._write(data)
 
-    async def drain(self, lane: int = 0) -> None:
+    async def drain(self, lane: int = 0, interrupt: asyncio.Event | None = None) -> None:
         """Backpressure: wait while the stream (of `lane`) holds a lot of unsent data, or too
-        many batches are being compressed for it."""
+        many batches are being compressed for it; return early once `interrupt` is set
+        (urgent work for the caller: bulk data may then run a little over its bound)."""
         self.flush()
         while len(self._outboxes[lane]) > PACKING_AHEAD and self.failure is None:
             self._outbox_moved.clear()
-            await self._outbox_moved.wait()
+            if not await _unless(self._outbox_moved.wait(), interrupt):
+                return
         if self.failure is not None:
             raise self.failure
         if lane:
             side = self._lanes[lane]
             if side.unflushed >= DRAIN_ABOVE:
                 side.unflushed = 0
-                await side.writer.drain()
+                await _unless(side.writer.drain(), interrupt)
             return
         if self._unflushed >= DRAIN_ABOVE:
             self._unflushed = 0
-            await self.stream.drain()
+            await _unless(self.stream.drain(), interrupt)
 
     def _expect(self, seq: int, *kinds: type[Any]) -> asyncio.Future[Any]:
         """A future for the reply to `seq`, which must be one of `kinds` (else the agent

@@ -83,6 +83,7 @@ class PathPasses:
     model: RemoteModel
     queue: PathQueue
     window: Window
+    urgent_work: asyncio.Event
     packing: Packing
     recent: RecentBases
     delete_extra: bool
@@ -371,7 +372,7 @@ class PathPasses:
             self._submit_batched(seq, path, mode, content,
                                  InFlight(path, Op.WRITE, path, since, nbytes=len(content),
                                           wire=len(content), lane=lane))
-            await self.link.drain(lane)
+            await self.link.drain(lane, self.urgent_work)  # a save need not wait for it
             if len(content) < SIGN_MIN:
                 return None
             return prepared.signature if prepared and prepared.signature else signature(content)

@@ -105,6 +105,11 @@ class PathQueue:
     def queued(self) -> int:
         return len(self._queue) + len(self._urgent)
 
+    @property
+    def urgent(self) -> int:
+        """Urgent paths queued (taken before the others)."""
+        return len(self._urgent)
+
     def failing(self) -> dict[str, str]:
         return {p: self.records[p].reason for p in sorted(self._timed)
                 if self.records[p].state is State.FAILED}

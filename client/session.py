@@ -38,7 +38,7 @@ from lsync.client.bootstrap import MAX_INITIAL, bundle_b64, local_argv
 from lsync.client.buildloop import BuildLoop, Progress, TrackingReporter
 from lsync.client.control import ControlError, socket_path
 from lsync.client.control_server import ControlServer
-from lsync.client.engine import SyncEngine
+from lsync.client.engine import URGENT_MAX, SyncEngine
 from lsync.client.errors import (
     ConnectError,
     LinkBroken,
@@ -155,6 +155,10 @@ class Session:
         engine = self.engine
         if engine is not None:
             engine.mark_dirty(dirty, now)
+            if batch.latest and len(dirty) > URGENT_MAX:
+                # A burst: its last events may be a save made right after it (they go first).
+                wanted = set(dirty)
+                engine.mark_dirty([p for p in batch.latest if p in wanted], now, urgent=True)
             engine.hold(p for p in batch.writing if not p.rpartition("/")[2].startswith(
                 ".lsync-tmp-"))
             engine.release(batch.closed)
