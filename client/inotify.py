@@ -36,7 +36,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,8 @@ class WatchBatch:
     closed: frozenset[str]   # paths that got IN_CLOSE_WRITE in this batch
     overflow: bool = False   # events were lost: the consumer must rescan everything
     note: str = ""           # why, when overflow; also names directories skipped for EACCES
-    latest: tuple[str, ...] = ()  # the paths of the batch's last events, the latest last
+    # The paths of the batch's last events, the latest last (a hint: not part of equality).
+    latest: tuple[str, ...] = field(default=(), compare=False)
 
 
 class RootGone(Exception):
