@@ -19,7 +19,6 @@ from typing import Any, Callable, Dict, List, Optional, Set
 from lsync.agent.confined import (
     ConfinedRoot,
     OpError,
-    Parents,
     PendingFile,
     file_key,
     iter_fd,
@@ -27,7 +26,7 @@ from lsync.agent.confined import (
 )
 from lsync.agent.manifest import walk_tree
 from lsync.agent.records import DigestRecord
-from lsync.agent.writer import WritePool
+from lsync.agent.writer import WritePool, write_batch
 from lsync.protocol import PROTOCOL_VERSION, fastpack, hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.delta import DeltaError, apply_delta
@@ -163,41 +162,12 @@ class AgentService:
         hash_name = self.hash_name
         zdict = self.zdict
 
-        def write_all() -> List[Any]:
-            total = sum(item[3] for item in msg.files)
-            if total > m.MAX_CHUNK:
-                raise OpError(ErrorCode.BAD_REQUEST, "a batch of {} bytes; at most {}".format(
-                    total, m.MAX_CHUNK))
-            data = unpack_chunk("a batch", msg.data, msg.packing, zdict, total)
-            if len(data) != total:
-                raise OpError(ErrorCode.BAD_REQUEST, "a batch holds {} bytes, its files {}"
-                              .format(len(data), total))
-            results: List[Any] = []
-            offset = 0
-            parents = Parents(root)
-            try:
-                for seq, path, mode, size in msg.files:
-                    piece = data[offset:offset + size]
-                    offset += size
-                    try:
-                        pending = root.begin_write(path, parents)
-                        try:
-                            pending.write(piece)
-                        except BaseException:
-                            pending.abort()
-                            raise
-                        hasher = hashing.new_hasher(hash_name)
-                        hasher.update(piece)
-                        results.append((seq, path, pending.commit(mode), hasher.digest()))
-                    except OpError as exc:
-                        results.append((seq, path, None, exc))
-            finally:
-                parents.close()
-            return results
-
         def job() -> Any:
             try:
-                return msg.files, write_all(), None, ""
+                total = sum(item[3] for item in msg.files)  # never inflate beyond it
+                data = unpack_chunk("a batch", msg.data, msg.packing, zdict,
+                                    min(total, m.MAX_CHUNK))
+                return msg.files, write_batch(root, msg.files, data, hash_name), None, ""
             except Exception as exc:
                 return msg.files, None, exc, traceback.format_exc()
 

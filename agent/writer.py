@@ -20,6 +20,11 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional
 
+from lsync.agent.confined import ConfinedRoot, OpError, Parents
+from lsync.protocol import hashing
+from lsync.protocol import messages as m
+from lsync.protocol.errors import ErrorCode
+
 WORKERS = 4
 
 
@@ -133,3 +138,40 @@ def _bump(counts: Dict[str, int], key: str, step: int) -> None:
         counts[key] = value
     else:
         counts.pop(key, None)
+
+
+def write_batch(root: ConfinedRoot, files: List[List[Any]], data: bytes,
+                hash_name: str) -> List[Any]:
+    """Write the files of a WriteBatch (`data`: their contents, unpacked), each atomically,
+    reaching each directory once: [(seq, path, stat, digest)] per file written,
+    [(seq, path, None, OpError)] per file refused. Raises OpError when `data` does not
+    hold exactly the files' sizes (then none is written). For any thread."""
+    total = sum(item[3] for item in files)
+    if total > m.MAX_CHUNK:
+        raise OpError(ErrorCode.BAD_REQUEST, "a batch of {} bytes; at most {}".format(
+            total, m.MAX_CHUNK))
+    if len(data) != total:
+        raise OpError(ErrorCode.BAD_REQUEST, "a batch holds {} bytes, its files {}".format(
+            len(data), total))
+    results: List[Any] = []
+    offset = 0
+    parents = Parents(root)
+    try:
+        for seq, path, mode, size in files:
+            piece = data[offset:offset + size]
+            offset += size
+            try:
+                pending = root.begin_write(path, parents)
+                try:
+                    pending.write(piece)
+                except BaseException:
+                    pending.abort()
+                    raise
+                hasher = hashing.new_hasher(hash_name)
+                hasher.update(piece)
+                results.append((seq, path, pending.commit(mode), hasher.digest()))
+            except OpError as exc:
+                results.append((seq, path, None, exc))
+    finally:
+        parents.close()
+    return results

@@ -16,12 +16,24 @@ import contextlib
 import functools
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from lsync.client.errors import ConnectError, InternalError, LinkBroken, internal_error
+from lsync.client.outbox import (
+    BATCH_BYTES,
+    BATCH_DELAY,
+    BATCH_FILES,
+    PACKING_AHEAD,
+    Compressing,
+    LaneWriter,
+    PendingBatch,
+    SideLane,
+    pack_batch,
+    unless,
+)
 from lsync.client.streams import AgentStream
-from lsync.protocol import PROTOCOL_VERSION, packing
+from lsync.protocol import PROTOCOL_VERSION
 from lsync.protocol import messages as m
 from lsync.protocol.connection import CLIENT, Connection, Lane
 from lsync.protocol.errors import AckStatus, ErrorCode, ProtocolError
@@ -35,82 +47,6 @@ PING_EVERY = 5.0  # seconds between liveness pings while nothing else is outstan
 STALL = 15.0  # seconds of silence, with something outstanding, that mean a stuck link
 DRAIN_ABOVE = 1 << 20  # ask the stream for backpressure after this much was written
 COALESCE = 64 << 10  # queued messages are written at once beyond this many bytes
-BATCH_BYTES = 1 << 20  # content bytes of one WriteBatch (well under MAX_CHUNK)
-BATCH_FILES = 1024  # files in one WriteBatch
-BATCH_DELAY = 0.002  # an open batch leaves at the latest this long after its first file
-PACKING_AHEAD = 4  # batches being compressed before `drain` waits
-
-
-class _Batch:
-    """Files submitted for the next WriteBatch of one lane."""
-
-    def __init__(self, lane: int, code: int, level: int, timer: asyncio.TimerHandle) -> None:
-        self.lane = lane
-        self.code = code
-        self.level = level
-        self.timer = timer
-        self.files: list[list[Any]] = []
-        self.contents: list[bytes] = []
-        self.size = 0
-
-
-class _Packing:
-    """A closed batch while a worker thread compresses it."""
-
-    def __init__(self, files: list[list[Any]], packed: asyncio.Future[tuple[bytes, int]]) -> None:
-        self.files = files
-        self.packed = packed
-
-
-class LaneWriter(Protocol):
-    """The client's end of a data lane (see lsync.client.lanes)."""
-
-    def write(self, data: bytes) -> None: ...
-
-    async def drain(self) -> None: ...
-
-    async def wait_closed(self) -> str:
-        """Until the lane ends; why it ended (for the user)."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-class _SideLane:
-    def __init__(self, writer: LaneWriter) -> None:
-        self.writer = writer
-        self.unflushed = 0
-
-
-async def _unless(wait: Coroutine[Any, Any, Any], interrupt: asyncio.Event | None) -> bool:
-    """Await `wait` unless `interrupt` is or gets set first; whether `wait` finished."""
-    if interrupt is None:
-        await wait
-        return True
-    if interrupt.is_set():
-        wait.close()
-        return False
-    waiting = asyncio.ensure_future(wait)
-    interrupted = asyncio.ensure_future(interrupt.wait())
-    try:
-        await asyncio.wait({waiting, interrupted}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        interrupted.cancel()
-        if not waiting.done():
-            waiting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await waiting
-    return waiting.done() and not waiting.cancelled()
-
-
-def _pack_batch(data: bytes, code: int, level: int) -> tuple[bytes, int]:
-    """A batch's contents packed as one piece (raw when that does not pay); any thread."""
-    packed = packing.pack(data, code, level) if code != packing.PACK_RAW else data
-    if len(packed) < len(data) * 0.9:
-        return packed, code
-    return data, packing.PACK_RAW
-
-
 class AgentLink:
     def __init__(self, stream: AgentStream) -> None:
         self.stream = stream
@@ -126,12 +62,12 @@ class AgentLink:
         self._unflushed = 0
         self._out = bytearray()  # messages of this turn of the event loop, not yet written
         self._flush_scheduled = False
-        self._batches: dict[int, _Batch] = {}  # lane -> files waiting for its next batch
+        self._batches: dict[int, PendingBatch] = {}  # lane -> files waiting for its next batch
         # Per lane, sent in this order once each batch is compressed: batches, messages.
-        self._outboxes: dict[int, collections.deque[_Packing | m.Message]] = {
+        self._outboxes: dict[int, collections.deque[Compressing | m.Message]] = {
             0: collections.deque()}
         self._outbox_moved = asyncio.Event()
-        self._lanes: dict[int, _SideLane] = {}  # data lanes, numbered from 1
+        self._lanes: dict[int, SideLane] = {}  # data lanes, numbered from 1
         self._lane_watchers: list[asyncio.Task[None]] = []
         self.failure: LinkBroken | None = None
         self.internal: InternalError | None = None  # a bug ended the link (never retried)
@@ -271,7 +207,7 @@ class AgentLink:
         self.flush()
         while len(self._outboxes[lane]) > PACKING_AHEAD and self.failure is None:
             self._outbox_moved.clear()
-            if not await _unless(self._outbox_moved.wait(), interrupt):
+            if not await unless(self._outbox_moved.wait(), interrupt):
                 return
         if self.failure is not None:
             raise self.failure
@@ -279,11 +215,11 @@ class AgentLink:
             side = self._lanes[lane]
             if side.unflushed >= DRAIN_ABOVE:
                 side.unflushed = 0
-                await _unless(side.writer.drain(), interrupt)
+                await unless(side.writer.drain(), interrupt)
             return
         if self._unflushed >= DRAIN_ABOVE:
             self._unflushed = 0
-            await _unless(self.stream.drain(), interrupt)
+            await unless(self.stream.drain(), interrupt)
 
     def _expect(self, seq: int, *kinds: type[Any]) -> asyncio.Future[Any]:
         """A future for the reply to `seq`, which must be one of `kinds` (else the agent
@@ -328,7 +264,7 @@ class AgentLink:
             batch = None
         if batch is None:
             timer = asyncio.get_running_loop().call_later(BATCH_DELAY, self._timed_close)
-            batch = self._batches[lane] = _Batch(lane, code, level, timer)
+            batch = self._batches[lane] = PendingBatch(lane, code, level, timer)
         future = self._expect(seq, m.Ack, m.Error)
         batch.files.append([seq, path, mode, len(content)])
         batch.contents.append(content)
@@ -350,9 +286,9 @@ class AgentLink:
                 continue
             batch.timer.cancel()
             loop = asyncio.get_running_loop()
-            packed = loop.run_in_executor(None, _pack_batch, b"".join(batch.contents),
+            packed = loop.run_in_executor(None, pack_batch, b"".join(batch.contents),
                                           batch.code, batch.level)
-            self._outboxes[index].append(_Packing(batch.files, packed))
+            self._outboxes[index].append(Compressing(batch.files, packed))
             packed.add_done_callback(functools.partial(self._pumped, index))
 
     def _pumped(self, lane: int, _: asyncio.Future[tuple[bytes, int]]) -> None:
@@ -365,7 +301,7 @@ class AgentLink:
         try:
             while outbox and self.failure is None:
                 head = outbox[0]
-                if isinstance(head, _Packing):
+                if isinstance(head, Compressing):
                     if not head.packed.done():
                         break
                     data, code = head.packed.result()
@@ -393,7 +329,7 @@ class AgentLink:
     def add_lane(self, writer: LaneWriter) -> int:
         """Take a data lane into use (its magic already written); returns its number."""
         number = len(self._lanes) + 1
-        self._lanes[number] = _SideLane(writer)
+        self._lanes[number] = SideLane(writer)
         self._outboxes[number] = collections.deque()
         self._lane_watchers.append(asyncio.ensure_future(self._watch_lane(number)))
         return number

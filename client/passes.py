@@ -25,8 +25,9 @@ from lsync.client.delta import Signature, signature
 from lsync.client.errors import SafetyStop
 from lsync.client.hashcache import HashCache
 from lsync.client.ignore import IgnoreRules
-from lsync.client.link import BATCH_BYTES, AgentLink
+from lsync.client.link import AgentLink
 from lsync.client.model import DIR, FILE, LINK, RemoteEntry, RemoteModel
+from lsync.client.outbox import BATCH_BYTES
 from lsync.client.pathqueue import PathQueue, PathRecord
 from lsync.client.planner import Content, Step
 from lsync.client.reporter import Reporter

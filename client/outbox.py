@@ -1,0 +1,93 @@
+"""What the link holds before it writes: batches of small files, their compression, lanes.
+
+`PendingBatch` collects the small whole files of a burst for one lane's next WriteBatch;
+`pack_batch` compresses a closed batch as one piece in a worker thread (`Compressing` is a
+batch while that runs; the link keeps later messages of the lane behind it, so each lane's
+order is the order of submission). `SideLane` is the link's record of a data lane (the extra SSH
+channels of lsync.client.lanes, seen through the `LaneWriter` interface). `unless` awaits
+backpressure but gives up when urgent work (a save) comes. No decisions about paths here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+from lsync.protocol import packing
+
+BATCH_BYTES = 1 << 20  # content bytes of one WriteBatch (well under MAX_CHUNK)
+BATCH_FILES = 1024  # files in one WriteBatch
+BATCH_DELAY = 0.002  # an open batch leaves at the latest this long after its first file
+PACKING_AHEAD = 4  # batches being compressed before `drain` waits
+
+
+class PendingBatch:
+    """Files submitted for the next WriteBatch of one lane."""
+
+    def __init__(self, lane: int, code: int, level: int, timer: asyncio.TimerHandle) -> None:
+        self.lane = lane
+        self.code = code
+        self.level = level
+        self.timer = timer
+        self.files: list[list[Any]] = []
+        self.contents: list[bytes] = []
+        self.size = 0
+
+
+class Compressing:
+    """A closed batch while a worker thread compresses it."""
+
+    def __init__(self, files: list[list[Any]], packed: asyncio.Future[tuple[bytes, int]]) -> None:
+        self.files = files
+        self.packed = packed
+
+
+class LaneWriter(Protocol):
+    """The client's end of a data lane (see lsync.client.lanes)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    async def wait_closed(self) -> str:
+        """Until the lane ends; why it ended (for the user)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class SideLane:
+    def __init__(self, writer: LaneWriter) -> None:
+        self.writer = writer
+        self.unflushed = 0
+
+
+async def unless(wait: Coroutine[Any, Any, Any], interrupt: asyncio.Event | None) -> bool:
+    """Await `wait` unless `interrupt` is or gets set first; whether `wait` finished."""
+    if interrupt is None:
+        await wait
+        return True
+    if interrupt.is_set():
+        wait.close()
+        return False
+    waiting = asyncio.ensure_future(wait)
+    interrupted = asyncio.ensure_future(interrupt.wait())
+    try:
+        await asyncio.wait({waiting, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        interrupted.cancel()
+        if not waiting.done():
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+    return waiting.done() and not waiting.cancelled()
+
+
+def pack_batch(data: bytes, code: int, level: int) -> tuple[bytes, int]:
+    """A batch's contents packed as one piece (raw when that does not pay); any thread."""
+    packed = packing.pack(data, code, level) if code != packing.PACK_RAW else data
+    if len(packed) < len(data) * 0.9:
+        return packed, code
+    return data, packing.PACK_RAW
