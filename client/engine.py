@@ -400,7 +400,9 @@ class SyncEngine(PathPasses):
         """A small whole file of a burst: it travels in a WriteBatch with its neighbours."""
         self.window.add(seq, flight)
         self.queue.sent(flight.owner)
-        _, level, _ = self.packing.packer(burst=True)
+        # Compress fast while the link keeps up, harder once data waits for it.
+        level = (self.packing.long_bulk if self.link.backlogged(flight.lane)
+                 else self.packing.bulk)
         future = self.link.submit_batched(seq, path, mode, content, self.packing.code, level,
                                           flight.lane)
         future.add_done_callback(lambda done: self._on_reply(seq, done))

@@ -90,6 +90,9 @@ class SshLane:
         except (asyncssh.Error, BrokenPipeError) as exc:
             raise ConnectionResetError(str(exc)) from None
 
+    def backlog(self) -> int:
+        return self.chan.get_write_buffer_size() if self.chan is not None else 0
+
     async def drain(self) -> None:
         while not self.writable.is_set() and not self.ended.is_set():
             ended = asyncio.ensure_future(self.ended.wait())

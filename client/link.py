@@ -21,6 +21,7 @@ from typing import Any
 
 from lsync.client.errors import ConnectError, InternalError, LinkBroken, internal_error
 from lsync.client.outbox import (
+    BACKLOG,
     BATCH_BYTES,
     BATCH_DELAY,
     BATCH_FILES,
@@ -259,7 +260,7 @@ class AgentLink:
         if lane and lane not in self._lanes:
             lane = 0
         batch = self._batches.get(lane)
-        if batch is not None and (batch.code, batch.level) != (code, level):
+        if batch is not None and batch.code != code:
             self.close_batch(lane)
             batch = None
         if batch is None:
@@ -337,6 +338,15 @@ class AgentLink:
     @property
     def lanes(self) -> int:
         return len(self._lanes)
+
+    def backlogged(self, lane: int) -> bool:
+        """Whether data for `lane` waits for the link (the link, not the CPU, is the
+        bottleneck there: worth compressing harder)."""
+        if len(self._outboxes[lane]) > 1:
+            return True
+        if lane:
+            return self._lanes[lane].writer.backlog() >= BACKLOG
+        return self.stream.backlog() >= BACKLOG
 
     async def _watch_lane(self, number: int) -> None:
         why = await self._lanes[number].writer.wait_closed()

@@ -21,6 +21,7 @@ BATCH_BYTES = 1 << 20  # content bytes of one WriteBatch (well under MAX_CHUNK)
 BATCH_FILES = 1024  # files in one WriteBatch
 BATCH_DELAY = 0.002  # an open batch leaves at the latest this long after its first file
 PACKING_AHEAD = 4  # batches being compressed before `drain` waits
+BACKLOG = 1 << 20  # bytes buffered for a channel beyond its window: the link is the bottleneck
 
 
 class PendingBatch:
@@ -50,6 +51,10 @@ class LaneWriter(Protocol):
     def write(self, data: bytes) -> None: ...
 
     async def drain(self) -> None: ...
+
+    def backlog(self) -> int:
+        """Bytes written and not yet sent (waiting for the channel's window)."""
+        ...
 
     async def wait_closed(self) -> str:
         """Until the lane ends; why it ended (for the user)."""

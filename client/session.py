@@ -424,6 +424,10 @@ class Session:
             signatures = sigstore.default_path(self.root, hash_name)
             engine.model.adopt_signatures(await asyncio.to_thread(sigstore.load, signatures))
             gone = self._adopt_owned(engine, local)
+            # The scan and the manifest (tens of MB on a big tree) are not needed any more:
+            # nothing may keep them for the rest of the session.
+            tasks = [task for task in tasks if task is not scan and task is not manifest]
+            del local, entries, scan, manifest
             self.remote_root = welcome.info.get("root") or None
             self._set_engine(engine)
             engine.mark_dirty(sorted(gone))

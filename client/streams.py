@@ -26,6 +26,7 @@ WRITE_LOW = 2 << 20
 class AgentStream(Protocol):
     def write(self, data: bytes) -> None: ...
     async def drain(self) -> None: ...
+    def backlog(self) -> int: ...  # bytes written and not yet sent
     async def read(self) -> bytes: ...  # b"" at end of stream
     async def close(self, wait: float = 10.0) -> None: ...  # wait: for a clean end
     def stderr_tail(self) -> str: ...
@@ -116,6 +117,11 @@ class LocalAgentStream:
     async def drain(self) -> None:
         if self.process is not None and self.process.stdin is not None:
             await self.process.stdin.drain()
+
+    def backlog(self) -> int:
+        if self.process is None or self.process.stdin is None:
+            return 0
+        return self.process.stdin.transport.get_write_buffer_size()
 
     async def read(self) -> bytes:
         await self._started.wait()
@@ -255,6 +261,9 @@ class SshAgentStream:
 
     async def drain(self) -> None:
         await self._writable.wait()
+
+    def backlog(self) -> int:
+        return self._chan.get_write_buffer_size() if self._chan is not None else 0
 
     async def read(self) -> bytes:
         while not self._chunks:

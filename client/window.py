@@ -23,7 +23,7 @@ from lsync.protocol import messages as m
 from lsync.protocol.errors import AckStatus, ErrorCode
 
 WINDOW_OPS = 16384
-WINDOW_BYTES = 64 << 20  # of operations on the wire (compressed), not yet acknowledged
+WINDOW_BYTES = 32 << 20  # of content in operations not yet acknowledged (memory at long RTTs)
 
 
 class Op(Enum):

@@ -221,6 +221,9 @@ class MemoryAgentStream:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._serve)
 
+    def backlog(self) -> int:
+        return len(self._inbox)
+
     async def drain(self) -> None:
         while self._inbox and not self._dropped and self._status is None:
             self._consumed.clear()
@@ -277,6 +280,9 @@ class MemoryLane:
 
     async def drain(self) -> None:
         return None
+
+    def backlog(self) -> int:
+        return 0
 
     async def wait_closed(self) -> str:
         await self.ended.wait()

@@ -50,6 +50,9 @@ class FakeAgent:
     async def drain(self) -> None:
         pass
 
+    def backlog(self) -> int:
+        return 0
+
     async def read(self) -> bytes:
         return await self.incoming.get()
 
