@@ -72,6 +72,8 @@ class AgentService:
         self.pending: Dict[int, PendingFile] = {}
         self.pending_hashers: Dict[int, Any] = {}
         self.failed_writes: Set[int] = set()
+        self.skipped_writes: Set[int] = set()  # superseded chunked writes: ignore their chunks
+        self.latest_write: Dict[str, int] = {}  # path -> seq of its newest content write
         self.zdict = b""  # the preset dictionary of PACK_ZLIB_DICT chunks
 
     # -- dispatch -------------------------------------------------------------------------
@@ -95,6 +97,8 @@ class AgentService:
         if seq is not None and self.root is None:
             self._error(seq, ErrorCode.ROOT_UNAVAILABLE, "no root is open")
             return
+        if self._superseded(message):
+            return
         if self.pool is not None and self.pool.outstanding and not isinstance(message, m.Ping):
             # Wait for the pooled writes unless this message cannot see their paths.
             independent = isinstance(message, _PATH_OPS) or self._poolable(message)
@@ -114,6 +118,39 @@ class AgentService:
             self._error(seq, exc.code, exc.message)
         finally:
             self._record_made_parents()
+
+    def _superseded(self, message: m.Message) -> bool:
+        """Content writes of a path take effect in seq order, whatever stream (data lane)
+        they came on: an older one arriving after a newer one is acknowledged, not applied
+        (the chunks of a chunked one are then ignored). Batches: see `_newer_only`."""
+        if isinstance(message, m.WriteFile):
+            if message.seq in self.skipped_writes:
+                if message.final:
+                    self.skipped_writes.discard(message.seq)
+                    self._ack(message.seq, AckStatus.SUPERSEDED)
+                return True
+            if message.offset != 0:
+                return False
+        elif not isinstance(message, m.WriteDelta):
+            return False
+        if not self._newer(message.path, message.seq):
+            if isinstance(message, m.WriteFile) and not message.final:
+                self.skipped_writes.add(message.seq)
+            else:
+                self._ack(message.seq, AckStatus.SUPERSEDED)
+            return True
+        return False
+
+    def _newer(self, path: str, seq: int) -> bool:
+        """Whether a write `seq` of `path` is newer than any seen (it then is the newest)."""
+        if self.latest_write.get(path, -1) > seq:
+            return False
+        self.latest_write[path] = seq
+        return True
+
+    def _newer_only(self, msg: m.WriteBatch) -> Set[int]:
+        """The seqs of a batch's files that a newer write of their path already passed."""
+        return {item[0] for item in msg.files if not self._newer(item[1], item[0])}
 
     def _record_made_parents(self) -> None:
         if self.root is not None and self.record is not None:
@@ -151,9 +188,10 @@ class AgentService:
 
     def _pool_batch(self, msg: m.WriteBatch) -> None:
         assert self.pool is not None
-        self.pool.submit_batch([item[1] for item in msg.files], self._batch_job(msg))
+        self.pool.submit_batch([item[1] for item in msg.files],
+                               self._batch_job(msg, self._newer_only(msg)))
 
-    def _batch_job(self, msg: m.WriteBatch) -> Callable[[], Any]:
+    def _batch_job(self, msg: m.WriteBatch, skip: Set[int]) -> Callable[[], Any]:
         """The work of a WriteBatch, for any thread. It returns (files, results, error,
         trace): per file written (seq, path, stat, digest), per file refused (seq, path,
         None, OpError); `error` when the batch as a whole failed (every file in it fails)."""
@@ -167,7 +205,8 @@ class AgentService:
                 total = sum(item[3] for item in msg.files)  # never inflate beyond it
                 data = unpack_chunk("a batch", msg.data, msg.packing, zdict,
                                     min(total, m.MAX_CHUNK))
-                return msg.files, write_batch(root, msg.files, data, hash_name), None, ""
+                return (msg.files, write_batch(root, msg.files, data, hash_name, skip),
+                        None, "")
             except Exception as exc:
                 return msg.files, None, exc, traceback.format_exc()
 
@@ -186,6 +225,9 @@ class AgentService:
         assert results is not None
         acked = []
         for seq, path, st, outcome in results:
+            if st is None and outcome is None:
+                self._ack(seq, AckStatus.SUPERSEDED)
+                continue
             if st is None:
                 self._answer_error(seq, outcome)
                 continue
@@ -204,7 +246,7 @@ class AgentService:
 
     def on_write_batch(self, msg: m.WriteBatch) -> None:
         """A WriteBatch without a write pool: written here, in order."""
-        self._answer_batch(*self._batch_job(msg)())
+        self._answer_batch(*self._batch_job(msg, self._newer_only(msg))())
         self._record_made_parents()
 
     def collect_pool(self, wait: bool = False) -> None:

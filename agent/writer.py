@@ -18,7 +18,7 @@ import select
 import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional
+from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set
 
 from lsync.agent.confined import ConfinedRoot, OpError, Parents
 from lsync.protocol import hashing
@@ -141,10 +141,11 @@ def _bump(counts: Dict[str, int], key: str, step: int) -> None:
 
 
 def write_batch(root: ConfinedRoot, files: List[List[Any]], data: bytes,
-                hash_name: str) -> List[Any]:
+                hash_name: str, skip: Optional[Set[int]] = None) -> List[Any]:
     """Write the files of a WriteBatch (`data`: their contents, unpacked), each atomically,
     reaching each directory once: [(seq, path, stat, digest)] per file written,
-    [(seq, path, None, OpError)] per file refused. Raises OpError when `data` does not
+    [(seq, path, None, OpError)] per file refused, [(seq, path, None, None)] per file of
+    `skip` (superseded: not written). Raises OpError when `data` does not
     hold exactly the files' sizes (then none is written). For any thread."""
     total = sum(item[3] for item in files)
     if total > m.MAX_CHUNK:
@@ -160,6 +161,9 @@ def write_batch(root: ConfinedRoot, files: List[List[Any]], data: bytes,
         for seq, path, mode, size in files:
             piece = data[offset:offset + size]
             offset += size
+            if skip and seq in skip:
+                results.append((seq, path, None, None))
+                continue
             try:
                 pending = root.begin_write(path, parents)
                 try:

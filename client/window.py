@@ -7,8 +7,9 @@ lanes (extra channels that carry content writes beside the main stream, in no or
 against it): a content write may take a side lane only when nothing in flight on the main
 stream touches its path or a directory above it (`lane_for`), and an operation for the
 main stream must wait while side-lane writes at or below its path are unanswered
-(`side_busy`). Writes of one path stay on one lane while any is in flight, so every path
-still sees its operations in the order they were sent. `verdict` turns one reply into what
+(`side_busy`). Content writes of one path may travel on different lanes: the agent applies
+them in sequence order (an older one arriving late is answered SUPERSEDED, not applied),
+so every path still ends as the last write sent says. `verdict` turns one reply into what
 the engine must do about it — count a synced file, forget what the model believed about some
 remote paths, look at some local paths again, report a failure, retry later — without
 touching anything itself. No asyncio, no I/O.
@@ -57,7 +58,6 @@ class Window:
         self.wire_bytes = 0
         self._main_at: dict[str, int] = {}  # path -> main-stream ops on it (not Mkdir)
         self._side_under: dict[str, int] = {}  # path -> side-lane writes at or below it
-        self._side_lane: dict[str, tuple[int, int]] = {}  # path -> (its lane, writes)
 
     def __len__(self) -> int:
         return len(self.flights)
@@ -81,13 +81,9 @@ class Window:
     # -- data lanes -------------------------------------------------------------------------
     def lane_for(self, path: str, wanted: int) -> int:
         """The lane a content write of `path` may take, given the one `wanted` (0: main):
-        the lane its unanswered writes are on, else main when a main-stream operation on
-        it or a directory above it is unanswered, else `wanted`."""
-        if wanted == 0:
-            return self._side_lane.get(path, (0, 0))[0]
-        if path in self._side_lane:
-            return self._side_lane[path][0]
-        if self._main_at:
+        main when a main-stream operation on it or a directory above it is unanswered,
+        else `wanted`."""
+        if wanted and self._main_at:
             probe = path
             while probe:
                 if probe in self._main_at:
@@ -98,7 +94,7 @@ class Window:
     def side_busy(self, path: str) -> bool:
         """Whether side-lane writes at or below `path` are unanswered ("": anywhere)."""
         if not path:
-            return bool(self._side_lane)
+            return bool(self._side_under)
         return path in self._side_under
 
     def _count(self, flight: InFlight, step: int) -> None:
@@ -109,11 +105,6 @@ class Window:
                     _bump(self._main_at, flight.src, step)
             return
         path = flight.target
-        lane, count = self._side_lane.get(path, (flight.lane, 0))
-        if count + step:
-            self._side_lane[path] = (lane, count + step)
-        else:
-            del self._side_lane[path]
         while path:
             _bump(self._side_under, path, step)
             path = path.rpartition("/")[0]
@@ -152,7 +143,8 @@ def verdict(flight: InFlight, reply: m.Ack | m.Error, dictionary_failed: bool = 
     below its destination; `dictionary_failed`: the preset dictionary was refused earlier."""
     if isinstance(reply, m.Ack):
         note = reply.detail if reply.status == AckStatus.KEPT_NOT_EMPTY else ""
-        return Verdict(True, synced_file=flight.op is Op.WRITE, note=note)
+        applied = reply.status != AckStatus.SUPERSEDED  # a newer write of it came first
+        return Verdict(True, synced_file=flight.op is Op.WRITE and applied, note=note)
     if flight.op is Op.DICTIONARY:
         # Chunks packed with it are refused: those are sent again without it.
         return Verdict(False, drop_dictionary=True)

@@ -39,6 +39,7 @@ class AckStatus(enum.IntEnum):
     OK = 0
     KEPT_NOT_EMPTY = 1  # a directory was not removed: it holds files lsync did not sync
     ALREADY_ABSENT = 2  # a delete found nothing to delete
+    SUPERSEDED = 3  # a newer write of the same path came first: this one was not applied
 
 
 class ProtocolError(Exception):

@@ -13,7 +13,10 @@ code of the answer (a `Goodbye` for a Hello, an `Error` for an operation). Wire 
 checked where the agent resolves them (lsync.agent.confined), with BAD_PATH.
 
 Operations that change the remote tree carry a sequence number (`seq`) chosen by the client;
-the agent answers each with exactly one `Ack` or `Error` bearing the same `seq`.
+the agent answers each with exactly one `Ack` or `Error` bearing the same `seq` (an
+`Acked` answers many). Content writes of one path (WriteFile, WriteDelta, a WriteBatch's
+files) take effect in `seq` order whatever stream they came on: one that arrives after a
+newer write of its path is answered `Ack(SUPERSEDED)` and not applied.
 """
 
 import zlib

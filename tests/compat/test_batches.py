@@ -162,3 +162,32 @@ def test_packed_messages_are_unwrapped_at_the_decode_boundary_and_bad_ones_refus
         assert exc.code == ErrorCode.MALFORMED_FRAME
     else:
         raise AssertionError("an ill-typed packed message was accepted")
+
+
+def test_an_older_write_arriving_after_a_newer_one_of_its_path_is_not_applied():
+    # Writes of one path may come on different streams (data lanes): seq order wins.
+    from lsync.protocol.errors import AckStatus
+    tree, pair, _ = _session()
+    try:
+        assert pair.op(m.WriteFile(200, "p.c", 0o644, 0, b"newest\n", True)) == \
+            m.Ack(200, 0, "")
+        pair.client.send(_batch([(100, "p.c", 0o644, b"older, from a batch\n"),
+                                 (101, "q.c", 0o644, b"q\n")]))
+        replies = pair.pump()
+        assert m.Ack(100, int(AckStatus.SUPERSEDED), "") in replies
+        assert _answers(replies).get(101) == "ok"
+        assert tree.read("p.c") == b"newest\n" and tree.read("q.c") == b"q\n"
+        # A chunked older write: its chunks are ignored, its last one answered.
+        pair.client.send(m.WriteFile(150, "p.c", 0o644, 0, b"a" * 10, False))
+        assert pair.pump() == []
+        reply = pair.op(m.WriteFile(150, "p.c", 0o644, 10, b"b" * 5, True))
+        assert reply == m.Ack(150, int(AckStatus.SUPERSEDED), "")
+        assert tree.read("p.c") == b"newest\n"
+        # A newer one still applies, as does any write of another path.
+        assert pair.op(m.WriteFile(300, "p.c", 0o644, 0, b"later\n", True)).status == 0
+        assert tree.read("p.c") == b"later\n"
+        reply = pair.op(m.WriteDelta(250, "p.c", 0o644, b"\0" * 16, b"\0" * 16, b""))
+        assert reply == m.Ack(250, int(AckStatus.SUPERSEDED), "")
+        assert _no_temp_files(tree)
+    finally:
+        tree.cleanup()
