@@ -67,7 +67,7 @@ ROOT_GONE_MASK = IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_IGNORED
 _EVENT = struct.Struct("=iIII")  # struct inotify_event without its name
 READ_SIZE = 65536                # room for hundreds of events; one event never exceeds 272 bytes
 MAX_READS_PER_WAKEUP = 16        # then let the loop run; the reader is level-triggered
-LATEST = 16  # paths of a batch's last events it names (a save at the end of a burst)
+LATEST = 4  # paths of a batch's last events it names (a save at the end of a burst)
 WATCH_LIMIT_NOTE = "cannot watch all directories: raise fs.inotify.max_user_watches"
 
 

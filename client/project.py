@@ -7,7 +7,7 @@
     accept_new_host_key = false        # --accept-new-host-key
     ssh_config = "~/.ssh/work_config"  # -F: one file or a list of files
     step_ms = 5                        # --step-ms
-    debounce_ms = 50                   # --debounce-ms
+    debounce_ms = 20                   # --debounce-ms
     reconnect = true                   # false is --no-reconnect
     lanes = 4                          # --lanes (extra SSH channels; 0: one channel)
     log = "normal"                     # "quiet" (-q), "normal", "verbose" (-v)

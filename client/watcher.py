@@ -29,7 +29,7 @@ from typing import Protocol
 from lsync.client.inotify import InotifyWatcher, RootGone, WatchBatch, available
 
 DEFAULT_STEP_MS = 5
-DEFAULT_DEBOUNCE_MS = 50
+DEFAULT_DEBOUNCE_MS = 20  # a save at the end of a long burst waits at most this
 
 __all__ = ["DEFAULT_DEBOUNCE_MS", "DEFAULT_STEP_MS", "RootGone", "TreeWatcher", "WatchBatch",
            "open_watcher", "relative"]
