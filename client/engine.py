@@ -251,7 +251,8 @@ class SyncEngine(PathPasses):
                 self.queue.wake(now)
                 if not self.queue.urgent:
                     self.urgent_work.clear()
-                if self.queue.queued and self.window.has_space():
+                # (A save goes even when bulk work has filled the window: it is small.)
+                if self.queue.queued and (self.window.has_space() or self.queue.urgent):
                     taken = self.queue.take()
                     if taken is not None:
                         self.checks.worked()
