@@ -56,6 +56,7 @@ from lsync.protocol import packing
 
 HASH_BATCH = 2000
 URGENT_MAX = 16  # a watcher batch of at most this many paths is a save, not a burst
+YIELD_EVERY = 0.005  # seconds of passes before the engine lets the event loop run
 DICTIONARY_MIN_FILES = 64  # an initial sync of this many files sets a preset dictionary
 PREFETCH_LOOK = 128  # queued paths examined for reading ahead, from the head
 SIGN_AHEAD_MIN = 256 << 10  # verified remote files this big are signed once in sync
@@ -240,6 +241,7 @@ class SyncEngine(PathPasses):
     async def run(self) -> None:
         """Drive the core for ever (until cancelled, or a SafetyStop)."""
         signer = asyncio.ensure_future(self._sign_ahead())
+        yielded = time.monotonic()
         try:
             while True:
                 # Cleared before the work, not before the wait: a poke that comes while
@@ -258,6 +260,11 @@ class SyncEngine(PathPasses):
                         self.checks.worked()
                         await self._pass(*taken)
                         self._poke()
+                    if time.monotonic() - yielded >= YIELD_EVERY:
+                        # Passes over files read ahead need not suspend at all: let the
+                        # replies, the watcher, timers and the control socket run.
+                        await asyncio.sleep(0)
+                        yielded = time.monotonic()
                     continue
                 if self.queue.idle and self.window.has_space():
                     await self._check_if_due(now)
