@@ -390,8 +390,8 @@ class PathPasses:
             pieces = pieces_of(content, packer)
         messages = content_messages(seq, path, mode, pieces)
         wire = sum(len(data) for data, _ in pieces)
-        # A save in one message takes the fast lane; bigger files the main stream, or the
-        # lane their earlier writes are on.
+        # A save in one message takes the fast lane; bigger files, and big files of a
+        # burst, the main stream (see Window.lane_for for when neither may).
         lane = self.window.lane_for(path, 0 if burst or len(messages) > 1
                                     else self._save_lane())
         self._submit(messages[0], InFlight(path, Op.WRITE, path, since, nbytes=len(content),
