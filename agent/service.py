@@ -26,7 +26,7 @@ from lsync.agent.confined import (
 )
 from lsync.agent.manifest import walk_tree
 from lsync.agent.records import DigestRecord
-from lsync.agent.writer import WritePool, write_batch
+from lsync.agent.writer import ANSWER, APPLY, WriteOrder, WritePool, write_batch
 from lsync.protocol import PROTOCOL_VERSION, fastpack, hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.delta import DeltaError, apply_delta
@@ -72,8 +72,7 @@ class AgentService:
         self.pending: Dict[int, PendingFile] = {}
         self.pending_hashers: Dict[int, Any] = {}
         self.failed_writes: Set[int] = set()
-        self.skipped_writes: Set[int] = set()  # superseded chunked writes: ignore their chunks
-        self.latest_write: Dict[str, int] = {}  # path -> seq of its newest content write
+        self.order = WriteOrder()  # content writes of a path take effect in seq order
         self.zdict = b""  # the preset dictionary of PACK_ZLIB_DICT chunks
 
     # -- dispatch -------------------------------------------------------------------------
@@ -120,37 +119,12 @@ class AgentService:
             self._record_made_parents()
 
     def _superseded(self, message: m.Message) -> bool:
-        """Content writes of a path take effect in seq order, whatever stream (data lane)
-        they came on: an older one arriving after a newer one is acknowledged, not applied
-        (the chunks of a chunked one are then ignored). Batches: see `_newer_only`."""
-        if isinstance(message, m.WriteFile):
-            if message.seq in self.skipped_writes:
-                if message.final:
-                    self.skipped_writes.discard(message.seq)
-                    self._ack(message.seq, AckStatus.SUPERSEDED)
-                return True
-            if message.offset != 0:
-                return False
-        elif not isinstance(message, m.WriteDelta):
-            return False
-        if not self._newer(message.path, message.seq):
-            if isinstance(message, m.WriteFile) and not message.final:
-                self.skipped_writes.add(message.seq)
-            else:
-                self._ack(message.seq, AckStatus.SUPERSEDED)
-            return True
-        return False
-
-    def _newer(self, path: str, seq: int) -> bool:
-        """Whether a write `seq` of `path` is newer than any seen (it then is the newest)."""
-        if self.latest_write.get(path, -1) > seq:
-            return False
-        self.latest_write[path] = seq
-        return True
-
-    def _newer_only(self, msg: m.WriteBatch) -> Set[int]:
-        """The seqs of a batch's files that a newer write of their path already passed."""
-        return {item[0] for item in msg.files if not self._newer(item[1], item[0])}
+        """Whether `message` is an older content write than one already seen for its path
+        (see WriteOrder); answered here when its answer is due."""
+        outcome = self.order.check(message)
+        if outcome == ANSWER:
+            self._ack(message.seq, AckStatus.SUPERSEDED)  # type: ignore[union-attr]
+        return outcome != APPLY
 
     def _record_made_parents(self) -> None:
         if self.root is not None and self.record is not None:
@@ -189,7 +163,7 @@ class AgentService:
     def _pool_batch(self, msg: m.WriteBatch) -> None:
         assert self.pool is not None
         self.pool.submit_batch([item[1] for item in msg.files],
-                               self._batch_job(msg, self._newer_only(msg)))
+                               self._batch_job(msg, self.order.stale_in(msg)))
 
     def _batch_job(self, msg: m.WriteBatch, skip: Set[int]) -> Callable[[], Any]:
         """The work of a WriteBatch, for any thread. It returns (files, results, error,
@@ -246,7 +220,7 @@ class AgentService:
 
     def on_write_batch(self, msg: m.WriteBatch) -> None:
         """A WriteBatch without a write pool: written here, in order."""
-        self._answer_batch(*self._batch_job(msg, self._newer_only(msg))())
+        self._answer_batch(*self._batch_job(msg, self.order.stale_in(msg))())
         self._record_made_parents()
 
     def collect_pool(self, wait: bool = False) -> None:

@@ -10,6 +10,9 @@ only jobs on paths that `conflicts()` says are independent of every job still ru
 drains the pool before any operation that could see or change a running job's path, so
 every path still goes through its operations in sequence order. Answers may leave in a
 different order; each names its sequence number.
+
+`write_batch` writes a WriteBatch's files (in a pooled job, or inline), and `WriteOrder`
+keeps content writes of one path in sequence order across the streams they arrive on.
 """
 
 import collections
@@ -179,3 +182,47 @@ def write_batch(root: ConfinedRoot, files: List[List[Any]], data: bytes,
     finally:
         parents.close()
     return results
+
+
+APPLY = "apply"  # WriteOrder.check: the write is the newest of its path
+SKIP = "skip"  # an older write's chunk: ignore it, answer nothing yet
+ANSWER = "answer"  # an older write, complete: answer it SUPERSEDED, apply nothing
+
+
+class WriteOrder:
+    """Content writes of one path take effect in seq order, whatever stream (data lane)
+    they came on: one arriving after a newer write of its path is not applied (the chunks
+    of a chunked one are ignored, and its last one answered). Sans-IO: the service asks
+    `check` for each message and `stale_in` for a batch."""
+
+    def __init__(self) -> None:
+        self.latest: Dict[str, int] = {}  # path -> seq of its newest content write
+        self.skipped: Set[int] = set()  # chunked writes found older: their chunks are ignored
+
+    def check(self, message: Any) -> str:
+        if isinstance(message, m.WriteFile):
+            if message.seq in self.skipped:
+                if not message.final:
+                    return SKIP
+                self.skipped.discard(message.seq)
+                return ANSWER
+            if message.offset != 0:
+                return APPLY
+        elif not isinstance(message, m.WriteDelta):
+            return APPLY
+        if self._newer(message.path, message.seq):
+            return APPLY
+        if isinstance(message, m.WriteFile) and not message.final:
+            self.skipped.add(message.seq)
+            return SKIP
+        return ANSWER
+
+    def stale_in(self, batch: m.WriteBatch) -> Set[int]:
+        """The seqs of a batch's files that a newer write of their path already passed."""
+        return {item[0] for item in batch.files if not self._newer(item[1], item[0])}
+
+    def _newer(self, path: str, seq: int) -> bool:
+        if self.latest.get(path, -1) > seq:
+            return False
+        self.latest[path] = seq
+        return True

@@ -36,8 +36,11 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 from lsync.agent.service import AgentService, SessionEnd
+from lsync.client.link import AgentLink
+from lsync.protocol import PROTOCOL_VERSION, hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.connection import AGENT, Connection, Lane
 from lsync.protocol.errors import ErrorCode, ProtocolError
@@ -173,6 +176,7 @@ class MemoryAgentStream:
                 message = lane.decoder.next_message()
                 if message is None:
                     break
+                lane.handled += 1
                 self._handle(message)
             self.service.collect_pool()
             self._flush()
@@ -255,6 +259,17 @@ class MemoryAgentStream:
         return self._status
 
 
+async def open_link(remote: Path, timeout: float) -> tuple[MemoryAgentStream, AgentLink]:
+    """An AgentLink to a new in-memory agent serving `remote`, welcomed."""
+    stream = MemoryAgentStream()
+    link = AgentLink(stream)
+    link.start(m.Hello(PROTOCOL_VERSION, {"hash": [hashing.BLAKE2B_128],
+                                          "compression": [packing.ZLIB]},
+                       str(remote), {"create_root": True}))
+    await link.welcome(timeout)
+    return stream, link
+
+
 class MemoryLane:
     """A data lane into a `MemoryAgentStream`'s service (see the module docstring)."""
 
@@ -262,6 +277,7 @@ class MemoryLane:
         self.agent = agent
         self.delay_turns = delay_turns
         self.decoder = Lane()
+        self.handled = 0  # messages the agent handled from this lane
         self.ended = asyncio.Event()
         self.write(MAGIC)
 

@@ -77,7 +77,7 @@ from lsync.client.watcher import WatchBatch
 from lsync.protocol import PROTOCOL_VERSION, hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.framing import MAX_FRAME
-from tests.memagent import MemoryAgentStream
+from tests.memagent import MemoryAgentStream, open_link
 
 LANE_DELAYS = (3, 0, 6, 1)  # turns of the event loop each in-memory data lane lags
 STEP_TIMEOUT = 30.0  # seconds any wait for the engine may take before the test fails
@@ -1418,12 +1418,7 @@ def test_memory_stream_cut_breaks_the_link_and_keeps_what_the_agent_applied(
     remote = home.parent / "cut-remote"
 
     async def scenario() -> None:
-        stream = MemoryAgentStream()
-        link = AgentLink(stream)
-        link.start(m.Hello(PROTOCOL_VERSION, {"hash": [hashing.BLAKE2B_128],
-                                              "compression": [packing.ZLIB]},
-                           str(remote), {"create_root": True}))
-        await link.welcome(STEP_TIMEOUT)
+        stream, link = await open_link(remote, STEP_TIMEOUT)
         stream.cut_after(1)
         first = link.submit(m.Mkdir(link.next_seq(), "one", 0o755))
         second = link.submit(m.Mkdir(link.next_seq(), "two", 0o755))
