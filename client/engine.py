@@ -27,13 +27,13 @@ from typing import Any
 
 from lsync.client import planner
 from lsync.client.checks import CheckSchedule
-from lsync.client.errors import InternalError, SafetyStop, internal_error
+from lsync.client.errors import InternalError, LsyncError, SafetyStop, internal_error
 from lsync.client.hashcache import HashCache
 from lsync.client.ignore import IgnoreRules
 from lsync.client.link import AgentLink, Reply
 from lsync.client.model import DIR, FILE, RemoteModel
 from lsync.client.passes import PathPasses
-from lsync.client.pathqueue import PathQueue, PathRecord
+from lsync.client.pathqueue import PathQueue, PathRecord, State
 from lsync.client.reporter import Reporter
 from lsync.client.scanner import (
     LocalEntry,
@@ -53,6 +53,7 @@ from lsync.client.sender import (
 from lsync.client.window import InFlight, Op, Window, verdict
 from lsync.protocol import messages as m
 from lsync.protocol import packing
+from lsync.protocol.paths import relpath_problem
 
 HASH_BATCH = 2000
 URGENT_MAX = 16  # a watcher batch of at most this many paths is a save, not a burst
@@ -370,12 +371,14 @@ class SyncEngine(PathPasses):
 
     def _read_ahead(self) -> None:
         """Start reading the next queued new files in worker threads (in groups: only
-        once at most half of what may be read ahead is left)."""
+        once at most half of what may be read ahead is left). The root and names the
+        agent would refuse are never files to read."""
         if len(self.read_ahead.futures) > PREFETCH // 2:
             return
         upcoming = [p for p in self.queue.peek(PREFETCH_LOOK)
-                    if (e := self.model.get(p)) is None
-                    or (e.kind == FILE and e.signature is None)]
+                    if p and ((e := self.model.get(p)) is None
+                              or (e.kind == FILE and e.signature is None))
+                    and not relpath_problem(p)]
         self.read_ahead.start(upcoming, self.packing.packer(burst=True))
 
     # -- one pass over one path -----------------------------------------------------------
@@ -387,6 +390,20 @@ class SyncEngine(PathPasses):
             self._read_ahead()
         try:
             outcome = await self._reconcile(path, record, ahead)
+        except LsyncError:  # the link broke, a safety stop: the session's business
+            if self.queue.state(path) is not None:
+                self.queue.done(path, self.clock())
+            raise
+        except Exception as exc:
+            # A bug met while syncing one path is that path's failure, retried with
+            # backoff and reported (the traceback goes to the client log): the session
+            # and every other path go on.
+            bug = internal_error(f"syncing {path!r}", exc)
+            self.counters.errors += 1
+            if self.queue.state(path) is State.READING:
+                self.queue.fail(path, self.clock(), str(bug), own_pass=True)
+            self.reporter.failed(path, str(bug))
+            return
         except BaseException:
             if self.queue.state(path) is not None:
                 self.queue.done(path, self.clock())

@@ -1,0 +1,118 @@
+"""Where features meet failures (issue 15), on the client core against the real agent
+service through in-memory streams (tests/memagent.py, the rig of test_core_properties):
+a branch switch that queues the root with thousands of files, a bug on one path, a path
+that keeps failing under a flush barrier, deletes the remote refuses, operations in flight
+when the link breaks, files too big to send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+from lsync.client import planner, sender
+from lsync.client.pathqueue import State
+from tests.conftest import c_like_text
+from tests.test_core_properties import Rig
+from tests.test_core_properties import home as home  # (a fixture)
+from tests.test_core_properties import rig as rig  # (a fixture)
+
+
+def _write_many(root: Path, names: list[str], seed: int) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    files = {name: c_like_text(rng, rng.randrange(0, 4000)) for name in names}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def test_a_checkout_that_queues_the_root_with_many_files_converges(rig: Rig) -> None:
+    """The root is queued (its listing is checked) among thousands of paths: it is never
+    a file to read ahead (that killed the session with `not a relative path: ''`)."""
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.converged()
+        names = [f"top{i}.c" for i in range(300)] + [f"sub/f{i}.c" for i in range(300)]
+        files = _write_many(rig.local, names, 1)
+        rig.engine.mark_dirty(["top0.c", "", *names], hint=False)
+        rig.changed([])
+        await rig.converged()
+        assert not rig.problems(), rig.problems()
+        for rel, data in files.items():
+            assert (rig.remote / rel).read_bytes() == data
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_bug_while_reading_one_file_ahead_fails_that_file_alone(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that raises on one path leaves the rest of its read-ahead group, and the
+    session, unharmed; the path is read again on its own turn."""
+    real = sender._prepare
+    broken = "f7.c"
+
+    def flaky(root: Path, path: str, *args: object) -> sender.Prepared | None:
+        if path == broken:
+            raise RuntimeError("a bug in a worker")
+        return real(root, path, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sender, "_prepare", flaky)
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.converged()
+        names = [f"f{i}.c" for i in range(200)]
+        files = _write_many(rig.local, names, 2)
+        rig.changed(names)
+        await rig.converged()
+        assert not rig.problems(), rig.problems()
+        for rel, data in files.items():
+            assert (rig.remote / rel).read_bytes() == data
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_bug_in_the_pass_over_one_path_fails_that_path_not_the_session(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected exception while syncing one path makes that path fail (reported,
+    retried with backoff, traceback in the client log); the others sync, and once the
+    bug is gone the path converges too."""
+    broken = {"f3.c"}
+    real = planner.plan_content
+
+    def buggy(path: str, *args: object) -> planner.ContentPlan:
+        if path in broken:
+            raise ValueError("a bug in the planner")
+        return real(path, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(planner, "plan_content", buggy)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(rig.local.parent / "cache"))
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.converged()
+        names = [f"f{i}.c" for i in range(20)]
+        files = _write_many(rig.local, names, 3)
+        rig.changed(names)
+        await rig.quiet()
+        failing = rig.engine.queue.failing()
+        assert list(failing) == ["f3.c"] and "internal error" in failing["f3.c"]
+        assert rig.engine.queue.state("f3.c") is State.FAILED
+        for rel in names:
+            if rel != "f3.c":
+                assert (rig.remote / rel).read_bytes() == files[rel]
+        broken.clear()
+        await rig.converged()
+        assert not rig.engine.queue.failing()
+        assert [p for p in rig.problems() if not p.startswith("(d)")] == []
+        assert (rig.remote / "f3.c").read_bytes() == files["f3.c"]
+        await rig.close()
+
+    asyncio.run(scenario())
