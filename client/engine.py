@@ -455,6 +455,8 @@ class SyncEngine(PathPasses):
                 self.model.set_digest(flight.src, None)
             below = [*self.model.descendants(flight.src), flight.src, flight.target]
         result = verdict(flight, reply, self.packing.dictionary_failed, below)
+        if flight.op is Op.DELETE:
+            self._after_delete(flight, result.ok)
         now = self.clock()
         if result.retry_later:  # before `answered`, which forgets a path with nothing left
             self.queue.fail(flight.owner, now, result.failure)
@@ -476,6 +478,21 @@ class SyncEngine(PathPasses):
         if result.look_again:
             self.mark_dirty(result.look_again, hint=False)
         self._poke()
+
+    def _after_delete(self, flight: InFlight, ok: bool) -> None:
+        """A refused delete leaves its entry on the remote: the model gets it back (owned,
+        content unknown) so that the retry of its owner deletes it again; a directory
+        kept because such an entry is still in it comes back too. (Unless the path was
+        made again meanwhile: then the model already says what it holds.)"""
+        target, entry = flight.target, flight.dropped
+        if entry is None or self.model.get(target) is not None:
+            return
+        if ok and not (entry.kind == DIR and self.model.child_names(target)):
+            return
+        entry.owned = True
+        if entry.kind != DIR:
+            entry.digest, entry.signature = None, None
+        self.model.put(target, entry)
 
     def _count_write(self, flight: InFlight, now: float) -> None:
         self.counters.files += 1

@@ -426,7 +426,7 @@ class PathPasses:
                 continue
             if entry.owned or self.delete_extra:
                 self._submit(m.Delete(self.link.next_seq(), below),
-                             InFlight(owner, Op.DELETE, below, since))
+                             InFlight(owner, Op.DELETE, below, since, dropped=entry))
             self.model.drop(below)
 
     def _set_aside(self, path: str, since: float) -> None:
@@ -439,7 +439,7 @@ class PathPasses:
             entry = self.model.get(below)
             if entry is not None and (entry.owned or self.delete_extra):
                 self._submit(m.Delete(self.link.next_seq(), below),
-                             InFlight(path, Op.DELETE, below, since))
+                             InFlight(path, Op.DELETE, below, since, dropped=entry))
             self.model.drop(below)
         aside = f"{path}.lsync-kept-{time.time_ns() % 10**9}"
         self._submit(m.Rename(self.link.next_seq(), path, aside),

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 
+from lsync.agent.confined import ConfinedRoot, OpError
 from lsync.client import planner, sender
 from lsync.client.pathqueue import State
+from lsync.protocol.errors import ErrorCode
 from tests.conftest import c_like_text
 from tests.test_core_properties import Rig
 from tests.test_core_properties import home as home  # (a fixture)
@@ -113,6 +116,45 @@ def test_a_bug_in_the_pass_over_one_path_fails_that_path_not_the_session(
         assert not rig.engine.queue.failing()
         assert [p for p in rig.problems() if not p.startswith("(d)")] == []
         assert (rig.remote / "f3.c").read_bytes() == files["f3.c"]
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_deletes_the_remote_refused_are_retried_until_they_succeed(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only remote refuses deletes (of files and of the directory holding them);
+    once it is writable again the retries delete them (they stayed on the remote for good:
+    the model had dropped them when the delete was sent)."""
+    refusing = True
+    real = ConfinedRoot.remove
+
+    def remove(self: ConfinedRoot, path: str) -> tuple[bool, bool]:
+        if refusing:
+            raise OpError(ErrorCode.PERMISSION_DENIED, f"remove {path}: read-only file system")
+        return real(self, path)
+
+    monkeypatch.setattr(ConfinedRoot, "remove", remove)
+
+    async def scenario() -> None:
+        nonlocal refusing
+        _write_many(rig.local, ["keep.c", "gone.c", "olddir/a.c", "olddir/sub/b.c"], 4)
+        refusing = False
+        await rig.connect()
+        await rig.converged()
+        refusing = True
+        (rig.local / "gone.c").unlink()
+        shutil.rmtree(rig.local / "olddir")
+        rig.changed(["gone.c", "olddir"])
+        await rig.quiet()
+        assert set(rig.engine.queue.failing()) == {"gone.c", "olddir"}
+        assert (rig.remote / "gone.c").exists() and (rig.remote / "olddir/sub/b.c").exists()
+        refusing = False
+        await rig.converged()
+        assert not rig.engine.queue.failing()
+        assert not (rig.remote / "gone.c").exists()
+        assert not (rig.remote / "olddir").exists()
+        assert (rig.remote / "keep.c").exists()
         await rig.close()
 
     asyncio.run(scenario())
