@@ -443,9 +443,14 @@ class SyncEngine(PathPasses):
             self._poke()
 
     def _apply_reply(self, seq: int, future: asyncio.Future[Reply]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            # The link broke: no answer came. The operation stays in the window, where the
+            # session finds what the next connection must redo (`pending_paths`, and the
+            # trees of deletes and renames lsync owned: Session._carry_over).
+            return
         flight = self.window.answer(seq)
-        if flight is None or future.cancelled() or future.exception() is not None:
-            return  # the link broke; the session reports it and resyncs on reconnect
+        if flight is None:
+            return
         reply = future.result()
         below = None
         if flight.op is Op.RENAME and isinstance(reply, m.Error):

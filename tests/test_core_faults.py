@@ -158,3 +158,32 @@ def test_deletes_the_remote_refused_are_retried_until_they_succeed(
         await rig.close()
 
     asyncio.run(scenario())
+
+
+def test_deletes_in_flight_when_the_link_breaks_are_redone_after_the_reconnect(
+        rig: Rig) -> None:
+    """Files lsync verified (equal on both sides from the start, not written by it) are
+    deleted locally; the link breaks after the agent handled the first delete. What lsync
+    owned, and the deletes left unanswered, are carried to the next connection, which
+    deletes the rest (the carried ownership was always empty: each failed reply was taken
+    out of the window before the session looked)."""
+    names = [f"v/f{i}.c" for i in range(12)]
+    files = _write_many(rig.local, names, 5)
+    for rel, data in files.items():
+        (rig.remote / rel).parent.mkdir(parents=True, exist_ok=True)
+        (rig.remote / rel).write_bytes(data)
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.converged()
+        for rel in names:
+            (rig.local / rel).unlink()
+        rig.changed(names)
+        await rig.cut(1)
+        assert rig.stream.cuts == 0 and rig.streams[-2].cuts == 1
+        await rig.converged()
+        left = sorted(p.name for p in (rig.remote / "v").iterdir())
+        assert left == [], left
+        await rig.close()
+
+    asyncio.run(scenario())
