@@ -165,7 +165,12 @@ class BuildLoop:
             code = "timeout" if self.session.link_up else "disconnected"
             raise ControlError(code, self._pending_text(),
                                details=self._pending_details()) from None
-        return {"waited_ms": round((time.monotonic() - started) * 1000, 1)}
+        answer: JsonObject = {"waited_ms": round((time.monotonic() - started) * 1000, 1)}
+        engine = self.session.engine
+        if engine is not None and engine.skipped:
+            answer["skipped"] = sorted(engine.skipped)[:20]  # too big: not on the remote
+            answer["skipped_count"] = len(engine.skipped)
+        return answer
 
     async def _barrier(self, asked_ns: int, notify: SendLine | None) -> None:
         session = self.session
@@ -247,6 +252,8 @@ class BuildLoop:
                 "last_latency_ms": None if counters.last_latency is None
                 else round(counters.last_latency * 1000, 1),
                 "checks": counters.checks, "check_findings": counters.found,
+                "skipped": len(engine.skipped),
+                "skipped_paths": sorted(engine.skipped)[:20],
                 "idle": engine.idle,
             })
         return out

@@ -105,6 +105,7 @@ class SyncEngine(PathPasses):
         self._wake = asyncio.Event()  # the same, for the loop alone (it clears it itself)
         self.checks = CheckSchedule(clock())
         self._queued_dirs: set[str] = set()  # marked paths that are directories remotely
+        self.skipped = {}
         self._initial_total = (0, 0)
         self._initial_done = (0, 0)
         self._failure: InternalError | None = None  # a bug in a reply callback
@@ -333,7 +334,10 @@ class SyncEngine(PathPasses):
         found = planner.differences(local, self.model, self.rules.is_ignored,
                                     self.delete_extra, under=directory,
                                     shallow=directory is not None)
-        found = [p for p in found if p not in self.queue]
+        skipped = self.skipped
+        found = [p for p in found if p not in self.queue
+                 and not (p in skipped and (e := local.get(p)) is not None
+                          and e.local_key == skipped[p])]
         if found:
             self.counters.found += len(found)
             where = "the tree" if directory is None else (directory or "the root")

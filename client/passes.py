@@ -92,6 +92,8 @@ class PathPasses:
     clock: Callable[[], float]
     seen_until: Callable[[], int]
     _queued_dirs: set[str]
+    # Files too big to sync (MAX_FILE): path -> the version (local_key) that was skipped.
+    skipped: dict[str, tuple[int, int, int, int]]
     bursting = False  # many paths were queued, and the queue has not run dry since
     _urgent = False  # the pass under way is over an urgent path
     _bulk_turn = 0  # which bulk lane batches go to now
@@ -116,6 +118,7 @@ class PathPasses:
             return "done"
         if relpath_problem(path):
             return "done"
+        self.skipped.pop(path, None)  # (skipped again below if it still is too big)
         self._urgent = record.urgent  # what the pass marks inherits it
         wall_now = time.time_ns()
         try:
@@ -280,6 +283,8 @@ class PathPasses:
         if 0 <= quiet < settle and self.clock() - since < SETTLE_MAX:
             self.queue.retry(path, self.clock(), settle - quiet)  # until still, or SETTLE_MAX
             return "retry"
+        if st.st_size > MAX_FILE:
+            return self._skip_too_big(path, st)
         prepared = None
         if ahead is not None:
             prepared = still_current(await prepared_of(ahead), st)
@@ -332,6 +337,17 @@ class PathPasses:
             # A file saved on its own is likely to be saved again soon: keep it as the base
             # of the next delta. Files of a burst are not (and would only evict those).
             self.recent.remember(path, digest, content)
+        return "done"
+
+    def _skip_too_big(self, path: str, st: os.stat_result) -> str:
+        """A file lsync cannot send (it reads files whole): reported once per version and
+        left alone, not failed — a failure would be retried for ever and keep every
+        in-sync report away. It is looked at again when it changes; convergence checks
+        pass over it while it stays this version (`skipped`); status lists it."""
+        self.skipped[path] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        self.reporter.note(f"skipped {path}: {st.st_size} bytes, more than the "
+                           f"{MAX_FILE} that lsync reads into memory; not synced (the "
+                           "remote keeps whatever it has there)")
         return "done"
 
     async def _read(self, path: str, st: os.stat_result) -> tuple[bytes, LocalEntry]:

@@ -8,6 +8,7 @@ when the link breaks, files too big to send.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lsync.agent.confined import ConfinedRoot, OpError
-from lsync.client import planner, sender
+from lsync.client import passes, planner, sender
 from lsync.client.pathqueue import State
 from lsync.protocol.errors import ErrorCode
 from tests.conftest import c_like_text
@@ -184,6 +185,36 @@ def test_deletes_in_flight_when_the_link_breaks_are_redone_after_the_reconnect(
         await rig.converged()
         left = sorted(p.name for p in (rig.remote / "v").iterdir())
         assert left == [], left
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_file_too_big_to_send_is_skipped_and_reported_not_retried_for_ever(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file over the size lsync reads whole is reported once and left alone: not a
+    failure retried for ever, and an in-sync report still comes (convergence checks pass
+    over it while it stays that version); once it is small enough it is synced."""
+    monkeypatch.setattr(passes, "MAX_FILE", 64 << 10)
+
+    async def scenario() -> None:
+        _write_many(rig.local, ["small.c"], 6)
+        (rig.local / "huge.bin").write_bytes(os.urandom(100 << 10))
+        await rig.connect()
+        await rig.converged()
+        assert not rig.engine.queue.failing()
+        assert list(rig.engine.skipped) == ["huge.bin"]
+        assert not (rig.remote / "huge.bin").exists()
+        assert sum("skipped huge.bin" in n for n in rig.reporter.notes) == 1
+        rig.periodic_check()  # a whole-tree check passes over it, reports nothing new
+        await rig.converged()
+        assert sum("skipped huge.bin" in n for n in rig.reporter.notes) == 1
+        assert not any("paths differ" in n for n in rig.reporter.notes)
+        (rig.local / "huge.bin").write_bytes(b"small now\n")
+        rig.changed(["huge.bin"])
+        await rig.converged()
+        assert (rig.remote / "huge.bin").read_bytes() == b"small now\n"
+        assert not rig.engine.skipped
         await rig.close()
 
     asyncio.run(scenario())
