@@ -11,7 +11,10 @@ import asyncio
 import os
 import random
 import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -218,3 +221,54 @@ def test_a_file_too_big_to_send_is_skipped_and_reported_not_retried_for_ever(
         await rig.close()
 
     asyncio.run(scenario())
+
+
+def test_big_file_work_and_the_scan_of_a_moved_in_tree_stay_off_the_event_loop(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading, signing, delta-encoding and compressing a big file, and listing and hashing
+    a directory that moved in, run in worker threads: the loop keeps answering replies,
+    pings, the watcher and the control socket (they ran on it: a 100 MB file stalled it)."""
+    loop_thread = threading.get_ident()
+    on_loop: list[str] = []
+    called: set[str] = set()
+
+    def watched(name: str, size_of: Callable[..., int]) -> None:
+        real = getattr(passes, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            called.add(name)
+            if threading.get_ident() == loop_thread and size_of(*args) >= passes.OFF_LOOP:
+                on_loop.append(name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(passes, name, wrapper)
+
+    watched("signature", lambda content: len(content))
+    watched("pieces_of", lambda content, packer: len(content))
+    watched("delta_message", lambda *args: len(args[6]))
+    watched("read_file_stable", lambda root, path, *rest: (root / path).stat().st_size)
+    watched("scan_tree", lambda *args: passes.OFF_LOOP)  # never on the loop, whatever size
+    rng = random.Random(7)
+    big = c_like_text(rng, 3 << 20)
+
+    async def scenario() -> None:
+        _write_many(rig.local, [f"old/f{i}.c" for i in range(8)], 7)
+        await rig.connect()
+        await rig.converged()
+        (rig.local / "big.c").write_bytes(big)
+        rig.changed(["big.c"])
+        await rig.converged()
+        (rig.local / "big.c").write_bytes(big[:1000] + b"/* edit */" + big[1000:])
+        rig.changed(["big.c"])
+        await rig.converged()
+        (rig.local / "old").rename(rig.local / "new")
+        rig.changed(["old", "new"])
+        await rig.converged()
+        assert not rig.problems(), rig.problems()
+        assert (rig.remote / "big.c").read_bytes() == (rig.local / "big.c").read_bytes()
+        await rig.close()
+
+    asyncio.run(scenario())
+    assert on_loop == []
+    assert called == {"signature", "pieces_of", "delta_message", "read_file_stable",
+                      "scan_tree"}, called
