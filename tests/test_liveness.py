@@ -6,6 +6,8 @@ the watcher would read: bytes received, and per channel (written, still buffered
 
 from __future__ import annotations
 
+import itertools
+
 from lsync.client.liveness import ChannelReading, Liveness, Verdict
 
 PING_EVERY = 5.0
@@ -98,7 +100,7 @@ def test_pings_on_a_frozen_idle_link_are_no_progress_and_it_stalls_within_20_s()
     stalled = link.stalled_at()
     assert stalled is not None and stalled <= PING_EVERY + STALL + 1
     assert link.pings()[0] <= PING_EVERY + 1  # (the first look only reads the counters)
-    assert all(b - a >= PING_EVERY for a, b in zip(link.pings(), link.pings()[1:]))
+    assert all(b - a >= PING_EVERY for a, b in itertools.pairwise(link.pings()))
 
 
 def test_an_idle_link_whose_pings_are_answered_is_pinged_every_few_seconds_and_lives() -> None:
