@@ -123,15 +123,20 @@ class AgentLink:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, LinkBroken):
                 await self._reader
-        # A broken link may be a frozen one: do not wait for a clean end that cannot come.
-        await self.stream.close(wait=0.5 if self.failure is not None or not welcomed else 10.0)
+        # A broken link may be a frozen one: do not wait for a clean end that cannot come
+        # (the lanes are closed together, each waiting for its channel's end, so a frozen
+        # link costs one short wait, not one per lane).
+        wait = 0.5 if self.failure is not None or not welcomed else 10.0
+        await self.stream.close(wait=wait)
         for watcher in self._lane_watchers:
             watcher.cancel()
         for watcher in self._lane_watchers:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-        for side in self._lanes.values():
-            await side.writer.close()
+        if self._lanes:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(
+                    *(side.writer.close() for side in self._lanes.values())), wait)
 
     async def watch_liveness(self, every: float = PING_EVERY, stall: float = STALL,
                              tick: float = 1.0) -> None:
