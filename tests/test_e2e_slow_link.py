@@ -26,14 +26,15 @@ from tests.conftest import CountingLink, LsyncProcess, fresh_dirs
 Start = Callable[..., LsyncProcess]
 
 STALL_FOR_TESTS = 3.0  # seconds (lsync's own default is 15)
-PING_FOR_TESTS = STALL_FOR_TESTS / 3  # lsync.client.link.PING_EVERY under that bound
 RATE_BPS = 8e6  # the link's cap each way: 1 MB/s
 DELAY = 0.05  # seconds one way (RTT 100 ms)
 FILE_SIZE = 12 * 1000 * 1000  # about 12 s to cross: four stall bounds
 ARRIVAL_WAIT = 90.0
 EDIT_WAIT = 20.0
 EDIT_BUDGET = 20 * 1024  # bytes on the wire, both ways, for a 10-byte edit in place
-FREEZE_NOTICED = 2 * STALL_FOR_TESTS + PING_FOR_TESTS + 2  # lsync's default: 20 s and more
+# A frozen idle link is noticed a ping interval plus the stall bound after the freeze, and
+# reported once the broken link is closed; under lsync's default bound that is 20 s and more.
+FREEZE_NOTICED = 4 * STALL_FOR_TESTS
 
 
 @pytest.fixture
@@ -81,7 +82,7 @@ def test_a_file_slower_to_cross_than_the_stall_bound_arrives_first_time_and_edit
     # The control: the bound above was the shortened one (a frozen link is noticed in time).
     frozen_at = time.monotonic()
     assert slow_link.proxy.freeze() == 1
-    lsync.wait_for_line("no answer from the agent", timeout=FREEZE_NOTICED + 5)
+    lsync.wait_for_line("no answer from the agent", timeout=FREEZE_NOTICED + 10)
     noticed = time.monotonic() - frozen_at
     assert noticed <= FREEZE_NOTICED, f"noticed after {noticed:.1f} s:\n{lsync.log_tail()}"
     assert lsync.interrupt() == 0, lsync.stderr
