@@ -7,7 +7,9 @@ bytes then takes several stall bounds to cross, with no reply from the agent unt
 end. It must arrive on the first attempt: one TCP connection through the proxy, no "no
 answer from the agent", no reconnect. A 10-byte edit in place afterwards must travel as a
 delta (a file that had been cut would go whole again). Last, a control: the shortened
-bound was in effect, since a frozen link is noticed within it.
+bound was in effect, since a frozen link is noticed within it. And the other side of the
+rule: a link frozen in the middle of such a transfer is noticed within the bound too, and
+the file arrives after the reconnect.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 
 from benchmarks.testbed.proxy import ThreadedProxy
 from benchmarks.testbed.sshd import PrivateSshd
-from tests.conftest import CountingLink, LsyncProcess, fresh_dirs
+from tests.conftest import CountingLink, LsyncProcess, fresh_dirs, wait_until
 
 Start = Callable[..., LsyncProcess]
 
@@ -85,4 +87,27 @@ def test_a_file_slower_to_cross_than_the_stall_bound_arrives_first_time_and_edit
     lsync.wait_for_line("no answer from the agent", timeout=FREEZE_NOTICED + 10)
     noticed = time.monotonic() - frozen_at
     assert noticed <= FREEZE_NOTICED, f"noticed after {noticed:.1f} s:\n{lsync.log_tail()}"
+    assert lsync.interrupt() == 0, lsync.stderr
+
+
+def test_a_link_frozen_in_the_middle_of_a_slow_transfer_is_noticed_and_the_file_arrives(
+        slow_link: CountingLink, tmp_path: Path, run_lsync: Start) -> None:
+    """The other side of the rule: bytes still entering the SSH windows when the link froze
+    are no progress, so a freeze during a transfer is noticed as soon as at rest."""
+    local, remote = fresh_dirs(tmp_path)
+    (local / "small.c").write_text("int small;\n")
+    lsync = run_lsync(*slow_link.connect_args(remote), cwd=local)
+    lsync.wait_for_line(" ready ", timeout=30)
+    content = os.urandom(FILE_SIZE // 2)
+    (local / "disk.img").write_bytes(content)
+    created_ns = time.time_ns()
+    up = slow_link.proxy.counters().bytes_up
+    assert wait_until(lambda: slow_link.proxy.counters().bytes_up > up + 2_000_000, 30)
+    frozen_at = time.monotonic()
+    assert slow_link.proxy.freeze() == 1
+    lsync.wait_for_line("no answer from the agent", timeout=FREEZE_NOTICED + 10)
+    noticed = time.monotonic() - frozen_at
+    assert noticed <= FREEZE_NOTICED, f"noticed after {noticed:.1f} s:\n{lsync.log_tail()}"
+    lsync.wait_in_sync(created_ns, ARRIVAL_WAIT)
+    assert (remote / "disk.img").read_bytes() == content
     assert lsync.interrupt() == 0, lsync.stderr
