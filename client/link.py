@@ -5,7 +5,9 @@ It owns the sans-IO `Connection` and one reader task. Operations are submitted w
 (`list_tree`, `hash_paths`, `ping`) are awaited the same way. When the stream ends or a
 protocol error arrives, every pending future fails at once with `LinkBroken`, so nothing
 waits forever (the engine's window knows which operations were left unanswered). The link
-moves bytes and matches replies; it makes no sync decisions.
+moves bytes and matches replies; it makes no sync decisions. `watch_liveness` breaks it when
+the agent shows no progress (lsync.client.liveness decides): never while a transfer moves,
+however long it takes.
 """
 
 from __future__ import annotations
