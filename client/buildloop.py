@@ -398,7 +398,12 @@ async def _run_ssh(conn: asyncssh.SSHClientConnection, inner: str, request: RunR
     if process.exit_signal is not None:
         number = getattr(signal, f"SIG{process.exit_signal[0]}", None)
         return 128 + (int(number) if number is not None else 0)
-    return process.exit_status if process.exit_status is not None else 255
+    if process.exit_status is None:
+        # The channel closed without an exit status: the connection broke under the command
+        # (the session ends a connection whose agent link broke). Not the command's status.
+        raise ControlError("closed", "the connection broke during the command; its outcome "
+                           "is unknown")
+    return process.exit_status
 
 
 def _terminal(request: RunRequest) -> dict[str, Any]:
