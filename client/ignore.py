@@ -34,9 +34,20 @@ patterns one by one costs about 30 us per path. Differences from git that remain
 characters are matched as code points rather than bytes, and `core.excludesFile` and
 `.git/info/exclude` are not read.
 
-Threads: `reload` and `forget` may run while another thread (a scan) calls `is_ignored`;
-nothing breaks, but that scan may see the old rules for some paths and the new ones for
-others, so rescan what `reload` reports changed after such a scan.
+Tracked files (lsync.client.gitindex): when the tree is (inside) a git work tree, the ignore
+rules above apply only to untracked paths, as in git. A file in git's index is never
+ignored, nor is a directory that holds one at any depth (so the scanner and the watcher
+enter it); untracked paths inside such a directory still follow the rules, including
+"everything below an ignored directory is ignored". `--exclude` is the user's own choice
+for lsync, not git's: it applies to tracked paths too. `refresh_index()` re-reads the index
+when its file changed (one stat otherwise) and says which paths that changed the verdict
+of; an index that cannot be read leaves the plain rules in force, with a one-line note.
+`explain(rel, is_dir)` names the rule that ignores a path (file:line and pattern).
+
+Threads: `reload`, `forget` and `refresh_index` may run while another thread (a scan)
+calls `is_ignored`; nothing breaks (the tracked set is replaced whole, in one assignment),
+but that scan may see the old rules or index for some paths and the new ones for others,
+so rescan what `reload` and `refresh_index` report changed after such a scan.
 """
 
 from __future__ import annotations
@@ -44,9 +55,12 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from lsync.client import gitindex
 
 GITIGNORE = ".gitignore"
 VCS_DIR = ".git"
@@ -77,6 +91,7 @@ class _Pattern:
     basename: bool  # no slash: matched against the last path component only
     body: str  # the pattern text with "!", trailing "/" and leading "/" removed
     regex: str  # body translated; matched with fullmatch
+    text: str = ""  # the pattern as written (for explain)
 
 
 def _trim_trailing_spaces(line: str) -> str:
@@ -219,6 +234,7 @@ def parse_patterns(text: str) -> list[_Pattern]:
         if not line or line.startswith("#"):
             continue
         line = _trim_trailing_spaces(line)
+        text = line
         negative = line.startswith("!")
         if negative:
             line = line[1:]
@@ -233,7 +249,7 @@ def parse_patterns(text: str) -> list[_Pattern]:
         regex = _translate(line)
         if regex is None:
             continue
-        patterns.append(_Pattern(index, negative, dir_only, basename, line, regex))
+        patterns.append(_Pattern(index, negative, dir_only, basename, line, regex, text))
     return patterns
 
 
@@ -312,12 +328,13 @@ class _Matcher:
 class _RuleFile:
     """The compiled patterns of one .gitignore (or of the --exclude list)."""
 
-    __slots__ = ("dirs", "files", "negative", "text")
+    __slots__ = ("dirs", "files", "negative", "patterns", "text")
 
     def __init__(self, text: str) -> None:
         patterns = parse_patterns(text)
         self.text = text
         self.negative = {p.index: p.negative for p in patterns}
+        self.patterns = {p.index: p.text for p in patterns}
         self.files = _Matcher([p for p in patterns if not p.dir_only])
         self.dirs = _Matcher(patterns)
 
@@ -328,6 +345,43 @@ class _RuleFile:
             return None
         return not self.negative[index]
 
+    def deciding(self, rel: str, name: str, is_dir: bool) -> int:
+        """The index of the pattern that decides (rel, name), or -1."""
+        return (self.dirs if is_dir else self.files).last_match(rel, name)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Where a verdict comes from: `source` is a .gitignore (relative to the root),
+    "--exclude" or ".git"; `line` counts from 1 (the position in the --exclude list)."""
+
+    source: str
+    line: int
+    pattern: str
+
+    def __str__(self) -> str:
+        if not self.line:
+            return self.source
+        return f'{self.source}:{self.line} "{self.pattern}"'
+
+
+VCS_RULE = Rule(VCS_DIR, 0, VCS_DIR)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexChange:
+    """Paths whose verdict a new git index changed (tracked now, or no longer); `dirs`
+    are those of them that are directories (the watcher walks them again)."""
+
+    paths: frozenset[str]
+    dirs: frozenset[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.paths)
+
+
+NO_CHANGE = IndexChange(frozenset(), frozenset())
+
 
 # One step of a path's way up: (length of the directory prefix to cut, its rules).
 _Chain = tuple[tuple[int, _RuleFile], ...]
@@ -337,14 +391,27 @@ class IgnoreRules:
     """Ignore verdicts for paths relative to `root` (POSIX, '/'-separated, no leading '/')."""
 
     def __init__(
-        self, root: Path, excludes: Sequence[str] = (), include_vcs: bool = False
+        self, root: Path, excludes: Sequence[str] = (), include_vcs: bool = False,
+        *, git_index: bool = True, on_note: Callable[[str], None] | None = None,
     ) -> None:
+        """`git_index`: read the index of the git work tree holding `root`, if any (see
+        `refresh_index`); `on_note` hears, in one line, why an index cannot be read."""
         self.root = Path(root)
         self.include_vcs = include_vcs
         self._excludes = _RuleFile("\n".join(excludes)) if excludes else None
         self._files: dict[str, _RuleFile | None] = {}  # dir rel -> its .gitignore
         self._chains: dict[str, _Chain] = {}  # dir rel -> rule files that apply below it
-        self._dir_verdicts: dict[str, bool] = {}  # dir rel -> is_ignored(dir, True)
+        self._dir_verdicts: dict[str, bool] = {}  # dir rel -> the rules' verdict (untracked)
+        self._git_index = git_index
+        self._on_note = on_note
+        self._index: gitindex.IndexLocation | None = None
+        self._index_stamp: tuple[int, int, int] | None = None
+        self._index_lock = threading.Lock()  # one refresh at a time
+        self.tracked: gitindex.Tracked = gitindex.EMPTY  # replaced whole, never changed
+        self.index_problem: str | None = None  # why the index could not be read
+        if git_index:
+            self._index = gitindex.locate(self.root)
+            self.refresh_index()
 
     def is_ignored(self, rel: str, is_dir: bool) -> bool:
         """Whether lsync ignores the path `rel` (a directory when `is_dir`). The root ('')
@@ -352,14 +419,32 @@ class IgnoreRules:
         if not rel:
             return False
         if is_dir:
-            return self._dir_ignored(rel)
+            if not self._dir_ignored(rel):
+                return False
+            return not self.tracked.holds(rel) or self._excluded(rel, True)
         parent, _, name = rel.rpartition("/")
-        if parent and self._dir_ignored(parent):
-            return True
-        return self._own_verdict(parent, name, rel, False)
+        if (parent and self._dir_ignored(parent)) or self._own_verdict(parent, name, rel, False):
+            return rel not in self.tracked.files or self._excluded(rel, False)
+        return False
+
+    def _excluded(self, rel: str, is_dir: bool) -> bool:
+        """Whether `--exclude` ignores `rel` by itself or through one of its directories
+        (what still ignores a tracked path)."""
+        excludes = self._excludes
+        if excludes is None:
+            return False
+        parts = rel.split("/")
+        last = len(parts) - 1
+        for i, name in enumerate(parts):
+            sub = "/".join(parts[:i + 1])
+            if excludes.verdict(sub, name, is_dir or i < last) is True:
+                return True
+        return False
 
     def _dir_ignored(self, dir_rel: str) -> bool:
-        """is_ignored(dir_rel, True), cached; computed top-down for uncached ancestors."""
+        """Whether the rules ignore the directory `dir_rel` when nothing in it is tracked
+        (and so everything untracked below it), cached; computed top-down for uncached
+        ancestors."""
         verdict = self._dir_verdicts.get(dir_rel)
         if verdict is not None:
             return verdict
@@ -471,3 +556,107 @@ class IgnoreRules:
                 self._files.pop(key, None)
         self._chains.clear()
         self._dir_verdicts.clear()
+
+    # -- git's index ------------------------------------------------------------------------
+    def refresh_index(self) -> IndexChange:
+        """Read git's index again if its file changed since the last read (else this costs
+        one stat): the paths whose verdict changed because they became tracked or
+        untracked (a checkout, `git add -f`, `git rm --cached`), for the caller to look at
+        again. Never raises: an index that cannot be read counts as empty (the plain rules
+        apply) and is reported once through `on_note`."""
+        if not self._git_index:
+            return NO_CHANGE
+        with self._index_lock:
+            if self._index is None:
+                if not os.path.lexists(self.root / VCS_DIR):
+                    return NO_CHANGE
+                self._index = gitindex.locate(self.root)  # a repository made meanwhile
+                if self._index is None:
+                    return NO_CHANGE
+            stamp = gitindex.stamp(self._index)
+            if stamp == self._index_stamp and stamp is not None:
+                return NO_CHANGE
+            self._index_stamp = stamp
+            try:
+                tracked = gitindex.read(self._index)
+                problem = None
+            except (gitindex.IndexUnreadable, OSError) as exc:
+                tracked = gitindex.EMPTY
+                problem = f"git index {self._index.path} unreadable ({exc}); tracked files " \
+                          "are synced only if the ignore rules allow until git rewrites it"
+            if problem != self.index_problem:
+                self.index_problem = problem
+                if problem is not None and self._on_note is not None:
+                    self._on_note(problem)
+            old, self.tracked = self.tracked, tracked
+            return self._index_change(old, tracked)
+
+    def _index_change(self, old: gitindex.Tracked, new: gitindex.Tracked) -> IndexChange:
+        """The paths whose verdict differs between the two indexes: files that became
+        tracked or untracked and the rules ignore, and directories the rules ignore that
+        started or stopped holding tracked paths."""
+        flipped = old.files ^ new.files
+        old_dirs = {name[:-1] for name in old.ordered if name.endswith("/")}
+        new_dirs = {name[:-1] for name in new.ordered if name.endswith("/")}
+        paths: set[str] = set()
+        dirs: set[str] = set()
+        candidates: set[str] = old_dirs ^ new_dirs
+        for rel in flipped:
+            parent, _, name = rel.rpartition("/")
+            ruled = (parent and self._dir_ignored(parent)) or self._own_verdict(
+                parent, name, rel, False)
+            if ruled and not self._excluded(rel, False):
+                paths.add(rel)
+            while parent and parent not in candidates:
+                candidates.add(parent)
+                parent = parent.rpartition("/")[0]
+        for rel in candidates:
+            if old.holds(rel) != new.holds(rel) and self._dir_ignored(rel) \
+                    and not self._excluded(rel, True):
+                dirs.add(rel)
+        return IndexChange(frozenset(paths | dirs), frozenset(dirs))
+
+    # -- why --------------------------------------------------------------------------------
+    def explain(self, rel: str, is_dir: bool) -> Rule | None:
+        """The rule that makes lsync ignore `rel`, None when it is not ignored: the rule of
+        its outermost ignored directory if it has one, else its own."""
+        if not self.is_ignored(rel, is_dir):
+            return None
+        parent = ""
+        parts = rel.split("/")
+        for i, name in enumerate(parts):
+            sub = parent + "/" + name if parent else name
+            last = i == len(parts) - 1
+            rule = self._own_rule(parent, name, sub, is_dir if last else True)
+            if rule is not None and (last or self._dir_ignored(sub)):
+                return rule
+            parent = sub
+        return None  # (not reached: an ignored path has an ignoring rule on its way)
+
+    def _own_rule(self, parent: str, name: str, rel: str, is_dir: bool) -> Rule | None:
+        """The rule behind `_own_verdict(...)` when it is True, else None; --exclude first
+        (it ranks above the .gitignore files)."""
+        if name == VCS_DIR or (rel.startswith(".git/") or "/.git/" in rel):
+            if not self.include_vcs:
+                return VCS_RULE
+            return self._rule_in(self._excludes, "--exclude", rel, name, is_dir)
+        excluded = self._rule_in(self._excludes, "--exclude", rel, name, is_dir)
+        if excluded is not None or (self._excludes is not None and
+                                    self._excludes.verdict(rel, name, is_dir) is False):
+            return excluded
+        for cut, rules in reversed(self._chain(parent)):
+            if rules.verdict(rel[cut:], name, is_dir) is not None:
+                source = f"{rel[:cut]}{GITIGNORE}"
+                return self._rule_in(rules, source, rel[cut:], name, is_dir)
+        return None
+
+    @staticmethod
+    def _rule_in(rules: _RuleFile | None, source: str, rel: str, name: str,
+                 is_dir: bool) -> Rule | None:
+        """The pattern of `rules` that ignores (rel, name), None if none does."""
+        if rules is None:
+            return None
+        index = rules.deciding(rel, name, is_dir)
+        if index < 0 or rules.negative[index]:
+            return None
+        return Rule(source, index + 1, rules.patterns[index])
