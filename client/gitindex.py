@@ -231,7 +231,7 @@ def _entries_v2(data: bytes, count: int, hash_size: int, end: int,
             continue
         stop = pos + name_at + length
         if data[stop] or not length:
-            raise IndexUnreadable(f"bad entry at byte {pos}")
+            raise _bad_entry(pos, length)
         append(data[pos + name_at:stop])
         pos += (name_at + length + 8) & ~7
     if pos > end:
@@ -253,7 +253,7 @@ def _unusual_entry(data: bytes, pos: int, mode: int, flags: int, name_at: int,
         length = data.index(b"\0", start) - start
     stop = start + length
     if data[stop] or not length:
-        raise IndexUnreadable(f"bad entry at byte {pos}")
+        raise _bad_entry(pos, length)
     if mode & 0o170000 in (_MODE_GITLINK, _MODE_DIR):
         dirs.append(data[start:stop].rstrip(b"/"))
     else:
@@ -291,13 +291,19 @@ def _entries_v4(data: bytes, count: int, hash_size: int,
         pos = stop + 1
         length = flags & _NAME_MASK
         if not name or (length != _NAME_MASK and length != len(name)) or pos > end:
-            raise IndexUnreadable(f"bad entry ending at byte {pos}")
+            raise _bad_entry(pos, len(name))
         previous = name
         if mode & 0o170000 in (_MODE_GITLINK, _MODE_DIR):
             dirs.append(name.rstrip(b"/"))
         else:
             names.append(name)
     return names, dirs, pos
+
+
+def _bad_entry(pos: int, length: int) -> IndexUnreadable:
+    if not length:  # what a split index's own file holds for a replaced entry
+        return IndexUnreadable(f"entry without a name at byte {pos} (split index?)")
+    return IndexUnreadable(f"bad entry at byte {pos}")
 
 
 def _check_extensions(data: bytes, pos: int, end: int) -> None:
