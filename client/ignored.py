@@ -1,4 +1,5 @@
-"""What the ignore rules left out of a full scan, and the note when they left out most of it.
+"""What the ignore rules leave out: a full scan's tally, the note when they left out most of
+the tree, and following git's index while lsync runs.
 
 `IgnoredTally` hears every entry a scan skips (`scan_tree(..., on_ignored=tally.add)`):
 files, links, and directories it did not enter, but never `.git` (skipping it is no news).
@@ -15,16 +16,29 @@ or build directory, however big, is the usual case and worth no note), and only 
 `WALK_LIMIT` entries. The rules behind the count (`IgnoreRules.explain`) are looked up then
 too, not during the scan. Thread-safe enough for one scan thread feeding it and the
 session reading `entries`; `mostly_ignored_note` is meant for a worker thread.
+
+`follow_index(rules, on_change, note)` runs for a session's life: every `INDEX_POLL`
+seconds it asks `IgnoreRules.refresh_index` (one stat in a worker thread while git's index
+is unchanged) and hands what a new index changed to `on_change`, on the event loop. Git
+writes its index last, after the work tree, and some commands change only the index (`git
+add -f`, `git rm --cached`), so watching the tree is not enough; polling a stat costs
+nothing worth measuring. A one-line note says when the index cannot be read, once per
+problem; nothing else stops it (a bug is noted and logged, and the polling goes on).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from lsync.client.ignore import VCS_DIR, IgnoreRules, Rule
+from lsync.client.errors import internal_error
+from lsync.client.ignore import VCS_DIR, IgnoreRules, IndexChange, Rule
+from lsync.client.scanner import LocalEntry
 
+INDEX_POLL = 0.25  # seconds between looks at git's index
 WALK_LIMIT = 1_000_000  # entries below ignored directories counted at most
 KEEP_LIMIT = 200_000  # ignored paths remembered for the note at most (the rest: counted)
 SHOWN_RULES = 3
@@ -66,6 +80,10 @@ class IgnoredTally:
             counts[Rule("rules not looked up", 0, "")] += unknown
         return counts, sum(counts.values()), budget <= 0
 
+    def after_scan(self, local: Mapping[str, LocalEntry]) -> str | None:
+        """`mostly_ignored_note` for the scan that found `local`."""
+        return self.mostly_ignored_note(sum(entry.kind == "file" for entry in local.values()))
+
     def mostly_ignored_note(self, files_kept: int) -> str | None:
         """The note to show when more than half of the tree's files are ignored, else None
         (see the module's docstring for when the ignored directories are walked)."""
@@ -105,3 +123,28 @@ def _count_files(top: Path, budget: int) -> tuple[int, int]:
         except OSError:
             continue
     return found, budget
+
+
+async def follow_index(rules: IgnoreRules, on_change: Callable[[IndexChange], None],
+                       note: Callable[[str], None], interval: float = INDEX_POLL) -> None:
+    """Until cancelled: hand every change of git's index that changes verdicts to
+    `on_change`, and say through `note` when the index cannot be read."""
+    shown: str | None = None
+    while True:
+        try:
+            change = await asyncio.to_thread(rules.refresh_index)
+            problem = rules.index_problem
+            if problem != shown:
+                shown = problem
+                if problem is not None:
+                    note(problem)
+            if change:
+                on_change(change)
+        except OSError as exc:  # a .gitignore that cannot be read, say: try again later
+            if f"{exc}" != shown:
+                shown = f"{exc}"
+                note(f"following git's index: {exc}")
+        except Exception as exc:  # a bug: said, logged, and the session goes on
+            note(str(internal_error("following git's index", exc)))
+            await asyncio.sleep(10 * interval)
+        await asyncio.sleep(interval)
