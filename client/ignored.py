@@ -130,6 +130,7 @@ async def follow_index(rules: IgnoreRules, on_change: Callable[[IndexChange], No
     """Until cancelled: hand every change of git's index that changes verdicts to
     `on_change`, and say through `note` when the index cannot be read."""
     shown: str | None = None
+    failure: str | None = None
     while True:
         try:
             change = await asyncio.to_thread(rules.refresh_index)
@@ -141,8 +142,8 @@ async def follow_index(rules: IgnoreRules, on_change: Callable[[IndexChange], No
             if change:
                 on_change(change)
         except OSError as exc:  # a .gitignore that cannot be read, say: try again later
-            if f"{exc}" != shown:
-                shown = f"{exc}"
+            if str(exc) != failure:
+                failure = str(exc)
                 note(f"following git's index: {exc}")
         except Exception as exc:  # a bug: said, logged, and the session goes on
             note(str(internal_error("following git's index", exc)))
