@@ -56,6 +56,7 @@ import errno
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -368,19 +369,26 @@ class Rule:
 VCS_RULE = Rule(VCS_DIR, 0, VCS_DIR)
 
 
+Stamp = tuple[int, int, int] | None  # gitindex.stamp of the index file
+
+
 @dataclass(frozen=True, slots=True)
 class IndexChange:
     """Paths whose verdict a new git index changed (tracked now, or no longer); `dirs`
-    are those of them that are directories (the watcher walks them again)."""
+    are those of them that are directories (the watcher walks them again). `stamp` is the
+    index file's, `as_of_ns` when it was taken (for `index_applied`)."""
 
     paths: frozenset[str]
     dirs: frozenset[str]
+    stamp: Stamp = None
+    as_of_ns: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.paths)
 
 
 NO_CHANGE = IndexChange(frozenset(), frozenset())
+_UNREAD: Stamp = (-1, -1, -1)
 
 
 # One step of a path's way up: (length of the directory prefix to cut, its rules).
@@ -405,13 +413,16 @@ class IgnoreRules:
         self._git_index = git_index
         self._on_note = on_note
         self._index: gitindex.IndexLocation | None = None
-        self._index_stamp: tuple[int, int, int] | None = None
+        self._has_dot_git = False  # whether root/.git existed when no index was found
+        self._index_stamp: Stamp = _UNREAD  # of the index last read
+        self._applied: Stamp = _UNREAD  # of the index whose changes the caller applied
+        self._applied_ns = 0  # when that stamp was taken
         self._index_lock = threading.Lock()  # one refresh at a time
         self.tracked: gitindex.Tracked = gitindex.EMPTY  # replaced whole, never changed
         self.index_problem: str | None = None  # why the index could not be read
         if git_index:
             self._index = gitindex.locate(self.root)
-            self.refresh_index()
+            self.index_applied(self.refresh_index())  # (the first read has no news)
 
     def is_ignored(self, rel: str, is_dir: bool) -> bool:
         """Whether lsync ignores the path `rel` (a directory when `is_dir`). The root ('')
@@ -564,18 +575,19 @@ class IgnoreRules:
         untracked (a checkout, `git add -f`, `git rm --cached`), for the caller to look at
         again. Never raises: an index that cannot be read counts as empty (the plain rules
         apply) and is reported once through `on_note`."""
+        as_of = time.time_ns()
         if not self._git_index:
-            return NO_CHANGE
+            return IndexChange(frozenset(), frozenset(), None, as_of)
         with self._index_lock:
             if self._index is None:
-                if not os.path.lexists(self.root / VCS_DIR):
-                    return NO_CHANGE
-                self._index = gitindex.locate(self.root)  # a repository made meanwhile
+                self._has_dot_git = os.path.lexists(self.root / VCS_DIR)
+                if self._has_dot_git:
+                    self._index = gitindex.locate(self.root)  # a repository made meanwhile
                 if self._index is None:
-                    return NO_CHANGE
+                    return IndexChange(frozenset(), frozenset(), None, as_of)
             stamp = gitindex.stamp(self._index)
-            if stamp == self._index_stamp and stamp is not None:
-                return NO_CHANGE
+            if stamp == self._index_stamp:
+                return IndexChange(frozenset(), frozenset(), stamp, as_of)
             self._index_stamp = stamp
             try:
                 tracked = gitindex.read(self._index)
@@ -589,9 +601,38 @@ class IgnoreRules:
                 if problem is not None and self._on_note is not None:
                     self._on_note(problem)
             old, self.tracked = self.tracked, tracked
-            return self._index_change(old, tracked)
+            paths, dirs = self._index_change(old, tracked)
+            return IndexChange(paths, dirs, stamp, as_of)
 
-    def _index_change(self, old: gitindex.Tracked, new: gitindex.Tracked) -> IndexChange:
+    def index_changed(self) -> bool:
+        """Whether git's index file differs from the one last read (one stat, or none
+        without git): then call `refresh_index`, in a worker thread for a big tree."""
+        if not self._git_index:
+            return False
+        location = self._index
+        if location is None:
+            return os.path.lexists(self.root / VCS_DIR) != self._has_dot_git
+        return gitindex.stamp(location) != self._index_stamp
+
+    def index_applied(self, change: IndexChange) -> None:
+        """The caller acted on `change` (the paths are marked for a new look): from now on
+        `index_seen_until` may vouch for that version of the index."""
+        self._applied, self._applied_ns = change.stamp, change.as_of_ns
+
+    def index_seen_until(self) -> int:
+        """Unix ns before which every change of git's index was applied (see
+        `index_applied`): now when the index file is the one last applied (one stat), else
+        when that one was stamped. Without git: now."""
+        now = time.time_ns()
+        if not self._git_index or (self._index is None and not self.index_changed()):
+            return now
+        if self._index is not None and gitindex.stamp(self._index) == self._applied:
+            self._applied_ns = now
+            return now
+        return self._applied_ns
+
+    def _index_change(self, old: gitindex.Tracked,
+                      new: gitindex.Tracked) -> tuple[frozenset[str], frozenset[str]]:
         """The paths whose verdict differs between the two indexes: files that became
         tracked or untracked and the rules ignore, and directories the rules ignore that
         started or stopped holding tracked paths."""
@@ -614,7 +655,7 @@ class IgnoreRules:
             if old.holds(rel) != new.holds(rel) and self._dir_ignored(rel) \
                     and not self._excluded(rel, True):
                 dirs.add(rel)
-        return IndexChange(frozenset(paths | dirs), frozenset(dirs))
+        return frozenset(paths | dirs), frozenset(dirs)
 
     # -- why --------------------------------------------------------------------------------
     def explain(self, rel: str, is_dir: bool) -> Rule | None:

@@ -18,12 +18,14 @@ too, not during the scan. Thread-safe enough for one scan thread feeding it and 
 session reading `entries`; `mostly_ignored_note` is meant for a worker thread.
 
 `follow_index(rules, on_change, note)` runs for a session's life: every `INDEX_POLL`
-seconds it asks `IgnoreRules.refresh_index` (one stat in a worker thread while git's index
-is unchanged) and hands what a new index changed to `on_change`, on the event loop. Git
-writes its index last, after the work tree, and some commands change only the index (`git
-add -f`, `git rm --cached`), so watching the tree is not enough; polling a stat costs
-nothing worth measuring. A one-line note says when the index cannot be read, once per
-problem; nothing else stops it (a bug is noted and logged, and the polling goes on).
+seconds it stats git's index and, when the file changed, reads it in a worker thread and
+hands what the new index changed to `on_change`, on the event loop. Git writes its index
+last, after the work tree, and some commands change only the index (`git add -f`, `git rm
+--cached`), so watching the tree is not enough; ten stats a second cost nothing worth
+measuring. Meanwhile `IgnoreRules.index_seen_until` tells a flush or an in-sync report how
+far the verdicts are current: it waits only while a new index is being read. A one-line
+note says when the index cannot be read, once per problem; nothing else stops it (a bug
+is noted and logged, and the polling goes on).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from lsync.client.errors import internal_error
 from lsync.client.ignore import VCS_DIR, IgnoreRules, IndexChange, Rule
 from lsync.client.scanner import LocalEntry
 
-INDEX_POLL = 0.25  # seconds between looks at git's index
+INDEX_POLL = 0.1  # seconds between looks (one stat each) at git's index
 WALK_LIMIT = 1_000_000  # entries below ignored directories counted at most
 KEEP_LIMIT = 200_000  # ignored paths remembered for the note at most (the rest: counted)
 SHOWN_RULES = 3
@@ -128,19 +130,22 @@ def _count_files(top: Path, budget: int) -> tuple[int, int]:
 async def follow_index(rules: IgnoreRules, on_change: Callable[[IndexChange], None],
                        note: Callable[[str], None], interval: float = INDEX_POLL) -> None:
     """Until cancelled: hand every change of git's index that changes verdicts to
-    `on_change`, and say through `note` when the index cannot be read."""
+    `on_change` (then `rules.index_seen_until` vouches for that index), and say through
+    `note` when the index cannot be read."""
     shown: str | None = None
     failure: str | None = None
     while True:
         try:
-            change = await asyncio.to_thread(rules.refresh_index)
+            if rules.index_changed():
+                change = await asyncio.to_thread(rules.refresh_index)
+                if change:
+                    on_change(change)
+                rules.index_applied(change)
             problem = rules.index_problem
             if problem != shown:
                 shown = problem
                 if problem is not None:
                     note(problem)
-            if change:
-                on_change(change)
         except OSError as exc:  # a .gitignore that cannot be read, say: try again later
             if str(exc) != failure:
                 failure = str(exc)
