@@ -154,7 +154,8 @@ class Session:
 
     def seen_until(self) -> int:
         """Unix ns before which every local change has been delivered by the watcher."""
-        return self._watcher.seen_until() if self._watcher is not None else time.time_ns()
+        watched = self._watcher.seen_until() if self._watcher is not None else time.time_ns()
+        return min(watched, self.rules.index_seen_until())
 
     # -- the watcher feeds whichever engine is current --------------------------------------
     def _on_batch(self, batch: WatchBatch) -> None:
@@ -209,16 +210,14 @@ class Session:
                              "unmounted?); stopped without deleting anything on the remote")
 
     def _index_changed(self, change: IndexChange) -> None:
-        """Git's index made these paths tracked or untracked: the rules' verdicts on them
-        changed (a checkout, `git add -f`): watch and look at them again."""
-        for directory in sorted(change.dirs):
-            if self._watcher is not None:
+        """Git's index made these paths (un)tracked, so (un)ignored: look at them again."""
+        if self._watcher is not None:
+            for directory in sorted(change.dirs):
                 self._watcher.refresh(directory)
         if self.engine is not None:
             self.engine.mark_dirty(sorted(change.paths), hint=False)
-        else:
-            for path in change.paths:
-                self._buffered.setdefault(path, time.monotonic())
+        else:  # (each path keeps its earliest time)
+            self._buffered = {**dict.fromkeys(change.paths, time.monotonic()), **self._buffered}
 
     def _skip_dir(self, rel: str) -> bool:
         return bool(rel) and self.rules.is_ignored(rel, True)
@@ -348,7 +347,7 @@ class Session:
                                         on_error=self._scan_problem, hash_files=False,
                                         on_ignored=tally.add)
         if self.ignored is None and (note := await asyncio.to_thread(tally.after_scan, local)):
-            self.reporter.note(note)  # (once per session: "N of M files ignored (rule)")
+            self.reporter.note(note)  # once per session: "N of M files ignored (rule)"
         self.ignored = tally
         return cache, local
 
@@ -467,7 +466,7 @@ class Session:
                 link, self.root, self.rules, cache, self.reporter, self.options.delete,
                 compression=welcome.chosen.get("compression", packing.ZLIB),
                 long_link=long_link,
-                seen_until=tree_watcher.seen_until if tree_watcher else time.time_ns,
+                seen_until=self.seen_until,
                 close_events=bool(tree_watcher and tree_watcher.close_events))
             await engine.initial_sync(local, entries)
             signatures = sigstore.default_path(self.root, hash_name)
