@@ -8,16 +8,19 @@ The differential test compares the verdicts with `git ls-files --cached --others
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from lsync.client.hashcache import HashCache
 from lsync.client.ignore import IgnoreRules, Rule
-from lsync.client.ignored import IgnoredTally
+from lsync.client.ignored import IgnoredTally, follow_index
 from lsync.client.scanner import scan_tree
 from lsync.protocol import hashing
 from tests.test_gitindex import git
@@ -228,3 +231,51 @@ def test_note_lists_several_rules_with_counts(tmp_path: Path) -> None:
     scan_tree(root, r, HashCache(hashing.BLAKE2B_128), on_ignored=tally.add)
     assert tally.mostly_ignored_note(2) == ('11 of 13 files ignored (.gitignore:1 "*.o": 6, '
                                             '.gitignore:2 "*.d": 3, .gitignore:3 "build/": 2)')
+
+
+def test_index_seen_until_waits_while_a_new_index_is_not_applied(tmp_path: Path) -> None:
+    root = kernel_like(tmp_path / "k")
+    r = IgnoreRules(root)
+    before = time.time_ns()
+    assert r.index_seen_until() >= before and not r.index_changed()
+    git(root, "add", "-f", "kernel/sched.o")
+    after_add = time.time_ns()
+    assert r.index_changed()
+    assert r.index_seen_until() < after_add
+    change = r.refresh_index()
+    assert change.paths == {"kernel/sched.o"}
+    assert r.index_seen_until() < after_add  # read, but the caller has not acted yet
+    r.index_applied(change)
+    assert r.index_seen_until() >= after_add and not r.index_changed()
+
+
+def test_follow_index_hands_changes_over_and_notes_an_unreadable_index(
+        tmp_path: Path) -> None:
+    root = kernel_like(tmp_path / "k")
+    r = IgnoreRules(root)
+    changes: list[frozenset[str]] = []
+    notes: list[str] = []
+
+    async def scenario() -> None:
+        follower = asyncio.create_task(follow_index(
+            r, lambda change: changes.append(change.paths), notes.append, interval=0.01))
+        try:
+            await asyncio.to_thread(git, root, "add", "-f", "kernel/sched.o")
+            await _until(lambda: bool(changes))
+            index = root / ".git" / "index"
+            index.write_bytes(index.read_bytes()[:-3])
+            await _until(lambda: bool(notes))
+        finally:
+            follower.cancel()
+
+    asyncio.run(scenario())
+    assert changes[0] == {"kernel/sched.o"}
+    assert len(notes) == 1 and "unreadable" in notes[0]
+    assert r.is_ignored(".mailmap", False)  # the plain rules, meanwhile
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
