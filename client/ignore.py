@@ -389,6 +389,7 @@ class IndexChange:
 
 NO_CHANGE = IndexChange(frozenset(), frozenset())
 _UNREAD: Stamp = (-1, -1, -1)
+_STAT_EVERY_NS = 1_000_000
 
 
 # One step of a path's way up: (length of the directory prefix to cut, its rules).
@@ -416,7 +417,8 @@ class IgnoreRules:
         self._has_dot_git = False  # whether root/.git existed when no index was found
         self._index_stamp: Stamp = _UNREAD  # of the index last read
         self._applied: Stamp = _UNREAD  # of the index whose changes the caller applied
-        self._applied_ns = 0  # when that stamp was taken
+        self._applied_ns = 0  # when that stamp was taken, or last found current
+        self._stat_ns = 0  # when index_seen_until last looked
         self._index_lock = threading.Lock()  # one refresh at a time
         self.tracked: gitindex.Tracked = gitindex.EMPTY  # replaced whole, never changed
         self.index_problem: str | None = None  # why the index could not be read
@@ -621,14 +623,20 @@ class IgnoreRules:
 
     def index_seen_until(self) -> int:
         """Unix ns before which every change of git's index was applied (see
-        `index_applied`): now when the index file is the one last applied (one stat), else
-        when that one was stamped. Without git: now."""
+        `index_applied`): now when the index file is the one last applied, else when that
+        one was stamped. Without git: now. One stat per millisecond at most (a pass asks
+        for every path); in between, the answer of the last one."""
+        if not self._git_index:
+            return time.time_ns()
         now = time.time_ns()
-        if not self._git_index or (self._index is None and not self.index_changed()):
-            return now
-        if self._index is not None and gitindex.stamp(self._index) == self._applied:
+        if now - self._stat_ns < _STAT_EVERY_NS:
+            return self._applied_ns
+        self._stat_ns = now
+        if self._index is None:
+            if not self.index_changed():
+                self._applied_ns = now
+        elif gitindex.stamp(self._index) == self._applied:
             self._applied_ns = now
-            return now
         return self._applied_ns
 
     def _index_change(self, old: gitindex.Tracked,
