@@ -374,8 +374,8 @@ Stamp = tuple[int, int, int] | None  # gitindex.stamp of the index file
 
 @dataclass(frozen=True, slots=True)
 class IndexChange:
-    """Paths whose verdict a new git index changed (tracked now, or no longer); `dirs`
-    are those of them that are directories (the watcher walks them again). `stamp` is the
+    """Paths whose verdict a new git index changed (tracked now, or no longer), to look at
+    again; `dirs`: directories whose verdict changed, for the watcher to walk again. `stamp` is the
     index file's, `as_of_ns` when it was taken (for `index_applied`)."""
 
     paths: frozenset[str]
@@ -389,7 +389,6 @@ class IndexChange:
 
 NO_CHANGE = IndexChange(frozenset(), frozenset())
 _UNREAD: Stamp = (-1, -1, -1)
-_STAT_EVERY_NS = 1_000_000
 
 
 # One step of a path's way up: (length of the directory prefix to cut, its rules).
@@ -418,7 +417,6 @@ class IgnoreRules:
         self._index_stamp: Stamp = _UNREAD  # of the index last read
         self._applied: Stamp = _UNREAD  # of the index whose changes the caller applied
         self._applied_ns = 0  # when that stamp was taken, or last found current
-        self._stat_ns = 0  # when index_seen_until last looked
         self._index_lock = threading.Lock()  # one refresh at a time
         self.tracked: gitindex.Tracked = gitindex.EMPTY  # replaced whole, never changed
         self.index_problem: str | None = None  # why the index could not be read
@@ -623,15 +621,11 @@ class IgnoreRules:
 
     def index_seen_until(self) -> int:
         """Unix ns before which every change of git's index was applied (see
-        `index_applied`): now when the index file is the one last applied, else when that
-        one was stamped. Without git: now. One stat per millisecond at most (a pass asks
-        for every path); in between, the answer of the last one."""
-        if not self._git_index:
-            return time.time_ns()
+        `index_applied`): now when the index file is the one last applied (one stat, like
+        the watcher's one select), else the last time that was so. Without git: now."""
         now = time.time_ns()
-        if now - self._stat_ns < _STAT_EVERY_NS:
-            return self._applied_ns
-        self._stat_ns = now
+        if not self._git_index:
+            return now
         if self._index is None:
             if not self.index_changed():
                 self._applied_ns = now
@@ -641,9 +635,12 @@ class IgnoreRules:
 
     def _index_change(self, old: gitindex.Tracked,
                       new: gitindex.Tracked) -> tuple[frozenset[str], frozenset[str]]:
-        """The paths whose verdict differs between the two indexes: files that became
-        tracked or untracked and the rules ignore, and directories the rules ignore that
-        started or stopped holding tracked paths."""
+        """What differs between the two indexes: (paths to look at, directories to watch
+        again). Paths: files that became tracked or untracked and the rules match, and
+        directories the rules match that now hold tracked paths. Directories to watch
+        again: also those that no longer hold any. (Such a directory is not looked at again:
+        it would be forgotten whole, its remote copy left in place, before the tracked
+        files that left it are deleted remotely; each of those files is looked at.)"""
         flipped = old.files ^ new.files
         old_dirs = {name[:-1] for name in old.ordered if name.endswith("/")}
         new_dirs = {name[:-1] for name in new.ordered if name.endswith("/")}
@@ -660,10 +657,13 @@ class IgnoreRules:
                 candidates.add(parent)
                 parent = parent.rpartition("/")[0]
         for rel in candidates:
-            if old.holds(rel) != new.holds(rel) and self._dir_ignored(rel) \
+            holds = new.holds(rel)
+            if old.holds(rel) != holds and self._dir_ignored(rel) \
                     and not self._excluded(rel, True):
                 dirs.add(rel)
-        return frozenset(paths | dirs), frozenset(dirs)
+                if holds:
+                    paths.add(rel)
+        return frozenset(paths), frozenset(dirs)
 
     # -- why --------------------------------------------------------------------------------
     def explain(self, rel: str, is_dir: bool) -> Rule | None:

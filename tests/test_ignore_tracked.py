@@ -147,7 +147,10 @@ def test_refresh_index_reports_tracked_ignored_paths_a_checkout_adds_and_removes
     assert not r.refresh_index()
     git(root, "checkout", "-q", "one")
     back = r.refresh_index()
-    assert back.paths == change.paths and back.dirs == change.dirs
+    # The directory no longer holding tracked files is walked again by the watcher but
+    # not looked at (that would forget its remote copy before run.sh is deleted there).
+    assert back.paths == change.paths - {"tools/x86/tags"}
+    assert back.dirs == change.dirs
     assert r.is_ignored("tools/x86/tags", True)
 
 
