@@ -264,40 +264,68 @@ def _unusual_entry(data: bytes, pos: int, mode: int, flags: int, name_at: int,
 def _entries_v4(data: bytes, count: int, hash_size: int,
                 end: int) -> tuple[list[bytes], list[bytes], int]:
     """Entries of a version 4 index: each name is the previous one with N bytes cut from
-    its end (N a varint) and a NUL-terminated suffix appended; no padding."""
+    its end (N a varint) and a NUL-terminated suffix appended; no padding. The flags give
+    the whole name's length, so the suffix's end is known before looking at it."""
     fixed = struct.Struct(f">24xI{12 + hash_size}xH")
     flags_end = 40 + hash_size + 2
     unpack = fixed.unpack_from
     names: list[bytes] = []
     dirs: list[bytes] = []
+    append = names.append
     previous = b""
     pos = _HEADER.size
     for _ in range(count):
         mode, flags = unpack(data, pos)
-        pos += flags_end
-        if flags & _FLAG_EXTENDED:
-            pos += 2
+        strip = data[pos + flags_end]
+        length = flags & _NAME_MASK
+        if flags & _FLAG_EXTENDED or strip & 0x80 or length == _NAME_MASK \
+                or not _MODE_FILE <= mode < _MODE_GITLINK:
+            pos, previous = _unusual_entry_v4(data, pos, mode, flags, flags_end, previous,
+                                              names, dirs)
+            continue
+        keep = len(previous) - strip
+        start = pos + flags_end + 1
+        stop = start + length - keep
+        if keep < 0 or stop < start or not length or data[stop]:  # (an empty suffix: a
+            # conflict's next stage)
+            raise _bad_entry(pos, length)
+        previous = previous[:keep] + data[start:stop]
+        append(previous)
+        pos = stop + 1
+    if pos > end:
+        raise IndexUnreadable("entries run into the checksum")
+    return names, dirs, pos
+
+
+def _unusual_entry_v4(data: bytes, pos: int, mode: int, flags: int, flags_end: int,
+                      previous: bytes, names: list[bytes],
+                      dirs: list[bytes]) -> tuple[int, bytes]:
+    """A v4 entry with extended flags, a long name, a cut of 128 bytes or more, or a mode
+    other than a file's or a link's: add its name where it belongs; return where the next
+    entry is and this entry's name."""
+    entry = pos
+    pos += flags_end
+    if flags & _FLAG_EXTENDED:
+        pos += 2
+    byte = data[pos]
+    pos += 1
+    strip = byte & 0x7F
+    while byte & 0x80:  # git's offset varint
         byte = data[pos]
         pos += 1
-        strip = byte & 0x7F
-        while byte & 0x80:  # git's offset varint
-            byte = data[pos]
-            pos += 1
-            strip = ((strip + 1) << 7) | (byte & 0x7F)
-        if strip > len(previous):
-            raise IndexUnreadable(f"bad name compression at byte {pos}")
-        stop = data.index(b"\0", pos)
-        name = previous[:len(previous) - strip] + data[pos:stop]
-        pos = stop + 1
-        length = flags & _NAME_MASK
-        if not name or (length != _NAME_MASK and length != len(name)) or pos > end:
-            raise _bad_entry(pos, len(name))
-        previous = name
-        if mode & 0o170000 in (_MODE_GITLINK, _MODE_DIR):
-            dirs.append(name.rstrip(b"/"))
-        else:
-            names.append(name)
-    return names, dirs, pos
+        strip = ((strip + 1) << 7) | (byte & 0x7F)
+    if strip > len(previous):
+        raise IndexUnreadable(f"bad name compression at byte {entry}")
+    stop = data.index(b"\0", pos)
+    name = previous[:len(previous) - strip] + data[pos:stop]
+    length = flags & _NAME_MASK
+    if not name or (length != _NAME_MASK and length != len(name)):
+        raise _bad_entry(entry, len(name))
+    if mode & 0o170000 in (_MODE_GITLINK, _MODE_DIR):
+        dirs.append(name.rstrip(b"/"))
+    else:
+        names.append(name)
+    return stop + 1, name
 
 
 def _bad_entry(pos: int, length: int) -> IndexUnreadable:

@@ -130,7 +130,7 @@ class IgnoreRules:
         self.index_problem: str | None = None  # why the index could not be read
         if git_index:
             self._index = gitindex.locate(self.root)
-            self.index_applied(self.refresh_index())  # (the first read has no news)
+            self.index_applied(self.refresh_index(report=False))  # (no news yet)
 
     def is_ignored(self, rel: str, is_dir: bool) -> bool:
         """Whether lsync ignores the path `rel` (a directory when `is_dir`). The root ('')
@@ -277,12 +277,14 @@ class IgnoreRules:
         self._dir_verdicts.clear()
 
     # -- git's index ------------------------------------------------------------------------
-    def refresh_index(self) -> IndexChange:
+    def refresh_index(self, report: bool = True) -> IndexChange:
         """Read git's index again if its file changed since the last read (else this costs
         one stat): the paths whose verdict changed because they became tracked or
         untracked (a checkout, `git add -f`, `git rm --cached`), for the caller to look at
-        again. Never raises: an index that cannot be read counts as empty (the plain rules
-        apply) and is reported once through `on_note`."""
+        again; none without `report` (working them out costs about 5 us per path that
+        changed: 0.4 s for the kernel's first read). Never raises: an index that cannot be
+        read counts as empty (the plain rules apply) and is reported once through
+        `on_note`."""
         as_of = time.time_ns()
         if not self._git_index:
             return IndexChange(frozenset(), frozenset(), None, as_of)
@@ -309,6 +311,8 @@ class IgnoreRules:
                 if problem is not None and self._on_note is not None:
                     self._on_note(problem)
             old, self.tracked = self.tracked, tracked
+            if not report:
+                return IndexChange(frozenset(), frozenset(), stamp, as_of)
             paths, dirs = self._index_change(old, tracked)
             return IndexChange(paths, dirs, stamp, as_of)
 

@@ -132,6 +132,8 @@ def test_conflicted_paths_are_tracked_once(tmp_path: Path) -> None:
     assert stages == ["1", "2", "3"]
     tracked = read(root)
     assert "a/e.h" in tracked.files and tracked.files == ls_files(root)
+    git(root, "update-index", "--index-version", "4")  # same names: empty suffixes
+    assert version(root) == 4 and read(root).files == ls_files(root)
 
 
 def test_sha256_repository(tmp_path: Path) -> None:
