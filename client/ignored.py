@@ -83,8 +83,9 @@ class IgnoredTally:
         return counts, sum(counts.values()), budget <= 0
 
     def after_scan(self, local: Mapping[str, LocalEntry]) -> str | None:
-        """`mostly_ignored_note` for the scan that found `local`."""
-        return self.mostly_ignored_note(sum(entry.kind == "file" for entry in local.values()))
+        """`mostly_ignored_note` for the scan that found `local` (links count as files, as
+        they do below ignored directories)."""
+        return self.mostly_ignored_note(sum(entry.kind != "dir" for entry in local.values()))
 
     def mostly_ignored_note(self, files_kept: int) -> str | None:
         """The note to show when more than half of the tree's files are ignored, else None
