@@ -34,7 +34,11 @@ enter it); untracked paths inside such a directory still follow the rules, inclu
 for lsync, not git's: it applies to tracked paths too. `refresh_index()` re-reads the index
 when its file changed (one stat otherwise) and says which paths that changed the verdict
 of; an index that cannot be read leaves the plain rules in force, with a one-line note.
-`explain(rel, is_dir)` names the rule that ignores a path (file:line and pattern).
+`index_changed`, `index_applied` and `index_seen_until` let a session follow the index
+(lsync.client.ignored.follow_index) and tell a flush how far the verdicts are current.
+Only the index of the repository holding the root is read: files of a nested repository
+(a submodule, a vendored clone) follow the rules. `explain(rel, is_dir)` names the rule
+that ignores a path (file:line and pattern).
 
 Threads: `reload`, `forget` and `refresh_index` may run while another thread (a scan)
 calls `is_ignored`; nothing breaks (the tracked set is replaced whole, in one assignment),
