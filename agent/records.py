@@ -23,17 +23,41 @@ no ownership it acknowledged, at the cost of one small write. `save` writes a ne
 and starts an empty journal; its cost grows with the tree (see `snapshot_wanted` for when
 the driver pays it). A missing, corrupt or foreign file is ignored: ownership unknown is
 the safe default, since lsync deletes nothing it cannot show it made.
+
+Intents close the window between a change and its journal line (an agent killed there,
+by SIGKILL or a takeover, would leave a file lsync made that nobody knows lsync made: a
+remote extra for ever once it is deleted locally). Before a file, link or directory is put
+in place, `intend` appends what is about to be there to `agent-<hash>.intents` and returns
+once that write is done (any thread may call it: the writer threads do). A later agent
+reads them back as `candidates`, and its service claims a path only where what is there
+now IS the intended content (link target, a directory): claiming a file that holds exactly
+what lsync was about to write is what the client's own comparison does with equal files.
+`settle` forgets an intent once the change is recorded or failed; `save` rewrites the
+file with the unsettled ones only.
+
+`RootLock` makes one agent at a time the keeper of a root's record: an agent whose client
+died (killed, or behind a frozen link) may still be applying what was sent to it, and a
+second agent listing the tree meanwhile would miss those writes, or overwrite the
+record with its own snapshot. The new agent asks the old one to end (SIGTERM: it stops
+reading, finishes its writes, saves the record and exits), and kills it when it does not
+(a blocked write): thanks to intents nothing it made is lost.
 """
 
+import fcntl
 import hashlib
 import json
 import os
+import signal
+import socket
+import threading
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from lsync.protocol.messages import KIND_DIR, KIND_FILE, KIND_LINK
 
 Key = Tuple[int, int, int]
 Written = Tuple[str, bytes, int]  # (kind, digest / link target / b"", inode of a directory)
+Intent = Tuple[str, str, bytes]  # (path, kind, digest / link target / b"" for a directory)
 
 _RACY_NS = 2 * 10 ** 9
 _JOURNAL_MAGIC = "lsync-journal"
@@ -59,6 +83,12 @@ class DigestRecord:
         self._journal_fd = -1
         self._journal_lines = 0
         self._saved_ns = 0
+        self._intent_lock = threading.Lock()
+        self._intent_fd = -1
+        self._intents: Dict[Intent, int] = {}  # intents not yet settled -> how many
+        # Intents found on disk at load: path -> what an earlier agent was about to put
+        # there. The service claims those that are there now (`take_candidates`).
+        self.candidates: Dict[str, List[Tuple[str, bytes]]] = {}
 
     @staticmethod
     def default_path(root: str, algorithm: str) -> Optional[str]:
@@ -71,10 +101,105 @@ class DigestRecord:
 
     @property
     def journal_path(self) -> Optional[str]:
+        return self._beside(".journal")
+
+    @property
+    def intents_path(self) -> Optional[str]:
+        return self._beside(".intents")
+
+    def _beside(self, suffix: str) -> Optional[str]:
         if not self.cache_path:
             return None
         base = self.cache_path[:-5] if self.cache_path.endswith(".json") else self.cache_path
-        return base + ".journal"
+        return base + suffix
+
+    # -- intents (see the module docstring) -----------------------------------------------
+    def intend(self, intents: List[Intent]) -> None:
+        """Say, durably, what is about to be put at these paths; call before doing it, and
+        `settle` once it is recorded or failed. Any thread; one write to the file."""
+        if not self.cache_path or not intents:
+            return
+        data = "".join(json.dumps(["i", path, kind, value.hex()], separators=(",", ":"))
+                       + "\n" for path, kind, value in intents).encode("utf-8")
+        with self._intent_lock:
+            for intent in intents:
+                self._intents[intent] = self._intents.get(intent, 0) + 1
+            try:
+                if self._intent_fd < 0:
+                    os.makedirs(os.path.dirname(self.cache_path), mode=0o700, exist_ok=True)
+                    self._intent_fd = os.open(str(self.intents_path), os.O_WRONLY
+                                              | os.O_APPEND | os.O_CREAT
+                                              | getattr(os, "O_CLOEXEC", 0), 0o600)
+                _write_all(self._intent_fd, data)
+            except OSError:
+                self._close_intents()  # best effort: the next intent tries again
+
+    def settle(self, intents: List[Intent]) -> None:
+        """These intents are done with (recorded, or failed): `save` drops them."""
+        with self._intent_lock:
+            for intent in intents:
+                left = self._intents.get(intent, 0) - 1
+                if left > 0:
+                    self._intents[intent] = left
+                else:
+                    self._intents.pop(intent, None)
+
+    def moved_intents(self, src: str, dst: str) -> List[Intent]:
+        """The intents of renaming `src` (and what is below it) to `dst`: what lsync wrote
+        there, at its new path."""
+        prefix = src + "/"
+        return [(dst + path[len(src):], kind, value)
+                for path, (kind, value, _) in self._written.items()
+                if path == src or path.startswith(prefix)]
+
+    def take_candidates(self) -> Dict[str, List[Tuple[str, bytes]]]:
+        """The intents of earlier agents (path -> [(kind, value)]), once."""
+        found, self.candidates = self.candidates, {}
+        return found
+
+    def _close_intents(self) -> None:
+        if self._intent_fd >= 0:
+            try:
+                os.close(self._intent_fd)
+            except OSError:
+                pass
+            self._intent_fd = -1
+
+    def _load_intents(self) -> None:
+        path = self.intents_path
+        if path is None:
+            return
+        try:
+            with open(path, "r", encoding="utf-8", errors="replace") as handle:
+                lines = handle.read().split("\n")
+        except OSError:
+            return
+        for line in lines:
+            try:
+                op, rel, kind, value = json.loads(line)
+                if op != "i" or kind not in (KIND_FILE, KIND_LINK, KIND_DIR):
+                    continue
+                candidate = (str(kind), bytes.fromhex(value))
+            except (ValueError, TypeError):
+                continue  # a torn last line, or not ours
+            known = self.candidates.setdefault(str(rel), [])
+            if candidate not in known:
+                known.append(candidate)
+
+    def _save_intents(self) -> None:
+        """Rewrite the intents file with the unsettled intents only (with the snapshot)."""
+        path = self.intents_path
+        if path is None:
+            return
+        with self._intent_lock:
+            data = "".join(json.dumps(["i", p, kind, value.hex()], separators=(",", ":"))
+                           + "\n" for p, kind, value in self._intents).encode("utf-8")
+            try:
+                fd = _replace(path, data, keep_open=True)
+            except OSError:
+                return  # the old file stands: its extra intents are only candidates
+            self._close_intents()
+            self._intent_fd = fd
 
     # -- the digest cache -----------------------------------------------------------------
     def lookup(self, path: str, key: Key) -> Optional[bytes]:
@@ -271,6 +396,7 @@ class DigestRecord:
     def load(self) -> None:
         if not self.cache_path:
             return
+        self._load_intents()
         try:
             with open(self.cache_path, "r", encoding="utf-8") as handle:
                 data = json.load(handle)
@@ -329,6 +455,7 @@ class DigestRecord:
         self._journal_id = None
         self._journal_lines = 0
         self._saved_ns = now_ns
+        self._save_intents()
         # Keys saved while racy are dropped by the next load: save again once they are not.
         self._dirty = any(now_ns - e[1] < _RACY_NS for e in self._entries.values())
         header = json.dumps([_JOURNAL_MAGIC, _JOURNAL_FORMAT, journal_id]) + "\n"
@@ -342,6 +469,102 @@ class DigestRecord:
     def close(self, now_ns: int) -> None:
         self.save(now_ns)
         self._close_journal()
+        self._close_intents()
+
+
+TAKEOVER_WAIT = 5.0  # seconds an old agent has to end by itself once asked (SIGTERM)
+KILL_WAIT = 3.0  # seconds for it to die after SIGKILL
+
+
+class RootLock:
+    """Held (flock) by the one agent that keeps a root's record; see the module docstring.
+
+    `acquire` takes it, ending an older agent of the same root on this host if it must
+    (returns False when it could not: an agent on another host sharing this home, say;
+    then this agent works as before, without the lock). The lock file holds the holder's
+    pid and host name. `release` (or the process ending) frees it.
+    """
+
+    def __init__(self, path: Optional[str]) -> None:
+        self.path = path
+        self.fd = -1
+        self.took_over = 0  # pid of the agent this one ended, 0 if none
+
+    @staticmethod
+    def default_path(root: str) -> Optional[str]:
+        home = os.path.expanduser("~")
+        if not home or home == "~":
+            return None
+        name = hashlib.sha256(root.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+        return os.path.join(home, ".cache", "lsync", "agent-{}.lock".format(name))
+
+    def acquire(self, term_wait: float = TAKEOVER_WAIT, kill_wait: float = KILL_WAIT) -> bool:
+        if self.path is None:
+            return False
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                              0o600)
+        except OSError:
+            return False
+        if self._try():
+            return True
+        for signum, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, kill_wait)):
+            holder = self._holder()
+            if holder is not None:
+                try:
+                    os.kill(holder, signum)
+                    self.took_over = holder
+                except OSError:
+                    pass
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if self._try():
+                    return True
+                time.sleep(0.01)
+        self.release()
+        return False
+
+    def _try(self) -> bool:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, "{} {}\n".format(os.getpid(), socket.gethostname()).encode(
+                "utf-8", "surrogateescape"), 0)
+        except OSError:
+            pass  # held all the same; a later agent cannot end this one, only wait
+        return True
+
+    def _holder(self) -> Optional[int]:
+        """The pid of the agent holding the lock, if it is an lsync agent on this host."""
+        try:
+            words = os.pread(self.fd, 4096, 0).decode("utf-8", "surrogateescape").split()
+            pid = int(words[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if len(words) < 2 or words[1] != socket.gethostname() or pid <= 1 or pid == os.getpid():
+            return None
+        try:
+            with open("/proc/{}/cmdline".format(pid), "rb") as handle:
+                if b"lsync" not in handle.read():
+                    return None
+        except FileNotFoundError:
+            if os.path.isdir("/proc/self"):
+                return None  # no such process
+        except OSError:
+            pass  # no /proc here: the host name and the held lock must do
+        return pid
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -7,7 +7,11 @@ tree as it was and never ends the session. Handlers are dispatched through `_HAN
 after `messages.request_problem` has had its say: what it refuses is answered with its code
 (an Error, or a Goodbye for a Hello) and never reaches a handler.
 Each change also updates the record of what lsync made (`lsync.agent.records`), which the
-manifest reports as each entry's `written` field and which outlives the agent.
+manifest reports as each entry's `written` field and which outlives the agent. What a
+change is about to put in place is said (`DigestRecord.intend`) before it is put there,
+so that an agent killed in between loses no ownership; the next agent claims such paths
+where they hold what was intended (`_claim_intended`). One agent at a time keeps a
+root's record: the Hello takes the root's lock, ending an older agent that still holds it.
 """
 
 import os
@@ -25,7 +29,7 @@ from lsync.agent.confined import (
     op_error,
 )
 from lsync.agent.manifest import walk_tree
-from lsync.agent.records import DigestRecord
+from lsync.agent.records import DigestRecord, Intent, RootLock
 from lsync.agent.writer import ANSWER, APPLY, WriteOrder, WritePool, write_batch
 from lsync.protocol import PROTOCOL_VERSION, fastpack, hashing, packing
 from lsync.protocol import messages as m
@@ -68,6 +72,7 @@ class AgentService:
         self.use_cache = use_cache
         self.root: Optional[ConfinedRoot] = None
         self.record: Optional[DigestRecord] = None
+        self.lock = RootLock(None)
         self.hash_name = hashing.BLAKE2B_128
         self.pending: Dict[int, PendingFile] = {}
         self.pending_hashers: Dict[int, Any] = {}
@@ -147,16 +152,22 @@ class AgentService:
         hasher = self._new_hasher()
         zdict = self.zdict
 
+        record = self.record
+        assert record is not None
+
         def job() -> Any:
             data = unpack_chunk(msg.path, msg.data, msg.packing, zdict)
             hasher.update(data)
+            intents = [(msg.path, m.KIND_FILE, hasher.digest())]
             pending = root.begin_write(msg.path)
             try:
                 pending.write(data)
+                record.intend(intents)
+                return pending.commit(msg.mode), intents[0][2]
             except BaseException:
                 pending.abort()
+                record.settle(intents)
                 raise
-            return pending.commit(msg.mode), hasher.digest()
 
         self.pool.submit(msg.seq, msg.path, job)
 
@@ -173,23 +184,33 @@ class AgentService:
         root = self.root
         hash_name = self.hash_name
         zdict = self.zdict
+        record = self.record
 
         def job() -> Any:
             try:
                 total = sum(item[3] for item in msg.files)  # never inflate beyond it
                 data = unpack_chunk("a batch", msg.data, msg.packing, zdict,
                                     min(total, m.MAX_CHUNK))
-                return (msg.files, write_batch(root, msg.files, data, hash_name, skip),
-                        None, "")
+                return (msg.files, write_batch(root, msg.files, data, hash_name, skip,
+                                               record), None, "")
             except Exception as exc:
                 return msg.files, None, exc, traceback.format_exc()
 
         return job
 
+    def _record_batch(self, files: List[List[Any]], results: Optional[List[Any]],
+                      error: Optional[BaseException], trace: str) -> None:
+        """Record what a batch wrote (before any answer: an answer may fail to go)."""
+        assert self.record is not None
+        for _, path, st, outcome in results or ():
+            if st is not None:
+                self.record.remember(path, file_key(st), outcome)
+                self.record.wrote_file(path, outcome)
+                self.record.settle([(path, m.KIND_FILE, outcome)])
+
     def _answer_batch(self, files: List[List[Any]], results: Optional[List[Any]],
                       error: Optional[BaseException], trace: str) -> None:
-        """Record and answer a batch's files (`error`: the whole batch failed)."""
-        assert self.record is not None
+        """Answer a batch's files (`error`: the whole batch failed)."""
         if error is not None:
             if not isinstance(error, OpError) and self.log_internal is not None:
                 self.log_internal("writing a batch", trace)
@@ -198,16 +219,13 @@ class AgentService:
             return
         assert results is not None
         acked = []
-        for seq, path, st, outcome in results:
+        for seq, _, st, outcome in results:
             if st is None and outcome is None:
                 self._ack(seq, AckStatus.SUPERSEDED)
-                continue
-            if st is None:
+            elif st is None:
                 self._answer_error(seq, outcome)
-                continue
-            self.record.remember(path, file_key(st), outcome)
-            self.record.wrote_file(path, outcome)
-            acked.append(seq)
+            else:
+                acked.append(seq)
         if acked:
             self.send(m.Acked(acked))
 
@@ -220,8 +238,10 @@ class AgentService:
 
     def on_write_batch(self, msg: m.WriteBatch) -> None:
         """A WriteBatch without a write pool: written here, in order."""
-        self._answer_batch(*self._batch_job(msg, self.order.stale_in(msg))())
+        outcome = self._batch_job(msg, self.order.stale_in(msg))()
         self._record_made_parents()
+        self._record_batch(*outcome)
+        self._answer_batch(*outcome)
 
     def collect_pool(self, wait: bool = False) -> None:
         """Answer for the pooled writes that have finished (with `wait`, for at least one)."""
@@ -229,14 +249,21 @@ class AgentService:
             return
         outcomes = self.pool.collect(wait)
         self._record_made_parents()
+        # Everything written is recorded before anything is answered: once the session is
+        # over an answer raises, and what was written must still be recorded.
+        assert self.record is not None
+        for outcome in outcomes:
+            if outcome.seq < 0 and outcome.error is None:
+                self._record_batch(*outcome.result)
+            elif outcome.error is None:
+                st, digest = outcome.result
+                self.record.remember(outcome.path, file_key(st), digest)
+                self.record.wrote_file(outcome.path, digest)
+                self.record.settle([(outcome.path, m.KIND_FILE, digest)])
         for outcome in outcomes:
             if outcome.seq < 0 and outcome.error is None:
                 self._answer_batch(*outcome.result)
             elif outcome.error is None:
-                st, digest = outcome.result
-                assert self.record is not None
-                self.record.remember(outcome.path, file_key(st), digest)
-                self.record.wrote_file(outcome.path, digest)
                 self._ack(outcome.seq)
             elif isinstance(outcome.error, OpError):
                 self._error(outcome.seq, outcome.error.code, outcome.error.message)
@@ -274,6 +301,7 @@ class AgentService:
         self.pending.clear()
         if self.record is not None:
             self.record.close(self.now_ns())
+        self.lock.release()
         if self.root is not None:
             self.root.close()
             self.root = None
@@ -320,8 +348,12 @@ class AgentService:
             self.send(m.Goodbye(int(ErrorCode.ROOT_UNAVAILABLE), reason))
             raise SessionEnd(int(ErrorCode.ROOT_UNAVAILABLE), reason)
         cache = DigestRecord.default_path(path, chosen) if self.use_cache else None
+        if self.use_cache:
+            self.lock = RootLock(RootLock.default_path(path))
+            self.lock.acquire()  # an older agent of this root ends (or is ended) first
         self.record = DigestRecord(cache, chosen)
         self.record.load()
+        self._claim_intended()
         compression = packing.choose_packing(msg.capabilities.get("compression", []))
         info = {
             "root": path,
@@ -335,6 +367,36 @@ class AgentService:
                 info["lanes"] = lanes  # a Unix socket: extra channels pump writes into it
         self.send(m.Welcome(PROTOCOL_VERSION, {"hash": chosen, "compression": compression},
                             info))
+
+    def _claim_intended(self) -> None:
+        """Record as lsync's what an earlier agent was about to put in place and that is
+        there now (it was killed before recording it, see lsync.agent.records)."""
+        assert self.root is not None and self.record is not None
+        for path, candidates in sorted(self.record.take_candidates().items()):
+            kinds = {kind for kind, _ in candidates}
+            try:
+                dfd, name = self.root.parent_fd(path)
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    target = (os.readlink(name, dir_fd=dfd) if stat.S_ISLNK(st.st_mode)
+                              else None)
+                finally:
+                    os.close(dfd)
+                if stat.S_ISREG(st.st_mode) and m.KIND_FILE in kinds:
+                    digest = self.record.lookup(path, file_key(st))
+                    if digest is None:
+                        digest, st = self.root.digest_file(path, self._new_hasher)
+                        self.record.remember(path, file_key(st), digest)
+                    if (m.KIND_FILE, digest) in candidates:
+                        self.record.wrote_file(path, digest)
+                elif target is not None and m.KIND_LINK in kinds:
+                    value = target.encode("utf-8", "surrogateescape")
+                    if (m.KIND_LINK, value) in candidates:
+                        self.record.wrote_link(path, target)
+                elif stat.S_ISDIR(st.st_mode) and m.KIND_DIR in kinds:
+                    self.record.made_dir(path, st.st_ino)
+            except (OSError, OpError, ValueError):
+                continue  # gone, or not reachable inside the root: nothing to claim
 
     def on_goodbye(self, msg: m.Goodbye) -> None:
         self.send(m.Goodbye(0, "bye"))
@@ -401,8 +463,8 @@ class AgentService:
             if not msg.final:
                 return
             del self.pending[msg.seq]
-            hasher = self.pending_hashers.pop(msg.seq)
-            st = pending.commit(msg.mode)
+            digest = self.pending_hashers.pop(msg.seq).digest()
+            st = self._commit(pending, msg.mode, digest)
         except OpError:
             failed = self.pending.pop(msg.seq, None)
             self.pending_hashers.pop(msg.seq, None)
@@ -411,10 +473,25 @@ class AgentService:
             if not msg.final:
                 self.failed_writes.add(msg.seq)
             raise
-        digest = hasher.digest()
-        self.record.remember(msg.path, file_key(st), digest)
-        self.record.wrote_file(msg.path, digest)
+        self._wrote(msg.path, st, digest)
         self._ack(msg.seq)
+
+    def _commit(self, pending: PendingFile, mode: int, digest: bytes) -> os.stat_result:
+        """Put a written file in place, its intent said first (see lsync.agent.records)."""
+        assert self.record is not None
+        intents: List[Intent] = [(pending.path, m.KIND_FILE, digest)]
+        self.record.intend(intents)
+        try:
+            return pending.commit(mode)
+        except BaseException:
+            self.record.settle(intents)
+            raise
+
+    def _wrote(self, path: str, st: os.stat_result, digest: bytes) -> None:
+        assert self.record is not None
+        self.record.remember(path, file_key(st), digest)
+        self.record.wrote_file(path, digest)
+        self.record.settle([(path, m.KIND_FILE, digest)])
 
     def on_write_delta(self, msg: m.WriteDelta) -> None:
         """Check the base cheaply (record + stat, hashing only when in doubt), apply, verify."""
@@ -437,7 +514,7 @@ class AgentService:
                     raise OpError(ErrorCode.DIGEST_MISMATCH,
                                   "delta for {} did not give the expected content".format(
                                       msg.path))
-                st = pending.commit(msg.mode)
+                st = self._commit(pending, msg.mode, digest)
             except DeltaError as exc:
                 pending.abort()
                 raise OpError(exc.code, "delta for {}: {}".format(msg.path, exc.message))
@@ -448,8 +525,7 @@ class AgentService:
             raise op_error(exc, "apply delta to", msg.path)
         finally:
             os.close(fd)
-        self.record.remember(msg.path, file_key(st), digest)
-        self.record.wrote_file(msg.path, digest)
+        self._wrote(msg.path, st, digest)
         self._ack(msg.seq)
 
     def _open_base(self, path: str, base: bytes) -> int:
@@ -506,7 +582,12 @@ class AgentService:
 
     def on_rename(self, msg: m.Rename) -> None:
         assert self.root is not None and self.record is not None
-        st = self.root.rename(msg.src, msg.dst)
+        intents = self.record.moved_intents(msg.src, msg.dst)
+        self.record.intend(intents)
+        try:
+            st = self.root.rename(msg.src, msg.dst)
+        finally:
+            self.record.settle(intents)
         self.record.move(msg.src, msg.dst, tree=st is None or stat.S_ISDIR(st.st_mode))
         self._ack(msg.seq)
 
@@ -533,7 +614,7 @@ class AgentService:
                 if digest != msg.digest:
                     raise OpError(ErrorCode.DIGEST_MISMATCH,
                                   "{} no longer has the expected content".format(msg.src))
-                st = pending.commit(msg.mode)
+                st = self._commit(pending, msg.mode, digest)
             except BaseException:
                 pending.abort()
                 raise
@@ -542,20 +623,30 @@ class AgentService:
                 msg.src, msg.dst, exc.strerror or exc))
         finally:
             os.close(fd)
-        self.record.remember(msg.dst, file_key(st), digest)
-        self.record.wrote_file(msg.dst, digest)
+        self._wrote(msg.dst, st, digest)
         self._ack(msg.seq)
 
     def on_mkdir(self, msg: m.Mkdir) -> None:
         assert self.root is not None and self.record is not None
-        st = self.root.mkdir(msg.path, msg.mode)
+        intents: List[Intent] = [(msg.path, m.KIND_DIR, b"")]
+        self.record.intend(intents)
+        try:
+            st = self.root.mkdir(msg.path, msg.mode)
+        finally:
+            self.record.settle(intents)
         # Made or found: either way the client now owns this directory.
         self.record.made_dir(msg.path, st.st_ino)
         self._ack(msg.seq)
 
     def on_symlink(self, msg: m.Symlink) -> None:
         assert self.root is not None and self.record is not None
-        self.root.symlink(msg.path, msg.target)
+        intents: List[Intent] = [(msg.path, m.KIND_LINK,
+                                  msg.target.encode("utf-8", "surrogateescape"))]
+        self.record.intend(intents)
+        try:
+            self.root.symlink(msg.path, msg.target)
+        finally:
+            self.record.settle(intents)
         self.record.forget(msg.path)
         self.record.wrote_link(msg.path, msg.target)
         self._ack(msg.seq)

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set
 
 from lsync.agent.confined import ConfinedRoot, OpError, Parents
+from lsync.agent.records import DigestRecord
 from lsync.protocol import hashing
 from lsync.protocol import messages as m
 from lsync.protocol.errors import ErrorCode
@@ -144,12 +145,15 @@ def _bump(counts: Dict[str, int], key: str, step: int) -> None:
 
 
 def write_batch(root: ConfinedRoot, files: List[List[Any]], data: bytes,
-                hash_name: str, skip: Optional[Set[int]] = None) -> List[Any]:
+                hash_name: str, skip: Optional[Set[int]] = None,
+                record: Optional[DigestRecord] = None) -> List[Any]:
     """Write the files of a WriteBatch (`data`: their contents, unpacked), each atomically,
     reaching each directory once: [(seq, path, stat, digest)] per file written,
     [(seq, path, None, OpError)] per file refused, [(seq, path, None, None)] per file of
     `skip` (superseded: not written). Raises OpError when `data` does not
-    hold exactly the files' sizes (then none is written). For any thread."""
+    hold exactly the files' sizes (then none is written). What the batch is about to
+    write is said to `record` first, in one write (`DigestRecord.intend`); the caller
+    records and settles what was written. For any thread."""
     total = sum(item[3] for item in files)
     if total > m.MAX_CHUNK:
         raise OpError(ErrorCode.BAD_REQUEST, "a batch of {} bytes; at most {}".format(
@@ -157,27 +161,38 @@ def write_batch(root: ConfinedRoot, files: List[List[Any]], data: bytes,
     if len(data) != total:
         raise OpError(ErrorCode.BAD_REQUEST, "a batch holds {} bytes, its files {}".format(
             len(data), total))
-    results: List[Any] = []
+    work = []  # (seq, path, mode, offset of the content, digest); digest None: skipped
     offset = 0
+    view = memoryview(data)
+    for seq, path, mode, size in files:
+        digest = None
+        if not (skip and seq in skip):
+            hasher = hashing.new_hasher(hash_name)
+            hasher.update(view[offset:offset + size])
+            digest = hasher.digest()
+        work.append((seq, path, mode, offset, digest))
+        offset += size
+    if record is not None:
+        record.intend([(path, m.KIND_FILE, digest) for _, path, _, _, digest in work
+                       if digest is not None])
+    results: List[Any] = []
     parents = Parents(root)
     try:
-        for seq, path, mode, size in files:
-            piece = data[offset:offset + size]
-            offset += size
-            if skip and seq in skip:
+        for (seq, path, mode, offset, digest), item in zip(work, files):
+            if digest is None:
                 results.append((seq, path, None, None))
                 continue
             try:
                 pending = root.begin_write(path, parents)
                 try:
-                    pending.write(piece)
+                    pending.write(data[offset:offset + item[3]])
                 except BaseException:
                     pending.abort()
                     raise
-                hasher = hashing.new_hasher(hash_name)
-                hasher.update(piece)
-                results.append((seq, path, pending.commit(mode), hasher.digest()))
+                results.append((seq, path, pending.commit(mode), digest))
             except OpError as exc:
+                if record is not None:
+                    record.settle([(path, m.KIND_FILE, digest)])
                 results.append((seq, path, None, exc))
     finally:
         parents.close()

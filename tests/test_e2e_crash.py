@@ -1,0 +1,156 @@
+"""End to end over a real sshd: lsync killed (SIGKILL) in the middle of a burst, restarted.
+
+Issue 15, defect 10: after a client crash the restarted lsync must still delete, on the
+remote, every file lsync wrote there that is gone locally, and must never delete a remote
+file it did not write. Ownership across a crash comes only from the agent's record of what
+lsync wrote (the manifest's `written` field), so the holes are in operations in flight when
+the client died: written by an agent that outlives its client, recorded late or not at all,
+or listed by the next agent before the old one was done.
+
+Each attempt (seeded; the moment of the kill varies) makes a burst of creates, edits and
+deletes, SIGKILLs lsync at a random point of it (sometimes mid-burst with the burst going
+on while lsync is down, sometimes right after its end with the writes in flight), starts
+lsync again, and once it says `in-sync as-of=N` for a moment after the burst, compares once:
+the remote must equal the local tree, apart from the files lsync never wrote (made on the
+remote by "the user" before lsync started), which must all still be there unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks.testbed.sshd import PrivateSshd
+from tests.conftest import LsyncProcess, counting_link_to, fresh_dirs, tree_differences
+
+Start = Callable[..., LsyncProcess]
+
+BURST = 650
+ATTEMPTS = int(os.environ.get("LSYNC_CRASH_ATTEMPTS", "5"))
+READY_WAIT = 30.0
+IN_SYNC_WAIT = 30.0
+
+
+def _user_files(remote: Path) -> dict[str, bytes]:
+    """Remote files lsync did not write: outputs of a build, notes, in their own places."""
+    made = {}
+    for i in range(12):
+        made[f"build/out{i}.o"] = f"object {i}\n".encode()
+        made[f"src/d{i % 4}/user{i}.txt"] = f"the user's notes {i}\n".encode()
+    for rel, data in made.items():
+        (remote / rel).parent.mkdir(parents=True, exist_ok=True)
+        (remote / rel).write_bytes(data)
+    return made
+
+
+def _burst(local: Path, rng: random.Random, files: list[str], events: dict[int, Callable[[], None]],
+           pause_every: int, tag: str) -> None:
+    """BURST operations on `files` (kept up to date): creates (named after `tag`), edits
+    (some as an editor saves: a temporary file renamed over), renames, copies and deletes.
+    `events[i]()` runs before operation i (BURST: after the last one)."""
+    serial = 0
+    for step in range(BURST + 1):
+        if step in events:
+            events[step]()
+        if step == BURST:
+            break
+        roll = rng.random()
+        serial += 1
+        if roll < 0.3 or len(files) < 20:
+            rel = f"src/d{rng.randrange(4)}/{tag}-{serial}.c"
+            (local / rel).write_bytes(rng.randbytes(rng.randrange(10, 3000)))
+            files.append(rel)
+        elif roll < 0.55:
+            rel = rng.choice(files)
+            (local / rel).write_bytes(rng.randbytes(rng.randrange(10, 3000)))
+        elif roll < 0.65:
+            rel = rng.choice(files)
+            temp = local / f"{rel}.swp"
+            temp.write_bytes(rng.randbytes(rng.randrange(10, 3000)))
+            temp.rename(local / rel)
+        elif roll < 0.72:
+            rel = rng.choice(files)
+            new = f"src/d{rng.randrange(4)}/{tag}-{serial}.c"
+            (local / rel).rename(local / new)
+            files[files.index(rel)] = new
+        elif roll < 0.77:
+            new = f"src/d{rng.randrange(4)}/{tag}-{serial}.c"
+            (local / new).write_bytes((local / rng.choice(files)).read_bytes())
+            files.append(new)
+        else:
+            # Mostly files of this burst: lsync may still be writing them.
+            recent = files[-40:]
+            rel = rng.choice(recent if rng.random() < 0.7 else files)
+            files.remove(rel)
+            (local / rel).unlink()
+        if pause_every and step % pause_every == 0:
+            time.sleep(0.002)
+
+
+def _kill(lsync: LsyncProcess, delay: float) -> None:
+    if delay:
+        time.sleep(delay)
+    lsync.proc.kill()
+    lsync.finish(timeout=10)
+
+
+def test_client_killed_mid_burst_then_restarted_deletes_what_it_wrote_and_nothing_else(
+        sshd: PrivateSshd, tmp_path: Path, run_lsync: Start) -> None:
+    local, remote = fresh_dirs(tmp_path)
+    remote.mkdir()
+    user = _user_files(remote)
+    files = []
+    for i in range(120):
+        rel = f"src/d{i % 4}/f{i}.c"
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (local / rel).write_text(f"int f{i}(void) {{ return {i}; }}\n" * 20)
+        files.append(rel)
+    delay = float(os.environ.get("LSYNC_CRASH_DELAY", "0"))
+    with counting_link_to(sshd, delay) as link:
+        _attempts(link.connect_args(remote), local, remote, user, files, run_lsync)
+
+
+def _attempts(args: list[str], local: Path, remote: Path, user: dict[str, bytes],
+              files: list[str], run_lsync: Start) -> None:
+    rng = random.Random(int(os.environ.get("LSYNC_CRASH_SEED", "10")))
+    lsync = run_lsync(*args, cwd=local)
+    lsync.wait_for_line(" ready ", READY_WAIT)
+    failures = []
+    for attempt in range(ATTEMPTS):
+        kill_at = rng.choice([rng.randrange(50, BURST), BURST])
+        delay = rng.choice([0.0, 0.01, 0.05, 0.2]) if kill_at == BURST else 0.0
+        restart_at = rng.choice([BURST, min(BURST, kill_at + rng.randrange(0, 200))])
+        pause_every = rng.choice([0, 5, 25])
+        running = [lsync]
+
+        def kill() -> None:
+            _kill(running[0], delay)
+
+        def restart() -> None:
+            running[0] = run_lsync(*args, cwd=local)
+
+        events = {kill_at: kill}
+        if restart_at in events:
+            events[restart_at] = lambda: (kill(), restart())
+        else:
+            events[restart_at] = restart
+        _burst(local, rng, files, events, pause_every, f"new{attempt}")
+        done = time.time_ns()
+        lsync = running[0]
+        lsync.wait_for_line(" ready ", READY_WAIT)
+        if restart_at < BURST:  # else ` ready ` covers the whole burst
+            lsync.wait_in_sync(done, IN_SYNC_WAIT)
+        differences = tree_differences(local, remote, skip=lambda rel: rel in user or rel == "build")
+        lost = [rel for rel, data in user.items()
+                if not (remote / rel).is_file() or (remote / rel).read_bytes() != data]
+        if differences or lost:
+            failures.append(f"attempt {attempt} (kill before op {kill_at}, delay {delay}, "
+                            f"restart before op {restart_at}, "
+                            f"pause every {pause_every}): {len(differences)} differences, "
+                            f"{len(lost)} user files lost:\n  "
+                            + "\n  ".join(differences[:10] + lost[:10]))
+    assert lsync.interrupt() == 0, lsync.stderr
+    assert not failures, "\n".join(failures)
