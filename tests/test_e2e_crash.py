@@ -17,10 +17,13 @@ remote by "the user" before lsync started), which must all still be there unchan
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.testbed.sshd import PrivateSshd
@@ -29,7 +32,8 @@ from tests.conftest import LsyncProcess, counting_link_to, fresh_dirs, tree_diff
 Start = Callable[..., LsyncProcess]
 
 BURST = 650
-ATTEMPTS = int(os.environ.get("LSYNC_CRASH_ATTEMPTS", "5"))
+ATTEMPTS = int(os.environ.get("LSYNC_CRASH_ATTEMPTS", "6"))
+SEED = int(os.environ.get("LSYNC_CRASH_SEED", "10"))
 READY_WAIT = 30.0
 IN_SYNC_WAIT = 30.0
 
@@ -51,14 +55,13 @@ def _burst(local: Path, rng: random.Random, files: list[str], events: dict[int, 
     """BURST operations on `files` (kept up to date): creates (named after `tag`), edits
     (some as an editor saves: a temporary file renamed over), renames, copies and deletes.
     `events[i]()` runs before operation i (BURST: after the last one)."""
-    serial = 0
     for step in range(BURST + 1):
         if step in events:
             events[step]()
         if step == BURST:
             break
         roll = rng.random()
-        serial += 1
+        serial = step
         if roll < 0.3 or len(files) < 20:
             rel = f"src/d{rng.randrange(4)}/{tag}-{serial}.c"
             (local / rel).write_bytes(rng.randbytes(rng.randrange(10, 3000)))
@@ -90,11 +93,71 @@ def _burst(local: Path, rng: random.Random, files: list[str], events: dict[int, 
             time.sleep(0.002)
 
 
-def _kill(lsync: LsyncProcess, delay: float) -> None:
-    if delay:
-        time.sleep(delay)
-    lsync.proc.kill()
-    lsync.finish(timeout=10)
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                fields = handle.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _agents(sshd: PrivateSshd) -> list[int]:
+    """The lsync agents our sshd runs (not the data lanes' pumps)."""
+    assert sshd.pid is not None
+    agents = []
+    for pid in _descendants(sshd.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                cmdline = handle.read()
+        except OSError:
+            continue
+        if b"lsync.agent.main" in cmdline:
+            agents.append(pid)
+    return agents
+
+
+@dataclass
+class Crashes:
+    """One run's lsync processes and its kills (of the client, and maybe of its agent)."""
+
+    sshd: PrivateSshd
+    args: list[str]
+    local: Path
+    run_lsync: Start
+    lsync: LsyncProcess
+    delay: float = 0.0  # seconds between the burst's kill point and the kill
+    agent_too: bool = False  # SIGKILL the agent as well, right after the client
+    agents_killed: int = 0
+
+    def kill(self) -> None:
+        if self.delay:
+            time.sleep(self.delay)
+        agents = _agents(self.sshd) if self.agent_too else []
+        self.lsync.proc.kill()
+        for pid in agents:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                self.agents_killed += 1
+        self.lsync.finish(timeout=10)
+
+    def restart(self) -> None:
+        self.lsync = self.run_lsync(*self.args, cwd=self.local)
+
+    def kill_and_restart(self) -> None:
+        self.kill()
+        self.restart()
 
 
 def test_client_killed_mid_burst_then_restarted_deletes_what_it_wrote_and_nothing_else(
@@ -110,47 +173,42 @@ def test_client_killed_mid_burst_then_restarted_deletes_what_it_wrote_and_nothin
         files.append(rel)
     delay = float(os.environ.get("LSYNC_CRASH_DELAY", "0"))
     with counting_link_to(sshd, delay) as link:
-        _attempts(link.connect_args(remote), local, remote, user, files, run_lsync)
-
-
-def _attempts(args: list[str], local: Path, remote: Path, user: dict[str, bytes],
-              files: list[str], run_lsync: Start) -> None:
-    rng = random.Random(int(os.environ.get("LSYNC_CRASH_SEED", "10")))
-    lsync = run_lsync(*args, cwd=local)
-    lsync.wait_for_line(" ready ", READY_WAIT)
-    failures = []
-    for attempt in range(ATTEMPTS):
-        kill_at = rng.choice([rng.randrange(50, BURST), BURST])
-        delay = rng.choice([0.0, 0.01, 0.05, 0.2]) if kill_at == BURST else 0.0
-        restart_at = rng.choice([BURST, min(BURST, kill_at + rng.randrange(0, 200))])
-        pause_every = rng.choice([0, 5, 25])
-        running = [lsync]
-
-        def kill() -> None:
-            _kill(running[0], delay)
-
-        def restart() -> None:
-            running[0] = run_lsync(*args, cwd=local)
-
-        events = {kill_at: kill}
-        if restart_at in events:
-            events[restart_at] = lambda: (kill(), restart())
-        else:
-            events[restart_at] = restart
-        _burst(local, rng, files, events, pause_every, f"new{attempt}")
-        done = time.time_ns()
-        lsync = running[0]
+        args = link.connect_args(remote)
+        lsync = run_lsync(*args, cwd=local)
         lsync.wait_for_line(" ready ", READY_WAIT)
-        if restart_at < BURST:  # else ` ready ` covers the whole burst
-            lsync.wait_in_sync(done, IN_SYNC_WAIT)
-        differences = tree_differences(local, remote, skip=lambda rel: rel in user or rel == "build")
-        lost = [rel for rel, data in user.items()
-                if not (remote / rel).is_file() or (remote / rel).read_bytes() != data]
-        if differences or lost:
-            failures.append(f"attempt {attempt} (kill before op {kill_at}, delay {delay}, "
-                            f"restart before op {restart_at}, "
-                            f"pause every {pause_every}): {len(differences)} differences, "
-                            f"{len(lost)} user files lost:\n  "
-                            + "\n  ".join(differences[:10] + lost[:10]))
-    assert lsync.interrupt() == 0, lsync.stderr
+        crashes = Crashes(sshd, args, local, run_lsync, lsync)
+        failures = [problem for attempt in range(ATTEMPTS)
+                    if (problem := _attempt(attempt, crashes, files, user, remote))]
+        assert crashes.lsync.interrupt() == 0, crashes.lsync.stderr
     assert not failures, "\n".join(failures)
+
+
+def _attempt(attempt: int, crashes: Crashes, files: list[str], user: dict[str, bytes],
+             remote: Path) -> str:
+    """A burst with a kill and a restart in it; what is wrong afterwards ("": nothing)."""
+    rng = random.Random(SEED * 1000 + attempt)
+    kill_at = rng.choice([rng.randrange(50, BURST), BURST])
+    crashes.delay = rng.choice([0.0, 0.01, 0.05, 0.2]) if kill_at == BURST else 0.0
+    crashes.agent_too = rng.random() < 0.5
+    restart_at = rng.choice([BURST, min(BURST, kill_at + rng.randrange(0, 200))])
+    pause_every = rng.choice([0, 5, 25])
+    if restart_at == kill_at:
+        events = {kill_at: crashes.kill_and_restart}
+    else:
+        events = {kill_at: crashes.kill, restart_at: crashes.restart}
+    _burst(crashes.local, rng, files, events, pause_every, f"new{attempt}")
+    done = time.time_ns()
+    lsync = crashes.lsync
+    lsync.wait_for_line(" ready ", READY_WAIT)
+    if restart_at < BURST:  # else ` ready ` covers the whole burst
+        lsync.wait_in_sync(done, IN_SYNC_WAIT)
+    differences = tree_differences(crashes.local, remote,
+                                   skip=lambda rel: rel in user or rel == "build")
+    lost = [rel for rel, data in user.items()
+            if not (remote / rel).is_file() or (remote / rel).read_bytes() != data]
+    if not differences and not lost:
+        return ""
+    return (f"attempt {attempt} (kill before op {kill_at} + {crashes.delay} s, agent killed "
+            f"too: {crashes.agent_too}, restart before op {restart_at}, pause every "
+            f"{pause_every}): {len(differences)} differences, {len(lost)} user files "
+            "lost:\n  " + "\n  ".join(differences[:10] + lost[:10]))
