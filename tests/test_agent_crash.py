@@ -14,6 +14,7 @@ leave its writes recorded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import subprocess
@@ -33,6 +34,7 @@ from lsync.protocol import PROTOCOL_VERSION, hashing
 from lsync.protocol import messages as m
 from lsync.protocol.connection import CLIENT, Connection
 from lsync.protocol.delta import encode_zdict_delta
+from lsync.protocol.errors import ErrorCode, ProtocolError
 from tests.conftest import wait_until
 
 HASH = hashing.BLAKE2B_128
@@ -259,3 +261,34 @@ def _old_then_new(root: Path, old: _AgentProcess) -> None:
         assert _acked(sent, 3)
     finally:
         service.close()
+
+
+def test_pooled_writes_that_finish_after_the_session_ended_are_still_recorded(
+        home: Path, tmp_path: Path) -> None:
+    """Once the agent has said goodbye (a protocol error, say) every answer raises; the
+    writes the pool finishes then must be recorded all the same, not only the first."""
+    root = tmp_path / "remote"
+    ended: list[bool] = []
+    sent: list[Any] = []
+
+    def send(message: Any) -> None:
+        if ended:
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "connection is closed")
+        sent.append(message)
+
+    pool = WritePool()
+    service = AgentService(send, lambda: None, time.time_ns, True, pool)
+    service.handle(_hello(root))
+    names = [f"b{i}.c" for i in range(4)]
+    for i, name in enumerate(names):  # one batch each: four outcomes to answer
+        service.handle(m.WriteBatch([[10 + i, name, 0o644, 3]], b"%02d\n" % i, 0))
+    assert wait_until(lambda: all((root / n).exists() for n in names), timeout=10)
+    ended.append(True)
+    while pool.outstanding:  # as `service.close` does
+        with contextlib.suppress(ProtocolError):
+            service.drain_pool()
+    record = service.record
+    assert record is not None
+    recorded = {n: record.written(n, m.KIND_FILE, 0) for n in names}
+    service.close()
+    assert recorded == {n: _digest(b"%02d\n" % i) for i, n in enumerate(names)}
