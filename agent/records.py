@@ -27,13 +27,14 @@ the safe default, since lsync deletes nothing it cannot show it made.
 Intents close the window between a change and its journal line (an agent killed there,
 by SIGKILL or a takeover, would leave a file lsync made that nobody knows lsync made: a
 remote extra for ever once it is deleted locally). Before a file, link or directory is put
-in place, `intend` appends what is about to be there to `agent-<hash>.intents` and returns
-once that write is done (any thread may call it: the writer threads do). A later agent
-reads them back as `candidates`, and its service claims a path only where what is there
-now IS the intended content (link target, a directory): claiming a file that holds exactly
-what lsync was about to write is what the client's own comparison does with equal files.
-`settle` forgets an intent once the change is recorded or failed; `save` rewrites the
-file with the unsettled ones only.
+in place, `intend` appends what is about to be there to the journal, with every line still
+pending, and returns once that write is done (any thread may call it: the writer threads
+do; `ready_for_intents` must have opened the journal first). On replay, an intent stays a
+candidate unless a later line records it ("w" with that value), cancels it ("c": the change
+failed) or moves or forgets its path; the service of the next agent claims a candidate only
+where what is there now IS the intended content (link target, a directory): claiming a file
+that holds exactly what lsync was about to write is what the client's own comparison does
+with equal files. A snapshot's new journal starts with the intents still unsettled.
 
 `RootLock` makes one agent at a time the keeper of a root's record: an agent whose client
 died (killed, or behind a frozen link) may still be applying what was sent to it, and a
@@ -83,8 +84,9 @@ class DigestRecord:
         self._journal_fd = -1
         self._journal_lines = 0
         self._saved_ns = 0
-        self._intent_lock = threading.Lock()
-        self._intent_fd = -1
+        # Guards the journal (its fd, the pending lines) and the intents: writer threads
+        # write intents; everything else is the service's thread only.
+        self._lock = threading.Lock()
         self._intents: Dict[Intent, int] = {}  # intents not yet settled -> how many
         # Intents found on disk at load: path -> what an earlier agent was about to put
         # there. The service claims those that are there now (`take_candidates`).
@@ -101,48 +103,46 @@ class DigestRecord:
 
     @property
     def journal_path(self) -> Optional[str]:
-        return self._beside(".journal")
-
-    @property
-    def intents_path(self) -> Optional[str]:
-        return self._beside(".intents")
-
-    def _beside(self, suffix: str) -> Optional[str]:
         if not self.cache_path:
             return None
         base = self.cache_path[:-5] if self.cache_path.endswith(".json") else self.cache_path
-        return base + suffix
+        return base + ".journal"
 
     # -- intents (see the module docstring) -----------------------------------------------
+    def ready_for_intents(self, now_ns: int) -> None:
+        """Open the journal (writing a snapshot if there is none to extend) so that
+        `intend` can be durable; call it from the thread that owns the record."""
+        if self.cache_path and self._journal_fd < 0:
+            if self._journal_id is not None:
+                with self._lock:
+                    self._open_journal()
+            if self._journal_fd < 0:
+                self.save(now_ns, force=True)
+
     def intend(self, intents: List[Intent]) -> None:
         """Say, durably, what is about to be put at these paths; call before doing it, and
-        `settle` once it is recorded or failed. Any thread; one write to the file."""
+        `settle` once it is recorded or failed. Any thread; one write to the journal."""
         if not self.cache_path or not intents:
             return
-        data = "".join(json.dumps(["i", path, kind, value.hex()], separators=(",", ":"))
-                       + "\n" for path, kind, value in intents).encode("utf-8")
-        with self._intent_lock:
+        lines = [_line(["i", path, kind, value.hex()]) for path, kind, value in intents]
+        with self._lock:
             for intent in intents:
                 self._intents[intent] = self._intents.get(intent, 0) + 1
-            try:
-                if self._intent_fd < 0:
-                    os.makedirs(os.path.dirname(self.cache_path), mode=0o700, exist_ok=True)
-                    self._intent_fd = os.open(str(self.intents_path), os.O_WRONLY
-                                              | os.O_APPEND | os.O_CREAT
-                                              | getattr(os, "O_CLOEXEC", 0), 0o600)
-                _write_all(self._intent_fd, data)
-            except OSError:
-                self._close_intents()  # best effort: the next intent tries again
+            self._pending.extend(lines)
+            self._write_pending()
 
-    def settle(self, intents: List[Intent]) -> None:
-        """These intents are done with (recorded, or failed): `save` drops them."""
-        with self._intent_lock:
+    def settle(self, intents: List[Intent], failed: bool = False) -> None:
+        """These intents are done with: recorded (their "w" line settles them on replay),
+        or `failed` (a "c" line says so)."""
+        with self._lock:
             for intent in intents:
                 left = self._intents.get(intent, 0) - 1
                 if left > 0:
                     self._intents[intent] = left
                 else:
                     self._intents.pop(intent, None)
+                if failed and self.cache_path:
+                    self._pending.append(_line(["c", intent[0], intent[1], intent[2].hex()]))
 
     def moved_intents(self, src: str, dst: str) -> List[Intent]:
         """The intents of renaming `src` (and what is below it) to `dst`: what lsync wrote
@@ -153,53 +153,23 @@ class DigestRecord:
                 if path == src or path.startswith(prefix)]
 
     def take_candidates(self) -> Dict[str, List[Tuple[str, bytes]]]:
-        """The intents of earlier agents (path -> [(kind, value)]), once."""
+        """The intents of earlier agents left unsettled (path -> [(kind, value)]), once."""
         found, self.candidates = self.candidates, {}
         return found
 
-    def _close_intents(self) -> None:
-        if self._intent_fd >= 0:
-            try:
-                os.close(self._intent_fd)
-            except OSError:
-                pass
-            self._intent_fd = -1
+    def _drop_candidates(self, path: str, tree: bool) -> None:
+        self.candidates.pop(path, None)
+        if tree:
+            prefix = path + "/"
+            for name in [n for n in self.candidates if n.startswith(prefix)]:
+                del self.candidates[name]
 
-    def _load_intents(self) -> None:
-        path = self.intents_path
-        if path is None:
-            return
-        try:
-            with open(path, "r", encoding="utf-8", errors="replace") as handle:
-                lines = handle.read().split("\n")
-        except OSError:
-            return
-        for line in lines:
-            try:
-                op, rel, kind, value = json.loads(line)
-                if op != "i" or kind not in (KIND_FILE, KIND_LINK, KIND_DIR):
-                    continue
-                candidate = (str(kind), bytes.fromhex(value))
-            except (ValueError, TypeError):
-                continue  # a torn last line, or not ours
-            known = self.candidates.setdefault(str(rel), [])
-            if candidate not in known:
-                known.append(candidate)
-
-    def _save_intents(self) -> None:
-        """Rewrite the intents file with the unsettled intents only (with the snapshot)."""
-        path = self.intents_path
-        if path is None:
-            return
-        with self._intent_lock:
-            data = "".join(json.dumps(["i", p, kind, value.hex()], separators=(",", ":"))
-                           + "\n" for p, kind, value in self._intents).encode("utf-8")
-            try:
-                fd = _replace(path, data, keep_open=True)
-            except OSError:
-                return  # the old file stands: its extra intents are only candidates
-            self._close_intents()
-            self._intent_fd = fd
+    def _discard_candidate(self, path: str, kind: str, value: bytes) -> None:
+        known = self.candidates.get(path)
+        if known is not None and (kind, value) in known:
+            known.remove((kind, value))
+            if not known:
+                del self.candidates[path]
 
     # -- the digest cache -----------------------------------------------------------------
     def lookup(self, path: str, key: Key) -> Optional[bytes]:
@@ -284,7 +254,8 @@ class DigestRecord:
     # -- the journal ----------------------------------------------------------------------
     def _log(self, line: List[Any]) -> None:
         if self.cache_path:
-            self._pending.append(json.dumps(line, separators=(",", ":")) + "\n")
+            with self._lock:
+                self._pending.append(_line(line))
 
     def journal(self, now_ns: int) -> None:
         """Make every change to "written" so far durable against this process dying.
@@ -295,9 +266,17 @@ class DigestRecord:
         if not self._pending:
             return
         if self._journal_fd < 0 and self._journal_id is not None:
-            self._open_journal()
+            with self._lock:
+                self._open_journal()
         if self._journal_fd < 0:
             self.save(now_ns)
+            return
+        with self._lock:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        """Append the pending lines (the lock held); nothing when no journal is open."""
+        if self._journal_fd < 0 or not self._pending:
             return
         data = "".join(self._pending).encode("utf-8")
         count = len(self._pending)
@@ -362,12 +341,22 @@ class DigestRecord:
 
     def _apply(self, line: Any) -> None:
         op = line[0]
-        if op == "w" and line[2] in (KIND_FILE, KIND_LINK, KIND_DIR):
-            self._written[str(line[1])] = (line[2], bytes.fromhex(line[3]), int(line[4]))
+        if op in ("w", "i", "c") and line[2] in (KIND_FILE, KIND_LINK, KIND_DIR):
+            path, kind, value = str(line[1]), str(line[2]), bytes.fromhex(line[3])
+            if op == "w":
+                self._written[path] = (kind, value, int(line[4]))
+                self._discard_candidate(path, kind, value)
+            elif op == "c":
+                self._discard_candidate(path, kind, value)
+            elif (kind, value) not in self.candidates.setdefault(path, []):
+                self.candidates[path].append((kind, value))
         elif op == "x":
             self._drop(str(line[1]), bool(line[2]))
+            self._drop_candidates(str(line[1]), bool(line[2]))
         elif op == "m":
             self._move(str(line[1]), str(line[2]), bool(line[3]))
+            for path in (str(line[1]), str(line[2])):
+                self._drop_candidates(path, bool(line[3]))
         else:
             raise ValueError("unknown journal line")
 
@@ -396,7 +385,6 @@ class DigestRecord:
     def load(self) -> None:
         if not self.cache_path:
             return
-        self._load_intents()
         try:
             with open(self.cache_path, "r", encoding="utf-8") as handle:
                 data = json.load(handle)
@@ -430,9 +418,10 @@ class DigestRecord:
         for path, ino in section.get(KIND_DIR, {}).items():
             self._written[str(path)] = (KIND_DIR, b"", int(ino))
 
-    def save(self, now_ns: int) -> None:
-        """Write a snapshot of everything and start an empty journal that extends it."""
-        if not self.cache_path or not self.dirty:
+    def save(self, now_ns: int, force: bool = False) -> None:
+        """Write a snapshot of everything and start a journal that extends it (holding the
+        intents not settled yet). Only when something changed, unless `force`."""
+        if not self.cache_path or not (self.dirty or force):
             return
         journal_id = os.urandom(8).hex()
         section: Dict[str, Dict[str, Any]] = {KIND_FILE: {}, KIND_LINK: {}, KIND_DIR: {}}
@@ -445,31 +434,35 @@ class DigestRecord:
             "written": section,
             "journal": journal_id,
         }
-        try:
-            os.makedirs(os.path.dirname(self.cache_path), mode=0o700, exist_ok=True)
-            _replace(self.cache_path, json.dumps(data, separators=(",", ":")).encode("utf-8"))
-        except OSError:
-            return  # the old snapshot and journal still stand
-        self._pending = []
-        self._close_journal()
-        self._journal_id = None
-        self._journal_lines = 0
-        self._saved_ns = now_ns
-        self._save_intents()
-        # Keys saved while racy are dropped by the next load: save again once they are not.
-        self._dirty = any(now_ns - e[1] < _RACY_NS for e in self._entries.values())
-        header = json.dumps([_JOURNAL_MAGIC, _JOURNAL_FORMAT, journal_id]) + "\n"
-        try:
-            self._journal_fd = _replace(str(self.journal_path), header.encode("utf-8"),
-                                        keep_open=True)
-        except OSError:
-            return  # the new snapshot stands alone; the next change writes another
-        self._journal_id = journal_id
+        with self._lock:  # no intent may fall between the old journal and the new one
+            try:
+                os.makedirs(os.path.dirname(self.cache_path), mode=0o700, exist_ok=True)
+                _replace(self.cache_path,
+                         json.dumps(data, separators=(",", ":")).encode("utf-8"))
+            except OSError:
+                return  # the old snapshot and journal still stand
+            self._pending = []
+            self._close_journal()
+            self._journal_id = None
+            self._saved_ns = now_ns
+            # Keys saved while racy are dropped by the next load: save again once they
+            # are not.
+            self._dirty = any(now_ns - e[1] < _RACY_NS for e in self._entries.values())
+            lines = [json.dumps([_JOURNAL_MAGIC, _JOURNAL_FORMAT, journal_id]) + "\n"]
+            lines += [_line(["i", path, kind, value.hex()])
+                      for path, kind, value in self._intents]
+            self._journal_lines = len(lines) - 1
+            try:
+                self._journal_fd = _replace(str(self.journal_path),
+                                            "".join(lines).encode("utf-8"), keep_open=True)
+            except OSError:
+                return  # the new snapshot stands alone; the next change writes another
+            self._journal_id = journal_id
 
     def close(self, now_ns: int) -> None:
         self.save(now_ns)
-        self._close_journal()
-        self._close_intents()
+        with self._lock:
+            self._close_journal()
 
 
 TAKEOVER_WAIT = 5.0  # seconds an old agent has to end by itself once asked (SIGTERM)
@@ -565,6 +558,10 @@ class RootLock:
             except OSError:
                 pass
             self.fd = -1
+
+
+def _line(value: List[Any]) -> str:
+    return json.dumps(value, separators=(",", ":")) + "\n"
 
 
 def _write_all(fd: int, data: bytes) -> None:

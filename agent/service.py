@@ -162,17 +162,22 @@ class AgentService:
             pending = root.begin_write(msg.path)
             try:
                 pending.write(data)
-                record.intend(intents)
-                return pending.commit(msg.mode), intents[0][2]
             except BaseException:
                 pending.abort()
-                record.settle(intents)
+                raise
+            record.intend(intents)
+            try:
+                return pending.commit(msg.mode), intents[0][2]
+            except BaseException:
+                record.settle(intents, failed=True)
                 raise
 
+        record.ready_for_intents(self.now_ns())
         self.pool.submit(msg.seq, msg.path, job)
 
     def _pool_batch(self, msg: m.WriteBatch) -> None:
-        assert self.pool is not None
+        assert self.pool is not None and self.record is not None
+        self.record.ready_for_intents(self.now_ns())
         self.pool.submit_batch([item[1] for item in msg.files],
                                self._batch_job(msg, self.order.stale_in(msg)))
 
@@ -354,6 +359,7 @@ class AgentService:
         self.record = DigestRecord(cache, chosen)
         self.record.load()
         self._claim_intended()
+        self.record.ready_for_intents(self.now_ns())
         compression = packing.choose_packing(msg.capabilities.get("compression", []))
         info = {
             "root": path,
@@ -478,14 +484,22 @@ class AgentService:
 
     def _commit(self, pending: PendingFile, mode: int, digest: bytes) -> os.stat_result:
         """Put a written file in place, its intent said first (see lsync.agent.records)."""
-        assert self.record is not None
         intents: List[Intent] = [(pending.path, m.KIND_FILE, digest)]
-        self.record.intend(intents)
+        self._intend(intents)
         try:
             return pending.commit(mode)
         except BaseException:
-            self.record.settle(intents)
+            self._settle(intents, failed=True)
             raise
+
+    def _intend(self, intents: List[Intent]) -> None:
+        assert self.record is not None
+        self.record.ready_for_intents(self.now_ns())
+        self.record.intend(intents)
+
+    def _settle(self, intents: List[Intent], failed: bool = False) -> None:
+        assert self.record is not None
+        self.record.settle(intents, failed)
 
     def _wrote(self, path: str, st: os.stat_result, digest: bytes) -> None:
         assert self.record is not None
@@ -583,11 +597,13 @@ class AgentService:
     def on_rename(self, msg: m.Rename) -> None:
         assert self.root is not None and self.record is not None
         intents = self.record.moved_intents(msg.src, msg.dst)
-        self.record.intend(intents)
+        self._intend(intents)
         try:
             st = self.root.rename(msg.src, msg.dst)
-        finally:
-            self.record.settle(intents)
+        except BaseException:
+            self._settle(intents, failed=True)
+            raise
+        self._settle(intents)
         self.record.move(msg.src, msg.dst, tree=st is None or stat.S_ISDIR(st.st_mode))
         self._ack(msg.seq)
 
@@ -629,11 +645,13 @@ class AgentService:
     def on_mkdir(self, msg: m.Mkdir) -> None:
         assert self.root is not None and self.record is not None
         intents: List[Intent] = [(msg.path, m.KIND_DIR, b"")]
-        self.record.intend(intents)
+        self._intend(intents)
         try:
             st = self.root.mkdir(msg.path, msg.mode)
-        finally:
-            self.record.settle(intents)
+        except BaseException:
+            self._settle(intents, failed=True)
+            raise
+        self._settle(intents)
         # Made or found: either way the client now owns this directory.
         self.record.made_dir(msg.path, st.st_ino)
         self._ack(msg.seq)
@@ -642,11 +660,13 @@ class AgentService:
         assert self.root is not None and self.record is not None
         intents: List[Intent] = [(msg.path, m.KIND_LINK,
                                   msg.target.encode("utf-8", "surrogateescape"))]
-        self.record.intend(intents)
+        self._intend(intents)
         try:
             self.root.symlink(msg.path, msg.target)
-        finally:
-            self.record.settle(intents)
+        except BaseException:
+            self._settle(intents, failed=True)
+            raise
+        self._settle(intents)
         self.record.forget(msg.path)
         self.record.wrote_link(msg.path, msg.target)
         self._ack(msg.seq)

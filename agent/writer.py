@@ -152,8 +152,9 @@ def write_batch(root: ConfinedRoot, files: List[List[Any]], data: bytes,
     [(seq, path, None, OpError)] per file refused, [(seq, path, None, None)] per file of
     `skip` (superseded: not written). Raises OpError when `data` does not
     hold exactly the files' sizes (then none is written). What the batch is about to
-    write is said to `record` first, in one write (`DigestRecord.intend`); the caller
-    records and settles what was written. For any thread."""
+    write is said to `record` first, in one write (`DigestRecord.intend`, after the
+    caller's `ready_for_intents`); the caller records and settles what was written. For
+    any thread."""
     total = sum(item[3] for item in files)
     if total > m.MAX_CHUNK:
         raise OpError(ErrorCode.BAD_REQUEST, "a batch of {} bytes; at most {}".format(
@@ -192,7 +193,7 @@ def write_batch(root: ConfinedRoot, files: List[List[Any]], data: bytes,
                 results.append((seq, path, pending.commit(mode), digest))
             except OpError as exc:
                 if record is not None:
-                    record.settle([(path, m.KIND_FILE, digest)])
+                    record.settle([(path, m.KIND_FILE, digest)], failed=True)
                 results.append((seq, path, None, exc))
     finally:
         parents.close()

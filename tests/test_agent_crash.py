@@ -167,16 +167,43 @@ def test_an_intent_never_claims_what_is_not_there(home: Path, tmp_path: Path) ->
     assert written.get("link") is None
 
 
-def test_intents_are_dropped_once_recorded(home: Path, tmp_path: Path) -> None:
-    """The intents file does not grow with the tree: a snapshot keeps only unsettled ones."""
+def test_an_intent_recorded_or_failed_claims_nothing_later(home: Path, tmp_path: Path) -> None:
+    """Only intents left unsettled by a killed agent are candidates: a file lsync wrote and
+    deleted, and a write that failed, claim nothing when the remote user later puts the
+    very same content there (the agent was killed without closing: only its journal)."""
+    root = tmp_path / "remote"
+    service, sent = _agent(root)
+    service.handle(m.WriteFile(1, "second.c", 0o644, 0, b"2\n", True))
+    service.handle(m.Delete(2, "second.c"))
+    (root / "dir.c").mkdir()
+    service.handle(m.WriteFile(3, "dir.c", 0o644, 0, b"3\n", True))  # a directory is there
+    service.journal()
+    assert _acked(sent, 1) and _acked(sent, 2)
+    assert any(isinstance(x, m.Error) and x.seq == 3 for x in sent), sent
+    _die(service)
+    (root / "second.c").write_bytes(b"2\n")
+    (root / "dir.c").rmdir()
+    (root / "dir.c").write_bytes(b"3\n")
+    written = _written(root)
+    assert written.get("second.c") is None
+    assert written.get("dir.c") is None
+
+
+def test_a_snapshot_keeps_only_unsettled_intents(home: Path, tmp_path: Path) -> None:
     root = tmp_path / "remote"
     service, _ = _agent(root)
     for seq in range(1, 200):
         service.handle(m.WriteFile(seq, f"f{seq}.c", 0o644, 0, b"%d\n" % seq, True))
+    assert service.record is not None
+    service.record.intend([("pending.c", m.KIND_FILE, _digest(b"p"))])
     service.close()
     record = DigestRecord(DigestRecord.default_path(str(root), HASH), HASH)
-    path = record.intents_path
-    assert path is not None and os.path.getsize(path) == 0
+    path = record.journal_path
+    assert path is not None
+    with open(path) as journal:
+        assert len(journal.read().splitlines()) == 2  # the header and the unsettled intent
+    record.load()
+    assert record.take_candidates() == {"pending.c": [(m.KIND_FILE, _digest(b"p"))]}
 
 
 # -- one agent at a time ------------------------------------------------------------------------
