@@ -69,6 +69,7 @@ JOURNAL_COMPACT_LINES = 20000
 SNAPSHOT_INTERVAL_NS = 30 * 10 ** 9
 # A journal this many times over the compaction size is compacted even while busy.
 JOURNAL_HARD_FACTOR = 4
+RETRY_NS = 10 ** 9  # after a journal could not be opened, writes go on without intents
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -87,6 +88,7 @@ class DigestRecord:
         # Guards the journal (its fd, the pending lines) and the intents: writer threads
         # write intents; everything else is the service's thread only.
         self._lock = threading.Lock()
+        self._retry_ns = 0  # no journal could be opened: not again before then
         self._intents: Dict[Intent, int] = {}  # intents not yet settled -> how many
         # Intents found on disk at load: path -> what an earlier agent was about to put
         # there. The service claims those that are there now (`take_candidates`).
@@ -112,12 +114,14 @@ class DigestRecord:
     def ready_for_intents(self, now_ns: int) -> None:
         """Open the journal (writing a snapshot if there is none to extend) so that
         `intend` can be durable; call it from the thread that owns the record."""
-        if self.cache_path and self._journal_fd < 0:
+        if self.cache_path and self._journal_fd < 0 and now_ns >= self._retry_ns:
             if self._journal_id is not None:
                 with self._lock:
                     self._open_journal()
             if self._journal_fd < 0:
                 self.save(now_ns, force=True)
+            if self._journal_fd < 0:  # a full or read-only disk: not a snapshot per write
+                self._retry_ns = now_ns + RETRY_NS
 
     def intend(self, intents: List[Intent]) -> None:
         """Say, durably, what is about to be put at these paths; call before doing it, and

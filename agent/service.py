@@ -10,15 +10,15 @@ Each change also updates the record of what lsync made (`lsync.agent.records`), 
 manifest reports as each entry's `written` field and which outlives the agent. What a
 change is about to put in place is said (`DigestRecord.intend`) before it is put there,
 so that an agent killed in between loses no ownership; the next agent claims such paths
-where they hold what was intended (`_claim_intended`). One agent at a time keeps a
+where they hold what was intended (`lsync.agent.writer.claim_intended`). One agent at a time keeps a
 root's record: the Hello takes the root's lock, ending an older agent that still holds it.
 """
 
+import contextlib
 import os
 import stat
 import sys
-import traceback
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set
 
 from lsync.agent.confined import (
     ConfinedRoot,
@@ -30,7 +30,16 @@ from lsync.agent.confined import (
 )
 from lsync.agent.manifest import walk_tree
 from lsync.agent.records import DigestRecord, Intent, RootLock
-from lsync.agent.writer import ANSWER, APPLY, WriteOrder, WritePool, write_batch
+from lsync.agent.writer import (
+    ANSWER,
+    APPLY,
+    WriteOrder,
+    WritePool,
+    batch_job,
+    claim_intended,
+    unpack_chunk,
+    whole_file_job,
+)
 from lsync.protocol import PROTOCOL_VERSION, fastpack, hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.delta import DeltaError, apply_delta
@@ -147,61 +156,20 @@ class AgentService:
                 and message.seq not in self.pending and message.seq not in self.failed_writes)
 
     def _pool_write(self, msg: m.WriteFile) -> None:
-        assert self.pool is not None and self.root is not None
-        root = self.root
-        hasher = self._new_hasher()
-        zdict = self.zdict
-
-        record = self.record
-        assert record is not None
-
-        def job() -> Any:
-            data = unpack_chunk(msg.path, msg.data, msg.packing, zdict)
-            hasher.update(data)
-            intents = [(msg.path, m.KIND_FILE, hasher.digest())]
-            pending = root.begin_write(msg.path)
-            try:
-                pending.write(data)
-            except BaseException:
-                pending.abort()
-                raise
-            record.intend(intents)
-            try:
-                return pending.commit(msg.mode), intents[0][2]
-            except BaseException:
-                record.settle(intents, failed=True)
-                raise
-
-        record.ready_for_intents(self.now_ns())
-        self.pool.submit(msg.seq, msg.path, job)
+        assert self.pool is not None and self.root is not None and self.record is not None
+        self.record.ready_for_intents(self.now_ns())
+        self.pool.submit(msg.seq, msg.path, whole_file_job(
+            self.root, self.record, msg, self.hash_name, self.zdict))
 
     def _pool_batch(self, msg: m.WriteBatch) -> None:
         assert self.pool is not None and self.record is not None
         self.record.ready_for_intents(self.now_ns())
-        self.pool.submit_batch([item[1] for item in msg.files],
-                               self._batch_job(msg, self.order.stale_in(msg)))
+        self.pool.submit_batch([item[1] for item in msg.files], self._batch_job(msg))
 
-    def _batch_job(self, msg: m.WriteBatch, skip: Set[int]) -> Callable[[], Any]:
-        """The work of a WriteBatch, for any thread. It returns (files, results, error,
-        trace): per file written (seq, path, stat, digest), per file refused (seq, path,
-        None, OpError); `error` when the batch as a whole failed (every file in it fails)."""
+    def _batch_job(self, msg: m.WriteBatch) -> Callable[[], Any]:
         assert self.root is not None
-        root = self.root
-        hash_name = self.hash_name
-        zdict = self.zdict
-        record = self.record
-
-        def job() -> Any:
-            try:
-                total = sum(item[3] for item in msg.files)  # never inflate beyond it
-                data = unpack_chunk("a batch", msg.data, msg.packing, zdict,
-                                    min(total, m.MAX_CHUNK))
-                return (msg.files, write_batch(root, msg.files, data, hash_name, skip,
-                                               record), None, "")
-            except Exception as exc:
-                return msg.files, None, exc, traceback.format_exc()
-
-        return job
+        return batch_job(self.root, self.record, msg, self.order.stale_in(msg),
+                         self.hash_name, self.zdict)
 
     def _record_batch(self, files: List[List[Any]], results: Optional[List[Any]],
                       error: Optional[BaseException], trace: str) -> None:
@@ -243,7 +211,7 @@ class AgentService:
 
     def on_write_batch(self, msg: m.WriteBatch) -> None:
         """A WriteBatch without a write pool: written here, in order."""
-        outcome = self._batch_job(msg, self.order.stale_in(msg))()
+        outcome = self._batch_job(msg)()
         self._record_made_parents()
         self._record_batch(*outcome)
         self._answer_batch(*outcome)
@@ -358,7 +326,7 @@ class AgentService:
             self.lock.acquire()  # an older agent of this root ends (or is ended) first
         self.record = DigestRecord(cache, chosen)
         self.record.load()
-        self._claim_intended()
+        claim_intended(self.root, self.record, self._new_hasher)
         self.record.ready_for_intents(self.now_ns())
         compression = packing.choose_packing(msg.capabilities.get("compression", []))
         info = {
@@ -373,36 +341,6 @@ class AgentService:
                 info["lanes"] = lanes  # a Unix socket: extra channels pump writes into it
         self.send(m.Welcome(PROTOCOL_VERSION, {"hash": chosen, "compression": compression},
                             info))
-
-    def _claim_intended(self) -> None:
-        """Record as lsync's what an earlier agent was about to put in place and that is
-        there now (it was killed before recording it, see lsync.agent.records)."""
-        assert self.root is not None and self.record is not None
-        for path, candidates in sorted(self.record.take_candidates().items()):
-            kinds = {kind for kind, _ in candidates}
-            try:
-                dfd, name = self.root.parent_fd(path)
-                try:
-                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                    target = (os.readlink(name, dir_fd=dfd) if stat.S_ISLNK(st.st_mode)
-                              else None)
-                finally:
-                    os.close(dfd)
-                if stat.S_ISREG(st.st_mode) and m.KIND_FILE in kinds:
-                    digest = self.record.lookup(path, file_key(st))
-                    if digest is None:
-                        digest, st = self.root.digest_file(path, self._new_hasher)
-                        self.record.remember(path, file_key(st), digest)
-                    if (m.KIND_FILE, digest) in candidates:
-                        self.record.wrote_file(path, digest)
-                elif target is not None and m.KIND_LINK in kinds:
-                    value = target.encode("utf-8", "surrogateescape")
-                    if (m.KIND_LINK, value) in candidates:
-                        self.record.wrote_link(path, target)
-                elif stat.S_ISDIR(st.st_mode) and m.KIND_DIR in kinds:
-                    self.record.made_dir(path, st.st_ino)
-            except (OSError, OpError, ValueError):
-                continue  # gone, or not reachable inside the root: nothing to claim
 
     def on_goodbye(self, msg: m.Goodbye) -> None:
         self.send(m.Goodbye(0, "bye"))
@@ -484,22 +422,22 @@ class AgentService:
 
     def _commit(self, pending: PendingFile, mode: int, digest: bytes) -> os.stat_result:
         """Put a written file in place, its intent said first (see lsync.agent.records)."""
-        intents: List[Intent] = [(pending.path, m.KIND_FILE, digest)]
-        self._intend(intents)
-        try:
+        with self._intending([(pending.path, m.KIND_FILE, digest)]):
             return pending.commit(mode)
-        except BaseException:
-            self._settle(intents, failed=True)
-            raise
 
-    def _intend(self, intents: List[Intent]) -> None:
+    @contextlib.contextmanager
+    def _intending(self, intents: List[Intent]) -> Iterator[None]:
+        """Say `intents` durably, then run the block; settle them after it (as failed when
+        it raises)."""
         assert self.record is not None
         self.record.ready_for_intents(self.now_ns())
         self.record.intend(intents)
-
-    def _settle(self, intents: List[Intent], failed: bool = False) -> None:
-        assert self.record is not None
-        self.record.settle(intents, failed)
+        try:
+            yield
+        except BaseException:
+            self.record.settle(intents, failed=True)
+            raise
+        self.record.settle(intents)
 
     def _wrote(self, path: str, st: os.stat_result, digest: bytes) -> None:
         assert self.record is not None
@@ -596,14 +534,8 @@ class AgentService:
 
     def on_rename(self, msg: m.Rename) -> None:
         assert self.root is not None and self.record is not None
-        intents = self.record.moved_intents(msg.src, msg.dst)
-        self._intend(intents)
-        try:
+        with self._intending(self.record.moved_intents(msg.src, msg.dst)):
             st = self.root.rename(msg.src, msg.dst)
-        except BaseException:
-            self._settle(intents, failed=True)
-            raise
-        self._settle(intents)
         self.record.move(msg.src, msg.dst, tree=st is None or stat.S_ISDIR(st.st_mode))
         self._ack(msg.seq)
 
@@ -644,29 +576,17 @@ class AgentService:
 
     def on_mkdir(self, msg: m.Mkdir) -> None:
         assert self.root is not None and self.record is not None
-        intents: List[Intent] = [(msg.path, m.KIND_DIR, b"")]
-        self._intend(intents)
-        try:
+        with self._intending([(msg.path, m.KIND_DIR, b"")]):
             st = self.root.mkdir(msg.path, msg.mode)
-        except BaseException:
-            self._settle(intents, failed=True)
-            raise
-        self._settle(intents)
         # Made or found: either way the client now owns this directory.
         self.record.made_dir(msg.path, st.st_ino)
         self._ack(msg.seq)
 
     def on_symlink(self, msg: m.Symlink) -> None:
         assert self.root is not None and self.record is not None
-        intents: List[Intent] = [(msg.path, m.KIND_LINK,
-                                  msg.target.encode("utf-8", "surrogateescape"))]
-        self._intend(intents)
-        try:
+        with self._intending([(msg.path, m.KIND_LINK,
+                                msg.target.encode("utf-8", "surrogateescape"))]):
             self.root.symlink(msg.path, msg.target)
-        except BaseException:
-            self._settle(intents, failed=True)
-            raise
-        self._settle(intents)
         self.record.forget(msg.path)
         self.record.wrote_link(msg.path, msg.target)
         self._ack(msg.seq)
@@ -704,16 +624,6 @@ def _paths_of(message: m.Message) -> List[str]:
     if isinstance(message, m.WriteBatch):
         return [item[1] for item in message.files]
     return [message.path]  # type: ignore[union-attr]
-
-
-def unpack_chunk(path: str, data: bytes, code: int, zdict: bytes,
-                 limit: int = m.MAX_CHUNK) -> bytes:
-    """One WriteFile chunk's content, refusing anything beyond `limit` bytes."""
-    try:
-        return packing.unpack(data, code, limit, zdict)
-    except packing.PackingError as exc:
-        raise OpError(ErrorCode.BAD_DELTA, "compressed chunk for {} refused: {}".format(
-            path, exc))
 
 
 def resolve_root(root: str, create: bool) -> str:
