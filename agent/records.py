@@ -495,7 +495,7 @@ class RootLock:
         name = hashlib.sha256(root.encode("utf-8", "surrogateescape")).hexdigest()[:24]
         return os.path.join(home, ".cache", "lsync", "agent-{}.lock".format(name))
 
-    def acquire(self, term_wait: float = TAKEOVER_WAIT, kill_wait: float = KILL_WAIT) -> bool:
+    def acquire(self) -> bool:
         if self.path is None:
             return False
         try:
@@ -506,7 +506,7 @@ class RootLock:
             return False
         if self._try():
             return True
-        for signum, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, kill_wait)):
+        for signum, wait in ((signal.SIGTERM, TAKEOVER_WAIT), (signal.SIGKILL, KILL_WAIT)):
             holder = self._holder()
             if holder is not None:
                 try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from lsync.agent import records
 from lsync.agent.manifest import walk_tree
 from lsync.agent.records import DigestRecord
 from lsync.agent.service import AgentService
@@ -276,10 +278,13 @@ def _old_then_new(root: Path, old: _AgentProcess) -> None:
     old.wait_for(lambda x: isinstance(x, m.ManifestBatch) and x.done)
     old.send(m.WriteFile(2, "old.c", 0o644, 0, b"old\n", True))
     old.wait_for(lambda x: isinstance(x, m.Ack) and x.seq == 2)
-    # The next agent (this process): its Hello ends the old one first.
+    # The next agent (this process): its Hello ends the old one first, which says goodbye
+    # (it ended cleanly on SIGTERM, not by the SIGKILL that follows when it does not).
     service, sent = _agent(root)
     try:
-        assert old.proc.wait(timeout=10) is not None
+        assert old.proc.wait(timeout=10) == 5
+        goodbye = old.wait_for(lambda x: isinstance(x, m.Goodbye))
+        assert goodbye.code == ErrorCode.ROOT_UNAVAILABLE and "took over" in goodbye.reason
         assert service.root is not None and service.record is not None
         listed = {e[0]: e[7] for e in walk_tree(service.root.fd, service.record)}
         assert listed.get("old.c") == _digest(b"old\n")
@@ -288,6 +293,30 @@ def _old_then_new(root: Path, old: _AgentProcess) -> None:
         assert _acked(sent, 3)
     finally:
         service.close()
+
+
+def test_an_old_agent_that_cannot_end_by_itself_is_killed_and_its_writes_stay_owned(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An old agent that does not end when asked (stopped here; blocked on a write to a
+    frozen link in life) is killed after TAKEOVER_WAIT; what it acknowledged stays lsync's."""
+    monkeypatch.setattr(records, "TAKEOVER_WAIT", 0.5)
+    root = tmp_path / "remote"
+    old = _AgentProcess(root, home)
+    try:
+        old.wait_for(lambda x: isinstance(x, m.ManifestBatch) and x.done)
+        old.send(m.WriteFile(2, "old.c", 0o644, 0, b"old\n", True))
+        old.wait_for(lambda x: isinstance(x, m.Ack) and x.seq == 2)
+        old.proc.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        service, _ = _agent(root)
+        assert time.monotonic() - started >= 0.5
+        assert old.proc.wait(timeout=10) == -signal.SIGKILL
+        service.close()
+    finally:
+        if old.proc.poll() is None:
+            old.proc.kill()
+        old.proc.wait()
+    assert _written(root).get("old.c") == _digest(b"old\n")
 
 
 def test_pooled_writes_that_finish_after_the_session_ended_are_still_recorded(
