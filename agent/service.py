@@ -335,6 +335,8 @@ class AgentService:
             "executable": sys.executable or "",
             "pid": str(os.getpid()),
         }
+        if self.lock.took_over:
+            info["took_over"] = str(self.lock.took_over)  # the older agent this one ended
         if msg.options.get("lanes") and self.offer_lanes is not None:
             lanes = self.offer_lanes()
             if lanes:

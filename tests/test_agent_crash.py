@@ -282,6 +282,7 @@ def _old_then_new(root: Path, old: _AgentProcess) -> None:
     # (it ended cleanly on SIGTERM, not by the SIGKILL that follows when it does not).
     service, sent = _agent(root)
     try:
+        assert sent[0].info["took_over"] == str(old.proc.pid)
         assert old.proc.wait(timeout=10) == 5
         goodbye = old.wait_for(lambda x: isinstance(x, m.Goodbye))
         assert goodbye.code == ErrorCode.ROOT_UNAVAILABLE and "took over" in goodbye.reason
