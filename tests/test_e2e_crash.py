@@ -222,3 +222,46 @@ def _attempt(attempt: int, crashes: Crashes, files: list[str], user: dict[str, b
             f"too: {crashes.agent_too}, restart before op {restart_at}, pause every "
             f"{pause_every}): {len(differences)} differences, {len(lost)} user files "
             "lost:\n  " + "\n  ".join(differences[:10] + lost[:10]))
+
+
+def test_agent_left_behind_a_frozen_link_never_hides_what_the_next_session_wrote(
+        sshd: PrivateSshd, tmp_path: Path, run_lsync: Start) -> None:
+    """lsync is killed while its link is frozen: its agent lives on (no EOF reaches it)
+    while a new lsync starts and writes. When the old link finally breaks, the old agent
+    must not save its stale record over the new one (it is ended when the new agent
+    starts), so files the new session wrote and that are deleted while lsync is stopped
+    are deleted at the next start."""
+    local, remote = fresh_dirs(tmp_path)
+    remote.mkdir()
+    user = _user_files(remote)
+    (local / "src").mkdir()
+    (local / "src" / "a.c").write_text("int a;\n")
+    with counting_link_to(sshd) as link:
+        args = link.connect_args(remote)
+        first = run_lsync(*args, cwd=local)
+        first.wait_for_line(" ready ", READY_WAIT)
+        (local / "src" / "b.c").write_text("int b;\n")  # the old agent's record changes
+        first.wait_in_sync(time.time_ns())
+        assert link.proxy.freeze() == 1
+        first.proc.kill()
+        first.finish(timeout=10)
+        second = run_lsync(*args, cwd=local)
+        second.wait_for_line(" ready ", READY_WAIT)
+        made = [f"src/new{i}.c" for i in range(20)]
+        for rel in made:
+            (local / rel).write_text(f"/* {rel} */\n")
+        second.wait_in_sync(time.time_ns())
+        second.proc.kill()
+        second.finish(timeout=10)
+        link.proxy.cut()  # the frozen link breaks at last: the old agent sees its input end
+        assert wait_until(lambda: not _agents(sshd), timeout=10)
+        for rel in made:
+            (local / rel).unlink()
+        third = run_lsync(*args, cwd=local)
+        third.wait_for_line(" ready ", READY_WAIT)
+        theirs = set(user) | {str(Path(rel).parent) for rel in user}  # and their dirs
+        differences = tree_differences(local, remote, skip=lambda rel: rel in theirs)
+        assert third.interrupt() == 0, third.stderr
+    assert not differences, "\n".join(differences)
+    assert all((remote / rel).read_bytes() == data for rel, data in user.items())
+
