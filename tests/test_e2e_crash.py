@@ -1,18 +1,22 @@
-"""End to end over a real sshd: lsync killed (SIGKILL) in the middle of a burst, restarted.
+"""End to end over a real sshd: lsync (and its agent) killed in the middle of work, restarted.
 
-Issue 15, defect 10: after a client crash the restarted lsync must still delete, on the
-remote, every file lsync wrote there that is gone locally, and must never delete a remote
-file it did not write. Ownership across a crash comes only from the agent's record of what
-lsync wrote (the manifest's `written` field), so the holes are in operations in flight when
-the client died: written by an agent that outlives its client, recorded late or not at all,
-or listed by the next agent before the old one was done.
+Issue 15, defect 10: after a crash the restarted lsync must still delete, on the remote,
+every file lsync wrote there that is gone locally, and must never delete a remote file it
+did not write. Ownership across a restart comes only from the agent's record of what lsync
+wrote (the manifest's `written` field), so the holes are in operations in flight at the
+crash: applied by an agent killed before it recorded them, or recorded by an agent that
+outlived its client while the next one listed the tree and kept its own record.
 
-Each attempt (seeded; the moment of the kill varies) makes a burst of creates, edits and
-deletes, SIGKILLs lsync at a random point of it (sometimes mid-burst with the burst going
-on while lsync is down, sometimes right after its end with the writes in flight), starts
-lsync again, and once it says `in-sync as-of=N` for a moment after the burst, compares once:
-the remote must equal the local tree, apart from the files lsync never wrote (made on the
-remote by "the user" before lsync started), which must all still be there unchanged.
+The burst test: each attempt (seeded, LSYNC_CRASH_SEED; the moment of the kill varies) makes
+a burst of creates, edits, editor saves, renames, copies and deletes, SIGKILLs lsync at a
+random point of it (mid-burst with the burst going on while lsync is down, or right after
+its end with the writes in flight), in half the attempts its agent too, starts lsync again
+(at once or after the burst), and once it says `in-sync as-of=N` for a moment after the
+burst (or ` ready ` when it started after it), compares once: the remote must equal the
+local tree, apart from the files lsync never wrote (made on the remote by "the user" before
+lsync started), which must all still be there unchanged. The frozen-link test: lsync
+killed while its link is frozen leaves its agent running; the next session must not lose
+what it wrote to that agent's last snapshot once the frozen link breaks.
 """
 
 from __future__ import annotations
