@@ -264,10 +264,17 @@ def write_batch(root: ConfinedRoot, files: List[List[Any]], data: bytes,
 def claim_intended(root: ConfinedRoot, record: DigestRecord,
                    new_hasher: Callable[[], Any]) -> None:
     """Record as lsync's what an earlier agent was about to put in place and that is there
-    now (it was killed before recording it, see lsync.agent.records). The service calls it
-    once, right after loading the record."""
-    for path, candidates in sorted(record.take_candidates().items()):
-        kinds = {kind for kind, _ in candidates}
+    now (it was killed before recording it, see lsync.agent.records), and the directories
+    above it, which that agent may have made on the way (a Mkdir would claim them too).
+    The service calls it once, right after loading the record."""
+    candidates = record.take_candidates()
+    above = {path.rpartition("/")[0] for path in candidates}
+    while above - {""}:
+        for path in above - {""}:
+            candidates.setdefault(path, [(m.KIND_DIR, b"")])
+        above = {path.rpartition("/")[0] for path in above}
+    for path, wanted in sorted(candidates.items()):
+        kinds = {kind for kind, _ in wanted}
         try:
             dfd, name = root.parent_fd(path)
             try:
@@ -280,13 +287,14 @@ def claim_intended(root: ConfinedRoot, record: DigestRecord,
                 if digest is None:
                     digest, st = root.digest_file(path, new_hasher)
                     record.remember(path, file_key(st), digest)
-                if (m.KIND_FILE, digest) in candidates:
+                if (m.KIND_FILE, digest) in wanted:
                     record.wrote_file(path, digest)
             elif target is not None and m.KIND_LINK in kinds:
                 value = target.encode("utf-8", "surrogateescape")
-                if (m.KIND_LINK, value) in candidates:
+                if (m.KIND_LINK, value) in wanted:
                     record.wrote_link(path, target)
-            elif stat.S_ISDIR(st.st_mode) and m.KIND_DIR in kinds:
+            elif (stat.S_ISDIR(st.st_mode) and m.KIND_DIR in kinds
+                  and record.written(path, m.KIND_DIR, st.st_ino) is None):
                 record.made_dir(path, st.st_ino)
         except (OSError, OpError, ValueError):
             continue  # gone, or not reachable inside the root: nothing to claim

@@ -100,6 +100,9 @@ CHANGES: dict[str, tuple[list[Any], str, bytes]] = {
     "write-file-in-chunks": ([m.WriteFile(10, "sub/new.c", 0o644, 0, NEW[:100], False),
                               m.WriteFile(10, "sub/new.c", 0o644, 100, NEW[100:], True)],
                              "sub/new.c", _digest(NEW)),
+    "copy-into-a-new-directory": ([m.Copy(10, "base.c", "made/deeper/copy.c", 0o644,
+                                          _digest(BASE))], "made/deeper/copy.c",
+                                  _digest(BASE)),
     "write-delta": ([m.WriteDelta(10, "base.c", 0o644, _digest(BASE), _digest(NEW),
                                   encode_zdict_delta(len(BASE), NEW, 0, BASE))],
                     "base.c", _digest(NEW)),
@@ -107,8 +110,9 @@ CHANGES: dict[str, tuple[list[Any], str, bytes]] = {
     "rename": ([m.Rename(10, "base.c", "moved.c")], "moved.c", _digest(BASE)),
     "symlink": ([m.Symlink(10, "link", "base.c")], "link", b"base.c"),
     "mkdir": ([m.Mkdir(10, "made", 0o755)], "made", b""),
-    "write-batch": ([m.WriteBatch([[10, "b1.c", 0o644, len(NEW)], [11, "b2.c", 0o644, 3]],
-                                  NEW + b"b2\n", 0)], "b1.c", _digest(NEW)),
+    "write-batch": ([m.WriteBatch([[10, "new/b1.c", 0o644, len(NEW)],
+                                   [11, "b2.c", 0o644, 3]], NEW + b"b2\n", 0)],
+                    "new/b1.c", _digest(NEW)),
 }
 
 
@@ -117,8 +121,8 @@ BIG = os.urandom(400 << 10)  # a whole file too big to be written inline: the po
 # (change, pooled): every change inline; those the write pool takes, pooled as well.
 CASES = [(change, False) for change in sorted(CHANGES)] + [("write-batch", True),
                                                             ("big-write-file", True)]
-CHANGES["big-write-file"] = ([m.WriteFile(10, "big.bin", 0o644, 0, BIG, True)], "big.bin",
-                             _digest(BIG))
+CHANGES["big-write-file"] = ([m.WriteFile(10, "big/big.bin", 0o644, 0, BIG, True)],
+                             "big/big.bin", _digest(BIG))
 
 
 @pytest.mark.parametrize(("change", "pooled"), CASES,
@@ -146,6 +150,8 @@ def test_a_change_applied_just_before_the_agent_was_killed_is_known_as_lsyncs(
         assert os.path.lexists(root / path)
         written = _written(root)
         assert written.get(path) == expected, (change, written)
+        if "/" in path:  # made on the way by the killed agent: lsync's too
+            assert written.get(path.rpartition("/")[0]) == b"", (change, written)
     finally:
         if pool is not None:
             pool.close()
