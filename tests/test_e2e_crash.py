@@ -74,6 +74,9 @@ def _burst(local: Path, rng: random.Random, files: list[str], events: dict[int, 
         serial = step
         if roll < 0.3 or len(files) < 20:
             rel = f"src/d{rng.randrange(4)}/{tag}-{serial}.c"
+            if rng.random() < 0.2:  # in a new directory
+                rel = f"src/d{rng.randrange(4)}/{tag}-dir{serial}/f.c"
+                (local / rel).parent.mkdir()
             (local / rel).write_bytes(rng.randbytes(rng.randrange(10, 3000)))
             files.append(rel)
         elif roll < 0.55:
@@ -85,7 +88,7 @@ def _burst(local: Path, rng: random.Random, files: list[str], events: dict[int, 
             temp.write_bytes(rng.randbytes(rng.randrange(10, 3000)))
             temp.rename(local / rel)
         elif roll < 0.72:
-            rel = rng.choice(files)
+            rel = rng.choice([rel for rel in files if "-dir" not in rel] or files)
             new = f"src/d{rng.randrange(4)}/{tag}-{serial}.c"
             (local / rel).rename(local / new)
             files[files.index(rel)] = new
@@ -99,6 +102,8 @@ def _burst(local: Path, rng: random.Random, files: list[str], events: dict[int, 
             rel = rng.choice(recent if rng.random() < 0.7 else files)
             files.remove(rel)
             (local / rel).unlink()
+            if "-dir" in rel:
+                (local / rel).parent.rmdir()
         if pause_every and step % pause_every == 0:
             time.sleep(0.002)
 
