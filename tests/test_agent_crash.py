@@ -355,3 +355,30 @@ def test_pooled_writes_that_finish_after_the_session_ended_are_still_recorded(
     recorded = {n: record.written(n, m.KIND_FILE, 0) for n in names}
     service.close()
     assert recorded == {n: _digest(b"%02d\n" % i) for i, n in enumerate(names)}
+
+
+def _state_of(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0]
+
+
+def test_temporary_files_of_a_killed_agent_not_yet_reaped_are_stale() -> None:
+    """A killed agent that its parent has not reaped yet (a zombie) writes nothing more: its
+    temporary files are leftovers (`kill(pid, 0)` still succeeds on a zombie, so the next
+    agent kept them); a live process's are not."""
+    from lsync.agent.confined import is_stale_temp
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while _state_of(child.pid) != b"Z":
+            assert time.monotonic() < deadline, "the child did not end"
+            time.sleep(0.01)
+        assert is_stale_temp(f".lsync-tmp-{child.pid}-3")
+    finally:
+        child.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert not is_stale_temp(f".lsync-tmp-{alive.pid}-3")
+    finally:
+        alive.kill()
+        alive.wait()
