@@ -18,7 +18,7 @@ import contextlib
 import os
 import stat
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from lsync.agent.confined import (
     ConfinedRoot,
@@ -37,6 +37,7 @@ from lsync.agent.writer import (
     WritePool,
     batch_job,
     claim_intended,
+    hash_files,
     unpack_chunk,
     whole_file_job,
 )
@@ -75,6 +76,7 @@ class AgentService:
         self.send = send
         self.offer_lanes = offer_lanes  # the driver's data-lane socket, "" if none
         self.pool = pool
+        self.hashing = set()  # type: Set[int]  # HashPaths being answered by the pool
         self.log_internal = log_internal
         self.flush = flush
         self.now_ns = now_ns
@@ -225,6 +227,8 @@ class AgentService:
         # Everything written is recorded before anything is answered: once the session is
         # over an answer raises, and what was written must still be recorded.
         assert self.record is not None
+        hashed = [o for o in outcomes if o.seq in self.hashing]
+        outcomes = [o for o in outcomes if o.seq not in self.hashing]
         for outcome in outcomes:
             if outcome.seq < 0 and outcome.error is None:
                 self._record_batch(*outcome.result)
@@ -243,6 +247,15 @@ class AgentService:
             else:
                 if self.log_internal is not None:
                     self.log_internal("writing {}".format(outcome.path), outcome.trace)
+                self._error(outcome.seq, ErrorCode.INTERNAL, "internal agent error: {}".format(
+                    type(outcome.error).__name__))
+        for outcome in hashed:
+            self.hashing.discard(outcome.seq)
+            if outcome.error is None:
+                self._answer_hashes(outcome.seq, outcome.result)
+            else:
+                if self.log_internal is not None:
+                    self.log_internal("hashing files", outcome.trace)
                 self._error(outcome.seq, ErrorCode.INTERNAL, "internal agent error: {}".format(
                     type(outcome.error).__name__))
 
@@ -368,17 +381,29 @@ class AgentService:
         self.send(_packed_manifest(m.ManifestBatch(msg.seq, batch, True)))
 
     def on_hash_paths(self, msg: m.HashPaths) -> None:
+        """Hash the files in a worker thread when there is a pool: the main loop goes on
+        answering pings meanwhile (2,000 big files on a slow disk took longer than the
+        client's stall bound); answered by `collect_pool`."""
         assert self.root is not None and self.record is not None
+        if self.pool is None:
+            self._answer_hashes(msg.seq, hash_files(self.root, msg.paths, self._new_hasher))
+            return
+        self.hashing.add(msg.seq)
+        root, paths, new_hasher = self.root, list(msg.paths), self._new_hasher
+        self.pool.submit_read(msg.seq, lambda: hash_files(root, paths, new_hasher))
+
+    def _answer_hashes(self, seq: int, found: List[Tuple[str, Optional[Tuple[bytes, Any]]]]
+                       ) -> None:
+        assert self.record is not None
         digests: List[Optional[bytes]] = []
-        for path in msg.paths:
-            try:
-                digest, st = self.root.digest_file(path, self._new_hasher)
-            except OpError:
+        for path, result in found:
+            if result is None:
                 digests.append(None)
                 continue
+            digest, st = result
             self.record.remember(path, file_key(st), digest)
             digests.append(digest)
-        self.send(m.Hashes(msg.seq, digests))
+        self.send(m.Hashes(seq, digests))
 
     def _new_hasher(self) -> Any:
         return hashing.new_hasher(self.hash_name)

@@ -26,7 +26,7 @@ import stat
 import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set
+from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from lsync.agent.confined import ConfinedRoot, OpError, Parents, file_key
 from lsync.agent.records import DigestRecord
@@ -78,6 +78,10 @@ class WritePool:
 
     def submit(self, seq: int, path: str, job: Callable[[], Any]) -> None:
         self._submit(seq, [path], job)
+
+    def submit_read(self, seq: int, job: Callable[[], Any]) -> None:
+        """A job that only reads (hashing for a HashPaths): it holds no path busy."""
+        self._submit(seq, [], job)
 
     def submit_batch(self, paths: List[str], job: Callable[[], Any]) -> None:
         """A job on several paths (seq -1 in its outcome); each counts as busy until done."""
@@ -342,3 +346,16 @@ class WriteOrder:
             return False
         self.latest[path] = seq
         return True
+
+
+def hash_files(root: ConfinedRoot, paths: List[str], new_hasher: Callable[[], Any]
+               ) -> List[Tuple[str, Optional[Tuple[bytes, Any]]]]:
+    """For a HashPaths (any thread): per path, its (digest, stat) or None when it is no
+    regular file that can be read."""
+    found = []  # type: List[Tuple[str, Optional[Tuple[bytes, Any]]]]
+    for path in paths:
+        try:
+            found.append((path, root.digest_file(path, new_hasher)))
+        except OpError:
+            found.append((path, None))
+    return found
