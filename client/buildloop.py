@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 PID_LINE = re.compile(rb"lsync-pid (\d+)\r?\n")  # what the wrapper prints first on stderr
 PID_LINES = 64  # lines of the login shell's own stderr passed on before it
 KILL_GRACE = 2.0  # seconds after a KILL before lsync stops waiting for the command's channel
+PID_WAIT = 2.0  # seconds a signal waits for the command's pid line when it came first
 WATCHER_POLL = 0.002  # seconds between looks at the watcher's queue during a flush
 READ_SIZE = 32 * 1024
 
@@ -473,6 +474,11 @@ async def _forward_ssh(conn: asyncssh.SSHClientConnection,
         async for line in incoming:
             with contextlib.suppress(asyncssh.Error, OSError, BrokenPipeError):
                 if isinstance(line, Signal):
+                    if not request.pty and not pid.done():
+                        # The command's pid line may still be on its way (a Ctrl-C right
+                        # after the start): its process group is what gets the signal.
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(asyncio.shield(pid), PID_WAIT)
                     if line.name == "INT" and request.pty:
                         process.stdin.write(b"\x03")  # the remote terminal's own Ctrl-C
                     elif pid.done():

@@ -161,7 +161,10 @@ async def _run_once(path: Path, start: Path, argv: Sequence[str], timeout: float
             stopper = asyncio.ensure_future(_interrupt_when(stale, lines.signal))
             try:
                 if not sys.stdin.isatty():
-                    await lines.close_stdin()
+                    # A quick command may be over, and the session's side closed, before
+                    # this is sent: its answer is still there to read.
+                    with contextlib.suppress(ControlError):
+                        await lines.close_stdin()
                 async for line in lines:
                     output = decode_output(line)
                     if output is not None:
