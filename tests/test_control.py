@@ -689,10 +689,8 @@ def test_run_of_a_quick_command_reports_its_status_when_the_session_hung_up_firs
     from lsync.client import commands
 
     monkeypatch.setattr(commands, "stream", _AnsweredAlready)
-    monkeypatch.setattr(sys, "stdin", open(os.devnull))  # not a terminal
-    try:
+    with open(os.devnull) as devnull:
+        monkeypatch.setattr(sys, "stdin", devnull)  # not a terminal
         status = asyncio.run(commands._run_once(tmp_path / "s.sock", tmp_path, ["true"],
                                                 None, True))
-    finally:
-        sys.stdin.close()
     assert status == 3
