@@ -44,6 +44,7 @@ from lsync.client.control import (
     StdinEnd,
     output_lines,
 )
+from lsync.client.ignored import IgnoredTally
 from lsync.client.pathmap import PathMapper
 from lsync.client.reporter import Reporter
 
@@ -118,6 +119,7 @@ class SessionView(Protocol):
     engine_ready: bool
     engine_changed: asyncio.Event
     link_up: bool
+    ignored: IgnoredTally | None
     remote_root: str | None
     root: Path
     target_text: str
@@ -241,6 +243,9 @@ class BuildLoop:
             "in_sync_as_of_ns": session.progress.in_sync_ns,
             "in_sync_changes": session.progress.in_sync_changes,
             "commands": list(session.progress.commands),
+            # Files, links and directories the last full scan left alone (ignore rules;
+            # what is below an ignored directory is not counted).
+            "ignored": None if session.ignored is None else session.ignored.entries,
         }
         if engine is not None and session.link_up:
             counters = engine.counters

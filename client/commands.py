@@ -106,6 +106,9 @@ async def status(start: Path, as_json: bool) -> int:
         if reply.get("skipped") and isinstance(skipped, list):
             lines.append(f"{reply.get('skipped')} files too big to sync (not on the remote): "
                          + ", ".join(str(p) for p in skipped))
+    if reply.get("ignored"):
+        lines.append(f"{reply['ignored']} paths ignored (files, links, and directories not "
+                     "entered)")
     for key, label in (("last_error", "last error"), ("last_check", "last check")):
         if reply.get(key):
             lines.append(f"{label}: {reply.get(key)}")

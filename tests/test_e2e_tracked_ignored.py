@@ -14,12 +14,14 @@ git's index changes: no event in the work tree); and the checkout back.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.testbed.sshd import PrivateSshd
-from tests.conftest import LsyncProcess, assert_same_now
+from tests.conftest import LSYNC, LsyncProcess, assert_same_now
 from tests.gitrepo import GitRepo
 
 Start = Callable[..., LsyncProcess]
@@ -145,4 +147,9 @@ def test_a_tree_whose_rules_ignore_most_of_it_gets_a_note(
     lsync.wait_for_line(" ready ", timeout=READY_WAIT)
     assert lsync.saw(' note 62 of 62 files ignored (.gitignore:2 "/*")'), lsync.log_tail()
     assert lsync.count("files ignored") == 1
+    status = subprocess.run([*LSYNC, "status", "--json"], cwd=local, capture_output=True,
+                            text=True, timeout=60, check=True)
+    # .gitignore, README, kernel, mm, fs: what the scan left alone (not what is below
+    # the directories).
+    assert json.loads(status.stdout)["ignored"] == 5, status.stdout
     assert lsync.interrupt() == 0, lsync.stderr
