@@ -69,8 +69,11 @@ def test_a_ping_behind_a_slow_hash_request_is_answered_before_it(
         assert any(isinstance(x, m.Pong) and x.nonce == 6 for x in sent)
         assert not any(isinstance(x, m.Hashes) for x in sent)
         go_on.set()
-        assert wait_until(lambda: (service.collect_pool(), any(
-            isinstance(x, m.Hashes) for x in sent))[1], 10)
+        def answered() -> bool:
+            service.collect_pool()
+            return any(isinstance(x, m.Hashes) for x in sent)
+
+        assert wait_until(answered, 10)
         hashes = next(x for x in sent if isinstance(x, m.Hashes))
         assert hashes.seq == 5
         assert hashes.digests == [_digest(files["a.c"]), None, _digest(files["sub/b.c"])]
