@@ -130,18 +130,20 @@ def _count_files(top: Path, budget: int) -> tuple[int, int]:
 
 async def follow_index(rules: IgnoreRules, on_change: Callable[[IndexChange], None],
                        note: Callable[[str], None], interval: float = INDEX_POLL) -> None:
-    """Until cancelled: hand every change of git's index that changes verdicts to
-    `on_change` (then `rules.index_seen_until` vouches for that index), and say through
-    `note` when the index cannot be read."""
+    """Until cancelled: hand every new version of git's index, once applied, to `on_change`
+    (its paths: those whose verdicts changed, maybe none; from then on
+    `rules.index_seen_until` vouches for that index), and say through `note` when the
+    index cannot be read."""
     shown: str | None = None
     failure: str | None = None
     while True:
         try:
             if rules.index_changed():
                 change = await asyncio.to_thread(rules.refresh_index)
-                if change:
-                    on_change(change)
                 rules.index_applied(change)
+                # (Called with no paths too: an in-sync report held back while the new
+                # index was read may be given now.)
+                on_change(change)
             problem = rules.index_problem
             if problem != shown:
                 shown = problem

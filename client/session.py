@@ -216,6 +216,9 @@ class Session:
                 self._watcher.refresh(directory)
         if self.engine is not None:
             self.engine.mark_dirty(sorted(change.paths), hint=False)
+            # An in-sync report was held back while the index was read: give it now
+            # (after a check) even when nothing changed.
+            self.engine.report_again()
         else:  # (each path keeps its earliest time)
             self._buffered = {**dict.fromkeys(change.paths, time.monotonic()), **self._buffered}
 
