@@ -97,11 +97,22 @@ class RemoteDisk:
         return False
 
     def fill(self) -> bool:
-        """Shrink the filesystem to what it holds now (plus a page): writes fail ENOSPC."""
-        return self._remount(f"size={self.used() + PAGE}")
+        """Shrink the filesystem to what it holds now (plus a page): writes fail ENOSPC.
+        Whether it took (a 64 KiB probe write fails)."""
+        return self._remount(f"size={self.used() + PAGE}") and not self._writable()
 
     def read_only(self) -> bool:
-        return self._remount("ro")
+        """Remount read-only; whether it took (a probe write fails)."""
+        return self._remount("ro") and not self._writable()
+
+    def _writable(self) -> bool:
+        probe = self.mount_point / ".torture-probe"
+        try:
+            probe.write_bytes(b"x" * 65536)
+        except OSError:
+            return False
+        probe.unlink()
+        return True
 
     def restore(self) -> None:
         """Writable again, at the full size."""

@@ -6,7 +6,9 @@ the bytes on the wire are held to:
 
 - `checkout`: `git checkout -f` of the other release (hundreds to a thousand real changed
   paths, the root `Makefile` among them); `clean`: `git clean -fdq` too (every file and
-  directory the harness added goes: a burst of deletes);
+  directory the harness added goes: a burst of deletes); `vacate` then `checkout`: big
+  directories and the root-level files removed, then brought back by the checkout as
+  thousands of new files (a switch to a branch far back in history);
 - `edit`: files saved as editors do: truncate and write, write a temporary file and rename
   it over, move the original aside and write anew (vim's backup), append; a mode change;
 - `create` / `delete`: new files and new subtrees; deletes of files lsync wrote;
@@ -46,6 +48,7 @@ class Workload:
         self._dirs: list[str] = []
         self.favoured_dirs: list[str] = []  # directories worth moving (planted outputs)
         self.big_files: list[str] = []
+        self.vacated: list[str] = []  # tracked files removed, back at the next checkout
         self._index()
 
     def _next(self) -> int:
@@ -61,7 +64,7 @@ class Workload:
 
     def check_names(self) -> list[str]:
         """Invented names the kernel's rules would ignore (must be none)."""
-        names = ["torture-marker.txt", "torture-big-1.bin", "kernel/torture_new_1.c",
+        names = ["torture-marker.txt", "torture-big-1.dat", "kernel/torture_new_1.c",
                  "torture-link-1", "kernel/torture_dir_1/a/b.c", "mm-moved-1/x.c",
                  "REMOTE-ONLY-1.txt"]
         return sorted(ignored(self.local, names, set()))
@@ -98,11 +101,42 @@ class Workload:
         git("checkout", "-q", "-f", new, cwd=self.local)
         if clean:
             git("clean", "-fdq", cwd=self.local)
+            self.big_files = [rel for rel in self.big_files if (self.local / rel).exists()]
         self.revision = new
-        for rel in changed.stdout.splitlines():
+        for rel in {*changed.stdout.splitlines(), *self.vacated}:
             self.account(self.local / rel)
+        restored = len(self.vacated)
+        self.vacated = []
         self._index()
-        return f"checkout {new}" + (" + clean" if clean else "")
+        return (f"checkout {new}" + (" + clean" if clean else "")
+                + (f" ({restored} files restored)" if restored else ""))
+
+    def vacate(self, files: int) -> str:
+        """Remove big directories (at least `files` tracked files) and the root-level files,
+        `.gitignore` among them: the next `checkout` brings them all back as new files, and
+        the root's rules file with them, as a switch to a branch far back in history does
+        (while the rules are gone, the planted build outputs are not ignored either)."""
+        by_top: dict[str, int] = {}
+        for rel in self._files:
+            top = "/".join(rel.split("/")[:2]) if rel.count("/") >= 2 else rel.split("/")[0]
+            by_top[top] = by_top.get(top, 0) + 1
+        chosen: list[str] = []
+        total = 0
+        for top, count in sorted(by_top.items(), key=lambda item: -item[1]):
+            if total >= files:
+                break
+            chosen.append(top)
+            total += count
+        gone = [rel for rel in self._files
+                if any(rel == top or rel.startswith(top + "/") for top in chosen)]
+        tracked = git("ls-files", cwd=self.local).stdout.splitlines()
+        gone += [rel for rel in tracked if "/" not in rel]  # the root .gitignore too
+        for rel in gone:
+            with contextlib.suppress(FileNotFoundError):
+                (self.local / rel).unlink()
+            self.changed_paths += 1
+        self.vacated += gone
+        return f"removed {len(gone)} files ({', '.join(chosen)} and the root-level files)"
 
     def _new_text(self, old: bytes) -> bytes:
         lines = old.split(b"\n")
@@ -203,7 +237,7 @@ class Workload:
         return f"symlinks {count}"
 
     def big_file(self, size: int) -> str:
-        rel = f"torture-big-{self._next()}.bin"
+        rel = f"torture-big-{self._next()}.dat"
         temp = self.local / f".{rel}.part"
         with open(temp, "wb") as handle:
             left = size
@@ -216,7 +250,7 @@ class Workload:
         return f"big file {rel} of {size >> 20} MiB"
 
     def poke(self, rel: str) -> str:
-        """Ten bytes changed in place in the middle of `rel`."""
+        """Ten bytes changed in place in the middle of `rel` (a big file)."""
         path = self.local / rel
         with open(path, "r+b") as handle:
             handle.seek(path.stat().st_size // 2)
