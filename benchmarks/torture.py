@@ -84,6 +84,7 @@ FREEZE_DETECTION = 25.0
 MARKER = "torture-marker.txt"
 CAP_BPS = 10e6
 INOTIFY_LIMIT = 16
+FIRST_CONTACT = "fs/ext4"  # on the remote before lsync first starts (a copy)
 SHORT_ROUNDS_UNTIL = 170.0  # s: the short mode starts no round after this (each kind once first)
 
 
@@ -106,6 +107,7 @@ class Torture:
         self.deadline = self.started + (SHORT_ROUNDS_UNTIL if self.short
                                          else 60 * args.minutes)
         self.round_mark = 0
+        self.first_contact = FIRST_CONTACT
         self.sshd: PrivateSshd
         self.proxy: TortureProxy
         self.config: Path
@@ -330,7 +332,8 @@ class Torture:
         self.proxy.set_accepting(True)
         self.step("link back")
         if wait_until(lambda: self.client.process.count(" ready ") > readies, CONVERGE + 4):
-            self.workload.delete(self.rng.randint(5, 20))
+            self.workload.delete(self.rng.randint(3, 10))
+            self.workload.delete(self.rng.randint(3, 10), under=self.first_contact)
             self.proxy.cut()
             self.step("deletes in flight at a second cut")
         return 2.0  # lsync's reconnect backoff: 1 s, then 2 s
@@ -364,9 +367,11 @@ class Torture:
                 self.client.kill()
                 self.step(f"SIGKILL lsync after {i} of {operations} operations")
             roll = self.rng.random()
-            if roll < 0.2:
-                work.delete(1)
-            elif roll < 0.3:
+            if roll < 0.1:  # (not of the first-contact files: lsync did not write them)
+                work.delete(1, spare=self.first_contact)
+            elif roll < 0.2:
+                work.delete_created(1)
+            elif roll < 0.35:
                 work.create(1)
             else:
                 work.edit(1)
@@ -437,6 +442,11 @@ class Torture:
             self.disk = stack.enter_context(
                 remote_disk(self.workdir / "remote-fs", size))
             stack.callback(self.forget_records)
+            # First contact: the remote already holds a copy of one directory (new mtimes),
+            # files lsync verifies but did not write.
+            self.remote.mkdir()
+            subprocess.run(["cp", "-r", str(self.local / self.first_contact),
+                            str(self.remote / self.first_contact)], check=True)
             self.workload = Workload(self.local, self.material.tags, self.rng)
             bad = self.workload.check_names()
             if bad:

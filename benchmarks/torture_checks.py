@@ -227,6 +227,7 @@ class Tally:
 
     def check(self, kind: str, ok: bool, detail: str = "") -> bool:
         """Count one check of invariant `kind`; record a violation when it failed."""
+        detail = " | ".join(line for line in detail.splitlines() if line.strip())
         with self.lock:
             self.checks[kind] += 1
             if not ok:

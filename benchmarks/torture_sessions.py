@@ -230,7 +230,11 @@ class Commander:
                              f"{timeout + HANG:.0f} s: {out}")
             return
         self.tally.check("cli-answers", True)
-        changed = self._session_changed(done.started, done.ended)
+        client = self.client
+        # "No session" is right while a session is stopped or started, or after it died
+        # (that is a crash, reported as one).
+        changed = self._session_changed(done.started, done.ended) or (
+            client is None or not client.alive())
         if kind == "run":
             ok = "SSH=none" not in done.output and (
                 (done.status == 0 and "SSH=127.0.0.1" in done.output)

@@ -49,6 +49,7 @@ class Workload:
         self.favoured_dirs: list[str] = []  # directories worth moving (planted outputs)
         self.big_files: list[str] = []
         self.vacated: list[str] = []  # tracked files removed, back at the next checkout
+        self.created: list[Path] = []  # files created by `create`
         self._index()
 
     def _next(self) -> int:
@@ -78,12 +79,20 @@ class Workload:
         self.changed_bytes = 0
         self.changed_paths = 0
 
-    def existing_files(self, count: int) -> list[Path]:
+    def existing_files(self, count: int, under: str | None = None,
+                       spare: str | None = None) -> list[Path]:
+        """Up to `count` tracked files that exist now (only below `under`; none below
+        `spare`)."""
+        pool = self._files
+        if under is not None:
+            pool = [rel for rel in pool if rel.startswith(under + "/")]
+        if spare is not None:
+            pool = [rel for rel in pool if not rel.startswith(spare + "/")]
         picked: list[Path] = []
         for _ in range(count * 4):
-            if len(picked) >= count:
+            if len(picked) >= count or not pool:
                 break
-            path = self.local / self.rng.choice(self._files)
+            path = self.local / self.rng.choice(pool)
             if path.is_file() and not path.is_symlink() and path not in picked:
                 picked.append(path)
         return picked
@@ -183,10 +192,12 @@ class Workload:
                         path = sub / f"torture_{n}_{i}.c"
                         path.write_bytes(self._text(self.rng.randint(10, 30_000)))
                         self.account(path)
+                        self.created.append(path)
             else:
                 path = self.local / self.directory() / f"torture_new_{n}.c"
                 path.write_bytes(self._text(self.rng.randint(0, 60_000)))
                 self.account(path)
+                self.created.append(path)
         return f"create {count}"
 
     def _text(self, size: int) -> bytes:
@@ -198,11 +209,24 @@ class Workload:
                 out += b"v%x " % self.rng.getrandbits(24)
         return bytes(out[:size])
 
-    def delete(self, count: int) -> str:
-        for path in self.existing_files(count):
+    def delete(self, count: int, under: str | None = None, spare: str | None = None) -> str:
+        picked = self.existing_files(count, under, spare)
+        for path in picked:
             path.unlink()
             self.changed_paths += 1
-        return f"delete {count}"
+        return f"delete {len(picked)}" + (f" in {under}" if under else "")
+
+    def delete_created(self, count: int) -> str:
+        """Delete files this run created (lsync wrote them moments ago, maybe not yet)."""
+        self.rng.shuffle(self.created)
+        gone = 0
+        while self.created and gone < count:
+            path = self.created.pop()
+            if path.is_file():
+                path.unlink()
+                gone += 1
+                self.changed_paths += 1
+        return f"delete {gone} new files"
 
     def move_dir(self) -> str:
         pool = [d for d in self.favoured_dirs if (self.local / d).is_dir()]
