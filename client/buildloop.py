@@ -116,6 +116,7 @@ class SessionView(Protocol):
     engine: SyncEngine | None
     engine_ready: bool
     engine_changed: asyncio.Event
+    link_up: bool
     remote_root: str | None
     root: Path
     target_text: str
@@ -123,6 +124,9 @@ class SessionView(Protocol):
 
     @property
     def ssh_connection(self) -> asyncssh.SSHClientConnection | None: ...
+
+    @property
+    def target_is_local(self) -> bool: ...
 
     def seen_until(self) -> int: ...
 
@@ -150,14 +154,23 @@ class BuildLoop:
 
     # -- flush ------------------------------------------------------------------------------
     async def flush(self, timeout: float | None, notify: SendLine | None = None) -> JsonObject:
+        """Wait until every change made before the call is acknowledged (see the module
+        docstring); past `timeout`, fail with code "timeout" while connected and
+        "disconnected" while the link is down, naming what is pending either way."""
         started = time.monotonic()
         asked_ns = time.time_ns()
         try:
             await asyncio.wait_for(self._barrier(asked_ns, notify), timeout)
         except asyncio.TimeoutError:
-            raise ControlError("timeout", self._pending_text(),
+            code = "timeout" if self.session.link_up else "disconnected"
+            raise ControlError(code, self._pending_text(),
                                details=self._pending_details()) from None
-        return {"waited_ms": round((time.monotonic() - started) * 1000, 1)}
+        answer: JsonObject = {"waited_ms": round((time.monotonic() - started) * 1000, 1)}
+        engine = self.session.engine
+        if engine is not None and engine.skipped:
+            answer["skipped"] = sorted(engine.skipped)[:20]  # too big: not on the remote
+            answer["skipped_count"] = len(engine.skipped)
+        return answer
 
     async def _barrier(self, asked_ns: int, notify: SendLine | None) -> None:
         session = self.session
@@ -219,7 +232,7 @@ class BuildLoop:
         engine = session.engine
         out: JsonObject = {
             "state": session.progress.state,
-            "connected": engine is not None,
+            "connected": session.link_up,
             "target": session.target_text,
             "local": str(session.root),
             "last_error": session.progress.last_error,
@@ -228,7 +241,7 @@ class BuildLoop:
             "in_sync_changes": session.progress.in_sync_changes,
             "commands": list(session.progress.commands),
         }
-        if engine is not None:
+        if engine is not None and session.link_up:
             counters = engine.counters
             failing = engine.queue.failing()
             out.update({
@@ -239,14 +252,32 @@ class BuildLoop:
                 "last_latency_ms": None if counters.last_latency is None
                 else round(counters.last_latency * 1000, 1),
                 "checks": counters.checks, "check_findings": counters.found,
+                "skipped": len(engine.skipped),
+                "skipped_paths": sorted(engine.skipped)[:20],
                 "idle": engine.idle,
             })
         return out
 
     # -- run --------------------------------------------------------------------------------
+    async def _flushed_connection(self, request: RunRequest, send_line: SendLine
+                                  ) -> asyncssh.SSHClientConnection | None:
+        """Flush, and the SSH connection that the flush passed on (None for a local
+        target). A command on an SSH target runs over SSH or not at all: when the link
+        breaks right after the flush, the flush is waited for again on the next
+        connection (within the same timeout)."""
+        deadline = None if request.timeout is None else time.monotonic() + request.timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            await self.flush(left, send_line)
+            if self.session.target_is_local:
+                return None
+            conn = self.session.ssh_connection
+            if conn is not None and self.session.link_up and self.session.engine_ready:
+                return conn
+
     async def run(self, request: RunRequest, send_line: SendLine,
                   incoming: AsyncIterator[ClientLine]) -> int:
-        await self.flush(request.timeout, send_line)
+        conn = await self._flushed_connection(request, send_line)
         session = self.session
         remote_root = session.remote_root
         if remote_root is None:
@@ -259,7 +290,7 @@ class BuildLoop:
             if rel != ".":
                 cwd = f"{remote_root}/{Path(rel).as_posix()}"
         inner = f"cd {shlex.quote(cwd)} && exec {shlex.join(request.argv)}"
-        if session.ssh_connection is not None and not request.pty:
+        if conn is not None and not request.pty:
             # Its pid, for signals (it leads its own process group: sshd made it a session).
             inner = f"printf 'lsync-pid %s\\n' \"$$\" >&2; {inner}"
         shown = shlex.join(request.argv)
@@ -267,7 +298,9 @@ class BuildLoop:
         session.reporter.note(f"running {shown}")
         status = 125
         try:
-            conn = session.ssh_connection
+            # Where the command runs follows from the target alone, never from the state of
+            # the connection (a local run of `make clean` in a path of the remote's is
+            # data loss).
             if conn is not None:
                 spare = await self.spares.take(conn, request) if "\n" not in inner else None
                 self.spares.warm(conn, request)  # for the next command

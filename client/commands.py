@@ -29,7 +29,14 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from lsync.client.control import ControlError, decode_output, find_socket, request, stream
+from lsync.client.control import (
+    ControlError,
+    JsonObject,
+    decode_output,
+    find_socket,
+    request,
+    stream,
+)
 from lsync.client.status import terminal_safe
 
 NO_SESSION = 3
@@ -61,7 +68,18 @@ async def flush(start: Path, timeout: float | None) -> int:
     waited = reply.get("waited_ms")
     if waited is not None and os.environ.get("LSYNC_VERBOSE"):
         _say(f"flushed in {waited} ms")
+    _say_skipped(reply)
     return 0
+
+
+def _say_skipped(reply: JsonObject) -> None:
+    """Files too big for lsync are never on the remote: a flush says so every time."""
+    skipped = reply.get("skipped")
+    if isinstance(skipped, list) and skipped:
+        count = reply.get("skipped_count", len(skipped))
+        _say(f"note: {count} files too big to sync are not on the remote: "
+             + ", ".join(str(p) for p in skipped[:5]) + (" ..." if count != len(skipped[:5])
+                                                          else ""))
 
 
 async def status(start: Path, as_json: bool) -> int:
@@ -84,6 +102,10 @@ async def status(start: Path, as_json: bool) -> int:
         if reply.get("failing") and isinstance(failing, dict):
             lines.append(f"{reply.get('failing')} paths failing: "
                          + ", ".join(f"{p} ({why})" for p, why in failing.items()))
+        skipped = reply.get("skipped_paths")
+        if reply.get("skipped") and isinstance(skipped, list):
+            lines.append(f"{reply.get('skipped')} files too big to sync (not on the remote): "
+                         + ", ".join(str(p) for p in skipped))
     for key, label in (("last_error", "last error"), ("last_check", "last check")):
         if reply.get(key):
             lines.append(f"{label}: {reply.get(key)}")

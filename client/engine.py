@@ -27,13 +27,13 @@ from typing import Any
 
 from lsync.client import planner
 from lsync.client.checks import CheckSchedule
-from lsync.client.errors import InternalError, SafetyStop, internal_error
+from lsync.client.errors import InternalError, LsyncError, SafetyStop, internal_error
 from lsync.client.hashcache import HashCache
 from lsync.client.ignore import IgnoreRules
 from lsync.client.link import AgentLink, Reply
 from lsync.client.model import DIR, FILE, RemoteModel
 from lsync.client.passes import PathPasses
-from lsync.client.pathqueue import PathQueue, PathRecord
+from lsync.client.pathqueue import PathQueue, PathRecord, State
 from lsync.client.reporter import Reporter
 from lsync.client.scanner import (
     LocalEntry,
@@ -53,6 +53,7 @@ from lsync.client.sender import (
 from lsync.client.window import InFlight, Op, Window, verdict
 from lsync.protocol import messages as m
 from lsync.protocol import packing
+from lsync.protocol.paths import relpath_problem
 
 HASH_BATCH = 2000
 URGENT_MAX = 16  # a watcher batch of at most this many paths is a save, not a burst
@@ -104,6 +105,7 @@ class SyncEngine(PathPasses):
         self._wake = asyncio.Event()  # the same, for the loop alone (it clears it itself)
         self.checks = CheckSchedule(clock())
         self._queued_dirs: set[str] = set()  # marked paths that are directories remotely
+        self.skipped = {}
         self._initial_total = (0, 0)
         self._initial_done = (0, 0)
         self._failure: InternalError | None = None  # a bug in a reply callback
@@ -332,7 +334,10 @@ class SyncEngine(PathPasses):
         found = planner.differences(local, self.model, self.rules.is_ignored,
                                     self.delete_extra, under=directory,
                                     shallow=directory is not None)
-        found = [p for p in found if p not in self.queue]
+        skipped = self.skipped
+        found = [p for p in found if p not in self.queue
+                 and not (p in skipped and (e := local.get(p)) is not None
+                          and e.local_key == skipped[p])]
         if found:
             self.counters.found += len(found)
             where = "the tree" if directory is None else (directory or "the root")
@@ -370,12 +375,14 @@ class SyncEngine(PathPasses):
 
     def _read_ahead(self) -> None:
         """Start reading the next queued new files in worker threads (in groups: only
-        once at most half of what may be read ahead is left)."""
+        once at most half of what may be read ahead is left). The root and names the
+        agent would refuse are never files to read."""
         if len(self.read_ahead.futures) > PREFETCH // 2:
             return
         upcoming = [p for p in self.queue.peek(PREFETCH_LOOK)
-                    if (e := self.model.get(p)) is None
-                    or (e.kind == FILE and e.signature is None)]
+                    if p and ((e := self.model.get(p)) is None
+                              or (e.kind == FILE and e.signature is None))
+                    and not relpath_problem(p)]
         self.read_ahead.start(upcoming, self.packing.packer(burst=True))
 
     # -- one pass over one path -----------------------------------------------------------
@@ -387,6 +394,20 @@ class SyncEngine(PathPasses):
             self._read_ahead()
         try:
             outcome = await self._reconcile(path, record, ahead)
+        except LsyncError:  # the link broke, a safety stop: the session's business
+            if self.queue.state(path) is not None:
+                self.queue.done(path, self.clock())
+            raise
+        except Exception as exc:
+            # A bug met while syncing one path is that path's failure, retried with
+            # backoff and reported (the traceback goes to the client log): the session
+            # and every other path go on.
+            bug = internal_error(f"syncing {path!r}", exc)
+            self.counters.errors += 1
+            if self.queue.state(path) is State.READING:
+                self.queue.fail(path, self.clock(), str(bug), own_pass=True)
+            self.reporter.failed(path, str(bug))
+            return
         except BaseException:
             if self.queue.state(path) is not None:
                 self.queue.done(path, self.clock())
@@ -426,9 +447,14 @@ class SyncEngine(PathPasses):
             self._poke()
 
     def _apply_reply(self, seq: int, future: asyncio.Future[Reply]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            # The link broke: no answer came. The operation stays in the window, where the
+            # session finds what the next connection must redo (`pending_paths`, and the
+            # trees of deletes and renames lsync owned: Session._carry_over).
+            return
         flight = self.window.answer(seq)
-        if flight is None or future.cancelled() or future.exception() is not None:
-            return  # the link broke; the session reports it and resyncs on reconnect
+        if flight is None:
+            return
         reply = future.result()
         below = None
         if flight.op is Op.RENAME and isinstance(reply, m.Error):
@@ -438,6 +464,8 @@ class SyncEngine(PathPasses):
                 self.model.set_digest(flight.src, None)
             below = [*self.model.descendants(flight.src), flight.src, flight.target]
         result = verdict(flight, reply, self.packing.dictionary_failed, below)
+        if flight.op is Op.DELETE:
+            self._after_delete(flight, result.ok)
         now = self.clock()
         if result.retry_later:  # before `answered`, which forgets a path with nothing left
             self.queue.fail(flight.owner, now, result.failure)
@@ -459,6 +487,21 @@ class SyncEngine(PathPasses):
         if result.look_again:
             self.mark_dirty(result.look_again, hint=False)
         self._poke()
+
+    def _after_delete(self, flight: InFlight, ok: bool) -> None:
+        """A refused delete leaves its entry on the remote: the model gets it back (owned,
+        content unknown) so that the retry of its owner deletes it again; a directory
+        kept because such an entry is still in it comes back too. (Unless the path was
+        made again meanwhile: then the model already says what it holds.)"""
+        target, entry = flight.target, flight.dropped
+        if entry is None or self.model.get(target) is not None:
+            return
+        if ok and not (entry.kind == DIR and self.model.child_names(target)):
+            return
+        entry.owned = True
+        if entry.kind != DIR:
+            entry.digest, entry.signature = None, None
+        self.model.put(target, entry)
 
     def _count_write(self, flight: InFlight, now: float) -> None:
         self.counters.files += 1

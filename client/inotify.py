@@ -20,6 +20,10 @@ What it promises:
 
 Parsing the kernel's buffer and collecting one batch are pure (`parse_events`,
 `BatchCollector`); the watcher reads its non-blocking descriptor with `loop.add_reader`.
+Walking a big subtree that appeared (a checkout, a directory moved in, the whole tree after
+an overflow) takes at most WALK_SLICE of each turn of the event loop, so replies, pings and
+the control socket keep running; until the walk is over, `seen_until` does not move (a
+flush waits for what the walk will report).
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ ROOT_GONE_MASK = IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_IGNORED
 _EVENT = struct.Struct("=iIII")  # struct inotify_event without its name
 READ_SIZE = 65536                # room for hundreds of events; one event never exceeds 272 bytes
 MAX_READS_PER_WAKEUP = 16        # then let the loop run; the reader is level-triggered
+WALK_SLICE = 0.005  # seconds of walking a new subtree (or the tree, after an overflow) at
+# most per turn of the event loop; the rest continues on the next turns
 LATEST = 4  # paths of a batch's last events it names (a save at the end of a burst)
 WATCH_LIMIT_NOTE = "cannot watch all directories: raise fs.inotify.max_user_watches"
 
@@ -233,6 +239,9 @@ class InotifyWatcher:
         self._resync_due = False
         self._failure: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._walking: list[tuple[str, bool]] = []  # directories still to list: (rel, report)
+        self._walk_scheduled = False
+        self._resync_seen: set[str] | None = None  # directories seen by the resync's walk
 
     def start(self) -> None:
         """Open inotify and watch the whole tree; call within a running loop. Raises OSError."""
@@ -246,7 +255,7 @@ class InotifyWatcher:
             os.close(fd)
             raise
         self._fd, self._loop = fd, loop
-        self._walk("", report=False)
+        self._walk("", report=False, sliced=False)
         loop.add_reader(fd, self._on_readable)
         self._note_activity()
 
@@ -292,7 +301,7 @@ class InotifyWatcher:
         in a batch: now, when no event waits unread in the kernel's queue and none waits
         here for its batch; else the last time that was so."""
         fd = self._fd
-        if fd is None or self._first_at is not None or self._pending:
+        if fd is None or self._first_at is not None or self._pending or self._walking:
             return self._clean_ns
         now = time.time_ns()
         if select.select([fd], [], [], 0)[0]:
@@ -351,10 +360,13 @@ class InotifyWatcher:
                 self._resync()
                 self._note_activity()
         except Exception as exc:  # raised from batches(), never into the event loop
-            self._failure = exc
-            if self._fd is not None and self._loop is not None:
-                self._loop.remove_reader(self._fd)
-            self._wake()
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failure = exc
+        if self._fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+        self._wake()
 
     def _handle(self, event: RawEvent) -> None:
         mask = event.mask
@@ -457,38 +469,69 @@ class InotifyWatcher:
         if self._open_for_write:
             self._open_for_write = {p for p in self._open_for_write if not is_within(p, rel)}
 
-    def _walk(self, top: str, report: bool, seen: set[str] | None = None) -> None:
+    def _walk(self, top: str, report: bool, sliced: bool = True) -> None:
         """Watch directory `top` and every directory below it (never through a symlink);
-        with `report`, every entry found below `top` counts as added."""
-        stack = [top]
+        with `report`, every entry found below `top` counts as added. `sliced`: at most
+        WALK_SLICE now, the rest on the next turns of the loop."""
+        self._walking.append((top, report))
+        self._continue_walk(WALK_SLICE if sliced and self._loop is not None else None)
+
+    def _walk_later(self) -> None:
+        self._walk_scheduled = False
+        try:
+            self._continue_walk(WALK_SLICE)
+            self._note_activity()
+        except Exception as exc:  # raised from batches(), never into the event loop
+            self._fail(exc)
+
+    def _continue_walk(self, budget: float | None) -> None:
+        """Walk what is left for up to `budget` seconds (None: all of it)."""
+        stack = self._walking
+        if self._fd is None:  # closed
+            stack.clear()
+            return
+        deadline = None if budget is None else time.monotonic() + budget
         while stack:
-            rel = stack.pop()
-            if not self._watch(rel):
-                continue
-            if seen is not None:
-                seen.add(rel)
-            try:
-                with os.scandir(self._abs(rel)) as entries:
-                    for entry in entries:
-                        child = f"{rel}/{entry.name}" if rel else entry.name
-                        if relpath_problem(child):
-                            continue
-                        if report:
-                            self._pending.added(child)
-                        if not _is_real_dir(entry):
-                            continue
-                        if not self._skip_dir(child):
-                            stack.append(child)
-                        elif child in self._rel_to_wd:
-                            self._forget(child)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
-                    self._pending.note(f"cannot list {rel or '.'}: {exc.strerror}")
+            rel, report = stack.pop()
+            self._list(rel, report)  # (at least one directory per slice)
+            if stack and deadline is not None and time.monotonic() >= deadline:
+                if not self._walk_scheduled and self._loop is not None:
+                    self._walk_scheduled = True
+                    self._loop.call_soon(self._walk_later)
+                return
+        if self._resync_seen is not None:
+            seen, self._resync_seen = self._resync_seen, None
+            for rel in [r for r in self._rel_to_wd if r and r not in seen]:
+                self._forget(rel)
+
+    def _list(self, rel: str, report: bool) -> None:
+        """Watch one directory and list it: its subdirectories go on the walk's stack."""
+        stack = self._walking
+        if not self._watch(rel):
+            return
+        if self._resync_seen is not None:
+            self._resync_seen.add(rel)
+        try:
+            with os.scandir(self._abs(rel)) as entries:
+                for entry in entries:
+                    child = f"{rel}/{entry.name}" if rel else entry.name
+                    if relpath_problem(child):
+                        continue
+                    if report:
+                        self._pending.added(child)
+                    if not _is_real_dir(entry):
+                        continue
+                    if not self._skip_dir(child):
+                        stack.append((child, report))
+                    elif child in self._rel_to_wd:
+                        self._forget(child)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                self._pending.note(f"cannot list {rel or '.'}: {exc.strerror}")
 
     def _resync(self) -> None:
-        """Walk the whole tree again after lost events: watch what is new, forget what left."""
+        """Walk the whole tree again after lost events: watch what is new, and once the walk
+        is over, forget what left."""
         self._resync_due = False
-        seen: set[str] = set()
-        self._walk("", report=False, seen=seen)
-        for rel in [r for r in self._rel_to_wd if r and r not in seen]:
-            self._forget(rel)
+        self._resync_seen = set()
+        self._walk("", report=False)

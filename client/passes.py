@@ -19,6 +19,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from lsync.client import planner
 from lsync.client.delta import Signature, signature
@@ -71,6 +72,19 @@ BULK_QUEUE = 100  # more queued paths than this: compress for speed, batch small
 RENAME_MATCH = 0.5  # share of a vanished directory's files a new one must hold to be its move
 PARENT_WAIT = 0.005  # a path whose parent is not a known directory remotely waits this long
 _GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})  # lstat: no such path any more
+OFF_LOOP = 1 << 20  # reading, hashing, delta-encoding or compressing this many bytes or more
+# happens in a worker thread: the event loop keeps answering replies, pings, the watcher
+# and the control socket meanwhile
+
+_T = TypeVar("_T")
+
+
+async def _off_loop(size: int, work: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """`work(*args, **kwargs)`, in a worker thread when it handles `size` >= OFF_LOOP bytes
+    (smaller work costs less than the hand-off)."""
+    if size < OFF_LOOP:
+        return work(*args, **kwargs)
+    return await asyncio.to_thread(work, *args, **kwargs)
 
 
 class PathPasses:
@@ -92,6 +106,8 @@ class PathPasses:
     clock: Callable[[], float]
     seen_until: Callable[[], int]
     _queued_dirs: set[str]
+    # Files too big to sync (MAX_FILE): path -> the version (local_key) that was skipped.
+    skipped: dict[str, tuple[int, int, int, int]]
     bursting = False  # many paths were queued, and the queue has not run dry since
     _urgent = False  # the pass under way is over an urgent path
     _bulk_turn = 0  # which bulk lane batches go to now
@@ -116,6 +132,7 @@ class PathPasses:
             return "done"
         if relpath_problem(path):
             return "done"
+        self.skipped.pop(path, None)  # (skipped again below if it still is too big)
         self._urgent = record.urgent  # what the pass marks inherits it
         wall_now = time.time_ns()
         try:
@@ -155,7 +172,7 @@ class PathPasses:
             self.rules.forget(path)
             self._remove(path, path, since)
         elif step is Step.DIR:
-            self._make_dir(path, plan, seen.mode, since)
+            await self._make_dir(path, plan, seen.mode, since)
         elif step is Step.LINK:
             if plan.remove_first:
                 self._set_aside(path, since)
@@ -202,10 +219,10 @@ class PathPasses:
         self.reporter.failed(path, reason)
         return "failed"
 
-    def _make_dir(self, path: str, plan: planner.Plan, mode: int, since: float) -> None:
+    async def _make_dir(self, path: str, plan: planner.Plan, mode: int, since: float) -> None:
         if plan.remove_first:
             self._remove(path, path, since)
-        source = self._moved_here(path) if plan.may_be_moved else None
+        source = await self._moved_here(path) if plan.may_be_moved else None
         if source is not None:
             # A directory moved (seen as delete + add): rename it remotely, build outputs
             # and all, then let the listing below fix whatever differs inside.
@@ -222,25 +239,34 @@ class PathPasses:
             self.model.put(path, RemoteEntry(DIR, mode, owned=True))
         self._reconcile_listing(path, since)
 
-    def _moved_here(self, path: str) -> str | None:
+    async def _moved_here(self, path: str) -> str | None:
         """A queued directory, gone locally, whose files the new directory `path` holds."""
-        # (Only the queued directories are looked at, never the whole queue: O(dirs).)
-        self._queued_dirs = {p for p in self._queued_dirs if p in self.queue}
-        candidates = [p for p in self._queued_dirs
-                      if p != path and not p.startswith(path + "/")
-                      and not self.window.side_busy(p)
-                      and (e := self.model.get(p)) is not None and e.kind == DIR and e.owned
-                      and not os.path.lexists(self.root / p)]
+        candidates = self._move_sources(path)
         if not candidates:
             return None
         try:
-            local = scan_tree(self.root, self.rules, self.cache, subdir=path,
-                              on_error=lambda rel, exc: None)
+            # (A moved-in tree may be big: it is listed and hashed in a worker thread.)
+            local = await asyncio.to_thread(scan_tree, self.root, self.rules, self.cache,
+                                            subdir=path, on_error=lambda rel, exc: None)
         except OSError:
+            return None
+        candidates = [p for p in self._move_sources(path) if p in candidates]
+        if not candidates:  # (replies and events came meanwhile)
             return None
         cut = len(path) + 1
         here = {rel[cut:]: e.digest for rel, e in local.items() if e.kind == "file"}
         return planner.moved_from(here, candidates, self.model, RENAME_MATCH)
+
+    def _move_sources(self, path: str) -> list[str]:
+        """The directories the new directory `path` may have been moved from: queued,
+        owned remote directories that are gone locally and have no data-lane writes in
+        flight (only the queued directories are looked at, never the whole queue)."""
+        self._queued_dirs = {p for p in self._queued_dirs if p in self.queue}
+        return [p for p in self._queued_dirs
+                if p != path and not p.startswith(path + "/")
+                and not self.window.side_busy(p)
+                and (e := self.model.get(p)) is not None and e.kind == DIR and e.owned
+                and not os.path.lexists(self.root / p)]
 
     def _reconcile_listing(self, path: str, since: float) -> None:
         """Queue the children of a directory the watcher reported (moved in, swapped, its
@@ -280,6 +306,8 @@ class PathPasses:
         if 0 <= quiet < settle and self.clock() - since < SETTLE_MAX:
             self.queue.retry(path, self.clock(), settle - quiet)  # until still, or SETTLE_MAX
             return "retry"
+        if st.st_size > MAX_FILE:
+            return self._skip_too_big(path, st)
         prepared = None
         if ahead is not None:
             prepared = still_current(await prepared_of(ahead), st)
@@ -334,11 +362,20 @@ class PathPasses:
             self.recent.remember(path, digest, content)
         return "done"
 
+    def _skip_too_big(self, path: str, st: os.stat_result) -> str:
+        """A file lsync cannot send (it reads files whole): reported once per version and
+        left alone, not failed — a failure would be retried for ever and keep every
+        in-sync report away. It is looked at again when it changes; convergence checks
+        pass over it while it stays this version (`skipped`); status lists it."""
+        self.skipped[path] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        self.reporter.note(f"skipped {path}: {st.st_size} bytes, more than the "
+                           f"{MAX_FILE} that lsync reads into memory; not synced (the "
+                           "remote keeps whatever it has there)")
+        return "done"
+
     async def _read(self, path: str, st: os.stat_result) -> tuple[bytes, LocalEntry]:
-        if st.st_size <= SETTLE_SIZE:
-            return read_file_stable(self.root, path, self.cache, limit=MAX_FILE)
-        return await asyncio.to_thread(read_file_stable, self.root, path, self.cache,
-                                       limit=MAX_FILE)
+        return await _off_loop(st.st_size, read_file_stable, self.root, path, self.cache,
+                               limit=MAX_FILE)
 
     async def _send_content(self, path: str, content: bytes, mode: int, digest: bytes,
                             remote: RemoteEntry | None, since: float,
@@ -351,9 +388,9 @@ class PathPasses:
         if (remote is not None and remote.kind == FILE and remote.digest is not None
                 and remote.signature is not None):
             base = self.recent.get(path, remote.digest)
-            delta, new_signature = delta_message(seq, path, mode, remote.digest,
-                                                 remote.signature, content, digest, base,
-                                                 self.packing.zstd)
+            delta, new_signature = await _off_loop(
+                len(content), delta_message, seq, path, mode, remote.digest,
+                remote.signature, content, digest, base, self.packing.zstd)
             if delta is not None:
                 lane = self.window.lane_for(path, self._save_lane())
                 self._submit(delta, InFlight(path, Op.WRITE, path, since,
@@ -380,14 +417,12 @@ class PathPasses:
         if prepared is not None and prepared.signature is not None:
             new_signature = prepared.signature
         else:
-            new_signature = signature(content)
+            new_signature = await _off_loop(len(content), signature, content)
         packer = self.packing.packer(burst=burst)
         if prepared is not None and prepared.packer == packer and prepared.pieces is not None:
             pieces = prepared.pieces
-        elif len(content) > SETTLE_SIZE:
-            pieces = await asyncio.to_thread(pieces_of, content, packer)
         else:
-            pieces = pieces_of(content, packer)
+            pieces = await _off_loop(len(content), pieces_of, content, packer)
         messages = content_messages(seq, path, mode, pieces)
         wire = sum(len(data) for data, _ in pieces)
         # A save in one message takes the fast lane; bigger files, and big files of a
@@ -426,7 +461,7 @@ class PathPasses:
                 continue
             if entry.owned or self.delete_extra:
                 self._submit(m.Delete(self.link.next_seq(), below),
-                             InFlight(owner, Op.DELETE, below, since))
+                             InFlight(owner, Op.DELETE, below, since, dropped=entry))
             self.model.drop(below)
 
     def _set_aside(self, path: str, since: float) -> None:
@@ -439,7 +474,7 @@ class PathPasses:
             entry = self.model.get(below)
             if entry is not None and (entry.owned or self.delete_extra):
                 self._submit(m.Delete(self.link.next_seq(), below),
-                             InFlight(path, Op.DELETE, below, since))
+                             InFlight(path, Op.DELETE, below, since, dropped=entry))
             self.model.drop(below)
         aside = f"{path}.lsync-kept-{time.time_ns() % 10**9}"
         self._submit(m.Rename(self.link.next_seq(), path, aside),

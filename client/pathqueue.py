@@ -18,8 +18,8 @@ A path changed again while READING or WAITING goes back to QUEUED (`again` for R
 the engine's current pass may have read an old version), while its unanswered operations
 stay counted (`inflight`). "Idle" is "no record except FAILED ones". Each change gets a
 tick from one counter; `flushed(tick)` is the flush watermark: whether every change with a
-smaller tick has been acknowledged by the remote (a failed one has not; `failing` lists
-those paths).
+smaller tick has been acknowledged by the remote (a failed one has not, and keeps its tick
+through every retry until one succeeds; `failing` lists those paths).
 """
 
 from __future__ import annotations
@@ -205,11 +205,11 @@ class PathQueue:
         return woken
 
     def _requeue(self, record: PathRecord, when: float) -> None:
-        """Back to the end of the queue; a failed change counts as a new one (its own tick)."""
+        """Back to the end of the queue. A failed path keeps its tick: its retry carries
+        the same unacknowledged change, so a flush barrier taken before the failure waits
+        for the retry to succeed (a retry that fails again holds it still)."""
         if record.state is State.FAILED:
-            self._tick += 1
-            record.tick, record.since = self._tick, when
-            heapq.heappush(self._ticks, (self._tick, record.path))
+            record.since = when
         self._to(record, State.QUEUED)
         self._enqueue(record)
 

@@ -214,15 +214,17 @@ class ReadAhead:
 def _prepare_group(root: Path, group: list[tuple[str, Ahead]],
                    done: concurrent.futures.Future[None], cache: HashCache,
                    packer: Packer) -> None:
+    """Prepare each file of the group. Whatever goes wrong with one file is that file's
+    business alone: it is left unprepared, and its own pass reads it (and reports what
+    fails then); the group, and the session, go on."""
     if not done.set_running_or_notify_cancel():
         return
-    try:
-        for path, ahead in group:
+    for path, ahead in group:
+        try:
             ahead.result = _prepare(root, path, cache, packer)
-            ahead.done = True
-    except BaseException as exc:  # a bug: whoever waits for the group gets it
-        done.set_exception(exc)
-        return
+        except Exception:
+            ahead.result = None
+        ahead.done = True
     done.set_result(None)
 
 

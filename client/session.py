@@ -106,6 +106,9 @@ class Session:
         # initial sync is done, and an event set whenever either changes.
         self.engine_ready = False
         self.engine_changed = asyncio.Event()
+        # The link to the agent is up (False from the moment a connection starts to end,
+        # through the backoff, until the next one has its engine).
+        self.link_up = False
         self.remote_root: str | None = None
         self.rules = IgnoreRules(self.root, options.excludes, options.include_vcs)
         self.stop = asyncio.Event()
@@ -124,7 +127,20 @@ class Session:
     def _set_engine(self, engine: SyncEngine | None) -> None:
         self.engine = engine
         self.engine_ready = False
+        self.link_up = engine is not None
         self.engine_changed.set()
+
+    def _link_down(self) -> None:
+        """The connection is ending: from now on no flush passes and no command starts on
+        it (the build loop waits for the next one)."""
+        self.engine_ready = False
+        self.link_up = False
+        self.engine_changed.set()
+
+    @property
+    def target_is_local(self) -> bool:
+        """The target is a local directory (no SSH): commands run as local processes."""
+        return self.options.target.host is None
 
     @property
     def ssh_connection(self) -> asyncssh.SSHClientConnection | None:
@@ -245,22 +261,33 @@ class Session:
                 self.reporter.state("stopped before the initial sync completed")
                 return
             except (LinkBroken, ConnectError) as exc:
+                worked = self._forget_connection()
+                connected_once = connected_once or worked
                 if isinstance(exc, ConnectError) and not connected_once:
                     raise
                 if not self.options.reconnect or self.stop.is_set():
                     raise
-                if self.engine is not None:
+                if worked:
                     attempt = 0  # this connection worked: start the backoff again
                 delay = BACKOFF[min(attempt, len(BACKOFF) - 1)]
                 attempt += 1
+                # (Disconnected for status, flush and run from here on: the dead engine
+                # is gone before the backoff.)
                 self.reporter.state(f"disconnected ({exc}); reconnecting in {delay:.0f} s")
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), delay)
             finally:
-                connected_once = connected_once or self.engine is not None
-                if self.engine is not None:
-                    self._carry_over(self.engine)
-                self._set_engine(None)
+                self._forget_connection()
+
+    def _forget_connection(self) -> bool:
+        """The connection ended: keep what the next one needs, drop its engine; whether
+        it had got as far as an engine."""
+        engine = self.engine
+        if engine is None:
+            return False
+        self._carry_over(engine)
+        self._set_engine(None)
+        return True
 
     def _carry_over(self, engine: SyncEngine) -> None:
         """Keep what the next connection needs from one that ended: the paths still to do
@@ -468,6 +495,7 @@ class Session:
             await link.close("user stopped lsync")
             self.reporter.state("stopped")
         finally:
+            self._link_down()
             for task in tasks:
                 task.cancel()
             for task in tasks:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from lsync.client.model import RemoteEntry
 from lsync.protocol import messages as m
 from lsync.protocol.errors import AckStatus, ErrorCode
 
@@ -48,6 +49,9 @@ class InFlight:
     nbytes: int = 0  # content bytes it syncs
     wire: int = 0  # bytes it takes on the wire: what the window bounds
     lane: int = 0  # 0: the main stream; else the data lane that carries it
+    # A delete: the model's entry it dropped when sent, put back if the delete is refused
+    # (so that the retry deletes it again).
+    dropped: RemoteEntry | None = None
 
 
 class Window:

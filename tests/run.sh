@@ -36,7 +36,10 @@ venv=${LSYNC_VENV:-$repo/.venv}
 if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install -q --disable-pip-version-check ".[test]"
+# Pinned versions (tests/constraints.txt), the build's own setuptools and wheel included
+# (PIP_CONSTRAINT reaches pip's isolated build environment too).
+PIP_CONSTRAINT="$repo/tests/constraints.txt" \
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check ".[test]"
 
 echo "== ruff"
 "$venv/bin/ruff" check client agent protocol tests benchmarks

@@ -114,6 +114,39 @@ def test_failed_path_is_retried_with_backoff_and_not_counted_as_busy() -> None:
     assert queue.next_due() == 1.0 + 2.0  # doubled
 
 
+def test_a_flush_barrier_waits_through_the_retries_of_a_failing_path() -> None:
+    """A path that failed before a barrier holds it while its retry is queued, read,
+    sent and fails again (issue 15: the retry got a new tick and the barrier passed)."""
+    queue = PathQueue()
+    queue.mark(["x"], 0.0)
+    queue.take()
+    queue.sent("x")
+    queue.done("x", 0.0)
+    queue.fail("x", 0.0, "read-only file system")
+    queue.answered("x", ok=False)
+    barrier = queue.now_tick()
+    now = 0.0
+    for _ in range(3):
+        due = queue.next_due()
+        assert due is not None
+        now = due
+        queue.wake(now)
+        assert not queue.flushed(barrier)  # queued for its retry
+        queue.take()
+        queue.sent("x")
+        queue.done("x", now)
+        assert not queue.flushed(barrier)  # retried, unanswered
+        queue.fail("x", now, "read-only file system")
+        queue.answered("x", ok=False)
+        assert not queue.flushed(barrier)  # failed again
+    queue.wake(queue.next_due() or 0.0)
+    queue.take()
+    queue.sent("x")
+    queue.done("x", now)
+    queue.answered("x", ok=True)
+    assert queue.flushed(barrier) and idle(queue)
+
+
 def test_deferred_delete_goes_behind_the_queue_once() -> None:
     queue = PathQueue()
     queue.mark(["gone", "new"], 0.0)

@@ -320,6 +320,39 @@ def test_flush_times_out_with_exit_1_while_the_link_cannot_come_back(
     assert (s.remote / "while-down.c").read_text() == "int down;\n"
 
 
+@pytest.mark.parametrize("after", [0.0, 0.2, 0.5])
+def test_run_during_a_reconnect_runs_on_the_remote_after_the_link_is_back(
+        own_session: Session, after: float) -> None:
+    """Cut, then `lsync run` at once or a little later, inside the reconnect's backoff:
+    the command runs over SSH once the link is back (it ran locally, 3 times of 3)."""
+    s = own_session
+    assert s.link.proxy.cut() == 1
+    if after:
+        time.sleep(after)  # (the moment of the run, not a wait for a condition)
+    done = lsync_cli("run", "--timeout", "30", "--", "sh", "-c",
+                     "echo where=${SSH_CONNECTION:-none}", cwd=s.local)
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    where = [line for line in done.stdout.splitlines() if line.startswith("where=")]
+    assert len(where) == 1 and where[0] != "where=none", done.stdout
+    assert s.lsync.saw("reconnecting in"), "the link was not broken: the test proved nothing"
+
+
+def test_run_while_the_link_stays_down_exits_125_without_running_anything(
+        own_session: Session) -> None:
+    s = own_session
+    s.link.proxy.set_accepting(False)
+    assert s.link.proxy.cut() == 1
+    marker = s.local / "ran-here"
+    done = lsync_cli("run", "--timeout", "1.5", "--", "sh", "-c",
+                     f"echo where=${{SSH_CONNECTION:-none}}; touch {marker}", cwd=s.local)
+    assert done.returncode == 125, (done.returncode, done.stdout, done.stderr)
+    assert "where=" not in done.stdout and not marker.exists()
+    assert "not connected" in done.stderr, done.stderr
+    status = json.loads(lsync_cli("status", "--json", cwd=s.local).stdout)
+    assert status["connected"] is False and status["state"].startswith("disconnected")
+    s.link.proxy.set_accepting(True)
+
+
 def test_flush_times_out_with_the_pending_paths_counted_on_a_frozen_link(
         own_session: Session) -> None:
     s = own_session

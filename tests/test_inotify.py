@@ -14,6 +14,7 @@ import errno
 import os
 import shutil
 import struct
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -445,3 +446,51 @@ def test_stop_ends_batches_without_leftover_tasks_and_close_is_idempotent(
 def no_inotify_left_behind() -> Iterator[None]:
     yield
     assert inotify_fds() == []
+
+
+def test_a_big_subtree_moved_in_is_walked_in_slices_while_the_loop_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subtree of 300 directories moved in is walked a slice per turn of the event loop
+    (here: one directory per turn), so other work runs between slices; everything in it is
+    still reported and watched, and `seen_until` does not pass the move until the walk is
+    over (a flush must wait for what the walk reports)."""
+    monkeypatch.setattr(inotify, "WALK_SLICE", 0.0)
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    wanted = {"big"}
+    for i in range(30):
+        for j in range(10):
+            (outside / f"d{i}/e{j}").mkdir(parents=True)
+            touch(outside / f"d{i}/e{j}/f.c")
+            wanted |= {f"big/d{i}", f"big/d{i}/e{j}", f"big/d{i}/e{j}/f.c"}
+
+    async def scenario() -> None:
+        async with watching(root) as feed:
+            turns = 0
+            seen_during_walk: list[int] = []
+
+            async def ticker() -> None:
+                nonlocal turns
+                while True:
+                    turns += 1
+                    if feed.watcher._walking:
+                        seen_during_walk.append(feed.watcher.seen_until())
+                    await asyncio.sleep(0)
+
+            tick = asyncio.ensure_future(ticker())
+            try:
+                moved_at = time.time_ns()
+                os.rename(outside, root / "big")
+                await feed.until_all(wanted)
+            finally:
+                tick.cancel()
+                await asyncio.gather(tick, return_exceptions=True)
+            assert not feed.watcher._walking
+            assert turns >= 300, turns  # the loop ran between the directories' listings
+            assert seen_during_walk and max(seen_during_walk) < moved_at
+            assert kernel_watches() == 1 + 1 + 30 + 300
+            feed.forget()
+            touch(root / "big/d29/e9/late.c")
+            await feed.until_path("big/d29/e9/late.c")
+
+    run(scenario)

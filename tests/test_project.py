@@ -254,3 +254,19 @@ def test_local_elsewhere_than_the_file(tmp_path: Path) -> None:
     settings = merge(project, connect_args(["h:t", "--local", str(other)]))
     assert settings.local_root == other.resolve() and settings.exclude == []
     assert settings.delete is False  # the file was for another tree
+
+
+def test_the_lsync_command_imports_without_any_warning() -> None:
+    """A fresh install prints nothing but lsync's own lines: every module of the command,
+    imported with warnings turned into errors (the DSA deprecation that asyncssh triggers
+    on import with cryptography >= 48 printed ten lines on every start)."""
+    import subprocess
+    import sys
+
+    modules = ["lsync.client.cli", "lsync.client.session", "lsync.client.ssh",
+               "lsync.client.buildloop", "lsync.client.lanes", "lsync.client.streams"]
+    code = "import " + ", ".join(modules)
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""

@@ -1,0 +1,274 @@
+"""Where features meet failures (issue 15), on the client core against the real agent
+service through in-memory streams (tests/memagent.py, the rig of test_core_properties):
+a branch switch that queues the root with thousands of files, a bug on one path, a path
+that keeps failing under a flush barrier, deletes the remote refuses, operations in flight
+when the link breaks, files too big to send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lsync.agent.confined import ConfinedRoot, OpError
+from lsync.client import passes, planner, sender
+from lsync.client.pathqueue import State
+from lsync.protocol.errors import ErrorCode
+from tests.conftest import c_like_text
+from tests.test_core_properties import Rig
+from tests.test_core_properties import home as home  # (a fixture)
+from tests.test_core_properties import rig as rig  # (a fixture)
+
+
+def _write_many(root: Path, names: list[str], seed: int) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    files = {name: c_like_text(rng, rng.randrange(0, 4000)) for name in names}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def test_a_checkout_that_queues_the_root_with_many_files_converges(rig: Rig) -> None:
+    """The root is queued (its listing is checked) among thousands of paths: it is never
+    a file to read ahead (that killed the session with `not a relative path: ''`)."""
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.converged()
+        names = [f"top{i}.c" for i in range(300)] + [f"sub/f{i}.c" for i in range(300)]
+        files = _write_many(rig.local, names, 1)
+        rig.engine.mark_dirty(["top0.c", "", *names], hint=False)
+        rig.changed([])
+        await rig.converged()
+        assert not rig.problems(), rig.problems()
+        for rel, data in files.items():
+            assert (rig.remote / rel).read_bytes() == data
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_bug_while_reading_one_file_ahead_fails_that_file_alone(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that raises on one path leaves the rest of its read-ahead group, and the
+    session, unharmed; the path is read again on its own turn."""
+    real = sender._prepare
+    broken = "f7.c"
+
+    def flaky(root: Path, path: str, *args: object) -> sender.Prepared | None:
+        if path == broken:
+            raise RuntimeError("a bug in a worker")
+        return real(root, path, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sender, "_prepare", flaky)
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.converged()
+        names = [f"f{i}.c" for i in range(200)]
+        files = _write_many(rig.local, names, 2)
+        rig.changed(names)
+        await rig.converged()
+        assert not rig.problems(), rig.problems()
+        for rel, data in files.items():
+            assert (rig.remote / rel).read_bytes() == data
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_bug_in_the_pass_over_one_path_fails_that_path_not_the_session(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected exception while syncing one path makes that path fail (reported,
+    retried with backoff, traceback in the client log); the others sync, and once the
+    bug is gone the path converges too."""
+    broken = {"f3.c"}
+    real = planner.plan_content
+
+    def buggy(path: str, *args: object) -> planner.ContentPlan:
+        if path in broken:
+            raise ValueError("a bug in the planner")
+        return real(path, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(planner, "plan_content", buggy)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(rig.local.parent / "cache"))
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.converged()
+        names = [f"f{i}.c" for i in range(20)]
+        files = _write_many(rig.local, names, 3)
+        rig.changed(names)
+        await rig.quiet()
+        failing = rig.engine.queue.failing()
+        assert list(failing) == ["f3.c"] and "internal error" in failing["f3.c"]
+        assert rig.engine.queue.state("f3.c") is State.FAILED
+        for rel in names:
+            if rel != "f3.c":
+                assert (rig.remote / rel).read_bytes() == files[rel]
+        broken.clear()
+        await rig.converged()
+        assert not rig.engine.queue.failing()
+        assert [p for p in rig.problems() if not p.startswith("(d)")] == []
+        assert (rig.remote / "f3.c").read_bytes() == files["f3.c"]
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_deletes_the_remote_refused_are_retried_until_they_succeed(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only remote refuses deletes (of files and of the directory holding them);
+    once it is writable again the retries delete them (they stayed on the remote for good:
+    the model had dropped them when the delete was sent)."""
+    refusing = True
+    real = ConfinedRoot.remove
+
+    def remove(self: ConfinedRoot, path: str) -> tuple[bool, bool]:
+        if refusing:
+            raise OpError(ErrorCode.PERMISSION_DENIED, f"remove {path}: read-only file system")
+        return real(self, path)
+
+    monkeypatch.setattr(ConfinedRoot, "remove", remove)
+
+    async def scenario() -> None:
+        nonlocal refusing
+        _write_many(rig.local, ["keep.c", "gone.c", "olddir/a.c", "olddir/sub/b.c"], 4)
+        refusing = False
+        await rig.connect()
+        await rig.converged()
+        refusing = True
+        (rig.local / "gone.c").unlink()
+        shutil.rmtree(rig.local / "olddir")
+        rig.changed(["gone.c", "olddir"])
+        await rig.quiet()
+        assert set(rig.engine.queue.failing()) == {"gone.c", "olddir"}
+        assert (rig.remote / "gone.c").exists() and (rig.remote / "olddir/sub/b.c").exists()
+        refusing = False
+        await rig.converged()
+        assert not rig.engine.queue.failing()
+        assert not (rig.remote / "gone.c").exists()
+        assert not (rig.remote / "olddir").exists()
+        assert (rig.remote / "keep.c").exists()
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_deletes_in_flight_when_the_link_breaks_are_redone_after_the_reconnect(
+        rig: Rig) -> None:
+    """Files lsync verified (equal on both sides from the start, not written by it) are
+    deleted locally; the link breaks after the agent handled the first delete. What lsync
+    owned, and the deletes left unanswered, are carried to the next connection, which
+    deletes the rest (the carried ownership was always empty: each failed reply was taken
+    out of the window before the session looked)."""
+    names = [f"v/f{i}.c" for i in range(12)]
+    files = _write_many(rig.local, names, 5)
+    for rel, data in files.items():
+        (rig.remote / rel).parent.mkdir(parents=True, exist_ok=True)
+        (rig.remote / rel).write_bytes(data)
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.converged()
+        for rel in names:
+            (rig.local / rel).unlink()
+        rig.changed(names)
+        await rig.cut(1)
+        assert rig.stream.cuts == 0 and rig.streams[-2].cuts == 1
+        await rig.converged()
+        left = sorted(p.name for p in (rig.remote / "v").iterdir())
+        assert left == [], left
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_file_too_big_to_send_is_skipped_and_reported_not_retried_for_ever(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file over the size lsync reads whole is reported once and left alone: not a
+    failure retried for ever, and an in-sync report still comes (convergence checks pass
+    over it while it stays that version); once it is small enough it is synced."""
+    monkeypatch.setattr(passes, "MAX_FILE", 64 << 10)
+
+    async def scenario() -> None:
+        _write_many(rig.local, ["small.c"], 6)
+        (rig.local / "huge.bin").write_bytes(os.urandom(100 << 10))
+        await rig.connect()
+        await rig.converged()
+        assert not rig.engine.queue.failing()
+        assert list(rig.engine.skipped) == ["huge.bin"]
+        assert not (rig.remote / "huge.bin").exists()
+        assert sum("skipped huge.bin" in n for n in rig.reporter.notes) == 1
+        rig.periodic_check()  # a whole-tree check passes over it, reports nothing new
+        await rig.converged()
+        assert sum("skipped huge.bin" in n for n in rig.reporter.notes) == 1
+        assert not any("paths differ" in n for n in rig.reporter.notes)
+        (rig.local / "huge.bin").write_bytes(b"small now\n")
+        rig.changed(["huge.bin"])
+        await rig.converged()
+        assert (rig.remote / "huge.bin").read_bytes() == b"small now\n"
+        assert not rig.engine.skipped
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_big_file_work_and_the_scan_of_a_moved_in_tree_stay_off_the_event_loop(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading, signing, delta-encoding and compressing a big file, and listing and hashing
+    a directory that moved in, run in worker threads: the loop keeps answering replies,
+    pings, the watcher and the control socket (they ran on it: a 100 MB file stalled it)."""
+    loop_thread = threading.get_ident()
+    on_loop: list[str] = []
+    called: set[str] = set()
+
+    def watched(name: str, size_of: Callable[..., int]) -> None:
+        real = getattr(passes, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            called.add(name)
+            if threading.get_ident() == loop_thread and size_of(*args) >= passes.OFF_LOOP:
+                on_loop.append(name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(passes, name, wrapper)
+
+    watched("signature", lambda content: len(content))
+    watched("pieces_of", lambda content, packer: len(content))
+    watched("delta_message", lambda *args: len(args[6]))
+    watched("read_file_stable", lambda root, path, *rest: (root / path).stat().st_size)
+    watched("scan_tree", lambda *args: passes.OFF_LOOP)  # never on the loop, whatever size
+    rng = random.Random(7)
+    big = c_like_text(rng, 3 << 20)
+
+    async def scenario() -> None:
+        _write_many(rig.local, [f"old/f{i}.c" for i in range(8)], 7)
+        await rig.connect()
+        await rig.converged()
+        (rig.local / "big.c").write_bytes(big)
+        rig.changed(["big.c"])
+        await rig.converged()
+        (rig.local / "big.c").write_bytes(big[:1000] + b"/* edit */" + big[1000:])
+        rig.changed(["big.c"])
+        await rig.converged()
+        (rig.local / "old").rename(rig.local / "new")
+        rig.changed(["old", "new"])
+        await rig.converged()
+        assert not rig.problems(), rig.problems()
+        assert (rig.remote / "big.c").read_bytes() == (rig.local / "big.c").read_bytes()
+        await rig.close()
+
+    asyncio.run(scenario())
+    assert on_loop == []
+    assert called == {"signature", "pieces_of", "delta_message", "read_file_stable",
+                      "scan_tree"}, called
