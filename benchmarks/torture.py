@@ -199,7 +199,9 @@ class Torture:
                          f"{len(differences)} paths differ: {shown(differences)}; "
                          f"lsync status: {status[-800:]}; last lines: "
                          f"{client.tail(8)}")
-        self.say("  recovering: a fresh lsync connect")
+        self.say("  recovering: the link uncapped, a fresh lsync connect")
+        self.proxy.set_rate(None)
+        self.proxy.set_accepting(True)
         self.restart_client()
 
     def restart_client(self, ctrl_c: bool = True) -> None:
@@ -444,7 +446,7 @@ class Torture:
             stack.callback(self.forget_records)
             # First contact: the remote already holds a copy of one directory (new mtimes),
             # files lsync verifies but did not write.
-            self.remote.mkdir()
+            (self.remote / self.first_contact).parent.mkdir(parents=True)
             subprocess.run(["cp", "-r", str(self.local / self.first_contact),
                             str(self.remote / self.first_contact)], check=True)
             self.workload = Workload(self.local, self.material.tags, self.rng)
