@@ -3,15 +3,19 @@
     python -m benchmarks.torture [--seed N] [--short | --minutes M] [--workdir DIR]
 
 Material: two Linux point releases as two revisions of one git repository
-(`benchmarks.kernel_material`; `--short` uses a slice of ~4,800 files, the long mode the
-whole tree). A local clone is synced by `lsync connect` (the real command, a subprocess) to
-a remote tree on its own small tmpfs, over the testbed: the private OpenSSH sshd behind the
-delay/bandwidth proxy. The run is a seeded schedule of rounds; each round injects one fault
-(`FAULTS`; the short mode every kind once, in a seeded order, the long mode every kind
-again and again until the time is up), does a few workload actions meanwhile
-(`torture_workload`: checkouts between the releases, editor saves, creates, deletes,
-directory moves, symlink changes, big files on a capped link), heals the fault and checks.
-Meanwhile another thread runs `lsync flush`, `lsync run` and `lsync status` at random times.
+(`benchmarks.kernel_material`; `--short` uses a slice of ~4,500 files, the long mode the
+whole tree, ~78,700). A local clone is synced by `lsync connect` (the real command, a
+subprocess) to a remote tree on its own small tmpfs, over the testbed: the private OpenSSH
+sshd behind the delay/bandwidth proxy. The remote starts with a copy of one directory
+(first contact: files lsync verifies but did not write) and, once lsync is ready, files
+planted by the harness. The run is a seeded schedule of rounds; each round injects one
+fault (`FAULTS`: every kind once in a seeded order, then again; the short mode starts no
+round after `SHORT_ROUNDS_UNTIL` once each kind had its turn, the long mode none after its
+minutes), does a few workload actions meanwhile (`torture_workload`: checkouts between the
+releases, a switch "far back" that brings back thousands of files and the root's
+`.gitignore`, editor saves, creates, deletes, directory moves, symlink changes, big files on
+a capped link), heals the fault and checks. Meanwhile another thread runs `lsync flush`,
+`lsync run` and `lsync status` at random times (`torture_sessions.Commander`).
 
 Invariants (`torture_checks.Tally` counts every check and keeps every violation with its
 round, step and seed):
@@ -25,11 +29,11 @@ round, step and seed):
   while the link is down it waits, or exits 125 (124: its flush timed out);
 - convergence: after the fault is healed, a marker file is written, and within the bound
   (10 s, plus the documented detection time of a frozen link (20 s) and 5 s to reconnect,
-  plus the retry backoff
-  a refused write may be in (at most the fault's length), plus the transfer time of big
-  files on a capped link) an `in-sync as-of=N` line covers it, and right then the trees are
-  equal (ignored paths and planted files aside); not a single `disconnected` state in a
-  round whose fault does not break the link (a false stall);
+  plus the retry backoff a refused write may be in (at most the fault's length), plus the
+  transfer time of big files on a capped link) an `in-sync as-of=N` line covers it, and
+  right then the trees are equal (ignored paths and planted files aside); not a single
+  `disconnected` state in a round whose fault does not break the link (a false stall);
+  also `cli-answers` (no command hangs) and `cli-status` (documented exit statuses only);
 - nothing-lost: every file planted on the remote (build outputs `*.o` in ignored paths, a
   remote-only file) still exists (by name and content);
 - bounded-cost: bytes up through the proxy in a round <= 1.5 x the bytes written locally
