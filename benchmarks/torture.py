@@ -369,9 +369,17 @@ class Torture:
         work = self.workload
         for i in range(operations):
             if i == kill_at:
+                # New files in flight when lsync dies, deleted while it is down: lsync (or
+                # its agent) must still know which of them it wrote.
+                before = len(work.created)
+                work.create(self.rng.randint(10, 40))
+                doomed = work.created[before:]
+                del work.created[before:]
+                time.sleep(self.rng.uniform(0.0, 0.2))  # how far the writes got
                 self.commander.transition()
                 self.client.kill()
                 self.step(f"SIGKILL lsync after {i} of {operations} operations")
+                self.step(work.delete_paths(doomed))
             roll = self.rng.random()
             if roll < 0.1:  # (not of the first-contact files: lsync did not write them)
                 work.delete(1, spare=self.first_contact)
@@ -412,6 +420,10 @@ class Torture:
         self.step(f"lsync restarted with an inotify queue of {INOTIFY_LIMIT} events")
         self.step(self.workload.checkout())
         self.workload_steps(self.rng.randint(1, 2))
+        client = self.client
+        if not wait_until(lambda: client.process.saw("checking the whole tree"), CONVERGE):
+            self.tally.notes.append(f"round {self.tally.round_no}: no inotify overflow "
+                                    "reported by lsync")
 
     # -- the run ---------------------------------------------------------------------------
 

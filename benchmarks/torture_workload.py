@@ -228,6 +228,15 @@ class Workload:
                 self.changed_paths += 1
         return f"delete {gone} new files"
 
+    def delete_paths(self, paths: list[Path]) -> str:
+        gone = 0
+        for path in paths:
+            if path.is_file():
+                path.unlink()
+                gone += 1
+                self.changed_paths += 1
+        return f"delete {gone} files created just before"
+
     def move_dir(self) -> str:
         pool = [d for d in self.favoured_dirs if (self.local / d).is_dir()]
         if not pool or self.rng.random() < 0.5:
