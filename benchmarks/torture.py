@@ -203,8 +203,9 @@ class Torture:
                          f"{len(differences)} paths differ: {shown(differences)}; "
                          f"lsync status: {status[-800:]}; last lines: "
                          f"{client.tail(8)}")
-        self.say("  recovering: the link uncapped, a fresh lsync connect")
+        self.say("  recovering: every fault off (RTT 0, no cap), a fresh lsync connect")
         self.proxy.set_rate(None)
+        self.proxy.set_delay(0.0)
         self.proxy.set_accepting(True)
         self.restart_client()
 
@@ -219,7 +220,7 @@ class Torture:
     def new_client(self) -> Client:
         client = Client(self.connect_args(), self.local, self.workdir, self.tally)
         self.commander.transition()
-        client.wait_ready(120 if self.short else 900)
+        client.wait_ready(120 if self.short else 300)
         self.commander.client = client
         self.commander.transition()
         return client
