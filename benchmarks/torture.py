@@ -215,15 +215,16 @@ class Torture:
             self.client.interrupt(self.tally)
         elif self.client.alive():
             self.client.kill()
-        self.client = self.new_client()
+        self.new_client()
 
-    def new_client(self) -> Client:
-        client = Client(self.connect_args(), self.local, self.workdir, self.tally)
+    def new_client(self) -> None:
+        """Start `lsync connect` (it is `self.client` at once, so that clean-up finds it)
+        and wait for its ready line."""
+        self.client = Client(self.connect_args(), self.local, self.workdir, self.tally)
         self.commander.transition()
-        client.wait_ready(120 if self.short else 300)
-        self.commander.client = client
+        self.client.wait_ready(120 if self.short else 300)
+        self.commander.client = self.client
         self.commander.transition()
-        return client
 
     def connect_args(self) -> list[str]:
         return ["connect", "-F", str(self.config), f"{self.sshd.alias}:{self.remote}"]
@@ -391,7 +392,7 @@ class Torture:
             else:
                 work.edit(1)
         self.step(f"burst of {operations} edits, creates and deletes")
-        self.client = self.new_client()
+        self.new_client()
         self.step("lsync started again")
 
     def fault_disk(self, fault: str) -> float:
