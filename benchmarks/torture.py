@@ -29,8 +29,10 @@ round, step and seed):
   while the link is down it waits, or exits 125 (124: its flush timed out);
 - convergence: after the fault is healed, a marker file is written, and within the bound
   (10 s, plus the documented detection time of a frozen link (20 s) and 5 s to reconnect,
-  plus the retry backoff a refused write may be in (at most the fault's length), plus the
-  transfer time of big files on a capped link) an `in-sync as-of=N` line covers it, and
+  the reconnect's comparison after a broken link (3 s, 10 s on the whole tree), the retry
+  backoff a refused write may be in (at most the fault's length), the round's work at a
+  modest bulk rate (20 MB/s, 2,000 paths/s) and the transfer time of a big file on the
+  capped link) an `in-sync as-of=N` line covers it, and
   right then the trees are equal (ignored paths and planted files aside); not a single
   `disconnected` state in a round whose fault does not break the link (a false stall);
   also `cli-answers` (no command hangs) and `cli-status` (documented exit statuses only);
@@ -88,6 +90,12 @@ FREEZE_DETECTION = 25.0
 MARKER = "torture-marker.txt"
 CAP_BPS = 10e6
 INOTIFY_LIMIT = 16
+# The convergence bound's allowances beyond CONVERGE: bulk work at these rates (the round's
+# bytes written, counted whole, and paths), and after a broken link the reconnect's
+# comparison of the tree (the agent's manifest of 78,000 entries on the whole tree).
+BULK_BYTES_PER_S = 20e6
+BULK_PATHS_PER_S = 2000.0
+RESYNC_SHORT, RESYNC_LONG = 3.0, 10.0
 FIRST_CONTACT = "fs/ext4"  # on the remote before lsync first starts (a copy)
 SHORT_ROUNDS_UNTIL = 170.0  # s: the short mode starts no round after this (each kind once first)
 
@@ -179,6 +187,12 @@ class Torture:
         self.step(f"checked run: exit {done.status}")
 
     # -- convergence and the other end-of-round checks -----------------------------------
+
+    def bulk_allowance(self) -> float:
+        """Seconds to move the round's work at a modest bulk rate (a far switch on the whole
+        tree writes ~700 MB in 25,000 paths; 10 s do not cover that on any link)."""
+        work = self.workload
+        return work.changed_bytes / BULK_BYTES_PER_S + work.changed_paths / BULK_PATHS_PER_S
 
     def converge(self, bound: float) -> None:
         (self.local / MARKER).write_text(f"converge {self.rng.getrandbits(64):x}\n")
@@ -303,7 +317,9 @@ class Torture:
             extra = self.fault_disk(fault)
         elif fault == "inotify-overflow":
             self.fault_inotify()
-        self.converge(CONVERGE + extra)
+        if fault in BREAKS_LINK:
+            extra += RESYNC_SHORT if self.short else RESYNC_LONG
+        self.converge(CONVERGE + extra + self.bulk_allowance())
         self.checked_flush(10, must_answer=True)
         self.checked_run(10, must_answer=True)
         self.end_checks(fault, counters.bytes_up, counters.connections_total)
@@ -319,7 +335,7 @@ class Torture:
         mark = time.time_ns()
         client = self.client
         wait_until(lambda: (client.in_sync_as_of() or 0) >= mark or not client.alive(),
-                   CONVERGE * 3)  # not a check: the checkout below is the point
+                   CONVERGE * 3 + self.bulk_allowance())  # not a check: the next step is
         self.step(self.workload.checkout())
 
     def fault_cut(self) -> float:

@@ -231,10 +231,10 @@ class Commander:
             return
         self.tally.check("cli-answers", True)
         client = self.client
-        # "No session" is right while a session is stopped or started, or after it died
-        # (that is a crash, reported as one).
+        # "No session" is right while a session is stopped or started (a Ctrl-C'd one
+        # drains first), or after it died (that is a crash, reported as one).
         changed = self._session_changed(done.started, done.ended) or (
-            client is None or not client.alive())
+            client is None or not client.alive() or client.ended_by_us)
         if kind == "run":
             ok = "SSH=none" not in done.output and (
                 (done.status == 0 and "SSH=127.0.0.1" in done.output)
