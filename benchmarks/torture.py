@@ -114,7 +114,7 @@ class Torture:
         self.comparer = TreeComparer(self.planted)
         self.local = workdir / "local"
         self.remote = workdir / "remote-fs" / "tree"
-        self.big_size = (24 if self.short else 120) << 20
+        self.big_size = (40 if self.short else 120) << 20
         self.started = time.monotonic()
         self.deadline = self.started + (SHORT_ROUNDS_UNTIL if self.short
                                          else 60 * args.minutes)
@@ -337,6 +337,11 @@ class Torture:
         wait_until(lambda: (client.in_sync_as_of() or 0) >= mark or not client.alive(),
                    CONVERGE * 3 + self.bulk_allowance())  # not a check: the next step is
         self.step(self.workload.checkout())
+        # An editor save of the root's rules while thousands of new files wait: the root's
+        # listing is queued ahead of them (a save is urgent).
+        rules = self.local / ".gitignore"
+        self.workload.save(rules, rules.read_bytes(), "truncate")
+        self.step("saved the root .gitignore during the switch")
 
     def fault_cut(self) -> float:
         """A cut while idle, a `run` probe 0.05-0.5 s later (nothing pending: its flush
@@ -356,10 +361,15 @@ class Torture:
         self.proxy.set_accepting(True)
         self.step("link back")
         if wait_until(lambda: self.client.process.count(" ready ") > readies, CONVERGE + 4):
+            # Deletes really in flight: sent (bytes went up), unanswered (a slow link back).
+            self.proxy.set_delay(0.3)
+            before = self.proxy.counters().bytes_up
             self.workload.delete(self.rng.randint(3, 10))
             self.workload.delete(self.rng.randint(3, 10), under=self.first_contact)
+            sent = wait_until(lambda: self.proxy.counters().bytes_up > before, 5)
             self.proxy.cut()
-            self.step("deletes in flight at a second cut")
+            self.proxy.set_delay(0.05 if self.short else 0.0)
+            self.step(f"deletes in flight at a second cut ({'sent' if sent else 'not sent'})")
         return 2.0  # lsync's reconnect backoff: 1 s, then 2 s
 
     def fault_cap(self) -> None:
