@@ -119,6 +119,7 @@ class Torture:
         self.deadline = self.started + (SHORT_ROUNDS_UNTIL if self.short
                                          else 60 * args.minutes)
         self.round_mark = 0
+        self.round_delay = 0.05
         self.first_contact = FIRST_CONTACT
         self.sshd: PrivateSshd
         self.proxy: TortureProxy
@@ -282,6 +283,7 @@ class Torture:
         delay = 0.15 if fault == "cap" else (
             0.05 if self.short else self.rng.choice((0.0, 0.05, 0.15)))
         self.proxy.set_delay(delay)
+        self.round_delay = delay
         self.say(f"round {self.tally.round_no}: fault {fault}, RTT {2000 * delay:.0f} ms")
         self.workload.reset_accounting()
         counters = self.proxy.counters()
@@ -368,7 +370,7 @@ class Torture:
             self.workload.delete(self.rng.randint(3, 10), under=self.first_contact)
             sent = wait_until(lambda: self.proxy.counters().bytes_up > before, 5)
             self.proxy.cut()
-            self.proxy.set_delay(0.05 if self.short else 0.0)
+            self.proxy.set_delay(self.round_delay)
             self.step(f"deletes in flight at a second cut ({'sent' if sent else 'not sent'})")
         return 2.0  # lsync's reconnect backoff: 1 s, then 2 s
 
