@@ -287,6 +287,11 @@ class PathQueue:
                 record.again = True  # the pass under way looks again, what failed forgotten
             record.reason = reason
             return  # a newer pass is coming anyway
+        if record.state is State.FAILED:
+            # Another operation of the same attempt failed (a tree's deletes, say): one
+            # failed attempt, one step of backoff, whatever number of operations it sent.
+            record.reason = reason
+            return
         self._dequeue(path)
         record.failures += 1
         record.reason = reason

@@ -383,3 +383,19 @@ def test_a_path_whose_operation_keeps_failing_backs_off_more_each_time() -> None
         now = due
         queue.wake(now)
     assert dues == [1.0, 2.0, 4.0, 8.0]
+
+
+def test_one_failed_attempt_is_one_step_of_backoff_whatever_it_sent() -> None:
+    """A pass that sent 20 deletes (a directory tree) to a read-only remote failed once:
+    its retry comes after the first backoff step, not after 2**19 s capped at a minute."""
+    queue = PathQueue()
+    queue.mark(["tree"], 0.0)
+    queue.take()
+    for _ in range(20):
+        queue.sent("tree")
+    queue.done("tree", 0.0)
+    for _ in range(20):
+        queue.fail("tree", 0.0, "read-only file system")
+        queue.answered("tree", ok=False)
+    assert queue.state("tree") is State.FAILED
+    assert queue.next_due() == 1.0
