@@ -31,7 +31,7 @@ from lsync.client.errors import InternalError, LsyncError, SafetyStop, internal_
 from lsync.client.hashcache import HashCache
 from lsync.client.ignore import IgnoreRules
 from lsync.client.link import AgentLink, Reply
-from lsync.client.model import DIR, FILE, RemoteModel
+from lsync.client.model import DIR, FILE, LINK, RemoteModel
 from lsync.client.passes import PathPasses
 from lsync.client.pathqueue import PathQueue, PathRecord, State
 from lsync.client.reporter import Reporter
@@ -472,6 +472,8 @@ class SyncEngine(PathPasses):
         result = verdict(flight, reply, self.packing.dictionary_failed, below)
         if flight.op is Op.DELETE:
             self._after_delete(flight, result.ok)
+        elif not result.ok:
+            self._after_refusal(flight)
         now = self.clock()
         if result.retry_later:  # before `answered`, which forgets a path with nothing left
             self.queue.fail(flight.owner, now, result.failure)
@@ -508,6 +510,19 @@ class SyncEngine(PathPasses):
         if entry.kind != DIR:
             entry.digest, entry.signature = None, None
         self.model.put(target, entry)
+
+    def _after_refusal(self, flight: InFlight) -> None:
+        """The model took a link or a directory as there when it was sent; refused, it is
+        not (or may not be): forget it, so that the retry sends it again (it found nothing
+        to do, and the path counted as synced). (A refused write or mode change leaves the
+        file's content unknown: its retry sends it whole, mode included.)"""
+        entry = self.model.get(flight.target)
+        if entry is None:
+            return
+        if flight.op is Op.SYMLINK and entry.kind == LINK:
+            self.model.drop(flight.target)
+        elif flight.op is Op.MKDIR and entry.kind == DIR:
+            self.model.drop_tree(flight.target)  # what was sent below it was refused too
 
     def _count_write(self, flight: InFlight, now: float) -> None:
         self.counters.files += 1

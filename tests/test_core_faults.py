@@ -20,7 +20,7 @@ import pytest
 
 from lsync.agent.confined import ConfinedRoot, OpError
 from lsync.client import passes, planner, sender
-from lsync.client.pathqueue import State
+from lsync.client.pathqueue import RETRY_MAX, State
 from lsync.protocol.errors import ErrorCode
 from tests.conftest import c_like_text
 from tests.test_core_properties import Rig
@@ -272,3 +272,54 @@ def test_big_file_work_and_the_scan_of_a_moved_in_tree_stay_off_the_event_loop(
     assert on_loop == []
     assert called == {"signature", "pieces_of", "delta_message", "read_file_stable",
                       "scan_tree"}, called
+
+
+@pytest.mark.parametrize("refused", ["symlink", "mkdir"])
+def test_a_refused_link_or_directory_holds_the_flush_and_is_retried(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch, refused: str) -> None:
+    """The model believed a link or directory was there from the moment it was sent;
+    refused, the retry found nothing to do and the path counted as flushed while the remote
+    lacked it (found by the torture run: `lsync flush` returned 0 with symlinks missing).
+    (A refused mode change needs nothing of the kind: the file's content counts as unknown
+    then, and the retry sends it whole, mode included.)"""
+    refusing = True
+    real = getattr(ConfinedRoot, refused)
+
+    def refuse(self: ConfinedRoot, path: str, *args: Any) -> Any:
+        if refusing:
+            raise OpError(ErrorCode.PERMISSION_DENIED, f"{refused} {path}: read-only")
+        return real(self, path, *args)
+
+    monkeypatch.setattr(ConfinedRoot, refused, refuse)
+
+    async def scenario() -> None:
+        nonlocal refusing
+        _write_many(rig.local, ["f.c"], 8)
+        refusing = False
+        await rig.connect()
+        await rig.converged()
+        refusing = True
+        if refused == "symlink":
+            (rig.local / "link").symlink_to("f.c")
+            changed = ["link"]
+        else:
+            (rig.local / "d").mkdir()
+            changed = ["d"]
+        rig.changed(changed)
+        barrier = rig.engine.queue.now_tick()  # (a flush taken right after the change)
+        await rig.quiet()
+        for _ in range(3):  # retries while the remote refuses: the barrier holds
+            rig.clock.advance(RETRY_MAX + 1)
+            rig.changed([])
+            await rig.quiet()
+            assert not rig.engine.queue.flushed(barrier)
+        refusing = False
+        await rig.converged()
+        assert rig.engine.queue.flushed(barrier)
+        if refused == "symlink":
+            assert os.readlink(rig.remote / "link") == "f.c"
+        else:
+            assert (rig.remote / "d").is_dir()
+        await rig.close()
+
+    asyncio.run(scenario())
