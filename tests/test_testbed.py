@@ -111,7 +111,7 @@ def test_proxy_echo_at_150ms_one_way_measures_300ms_round_trip() -> None:
     result = asyncio.run(self_check(0.150, rounds=4))
     assert result.ok(tolerance=0.003), result.describe()
     # The first echo also pays the handshake: upstream connects after 3d, reply back at 4d.
-    assert abs(result.first_echo - 0.600) <= 0.006, result.describe()
+    assert -0.006 <= result.first_echo - 0.600 <= 0.020, result.describe()
 
 
 def test_proxy_counts_bytes_each_way_and_keeps_them_in_order() -> None:

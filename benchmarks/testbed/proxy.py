@@ -12,7 +12,8 @@ Bytes are counted each way, and `cut()` drops every open connection at once (fau
 Use it in-process (`await proxy.start()` ... `await proxy.stop()`), from synchronous code
 (`ThreadedProxy` runs its own event loop in a thread), or as a program:
 ``python -m benchmarks.testbed.proxy --listen 127.0.0.1:0 --target 127.0.0.1:22 --delay-ms 150``.
-`self_check()` measures an echo through the proxy; at d = 150 ms it must read 300 ms ± 3 ms.
+`self_check()` measures an echo through the proxy; at d = 150 ms it must read 300 ms, never
+more than 3 ms early nor 15 ms late (timers of a loaded machine fire late).
 """
 
 from __future__ import annotations
@@ -598,8 +599,10 @@ class SelfCheck:
     def worst_error(self) -> float:
         return max(abs(r - 2 * self.delay) for r in self.echo_rtts)
 
-    def ok(self, tolerance: float = 0.003) -> bool:
-        return self.worst_error <= tolerance
+    def ok(self, tolerance: float = 0.003, late: float = 0.015) -> bool:
+        """No echo earlier than 2d - `tolerance` (the delay is really paid), none later than
+        2d + `late` (a loaded machine schedules the proxy's timers a few ms late)."""
+        return all(-tolerance <= r - 2 * self.delay <= late for r in self.echo_rtts)
 
     def describe(self) -> str:
         ms = [round(r * 1000, 2) for r in self.echo_rtts]
