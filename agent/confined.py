@@ -84,7 +84,16 @@ def is_stale_temp(name: str) -> bool:
         return True
     except OSError:
         return False  # exists but not ours to signal: assume alive
-    return False
+    return _is_zombie(pid)  # a killed agent not reaped yet writes nothing more
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether process `pid` has ended and waits to be reaped (Linux /proc; else False)."""
+    try:
+        with open("/proc/{}/stat".format(pid), "rb") as handle:
+            return handle.read().rpartition(b")")[2].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def file_key(st: os.stat_result) -> Tuple[int, int, int]:

@@ -10,10 +10,16 @@ The record of what lsync wrote is journaled before any answer is written out, so
 killed by a dropped link loses no ownership it acknowledged; the full snapshot of the
 record (which grows with the tree) is written when the input has been quiet for
 `QUIET_NS`, at most every 30 s, and at the end of the session.
+
+SIGTERM ends the session cleanly: the message being handled is finished, the pooled writes
+are waited for and recorded, the client is told (Goodbye) and the record saved. A newer
+agent of the same root sends it to take over (lsync.agent.records.RootLock): an agent whose
+client died may still be reading what that client sent.
 """
 
 import os
 import select
+import signal
 import sys
 import time
 import traceback
@@ -40,6 +46,10 @@ def _log_internal(context: str, trace: Optional[str] = None) -> None:
                 trace if trace is not None else traceback.format_exc()))
     except OSError:
         pass
+
+
+class _TakenOver(Exception):
+    """SIGTERM arrived: another agent takes over this root, or the system asks us to end."""
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -78,13 +88,33 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
 
     service = AgentService(conn.send, flush, now_ns, use_cache, pool, _log_internal,
                            offer_lanes=offer_lanes)
+    terminated: List[int] = []
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        terminated.append(signum)
+        try:
+            os.write(wake_write, b"!")
+        except OSError:
+            pass
+
+    def check_terminated() -> None:
+        if terminated:
+            raise _TakenOver()
+
+    try:
+        previous: object = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread (tests): no handler, as before
+        previous = None
 
     def wait_for_input() -> List[int]:
         """Block until stdin or a data lane is readable (those descriptors are returned),
         answering finished pooled writes meanwhile and saving the record once the input has
         been quiet long enough."""
         while True:
-            fds = [in_fd] + (lanes[0].fds() if lanes else [])
+            fds = [in_fd, wake_read] + (lanes[0].fds() if lanes else [])
             if pool is not None and pool.outstanding:
                 fds.append(pool.wakeup_fd)
             due = service.snapshot_wanted(quiet=True)
@@ -92,10 +122,12 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
             if due is not None:
                 timeout = min(max(QUIET_NS, due - now_ns()), 30 * QUIET_NS) / 1e9
             ready = select.select(fds, [], [], timeout)[0]
+            check_terminated()
             if pool is not None and pool.outstanding:
                 service.collect_pool()
                 flush()
-            inputs = [fd for fd in ready if pool is None or fd != pool.wakeup_fd]
+            inputs = [fd for fd in ready if fd != wake_read
+                      and (pool is None or fd != pool.wakeup_fd)]
             if inputs:
                 return inputs
             if not ready:
@@ -124,6 +156,7 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
                 if fd != in_fd:
                     for lane_message in lanes[0].readable(fd):
                         dispatch(lane_message)
+                        check_terminated()
                     continue
                 if pending:
                     data, pending = pending, b""
@@ -139,11 +172,20 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
                     if message is None:
                         break
                     dispatch(message)
+                    check_terminated()
             service.collect_pool()
             flush()
             service.save_record_if_due(quiet=False)
     except SessionEnd as end:
         status = 0 if end.code == 0 else 1
+    except _TakenOver:
+        status = 5
+        try:
+            conn.send(m.Goodbye(int(ErrorCode.ROOT_UNAVAILABLE),
+                                "the agent was asked to end (another lsync session took "
+                                "over this tree?)"))
+        except ProtocolError:
+            pass
     except ProtocolError as exc:
         status = 2
         if exc.code != ErrorCode.CONNECTION_LOST:
@@ -171,6 +213,10 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
         service.close()
         for server in lanes:
             server.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)  # type: ignore[arg-type]
+        os.close(wake_read)
+        os.close(wake_write)
     return status
 
 

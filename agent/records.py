@@ -23,17 +23,42 @@ no ownership it acknowledged, at the cost of one small write. `save` writes a ne
 and starts an empty journal; its cost grows with the tree (see `snapshot_wanted` for when
 the driver pays it). A missing, corrupt or foreign file is ignored: ownership unknown is
 the safe default, since lsync deletes nothing it cannot show it made.
+
+Intents close the window between a change and its journal line (an agent killed there,
+by SIGKILL or a takeover, would leave a file lsync made that nobody knows lsync made: a
+remote extra for ever once it is deleted locally). Before a file, link or directory is put
+in place, `intend` appends what is about to be there to the journal, with every line still
+pending, and returns once that write is done (any thread may call it: the writer threads
+do; `ready_for_intents` must have opened the journal first). On replay, an intent stays a
+candidate unless a later line records it ("w" with that value), cancels it ("c": the change
+failed) or moves or forgets its path; the service of the next agent claims a candidate only
+where what is there now IS the intended content (link target, a directory): claiming a file
+that holds exactly what lsync was about to write is what the client's own comparison does
+with equal files. A snapshot's new journal starts with the intents still unsettled.
+
+`RootLock` makes one agent at a time the keeper of a root's record: an agent whose client
+died (killed, or behind a frozen link) may still be applying what was sent to it, and a
+second agent listing the tree meanwhile would miss those writes, or overwrite the
+record with its own snapshot. The new agent asks the old one to end (SIGTERM: it stops
+reading, finishes its writes, saves the record and exits), and kills it when it does not
+(a blocked write): thanks to intents nothing it made is lost.
 """
 
+import fcntl
 import hashlib
 import json
 import os
+import signal
+import socket
+import threading
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from lsync.protocol.messages import KIND_DIR, KIND_FILE, KIND_LINK
 
 Key = Tuple[int, int, int]
 Written = Tuple[str, bytes, int]  # (kind, digest / link target / b"", inode of a directory)
+Intent = Tuple[str, str, bytes]  # (path, kind, digest / link target / b"" for a directory)
 
 _RACY_NS = 2 * 10 ** 9
 _JOURNAL_MAGIC = "lsync-journal"
@@ -44,6 +69,7 @@ JOURNAL_COMPACT_LINES = 20000
 SNAPSHOT_INTERVAL_NS = 30 * 10 ** 9
 # A journal this many times over the compaction size is compacted even while busy.
 JOURNAL_HARD_FACTOR = 4
+RETRY_NS = 10 ** 9  # after a journal could not be opened, writes go on without intents
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -59,6 +85,14 @@ class DigestRecord:
         self._journal_fd = -1
         self._journal_lines = 0
         self._saved_ns = 0
+        # Guards the journal (its fd, the pending lines) and the intents: writer threads
+        # write intents; everything else is the service's thread only.
+        self._lock = threading.Lock()
+        self._retry_ns = 0  # no journal could be opened: not again before then
+        self._intents: Dict[Intent, int] = {}  # intents not yet settled -> how many
+        # Intents found on disk at load: path -> what an earlier agent was about to put
+        # there. The service claims those that are there now (`take_candidates`).
+        self.candidates: Dict[str, List[Tuple[str, bytes]]] = {}
 
     @staticmethod
     def default_path(root: str, algorithm: str) -> Optional[str]:
@@ -75,6 +109,71 @@ class DigestRecord:
             return None
         base = self.cache_path[:-5] if self.cache_path.endswith(".json") else self.cache_path
         return base + ".journal"
+
+    # -- intents (see the module docstring) -----------------------------------------------
+    def ready_for_intents(self, now_ns: int) -> None:
+        """Open the journal (writing a snapshot if there is none to extend) so that
+        `intend` can be durable; call it from the thread that owns the record."""
+        if self.cache_path and self._journal_fd < 0 and now_ns >= self._retry_ns:
+            if self._journal_id is not None:
+                with self._lock:
+                    self._open_journal()
+            if self._journal_fd < 0:
+                self.save(now_ns, force=True)
+            if self._journal_fd < 0:  # a full or read-only disk: not a snapshot per write
+                self._retry_ns = now_ns + RETRY_NS
+
+    def intend(self, intents: List[Intent]) -> None:
+        """Say, durably, what is about to be put at these paths; call before doing it, and
+        `settle` once it is recorded or failed. Any thread; one write to the journal."""
+        if not self.cache_path or not intents:
+            return
+        lines = [_line(["i", path, kind, value.hex()]) for path, kind, value in intents]
+        with self._lock:
+            for intent in intents:
+                self._intents[intent] = self._intents.get(intent, 0) + 1
+            self._pending.extend(lines)
+            self._write_pending()
+
+    def settle(self, intents: List[Intent], failed: bool = False) -> None:
+        """These intents are done with: recorded (their "w" line settles them on replay),
+        or `failed` (a "c" line says so)."""
+        with self._lock:
+            for intent in intents:
+                left = self._intents.get(intent, 0) - 1
+                if left > 0:
+                    self._intents[intent] = left
+                else:
+                    self._intents.pop(intent, None)
+                if failed and self.cache_path:
+                    self._pending.append(_line(["c", intent[0], intent[1], intent[2].hex()]))
+
+    def moved_intents(self, src: str, dst: str) -> List[Intent]:
+        """The intents of renaming `src` (and what is below it) to `dst`: what lsync wrote
+        there, at its new path."""
+        prefix = src + "/"
+        return [(dst + path[len(src):], kind, value)
+                for path, (kind, value, _) in self._written.items()
+                if path == src or path.startswith(prefix)]
+
+    def take_candidates(self) -> Dict[str, List[Tuple[str, bytes]]]:
+        """The intents of earlier agents left unsettled (path -> [(kind, value)]), once."""
+        found, self.candidates = self.candidates, {}
+        return found
+
+    def _drop_candidates(self, path: str, tree: bool) -> None:
+        self.candidates.pop(path, None)
+        if tree:
+            prefix = path + "/"
+            for name in [n for n in self.candidates if n.startswith(prefix)]:
+                del self.candidates[name]
+
+    def _discard_candidate(self, path: str, kind: str, value: bytes) -> None:
+        known = self.candidates.get(path)
+        if known is not None and (kind, value) in known:
+            known.remove((kind, value))
+            if not known:
+                del self.candidates[path]
 
     # -- the digest cache -----------------------------------------------------------------
     def lookup(self, path: str, key: Key) -> Optional[bytes]:
@@ -159,7 +258,8 @@ class DigestRecord:
     # -- the journal ----------------------------------------------------------------------
     def _log(self, line: List[Any]) -> None:
         if self.cache_path:
-            self._pending.append(json.dumps(line, separators=(",", ":")) + "\n")
+            with self._lock:
+                self._pending.append(_line(line))
 
     def journal(self, now_ns: int) -> None:
         """Make every change to "written" so far durable against this process dying.
@@ -170,9 +270,17 @@ class DigestRecord:
         if not self._pending:
             return
         if self._journal_fd < 0 and self._journal_id is not None:
-            self._open_journal()
+            with self._lock:
+                self._open_journal()
         if self._journal_fd < 0:
             self.save(now_ns)
+            return
+        with self._lock:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        """Append the pending lines (the lock held); nothing when no journal is open."""
+        if self._journal_fd < 0 or not self._pending:
             return
         data = "".join(self._pending).encode("utf-8")
         count = len(self._pending)
@@ -237,12 +345,22 @@ class DigestRecord:
 
     def _apply(self, line: Any) -> None:
         op = line[0]
-        if op == "w" and line[2] in (KIND_FILE, KIND_LINK, KIND_DIR):
-            self._written[str(line[1])] = (line[2], bytes.fromhex(line[3]), int(line[4]))
+        if op in ("w", "i", "c") and line[2] in (KIND_FILE, KIND_LINK, KIND_DIR):
+            path, kind, value = str(line[1]), str(line[2]), bytes.fromhex(line[3])
+            if op == "w":
+                self._written[path] = (kind, value, int(line[4]))
+                self._discard_candidate(path, kind, value)
+            elif op == "c":
+                self._discard_candidate(path, kind, value)
+            elif (kind, value) not in self.candidates.setdefault(path, []):
+                self.candidates[path].append((kind, value))
         elif op == "x":
             self._drop(str(line[1]), bool(line[2]))
+            self._drop_candidates(str(line[1]), bool(line[2]))
         elif op == "m":
             self._move(str(line[1]), str(line[2]), bool(line[3]))
+            for path in (str(line[1]), str(line[2])):
+                self._drop_candidates(path, bool(line[3]))
         else:
             raise ValueError("unknown journal line")
 
@@ -304,9 +422,10 @@ class DigestRecord:
         for path, ino in section.get(KIND_DIR, {}).items():
             self._written[str(path)] = (KIND_DIR, b"", int(ino))
 
-    def save(self, now_ns: int) -> None:
-        """Write a snapshot of everything and start an empty journal that extends it."""
-        if not self.cache_path or not self.dirty:
+    def save(self, now_ns: int, force: bool = False) -> None:
+        """Write a snapshot of everything and start a journal that extends it (holding the
+        intents not settled yet). Only when something changed, unless `force`."""
+        if not self.cache_path or not (self.dirty or force):
             return
         journal_id = os.urandom(8).hex()
         section: Dict[str, Dict[str, Any]] = {KIND_FILE: {}, KIND_LINK: {}, KIND_DIR: {}}
@@ -319,29 +438,134 @@ class DigestRecord:
             "written": section,
             "journal": journal_id,
         }
-        try:
-            os.makedirs(os.path.dirname(self.cache_path), mode=0o700, exist_ok=True)
-            _replace(self.cache_path, json.dumps(data, separators=(",", ":")).encode("utf-8"))
-        except OSError:
-            return  # the old snapshot and journal still stand
-        self._pending = []
-        self._close_journal()
-        self._journal_id = None
-        self._journal_lines = 0
-        self._saved_ns = now_ns
-        # Keys saved while racy are dropped by the next load: save again once they are not.
-        self._dirty = any(now_ns - e[1] < _RACY_NS for e in self._entries.values())
-        header = json.dumps([_JOURNAL_MAGIC, _JOURNAL_FORMAT, journal_id]) + "\n"
-        try:
-            self._journal_fd = _replace(str(self.journal_path), header.encode("utf-8"),
-                                        keep_open=True)
-        except OSError:
-            return  # the new snapshot stands alone; the next change writes another
-        self._journal_id = journal_id
+        with self._lock:  # no intent may fall between the old journal and the new one
+            try:
+                os.makedirs(os.path.dirname(self.cache_path), mode=0o700, exist_ok=True)
+                _replace(self.cache_path,
+                         json.dumps(data, separators=(",", ":")).encode("utf-8"))
+            except OSError:
+                return  # the old snapshot and journal still stand
+            self._pending = []
+            self._close_journal()
+            self._journal_id = None
+            self._saved_ns = now_ns
+            # Keys saved while racy are dropped by the next load: save again once they
+            # are not.
+            self._dirty = any(now_ns - e[1] < _RACY_NS for e in self._entries.values())
+            lines = [json.dumps([_JOURNAL_MAGIC, _JOURNAL_FORMAT, journal_id]) + "\n"]
+            lines += [_line(["i", path, kind, value.hex()])
+                      for path, kind, value in self._intents]
+            self._journal_lines = len(lines) - 1
+            try:
+                self._journal_fd = _replace(str(self.journal_path),
+                                            "".join(lines).encode("utf-8"), keep_open=True)
+            except OSError:
+                return  # the new snapshot stands alone; the next change writes another
+            self._journal_id = journal_id
 
     def close(self, now_ns: int) -> None:
         self.save(now_ns)
-        self._close_journal()
+        with self._lock:
+            self._close_journal()
+
+
+TAKEOVER_WAIT = 5.0  # seconds an old agent has to end by itself once asked (SIGTERM)
+KILL_WAIT = 3.0  # seconds for it to die after SIGKILL
+
+
+class RootLock:
+    """Held (flock) by the one agent that keeps a root's record; see the module docstring.
+
+    `acquire` takes it, ending an older agent of the same root on this host if it must
+    (returns False when it could not: an agent on another host sharing this home, say;
+    then this agent works as before, without the lock). The lock file holds the holder's
+    pid and host name. `release` (or the process ending) frees it.
+    """
+
+    def __init__(self, path: Optional[str]) -> None:
+        self.path = path
+        self.fd = -1
+        self.took_over = 0  # pid of the agent this one ended, 0 if none
+
+    @staticmethod
+    def default_path(root: str) -> Optional[str]:
+        home = os.path.expanduser("~")
+        if not home or home == "~":
+            return None
+        name = hashlib.sha256(root.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+        return os.path.join(home, ".cache", "lsync", "agent-{}.lock".format(name))
+
+    def acquire(self) -> bool:
+        if self.path is None:
+            return False
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                              0o600)
+        except OSError:
+            return False
+        if self._try():
+            return True
+        for signum, wait in ((signal.SIGTERM, TAKEOVER_WAIT), (signal.SIGKILL, KILL_WAIT)):
+            holder = self._holder()
+            if holder is not None:
+                try:
+                    os.kill(holder, signum)
+                    self.took_over = holder
+                except OSError:
+                    pass
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if self._try():
+                    return True
+                time.sleep(0.01)
+        self.release()
+        return False
+
+    def _try(self) -> bool:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, "{} {}\n".format(os.getpid(), socket.gethostname()).encode(
+                "utf-8", "surrogateescape"), 0)
+        except OSError:
+            pass  # held all the same; a later agent cannot end this one, only wait
+        return True
+
+    def _holder(self) -> Optional[int]:
+        """The pid of the agent holding the lock, if it is an lsync agent on this host."""
+        try:
+            words = os.pread(self.fd, 4096, 0).decode("utf-8", "surrogateescape").split()
+            pid = int(words[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if len(words) < 2 or words[1] != socket.gethostname() or pid <= 1 or pid == os.getpid():
+            return None
+        try:
+            with open("/proc/{}/cmdline".format(pid), "rb") as handle:
+                if b"lsync" not in handle.read():
+                    return None
+        except FileNotFoundError:
+            if os.path.isdir("/proc/self"):
+                return None  # no such process
+        except OSError:
+            pass  # no /proc here: the host name and the held lock must do
+        return pid
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+
+
+def _line(value: List[Any]) -> str:
+    return json.dumps(value, separators=(",", ":")) + "\n"
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -7,14 +7,18 @@ tree as it was and never ends the session. Handlers are dispatched through `_HAN
 after `messages.request_problem` has had its say: what it refuses is answered with its code
 (an Error, or a Goodbye for a Hello) and never reaches a handler.
 Each change also updates the record of what lsync made (`lsync.agent.records`), which the
-manifest reports as each entry's `written` field and which outlives the agent.
+manifest reports as each entry's `written` field and which outlives the agent. What a
+change is about to put in place is said (`DigestRecord.intend`) before it is put there,
+so that an agent killed in between loses no ownership; the next agent claims such paths
+where they hold what was intended (`lsync.agent.writer.claim_intended`). One agent at a time keeps a
+root's record: the Hello takes the root's lock, ending an older agent that still holds it.
 """
 
+import contextlib
 import os
 import stat
 import sys
-import traceback
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from lsync.agent.confined import (
     ConfinedRoot,
@@ -25,8 +29,18 @@ from lsync.agent.confined import (
     op_error,
 )
 from lsync.agent.manifest import walk_tree
-from lsync.agent.records import DigestRecord
-from lsync.agent.writer import ANSWER, APPLY, WriteOrder, WritePool, write_batch
+from lsync.agent.records import DigestRecord, Intent, RootLock
+from lsync.agent.writer import (
+    ANSWER,
+    APPLY,
+    WriteOrder,
+    WritePool,
+    batch_job,
+    claim_intended,
+    hash_files,
+    unpack_chunk,
+    whole_file_job,
+)
 from lsync.protocol import PROTOCOL_VERSION, fastpack, hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.delta import DeltaError, apply_delta
@@ -62,12 +76,14 @@ class AgentService:
         self.send = send
         self.offer_lanes = offer_lanes  # the driver's data-lane socket, "" if none
         self.pool = pool
+        self.hashing = set()  # type: Set[int]  # HashPaths being answered by the pool
         self.log_internal = log_internal
         self.flush = flush
         self.now_ns = now_ns
         self.use_cache = use_cache
         self.root: Optional[ConfinedRoot] = None
         self.record: Optional[DigestRecord] = None
+        self.lock = RootLock(None)
         self.hash_name = hashing.BLAKE2B_128
         self.pending: Dict[int, PendingFile] = {}
         self.pending_hashers: Dict[int, Any] = {}
@@ -142,54 +158,34 @@ class AgentService:
                 and message.seq not in self.pending and message.seq not in self.failed_writes)
 
     def _pool_write(self, msg: m.WriteFile) -> None:
-        assert self.pool is not None and self.root is not None
-        root = self.root
-        hasher = self._new_hasher()
-        zdict = self.zdict
-
-        def job() -> Any:
-            data = unpack_chunk(msg.path, msg.data, msg.packing, zdict)
-            hasher.update(data)
-            pending = root.begin_write(msg.path)
-            try:
-                pending.write(data)
-            except BaseException:
-                pending.abort()
-                raise
-            return pending.commit(msg.mode), hasher.digest()
-
-        self.pool.submit(msg.seq, msg.path, job)
+        assert self.pool is not None and self.root is not None and self.record is not None
+        self.record.ready_for_intents(self.now_ns())
+        self.pool.submit(msg.seq, msg.path, whole_file_job(
+            self.root, self.record, msg, self.hash_name, self.zdict))
 
     def _pool_batch(self, msg: m.WriteBatch) -> None:
-        assert self.pool is not None
-        self.pool.submit_batch([item[1] for item in msg.files],
-                               self._batch_job(msg, self.order.stale_in(msg)))
+        assert self.pool is not None and self.record is not None
+        self.record.ready_for_intents(self.now_ns())
+        self.pool.submit_batch([item[1] for item in msg.files], self._batch_job(msg))
 
-    def _batch_job(self, msg: m.WriteBatch, skip: Set[int]) -> Callable[[], Any]:
-        """The work of a WriteBatch, for any thread. It returns (files, results, error,
-        trace): per file written (seq, path, stat, digest), per file refused (seq, path,
-        None, OpError); `error` when the batch as a whole failed (every file in it fails)."""
+    def _batch_job(self, msg: m.WriteBatch) -> Callable[[], Any]:
         assert self.root is not None
-        root = self.root
-        hash_name = self.hash_name
-        zdict = self.zdict
+        return batch_job(self.root, self.record, msg, self.order.stale_in(msg),
+                         self.hash_name, self.zdict)
 
-        def job() -> Any:
-            try:
-                total = sum(item[3] for item in msg.files)  # never inflate beyond it
-                data = unpack_chunk("a batch", msg.data, msg.packing, zdict,
-                                    min(total, m.MAX_CHUNK))
-                return (msg.files, write_batch(root, msg.files, data, hash_name, skip),
-                        None, "")
-            except Exception as exc:
-                return msg.files, None, exc, traceback.format_exc()
-
-        return job
+    def _record_batch(self, files: List[List[Any]], results: Optional[List[Any]],
+                      error: Optional[BaseException], trace: str) -> None:
+        """Record what a batch wrote (before any answer: an answer may fail to go)."""
+        assert self.record is not None
+        for _, path, st, outcome in results or ():
+            if st is not None:
+                self.record.remember(path, file_key(st), outcome)
+                self.record.wrote_file(path, outcome)
+                self.record.settle([(path, m.KIND_FILE, outcome)])
 
     def _answer_batch(self, files: List[List[Any]], results: Optional[List[Any]],
                       error: Optional[BaseException], trace: str) -> None:
-        """Record and answer a batch's files (`error`: the whole batch failed)."""
-        assert self.record is not None
+        """Answer a batch's files (`error`: the whole batch failed)."""
         if error is not None:
             if not isinstance(error, OpError) and self.log_internal is not None:
                 self.log_internal("writing a batch", trace)
@@ -198,16 +194,13 @@ class AgentService:
             return
         assert results is not None
         acked = []
-        for seq, path, st, outcome in results:
+        for seq, _, st, outcome in results:
             if st is None and outcome is None:
                 self._ack(seq, AckStatus.SUPERSEDED)
-                continue
-            if st is None:
+            elif st is None:
                 self._answer_error(seq, outcome)
-                continue
-            self.record.remember(path, file_key(st), outcome)
-            self.record.wrote_file(path, outcome)
-            acked.append(seq)
+            else:
+                acked.append(seq)
         if acked:
             self.send(m.Acked(acked))
 
@@ -220,8 +213,10 @@ class AgentService:
 
     def on_write_batch(self, msg: m.WriteBatch) -> None:
         """A WriteBatch without a write pool: written here, in order."""
-        self._answer_batch(*self._batch_job(msg, self.order.stale_in(msg))())
+        outcome = self._batch_job(msg)()
         self._record_made_parents()
+        self._record_batch(*outcome)
+        self._answer_batch(*outcome)
 
     def collect_pool(self, wait: bool = False) -> None:
         """Answer for the pooled writes that have finished (with `wait`, for at least one)."""
@@ -229,20 +224,38 @@ class AgentService:
             return
         outcomes = self.pool.collect(wait)
         self._record_made_parents()
+        # Everything written is recorded before anything is answered: once the session is
+        # over an answer raises, and what was written must still be recorded.
+        assert self.record is not None
+        hashed = [o for o in outcomes if o.seq in self.hashing]
+        outcomes = [o for o in outcomes if o.seq not in self.hashing]
+        for outcome in outcomes:
+            if outcome.seq < 0 and outcome.error is None:
+                self._record_batch(*outcome.result)
+            elif outcome.error is None:
+                st, digest = outcome.result
+                self.record.remember(outcome.path, file_key(st), digest)
+                self.record.wrote_file(outcome.path, digest)
+                self.record.settle([(outcome.path, m.KIND_FILE, digest)])
         for outcome in outcomes:
             if outcome.seq < 0 and outcome.error is None:
                 self._answer_batch(*outcome.result)
             elif outcome.error is None:
-                st, digest = outcome.result
-                assert self.record is not None
-                self.record.remember(outcome.path, file_key(st), digest)
-                self.record.wrote_file(outcome.path, digest)
                 self._ack(outcome.seq)
             elif isinstance(outcome.error, OpError):
                 self._error(outcome.seq, outcome.error.code, outcome.error.message)
             else:
                 if self.log_internal is not None:
                     self.log_internal("writing {}".format(outcome.path), outcome.trace)
+                self._error(outcome.seq, ErrorCode.INTERNAL, "internal agent error: {}".format(
+                    type(outcome.error).__name__))
+        for outcome in hashed:
+            self.hashing.discard(outcome.seq)
+            if outcome.error is None:
+                self._answer_hashes(outcome.seq, outcome.result)
+            else:
+                if self.log_internal is not None:
+                    self.log_internal("hashing files", outcome.trace)
                 self._error(outcome.seq, ErrorCode.INTERNAL, "internal agent error: {}".format(
                     type(outcome.error).__name__))
 
@@ -274,6 +287,7 @@ class AgentService:
         self.pending.clear()
         if self.record is not None:
             self.record.close(self.now_ns())
+        self.lock.release()
         if self.root is not None:
             self.root.close()
             self.root = None
@@ -320,8 +334,13 @@ class AgentService:
             self.send(m.Goodbye(int(ErrorCode.ROOT_UNAVAILABLE), reason))
             raise SessionEnd(int(ErrorCode.ROOT_UNAVAILABLE), reason)
         cache = DigestRecord.default_path(path, chosen) if self.use_cache else None
+        if self.use_cache:
+            self.lock = RootLock(RootLock.default_path(path))
+            self.lock.acquire()  # an older agent of this root ends (or is ended) first
         self.record = DigestRecord(cache, chosen)
         self.record.load()
+        claim_intended(self.root, self.record, self._new_hasher)
+        self.record.ready_for_intents(self.now_ns())
         compression = packing.choose_packing(msg.capabilities.get("compression", []))
         info = {
             "root": path,
@@ -329,6 +348,8 @@ class AgentService:
             "executable": sys.executable or "",
             "pid": str(os.getpid()),
         }
+        if self.lock.took_over:
+            info["took_over"] = str(self.lock.took_over)  # the older agent this one ended
         if msg.options.get("lanes") and self.offer_lanes is not None:
             lanes = self.offer_lanes()
             if lanes:
@@ -360,17 +381,29 @@ class AgentService:
         self.send(_packed_manifest(m.ManifestBatch(msg.seq, batch, True)))
 
     def on_hash_paths(self, msg: m.HashPaths) -> None:
+        """Hash the files in a worker thread when there is a pool: the main loop goes on
+        answering pings meanwhile (2,000 big files on a slow disk took longer than the
+        client's stall bound); answered by `collect_pool`."""
         assert self.root is not None and self.record is not None
+        if self.pool is None:
+            self._answer_hashes(msg.seq, hash_files(self.root, msg.paths, self._new_hasher))
+            return
+        self.hashing.add(msg.seq)
+        root, paths, new_hasher = self.root, list(msg.paths), self._new_hasher
+        self.pool.submit_read(msg.seq, lambda: hash_files(root, paths, new_hasher))
+
+    def _answer_hashes(self, seq: int, found: List[Tuple[str, Optional[Tuple[bytes, Any]]]]
+                       ) -> None:
+        assert self.record is not None
         digests: List[Optional[bytes]] = []
-        for path in msg.paths:
-            try:
-                digest, st = self.root.digest_file(path, self._new_hasher)
-            except OpError:
+        for path, result in found:
+            if result is None:
                 digests.append(None)
                 continue
+            digest, st = result
             self.record.remember(path, file_key(st), digest)
             digests.append(digest)
-        self.send(m.Hashes(msg.seq, digests))
+        self.send(m.Hashes(seq, digests))
 
     def _new_hasher(self) -> Any:
         return hashing.new_hasher(self.hash_name)
@@ -401,8 +434,8 @@ class AgentService:
             if not msg.final:
                 return
             del self.pending[msg.seq]
-            hasher = self.pending_hashers.pop(msg.seq)
-            st = pending.commit(msg.mode)
+            digest = self.pending_hashers.pop(msg.seq).digest()
+            st = self._commit(pending, msg.mode, digest)
         except OpError:
             failed = self.pending.pop(msg.seq, None)
             self.pending_hashers.pop(msg.seq, None)
@@ -411,10 +444,33 @@ class AgentService:
             if not msg.final:
                 self.failed_writes.add(msg.seq)
             raise
-        digest = hasher.digest()
-        self.record.remember(msg.path, file_key(st), digest)
-        self.record.wrote_file(msg.path, digest)
+        self._wrote(msg.path, st, digest)
         self._ack(msg.seq)
+
+    def _commit(self, pending: PendingFile, mode: int, digest: bytes) -> os.stat_result:
+        """Put a written file in place, its intent said first (see lsync.agent.records)."""
+        with self._intending([(pending.path, m.KIND_FILE, digest)]):
+            return pending.commit(mode)
+
+    @contextlib.contextmanager
+    def _intending(self, intents: List[Intent]) -> Iterator[None]:
+        """Say `intents` durably, then run the block; settle them after it (as failed when
+        it raises)."""
+        assert self.record is not None
+        self.record.ready_for_intents(self.now_ns())
+        self.record.intend(intents)
+        try:
+            yield
+        except BaseException:
+            self.record.settle(intents, failed=True)
+            raise
+        self.record.settle(intents)
+
+    def _wrote(self, path: str, st: os.stat_result, digest: bytes) -> None:
+        assert self.record is not None
+        self.record.remember(path, file_key(st), digest)
+        self.record.wrote_file(path, digest)
+        self.record.settle([(path, m.KIND_FILE, digest)])
 
     def on_write_delta(self, msg: m.WriteDelta) -> None:
         """Check the base cheaply (record + stat, hashing only when in doubt), apply, verify."""
@@ -437,7 +493,7 @@ class AgentService:
                     raise OpError(ErrorCode.DIGEST_MISMATCH,
                                   "delta for {} did not give the expected content".format(
                                       msg.path))
-                st = pending.commit(msg.mode)
+                st = self._commit(pending, msg.mode, digest)
             except DeltaError as exc:
                 pending.abort()
                 raise OpError(exc.code, "delta for {}: {}".format(msg.path, exc.message))
@@ -448,8 +504,7 @@ class AgentService:
             raise op_error(exc, "apply delta to", msg.path)
         finally:
             os.close(fd)
-        self.record.remember(msg.path, file_key(st), digest)
-        self.record.wrote_file(msg.path, digest)
+        self._wrote(msg.path, st, digest)
         self._ack(msg.seq)
 
     def _open_base(self, path: str, base: bytes) -> int:
@@ -506,7 +561,8 @@ class AgentService:
 
     def on_rename(self, msg: m.Rename) -> None:
         assert self.root is not None and self.record is not None
-        st = self.root.rename(msg.src, msg.dst)
+        with self._intending(self.record.moved_intents(msg.src, msg.dst)):
+            st = self.root.rename(msg.src, msg.dst)
         self.record.move(msg.src, msg.dst, tree=st is None or stat.S_ISDIR(st.st_mode))
         self._ack(msg.seq)
 
@@ -533,7 +589,7 @@ class AgentService:
                 if digest != msg.digest:
                     raise OpError(ErrorCode.DIGEST_MISMATCH,
                                   "{} no longer has the expected content".format(msg.src))
-                st = pending.commit(msg.mode)
+                st = self._commit(pending, msg.mode, digest)
             except BaseException:
                 pending.abort()
                 raise
@@ -542,20 +598,22 @@ class AgentService:
                 msg.src, msg.dst, exc.strerror or exc))
         finally:
             os.close(fd)
-        self.record.remember(msg.dst, file_key(st), digest)
-        self.record.wrote_file(msg.dst, digest)
+        self._wrote(msg.dst, st, digest)
         self._ack(msg.seq)
 
     def on_mkdir(self, msg: m.Mkdir) -> None:
         assert self.root is not None and self.record is not None
-        st = self.root.mkdir(msg.path, msg.mode)
+        with self._intending([(msg.path, m.KIND_DIR, b"")]):
+            st = self.root.mkdir(msg.path, msg.mode)
         # Made or found: either way the client now owns this directory.
         self.record.made_dir(msg.path, st.st_ino)
         self._ack(msg.seq)
 
     def on_symlink(self, msg: m.Symlink) -> None:
         assert self.root is not None and self.record is not None
-        self.root.symlink(msg.path, msg.target)
+        with self._intending([(msg.path, m.KIND_LINK,
+                                msg.target.encode("utf-8", "surrogateescape"))]):
+            self.root.symlink(msg.path, msg.target)
         self.record.forget(msg.path)
         self.record.wrote_link(msg.path, msg.target)
         self._ack(msg.seq)
@@ -593,16 +651,6 @@ def _paths_of(message: m.Message) -> List[str]:
     if isinstance(message, m.WriteBatch):
         return [item[1] for item in message.files]
     return [message.path]  # type: ignore[union-attr]
-
-
-def unpack_chunk(path: str, data: bytes, code: int, zdict: bytes,
-                 limit: int = m.MAX_CHUNK) -> bytes:
-    """One WriteFile chunk's content, refusing anything beyond `limit` bytes."""
-    try:
-        return packing.unpack(data, code, limit, zdict)
-    except packing.PackingError as exc:
-        raise OpError(ErrorCode.BAD_DELTA, "compressed chunk for {} refused: {}".format(
-            path, exc))
 
 
 def resolve_root(root: str, create: bool) -> str:

@@ -11,20 +11,26 @@ drains the pool before any operation that could see or change a running job's pa
 every path still goes through its operations in sequence order. Answers may leave in a
 different order; each names its sequence number.
 
-`write_batch` writes a WriteBatch's files (in a pooled job, or inline), and `WriteOrder`
-keeps content writes of one path in sequence order across the streams they arrive on.
+`whole_file_job` and `batch_job` are those jobs (a batch's may run inline too, through
+`write_batch`); each says what it is about to put in place before it does (intents, see
+lsync.agent.records), the service records what was put there. `WriteOrder` keeps content
+writes of one path in sequence order across the streams they arrive on.
+`claim_intended` records as lsync's what a killed agent had said it was about to put in
+place and is there now (intents: see lsync.agent.records).
 """
 
 import collections
 import os
 import select
+import stat
 import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set
+from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set, Tuple
 
-from lsync.agent.confined import ConfinedRoot, OpError, Parents
-from lsync.protocol import hashing
+from lsync.agent.confined import ConfinedRoot, OpError, Parents, file_key
+from lsync.agent.records import DigestRecord
+from lsync.protocol import hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.errors import ErrorCode
 
@@ -72,6 +78,10 @@ class WritePool:
 
     def submit(self, seq: int, path: str, job: Callable[[], Any]) -> None:
         self._submit(seq, [path], job)
+
+    def submit_read(self, seq: int, job: Callable[[], Any]) -> None:
+        """A job that only reads (hashing for a HashPaths): it holds no path busy."""
+        self._submit(seq, [], job)
 
     def submit_batch(self, paths: List[str], job: Callable[[], Any]) -> None:
         """A job on several paths (seq -1 in its outcome); each counts as busy until done."""
@@ -143,13 +153,73 @@ def _bump(counts: Dict[str, int], key: str, step: int) -> None:
         counts.pop(key, None)
 
 
+def unpack_chunk(path: str, data: bytes, code: int, zdict: bytes,
+                 limit: int = m.MAX_CHUNK) -> bytes:
+    """One WriteFile chunk's content, refusing anything beyond `limit` bytes."""
+    try:
+        return packing.unpack(data, code, limit, zdict)
+    except packing.PackingError as exc:
+        raise OpError(ErrorCode.BAD_DELTA, "compressed chunk for {} refused: {}".format(
+            path, exc))
+
+
+def whole_file_job(root: ConfinedRoot, record: DigestRecord, msg: m.WriteFile,
+                   hash_name: str, zdict: bytes) -> Callable[[], Any]:
+    """The work of a whole file in one WriteFile, for any thread: it returns (stat, digest)
+    or raises. Its intent is said before it is put in place (the caller made the record
+    `ready_for_intents`) and settled here if that fails; the caller records it."""
+
+    def job() -> Any:
+        data = unpack_chunk(msg.path, msg.data, msg.packing, zdict)
+        hasher = hashing.new_hasher(hash_name)
+        hasher.update(data)
+        intents = [(msg.path, m.KIND_FILE, hasher.digest())]
+        pending = root.begin_write(msg.path)
+        try:
+            pending.write(data)
+        except BaseException:
+            pending.abort()
+            raise
+        record.intend(intents)
+        try:
+            return pending.commit(msg.mode), intents[0][2]
+        except BaseException:
+            record.settle(intents, failed=True)
+            raise
+
+    return job
+
+
+def batch_job(root: ConfinedRoot, record: Optional[DigestRecord], msg: m.WriteBatch,
+              skip: Set[int], hash_name: str, zdict: bytes) -> Callable[[], Any]:
+    """The work of a WriteBatch, for any thread. It returns (files, results, error,
+    trace): per file written (seq, path, stat, digest), per file refused (seq, path,
+    None, OpError); `error` when the batch as a whole failed (every file in it fails)."""
+
+    def job() -> Any:
+        try:
+            total = sum(item[3] for item in msg.files)  # never inflate beyond it
+            data = unpack_chunk("a batch", msg.data, msg.packing, zdict,
+                                min(total, m.MAX_CHUNK))
+            return (msg.files, write_batch(root, msg.files, data, hash_name, skip, record),
+                    None, "")
+        except Exception as exc:
+            return msg.files, None, exc, traceback.format_exc()
+
+    return job
+
+
 def write_batch(root: ConfinedRoot, files: List[List[Any]], data: bytes,
-                hash_name: str, skip: Optional[Set[int]] = None) -> List[Any]:
+                hash_name: str, skip: Optional[Set[int]] = None,
+                record: Optional[DigestRecord] = None) -> List[Any]:
     """Write the files of a WriteBatch (`data`: their contents, unpacked), each atomically,
     reaching each directory once: [(seq, path, stat, digest)] per file written,
     [(seq, path, None, OpError)] per file refused, [(seq, path, None, None)] per file of
     `skip` (superseded: not written). Raises OpError when `data` does not
-    hold exactly the files' sizes (then none is written). For any thread."""
+    hold exactly the files' sizes (then none is written). What the batch is about to
+    write is said to `record` first, in one write (`DigestRecord.intend`, after the
+    caller's `ready_for_intents`); the caller records and settles what was written. For
+    any thread."""
     total = sum(item[3] for item in files)
     if total > m.MAX_CHUNK:
         raise OpError(ErrorCode.BAD_REQUEST, "a batch of {} bytes; at most {}".format(
@@ -157,31 +227,81 @@ def write_batch(root: ConfinedRoot, files: List[List[Any]], data: bytes,
     if len(data) != total:
         raise OpError(ErrorCode.BAD_REQUEST, "a batch holds {} bytes, its files {}".format(
             len(data), total))
-    results: List[Any] = []
+    work = []  # (seq, path, mode, offset of the content, digest); digest None: skipped
     offset = 0
+    view = memoryview(data)
+    for seq, path, mode, size in files:
+        digest = None
+        if not (skip and seq in skip):
+            hasher = hashing.new_hasher(hash_name)
+            hasher.update(view[offset:offset + size])
+            digest = hasher.digest()
+        work.append((seq, path, mode, offset, digest))
+        offset += size
+    if record is not None:
+        record.intend([(path, m.KIND_FILE, digest) for _, path, _, _, digest in work
+                       if digest is not None])
+    results: List[Any] = []
     parents = Parents(root)
     try:
-        for seq, path, mode, size in files:
-            piece = data[offset:offset + size]
-            offset += size
-            if skip and seq in skip:
+        for (seq, path, mode, offset, digest), item in zip(work, files):
+            if digest is None:
                 results.append((seq, path, None, None))
                 continue
             try:
                 pending = root.begin_write(path, parents)
                 try:
-                    pending.write(piece)
+                    pending.write(data[offset:offset + item[3]])
                 except BaseException:
                     pending.abort()
                     raise
-                hasher = hashing.new_hasher(hash_name)
-                hasher.update(piece)
-                results.append((seq, path, pending.commit(mode), hasher.digest()))
+                results.append((seq, path, pending.commit(mode), digest))
             except OpError as exc:
+                if record is not None:
+                    record.settle([(path, m.KIND_FILE, digest)], failed=True)
                 results.append((seq, path, None, exc))
     finally:
         parents.close()
     return results
+
+
+def claim_intended(root: ConfinedRoot, record: DigestRecord,
+                   new_hasher: Callable[[], Any]) -> None:
+    """Record as lsync's what an earlier agent was about to put in place and that is there
+    now (it was killed before recording it, see lsync.agent.records), and the directories
+    above it, which that agent may have made on the way (a Mkdir would claim them too).
+    The service calls it once, right after loading the record."""
+    candidates = record.take_candidates()
+    above = {path.rpartition("/")[0] for path in candidates}
+    while above - {""}:
+        for path in above - {""}:
+            candidates.setdefault(path, [(m.KIND_DIR, b"")])
+        above = {path.rpartition("/")[0] for path in above}
+    for path, wanted in sorted(candidates.items()):
+        kinds = {kind for kind, _ in wanted}
+        try:
+            dfd, name = root.parent_fd(path)
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                target = os.readlink(name, dir_fd=dfd) if stat.S_ISLNK(st.st_mode) else None
+            finally:
+                os.close(dfd)
+            if stat.S_ISREG(st.st_mode) and m.KIND_FILE in kinds:
+                digest = record.lookup(path, file_key(st))
+                if digest is None:
+                    digest, st = root.digest_file(path, new_hasher)
+                    record.remember(path, file_key(st), digest)
+                if (m.KIND_FILE, digest) in wanted:
+                    record.wrote_file(path, digest)
+            elif target is not None and m.KIND_LINK in kinds:
+                value = target.encode("utf-8", "surrogateescape")
+                if (m.KIND_LINK, value) in wanted:
+                    record.wrote_link(path, target)
+            elif (stat.S_ISDIR(st.st_mode) and m.KIND_DIR in kinds
+                  and record.written(path, m.KIND_DIR, st.st_ino) is None):
+                record.made_dir(path, st.st_ino)
+        except (OSError, OpError, ValueError):
+            continue  # gone, or not reachable inside the root: nothing to claim
 
 
 APPLY = "apply"  # WriteOrder.check: the write is the newest of its path
@@ -226,3 +346,16 @@ class WriteOrder:
             return False
         self.latest[path] = seq
         return True
+
+
+def hash_files(root: ConfinedRoot, paths: List[str], new_hasher: Callable[[], Any]
+               ) -> List[Tuple[str, Optional[Tuple[bytes, Any]]]]:
+    """For a HashPaths (any thread): per path, its (digest, stat) or None when it is no
+    regular file that can be read."""
+    found = []  # type: List[Tuple[str, Optional[Tuple[bytes, Any]]]]
+    for path in paths:
+        try:
+            found.append((path, root.digest_file(path, new_hasher)))
+        except OpError:
+            found.append((path, None))
+    return found

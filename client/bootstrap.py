@@ -93,7 +93,11 @@ _SHELL = (
 )
 
 
-MAX_INITIAL = 48 << 10  # protocol bytes carried on the command line, before base64
+# Protocol bytes carried on the command line, before base64 (the rest follows on stdin).
+# What is written before the agent starts is its Hello and ListTree, a few hundred bytes;
+# 32 KiB leaves the agent's bundle (56 KB of base64 with the journal's intents and the
+# root lock) room to grow under Linux's 128 KiB per argument.
+MAX_INITIAL = 32 << 10
 
 
 def remote_command(initial: bytes = b"") -> str:

@@ -44,6 +44,7 @@ from lsync.client.control import (
     StdinEnd,
     output_lines,
 )
+from lsync.client.ignored import IgnoredTally
 from lsync.client.pathmap import PathMapper
 from lsync.client.reporter import Reporter
 
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 PID_LINE = re.compile(rb"lsync-pid (\d+)\r?\n")  # what the wrapper prints first on stderr
 PID_LINES = 64  # lines of the login shell's own stderr passed on before it
 KILL_GRACE = 2.0  # seconds after a KILL before lsync stops waiting for the command's channel
+PID_WAIT = 2.0  # seconds a signal waits for the command's pid line when it came first
 WATCHER_POLL = 0.002  # seconds between looks at the watcher's queue during a flush
 READ_SIZE = 32 * 1024
 
@@ -117,6 +119,7 @@ class SessionView(Protocol):
     engine_ready: bool
     engine_changed: asyncio.Event
     link_up: bool
+    ignored: IgnoredTally | None
     remote_root: str | None
     root: Path
     target_text: str
@@ -240,6 +243,9 @@ class BuildLoop:
             "in_sync_as_of_ns": session.progress.in_sync_ns,
             "in_sync_changes": session.progress.in_sync_changes,
             "commands": list(session.progress.commands),
+            # Files, links and directories the last full scan left alone (ignore rules;
+            # what is below an ignored directory is not counted).
+            "ignored": None if session.ignored is None else session.ignored.entries,
         }
         if engine is not None and session.link_up:
             counters = engine.counters
@@ -398,7 +404,12 @@ async def _run_ssh(conn: asyncssh.SSHClientConnection, inner: str, request: RunR
     if process.exit_signal is not None:
         number = getattr(signal, f"SIG{process.exit_signal[0]}", None)
         return 128 + (int(number) if number is not None else 0)
-    return process.exit_status if process.exit_status is not None else 255
+    if process.exit_status is None:
+        # The channel closed without an exit status: the connection broke under the command
+        # (the session ends a connection whose agent link broke). Not the command's status.
+        raise ControlError("closed", "the connection broke during the command; its outcome "
+                           "is unknown")
+    return process.exit_status
 
 
 def _terminal(request: RunRequest) -> dict[str, Any]:
@@ -468,6 +479,11 @@ async def _forward_ssh(conn: asyncssh.SSHClientConnection,
         async for line in incoming:
             with contextlib.suppress(asyncssh.Error, OSError, BrokenPipeError):
                 if isinstance(line, Signal):
+                    if not request.pty and not pid.done():
+                        # The command's pid line may still be on its way (a Ctrl-C right
+                        # after the start): its process group is what gets the signal.
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(asyncio.shield(pid), PID_WAIT)
                     if line.name == "INT" and request.pty:
                         process.stdin.write(b"\x03")  # the remote terminal's own Ctrl-C
                     elif pid.done():

@@ -106,6 +106,9 @@ async def status(start: Path, as_json: bool) -> int:
         if reply.get("skipped") and isinstance(skipped, list):
             lines.append(f"{reply.get('skipped')} files too big to sync (not on the remote): "
                          + ", ".join(str(p) for p in skipped))
+    if reply.get("ignored"):
+        lines.append(f"{reply['ignored']} paths ignored (files, links, and directories not "
+                     "entered)")
     for key, label in (("last_error", "last error"), ("last_check", "last check")):
         if reply.get(key):
             lines.append(f"{label}: {reply.get(key)}")
@@ -161,7 +164,10 @@ async def _run_once(path: Path, start: Path, argv: Sequence[str], timeout: float
             stopper = asyncio.ensure_future(_interrupt_when(stale, lines.signal))
             try:
                 if not sys.stdin.isatty():
-                    await lines.close_stdin()
+                    # A quick command may be over, and the session's side closed, before
+                    # this is sent: its answer is still there to read.
+                    with contextlib.suppress(ControlError):
+                        await lines.close_stdin()
                 async for line in lines:
                     output = decode_output(line)
                     if output is not None:

@@ -145,6 +145,12 @@ class SyncEngine(PathPasses):
         self.checks.whole(reason)
         self._poke()
 
+    def report_again(self) -> None:
+        """Something that held back the last in-sync report (git's index being read) is
+        over: once idle, check and report again."""
+        self.checks.worked()
+        self._poke()
+
     def _poke(self) -> None:
         self._changed.set()
         self._wake.set()

@@ -24,6 +24,7 @@ import asyncssh
 
 from lsync.agent.lanes import PUMP
 from lsync.client.link import AgentLink
+from lsync.client.streams import _StderrTail
 from lsync.protocol.framing import MAGIC
 
 OPEN_TIMEOUT = 15.0
@@ -39,9 +40,10 @@ class _LaneSession(asyncssh.SSHClientSession[bytes]):
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         if datatype == asyncssh.EXTENDED_DATA_STDERR:
-            self.lane.stderr = (self.lane.stderr + data.decode("utf-8", "replace"))[-2000:]
+            self.lane.stderr.feed(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lane.stderr.end()
         if exc is not None and not self.lane.why:
             self.lane.why = str(exc)
         self.lane.ended.set()
@@ -66,7 +68,7 @@ class SshLane:
         self.writable = asyncio.Event()
         self.writable.set()
         self.why = ""
-        self.stderr = ""
+        self.stderr = _StderrTail()  # what the pump printed (bounded)
 
     @classmethod
     async def open(cls, conn: asyncssh.SSHClientConnection, python: str, socket_path: str,
@@ -105,7 +107,7 @@ class SshLane:
 
     async def wait_closed(self) -> str:
         await self.ended.wait()
-        detail = self.stderr.strip().splitlines()[-1:] if self.stderr.strip() else []
+        detail = [line.strip() for line in self.stderr.lines if line.strip()][-1:]
         return "; ".join([self.why or "closed", *detail])
 
     async def close(self) -> None:

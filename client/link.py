@@ -5,7 +5,9 @@ It owns the sans-IO `Connection` and one reader task. Operations are submitted w
 (`list_tree`, `hash_paths`, `ping`) are awaited the same way. When the stream ends or a
 protocol error arrives, every pending future fails at once with `LinkBroken`, so nothing
 waits forever (the engine's window knows which operations were left unanswered). The link
-moves bytes and matches replies; it makes no sync decisions.
+moves bytes and matches replies; it makes no sync decisions. `watch_liveness` breaks it when
+the agent shows no progress (lsync.client.liveness decides): never while a transfer moves,
+however long it takes.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import collections
 import contextlib
 import functools
 import itertools
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from lsync.client.errors import ConnectError, InternalError, LinkBroken, internal_error
+from lsync.client.liveness import ChannelReading, Liveness, Verdict
 from lsync.client.outbox import (
     BACKLOG,
     BATCH_BYTES,
@@ -44,8 +48,20 @@ Reply = m.Ack | m.Error
 
 
 MAX_MANIFEST_ENTRIES = 4_000_000  # a remote tree bigger than this is refused (memory)
-PING_EVERY = 5.0  # seconds between liveness pings while nothing else is outstanding
-STALL = 15.0  # seconds of silence, with something outstanding, that mean a stuck link
+
+
+def _stall_bound(default: float = 15.0) -> float:
+    """The stall bound: `default`, or LSYNC_STALL_SECONDS when set to a positive number (the
+    end-to-end tests shorten it; read here only)."""
+    try:
+        value = float(os.environ.get("LSYNC_STALL_SECONDS", ""))
+    except ValueError:
+        return default
+    return value if 0 < value < 3600 else default
+
+
+STALL = _stall_bound()  # seconds without progress, with something awaited: a stuck link
+PING_EVERY = STALL / 3  # seconds without progress before the agent is pinged
 DRAIN_ABOVE = 1 << 20  # ask the stream for backpressure after this much was written
 COALESCE = 64 << 10  # queued messages are written at once beyond this many bytes
 class AgentLink:
@@ -74,6 +90,7 @@ class AgentLink:
         self.internal: InternalError | None = None  # a bug ended the link (never retried)
         self.goodbye: m.Goodbye | None = None
         self.bytes_sent = 0
+        self._written = {0: 0}  # per channel (0: main, then the lanes): bytes written to it
         self.bytes_received = 0
         self.manifest_entries = 0
         self.closing = False  # a Goodbye was sent: nothing more may follow it
@@ -108,44 +125,58 @@ class AgentLink:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, LinkBroken):
                 await self._reader
-        # A broken link may be a frozen one: do not wait for a clean end that cannot come.
-        await self.stream.close(wait=0.5 if self.failure is not None or not welcomed else 10.0)
+        # A broken link may be a frozen one: do not wait for a clean end that cannot come
+        # (the lanes are closed together, each waiting for its channel's end, so a frozen
+        # link costs one short wait, not one per lane).
+        wait = 0.5 if self.failure is not None or not welcomed else 10.0
+        await self.stream.close(wait=wait)
         for watcher in self._lane_watchers:
             watcher.cancel()
         for watcher in self._lane_watchers:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-        for side in self._lanes.values():
-            await side.writer.close()
+        if self._lanes:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(
+                    *(side.writer.close() for side in self._lanes.values())), wait)
 
     async def watch_liveness(self, every: float = PING_EVERY, stall: float = STALL,
                              tick: float = 1.0) -> None:
-        """Until the link ends: ping the agent every `every` seconds while nothing else is
-        outstanding, and break the link when nothing at all arrived for `stall` seconds
-        although something was asked (a frozen link, a stopped agent). Replies queue behind
-        bulk data on the same channel, so the deadline is on silence, not on one ping's
-        round trip. Looks every `tick` seconds."""
+        """Until the link ends: look every `tick` seconds whether the agent shows progress
+        (bytes from it, or bytes of ours that it took off a channel's write buffer; see
+        lsync.client.liveness), ping it when nothing moved for `every` seconds, and break
+        the link when something is awaited and nothing moved for `stall` seconds (a frozen
+        link, a stopped agent). A long transfer that moves is never cut."""
         loop = asyncio.get_running_loop()
-        heard, heard_at, pinged_at = self.bytes_received, loop.time(), loop.time()
+        liveness = Liveness(loop.time(), every, stall, max_gap=2 * tick)
         while (self.failure is None and self.goodbye is None and not self.closing
                and not self._closed.done()):
-            now = loop.time()
-            if self.bytes_received != heard or not self._pending:
-                heard, heard_at = self.bytes_received, now
-            elif now - heard_at >= stall:
-                self._finish(LinkBroken(f"no answer from the agent for {stall:.0f} s "
-                                        "(the link or the agent is stuck)"))
+            channels = self._channel_readings()
+            awaiting = bool(self._pending or self._manifests
+                            or any(buffered for _, buffered in channels))
+            verdict = liveness.observe(loop.time(), self.bytes_received, channels, awaiting)
+            if verdict is Verdict.STALLED:
+                self._finish(LinkBroken(
+                    f"no answer from the agent for {stall:.0f} s, and nothing sent got "
+                    "through (the link or the agent is stuck)"))
                 if self._reader is not None:
                     self._reader.cancel()
                 return
-            if not self._pending and now - pinged_at >= every:
-                pinged_at = now
+            if verdict is Verdict.PING:
                 nonce = self.next_seq()
                 pong = self._expect(nonce, m.Pong)
                 pong.add_done_callback(lambda done: done.cancelled() or done.exception())
                 self.send(m.Ping(nonce))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._closed), tick)
+
+    def _channel_readings(self) -> list[ChannelReading]:
+        """Per channel (the main one, then the data lanes in order): bytes written to it,
+        and how many of them still wait in its write buffer."""
+        readings = [(self._written[0], self.stream.backlog())]
+        for number, side in self._lanes.items():
+            readings.append((self._written.get(number, 0), side.writer.backlog()))
+        return readings
 
     @property
     def closed(self) -> Awaitable[None]:
@@ -165,6 +196,7 @@ class AgentLink:
                 assert self.failure is not None
                 raise self.failure from None
             self.bytes_sent += len(data)
+            self._written[0] += len(data)
             self._unflushed += len(data)
 
     def send(self, message: m.Message) -> None:
@@ -380,6 +412,7 @@ class AgentLink:
             assert self.failure is not None
             raise self.failure from None
         self.bytes_sent += len(data)
+        self._written[lane] = self._written.get(lane, 0) + len(data)
         side.unflushed += len(data)
 
     async def hash_paths(self, paths: list[str]) -> list[bytes | None]:

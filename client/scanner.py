@@ -108,6 +108,7 @@ class FileTooLargeError(ScanError):
 
 
 ErrorHandler = Callable[[str, Exception], None]
+IgnoredHandler = Callable[[str, bool], None]  # (rel, is_dir) of an ignored entry
 
 
 def _same(a: os.stat_result, b: os.stat_result) -> bool:
@@ -217,13 +218,16 @@ def scan_tree(
     subdir: str = "",
     on_error: ErrorHandler | None = None,
     hash_files: bool = True,
+    on_ignored: IgnoredHandler | None = None,
 ) -> dict[str, LocalEntry]:
     """Every path below `root` (or below `root/subdir`) that is not ignored, by relative
     path. A full scan (no `subdir`) also drops cache records of files no longer present.
     Without `hash_files`, a file whose digest the cache does not know is listed with digest
     None instead of being read (the caller hashes what it needs: `hash_file`).
 
-    Problems with single paths go to `on_error(rel, exc)`; without it they are raised.
+    Each entry skipped because `rules` ignore it (a directory: not entered) goes to
+    `on_ignored(rel, is_dir)`. Problems with single paths go to `on_error(rel, exc)`;
+    without it they are raised.
     A file that cannot be read, or keeps changing (UnstableFileError), is still listed
     with digest None (it exists: do not delete it remotely; read it again later); a
     directory that cannot be listed is listed with unknown contents. Paths that vanish
@@ -255,7 +259,7 @@ def scan_tree(
     stack: list[tuple[int, str, Iterator[str]]] = [(top_fd, top_prefix, iter(()))]
     try:
         subdirs = _scan_dir(top_fd, top_prefix, rules, cache, result, report, top=True,
-                            hash_files=hash_files)
+                            hash_files=hash_files, on_ignored=on_ignored)
         stack[0] = (top_fd, top_prefix, iter(subdirs))
         while stack:
             fd, prefix, pending = stack[-1]
@@ -275,7 +279,7 @@ def scan_tree(
                 continue
             stack.append((child_fd, rel + "/", iter(())))
             subdirs = _scan_dir(child_fd, rel + "/", rules, cache, result, report, top=False,
-                                hash_files=hash_files)
+                                hash_files=hash_files, on_ignored=on_ignored)
             stack[-1] = (child_fd, rel + "/", iter(subdirs))
     finally:
         for fd, _, _ in stack:
@@ -321,6 +325,7 @@ def _scan_dir(
     *,
     top: bool,
     hash_files: bool = True,
+    on_ignored: IgnoredHandler | None = None,
 ) -> list[str]:
     """Add the entries of one directory to `result`; return its subdirectories to visit.
     Failing to list the top directory raises; any other problem goes to `report`."""
@@ -342,6 +347,8 @@ def _scan_dir(
             try:
                 if item.is_file(follow_symlinks=False):
                     if rules.is_ignored(rel, False):
+                        if on_ignored is not None:
+                            on_ignored(rel, False)
                         continue
                     st = item.stat(follow_symlinks=False)
                     try:
@@ -359,9 +366,13 @@ def _scan_dir(
                     if not rules.is_ignored(rel, True):
                         result[rel] = _entry("dir", item.stat(follow_symlinks=False))
                         subdirs.append(name)
+                    elif on_ignored is not None:
+                        on_ignored(rel, True)
                     continue
                 elif item.is_symlink():
                     if rules.is_ignored(rel, False):
+                        if on_ignored is not None:
+                            on_ignored(rel, False)
                         continue
                     st = item.stat(follow_symlinks=False)
                     try:

@@ -48,7 +48,8 @@ from lsync.client.errors import (
     internal_error,
 )
 from lsync.client.hashcache import HashCache, default_cache_path
-from lsync.client.ignore import IgnoreRules
+from lsync.client.ignore import IgnoreRules, IndexChange
+from lsync.client.ignored import IgnoredTally, follow_index
 from lsync.client.link import AgentLink
 from lsync.client.project import DEFAULT_LANES
 from lsync.client.reporter import Reporter
@@ -111,6 +112,7 @@ class Session:
         self.link_up = False
         self.remote_root: str | None = None
         self.rules = IgnoreRules(self.root, options.excludes, options.include_vcs)
+        self.ignored: IgnoredTally | None = None  # what the last full scan skipped (status)
         self.stop = asyncio.Event()
         self._watching = asyncio.Event()  # the watcher is set up: a scan may start
         self.engine: SyncEngine | None = None
@@ -152,7 +154,8 @@ class Session:
 
     def seen_until(self) -> int:
         """Unix ns before which every local change has been delivered by the watcher."""
-        return self._watcher.seen_until() if self._watcher is not None else time.time_ns()
+        watched = self._watcher.seen_until() if self._watcher is not None else time.time_ns()
+        return min(watched, self.rules.index_seen_until())
 
     # -- the watcher feeds whichever engine is current --------------------------------------
     def _on_batch(self, batch: WatchBatch) -> None:
@@ -192,16 +195,32 @@ class Session:
                                self.options.debounce_ms, self.reporter.note)
         self._watcher = watcher
         self._watching.set()
+        follower = asyncio.create_task(follow_index(self.rules, self._index_changed,
+                                                    self.reporter.note), name="git-index")
         try:
             async for batch in watcher.batches(self.stop):
                 self._on_batch(batch)
         except RootGone:
             pass
         finally:
+            follower.cancel()
             watcher.close()
         if not self.stop.is_set():
             raise SafetyStop(f"the local tree {self.root} is no longer watchable (removed or "
                              "unmounted?); stopped without deleting anything on the remote")
+
+    def _index_changed(self, change: IndexChange) -> None:
+        """Git's index made these paths (un)tracked, so (un)ignored: look at them again."""
+        if self._watcher is not None:
+            for directory in sorted(change.dirs):
+                self._watcher.refresh(directory)
+        if self.engine is not None:
+            self.engine.mark_dirty(sorted(change.paths), hint=False)
+            # An in-sync report was held back while the index was read: give it now
+            # (after a check) even when nothing changed.
+            self.engine.report_again()
+        else:  # (each path keeps its earliest time)
+            self._buffered = {**dict.fromkeys(change.paths, time.monotonic()), **self._buffered}
 
     def _skip_dir(self, rel: str) -> bool:
         return bool(rel) and self.rules.is_ignored(rel, True)
@@ -326,8 +345,13 @@ class Session:
         await asyncio.to_thread(cache.load)
         # Files are hashed later, and only those the remote may already hold (see
         # SyncEngine.initial_sync): the others are read once, when they are sent.
+        tally = IgnoredTally(self.root, self.rules)
         local = await asyncio.to_thread(scan_tree, self.root, self.rules, cache,
-                                        on_error=self._scan_problem, hash_files=False)
+                                        on_error=self._scan_problem, hash_files=False,
+                                        on_ignored=tally.add)
+        if self.ignored is None and (note := await asyncio.to_thread(tally.after_scan, local)):
+            self.reporter.note(note)  # once per session: "N of M files ignored (rule)"
+        self.ignored = tally
         return cache, local
 
     def _likely_hash(self) -> str:
@@ -445,7 +469,7 @@ class Session:
                 link, self.root, self.rules, cache, self.reporter, self.options.delete,
                 compression=welcome.chosen.get("compression", packing.ZLIB),
                 long_link=long_link,
-                seen_until=tree_watcher.seen_until if tree_watcher else time.time_ns,
+                seen_until=self.seen_until,
                 close_events=bool(tree_watcher and tree_watcher.close_events))
             await engine.initial_sync(local, entries)
             signatures = sigstore.default_path(self.root, hash_name)

@@ -39,27 +39,37 @@ async def _discard(reader: asyncio.StreamReader | None) -> None:
 
 
 class _StderrTail:
-    """The last lines the agent wrote to stderr, in bounded memory whatever it writes (a
-    flood without newlines keeps only its last `LINE_MAX` characters)."""
+    """The last lines the agent wrote to stderr, in bounded memory and linear time whatever
+    it writes: at most MAX_LINES lines of at most LINE_MAX characters (a flood without
+    newlines keeps only its last LINE_MAX). Fed chunk by chunk (`feed`, from an SSH channel's
+    callback) or from a reader (`collect`, a local agent's pipe)."""
 
     LINE_MAX = 2000
+    MAX_LINES = 20
 
     def __init__(self) -> None:
-        self.lines: deque[str] = deque(maxlen=20)
-        self.partial = b""
+        self.lines: deque[str] = deque(maxlen=self.MAX_LINES)
+        self.partial = b""  # the unfinished last line, at most LINE_MAX bytes
+
+    def feed(self, data: bytes) -> None:
+        *complete, rest = (self.partial + data).split(b"\n")
+        for line in complete[-self.MAX_LINES:]:
+            self.lines.append(line[-self.LINE_MAX:].decode("utf-8", "replace").rstrip())
+        self.partial = rest[-self.LINE_MAX:]
+
+    def end(self) -> None:
+        """The stream ended: an unfinished last line counts as a line."""
+        if self.partial:
+            self.lines.append(self.partial.decode("utf-8", "replace").rstrip())
+            self.partial = b""
 
     async def collect(self, reader: asyncio.StreamReader | asyncssh.SSHReader[bytes]) -> None:
         while True:
             data = await reader.read(1 << 16)
             if not data:
-                if self.partial:
-                    self.lines.append(self.partial.decode("utf-8", "replace").rstrip())
-                    self.partial = b""
+                self.end()
                 return
-            *complete, rest = (self.partial + data).split(b"\n")
-            for line in complete[-20:]:
-                self.lines.append(line[-self.LINE_MAX:].decode("utf-8", "replace").rstrip())
-            self.partial = rest[-self.LINE_MAX:]
+            self.feed(data)
 
     def text(self) -> str:
         return "\n".join(self.lines)
@@ -210,7 +220,6 @@ class SshAgentStream:
         self._error: Exception | None = None
         self._exit_status: int | None = None
         self._stderr = _StderrTail()
-        self._stderr_partial = b""
         self._closed = asyncio.Event()
 
     async def open(self, conn: asyncssh.SSHClientConnection,
@@ -236,12 +245,10 @@ class SshAgentStream:
             self._chan.pause_reading()
 
     def _stderr_received(self, data: bytes) -> None:
-        text = self._stderr_partial + data
-        *lines, self._stderr_partial = text.split(b"\n")
-        for line in lines:
-            self._stderr.lines.append(line.decode("utf-8", "replace").rstrip())
+        self._stderr.feed(data)
 
     def _ended(self, exc: Exception | None) -> None:
+        self._stderr.end()
         self._eof = True
         if exc is not None and self._error is None:
             self._error = exc

@@ -656,3 +656,41 @@ def test_output_lines_are_chunked_and_round_trip() -> None:
     assert decode_output({"note": "x"}) is None
     with pytest.raises(ValueError):
         output_lines("tty", b"x")
+
+
+class _AnsweredAlready:
+    """A run stream whose session answered and hung up before the client sent its stdin's
+    end (a quick command): sending fails, the final answer is still there to read."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    async def __aenter__(self) -> _AnsweredAlready:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def close_stdin(self) -> None:
+        raise ControlError("closed", "the lsync session closed the connection")
+
+    async def signal(self, name: str) -> None:
+        raise ControlError("closed", "the lsync session closed the connection")
+
+    async def resize(self, cols: int, rows: int) -> None:
+        raise ControlError("closed", "the lsync session closed the connection")
+
+    async def __aiter__(self) -> AsyncIterator[JsonObject]:
+        yield {"ok": True, "done": True, "exit": 3}
+
+
+def test_run_of_a_quick_command_reports_its_status_when_the_session_hung_up_first(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from lsync.client import commands
+
+    monkeypatch.setattr(commands, "stream", _AnsweredAlready)
+    with open(os.devnull) as devnull:
+        monkeypatch.setattr(sys, "stdin", devnull)  # not a terminal
+        status = asyncio.run(commands._run_once(tmp_path / "s.sock", tmp_path, ["true"],
+                                                None, True))
+    assert status == 3

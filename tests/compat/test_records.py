@@ -30,8 +30,10 @@ def _open(tree, now_ns=None):
 
 
 def _record_files(tree):
+    """The snapshot and journal files (not the intents, nor the root's lock)."""
     directory = os.path.join(tree.base, ".cache", "lsync")
-    return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    return sorted(n for n in os.listdir(directory) if n.endswith((".json", ".journal"))
+                  ) if os.path.isdir(directory) else []
 
 
 def test_every_kind_of_operation_records_what_lsync_wrote():
@@ -183,12 +185,14 @@ def test_an_agent_that_never_closes_loses_no_acknowledged_ownership():
             pair.op(m.Delete(4, "second"))
             tree.write("second", b"2")
             assert len(_record_files(tree)) == 2  # snapshot + journal
+            pair.service.lock.release()  # as if its process had died
             again, _ = _open(tree)
             entries = manifest(again, 1)
             assert entries["moved"][WRITTEN] == hashing.digest_of(algorithm, b"1")
             assert entries["second"][WRITTEN] is None
             # The second agent appends to the same journal; a third sees both.
             again.op(m.Mkdir(2, "d", 0o700))
+            again.service.lock.release()
             third, _ = _open(tree)
             entries = manifest(third, 1)
             assert entries["d"][WRITTEN] == b"" and entries["moved"][WRITTEN] is not None
