@@ -408,7 +408,12 @@ class Torture:
                 time.sleep(self.rng.uniform(0.0, 0.2))  # how far the writes got
                 self.commander.transition()
                 self.client.kill()
-                self.step(f"SIGKILL lsync after {i} of {operations} operations")
+                agents = agent_pids(self.sshd.pid or 0) if self.rng.random() < 0.5 else []
+                for pid in agents:  # a crash of both sides, half the time
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                self.step(f"SIGKILL lsync (and {len(agents)} agent processes) after {i} of "
+                          f"{operations} operations")
                 self.step(work.delete_paths(doomed))
             roll = self.rng.random()
             if roll < 0.1:  # (not of the first-contact files: lsync did not write them)

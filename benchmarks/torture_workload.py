@@ -98,8 +98,13 @@ class Workload:
         return picked
 
     def directory(self, deep: bool = True) -> str:
+        """A directory of the tree that exists now (one may have been moved away)."""
         candidates = [d for d in self._dirs if (d.count("/") >= 1) == deep] or self._dirs
-        return self.rng.choice(candidates)
+        for _ in range(50):
+            rel = self.rng.choice(candidates)
+            if (self.local / rel).is_dir():
+                return rel
+        return "kernel"  # in both releases, never moved (moves take deeper directories)
 
     # -- actions ---------------------------------------------------------------------------
 
