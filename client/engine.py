@@ -56,6 +56,8 @@ from lsync.protocol import packing
 from lsync.protocol.paths import relpath_problem
 
 HASH_BATCH = 2000
+REPORT_LAG_NS = 1_000_000  # an in-sync report this far behind its check is given again
+REPORT_AGAIN = 0.05  # seconds later
 URGENT_MAX = 16  # a watcher batch of at most this many paths is a save, not a burst
 YIELD_EVERY = 0.005  # seconds of passes before the engine lets the event loop run
 DICTIONARY_MIN_FILES = 64  # an initial sync of this many files sets a preset dictionary
@@ -109,6 +111,9 @@ class SyncEngine(PathPasses):
         self._initial_total = (0, 0)
         self._initial_done = (0, 0)
         self._failure: InternalError | None = None  # a bug in a reply callback
+        self._report_due: float | None = None  # when to check and report in-sync again
+        self._report_due_set = False  # the last report lagged: the next says only news
+        self._reported_as_of = 0
 
     # -- input ----------------------------------------------------------------------------
     def mark_dirty(self, paths: Iterable[str], since: float | None = None,
@@ -291,13 +296,21 @@ class SyncEngine(PathPasses):
             self.read_ahead.close()
 
     def _next_wake(self, now: float) -> float | None:
-        wakes = [t - now for t in (self.queue.next_due(),) if t is not None]
+        wakes = [t - now for t in (self.queue.next_due(), self._report_due) if t is not None]
         if self.queue.idle and not self.queue.records:
             wakes.append(self.checks.next_time() - now)
         return max(0.0, min(wakes)) if wakes else None
 
     async def _check_if_due(self, now: float) -> None:
-        """The queue is idle: check what may have changed, and say so when all is in sync."""
+        """The queue is idle: check what may have changed, and say so when all is in sync.
+        An in-sync report is as of the moment the watcher (and git's index) had delivered
+        everything; when that lagged behind (a walk of a big new subtree, an index being
+        read), the report is given again shortly, until it is as of the check itself —
+        else the last word would stay a report older than the last change."""
+        if self._report_due is not None and now >= self._report_due:
+            self._report_due = None
+            self.checks.worked()
+        checked_ns = time.time_ns()
         as_of = self.seen_until()
         due = self.checks.take(now)
         found = 0
@@ -306,7 +319,13 @@ class SyncEngine(PathPasses):
         for directory in due.directories:
             found += await self._check(directory, "")
         if due.report and not found and self.queue.idle:
-            self._report_in_sync(as_of)
+            if as_of > self._reported_as_of or not self._report_due_set:
+                self._report_in_sync(as_of)
+                self._reported_as_of = max(self._reported_as_of, as_of)
+            # (Looked at again while the watcher lags; said again only once it moved.)
+            self._report_due_set = checked_ns - as_of > REPORT_LAG_NS
+            if self._report_due_set:
+                self._report_due = now + REPORT_AGAIN
         elif found:
             self.checks.worked()
 

@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -320,6 +321,43 @@ def test_a_refused_link_or_directory_holds_the_flush_and_is_retried(
             assert os.readlink(rig.remote / "link") == "f.c"
         else:
             assert (rig.remote / "d").is_dir()
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_in_sync_report_behind_a_lagging_watcher_is_given_again_once_it_caught_up(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watcher lags (a walk of a big new subtree after an overflow): the in-sync report
+    is as of its last clean moment, older than the last change. Once it catches up, with no
+    new event, a new report covers the change (the old one stayed the last word: found by
+    the torture run, no in-sync line after an inotify overflow)."""
+    held: list[int] = []
+    real = rig.watcher.seen_until
+
+    def lagging() -> int:
+        return held[0] if held else real()
+
+    monkeypatch.setattr(rig.watcher, "seen_until", lagging)
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.converged()
+        held.append(time.time_ns())  # the watcher is busy from here on
+        _write_many(rig.local, ["late.c"], 9)
+        changed_at = time.time_ns()
+        rig.changed(["late.c"])
+        await rig.quiet()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while rig.reporter.in_sync_as_of < held[0]:  # the report as of the watcher's lag
+            assert loop.time() < deadline, "no in-sync report at all"
+            await asyncio.sleep(0.01)
+        assert rig.reporter.in_sync_as_of < changed_at
+        held.clear()  # caught up: nothing else happens
+        while rig.reporter.in_sync_as_of < changed_at:
+            assert loop.time() < deadline, "the lagging report stayed the last word"
+            await asyncio.sleep(0.01)
         await rig.close()
 
     asyncio.run(scenario())
