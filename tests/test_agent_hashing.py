@@ -5,44 +5,17 @@ like a dead link to the client; the answer is the same as when hashed inline."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lsync.agent.confined import ConfinedRoot
-from lsync.agent.service import AgentService
 from lsync.agent.writer import WritePool
-from lsync.protocol import PROTOCOL_VERSION, hashing
 from lsync.protocol import messages as m
 from tests.conftest import wait_until
-
-HASH = hashing.BLAKE2B_128
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    return home
-
-
-def _agent(root: Path, pool: WritePool | None) -> tuple[AgentService, list[Any]]:
-    sent: list[Any] = []
-    service = AgentService(sent.append, lambda: None, time.time_ns, True, pool)
-    service.handle(m.Hello(PROTOCOL_VERSION, {"hash": [HASH], "compression": []}, str(root),
-                           {"create_root": True}))
-    assert isinstance(sent[0], m.Welcome), sent
-    return service, sent
-
-
-def _digest(data: bytes) -> bytes:
-    hasher = hashing.new_hasher(HASH)
-    hasher.update(data)
-    digest: bytes = hasher.digest()
-    return digest
+from tests.test_agent_crash import _agent, _digest
+from tests.test_agent_crash import home as home  # (a fixture)
 
 
 def test_a_ping_behind_a_slow_hash_request_is_answered_before_it(
