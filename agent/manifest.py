@@ -1,13 +1,14 @@
 """The remote manifest: every entry below the root, walked from directory descriptors.
 
-`walk_tree` yields the tree as manifest entries (the 8 fields of `ManifestBatch`) without
-following a symlink or naming anything by a path from the root: each directory is opened
-relative to its parent's descriptor with O_DIRECTORY|O_NOFOLLOW, its entries are listed and
-lstat'ed relative to it, and a directory swapped for a symlink while the walk runs is
-skipped, never followed, so nothing outside the root is listed or touched. Stale temporary
-files of dead agents are removed on the way (unlink relative to the directory's descriptor)
-and never listed. Entries that cannot travel on the wire (names or link targets that are
-not UTF-8) and special files (FIFOs, sockets, devices) are left out.
+`walk_tree` yields the tree (`walk_under`: one entry and what is below it) as manifest
+entries (the 8 fields of `ManifestBatch`) without following a symlink or naming anything
+by a path from the root: each directory is opened relative to its parent's descriptor with
+O_DIRECTORY|O_NOFOLLOW, its entries are listed and lstat'ed relative to it, and a directory
+swapped for a symlink while the walk runs is skipped, never followed, so nothing outside
+the root is listed or touched. Stale temporary files of dead agents are removed on the way
+(unlink relative to the directory's descriptor) and never listed. Entries that cannot
+travel on the wire (names or link targets that are not UTF-8) and special files (FIFOs,
+sockets, devices) are left out.
 
 The walk holds one descriptor per level of the directory being listed, and closes them all
 when it ends or is abandoned. Standard library only, Python 3.6 and later (os.listdir and
@@ -18,7 +19,14 @@ import os
 import stat
 from typing import Any, Generator, List, Optional, Tuple
 
-from lsync.agent.confined import DIR_FLAGS, TEMP_PREFIX, file_key, is_stale_temp
+from lsync.agent.confined import (
+    DIR_FLAGS,
+    TEMP_PREFIX,
+    ConfinedRoot,
+    OpError,
+    file_key,
+    is_stale_temp,
+)
 from lsync.agent.records import DigestRecord
 from lsync.protocol import messages as m
 from lsync.protocol.paths import relpath_problem
@@ -26,8 +34,10 @@ from lsync.protocol.paths import relpath_problem
 Entry = List[Any]
 
 
-def walk_tree(root_fd: int, record: DigestRecord) -> Generator[Entry, None, None]:
-    """Yield manifest entries for everything below the directory `root_fd` (not closed).
+def walk_tree(root_fd: int, record: DigestRecord,
+              prefix: str = "") -> Generator[Entry, None, None]:
+    """Yield manifest entries for everything below the directory `root_fd` (not closed),
+    whose path from the root is `prefix` ("" for the root itself).
 
     Digests come from `record` when it knows them without reading a file, and so does
     each entry's `written` field (what lsync made there).
@@ -35,7 +45,7 @@ def walk_tree(root_fd: int, record: DigestRecord) -> Generator[Entry, None, None
     # (descriptor, wire path, subdirectories still to visit; None until listed)
     stack: List[Tuple[int, str, Optional[List[str]]]] = []
     try:
-        stack.append((os.dup(root_fd), "", None))
+        stack.append((os.dup(root_fd), prefix, None))
         while stack:
             dfd, rel_dir, subdirs = stack[-1]
             if subdirs is None:
@@ -60,6 +70,35 @@ def walk_tree(root_fd: int, record: DigestRecord) -> Generator[Entry, None, None
             os.close(dfd)
 
 
+def walk_under(root: ConfinedRoot, under: str,
+               record: DigestRecord) -> Generator[Entry, None, None]:
+    """Yield the manifest entry at `under` (a relative path) and, for a directory, every
+    entry below it; nothing when there is none (or its parent is not a directory). Like
+    `walk_tree`, never through a symlink."""
+    try:
+        dfd, name = root.parent_fd(under)
+    except OpError:
+        return
+    try:
+        entry = _entry(dfd, name, under, record)
+        if entry is None:
+            return
+        yield entry
+        if entry[1] != m.KIND_DIR:
+            return
+        try:
+            child = os.open(name, DIR_FLAGS, dir_fd=dfd)
+        except OSError:
+            return  # gone, or swapped for a symlink meanwhile: not followed
+        try:
+            for below in walk_tree(child, record, under):
+                yield below
+        finally:
+            os.close(child)
+    finally:
+        os.close(dfd)
+
+
 def _list_dir(dfd: int, rel_dir: str, record: DigestRecord) -> Tuple[List[Entry], List[str]]:
     """The entries of one directory, and the names of its subdirectories."""
     entries: List[Entry] = []
@@ -77,27 +116,37 @@ def _list_dir(dfd: int, rel_dir: str, record: DigestRecord) -> Tuple[List[Entry]
                 except OSError:
                     pass
             continue
-        if relpath_problem(rel):
-            continue  # not representable on the wire (e.g. not UTF-8)
-        try:
-            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        except OSError:
-            continue
-        mode = st.st_mode
-        if stat.S_ISDIR(mode):
-            entries.append([rel, m.KIND_DIR, 0, st.st_mtime_ns, stat.S_IMODE(mode), None, None,
-                            record.written(rel, m.KIND_DIR, st.st_ino)])
-            subdirs.append(name)
-        elif stat.S_ISREG(mode):
-            entries.append([rel, m.KIND_FILE, st.st_size, st.st_mtime_ns, stat.S_IMODE(mode),
-                            record.lookup(rel, file_key(st)), None,
-                            record.written(rel, m.KIND_FILE, st.st_ino)])
-        elif stat.S_ISLNK(mode):
-            try:
-                target = os.readlink(name, dir_fd=dfd)
-                target.encode("utf-8")
-            except (OSError, UnicodeError):
-                continue
-            entries.append([rel, m.KIND_LINK, 0, st.st_mtime_ns, 0, None, target,
-                            record.written(rel, m.KIND_LINK, st.st_ino)])
+        entry = _entry(dfd, name, rel, record)
+        if entry is not None:
+            entries.append(entry)
+            if entry[1] == m.KIND_DIR:
+                subdirs.append(name)
     return entries, subdirs
+
+
+def _entry(dfd: int, name: str, rel: str, record: DigestRecord) -> Optional[Entry]:
+    """The manifest entry of `name` in the directory `dfd` (None: nothing there, or
+    nothing that can be listed: a special file, a name not representable on the wire)."""
+    if relpath_problem(rel):
+        return None  # not representable on the wire (e.g. not UTF-8)
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except OSError:
+        return None
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        return [rel, m.KIND_DIR, 0, st.st_mtime_ns, stat.S_IMODE(mode), None, None,
+                record.written(rel, m.KIND_DIR, st.st_ino)]
+    if stat.S_ISREG(mode):
+        return [rel, m.KIND_FILE, st.st_size, st.st_mtime_ns, stat.S_IMODE(mode),
+                record.lookup(rel, file_key(st)), None,
+                record.written(rel, m.KIND_FILE, st.st_ino)]
+    if stat.S_ISLNK(mode):
+        try:
+            target = os.readlink(name, dir_fd=dfd)
+            target.encode("utf-8")
+        except (OSError, UnicodeError):
+            return None
+        return [rel, m.KIND_LINK, 0, st.st_mtime_ns, 0, None, target,
+                record.written(rel, m.KIND_LINK, st.st_ino)]
+    return None

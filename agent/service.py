@@ -28,7 +28,7 @@ from lsync.agent.confined import (
     iter_fd,
     op_error,
 )
-from lsync.agent.manifest import walk_tree
+from lsync.agent.manifest import walk_tree, walk_under
 from lsync.agent.records import DigestRecord, Intent, RootLock
 from lsync.agent.writer import (
     ANSWER,
@@ -368,7 +368,8 @@ class AgentService:
     def on_list_tree(self, msg: m.ListTree) -> None:
         assert self.root is not None and self.record is not None
         batch: List[List[Any]] = []
-        walk = walk_tree(self.root.fd, self.record)
+        walk = (walk_under(self.root, msg.under, self.record) if msg.under
+                else walk_tree(self.root.fd, self.record))
         try:
             for entry in walk:
                 batch.append(entry)

@@ -107,6 +107,7 @@ class SyncEngine(PathPasses):
         self._wake = asyncio.Event()  # the same, for the loop alone (it clears it itself)
         self.checks = CheckSchedule(clock())
         self._queued_dirs: set[str] = set()  # marked paths that are directories remotely
+        self._unsure: dict[str, set[str]] = {}
         self.skipped = {}
         self._initial_total = (0, 0)
         self._initial_done = (0, 0)
@@ -496,6 +497,7 @@ class SyncEngine(PathPasses):
         now = self.clock()
         if result.retry_later:  # before `answered`, which forgets a path with nothing left
             self.queue.fail(flight.owner, now, result.failure)
+            self._unsure.setdefault(flight.owner, set()).add(flight.target)
         if flight.op is not Op.DICTIONARY:
             self.queue.answered(flight.owner, result.ok)
         if result.drop_dictionary:

@@ -429,12 +429,13 @@ class AgentLink:
             raise broken
         return reply.digests
 
-    def list_tree(self) -> AsyncIterator[list[list[Any]]]:
-        """Ask for the remote manifest now; iterate to receive it batch by batch."""
+    def list_tree(self, under: str = "") -> AsyncIterator[list[list[Any]]]:
+        """Ask for the remote manifest (of the whole tree, or of the entry at `under` and
+        what is below it) now; iterate to receive it batch by batch."""
         seq = self.next_seq()
         queue: asyncio.Queue[m.ManifestBatch | None] = asyncio.Queue()
         self._manifests[seq] = queue
-        self.send(m.ListTree(seq))
+        self.send(m.ListTree(seq, under))
         return self._manifest_batches(seq, queue)
 
     async def _manifest_batches(self, seq: int, queue: asyncio.Queue[m.ManifestBatch | None]

@@ -59,6 +59,7 @@ from lsync.protocol import messages as m
 from lsync.protocol.paths import relpath_problem
 
 UNSTABLE_RETRY = 0.05
+RELEARN_HASH_BATCH = 2000  # files per HashPaths when the agent is asked about refused paths
 LANE_WAIT = 0.01  # a pass waits this long (again) while data-lane writes below it fly
 FAST_LANE = 1  # the data lane of single saves; batches take the others in turn
 DELETE_WAIT = 0.01  # a delete waits this long (again) while the watcher has undelivered events
@@ -106,6 +107,9 @@ class PathPasses:
     clock: Callable[[], float]
     seen_until: Callable[[], int]
     _queued_dirs: set[str]
+    # Owner path -> remote paths where an operation its pass sent was refused: what is
+    # there is not known any more; its next pass asks the agent first (`_relearn`).
+    _unsure: dict[str, set[str]]
     # Files too big to sync (MAX_FILE): path -> the version (local_key) that was skipped.
     skipped: dict[str, tuple[int, int, int, int]]
     bursting = False  # many paths were queued, and the queue has not run dry since
@@ -126,6 +130,14 @@ class PathPasses:
 
     async def _reconcile(self, path: str, record: PathRecord,
                          ahead: Ahead | None) -> str:
+        unsure = self._unsure.get(path)
+        if unsure:
+            if self._flying_near(unsure):
+                # What the agent would list may not be what those operations leave.
+                self.queue.retry(path, self.clock(), LANE_WAIT)
+                return "retry"
+            del self._unsure[path]
+            await self._relearn(unsure)
         if path == "":
             self._check_root()
             self._reconcile_listing("", record.since)
@@ -184,6 +196,31 @@ class PathPasses:
             assert st is not None
             return await self._sync_file(path, st, since, ahead, record.urgent)
         return "done"
+
+    def _flying_near(self, paths: set[str]) -> bool:
+        """Whether an unanswered operation touches one of `paths`, a path below one, or a
+        directory above one."""
+        def near(other: str) -> bool:
+            return bool(other) and any(
+                other == p or other.startswith(p + "/") or p.startswith(other + "/")
+                for p in paths)
+        return any(near(f.target) or near(f.src) for f in self.window.flights.values())
+
+    async def _relearn(self, paths: set[str]) -> None:
+        """Ask the agent what is at each of `paths` and below now, and let the model say
+        exactly that (a refused operation left it a guess: a refused delete's entry was put
+        back, but not over what the same pass sent after it, a refused mkdir forgot what
+        was below). One round trip per path; paths below another are covered by it."""
+        tops = sorted(p for p in paths if p and not any(
+            p.startswith(q + "/") for q in paths if q))
+        for top in tops:
+            entries = [entry async for batch in self.link.list_tree(top) for entry in batch]
+            need = planner.relearn(self.model, top, entries, self.rules.is_ignored)
+            for start in range(0, len(need), RELEARN_HASH_BATCH):
+                part = need[start:start + RELEARN_HASH_BATCH]
+                digests = await self.link.hash_paths([path for path, _ in part])
+                for (path, old), digest in zip(part, digests, strict=True):
+                    planner.relearned_digest(self.model, path, digest, old)
 
     def _parent_ready(self, path: str) -> bool:
         """Whether the remote holds `path`'s parent as a directory that lsync knows; if

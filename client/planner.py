@@ -56,6 +56,59 @@ def load_manifest(entries: Iterable[list[Any]], local: Mapping[str, LocalEntry],
     return model, need_hash
 
 
+def relearn(model: RemoteModel, under: str, entries: Iterable[list[Any]],
+            is_ignored: IsIgnored) -> list[tuple[str, RemoteEntry | None]]:
+    """Replace what the model says of `under` and below with the agent's listing of it (an
+    operation there was refused: what is there is not known any more). Ownership comes from
+    what the agent recorded lsync wrote, and stays where the model had an entry of the same
+    kind and content as lsync's (a file it verified equal, say). Returns the files whose
+    digest must be asked for, each with the model's entry before: give each answer to
+    `relearned_digest`."""
+    before = {path: model.get(path) for path in [under, *model.descendants(under)]}
+    model.drop_tree(under)
+    need_hash: list[tuple[str, RemoteEntry | None]] = []
+    for path, kind, size, _mtime, mode, digest, target, written in entries:
+        old = before.get(path)
+        if written is None and old is None and is_ignored(path, kind == DIR):
+            continue
+        entry = RemoteEntry(kind, mode, digest, target, owned=False, size=size,
+                            written=written)
+        model.put(path, entry)
+        if kind == FILE and digest is None:
+            need_hash.append((path, old))
+        else:
+            _settle_relearned(entry, old)
+    return need_hash
+
+
+def relearned_digest(model: RemoteModel, path: str, digest: bytes | None,
+                     old: RemoteEntry | None) -> None:
+    """The agent's digest of a file `relearn` listed without one."""
+    entry = model.get(path)
+    if entry is None or entry.kind != FILE:
+        return
+    model.set_digest(path, digest)
+    _settle_relearned(entry, old)
+
+
+def _settle_relearned(entry: RemoteEntry, old: RemoteEntry | None) -> None:
+    settle_ownership(entry)
+    if old is None or old.kind != entry.kind:
+        return
+    if entry.kind == FILE:
+        if old.digest is not None and old.digest == entry.digest:
+            entry.signature = old.signature
+        # (A refused write left the model's digest unknown: what is there is still the
+        # version lsync had, as far as lsync can know.)
+        entry.owned = entry.owned or (old.owned and old.digest in (None, entry.digest))
+    elif entry.owned:
+        return
+    elif entry.kind == LINK:
+        entry.owned = old.owned and old.target == entry.target
+    else:
+        entry.owned = old.owned
+
+
 def settle_ownership(entry: RemoteEntry) -> None:
     """Mark `entry` owned if it is what lsync made there (see the module docstring)."""
     if entry.written is None:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 import msgpack
 
 from lsync.protocol.errors import ErrorCode, ProtocolError
-from lsync.protocol.paths import link_target_problem, root_problem, shown
+from lsync.protocol.paths import link_target_problem, relpath_problem, root_problem, shown
 
 # Largest preset dictionary (deflate's window).
 MAX_DICTIONARY = 32768
@@ -70,9 +70,13 @@ class Welcome(NamedTuple):
 
 
 class ListTree(NamedTuple):
-    """Client → agent: stream the remote manifest as `ManifestBatch` messages."""
+    """Client → agent: stream the remote manifest as `ManifestBatch` messages: of the whole
+    tree, or (`under`, a relative path) of the entry at `under` and everything below it
+    (nothing when there is none; the client asks again about paths whose operations the
+    remote refused, since what is there is not known any more)."""
 
     seq: int
+    under: str = ""
 
 
 class ManifestBatch(NamedTuple):
@@ -383,7 +387,7 @@ def _is_manifest_entries(value: Any) -> bool:
 SCHEMA: Dict[int, Tuple[Any, str, Tuple[FieldCheck, ...]]] = {
     1: (Hello, "c", (_is_uint, _is_capabilities, _is_str, _is_bool_map)),
     2: (Welcome, "a", (_is_uint, _is_str_map, _is_str_map)),
-    10: (ListTree, "c", (_is_uint,)),
+    10: (ListTree, "c", (_is_uint, _is_str)),
     11: (ManifestBatch, "a", (_is_uint, _is_manifest_entries, _is_bool)),
     12: (HashPaths, "c", (_is_uint, _is_path_list)),
     13: (Hashes, "a", (_is_uint, _is_digest_list)),
@@ -497,6 +501,12 @@ def _hash_paths_problem(msg: HashPaths) -> Optional[Problem]:
     return None
 
 
+def _list_tree_problem(msg: ListTree) -> Optional[Problem]:
+    problem = relpath_problem(msg.under) if msg.under else None
+    return (ErrorCode.BAD_PATH, "refused listing of {}: {}".format(
+        shown(msg.under), problem)) if problem else None
+
+
 def _symlink_problem(msg: Symlink) -> Optional[Problem]:
     problem = link_target_problem(msg.target)
     return (ErrorCode.BAD_PATH, "refused target {} for {}: {}".format(
@@ -506,6 +516,7 @@ def _symlink_problem(msg: Symlink) -> Optional[Problem]:
 _REQUEST_CHECKS: Dict[Any, Callable[[Any], Optional[Problem]]] = {
     Hello: _hello_problem,
     HashPaths: _hash_paths_problem,
+    ListTree: _list_tree_problem,
     Symlink: _symlink_problem,
 }
 

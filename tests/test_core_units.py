@@ -219,6 +219,48 @@ def test_manifest_ownership_comes_from_what_lsync_wrote() -> None:
     assert need_hash == ["unknown.c"]
 
 
+def test_relearning_a_refused_subtree_makes_the_model_say_what_the_agent_lists() -> None:
+    """After a refused operation the model's guess of `d` is replaced by the listing:
+    entries it forgot come back, entries gone go, ownership comes from the agent's record
+    or stays where the model owned the same content; what is outside `d` is untouched."""
+    model = RemoteModel()
+    model.put("d", RemoteEntry(DIR, 0o755, owned=True))
+    model.put("d/guess.c", RemoteEntry(FILE, 0o644, D1, owned=True))  # not really there
+    model.put("d/verified.c", RemoteEntry(FILE, 0o644, D2, owned=True))  # equal, not written
+    model.put("d/refused.c", RemoteEntry(FILE, 0o644, None, owned=True))  # write refused
+    model.put("d/link", RemoteEntry(LINK, 0, target="x", owned=True))
+    model.put("other.c", RemoteEntry(FILE, 0o644, D1, owned=True))
+    listing = [
+        ["d", FILE, 3, 0, 0o644, D1, None, None],  # oops: "d" is a file there
+    ]
+    need = planner.relearn(model, "d", listing, never_ignored)
+    assert need == [] and sorted(model.entries) == ["d", "other.c"]
+    entry = model.get("d")
+    assert entry is not None and entry.kind == FILE and not entry.owned
+    assert model.child_names("d") == set()
+
+    model.put("d", RemoteEntry(DIR, 0o755, owned=True))
+    for path, entry in [("d/verified.c", RemoteEntry(FILE, 0o644, D2, owned=True)),
+                        ("d/refused.c", RemoteEntry(FILE, 0o644, None, owned=True)),
+                        ("d/link", RemoteEntry(LINK, 0, target="x", owned=True))]:
+        model.put(path, entry)
+    listing = [
+        ["d", DIR, 0, 0, 0o755, None, None, b""],
+        ["d/forgotten.c", FILE, 3, 0, 0o644, D1, None, D1],  # lsync wrote it
+        ["d/verified.c", FILE, 3, 0, 0o644, D2, None, None],
+        ["d/refused.c", FILE, 3, 0, 0o644, None, None, None],  # digest to be asked
+        ["d/link", LINK, 0, 0, 0, None, "y", None],  # someone else's link now
+        ["d/theirs.o", FILE, 3, 0, 0o644, D1, None, None],
+    ]
+    need = planner.relearn(model, "d", listing, never_ignored)
+    assert [path for path, _ in need] == ["d/refused.c"]
+    planner.relearned_digest(model, "d/refused.c", D2, need[0][1])
+    owned = {path for path, entry in model.entries.items() if entry.owned}
+    assert owned == {"d", "d/forgotten.c", "d/verified.c", "d/refused.c", "other.c"}
+    assert model.holder_of(D2) in ("d/verified.c", "d/refused.c")
+    assert "d/theirs.o" in model.entries and "d/guess.c" not in model.entries
+
+
 def test_differences_delete_only_what_lsync_owns_and_is_not_ignored() -> None:
     model = RemoteModel()
     model.put("a.c", RemoteEntry(FILE, 0o644, D1, owned=True))

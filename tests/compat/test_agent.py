@@ -206,6 +206,45 @@ def test_manifest_reports_digests_only_for_files_the_agent_knows():
         tree.cleanup()
 
 
+def test_listing_under_a_path_gives_that_entry_and_what_is_below_it_only():
+    tree, pair, algorithm = _session()
+    try:
+        pair.op(m.WriteFile(1, "a/b/ours.c", 0o644, 0, b"ours", True))
+        tree.write("a/b/c/foreign.o", b"build output")
+        tree.write("a/other.c", b"beside")
+        tree.write("top.c", b"top")
+        os.symlink("b", tree.path("a/link"))
+        pair.client.send(m.ListTree(2, "a/b"))
+        entries = {e[0]: e for b in pair.pump() for e in b.entries}
+        assert sorted(entries) == ["a/b", "a/b/c", "a/b/c/foreign.o", "a/b/ours.c"]
+        assert entries["a/b/ours.c"][7] == hashing.digest_of(algorithm, b"ours")
+        assert entries["a/b/c/foreign.o"][7] is None
+        pair.client.send(m.ListTree(3, "a/b/ours.c"))
+        assert [e[0] for b in pair.pump() for e in b.entries] == ["a/b/ours.c"]
+        pair.client.send(m.ListTree(4, "a/missing/x"))
+        (batch,) = pair.pump()
+        assert batch.entries == [] and batch.done
+        # Through a symlink: nothing is listed, nothing outside is touched.
+        pair.client.send(m.ListTree(5, "a/link/ours.c"))
+        (batch,) = pair.pump()
+        assert batch.entries == [] and batch.done
+        pair.client.send(m.ListTree(6, "a/link"))
+        assert [e[0] for b in pair.pump() for e in b.entries] == ["a/link"]
+    finally:
+        tree.cleanup()
+
+
+def test_listing_under_an_escaping_path_is_refused_with_bad_path():
+    tree, pair, _ = _session()
+    try:
+        for seq, under in enumerate(["../etc", "/etc", "a//b", "a/./b"], start=1):
+            pair.client.send(m.ListTree(seq, under))
+            (reply,) = pair.pump()
+            assert isinstance(reply, m.Error) and reply.code == ErrorCode.BAD_PATH, reply
+    finally:
+        tree.cleanup()
+
+
 def test_goodbye_is_answered_and_ends_the_session():
     tree, pair, _ = _session()
     try:
