@@ -17,7 +17,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,6 +60,7 @@ from lsync.protocol.paths import relpath_problem
 
 UNSTABLE_RETRY = 0.05
 RELEARN_HASH_BATCH = 2000  # files per HashPaths when the agent is asked about refused paths
+RELEARN_MAX = 2000  # other refused paths' owners asked about in the same round trip
 LANE_WAIT = 0.01  # a pass waits this long (again) while data-lane writes below it fly
 FAST_LANE = 1  # the data lane of single saves; batches take the others in turn
 DELETE_WAIT = 0.01  # a delete waits this long (again) while the watcher has undelivered events
@@ -132,12 +133,12 @@ class PathPasses:
                          ahead: Ahead | None) -> str:
         unsure = self._unsure.get(path)
         if unsure:
-            if self._flying_near(unsure):
+            near = self._flying_near()
+            if any(near(p) for p in unsure):
                 # What the agent would list may not be what those operations leave.
                 self.queue.retry(path, self.clock(), LANE_WAIT)
                 return "retry"
-            del self._unsure[path]
-            await self._relearn(unsure)
+            await self._relearn(path, near)
         if path == "":
             self._check_root()
             self._reconcile_listing("", record.since)
@@ -197,30 +198,51 @@ class PathPasses:
             return await self._sync_file(path, st, since, ahead, record.urgent)
         return "done"
 
-    def _flying_near(self, paths: set[str]) -> bool:
-        """Whether an unanswered operation touches one of `paths`, a path below one, or a
-        directory above one."""
-        def near(other: str) -> bool:
-            return bool(other) and any(
-                other == p or other.startswith(p + "/") or p.startswith(other + "/")
-                for p in paths)
-        return any(near(f.target) or near(f.src) for f in self.window.flights.values())
+    def _flying_near(self) -> Callable[[str], bool]:
+        """A test of whether an unanswered operation touches a path, a path below it, or a
+        directory above it (as things are now)."""
+        flying: set[str] = set()
+        holding: set[str] = set()  # directories with operations in flight below them
+        for flight in self.window.flights.values():
+            for touched in (flight.target, flight.src):
+                if touched:
+                    flying.add(touched)
+                    holding.update(_ancestors(touched))
 
-    async def _relearn(self, paths: set[str]) -> None:
-        """Ask the agent what is at each of `paths` and below now, and let the model say
-        exactly that (a refused operation left it a guess: a refused delete's entry was put
-        back, but not over what the same pass sent after it, a refused mkdir forgot what
-        was below). One round trip per path; paths below another are covered by it."""
-        tops = sorted(p for p in paths if p and not any(
-            p.startswith(q + "/") for q in paths if q))
-        for top in tops:
-            entries = [entry async for batch in self.link.list_tree(top) for entry in batch]
-            need = planner.relearn(self.model, top, entries, self.rules.is_ignored)
-            for start in range(0, len(need), RELEARN_HASH_BATCH):
-                part = need[start:start + RELEARN_HASH_BATCH]
-                digests = await self.link.hash_paths([path for path, _ in part])
-                for (path, old), digest in zip(part, digests, strict=True):
-                    planner.relearned_digest(self.model, path, digest, old)
+        def near(path: str) -> bool:
+            return path in flying or path in holding or any(
+                parent in flying for parent in _ancestors(path))
+        return near
+
+    async def _relearn(self, path: str, near: Callable[[str], bool]) -> None:
+        """Ask the agent what is at the remote paths `path`'s pass had refused, and below
+        them, and let the model say exactly that (a refused operation left it a guess: a
+        refused delete's entry was put back, but not over what the same pass sent after
+        it; a refused mkdir forgot what was below). The other refused paths with nothing
+        in flight near them are asked about in the same round trip (after a read-only
+        spell, a thousand paths retry at once: one round trip each was minutes)."""
+        others = [o for o, paths in self._unsure.items()
+                  if o != path and not any(near(p) for p in paths)]
+        owners = [path, *others[:RELEARN_MAX]]
+        asked: set[str] = set()
+        for owner in owners:
+            asked.update(p for p in self._unsure.pop(owner) if p)
+        tops = sorted(p for p in asked if not any(
+            parent in asked for parent in _ancestors(p)))
+        listings = await asyncio.gather(*(self._listing(top) for top in tops))
+        need: list[tuple[str, RemoteEntry | None]] = []
+        for top, entries in zip(tops, listings, strict=True):
+            need += planner.relearn(self.model, top, entries, self.rules.is_ignored)
+        parts = [need[i:i + RELEARN_HASH_BATCH] for i in range(0, len(need),
+                                                               RELEARN_HASH_BATCH)]
+        answers = await asyncio.gather(*(self.link.hash_paths([p for p, _ in part])
+                                         for part in parts))
+        for part, digests in zip(parts, answers, strict=True):
+            for (file, old), digest in zip(part, digests, strict=True):
+                planner.relearned_digest(self.model, file, digest, old)
+
+    async def _listing(self, top: str) -> list[list[Any]]:
+        return [entry async for batch in self.link.list_tree(top) for entry in batch]
 
     def _parent_ready(self, path: str) -> bool:
         """Whether the remote holds `path`'s parent as a directory that lsync knows; if
@@ -534,3 +556,9 @@ class PathPasses:
             raise SafetyStop(f"the local tree {self.root} is suddenly empty (an unmounted "
                              "disk?); stopped without deleting anything on the remote")
 
+
+def _ancestors(path: str) -> Iterator[str]:
+    parent = path.rpartition("/")[0]
+    while parent:
+        yield parent
+        parent = parent.rpartition("/")[0]

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from lsync.agent.confined import ConfinedRoot, OpError
+from lsync.client import passes
 from lsync.client.pathqueue import State
 from lsync.protocol.errors import ErrorCode
 from tests.test_core_properties import Rig
@@ -164,6 +165,43 @@ def test_changes_refused_for_a_while_end_with_the_remote_equal_to_the_local_tree
             await rig.converged()
             bad = [p for p in rig.problems() if not p.startswith("(d)")]
             assert not bad, bad
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_many_refused_paths_are_asked_about_together_not_one_round_trip_each(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkout during a read-only spell: hundreds of paths refused. Their retries ask
+    the agent about them in a few batches (each one round trip), not one at a time (one
+    round trip per path was minutes at RTT 300)."""
+    read_only = ReadOnly(monkeypatch)
+    batches: list[int] = []
+    real = passes.PathPasses._relearn
+
+    async def counted(self: passes.PathPasses, path: str, near: Any) -> None:
+        batches.append(len(self._unsure))
+        await real(self, path, near)
+
+    monkeypatch.setattr(passes.PathPasses, "_relearn", counted)
+    names = [f"src/f{i}.c" for i in range(300)]
+
+    async def scenario() -> None:
+        for name in names:
+            (rig.local / name).parent.mkdir(exist_ok=True)
+            (rig.local / name).write_text("v1")
+        await rig.connect()
+        await rig.converged()
+        read_only.on = True
+        for name in names:
+            (rig.local / name).write_text("v2")
+        rig.changed(names)
+        await _all_answered(rig)
+        assert len(rig.engine.queue.failing()) == len(names)
+        read_only.on = False
+        await rig.converged()
+        assert all((rig.remote / name).read_text() == "v2" for name in names)
+        assert 1 <= len(batches) <= 3, batches
         await rig.close()
 
     asyncio.run(scenario())
