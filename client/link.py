@@ -42,6 +42,7 @@ from lsync.protocol import PROTOCOL_VERSION
 from lsync.protocol import messages as m
 from lsync.protocol.connection import CLIENT, Connection, Lane
 from lsync.protocol.errors import AckStatus, ErrorCode, ProtocolError
+from lsync.protocol.framing import FrameDecoder
 from lsync.protocol.paths import relpath_problem
 
 Reply = m.Ack | m.Error
@@ -72,6 +73,10 @@ class AgentLink:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._kinds: dict[int, tuple[type[Any], ...]] = {}  # the replies each seq may get
         self._manifests: dict[int, asyncio.Queue[m.ManifestBatch | None]] = {}
+        # Pulls (lsync.client.pull): each seq's messages go to its callback (None: the link
+        # ended); they come on the main stream or, for fetches, on a data lane.
+        self._pulls: dict[int, Callable[[m.Message | None], None]] = {}
+        self._lane_decoders: dict[int, FrameDecoder] = {}
         self._welcome: asyncio.Future[m.Welcome] = asyncio.get_running_loop().create_future()
         self.conn_offer: dict[str, list[str]] = {}  # the capabilities the Hello offered
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -152,7 +157,7 @@ class AgentLink:
         while (self.failure is None and self.goodbye is None and not self.closing
                and not self._closed.done()):
             channels = self._channel_readings()
-            awaiting = bool(self._pending or self._manifests
+            awaiting = bool(self._pending or self._manifests or self._pulls
                             or any(buffered for _, buffered in channels))
             verdict = liveness.observe(loop.time(), self.bytes_received, channels, awaiting)
             if verdict is Verdict.STALLED:
@@ -363,6 +368,9 @@ class AgentLink:
         """Take a data lane into use (its magic already written); returns its number."""
         number = len(self._lanes) + 1
         self._lanes[number] = SideLane(writer)
+        receive = getattr(writer, "set_receiver", None)
+        if receive is not None:  # the lane carries pulled files back
+            receive(functools.partial(self._lane_data, number))
         self._outboxes[number] = collections.deque()
         self._lane_watchers.append(asyncio.ensure_future(self._watch_lane(number)))
         return number
@@ -460,6 +468,44 @@ class AgentLink:
         await future
         return time.monotonic() - started
 
+    # -- pulls ----------------------------------------------------------------------------
+    def open_pull(self, seq: int, on_message: Callable[[m.Message | None], None]) -> None:
+        """Route the messages of pull `seq` (PullListing, PullData, PullDone, Error) to
+        `on_message`, and None once when the link ends first; `close_pull` stops it."""
+        if self.failure is not None:
+            raise self.failure
+        self._pulls[seq] = on_message
+
+    def close_pull(self, seq: int) -> None:
+        self._pulls.pop(seq, None)
+
+    def _on_pull(self, message: m.PullListing | m.PullData | m.PullDone) -> None:
+        target = self._pulls.get(message.seq)
+        if target is None:
+            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE,
+                                f"{type(message).__name__} for unknown pull {message.seq}")
+        target(message)
+
+    def _lane_data(self, number: int, data: bytes) -> None:
+        """Bytes from the agent on data lane `number`: pulled files."""
+        if self.failure is not None:
+            return
+        self.bytes_received += len(data)
+        decoder = self._lane_decoders.setdefault(number, FrameDecoder())
+        try:
+            decoder.feed(data)
+            while (payload := decoder.next_frame()) is not None:
+                message = m.decode_message(payload, "a")
+                if not isinstance(message, m.PULL_LANE_MESSAGES):
+                    raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE,
+                                        f"{type(message).__name__} on data lane {number}")
+                self._on_pull(message)
+        except ProtocolError as exc:
+            self._finish(self._broken(exc))
+        except Exception as exc:  # a bug here ends the session visibly: not retried
+            self.internal = internal_error("reading a data lane", exc)
+            self._finish(LinkBroken(f"agent link failed: {self.internal}"))
+
     # -- receiving ------------------------------------------------------------------------
     async def _read_loop(self) -> None:
         try:
@@ -518,6 +564,9 @@ class AgentLink:
 
     def _on_reply(self, message: m.Ack | m.Error | m.Hashes | m.Pong) -> None:
         key = message.nonce if isinstance(message, m.Pong) else message.seq
+        if isinstance(message, m.Error) and key in self._pulls:
+            self._pulls[key](message)  # a listing refused
+            return
         future = self._pending.get(key)
         kinds = self._kinds.get(key, ())
         if future is None:
@@ -577,6 +626,9 @@ class AgentLink:
         self._pending.clear()
         for queue in self._manifests.values():
             queue.put_nowait(None)
+        pulls, self._pulls = list(self._pulls.values()), {}
+        for on_message in pulls:
+            on_message(None)
         if not self._welcome.done():
             self._welcome.set_exception(error)
             self._welcome.exception()  # observed: the failure is reported through `failure`
@@ -594,4 +646,7 @@ _DISPATCH: dict[type[Any], Callable[[AgentLink, Any], None]] = {
     m.ManifestBatch: AgentLink._on_manifest,
     m.Ping: AgentLink._on_ping,
     m.Goodbye: AgentLink._on_goodbye,
+    m.PullListing: AgentLink._on_pull,
+    m.PullData: AgentLink._on_pull,
+    m.PullDone: AgentLink._on_pull,
 }
