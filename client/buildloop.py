@@ -14,6 +14,10 @@ socket (`lsync.client.control`).
   the exit status is the command's (128 + N when a signal N ended it). Against a local
   target the command runs as a local subprocess in the target directory.
 - **status** reports the session: state, target, counters, queue, failing paths.
+- **pull** brings back what the `[pull] paths` select (or the patterns given) over the
+  same link (lsync.client.pull), once the link is up; **run** with `pull` does that for
+  what changed on the remote since the command started, after it exits (one note line
+  says what came; the exit status stays the command's).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from lsync.client.control import (
     ClientLine,
     ControlError,
     JsonObject,
+    PullRequest,
     Resize,
     RunRequest,
     SendLine,
@@ -44,8 +49,11 @@ from lsync.client.control import (
     StdinEnd,
     output_lines,
 )
+from lsync.client.errors import LinkBroken
 from lsync.client.ignored import IgnoredTally
 from lsync.client.pathmap import PathMapper
+from lsync.client.pull import Puller, PullReport, Stamp
+from lsync.client.pullrules import PushRules, RewriteRules, wire_rules
 from lsync.client.reporter import Reporter
 
 if TYPE_CHECKING:
@@ -57,6 +65,7 @@ KILL_GRACE = 2.0  # seconds after a KILL before lsync stops waiting for the comm
 PID_WAIT = 2.0  # seconds a signal waits for the command's pid line when it came first
 WATCHER_POLL = 0.002  # seconds between looks at the watcher's queue during a flush
 READ_SIZE = 32 * 1024
+PULL_MARGIN = 2.0  # seconds before the command's start a file may have changed and be pulled
 
 
 @dataclass
@@ -124,6 +133,9 @@ class SessionView(Protocol):
     root: Path
     target_text: str
     progress: Progress
+    rules: PushRules
+    rewrite_rules: RewriteRules
+    pulled_digests: dict[str, tuple[Stamp, bytes]]
 
     @property
     def ssh_connection(self) -> asyncssh.SSHClientConnection | None: ...
@@ -264,6 +276,53 @@ class BuildLoop:
             })
         return out
 
+    # -- pull -------------------------------------------------------------------------------
+    async def pull(self, request: PullRequest) -> JsonObject:
+        """Pull what the patterns (or the session's [pull] paths) select, whatever changed
+        and whenever: what differs from the local copy comes."""
+        report = await self._pull(list(request.patterns), 0, request.timeout)
+        self.session.reporter.note(report.summary())
+        return report.as_json()
+
+    async def _pull(self, patterns: list[str], age_ns: int, timeout: float | None
+                    ) -> PullReport:
+        session = self.session
+        rules = wire_rules(patterns) if patterns else session.rules.pull.wire()
+        if not rules:
+            raise ControlError("bad-request", "nothing to pull: give patterns, or set "
+                               "[pull] paths in .lsync.toml")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while session.engine is None or not session.engine_ready:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise ControlError("disconnected", f"not connected ({session.progress.state})")
+            session.engine_changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(session.engine_changed.wait(), left)
+        engine = session.engine
+        puller = Puller(engine.link, session.root, session.remote_root or "",
+                        engine.cache.algorithm, session.rules, session.rewrite_rules,
+                        session.pulled_digests)
+        try:
+            return await puller.pull(rules, age_ns)
+        except LinkBroken as exc:
+            raise ControlError("closed", f"the link broke during the pull: {exc}") from None
+
+    async def _pull_after(self, started: float, send_line: SendLine) -> None:
+        """After a command: pull what it changed (see the module docstring)."""
+        if not self.session.rules.pull:
+            await send_line({"note": "nothing to pull: no [pull] paths in .lsync.toml"})
+            return
+        age_ns = int((time.monotonic() - started + PULL_MARGIN) * 1e9)
+        try:
+            report = await self._pull([], age_ns, None)
+        except ControlError as exc:
+            await send_line({"note": f"pull failed: {exc}"})
+            return
+        self.session.reporter.note(report.summary())
+        if report.listed:
+            await send_line({"note": report.summary()})
+
     # -- run --------------------------------------------------------------------------------
     async def _flushed_connection(self, request: RunRequest, send_line: SendLine
                                   ) -> asyncssh.SSHClientConnection | None:
@@ -303,6 +362,7 @@ class BuildLoop:
         session.progress.commands.append(shown)
         session.reporter.note(f"running {shown}")
         status = 125
+        started = time.monotonic()
         try:
             # Where the command runs follows from the target alone, never from the state of
             # the connection (a local run of `make clean` in a path of the remote's is
@@ -315,6 +375,8 @@ class BuildLoop:
             else:
                 status = await _run_local(inner, request, send_line, incoming,
                                           self._mappers(request, remote_root))
+            if request.pull:
+                await self._pull_after(started, send_line)
             return status
         finally:
             session.progress.commands.remove(shown)
