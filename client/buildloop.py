@@ -284,8 +284,8 @@ class BuildLoop:
         self.session.reporter.note(report.summary())
         return report.as_json()
 
-    async def _pull(self, patterns: list[str], age_ns: int, timeout: float | None
-                    ) -> PullReport:
+    async def _pull(self, patterns: list[str], age_ns: int, timeout: float | None,
+                    changed_after_ns: int | None = None) -> PullReport:
         session = self.session
         rules = wire_rules(patterns) if patterns else session.rules.pull.wire()
         if not rules:
@@ -302,20 +302,20 @@ class BuildLoop:
         engine = session.engine
         puller = Puller(engine.link, session.root, session.remote_root or "",
                         engine.cache.algorithm, session.rules, session.rewrite_rules,
-                        session.pulled_digests)
+                        session.pulled_digests, changed_after_ns)
         try:
             return await puller.pull(rules, age_ns)
         except LinkBroken as exc:
             raise ControlError("closed", f"the link broke during the pull: {exc}") from None
 
-    async def _pull_after(self, started: float, send_line: SendLine) -> None:
+    async def _pull_after(self, started: float, started_ns: int, send_line: SendLine) -> None:
         """After a command: pull what it changed (see the module docstring)."""
         if not self.session.rules.pull:
             await send_line({"note": "nothing to pull: no [pull] paths in .lsync.toml"})
             return
         age_ns = int((time.monotonic() - started + PULL_MARGIN) * 1e9)
         try:
-            report = await self._pull([], age_ns, None)
+            report = await self._pull([], age_ns, None, started_ns)
         except ControlError as exc:
             await send_line({"note": f"pull failed: {exc}"})
             return
@@ -362,7 +362,7 @@ class BuildLoop:
         session.progress.commands.append(shown)
         session.reporter.note(f"running {shown}")
         status = 125
-        started = time.monotonic()
+        started, started_ns = time.monotonic(), time.time_ns()
         try:
             # Where the command runs follows from the target alone, never from the state of
             # the connection (a local run of `make clean` in a path of the remote's is
@@ -376,7 +376,7 @@ class BuildLoop:
                 status = await _run_local(inner, request, send_line, incoming,
                                           self._mappers(request, remote_root))
             if request.pull:
-                await self._pull_after(started, send_line)
+                await self._pull_after(started, started_ns, send_line)
             return status
         finally:
             session.progress.commands.remove(shown)

@@ -58,6 +58,7 @@ _names = itertools.count(1)
 
 # Identity of a local file for "changed since": (inode, size, mtime_ns, ctime_ns).
 Stamp = tuple[int, int, int, int]
+_MTIME = 2
 
 
 def block_size_for(size: int) -> int:
@@ -178,12 +179,16 @@ class _Fetch:
 
 class Puller:
     """Pulls over one link into the tree at `root` (see the module docstring).
-    `remote_digests` survives across pulls of a session: for each rewritten file, the
-    local stamp it was written with and the digest of the remote original."""
+    `remote_digests` survives across pulls of a session: for each file pulled, the local
+    stamp it was written with and the digest of the remote original. A local file that a
+    pull of this session wrote and that no longer has that stamp, or (`changed_after_ns`)
+    one modified after that Unix time (when the command of `lsync run` started), was
+    changed locally: it is kept."""
 
     def __init__(self, link: AgentLink, root: Path, remote_root: str, hash_name: str,
                  push_rules: PushRules, rewrite: RewriteRules,
                  remote_digests: dict[str, tuple[Stamp, bytes]],
+                 changed_after_ns: int | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.link = link
         self.root = root
@@ -192,6 +197,7 @@ class Puller:
         self.push_rules = push_rules
         self.rewrite = rewrite
         self.remote_digests = remote_digests
+        self.changed_after_ns = changed_after_ns
         self.clock = clock
 
     async def pull(self, rules: list[list[Any]], age_ns: int = 0) -> PullReport:
@@ -268,9 +274,10 @@ class Puller:
         """(digest, size, block size, block hashes) of the local copy, for the fetch."""
         if stamp is None:
             return None, 0, 0, b""
-        if rewrite:
-            known = self.remote_digests.get(rel)
-            return (known[1] if known is not None and known[0] == stamp else None), 0, 0, b""
+        known = self.remote_digests.get(rel)
+        digest = known[1] if known is not None and known[0] == stamp else None
+        if rewrite or (digest is not None and stamp[1] < DELTA_MIN):
+            return digest, stamp[1], 0, b""  # (the local file is what the last pull left)
         with open_parent(self.root, rel) as parent:
             fd = os.open(parent.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                          dir_fd=parent.fd)
@@ -288,6 +295,12 @@ class Puller:
         finally:
             os.close(fd)
 
+    def _changed_locally(self, rel: str, stamp: Stamp) -> bool:
+        known = self.remote_digests.get(rel)
+        if known is not None:
+            return known[0] != stamp
+        return self.changed_after_ns is not None and stamp[_MTIME] > self.changed_after_ns
+
     async def _one(self, rel: str, report: PullReport) -> None:
         try:
             await self._fetch(rel, report)
@@ -300,6 +313,9 @@ class Puller:
         kind, stamp = await asyncio.to_thread(self._stamp, rel)
         if kind not in ("file", "none"):
             report.skipped[rel] = f"{kind} locally"
+            return
+        if stamp is not None and self._changed_locally(rel, stamp):
+            report.skipped[rel] = "changed locally since lsync pulled it; the local file is kept"
             return
         rewrite = self.rewrite.wants(rel)
         if kind == "none":
@@ -327,6 +343,8 @@ class Puller:
             return
         if done.outcome == m.PULL_SAME:
             report.unchanged += 1
+            if stamp is not None and not rewrite:
+                self.remote_digests[rel] = (stamp, done.digest)
             return
         if done.outcome == m.PULL_DELTA:
             digest = await asyncio.to_thread(self._apply, parent.fd, parent.name, fetch)
@@ -361,8 +379,7 @@ class Puller:
             return
         fetch.temp = ""
         report.pulled.append(rel)
-        if rewrite:
-            self.remote_digests[rel] = (placed, done.digest)
+        self.remote_digests[rel] = (placed, done.digest)
 
     def _apply(self, parent_fd: int, name: str, fetch: _Fetch) -> bytes:
         """Apply the delta that arrived (in memory, or in the temporary file) to the local
