@@ -28,6 +28,7 @@ What it promises:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import itertools
@@ -35,6 +36,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,17 +109,23 @@ class PullReport:
 
 class _Fetch:
     """One fetch's payload as it arrives: content into a temporary file beside the target
-    (or memory, for a delta or a file to rewrite), hashed on the way."""
+    (or memory, for a file to rewrite), unpacked, hashed and written by `writer` (one
+    thread, so pieces go in order) and never on the event loop: a disk that throttles
+    writes must not hold up the saves the loop is sending."""
 
-    def __init__(self, parent_fd: int, in_memory: bool, hash_name: str) -> None:
-        self.parent_fd = parent_fd
+    def __init__(self, parent_fd: int, in_memory: bool, hash_name: str,
+                 writer: ThreadPoolExecutor) -> None:
+        self.parent_fd = os.dup(parent_fd)  # its own: the writer thread may outlive the caller
         self.in_memory = in_memory
+        self.writer = writer
         self.memory = bytearray()
         self.temp = ""
         self.fd = -1
         self.size = 0
         self.hasher = hashing.new_hasher(hash_name)
         self.wire = 0
+        self.error: BaseException | None = None  # of a write, raised by `written`
+        self.last: concurrent.futures.Future[None] | None = None
         self.done: asyncio.Future[m.PullDone] = asyncio.get_running_loop().create_future()
 
     def on_message(self, message: m.Message | None) -> None:
@@ -127,36 +135,48 @@ class _Fetch:
             if message is None:
                 raise LinkBroken("the link to the agent broke during the pull")
             if isinstance(message, m.PullData):
-                self._piece(message)
+                self.wire += len(message.data)
+                self.last = self.writer.submit(self._piece, message)
             elif isinstance(message, m.PullDone):
                 self.done.set_result(message)
             elif isinstance(message, m.Error):
                 raise OSError(message.message)
-        except (OSError, LinkBroken, packing.PackingError) as exc:
+        except (OSError, LinkBroken) as exc:
             self.done.set_exception(exc)
 
+    async def written(self) -> None:
+        """Once every piece that came is written; raises what a write raised."""
+        if self.last is not None:
+            await asyncio.wrap_future(self.last)
+        if self.error is not None:
+            raise self.error
+
     def _piece(self, message: m.PullData) -> None:
-        if message.offset != self.size:
-            raise OSError(f"piece at {message.offset}, expected {self.size}")
-        data = message.data if message.packing == packing.PACK_RAW else packing.unpack(
-            message.data, message.packing, m.MAX_CHUNK)
-        self.wire += len(message.data)
-        self.size += len(data)
-        if self.in_memory:
-            self.memory += data
+        if self.error is not None:
             return
-        self.hasher.update(data)
-        if self.fd < 0:
-            self.temp = f"{TEMP_PREFIX}{os.getpid()}-{next(_names)}"
-            self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                              | os.O_CLOEXEC, 0o600, dir_fd=self.parent_fd)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
+        try:
+            if message.offset != self.size:
+                raise OSError(f"piece at {message.offset}, expected {self.size}")
+            data = message.data if message.packing == packing.PACK_RAW else packing.unpack(
+                message.data, message.packing, m.MAX_CHUNK)
+            self.size += len(data)
+            if self.in_memory:
+                self.memory += data
+                return
+            self.hasher.update(data)
+            if self.fd < 0:
+                self.temp = f"{TEMP_PREFIX}{os.getpid()}-{next(_names)}"
+                self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                  | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.parent_fd)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except (OSError, packing.PackingError) as exc:
+            self.error = exc
 
     def write_temp(self, data: bytes) -> None:
         """Put `data` (all of it) into a new temporary file."""
-        self.discard()
+        self._drop_temp()
         self.temp = f"{TEMP_PREFIX}{os.getpid()}-{next(_names)}"
         self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                           | os.O_CLOEXEC, 0o600, dir_fd=self.parent_fd)
@@ -169,12 +189,20 @@ class _Fetch:
             os.close(self.fd)
             self.fd = -1
 
-    def discard(self) -> None:
+    def _drop_temp(self) -> None:
         self.close_fd()
         if self.temp:
             with contextlib.suppress(OSError):
                 os.unlink(self.temp, dir_fd=self.parent_fd)
             self.temp = ""
+
+    def release(self) -> None:
+        """Remove what is left (after the pieces still being written, in the writer)."""
+        def release_now() -> None:
+            self._drop_temp()
+            os.close(self.parent_fd)
+
+        self.writer.submit(release_now)
 
 
 class Puller:
@@ -199,6 +227,7 @@ class Puller:
         self.remote_digests = remote_digests
         self.changed_after_ns = changed_after_ns
         self.clock = clock
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="lsync-pull")
 
     async def pull(self, rules: list[list[Any]], age_ns: int = 0) -> PullReport:
         started = self.clock()
@@ -211,7 +240,10 @@ class Puller:
             async with slots:
                 await self._one(str(entry[0]), report)
 
-        await asyncio.gather(*(one(entry) for entry in entries))
+        try:
+            await asyncio.gather(*(one(entry) for entry in entries))
+        finally:
+            self.writer.shutdown(wait=False)
         report.pulled.sort()
         report.seconds = self.clock() - started
         return report
@@ -323,18 +355,21 @@ class Puller:
         base, base_size, block, blocks = await asyncio.to_thread(
             self._local_base, rel, rewrite, stamp)
         with open_parent(self.root, rel) as parent:
-            fetch = _Fetch(parent.fd, rewrite, self.hash_name)
+            fetch = _Fetch(parent.fd, rewrite, self.hash_name, self.writer)
             seq = self.link.next_seq()
             self.link.open_pull(seq, fetch.on_message)
             try:
                 self.link.send(m.PullFetch(seq, rel, base, base_size, block, blocks))
-                done = await fetch.done
+                try:
+                    done = await fetch.done
+                finally:
+                    await fetch.written()  # (no write left behind, whatever happened)
                 fetch.close_fd()
                 report.bytes_received += fetch.wire
                 await self._finish(rel, parent, fetch, done, stamp, rewrite, report)
             finally:
                 self.link.close_pull(seq)
-                fetch.discard()
+                fetch.release()
 
     async def _finish(self, rel: str, parent: Any, fetch: _Fetch, done: m.PullDone,
                       stamp: Stamp | None, rewrite: bool, report: PullReport) -> None:
