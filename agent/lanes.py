@@ -58,9 +58,11 @@ class LaneServer:
     def fds(self) -> List[int]:
         return [self.listener.fileno()] + list(self.lanes)
 
-    def sockets(self) -> List[socket.socket]:
-        """The lanes joined so far (pulled files go back to the client through them)."""
-        return [joined.sock for joined in self.lanes.values()]
+    def socket_of(self, fd: int) -> Optional[socket.socket]:
+        """The socket of the lane read from `fd` (pulled files go back to the client on
+        the lane their fetch came on); None once that lane is gone."""
+        joined = self.lanes.get(fd)
+        return joined.sock if joined is not None else None
 
     def readable(self, fd: int) -> List[m.Message]:
         """Handle one readable descriptor: a new lane, or data (the messages it completed).

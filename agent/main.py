@@ -90,8 +90,8 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
     service = AgentService(conn.send, flush, now_ns, use_cache, pool, _log_internal,
                            offer_lanes=offer_lanes)
     # Pulls (lsync.agent.pull) run beside the service, in their own threads.
-    puller = PullService(lambda: service.root, lambda: service.hash_name,
-                         lambda: lanes[0].sockets() if lanes else [], now_ns, _log_internal)
+    puller = PullService(lambda: service.root, lambda: service.hash_name, now_ns,
+                         _log_internal)
     terminated: List[int] = []
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_read, False)
@@ -169,6 +169,9 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
             for fd in ready:
                 if fd != in_fd:
                     for lane_message in lanes[0].readable(fd):
+                        if isinstance(lane_message, m.PullFetch):
+                            puller.handle(lane_message, lanes[0].socket_of(fd))
+                            continue  # (answered on its lane)
                         dispatch(lane_message)
                         check_terminated()
                     continue

@@ -7,8 +7,9 @@
   without following symlinks (as lsync.agent.manifest does), and files are opened through
   `ConfinedRoot.open_read` (O_NOFOLLOW at every component, regular files only).
 - The main loop never waits for a pull: listings and fetches run in worker threads. A fetch
-  is sent on one data lane (lanes joined through lsync.agent.lanes carry data back to the
-  client too, each from its own thread), or, with no lane, queued for the main loop to send
+  that came on a data lane is answered on that lane (lanes joined through
+  lsync.agent.lanes carry data back to the client too; the client keeps its lane of single
+  saves out of it), any other through the main stream: queued for the main loop to send
   (`outbox`, bounded: a worker waits while it is full). Saves arriving meanwhile are read
   and answered by the main loop as usual.
 - Each fetch ends with exactly one `PullDone` on the stream its data took: its outcome,
@@ -270,24 +271,21 @@ class Outbox(object):
 
 class PullService(object):
     """Pull messages in, answers out (see the module docstring). `root` gives the session's
-    confined root (None before the Hello), `hash_name` its digest, `lane_sockets` the data
-    lanes joined so far."""
+    confined root (None before the Hello), `hash_name` its digest. A fetch that came on a
+    data lane is answered on it (`handle`'s `lane`), any other message on the main stream."""
 
     def __init__(self, root: Callable[[], Optional[ConfinedRoot]],
                  hash_name: Callable[[], str],
-                 lane_sockets: Callable[[], List[socket.socket]],
                  now_ns: Callable[[], int],
                  log_internal: Optional[Callable[[str, Optional[str]], None]] = None) -> None:
         self.root = root
         self.hash_name = hash_name
-        self.lane_sockets = lane_sockets
         self.now_ns = now_ns
         self.log_internal = log_internal
         self.outbox = Outbox()
         self.stop = threading.Event()
         self.jobs: "queue.Queue[Optional[Callable[[], None]]]" = queue.Queue()
-        self.sinks: Dict[int, LaneSink] = {}
-        self.turn = 0
+        self.sinks: Dict[int, LaneSink] = {}  # by descriptor (the stream back of each lane)
         self.threads: List[threading.Thread] = []
 
     @staticmethod
@@ -302,7 +300,7 @@ class PullService(object):
     def take_outbox(self) -> List[m.Message]:
         return self.outbox.take()
 
-    def handle(self, message: m.Message) -> None:
+    def handle(self, message: m.Message, lane: Optional[socket.socket] = None) -> None:
         root = self.root()
         if isinstance(message, m.PullList):
             if root is None:
@@ -318,7 +316,7 @@ class PullService(object):
             since = self.now_ns() - message.age_ns if message.age_ns else 0
             self._submit(lambda: self._list(root, message.seq, selector, since))
         elif isinstance(message, m.PullFetch):
-            sink = self._next_sink()
+            sink = self._sink(lane)
             problem = m.request_problem(message)
             if root is None or problem is not None:
                 code, text = problem or (ErrorCode.ROOT_UNAVAILABLE, "no root is open")
@@ -326,21 +324,14 @@ class PullService(object):
                 return
             self._submit(lambda: self._fetch(root, message, sink))
 
-    def _next_sink(self) -> Any:
-        """The lane for the next fetch, in turn; the outbox when there is none."""
-        sockets = [s for s in self.lane_sockets() if s.fileno() >= 0]
-        live = {}
-        for sock in sockets:
-            sink = self.sinks.get(sock.fileno())
-            if sink is None or sink.sock is not sock:
-                sink = LaneSink(sock)
-            live[sock.fileno()] = sink
-        self.sinks = live
-        usable = [sink for sink in live.values() if not sink.broken]
-        if not usable:
+    def _sink(self, lane: Optional[socket.socket]) -> Any:
+        """Where a fetch's answer goes: its lane's stream back, else the outbox."""
+        if lane is None or lane.fileno() < 0:
             return self.outbox
-        self.turn += 1
-        return usable[self.turn % len(usable)]
+        sink = self.sinks.get(lane.fileno())
+        if sink is None or sink.sock is not lane:
+            sink = self.sinks[lane.fileno()] = LaneSink(lane)
+        return sink
 
     def _submit(self, job: Callable[[], None]) -> None:
         while len(self.threads) < WORKERS:  # started with the first pull

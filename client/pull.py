@@ -44,6 +44,7 @@ from typing import Any
 from lsync.client.confined_open import lstat_below, open_parent
 from lsync.client.errors import LinkBroken
 from lsync.client.link import AgentLink
+from lsync.client.passes import FAST_LANE
 from lsync.client.pullrules import PushRules, RewriteRules, rewrite_json
 from lsync.protocol import hashing, packing
 from lsync.protocol import messages as m
@@ -228,6 +229,7 @@ class Puller:
         self.changed_after_ns = changed_after_ns
         self.clock = clock
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="lsync-pull")
+        self.turn = 0  # of the data lanes that carry fetches
 
     async def pull(self, rules: list[list[Any]], age_ns: int = 0) -> PullReport:
         started = self.clock()
@@ -327,6 +329,15 @@ class Puller:
         finally:
             os.close(fd)
 
+    def _lane(self) -> int:
+        """The data lane of the next fetch (answered on it): the bulk lanes in turn, never
+        the lane of single saves while there are others; 0 (main) without lanes."""
+        lanes = self.link.lanes
+        if lanes <= FAST_LANE:
+            return lanes
+        self.turn += 1
+        return FAST_LANE + 1 + self.turn % (lanes - FAST_LANE)
+
     def _changed_locally(self, rel: str, stamp: Stamp) -> bool:
         known = self.remote_digests.get(rel)
         if known is not None:
@@ -359,7 +370,8 @@ class Puller:
             seq = self.link.next_seq()
             self.link.open_pull(seq, fetch.on_message)
             try:
-                self.link.send(m.PullFetch(seq, rel, base, base_size, block, blocks))
+                self.link.send_on(m.PullFetch(seq, rel, base, base_size, block, blocks),
+                                  self._lane())
                 try:
                     done = await fetch.done
                 finally:

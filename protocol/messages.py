@@ -276,9 +276,10 @@ class Goodbye(NamedTuple):
 # -- pulls: remote files brought back to the local tree (lsync pull, lsync run --pull) ------
 # The client asks for a listing of what its pull rules select (`PullList`), then fetches
 # files one by one (`PullFetch`); the agent answers a fetch with `PullData` pieces and one
-# `PullDone`, all on one stream: a data lane when it has one (lanes then carry data back to
-# the client too), else the main stream. Any failure of a fetch is its `PullDone` (outcome
-# PULL_FAILED with an error code), never an `Error`; a failed listing is an `Error`.
+# `PullDone`, all on the stream the fetch came on: a data lane (lanes then carry data back to
+# the client too; the client keeps its lane of single saves out of it) or the main stream.
+# Any failure of a fetch is its `PullDone` (outcome PULL_FAILED with an error code), never
+# an `Error`; a failed listing is an `Error`.
 
 # A pull rule: [regex, flags, prefix]. `regex` is a gitignore pattern translated for
 # `fullmatch` (by the client, lsync.client.gitpatterns); flags are PULL_RULE_*; `prefix` is

@@ -260,13 +260,13 @@ def tree(tmp_path: Path) -> Path:
     return root
 
 
-def _service(root: ConfinedRoot, lanes: list[socket.socket]) -> PullService:
-    return PullService(lambda: root, lambda: HASH, lambda: lanes, lambda: 10**19)
+def _service(root: ConfinedRoot) -> PullService:
+    return PullService(lambda: root, lambda: HASH, lambda: 10**19)
 
 
 def test_the_agent_lists_selected_files_without_following_symlinks(tree: Path) -> None:
     root = ConfinedRoot(str(tree))
-    service = _service(root, [])
+    service = _service(root)
     try:
         service.handle(m.PullList(1, wire_rules(["build/**"]), 0))
         got = _from_outbox(service, lambda x: isinstance(x, m.PullListing) and x.done)
@@ -287,15 +287,15 @@ def test_the_agent_sends_files_whole_same_or_as_deltas_on_a_lane(tree: Path) -> 
     root = ConfinedRoot(str(tree))
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
-    service = _service(root, [ours])
+    service = _service(root)
     decoder = FrameDecoder()  # (the stream back starts with the magic, once)
     try:
         text = (tree / "build" / "text.log").read_bytes()
-        service.handle(m.PullFetch(5, "build/text.log", None, 0, 0, b""))
+        service.handle(m.PullFetch(5, "build/text.log", None, 0, 0, b""), ours)
         data, done = _payload(_from_lane(theirs, decoder, 5))
         assert (data, done.outcome, done.size) == (text, m.PULL_WHOLE, len(text))
         assert done.digest == hashing.digest_of(HASH, text)
-        service.handle(m.PullFetch(6, "build/text.log", done.digest, len(text), 0, b""))
+        service.handle(m.PullFetch(6, "build/text.log", done.digest, len(text), 0, b""), ours)
         data, done = _payload(_from_lane(theirs, decoder, 6))
         assert (data, done.outcome) == (b"", m.PULL_SAME)
         big = (tree / "build" / "big.bin").read_bytes()
@@ -303,14 +303,14 @@ def test_the_agent_sends_files_whole_same_or_as_deltas_on_a_lane(tree: Path) -> 
         mine[2_000_000:2_000_010] = b"local edit"
         block = block_size_for(len(mine))
         service.handle(m.PullFetch(7, "build/big.bin", hashing.digest_of(HASH, bytes(mine)),
-                                   len(mine), block, block_hashes(bytes(mine), block)))
+                                   len(mine), block, block_hashes(bytes(mine), block)), ours)
         delta, done = _payload(_from_lane(theirs, decoder, 7))
         assert done.outcome == m.PULL_DELTA and len(delta) < len(big) // 10
         assert apply_delta_to_bytes(delta, bytes(mine), 1 << 30) == big
         for seq, path, code in ((8, "build/escape/secret.h", ErrorCode.BAD_PATH),
                                 (9, "build/none", ErrorCode.NOT_FOUND),
                                 (10, "../outside/secret.h", ErrorCode.BAD_PATH)):
-            service.handle(m.PullFetch(seq, path, None, 0, 0, b""))
+            service.handle(m.PullFetch(seq, path, None, 0, 0, b""), ours)
             _, done = _payload(_from_lane(theirs, decoder, seq))
             assert (done.outcome, done.code) == (m.PULL_FAILED, code), path
     finally:
@@ -322,7 +322,7 @@ def test_the_agent_sends_files_whole_same_or_as_deltas_on_a_lane(tree: Path) -> 
 
 def test_without_a_lane_the_agent_sends_through_its_outbox(tree: Path) -> None:
     root = ConfinedRoot(str(tree))
-    service = _service(root, [])
+    service = _service(root)
     try:
         service.handle(m.PullFetch(3, "build/gen/a.h", None, 0, 0, b""))
         data, done = _payload(_from_outbox(service, lambda x: isinstance(x, m.PullDone)))
