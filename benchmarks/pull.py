@@ -204,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {label} | {len(values)} | {ordered[len(ordered) // 2] * 1000:.0f} ms | "
                   f"{p95(values) * 1000:.0f} ms | {ordered[-1] * 1000:.0f} ms | "
                   f"{(rtt / 2 + 0.050) * 1000:.0f} ms |")
-    print(f"\n{overlapped} saves overlapped the pull; lsync exited {status}.")
+    print(f"\n{overlapped} saves overlapped the pull; lsync exited {status}. Its pull notes:")
+    for line in session.lines:
+        if " pulled " in line:
+            print(f"    {line.strip()}")
     return 0 if ok else 1
 
 
