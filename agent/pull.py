@@ -240,9 +240,11 @@ class Outbox(object):
         os.set_blocking(self.read_fd, False)
         os.set_blocking(self.write_fd, False)
 
-    def send(self, message: m.Message, stop: threading.Event) -> None:
+    def send(self, message: m.Message, stop: threading.Event, wait: bool = True) -> None:
+        """Queue `message`; a worker (`wait`) waits while the outbox is full, the main
+        thread (which empties it) never does."""
         with self.lock:
-            while len(self.items) >= OUTBOX_LIMIT and not stop.is_set():
+            while wait and len(self.items) >= OUTBOX_LIMIT and not stop.is_set():
                 self.lock.wait(0.5)
             self.items.append(message)
         try:
@@ -305,13 +307,13 @@ class PullService(object):
         if isinstance(message, m.PullList):
             if root is None:
                 self.outbox.send(m.Error(message.seq, int(ErrorCode.ROOT_UNAVAILABLE),
-                                         "no root is open"), self.stop)
+                                         "no root is open"), self.stop, wait=False)
                 return
             try:
                 selector = PullSelector(message.rules)
             except ValueError as exc:
                 self.outbox.send(m.Error(message.seq, int(ErrorCode.BAD_REQUEST),
-                                         str(exc)[:1000]), self.stop)
+                                         str(exc)[:1000]), self.stop, wait=False)
                 return
             since = self.now_ns() - message.age_ns if message.age_ns else 0
             self._submit(lambda: self._list(root, message.seq, selector, since))
@@ -407,7 +409,8 @@ class PullService(object):
 
     def _send_content(self, content: bytes, msg: m.PullFetch, mode: int, sink: Any) -> None:
         hasher = hashing.new_hasher(self.hash_name())
-        hasher.update(content)
+        for piece in _pieces(content):  # (in pieces: the main thread gets the GIL between)
+            hasher.update(piece)
         digest = hasher.digest()
         if digest == msg.base:
             sink.send(m.PullDone(msg.seq, m.PULL_SAME, 0, mode, digest, 0, ""), self.stop)

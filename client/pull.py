@@ -320,7 +320,9 @@ class Puller:
             hasher = hashing.new_hasher(self.hash_name)
             if DELTA_MIN <= size <= DELTA_MAX:
                 content = _read_all(fd)
-                hasher.update(content)
+                view = memoryview(content)
+                for at in range(0, len(content), 1 << 20):  # the event loop gets the GIL
+                    hasher.update(view[at:at + (1 << 20)])
                 block = block_size_for(len(content))
                 return hasher.digest(), len(content), block, block_hashes(content, block)
             while piece := os.read(fd, 1 << 20):
