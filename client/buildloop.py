@@ -66,6 +66,7 @@ PID_WAIT = 2.0  # seconds a signal waits for the command's pid line when it came
 WATCHER_POLL = 0.002  # seconds between looks at the watcher's queue during a flush
 READ_SIZE = 32 * 1024
 PULL_MARGIN = 2.0  # seconds before the command's start a file may have changed and be pulled
+PULL_LINK_WAIT = 30.0  # seconds the pull after a command waits for a link that went down
 
 
 @dataclass
@@ -315,7 +316,7 @@ class BuildLoop:
             return
         age_ns = int((time.monotonic() - started + PULL_MARGIN) * 1e9)
         try:
-            report = await self._pull([], age_ns, None, started_ns)
+            report = await self._pull([], age_ns, PULL_LINK_WAIT, started_ns)
         except ControlError as exc:
             await send_line({"note": f"pull failed: {exc}"})
             return
