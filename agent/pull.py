@@ -286,7 +286,7 @@ class PullService(object):
         self.log_internal = log_internal
         self.outbox = Outbox()
         self.stop = threading.Event()
-        self.jobs: "queue.Queue[Optional[Callable[[], None]]]" = queue.Queue()
+        self.jobs: "queue.Queue[Optional[Tuple[Callable[[], None], Any]]]" = queue.Queue()
         self.sinks: Dict[int, LaneSink] = {}  # by descriptor (the stream back of each lane)
         self.threads: List[threading.Thread] = []
 
@@ -316,7 +316,9 @@ class PullService(object):
                                          str(exc)[:1000]), self.stop, wait=False)
                 return
             since = self.now_ns() - message.age_ns if message.age_ns else 0
-            self._submit(lambda: self._list(root, message.seq, selector, since))
+            self._submit(lambda: self._list(root, message.seq, selector, since),
+                         lambda why: self.outbox.send(m.Error(
+                             message.seq, int(ErrorCode.INTERNAL), why), self.stop))
         elif isinstance(message, m.PullFetch):
             sink = self._sink(lane)
             problem = m.request_problem(message)
@@ -324,7 +326,8 @@ class PullService(object):
                 code, text = problem or (ErrorCode.ROOT_UNAVAILABLE, "no root is open")
                 self._submit(lambda: self._failed(sink, message.seq, code, text))
                 return
-            self._submit(lambda: self._fetch(root, message, sink))
+            self._submit(lambda: self._fetch(root, message, sink),
+                         lambda why: self._failed(sink, message.seq, ErrorCode.INTERNAL, why))
 
     def _sink(self, lane: Optional[socket.socket]) -> Any:
         """Where a fetch's answer goes: its lane's stream back, else the outbox."""
@@ -335,23 +338,31 @@ class PullService(object):
             sink = self.sinks[lane.fileno()] = LaneSink(lane)
         return sink
 
-    def _submit(self, job: Callable[[], None]) -> None:
+    def _submit(self, job: Callable[[], None],
+                failed: Optional[Callable[[str], None]] = None) -> None:
+        """Run `job` in a worker; a bug in it is logged and answered through `failed`."""
         while len(self.threads) < WORKERS:  # started with the first pull
             thread = threading.Thread(target=self._work, name="lsync-pull", daemon=True)
             self.threads.append(thread)
             thread.start()
-        self.jobs.put(job)
+        self.jobs.put((job, failed))
 
     def _work(self) -> None:
         while not self.stop.is_set():
-            job = self.jobs.get()
-            if job is None:
+            item = self.jobs.get()
+            if item is None:
                 return
+            job, failed = item
             try:
                 job()
-            except Exception:  # a bug: logged; its fetch already failed or the lane broke
+            except Exception as exc:  # a bug: logged, and its request answered
                 if self.log_internal is not None:
                     self.log_internal("pulling", None)
+                if failed is not None:
+                    try:
+                        failed("internal agent error: {}".format(type(exc).__name__))
+                    except Exception:
+                        pass  # (the lane is gone: so is the client's link)
 
     def close(self) -> None:
         self.stop.set()

@@ -388,3 +388,25 @@ def test_pull_and_run_requests_on_the_control_socket_parse() -> None:
                 b'"pull":"yes"}'):
         with pytest.raises(ControlError):
             parse_request(bad)
+
+
+def test_a_bug_in_a_fetch_is_answered_not_left_hanging(
+        tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(content: bytes, msg: m.PullFetch) -> bytes | None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("lsync.agent.pull.delta_for", broken)
+    logged: list[str] = []
+    root = ConfinedRoot(str(tree))
+    service = PullService(lambda: root, lambda: HASH, lambda: 10**19,
+                          lambda context, trace: logged.append(context))
+    try:
+        big = (tree / "build" / "big.bin").read_bytes()
+        service.handle(m.PullFetch(4, "build/big.bin", b"\0" * 16, len(big), 1 << 20,
+                                   block_hashes(big, 1 << 20)))
+        _, done = _payload(_from_outbox(service, lambda x: isinstance(x, m.PullDone)))
+        assert (done.outcome, done.code) == (m.PULL_FAILED, ErrorCode.INTERNAL)
+        assert "RuntimeError" in done.message and logged == ["pulling"]
+    finally:
+        service.close()
+        root.close()
