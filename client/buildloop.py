@@ -49,11 +49,11 @@ from lsync.client.control import (
     StdinEnd,
     output_lines,
 )
-from lsync.client.errors import LinkBroken
 from lsync.client.ignored import IgnoredTally
 from lsync.client.pathmap import PathMapper
-from lsync.client.pull import Puller, PullReport, Stamp
-from lsync.client.pullrules import PushRules, RewriteRules, wire_rules
+from lsync.client.pull import Stamp
+from lsync.client.pullcommand import pull_after_command, pull_request
+from lsync.client.pullrules import PushRules, RewriteRules
 from lsync.client.reporter import Reporter
 
 if TYPE_CHECKING:
@@ -65,8 +65,6 @@ KILL_GRACE = 2.0  # seconds after a KILL before lsync stops waiting for the comm
 PID_WAIT = 2.0  # seconds a signal waits for the command's pid line when it came first
 WATCHER_POLL = 0.002  # seconds between looks at the watcher's queue during a flush
 READ_SIZE = 32 * 1024
-PULL_MARGIN = 2.0  # seconds before the command's start a file may have changed and be pulled
-PULL_LINK_WAIT = 30.0  # seconds the pull after a command waits for a link that went down
 
 
 @dataclass
@@ -277,52 +275,11 @@ class BuildLoop:
             })
         return out
 
-    # -- pull -------------------------------------------------------------------------------
+    # -- pull (lsync.client.pullcommand) ---------------------------------------------------
     async def pull(self, request: PullRequest) -> JsonObject:
-        """Pull what the patterns (or the session's [pull] paths) select, whatever changed
-        and whenever: what differs from the local copy comes."""
-        report = await self._pull(list(request.patterns), 0, request.timeout)
-        self.session.reporter.note(report.summary())
-        return report.as_json()
-
-    async def _pull(self, patterns: list[str], age_ns: int, timeout: float | None,
-                    changed_after_ns: int | None = None) -> PullReport:
-        session = self.session
-        rules = wire_rules(patterns) if patterns else session.rules.pull.wire()
-        if not rules:
-            raise ControlError("bad-request", "nothing to pull: give patterns, or set "
-                               "[pull] paths in .lsync.toml")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while session.engine is None or not session.engine_ready:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise ControlError("disconnected", f"not connected ({session.progress.state})")
-            session.engine_changed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(session.engine_changed.wait(), left)
-        engine = session.engine
-        puller = Puller(engine.link, session.root, session.remote_root or "",
-                        engine.cache.algorithm, session.rules, session.rewrite_rules,
-                        session.pulled_digests, changed_after_ns)
-        try:
-            return await puller.pull(rules, age_ns)
-        except LinkBroken as exc:
-            raise ControlError("closed", f"the link broke during the pull: {exc}") from None
-
-    async def _pull_after(self, started: float, started_ns: int, send_line: SendLine) -> None:
-        """After a command: pull what it changed (see the module docstring)."""
-        if not self.session.rules.pull:
-            await send_line({"note": "nothing to pull: no [pull] paths in .lsync.toml"})
-            return
-        age_ns = int((time.monotonic() - started + PULL_MARGIN) * 1e9)
-        try:
-            report = await self._pull([], age_ns, PULL_LINK_WAIT, started_ns)
-        except ControlError as exc:
-            await send_line({"note": f"pull failed: {exc}"})
-            return
-        self.session.reporter.note(report.summary())
-        if report.listed:
-            await send_line({"note": report.summary()})
+        """Pull what the patterns (or the session's [pull] paths) select and differs from
+        the local copy."""
+        return await pull_request(self.session, request)
 
     # -- run --------------------------------------------------------------------------------
     async def _flushed_connection(self, request: RunRequest, send_line: SendLine
@@ -377,7 +334,7 @@ class BuildLoop:
                 status = await _run_local(inner, request, send_line, incoming,
                                           self._mappers(request, remote_root))
             if request.pull:
-                await self._pull_after(started, started_ns, send_line)
+                await pull_after_command(self.session, started, started_ns, send_line)
             return status
         finally:
             session.progress.commands.remove(shown)

@@ -37,12 +37,12 @@ from lsync.client.outbox import (
     pack_batch,
     unless,
 )
+from lsync.client.pullroutes import PullRoutes
 from lsync.client.streams import AgentStream
 from lsync.protocol import PROTOCOL_VERSION
 from lsync.protocol import messages as m
 from lsync.protocol.connection import CLIENT, Connection, Lane
 from lsync.protocol.errors import AckStatus, ErrorCode, ProtocolError
-from lsync.protocol.framing import FrameDecoder
 from lsync.protocol.paths import relpath_problem
 
 Reply = m.Ack | m.Error
@@ -73,10 +73,7 @@ class AgentLink:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._kinds: dict[int, tuple[type[Any], ...]] = {}  # the replies each seq may get
         self._manifests: dict[int, asyncio.Queue[m.ManifestBatch | None]] = {}
-        # Pulls (lsync.client.pull): each seq's messages go to its callback (None: the link
-        # ended); they come on the main stream or, for fetches, on a data lane.
-        self._pulls: dict[int, Callable[[m.Message | None], None]] = {}
-        self._lane_decoders: dict[int, FrameDecoder] = {}
+        self.pulls = PullRoutes()  # pull answers, main stream and lanes (lsync.client.pull)
         self._welcome: asyncio.Future[m.Welcome] = asyncio.get_running_loop().create_future()
         self.conn_offer: dict[str, list[str]] = {}  # the capabilities the Hello offered
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -157,7 +154,7 @@ class AgentLink:
         while (self.failure is None and self.goodbye is None and not self.closing
                and not self._closed.done()):
             channels = self._channel_readings()
-            awaiting = bool(self._pending or self._manifests or self._pulls
+            awaiting = bool(self._pending or self._manifests or self.pulls
                             or any(buffered for _, buffered in channels))
             verdict = liveness.observe(loop.time(), self.bytes_received, channels, awaiting)
             if verdict is Verdict.STALLED:
@@ -474,32 +471,21 @@ class AgentLink:
         `on_message`, and None once when the link ends first; `close_pull` stops it."""
         if self.failure is not None:
             raise self.failure
-        self._pulls[seq] = on_message
+        self.pulls.open(seq, on_message)
 
     def close_pull(self, seq: int) -> None:
-        self._pulls.pop(seq, None)
+        self.pulls.close(seq)
 
     def _on_pull(self, message: m.PullListing | m.PullData | m.PullDone) -> None:
-        target = self._pulls.get(message.seq)
-        if target is None:
-            raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE,
-                                f"{type(message).__name__} for unknown pull {message.seq}")
-        target(message)
+        self.pulls.deliver(message)
 
     def _lane_data(self, number: int, data: bytes) -> None:
         """Bytes from the agent on data lane `number`: pulled files."""
         if self.failure is not None:
             return
         self.bytes_received += len(data)
-        decoder = self._lane_decoders.setdefault(number, FrameDecoder())
         try:
-            decoder.feed(data)
-            while (payload := decoder.next_frame()) is not None:
-                message = m.decode_message(payload, "a")
-                if not isinstance(message, m.PULL_LANE_MESSAGES):
-                    raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE,
-                                        f"{type(message).__name__} on data lane {number}")
-                self._on_pull(message)
+            self.pulls.lane_data(number, data)
         except ProtocolError as exc:
             self._finish(self._broken(exc))
         except Exception as exc:  # a bug here ends the session visibly: not retried
@@ -564,8 +550,8 @@ class AgentLink:
 
     def _on_reply(self, message: m.Ack | m.Error | m.Hashes | m.Pong) -> None:
         key = message.nonce if isinstance(message, m.Pong) else message.seq
-        if isinstance(message, m.Error) and key in self._pulls:
-            self._pulls[key](message)  # a listing refused
+        if isinstance(message, m.Error) and key in self.pulls:
+            self.pulls.deliver(message)  # a listing refused
             return
         future = self._pending.get(key)
         kinds = self._kinds.get(key, ())
@@ -626,9 +612,7 @@ class AgentLink:
         self._pending.clear()
         for queue in self._manifests.values():
             queue.put_nowait(None)
-        pulls, self._pulls = list(self._pulls.values()), {}
-        for on_message in pulls:
-            on_message(None)
+        self.pulls.end()
         if not self._welcome.done():
             self._welcome.set_exception(error)
             self._welcome.exception()  # observed: the failure is reported through `failure`
