@@ -20,12 +20,13 @@ from lsync.agent.pull import PullSelector, PullService, block_copies, delta_for,
 from lsync.client.control import ControlError, PullRequest, RunRequest, parse_request
 from lsync.client.project import ProjectError, load_project, merge
 from lsync.client.pull import _put_in_place, block_hashes, block_size_for
+from lsync.client.pullroutes import PullRoutes
 from lsync.client.pullrules import PullRules, PushRules, RewriteRules, rewrite_json, wire_rules
 from lsync.protocol import hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.delta import apply_delta_to_bytes
 from lsync.protocol.errors import ErrorCode, ProtocolError
-from lsync.protocol.framing import FrameDecoder
+from lsync.protocol.framing import MAGIC, FrameDecoder, encode_frame
 
 HASH = hashing.BLAKE2B_128
 BOUND = 10.0  # seconds: no wait here comes near it
@@ -410,3 +411,24 @@ def test_a_bug_in_a_fetch_is_answered_not_left_hanging(
     finally:
         service.close()
         root.close()
+
+
+# -- the link's routes ------------------------------------------------------------------------
+
+
+def test_pull_routes_deliver_by_seq_and_refuse_what_nobody_asked_for() -> None:
+    routes = PullRoutes()
+    got: list[m.Message | None] = []
+    routes.open(3, got.append)
+    assert routes and 3 in routes
+    routes.deliver(m.PullListing(3, [], True))
+    with pytest.raises(ProtocolError):
+        routes.deliver(m.PullListing(4, [], True))
+    done = m.PullDone(3, m.PULL_SAME, 0, 0o644, b"d", 0, "")
+    frames = MAGIC + encode_frame(m.encode_message(done))
+    routes.lane_data(2, frames[:5])  # (a frame may come in pieces)
+    routes.lane_data(2, frames[5:])
+    with pytest.raises(ProtocolError):
+        routes.lane_data(1, MAGIC + encode_frame(m.encode_message(m.Ack(3, 0, ""))))
+    routes.end()
+    assert got == [m.PullListing(3, [], True), done, None] and not routes
