@@ -168,3 +168,26 @@ def test_delete_leaves_remote_paths_the_pull_rules_select(
         assert (local / "build" / "generated" / "version.h").read_text() == "#define V 1\n"
         assert lsync("flush", "--timeout", "30", cwd=local).returncode == 0
         assert (remote / "build" / "generated" / "version.h").read_text() == "#define V 1\n"
+
+
+def test_against_a_local_target_pulls_travel_on_the_main_stream(tmp_path: Path) -> None:
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    local.mkdir()
+    (local / ".lsync.toml").write_text(PROJECT_FILE)
+    process = LsyncProcess(["connect", str(remote)], cwd=local)
+    try:
+        process.wait_for_line(" ready ", timeout=60)
+        (remote / "out").mkdir()
+        database = [{"directory": f"{remote}/out", "file": f"{remote}/main.c",
+                     "arguments": ["cc", "-c", f"{remote}/main.c"]}]
+        (remote / "out" / "compile_commands.json").write_text(json.dumps(database))
+        pulled = lsync("pull", cwd=local)
+        assert pulled.returncode == 0, pulled.stderr
+        entries = json.loads((local / "out" / "compile_commands.json").read_text())
+        assert entries == [{"directory": f"{local}/out", "file": f"{local}/main.c",
+                            "arguments": ["cc", "-c", f"{local}/main.c"]}]
+        again = lsync("pull", cwd=local)  # the rewritten copy is known: nothing comes
+        assert again.returncode == 0 and ", 0 pulled, 1 unchanged" in again.stderr, again.stderr
+    finally:
+        if process.proc.poll() is None:
+            process.interrupt()
