@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                 overlapped = len(during)
                 same = digest(pulled) == digest(artefact)
                 save_bar = rtt / 2 + 0.050
-                ok = ok and same and bool(during) and p95(during) <= save_bar
+                ok = (ok and same and bool(during) and p95(during) <= save_bar
+                      and result.get("pulled_count") == 1)
                 rows.append(f"| pull another {size / 1e6:g} MB artefact, saving meanwhile | "
                             f"{took:.2f} s | {size / took / MIB:.1f} MiB/s | | | "
                             f"{'yes' if same else 'NO'} |")
@@ -178,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                     handle.write(b"x" * 100)
                 proxy.reset_counters()
                 began = time.monotonic()
-                pull(local)
+                reply = pull(local)
                 took = time.monotonic() - began
                 same = digest(pulled) == digest(artefact)
                 down = proxy.counters().bytes_down
-                ok = ok and same
+                ok = ok and same and reply.get("pulled_count") == 1
                 rows.append(f"| pull it again after a 100-byte change (delta) | {took:.2f} s "
                             f"| | | {down:,} | {'yes' if same else 'NO'} |")
             finally:
