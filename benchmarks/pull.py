@@ -73,9 +73,10 @@ class Landings:
 
 
 def saves(local: Path, remote: Path, count: int, every: float, tag: str,
-          until: threading.Event | None = None) -> list[float]:
-    """Save `count` versions of one file (stopping early once `until` is set); the
-    seconds each took to land remotely."""
+          until: threading.Event | None = None) -> tuple[list[float], int]:
+    """Save `count` versions of one file (stopping early once `until` is set): the
+    seconds each took to land remotely, and how many never landed as such (a newer save
+    replaced them while they were queued: lsync sends the newest)."""
     landings = Landings(remote / "save.c")
     made: list[tuple[bytes, float]] = []
     try:
@@ -90,11 +91,12 @@ def saves(local: Path, remote: Path, count: int, every: float, tag: str,
             made.append((content, began))
             time.sleep(every)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(c not in landings.seen for c, _ in made):
+        while time.monotonic() < deadline and made and made[-1][0] not in landings.seen:
             time.sleep(0.01)
     finally:
         landings.close()
-    return [landings.seen[c] - t for c, t in made if c in landings.seen]
+    landed = [landings.seen[c] - t for c, t in made if c in landings.seen]
+    return landed, len(made) - len(landed)
 
 
 def p95(values: list[float]) -> float:
@@ -149,21 +151,24 @@ def main(argv: list[str] | None = None) -> int:
                 done = threading.Event()
                 result: dict[str, object] = {}
 
+                took_pulling: list[float] = []
+
                 def pulling() -> None:
+                    began = time.monotonic()
                     try:
                         result.update(pull(local))
                     finally:
+                        took_pulling.append(time.monotonic() - began)
                         done.set()
 
                 puller = threading.Thread(target=pulling, daemon=True)
-                began = time.monotonic()
                 puller.start()
                 time.sleep(rtt)  # the pull is under way (listed, data coming)
-                during = saves(local, remote, args.saves, args.saves_every_ms / 1000, "during",
-                               done)
+                during, collapsed = saves(local, remote, args.saves,
+                                          args.saves_every_ms / 1000, "during", done)
                 puller.join()
-                took = time.monotonic() - began
-                overlapped = len(during)
+                took = took_pulling[0]
+                overlapped = len(during) + collapsed
                 same = digest(pulled) == digest(artefact)
                 save_bar = rtt / 2 + 0.050
                 ok = (ok and same and bool(during) and p95(during) <= save_bar
@@ -172,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{took:.2f} s | {size / took / MIB:.1f} MiB/s | | | "
                             f"{'yes' if same else 'NO'} |")
 
-                quiet = saves(local, remote, args.saves, args.saves_every_ms / 1000, "quiet")
+                quiet, collapsed_quiet = saves(local, remote, args.saves,
+                                               args.saves_every_ms / 1000, "quiet")
 
                 with open(artefact, "r+b") as handle:
                     handle.seek(size // 3)
@@ -205,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {label} | {len(values)} | {ordered[len(ordered) // 2] * 1000:.0f} ms | "
                   f"{p95(values) * 1000:.0f} ms | {ordered[-1] * 1000:.0f} ms | "
                   f"{(rtt / 2 + 0.050) * 1000:.0f} ms |")
-    print(f"\n{overlapped} saves overlapped the pull; lsync exited {status}. Its pull notes:")
+    print(f"\n{overlapped} saves overlapped the pull ({collapsed} replaced by a newer one while "
+          f"queued, {collapsed_quiet} with no pull); lsync exited {status}. Its pull notes:")
     for line in session.lines:
         if " pulled " in line:
             print(f"    {line.strip()}")
