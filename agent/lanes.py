@@ -26,11 +26,18 @@ from lsync.protocol.connection import Lane
 MAX_LANES = 8
 READ_SIZE = 1 << 20
 
-# The program a lane's channel runs (python3 -c PUMP SOCKET): stdin to the socket.
+# The program a lane's channel runs (python3 -c PUMP SOCKET): stdin to the socket, and the
+# socket to stdout in a thread (pulled files come back that way, see lsync.agent.pull).
 PUMP = (
-    "import os,socket,sys\n"
+    "import os,socket,sys,threading\n"
     "s=socket.socket(socket.AF_UNIX)\n"
     "s.connect(sys.argv[1])\n"
+    "def back():\n"
+    " while True:\n"
+    "  d=memoryview(s.recv(262144))\n"
+    "  if not d:break\n"
+    "  while d:d=d[os.write(1,d):]\n"
+    "threading.Thread(target=back,daemon=True).start()\n"
     "while True:\n"
     " d=os.read(0,262144)\n"
     " if not d:break\n"
@@ -50,6 +57,12 @@ class LaneServer:
 
     def fds(self) -> List[int]:
         return [self.listener.fileno()] + list(self.lanes)
+
+    def socket_of(self, fd: int) -> Optional[socket.socket]:
+        """The socket of the lane read from `fd` (pulled files go back to the client on
+        the lane their fetch came on); None once that lane is gone."""
+        joined = self.lanes.get(fd)
+        return joined.sock if joined is not None else None
 
     def readable(self, fd: int) -> List[m.Message]:
         """Handle one readable descriptor: a new lane, or data (the messages it completed).

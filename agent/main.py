@@ -26,6 +26,7 @@ import traceback
 from typing import List, Optional
 
 from lsync.agent.lanes import LaneServer, open_lanes
+from lsync.agent.pull import PullService
 from lsync.agent.service import AgentService, SessionEnd
 from lsync.agent.writer import WritePool
 from lsync.protocol import messages as m
@@ -88,6 +89,9 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
 
     service = AgentService(conn.send, flush, now_ns, use_cache, pool, _log_internal,
                            offer_lanes=offer_lanes)
+    # Pulls (lsync.agent.pull) run beside the service, in their own threads.
+    puller = PullService(lambda: service.root, lambda: service.hash_name, now_ns,
+                         _log_internal)
     terminated: List[int] = []
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_read, False)
@@ -114,7 +118,7 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
         answering finished pooled writes meanwhile and saving the record once the input has
         been quiet long enough."""
         while True:
-            fds = [in_fd, wake_read] + (lanes[0].fds() if lanes else [])
+            fds = [in_fd, wake_read, puller.wakeup_fd] + (lanes[0].fds() if lanes else [])
             if pool is not None and pool.outstanding:
                 fds.append(pool.wakeup_fd)
             due = service.snapshot_wanted(quiet=True)
@@ -126,15 +130,25 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
             if pool is not None and pool.outstanding:
                 service.collect_pool()
                 flush()
-            inputs = [fd for fd in ready if fd != wake_read
+            if puller.wakeup_fd in ready:
+                send_pulled()
+            inputs = [fd for fd in ready if fd not in (wake_read, puller.wakeup_fd)
                       and (pool is None or fd != pool.wakeup_fd)]
             if inputs:
                 return inputs
             if not ready:
                 service.save_record_if_due(quiet=True)
 
+    def send_pulled() -> None:
+        for pulled in puller.take_outbox():
+            conn.send(pulled)
+        flush()
+
     def dispatch(message: m.Message) -> None:
         try:
+            if puller.handles(message):
+                puller.handle(message)
+                return
             service.handle(message)
         except (SessionEnd, ProtocolError):
             raise
@@ -155,6 +169,9 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
             for fd in ready:
                 if fd != in_fd:
                     for lane_message in lanes[0].readable(fd):
+                        if isinstance(lane_message, m.PullFetch):
+                            puller.handle(lane_message, lanes[0].socket_of(fd))
+                            continue  # (answered on its lane)
                         dispatch(lane_message)
                         check_terminated()
                     continue
@@ -205,6 +222,7 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
         except ProtocolError:
             pass
     finally:
+        puller.close()  # (its threads read through the service's root)
         try:
             service.drain_pool()
             flush()

@@ -14,6 +14,10 @@ socket (`lsync.client.control`).
   the exit status is the command's (128 + N when a signal N ended it). Against a local
   target the command runs as a local subprocess in the target directory.
 - **status** reports the session: state, target, counters, queue, failing paths.
+- **pull** brings back what the `[pull] paths` select (or the patterns given) over the
+  same link (lsync.client.pull), once the link is up; **run** with `pull` does that for
+  what changed on the remote since the command started, after it exits (one note line
+  says what came; the exit status stays the command's).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from lsync.client.control import (
     ClientLine,
     ControlError,
     JsonObject,
+    PullRequest,
     Resize,
     RunRequest,
     SendLine,
@@ -46,6 +51,9 @@ from lsync.client.control import (
 )
 from lsync.client.ignored import IgnoredTally
 from lsync.client.pathmap import PathMapper
+from lsync.client.pull import Stamp
+from lsync.client.pullcommand import pull_after_command, pull_request
+from lsync.client.pullrules import PushRules, RewriteRules
 from lsync.client.reporter import Reporter
 
 if TYPE_CHECKING:
@@ -124,6 +132,9 @@ class SessionView(Protocol):
     root: Path
     target_text: str
     progress: Progress
+    rules: PushRules
+    rewrite_rules: RewriteRules
+    pulled_digests: dict[str, tuple[Stamp, bytes]]
 
     @property
     def ssh_connection(self) -> asyncssh.SSHClientConnection | None: ...
@@ -264,6 +275,12 @@ class BuildLoop:
             })
         return out
 
+    # -- pull (lsync.client.pullcommand) ---------------------------------------------------
+    async def pull(self, request: PullRequest) -> JsonObject:
+        """Pull what the patterns (or the session's [pull] paths) select and differs from
+        the local copy."""
+        return await pull_request(self.session, request)
+
     # -- run --------------------------------------------------------------------------------
     async def _flushed_connection(self, request: RunRequest, send_line: SendLine
                                   ) -> asyncssh.SSHClientConnection | None:
@@ -303,6 +320,7 @@ class BuildLoop:
         session.progress.commands.append(shown)
         session.reporter.note(f"running {shown}")
         status = 125
+        started, started_ns = time.monotonic(), time.time_ns()
         try:
             # Where the command runs follows from the target alone, never from the state of
             # the connection (a local run of `make clean` in a path of the remote's is
@@ -315,6 +333,8 @@ class BuildLoop:
             else:
                 status = await _run_local(inner, request, send_line, incoming,
                                           self._mappers(request, remote_root))
+            if request.pull:
+                await pull_after_command(self.session, started, started_ns, send_line)
             return status
         finally:
             session.progress.commands.remove(shown)

@@ -5,6 +5,7 @@
     lsync flush [--timeout S]          wait until every change made so far is on the remote
     lsync run [options] -- CMD ARGS    flush, then run CMD in the remote tree
     lsync status [--json]              the running session's state
+    lsync pull [PATTERN...]            bring remote files back (the [pull] paths by default)
 
 `connect` reads `.lsync.toml` at the root of the tree (see `lsync.client.project`); an
 option on the command line overrides the file. Errors are printed as one line and map to
@@ -89,8 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--connect", action="store_true",
                      help="without a running session for this tree: sync it once (target "
                           "from .lsync.toml), run the command, and stop")
+    run.add_argument("--pull", action=argparse.BooleanOptionalAction, default=None,
+                     help="after the command, pull what the [pull] paths of .lsync.toml "
+                          "select and it changed (default: [pull] after_run, when paths "
+                          "are set)")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
                      help="the command to run remotely")
+
+    pull = commands_.add_parser(
+        "pull", help="bring remote files back into the local tree over the session's link")
+    _tree_option(pull)
+    pull.add_argument("--timeout", type=float, default=None, metavar="S",
+                      help="give up if the link is not up within S seconds")
+    pull.add_argument("patterns", nargs="*", metavar="PATTERN",
+                      help="gitignore patterns relative to the tree (default: the [pull] "
+                           "paths of .lsync.toml)")
 
     status = commands_.add_parser("status", help="show the running session's state")
     _tree_option(status)
@@ -125,6 +139,8 @@ def _connect_options(args: argparse.Namespace) -> tuple[Options, int]:
         debounce_ms=settings.debounce_ms,
         reconnect=settings.reconnect,
         lanes=settings.lanes,
+        pull_paths=list(settings.pull_paths),
+        pull_rewrite=list(settings.pull_rewrite),
     )
     return options, verbosity
 
@@ -133,6 +149,16 @@ def _run_map_paths(args: argparse.Namespace, start: Path) -> bool:
     found = find_project(start)
     project = load_project(found) if found is not None else None
     return not args.no_map_paths and (project is None or project.map_paths)
+
+
+def _run_pull(args: argparse.Namespace, start: Path) -> bool:
+    """Whether `lsync run` pulls afterwards: --pull/--no-pull, else the project's
+    [pull] after_run when it sets paths."""
+    if args.pull is not None:
+        return bool(args.pull)
+    found = find_project(start)
+    project = load_project(found) if found is not None else None
+    return project is not None and project.pull_after_run and bool(project.pull_paths)
 
 
 def _guarded(coro: Coroutine[Any, Any, int]) -> int:
@@ -162,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 code = _guarded(commands.flush(start, args.timeout))
             elif args.command == "status":
                 code = _guarded(commands.status(start, args.json))
+            elif args.command == "pull":
+                code = _guarded(commands.pull(start, list(args.patterns), args.timeout))
             else:
                 argv_ = list(args.argv)
                 if argv_[:1] == ["--"]:
@@ -170,12 +198,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                     print("lsync: run needs a command: lsync run -- CMD ARGS", file=sys.stderr)
                     sys.exit(2)
                 map_paths = _run_map_paths(args, start)
+                pull = _run_pull(args, start)
                 if args.connect and find_socket(start) is None:
                     options, _ = _connect_options(argparse.Namespace(local=args.local))
-                    code = _guarded(_run_connected(options, start, argv_, map_paths))
+                    code = _guarded(_run_connected(options, start, argv_, map_paths, pull))
                 else:
                     code = _guarded(commands.run(start, argv_, args.timeout, map_paths,
-                                                 args.watch))
+                                                 args.watch, pull))
     except LsyncError as exc:
         if status is not None:
             status.close()
@@ -191,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 async def _run_connected(options: Options, start: Path, argv: list[str],
-                         map_paths: bool) -> int:
+                         map_paths: bool, pull: bool = False) -> int:
     """`lsync run --connect`: a session of our own (no control socket), the command once
     its initial sync is acknowledged, then a clean stop."""
     from lsync.client.buildloop import BuildLoop
@@ -213,6 +242,8 @@ async def _run_connected(options: Options, start: Path, argv: list[str],
 
         async def send_line(line: dict[str, object]) -> None:
             output = decode_output(line)
+            if "note" in line:
+                print(f"lsync: {terminal_safe(str(line['note']))}", file=sys.stderr)
             if output is not None:
                 out = sys.stdout if output[0] == "out" else sys.stderr
                 out.buffer.write(output[1])
@@ -222,7 +253,8 @@ async def _run_connected(options: Options, start: Path, argv: list[str],
             return
             yield
 
-        request = RunRequest(tuple(argv), map_paths=map_paths, cwd=str(start.resolve()))
+        request = RunRequest(tuple(argv), map_paths=map_paths, cwd=str(start.resolve()),
+                             pull=pull)
         loop = BuildLoop(session)
         try:
             return await loop.run(request, send_line, nothing())

@@ -9,6 +9,9 @@ Exit statuses (also in the README):
 - run: the command's own status (128 + N when signal N ended it); 124 the flush before it
   timed out; 125 lsync could not run it (no session for this tree, the link broke).
 - status: 0; 3 no running session.
+- pull: 0 every selected file is here (pulled or already the same); 1 some failed or were
+  kept because they changed locally (each named), or the session failed the request; 3 no
+  running session.
 
 `run` relays the command's output as it comes (stdout to stdout, stderr to stderr; with a
 pty, which it asks for when its own stdout is a terminal, both come as one stream). The
@@ -119,26 +122,53 @@ async def status(start: Path, as_json: bool) -> int:
     return 0
 
 
+async def pull(start: Path, patterns: Sequence[str], timeout: float | None) -> int:
+    try:
+        reply = await request(_socket(start), {"v": 1, "op": "pull", "patterns": list(patterns),
+                                               "timeout": timeout}, None, tree=start)
+    except ControlError as exc:
+        _say(str(exc))
+        return NO_SESSION if exc.code == "no-session" else 1
+    pulled, count = reply.get("pulled"), reply.get("pulled_count")
+    if isinstance(pulled, list):
+        for path in pulled:
+            print(terminal_safe(str(path)))
+        if isinstance(count, int) and count > len(pulled):
+            print(f"... and {count - len(pulled)} more")
+    trouble = 0
+    for key, label in (("skipped", "kept the local file"), ("failed", "failed")):
+        found = reply.get(key)
+        if isinstance(found, dict):
+            for path, why in found.items():
+                _say(f"{label}: {path}: {why}")
+                trouble += 1
+    _say(f"{reply.get('listed')} listed, {count} pulled, {reply.get('unchanged')} unchanged, "
+         f"{reply.get('bytes')} bytes in {reply.get('seconds')} s")
+    return 1 if trouble else 0
+
+
 async def run(start: Path, argv: Sequence[str], timeout: float | None, map_paths: bool,
-              watch: bool) -> int:
+              watch: bool, pull: bool = False) -> int:
     try:
         path = _socket(start)
     except ControlError as exc:
         _say(str(exc))
         return RUN_FAILED
     if not watch:
-        return await _run_once(path, start, argv, timeout, map_paths)
-    return await _run_watching(path, start, argv, timeout, map_paths)
+        return await _run_once(path, start, argv, timeout, map_paths, pull=pull)
+    return await _run_watching(path, start, argv, timeout, map_paths, pull)
 
 
 async def _run_once(path: Path, start: Path, argv: Sequence[str], timeout: float | None,
-                    map_paths: bool, stale: asyncio.Event | None = None) -> int:
+                    map_paths: bool, stale: asyncio.Event | None = None,
+                    pull: bool = False) -> int:
     tty = sys.stdout.isatty()
     cols, rows = _size()
     message: dict[str, object] = {
         "v": 1, "op": "run", "argv": list(argv), "pty": tty,
         "term": os.environ.get("TERM") if tty else None, "cols": cols, "rows": rows,
-        "map_paths": map_paths, "cwd": str(start.resolve()), "timeout": timeout}
+        "map_paths": map_paths, "cwd": str(start.resolve()), "timeout": timeout,
+        "pull": pull}
     loop = asyncio.get_running_loop()
     interrupts = 0
     try:
@@ -204,7 +234,7 @@ async def _interrupt_when(stale: asyncio.Event | None, send: object) -> None:
 
 
 async def _run_watching(path: Path, start: Path, argv: Sequence[str], timeout: float | None,
-                        map_paths: bool) -> int:
+                        map_paths: bool, pull: bool = False) -> int:
     """Run, then run again each time the session is in sync after newer changes; a run
     still going when a newer batch lands is interrupted (it is stale)."""
     seen = await _synced_changes(path, start)
@@ -212,7 +242,7 @@ async def _run_watching(path: Path, start: Path, argv: Sequence[str], timeout: f
         stale = asyncio.Event()
         watcher = asyncio.ensure_future(_wait_newer(path, start, seen, stale))
         try:
-            code = await _run_once(path, start, argv, timeout, map_paths, stale)
+            code = await _run_once(path, start, argv, timeout, map_paths, stale, pull)
             _say(f"exit {code}; waiting for changes (Ctrl-C to stop)")
             await watcher
         except ControlError as exc:

@@ -41,10 +41,15 @@ timeout itself, so that its error can say what is pending; past the timeout plus
     ← {"v": 1, "note": "waiting for the link to come back"}   (optional, free text)
     ← {"v": 1, "ok": true, "done": true, "exit": 0}          (128+N: killed by signal N)
     ← {"v": 1, "ok": false, "done": true, "code": "...", "error": "..."}
+    → {"v": 1, "op": "pull", "patterns": ["build/*.log"], "timeout": null}
+    ← {"v": 1, "ok": true, "listed": 3, "pulled": [...], "unchanged": 1, "skipped": {...},
+       "failed": {...}, ...}                                 (see lsync.client.pull)
 
 A run request requires `argv`; the rest is optional (pty false, term null, 80x24, map_paths
 true, cwd null: the tree's root, timeout null: the flush before the command waits as long
-as it takes). After it the client may send, any number of times, one of:
+as it takes, pull false: with true, the session pulls what its `[pull] paths` select and
+the command changed, and says so in a note line, before the final line). After it the
+client may send, any number of times, one of:
 
     → {"signal": "INT"}            (INT TERM HUP QUIT KILL USR1 USR2 ABRT ALRM PIPE)
     → {"resize": [132, 43]}
@@ -97,7 +102,7 @@ from lsync.client.errors import LsyncError, log_dir
 __all__ = [
     "FLUSH_GRACE", "IDLE_TIMEOUT", "MAX_CLIENTS", "MAX_REPLY_LINE", "MAX_REQUEST_LINE",
     "OUTPUT_CHUNK", "PROTOCOL_VERSION", "SIGNALS", "ClientLine", "ControlError",
-    "ControlHandler", "ControlStream", "Flush", "Hello", "JsonObject",
+    "ControlHandler", "ControlStream", "Flush", "Hello", "JsonObject", "PullRequest",
     "Request", "Resize", "RunRequest", "SendLine", "Signal", "Status",
     "Stdin", "StdinEnd", "decode_output", "encode_line", "find_socket", "output_lines",
     "parse_client_line", "parse_request", "request", "socket_path",
@@ -116,6 +121,7 @@ SIGNALS = frozenset({"INT", "TERM", "HUP", "QUIT", "KILL", "USR1", "USR2", "ABRT
 _MAX_WINDOW = 10000  # columns or rows
 _SUN_PATH_MAX = 107  # bytes of a Unix socket path, without the terminating NUL (Linux)
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+m_PULL_PATTERNS = 256  # patterns of one pull request (the agent takes that many rules)
 
 JsonObject = dict[str, object]
 SendLine = Callable[[JsonObject], Awaitable[None]]
@@ -162,9 +168,16 @@ class RunRequest:
     map_paths: bool = True
     cwd: str | None = None  # absolute local directory to run in (mapped by the handler)
     timeout: float | None = None  # for the flush before the command
+    pull: bool = False  # then pull what the [pull] rules select and the command changed
 
 
-Request = Union[Hello, Status, Flush, RunRequest]
+@dataclass(frozen=True, slots=True)
+class PullRequest:
+    patterns: tuple[str, ...] = ()  # gitignore patterns; none: the session's [pull] paths
+    timeout: float | None = None  # for waiting for the link
+
+
+Request = Union[Hello, Status, Flush, RunRequest, PullRequest]
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +217,8 @@ class ControlHandler(Protocol):
 
     async def run(self, request: RunRequest, send_line: SendLine,
                   incoming: AsyncIterator[ClientLine]) -> int: ...
+
+    async def pull(self, request: PullRequest) -> JsonObject: ...
 
 
 def encode_line(message: Mapping[str, object]) -> bytes:
@@ -277,7 +292,7 @@ def parse_request(line: bytes) -> Request:
         return Flush(_number(message, "timeout"))
     if op == "run":
         _fields(message, {"v", "op", "argv", "pty", "term", "cols", "rows", "map_paths",
-                          "cwd", "timeout"})
+                          "cwd", "timeout", "pull"})
         argv = message.get("argv")
         if (not isinstance(argv, list) or not argv
                 or not all(isinstance(a, str) and "\0" not in a for a in argv)):
@@ -292,7 +307,15 @@ def parse_request(line: bytes) -> Request:
             argv=tuple(argv), pty=_bool(message, "pty", False), term=term,
             cols=_int(message, "cols", 80), rows=_int(message, "rows", 24),
             map_paths=_bool(message, "map_paths", True), cwd=cwd,
-            timeout=_number(message, "timeout"))
+            timeout=_number(message, "timeout"), pull=_bool(message, "pull", False))
+    if op == "pull":
+        _fields(message, {"v", "op", "patterns", "timeout"})
+        patterns = message.get("patterns", [])
+        if (not isinstance(patterns, list) or len(patterns) > m_PULL_PATTERNS
+                or not all(isinstance(p, str) and "\0" not in p and "\n" not in p
+                           for p in patterns)):
+            raise ControlError("bad-request", "'patterns' must be a list of patterns")
+        return PullRequest(tuple(patterns), _number(message, "timeout"))
     raise ControlError("bad-request", f"unknown op {op!r}" if isinstance(op, str)
                        else "missing 'op'")
 

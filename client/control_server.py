@@ -38,6 +38,7 @@ from lsync.client.control import (
     Flush,
     Hello,
     JsonObject,
+    PullRequest,
     RunRequest,
     Status,
     encode_line,
@@ -345,14 +346,17 @@ class ControlServer:
                 task.cancel()
             await asyncio.gather(*owned, return_exceptions=True)
 
-    async def _answer(self, request: Hello | Status | Flush) -> JsonObject:
+    async def _answer(self, request: Hello | Status | Flush | PullRequest) -> JsonObject:
         try:
             if isinstance(request, Hello):
                 return {"ok": True, "pid": os.getpid(),
-                        "ops": ["hello", "status", "flush", "run"]}
+                        "ops": ["hello", "status", "flush", "run", "pull"]}
             if isinstance(request, Status):
                 result = await self.handler.status()
                 reply: JsonObject = {**result, "ok": True, "pid": os.getpid()}
+            elif isinstance(request, PullRequest):
+                result = await self.handler.pull(request)
+                reply = {**result, "ok": True}
             else:
                 result = await self._flush(request.timeout)
                 reply = {**result, "ok": True}

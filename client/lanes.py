@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shlex
+from collections.abc import Callable
 
 import asyncssh
 
@@ -41,6 +42,8 @@ class _LaneSession(asyncssh.SSHClientSession[bytes]):
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         if datatype == asyncssh.EXTENDED_DATA_STDERR:
             self.lane.stderr.feed(data)
+        elif self.lane.receiver is not None:
+            self.lane.receiver(data)  # pulled files (lsync.client.pull)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lane.stderr.end()
@@ -69,6 +72,10 @@ class SshLane:
         self.writable.set()
         self.why = ""
         self.stderr = _StderrTail()  # what the pump printed (bounded)
+        self.receiver: Callable[[bytes], None] | None = None  # the agent's data back
+
+    def set_receiver(self, receiver: Callable[[bytes], None]) -> None:
+        self.receiver = receiver
 
     @classmethod
     async def open(cls, conn: asyncssh.SSHClientConnection, python: str, socket_path: str,

@@ -37,6 +37,7 @@ from lsync.client.outbox import (
     pack_batch,
     unless,
 )
+from lsync.client.pullroutes import PullRoutes
 from lsync.client.streams import AgentStream
 from lsync.protocol import PROTOCOL_VERSION
 from lsync.protocol import messages as m
@@ -72,6 +73,7 @@ class AgentLink:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._kinds: dict[int, tuple[type[Any], ...]] = {}  # the replies each seq may get
         self._manifests: dict[int, asyncio.Queue[m.ManifestBatch | None]] = {}
+        self.pulls = PullRoutes()  # pull answers, main stream and lanes (lsync.client.pull)
         self._welcome: asyncio.Future[m.Welcome] = asyncio.get_running_loop().create_future()
         self.conn_offer: dict[str, list[str]] = {}  # the capabilities the Hello offered
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -152,7 +154,7 @@ class AgentLink:
         while (self.failure is None and self.goodbye is None and not self.closing
                and not self._closed.done()):
             channels = self._channel_readings()
-            awaiting = bool(self._pending or self._manifests
+            awaiting = bool(self._pending or self._manifests or self.pulls
                             or any(buffered for _, buffered in channels))
             verdict = liveness.observe(loop.time(), self.bytes_received, channels, awaiting)
             if verdict is Verdict.STALLED:
@@ -363,6 +365,9 @@ class AgentLink:
         """Take a data lane into use (its magic already written); returns its number."""
         number = len(self._lanes) + 1
         self._lanes[number] = SideLane(writer)
+        receive = getattr(writer, "set_receiver", None)
+        if receive is not None:  # the lane carries pulled files back
+            receive(functools.partial(self._lane_data, number))
         self._outboxes[number] = collections.deque()
         self._lane_watchers.append(asyncio.ensure_future(self._watch_lane(number)))
         return number
@@ -461,6 +466,33 @@ class AgentLink:
         await future
         return time.monotonic() - started
 
+    # -- pulls ----------------------------------------------------------------------------
+    def open_pull(self, seq: int, on_message: Callable[[m.Message | None], None]) -> None:
+        """Route the messages of pull `seq` (PullListing, PullData, PullDone, Error) to
+        `on_message`, and None once when the link ends first; `close_pull` stops it."""
+        if self.failure is not None:
+            raise self.failure
+        self.pulls.open(seq, on_message)
+
+    def close_pull(self, seq: int) -> None:
+        self.pulls.close(seq)
+
+    def _on_pull(self, message: m.PullListing | m.PullData | m.PullDone) -> None:
+        self.pulls.deliver(message)
+
+    def _lane_data(self, number: int, data: bytes) -> None:
+        """Bytes from the agent on data lane `number`: pulled files."""
+        if self.failure is not None:
+            return
+        self.bytes_received += len(data)
+        try:
+            self.pulls.lane_data(number, data)
+        except ProtocolError as exc:
+            self._finish(self._broken(exc))
+        except Exception as exc:  # a bug here ends the session visibly: not retried
+            self.internal = internal_error("reading a data lane", exc)
+            self._finish(LinkBroken(f"agent link failed: {self.internal}"))
+
     # -- receiving ------------------------------------------------------------------------
     async def _read_loop(self) -> None:
         try:
@@ -519,6 +551,9 @@ class AgentLink:
 
     def _on_reply(self, message: m.Ack | m.Error | m.Hashes | m.Pong) -> None:
         key = message.nonce if isinstance(message, m.Pong) else message.seq
+        if isinstance(message, m.Error) and key in self.pulls:
+            self.pulls.deliver(message)  # a listing refused
+            return
         future = self._pending.get(key)
         kinds = self._kinds.get(key, ())
         if future is None:
@@ -578,6 +613,7 @@ class AgentLink:
         self._pending.clear()
         for queue in self._manifests.values():
             queue.put_nowait(None)
+        self.pulls.end()
         if not self._welcome.done():
             self._welcome.set_exception(error)
             self._welcome.exception()  # observed: the failure is reported through `failure`
@@ -595,4 +631,7 @@ _DISPATCH: dict[type[Any], Callable[[AgentLink, Any], None]] = {
     m.ManifestBatch: AgentLink._on_manifest,
     m.Ping: AgentLink._on_ping,
     m.Goodbye: AgentLink._on_goodbye,
+    m.PullListing: AgentLink._on_pull,
+    m.PullData: AgentLink._on_pull,
+    m.PullDone: AgentLink._on_pull,
 }

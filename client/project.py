@@ -15,6 +15,11 @@
     [run]
     map_paths = true                   # false is `lsync run --no-map-paths`
 
+    [pull]
+    paths = ["compile_commands.json", "include/generated/**"]  # pulled after `lsync run`
+    rewrite = ["compile_commands.json"]  # pulled JSON rewritten to local paths (default)
+    after_run = true                   # false is `lsync run --no-pull`
+
 Every key is optional; every option of `lsync connect` has one, except `--local`: the
 local tree is the directory holding the file. A relative local-directory `target` is taken
 relative to that directory. `find_project` walks up from a directory to the first one
@@ -68,7 +73,9 @@ DEFAULT_LANES = 4  # data lanes: one for single saves, three for batches
 LogLevel = Literal["quiet", "normal", "verbose"]
 _LOG_LEVELS: tuple[LogLevel, ...] = ("quiet", "normal", "verbose")
 _TOP_KEYS = ("target", "ssh_config", "delete", "exclude", "include_vcs", "accept_new_host_key",
-             "step_ms", "debounce_ms", "reconnect", "lanes", "log", "run")
+             "step_ms", "debounce_ms", "reconnect", "lanes", "log", "run", "pull")
+_PULL_KEYS = {"paths", "rewrite", "after_run"}
+DEFAULT_REWRITE = ("compile_commands.json",)
 
 
 class ProjectError(UsageError):
@@ -100,6 +107,9 @@ class Project:
     lanes: int = DEFAULT_LANES
     log: LogLevel = "normal"
     map_paths: bool = True  # [run] map_paths
+    pull_paths: tuple[str, ...] = ()  # [pull] paths (lsync.client.pullrules)
+    pull_rewrite: tuple[str, ...] = DEFAULT_REWRITE  # [pull] rewrite
+    pull_after_run: bool = True  # [pull] after_run
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +129,8 @@ class ConnectSettings:
     lanes: int
     log: LogLevel
     map_paths: bool
+    pull_paths: tuple[str, ...] = ()
+    pull_rewrite: tuple[str, ...] = DEFAULT_REWRITE
 
 
 # -- finding and loading ------------------------------------------------------------------
@@ -185,6 +197,10 @@ class _Checker:
         if not isinstance(run, dict):
             self._fail("bad-value", "run", (), f"must be a table ([run]), not {_shown(run)}")
         self._known(run, {"map_paths"}, ("run",))
+        pull = document.get("pull", {})
+        if not isinstance(pull, dict):
+            self._fail("bad-value", "pull", (), f"must be a table ([pull]), not {_shown(pull)}")
+        self._known(pull, _PULL_KEYS, ("pull",))
         return Project(
             path=self.path,
             root=root,
@@ -201,6 +217,11 @@ class _Checker:
             lanes=self._lanes(document, d.lanes),
             log=self._log(document, d.log),
             map_paths=self._bool(run, "map_paths", d.map_paths, ("run",)),
+            pull_paths=self._strings(pull.get("paths", []), "paths", ("pull",),
+                                     "a list of strings (gitignore patterns)"),
+            pull_rewrite=self._strings(pull.get("rewrite", list(d.pull_rewrite)), "rewrite",
+                                       ("pull",), "a list of strings (file names or patterns)"),
+            pull_after_run=self._bool(pull, "after_run", d.pull_after_run, ("pull",)),
         )
 
     def _known(self, table: dict[str, object], known: set[str], where: tuple[str, ...]) -> None:
@@ -459,6 +480,8 @@ def merge(project: Project | None, cli_args: object) -> ConnectSettings:
         lanes=_int_or(given("lanes"), base.lanes),
         log=log,
         map_paths=map_paths,
+        pull_paths=base.pull_paths,
+        pull_rewrite=base.pull_rewrite,
     )
 
 

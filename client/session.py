@@ -48,10 +48,12 @@ from lsync.client.errors import (
     internal_error,
 )
 from lsync.client.hashcache import HashCache, default_cache_path
-from lsync.client.ignore import IgnoreRules, IndexChange
+from lsync.client.ignore import IndexChange
 from lsync.client.ignored import IgnoredTally, follow_index
 from lsync.client.link import AgentLink
 from lsync.client.project import DEFAULT_LANES
+from lsync.client.pull import Stamp
+from lsync.client.pullrules import DEFAULT_REWRITE, PullRules, PushRules, RewriteRules
 from lsync.client.reporter import Reporter
 from lsync.client.scanner import LocalEntry, scan_tree
 from lsync.client.streams import LocalAgentStream, SshAgentStream
@@ -93,6 +95,8 @@ class Options:
     debounce_ms: int = DEFAULT_DEBOUNCE_MS
     reconnect: bool = True
     lanes: int = DEFAULT_LANES  # extra SSH channels for data (lsync.client.lanes)
+    pull_paths: list[str] = field(default_factory=list)  # [pull] paths (lsync.client.pull)
+    pull_rewrite: list[str] = field(default_factory=lambda: list(DEFAULT_REWRITE))
 
 
 class Session:
@@ -111,7 +115,11 @@ class Session:
         # through the backoff, until the next one has its engine).
         self.link_up = False
         self.remote_root: str | None = None
-        self.rules = IgnoreRules(self.root, options.excludes, options.include_vcs)
+        # Pulled paths are never pushed (lsync.client.pullrules): the rules say so.
+        self.rules = PushRules(self.root, options.excludes, options.include_vcs,
+                               pull=PullRules(options.pull_paths))
+        self.rewrite_rules = RewriteRules(options.pull_rewrite)
+        self.pulled_digests: dict[str, tuple[Stamp, bytes]] = {}  # rewritten pulled files
         self.ignored: IgnoredTally | None = None  # what the last full scan skipped (status)
         self.stop = asyncio.Event()
         self._watching = asyncio.Event()  # the watcher is set up: a scan may start

@@ -116,15 +116,16 @@ class Connection:
 
 
 # What a data lane may carry: content writes, whose order against the main stream the
-# client guarantees does not matter (see lsync.client.window).
-LANE_MESSAGES = (m.WriteFile, m.WriteDelta, m.WriteBatch)
+# client guarantees does not matter (see lsync.client.window), and pull fetches, which the
+# agent answers on the lane they came on (lsync.agent.pull).
+LANE_MESSAGES = (m.WriteFile, m.WriteDelta, m.WriteBatch, m.PullFetch)
 
 
 class Lane:
     """A data lane: an extra one-way stream of content writes from the client to the agent
     (another SSH channel, joined to the agent through a local socket). It starts with
     `MAGIC` like the main stream, carries only `LANE_MESSAGES`, and is answered on the main
-    stream. Raises only `ProtocolError`."""
+    stream (a PullFetch on the lane itself). Raises only `ProtocolError`."""
 
     def __init__(self, frame_limit: int = MAX_FRAME) -> None:
         self._decoder = FrameDecoder(frame_limit)

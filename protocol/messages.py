@@ -277,10 +277,97 @@ class Goodbye(NamedTuple):
     reason: str
 
 
+# -- pulls: remote files brought back to the local tree (lsync pull, lsync run --pull) ------
+# The client asks for a listing of what its pull rules select (`PullList`), then fetches
+# files one by one (`PullFetch`); the agent answers a fetch with `PullData` pieces and one
+# `PullDone`, all on the stream the fetch came on: a data lane (lanes then carry data back to
+# the client too; the client keeps its lane of single saves out of it) or the main stream.
+# Any failure of a fetch is its `PullDone` (outcome PULL_FAILED with an error code), never
+# an `Error`; a failed listing is an `Error`.
+
+# A pull rule: [regex, flags, prefix]. `regex` is a gitignore pattern translated for
+# `fullmatch` (by the client, lsync.client.gitpatterns); flags are PULL_RULE_*; `prefix` is
+# the literal directory part of an anchored pattern ("" for a name pattern), which lets
+# the agent skip directories that no rule can reach.
+PULL_RULE_NEGATIVE = 1
+PULL_RULE_DIR_ONLY = 2
+PULL_RULE_BASENAME = 4
+MAX_PULL_RULES = 256
+MAX_PULL_BLOCKS = 1 << 16  # block hashes one PullFetch may carry
+PULL_BLOCK_HASH = 8  # bytes of each block hash (blake2b, digest_size=8)
+
+# PullDone outcomes.
+PULL_WHOLE = 0  # the PullData pieces are the file's content
+PULL_DELTA = 1  # they are a delta (lsync.protocol.delta) against the client's base
+PULL_SAME = 2  # the remote file is the client's base: nothing was sent
+PULL_FAILED = 3  # `code` and `message` say why; nothing more comes for this seq
+
+
+class PullList(NamedTuple):
+    """Client → agent: list the regular files that `rules` select, modified within the
+    last `age_ns` nanoseconds of the agent's clock (0: whatever their age). Answered by
+    `PullListing` batches (an `Error` if the rules are unusable)."""
+
+    seq: int
+    rules: List[List[Any]]
+    age_ns: int
+
+
+class PullListing(NamedTuple):
+    """Agent → client: part of a pull listing, entries [path, size, mtime_ns, mode]; the
+    last batch has done=True."""
+
+    seq: int
+    entries: List[List[Any]]
+    done: bool
+
+
+class PullFetch(NamedTuple):
+    """Client → agent: send the file `path`. `base` is the digest of the client's copy
+    (None: it has none), `base_size` its size; `blocks` are the PULL_BLOCK_HASH-byte hashes
+    of its consecutive blocks of `block_size` bytes (empty: send no delta)."""
+
+    seq: int
+    path: str
+    base: Optional[bytes]
+    base_size: int
+    block_size: int
+    blocks: bytes
+
+
+class PullData(NamedTuple):
+    """Agent → client: the piece at `offset` of a fetch's payload (`packing` as for
+    WriteFile chunks; at most MAX_CHUNK bytes unpacked)."""
+
+    seq: int
+    offset: int
+    data: bytes
+    packing: int
+
+
+class PullDone(NamedTuple):
+    """Agent → client: the end of a fetch: `outcome` (PULL_*), the payload's size, the
+    file's mode and the digest of its content as sent; for PULL_FAILED, `code` and
+    `message`."""
+
+    seq: int
+    outcome: int
+    size: int
+    mode: int
+    digest: bytes
+    code: int
+    message: str
+
+
+# What travels from the agent to the client on a data lane.
+PULL_LANE_MESSAGES = (PullData, PullDone)
+
+
 Message = Union[
     Hello, Welcome, ListTree, ManifestBatch, HashPaths, Hashes, WriteFile, WriteDelta,
     Delete, Rename, Copy, Mkdir, Symlink, SetMode, SetDictionary, WriteBatch, Ack, Acked,
     Error, Packed, Ping, Pong, Goodbye,
+    PullList, PullListing, PullFetch, PullData, PullDone,
 ]
 
 # Operations: messages that carry a seq and are answered by Ack or Error.
@@ -410,6 +497,41 @@ SCHEMA: Dict[int, Tuple[Any, str, Tuple[FieldCheck, ...]]] = {
     60: (Goodbye, "ca", (_is_uint, _is_str)),
 }
 
+
+def _is_pull_rules(value: Any) -> bool:
+    if not isinstance(value, list) or len(value) > MAX_PULL_RULES:
+        return False
+    return all(isinstance(rule, list) and len(rule) == 3 and isinstance(rule[0], str)
+               and _is_uint(rule[1]) and isinstance(rule[2], str) for rule in value)
+
+
+def _is_pull_entries(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(e, list) and len(e) == 4 and isinstance(e[0], str) and _is_uint(e[1])
+        and _is_int(e[2]) and _is_uint(e[3]) for e in value)
+
+
+def _pull_fetch_problem(msg: PullFetch) -> Optional["Problem"]:
+    if msg.blocks and (msg.block_size <= 0 or len(msg.blocks) % PULL_BLOCK_HASH
+                       or len(msg.blocks) // PULL_BLOCK_HASH > MAX_PULL_BLOCKS):
+        return (ErrorCode.BAD_REQUEST, "bad block hashes for {}".format(shown(msg.path)))
+    if msg.blocks and len(msg.blocks) // PULL_BLOCK_HASH != -(-msg.base_size // msg.block_size):
+        return (ErrorCode.BAD_REQUEST, "block hashes for {} do not cover its {} bytes".format(
+            shown(msg.path), msg.base_size))
+    return None
+
+
+PULL_SCHEMA: Dict[int, Tuple[Any, str, Tuple[FieldCheck, ...]]] = {
+    80: (PullList, "c", (_is_uint, _is_pull_rules, _is_uint)),
+    81: (PullListing, "a", (_is_uint, _is_pull_entries, _is_bool)),
+    82: (PullFetch, "c", (_is_uint, _is_str, _is_opt_bytes, _is_uint, _is_uint, _is_bytes)),
+    83: (PullData, "a", (_is_uint, _is_uint, _is_bytes, _is_uint)),
+    84: (PullDone, "a", (_is_uint, _is_uint, _is_uint, _is_uint, _is_bytes, _is_uint,
+                         _is_str)),
+}
+
+SCHEMA.update(PULL_SCHEMA)
+
 _CODE_OF_TYPE: Dict[Any, int] = {cls: code for code, (cls, _, _) in SCHEMA.items()}
 
 
@@ -518,6 +640,7 @@ _REQUEST_CHECKS: Dict[Any, Callable[[Any], Optional[Problem]]] = {
     HashPaths: _hash_paths_problem,
     ListTree: _list_tree_problem,
     Symlink: _symlink_problem,
+    PullFetch: _pull_fetch_problem,
 }
 
 

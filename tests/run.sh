@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README: `bash tests/run.sh`). On a fresh Debian machine it installs what
-# the tests need — openssh-server, rsync and the benchmark peers through apt-get, a virtual
-# environment with lsync installed by `pip install .` — then runs ruff, mypy and pytest
+# the tests need — openssh-server, rsync, cmake, clangd and the benchmark peers through
+# apt-get, a virtual environment with lsync installed by `pip install .` — then runs ruff,
+# mypy and pytest
 # (end-to-end tests against a private sshd on 127.0.0.1, and the agent/protocol tests under
 # every CPython >= 3.6 found on the machine).
 set -euo pipefail
@@ -16,6 +17,8 @@ command -v ssh >/dev/null || missing+=(openssh-client)
 command -v rsync >/dev/null || missing+=(rsync)
 command -v inotifywait >/dev/null || missing+=(inotify-tools)
 command -v lsyncd >/dev/null || missing+=(lsyncd)
+command -v cmake >/dev/null || missing+=(cmake)  # the pull recipe (tests/test_e2e_pull.py)
+command -v clangd >/dev/null || missing+=(clangd)
 python=""
 for candidate in python3.13 python3.12 python3.11 python3.10 python3; do
     if command -v "$candidate" >/dev/null &&

@@ -26,6 +26,7 @@ from lsync.client.control import (
     ControlError,
     Flush,
     Hello,
+    PullRequest,
     Resize,
     RunRequest,
     SendLine,
@@ -68,6 +69,9 @@ class FakeSession:
 
     async def status(self) -> JsonObject:
         return {"state": "connected", "target": "h:t"}
+
+    async def pull(self, request: PullRequest) -> JsonObject:
+        return {"listed": len(request.patterns), "pulled": list(request.patterns)}
 
     async def run(self, request: RunRequest, send_line: SendLine,
                   incoming: AsyncIterator[ClientLine]) -> int:
@@ -243,7 +247,7 @@ def test_socket_mode_and_hello(short_dir: Path) -> None:
         assert st.st_uid == os.geteuid()
         reply = await request(path, {"op": "hello"}, BOUND)
         assert reply == {"v": 1, "ok": True, "pid": os.getpid(),
-                         "ops": ["hello", "status", "flush", "run"]}
+                         "ops": ["hello", "status", "flush", "run", "pull"]}
 
     serve(path, test)
     assert not (short_dir / "s.sock.lock").exists()
