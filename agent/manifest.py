@@ -7,7 +7,9 @@ lstat'ed relative to it, and a directory swapped for a symlink while the walk ru
 skipped, never followed, so nothing outside the root is listed or touched. Stale temporary
 files of dead agents are removed on the way (unlink relative to the directory's descriptor)
 and never listed. Entries that cannot travel on the wire (names or link targets that are
-not UTF-8) and special files (FIFOs, sockets, devices) are left out.
+not UTF-8) and special files (FIFOs, sockets, devices) are left out, and so are the kept
+remote edits (`KEPT_DIR`, lsync.agent.keeping) and the directory above them unless lsync
+made it: the client never counts nor deletes them.
 
 The walk holds one descriptor per level of the directory being listed, and closes them all
 when it ends or is abandoned. Standard library only, Python 3.6 and later (os.listdir and
@@ -24,6 +26,7 @@ from lsync.protocol import messages as m
 from lsync.protocol.paths import relpath_problem
 
 Entry = List[Any]
+_KEPT_TOP = m.KEPT_DIR.partition("/")[0]
 
 
 def walk_tree(root_fd: int, record: DigestRecord) -> Generator[Entry, None, None]:
@@ -85,8 +88,11 @@ def _list_dir(dfd: int, rel_dir: str, record: DigestRecord) -> Tuple[List[Entry]
             continue
         mode = st.st_mode
         if stat.S_ISDIR(mode):
+            written = record.written(rel, m.KIND_DIR, st.st_ino)
+            if rel == m.KEPT_DIR or (rel == _KEPT_TOP and written is None):
+                continue
             entries.append([rel, m.KIND_DIR, 0, st.st_mtime_ns, stat.S_IMODE(mode), None, None,
-                            record.written(rel, m.KIND_DIR, st.st_ino)])
+                            written])
             subdirs.append(name)
         elif stat.S_ISREG(mode):
             entries.append([rel, m.KIND_FILE, st.st_size, st.st_mtime_ns, stat.S_IMODE(mode),
