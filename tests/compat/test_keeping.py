@@ -11,7 +11,7 @@ from lsync.agent.writer import WritePool
 from lsync.protocol import PROTOCOL_VERSION, hashing
 from lsync.protocol import messages as m
 from lsync.protocol.delta import KIND_BLOCK, encode_block_delta
-from lsync.protocol.errors import AckStatus, ErrorCode
+from lsync.protocol.errors import AckStatus, ErrorCode, ProtocolError
 from tests.compat.helpers import Pair, TempTree, home_at, manifest
 
 KEPT = m.KEPT_DIR
@@ -48,7 +48,7 @@ def _edit_remote(tree, rel, data):
 def _kept_tree(tree):
     found = {}
     top = tree.path(KEPT)
-    for base, dirs, files in os.walk(top):
+    for base, _dirs, files in os.walk(top):
         for name in files:
             full = os.path.join(base, name)
             rel = os.path.relpath(full, tree.root)
@@ -307,3 +307,25 @@ def test_pooled_writes_keep_edits_and_tell_them_before_their_answers():
         assert stat.S_ISDIR(os.lstat(tree.path(KEPT)).st_mode)
     finally:
         tree.cleanup()
+
+
+def test_kept_message_round_trips_and_bad_entries_are_malformed():
+    good = m.Kept([["src/a.c", KEPT + "/1/src/a.c", "f", 12, 1700000000000000000],
+                   ["l", KEPT + "/2/l", "l", 3, -5]], False)
+    for message in (good, m.Kept([], True)):
+        decoded = m.decode_message(m.encode_message(message), "a")
+        assert decoded == message and type(decoded) is m.Kept
+    for entries in ([["a", "b", "d", 0, 0]], [["a", "b", "f", -1, 0]], [["a", "b", "f", 0]],
+                    [["a", 1, "f", 0, 0]], ["a"], "a", [["a", "b", "f", 0, 1.5]]):
+        try:
+            m.decode_message(m.encode_message(m.Kept(entries, False)), "a")
+        except ProtocolError as exc:
+            assert exc.code == ErrorCode.MALFORMED_FRAME, (entries, exc)
+        else:
+            raise AssertionError(entries)
+    try:
+        m.decode_message(m.encode_message(good), "c")
+    except ProtocolError as exc:
+        assert exc.code == ErrorCode.UNEXPECTED_MESSAGE
+    else:
+        raise AssertionError("a client may not send Kept")
