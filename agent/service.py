@@ -511,7 +511,8 @@ class AgentService:
         try:
             fd = self.root.open_read(path)
         except OpError as exc:
-            if exc.code in (ErrorCode.NOT_FOUND, ErrorCode.TYPE_CONFLICT):
+            if exc.code in (ErrorCode.NOT_FOUND, ErrorCode.TYPE_CONFLICT, ErrorCode.BAD_PATH):
+                # (BAD_PATH: a symlink is there now, made on the remote.)
                 raise OpError(ErrorCode.BASE_MISMATCH, "{} is not the expected base: {}".format(
                     path, exc.message))
             raise
