@@ -254,7 +254,7 @@ class Rig:
         everywhere = set(kept.values()) | set(remote.values())
         edits: set[Version] = set()
         for path, events in sorted(self.events.items()):
-            for (what, version), after in zip(events, [*events[1:], ("end", None)]):
+            for (what, version), after in zip(events, [*events[1:], ("end", None)], strict=True):
                 if what != "remote" or version is None:
                     continue
                 edits.add(version)
