@@ -145,8 +145,8 @@ def test_remote_edits_racing_local_saves_are_all_kept_told_and_listed(
                 for rel, version_there in untouched.items():
                     entry = now.get(rel)
                     assert isinstance(entry, tuple), rel
-                    there = entry[1].encode() if isinstance(entry[1], str) else entry[1]
-                    assert (entry[0], there) == version_there, rel
+                    held = entry[1].encode() if isinstance(entry[1], str) else entry[1]
+                    assert (entry[0], held) == version_there, rel
                 skip = set(untouched)
                 want = snapshot(local, skip.__contains__)
                 assert {r: e for r, e in now.items() if r not in untouched} == want
