@@ -17,6 +17,11 @@ longer running.
 
 Failures become `OpError` with a code from `ErrorCode`; no other exception escapes for
 ordinary filesystem trouble (missing, permission, full disk, type conflicts).
+
+Before an entry is replaced (a write's rename, a symlink, a rename onto it) or deleted, the
+root's `guard` is asked first (`ReplaceGuard`; lsync.agent.keeping keeps remote edits of
+what lsync wrote aside there). Nothing may be written at or below `KEPT_DIR`, where it
+keeps them (BAD_PATH).
 """
 
 import errno
@@ -27,6 +32,7 @@ import stat
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from lsync.protocol.errors import ErrorCode
+from lsync.protocol.messages import KEPT_DIR
 from lsync.protocol.paths import relpath_problem, shown
 
 TEMP_PREFIX = ".lsync-tmp-"
@@ -118,6 +124,28 @@ def _refuse_special(st: Optional[os.stat_result], path: str) -> None:
                       "make".format(path, kind))
 
 
+def _refuse_reserved(path: str, moving: bool = False) -> None:
+    """Refuse to write at or below KEPT_DIR (or, `moving`, to move a directory above it)."""
+    if (path == KEPT_DIR or path.startswith(KEPT_DIR + "/")
+            or (moving and KEPT_DIR.startswith(path + "/"))):
+        raise OpError(ErrorCode.BAD_PATH, "refused path {}: lsync keeps remote edits in "
+                      "{}".format(shown(path), KEPT_DIR))
+
+
+class ReplaceGuard(object):
+    """What a `ConfinedRoot` asks before it replaces or deletes an entry; this one lets
+    everything go (lsync.agent.keeping has the real one). Any thread."""
+
+    def before_replace(self, dfd: int, name: str, path: str, known: bytes) -> None:
+        """Entry `name` of directory `dfd` (wire path `path`) is about to be replaced;
+        `known` is a digest of content the client has (b"": none). (Should the
+        replacement then fail, what this did stays: a copy kept is never lost.)"""
+
+    def before_delete(self, dfd: int, name: str, path: str) -> bool:
+        """Entry `name` is about to be deleted: True when it was moved away instead."""
+        return False
+
+
 def _lstat_at(dfd: int, name: str) -> Optional[os.stat_result]:
     try:
         return os.lstat(name, dir_fd=dfd)
@@ -137,6 +165,7 @@ class ConfinedRoot:
         # Directories made on the way to a path: (path, inode). Writer threads append
         # (atomic), the service takes them (`take_made`) to record that lsync made them.
         self._made: List[Tuple[str, int]] = []
+        self.guard = ReplaceGuard()  # asked before an entry is replaced or deleted
 
     def take_made(self) -> List[Tuple[str, int]]:
         """The directories made as parents since the last call."""
@@ -241,6 +270,7 @@ class ConfinedRoot:
     def begin_write(self, path: str, parents: Optional["Parents"] = None) -> "PendingFile":
         """Start writing a new version of `path` into a temporary file beside it (its
         directory reached through `parents` when given: a batch's files share them)."""
+        _refuse_reserved(path)
         if parents is not None:
             dfd, name = parents.parent_fd(path)
         else:
@@ -252,19 +282,24 @@ class ConfinedRoot:
             if parents is None:
                 os.close(dfd)
             raise op_error(exc, "create temporary file for", path)
-        return PendingFile(path, dfd, name, temp, fd, owns_dfd=parents is None)
+        return PendingFile(path, dfd, name, temp, fd, owns_dfd=parents is None,
+                           guard=self.guard)
 
     def remove(self, path: str) -> Tuple[bool, bool]:
         """Remove a file, symlink or empty directory: (removed, it was a directory).
 
         Only the named entry is ever removed: a directory that is not empty is kept
         (removed is False) with everything in it; a FIFO, socket or device is refused.
-        Raises OpError(NOT_FOUND) when there is nothing at `path`.
+        Raises OpError(NOT_FOUND) when there is nothing at `path`. An entry the guard moves
+        away counts as removed.
         """
+        _refuse_reserved(path)
         dfd, name = self.parent_fd(path)
         try:
             try:
                 _refuse_special(_lstat_at(dfd, name), path)
+                if self.guard.before_delete(dfd, name, path):
+                    return True, False
                 os.unlink(name, dir_fd=dfd)
                 return True, False
             except IsADirectoryError:
@@ -292,12 +327,15 @@ class ConfinedRoot:
 
         Returns the lstat of what is now at `dst` (None if it vanished at once).
         """
+        _refuse_reserved(src, moving=True)
+        _refuse_reserved(dst)
         sfd, sname = self.parent_fd(src)
         try:
             dfd, dname = self.parent_fd(dst, create=True)
             try:
                 _refuse_special(_lstat_at(sfd, sname), src)
                 _refuse_special(_lstat_at(dfd, dname), dst)
+                self.guard.before_replace(dfd, dname, dst, b"")
                 os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
                 try:
                     return os.lstat(dname, dir_fd=dfd)
@@ -316,6 +354,7 @@ class ConfinedRoot:
         Returns the directory's stat. The mode is set through a descriptor of the directory
         opened with O_NOFOLLOW: a directory swapped for a symlink is refused, not followed.
         """
+        _refuse_reserved(path)
         dfd, name = self.parent_fd(path, create=True)
         try:
             try:
@@ -332,14 +371,16 @@ class ConfinedRoot:
 
     def symlink(self, path: str, target: str) -> None:
         """Make `path` a symlink to `target`, atomically replacing a file or link."""
+        _refuse_reserved(path)
         dfd, name = self.parent_fd(path, create=True)
         temp = self._temp_name()
         try:
             _refuse_special(_lstat_at(dfd, name), path)
             os.symlink(target, temp, dir_fd=dfd)
             try:
+                self.guard.before_replace(dfd, name, path, b"")
                 os.rename(temp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            except OSError:
+            except BaseException:
                 os.unlink(temp, dir_fd=dfd)
                 raise
         except OSError as exc:
@@ -352,6 +393,7 @@ class ConfinedRoot:
 
         The mode is set through a descriptor opened with O_NOFOLLOW, never by name.
         """
+        _refuse_reserved(path)
         dfd, name = self.parent_fd(path)
         try:
             chmod_at(dfd, name, path, mode, directory=False)
@@ -469,7 +511,7 @@ class PendingFile:
     """A temporary file being written; `commit` renames it over the target, `abort` removes it."""
 
     def __init__(self, path: str, dfd: int, name: str, temp: str, fd: int,
-                 owns_dfd: bool = True) -> None:
+                 owns_dfd: bool = True, guard: Optional[ReplaceGuard] = None) -> None:
         self.path = path
         self.dfd = dfd
         self.name = name
@@ -477,6 +519,8 @@ class PendingFile:
         self.fd = fd
         self.size = 0
         self.owns_dfd = owns_dfd  # else the directory belongs to a batch's `Parents`
+        self.guard = guard or ReplaceGuard()  # asked right before the rename
+        self.known = b""  # a digest of content the client has (a delta's base), for it
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -502,6 +546,7 @@ class PendingFile:
             if target is not None and stat.S_ISDIR(target.st_mode):
                 raise OpError(ErrorCode.TYPE_CONFLICT, "{} is a directory".format(self.path))
             _refuse_special(target, self.path)
+            self.guard.before_replace(self.dfd, self.name, self.path, self.known)
             os.rename(self.temp, self.name, src_dir_fd=self.dfd, dst_dir_fd=self.dfd)
         except OSError as exc:
             self.abort()

@@ -8,7 +8,9 @@ swapped for a symlink while the walk runs is skipped, never followed, so nothing
 the root is listed or touched. Stale temporary files of dead agents are removed on the way
 (unlink relative to the directory's descriptor) and never listed. Entries that cannot
 travel on the wire (names or link targets that are not UTF-8) and special files (FIFOs,
-sockets, devices) are left out.
+sockets, devices) are left out, and so are the kept remote edits (`KEPT_DIR`,
+lsync.agent.keeping) and the directory above them unless lsync made it: the client never
+counts nor deletes them.
 
 The walk holds one descriptor per level of the directory being listed, and closes them all
 when it ends or is abandoned. Standard library only, Python 3.6 and later (os.listdir and
@@ -32,6 +34,7 @@ from lsync.protocol import messages as m
 from lsync.protocol.paths import relpath_problem
 
 Entry = List[Any]
+_KEPT_TOP = m.KEPT_DIR.partition("/")[0]
 
 
 def walk_tree(root_fd: int, record: DigestRecord,
@@ -135,8 +138,10 @@ def _entry(dfd: int, name: str, rel: str, record: DigestRecord) -> Optional[Entr
         return None
     mode = st.st_mode
     if stat.S_ISDIR(mode):
-        return [rel, m.KIND_DIR, 0, st.st_mtime_ns, stat.S_IMODE(mode), None, None,
-                record.written(rel, m.KIND_DIR, st.st_ino)]
+        written = record.written(rel, m.KIND_DIR, st.st_ino)
+        if rel == m.KEPT_DIR or (rel == _KEPT_TOP and written is None):
+            return None
+        return [rel, m.KIND_DIR, 0, st.st_mtime_ns, stat.S_IMODE(mode), None, None, written]
     if stat.S_ISREG(mode):
         return [rel, m.KIND_FILE, st.st_size, st.st_mtime_ns, stat.S_IMODE(mode),
                 record.lookup(rel, file_key(st)), None,

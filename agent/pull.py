@@ -137,6 +137,8 @@ def list_selected(root_fd: int, selector: PullSelector, since_ns: int
                 except OSError:
                     continue
                 if stat.S_ISDIR(st.st_mode):
+                    if rel == m.KEPT_DIR:
+                        continue  # remote edits kept aside (lsync.agent.keeping): no output
                     selected = inside or selector.selects(rel, True)
                     if selected or selector.may_reach(rel):
                         subdirs.append((name, rel, selected))

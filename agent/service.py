@@ -12,6 +12,9 @@ change is about to put in place is said (`DigestRecord.intend`) before it is put
 so that an agent killed in between loses no ownership; the next agent claims such paths
 where they hold what was intended (`lsync.agent.writer.claim_intended`). One agent at a time keeps a
 root's record: the Hello takes the root's lock, ending an older agent that still holds it.
+A remote edit of what lsync wrote is kept aside before it is replaced or deleted
+(lsync.agent.keeping); the client hears of it in a `Kept` message before the operation's
+answer, and of every kept version in one right after the Welcome.
 """
 
 import contextlib
@@ -28,6 +31,7 @@ from lsync.agent.confined import (
     iter_fd,
     op_error,
 )
+from lsync.agent.keeping import Keeper
 from lsync.agent.manifest import walk_tree, walk_under
 from lsync.agent.records import DigestRecord, Intent, RootLock
 from lsync.agent.writer import (
@@ -38,6 +42,9 @@ from lsync.agent.writer import (
     batch_job,
     claim_intended,
     hash_files,
+    record_batch,
+    record_file,
+    record_outcomes,
     unpack_chunk,
     whole_file_job,
 )
@@ -83,6 +90,7 @@ class AgentService:
         self.use_cache = use_cache
         self.root: Optional[ConfinedRoot] = None
         self.record: Optional[DigestRecord] = None
+        self.keeper: Optional[Keeper] = None  # keeps remote edits aside (the root's guard)
         self.lock = RootLock(None)
         self.hash_name = hashing.BLAKE2B_128
         self.pending: Dict[int, PendingFile] = {}
@@ -173,16 +181,6 @@ class AgentService:
         return batch_job(self.root, self.record, msg, self.order.stale_in(msg),
                          self.hash_name, self.zdict)
 
-    def _record_batch(self, files: List[List[Any]], results: Optional[List[Any]],
-                      error: Optional[BaseException], trace: str) -> None:
-        """Record what a batch wrote (before any answer: an answer may fail to go)."""
-        assert self.record is not None
-        for _, path, st, outcome in results or ():
-            if st is not None:
-                self.record.remember(path, file_key(st), outcome)
-                self.record.wrote_file(path, outcome)
-                self.record.settle([(path, m.KIND_FILE, outcome)])
-
     def _answer_batch(self, files: List[List[Any]], results: Optional[List[Any]],
                       error: Optional[BaseException], trace: str) -> None:
         """Answer a batch's files (`error`: the whole batch failed)."""
@@ -202,6 +200,7 @@ class AgentService:
             else:
                 acked.append(seq)
         if acked:
+            self._tell_kept()
             self.send(m.Acked(acked))
 
     def _answer_error(self, seq: int, error: BaseException) -> None:
@@ -215,7 +214,8 @@ class AgentService:
         """A WriteBatch without a write pool: written here, in order."""
         outcome = self._batch_job(msg)()
         self._record_made_parents()
-        self._record_batch(*outcome)
+        assert self.record is not None
+        record_batch(self.record, outcome[1])  # (before any answer: it may fail to go)
         self._answer_batch(*outcome)
 
     def collect_pool(self, wait: bool = False) -> None:
@@ -229,14 +229,7 @@ class AgentService:
         assert self.record is not None
         hashed = [o for o in outcomes if o.seq in self.hashing]
         outcomes = [o for o in outcomes if o.seq not in self.hashing]
-        for outcome in outcomes:
-            if outcome.seq < 0 and outcome.error is None:
-                self._record_batch(*outcome.result)
-            elif outcome.error is None:
-                st, digest = outcome.result
-                self.record.remember(outcome.path, file_key(st), digest)
-                self.record.wrote_file(outcome.path, digest)
-                self.record.settle([(outcome.path, m.KIND_FILE, digest)])
+        record_outcomes(self.record, outcomes)
         for outcome in outcomes:
             if outcome.seq < 0 and outcome.error is None:
                 self._answer_batch(*outcome.result)
@@ -264,9 +257,17 @@ class AgentService:
             self.collect_pool(wait=True)
 
     def _ack(self, seq: int, status: AckStatus = AckStatus.OK, detail: str = "") -> None:
+        self._tell_kept()
         self.send(m.Ack(seq, int(status), detail))
 
+    def _tell_kept(self) -> None:
+        """Say what was kept aside since the last answer (before the next answer goes)."""
+        kept = self.keeper.take() if self.keeper is not None else []
+        if kept:
+            self.send(m.Kept(kept, False))
+
     def _error(self, seq: int, code: ErrorCode, message: str) -> None:
+        self._tell_kept()
         if len(message) > MAX_MESSAGE:
             message = message[:MAX_MESSAGE] + "..."
         self.send(m.Error(seq, int(code), message))
@@ -341,6 +342,7 @@ class AgentService:
         self.record.load()
         claim_intended(self.root, self.record, self._new_hasher)
         self.record.ready_for_intents(self.now_ns())
+        self.keeper = self.root.guard = Keeper(self.root.fd, self.record, self._new_hasher)
         compression = packing.choose_packing(msg.capabilities.get("compression", []))
         info = {
             "root": path,
@@ -356,6 +358,7 @@ class AgentService:
                 info["lanes"] = lanes  # a Unix socket: extra channels pump writes into it
         self.send(m.Welcome(PROTOCOL_VERSION, {"hash": chosen, "compression": compression},
                             info))
+        self.send(m.Kept(self.keeper.listing(), True))
 
     def on_goodbye(self, msg: m.Goodbye) -> None:
         self.send(m.Goodbye(0, "bye"))
@@ -445,7 +448,7 @@ class AgentService:
             if not msg.final:
                 self.failed_writes.add(msg.seq)
             raise
-        self._wrote(msg.path, st, digest)
+        record_file(self.record, msg.path, st, digest)
         self._ack(msg.seq)
 
     def _commit(self, pending: PendingFile, mode: int, digest: bytes) -> os.stat_result:
@@ -467,12 +470,6 @@ class AgentService:
             raise
         self.record.settle(intents)
 
-    def _wrote(self, path: str, st: os.stat_result, digest: bytes) -> None:
-        assert self.record is not None
-        self.record.remember(path, file_key(st), digest)
-        self.record.wrote_file(path, digest)
-        self.record.settle([(path, m.KIND_FILE, digest)])
-
     def on_write_delta(self, msg: m.WriteDelta) -> None:
         """Check the base cheaply (record + stat, hashing only when in doubt), apply, verify."""
         assert self.root is not None and self.record is not None
@@ -484,6 +481,7 @@ class AgentService:
                 return os.pread(fd, length, offset)
 
             pending = self.root.begin_write(msg.path)
+            pending.known = msg.base  # the client has it: not a remote edit to keep
             try:
                 hasher = self._new_hasher()
                 for chunk in apply_delta(msg.delta, read_base, base_size, MAX_DELTA_RESULT):
@@ -505,7 +503,7 @@ class AgentService:
             raise op_error(exc, "apply delta to", msg.path)
         finally:
             os.close(fd)
-        self._wrote(msg.path, st, digest)
+        record_file(self.record, msg.path, st, digest)
         self._ack(msg.seq)
 
     def _open_base(self, path: str, base: bytes) -> int:
@@ -514,7 +512,8 @@ class AgentService:
         try:
             fd = self.root.open_read(path)
         except OpError as exc:
-            if exc.code in (ErrorCode.NOT_FOUND, ErrorCode.TYPE_CONFLICT):
+            if exc.code in (ErrorCode.NOT_FOUND, ErrorCode.TYPE_CONFLICT, ErrorCode.BAD_PATH):
+                # (BAD_PATH: a symlink is there now, made on the remote.)
                 raise OpError(ErrorCode.BASE_MISMATCH, "{} is not the expected base: {}".format(
                     path, exc.message))
             raise
@@ -599,7 +598,7 @@ class AgentService:
                 msg.src, msg.dst, exc.strerror or exc))
         finally:
             os.close(fd)
-        self._wrote(msg.dst, st, digest)
+        record_file(self.record, msg.dst, st, digest)
         self._ack(msg.seq)
 
     def on_mkdir(self, msg: m.Mkdir) -> None:

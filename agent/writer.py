@@ -153,6 +153,32 @@ def _bump(counts: Dict[str, int], key: str, step: int) -> None:
         counts.pop(key, None)
 
 
+def record_file(record: DigestRecord, path: str, st: os.stat_result, digest: bytes) -> None:
+    """Record that lsync wrote `digest` at `path` (now of stat `st`), its intent settled."""
+    record.remember(path, file_key(st), digest)
+    record.wrote_file(path, digest)
+    record.settle([(path, m.KIND_FILE, digest)])
+
+
+def record_batch(record: DigestRecord, results: Optional[List[Any]]) -> None:
+    """Record what a batch wrote (`write_batch`'s results, None when it failed whole)."""
+    for _, path, st, digest in results or ():
+        if st is not None:
+            record_file(record, path, st, digest)
+
+
+def record_outcomes(record: DigestRecord, outcomes: List[Outcome]) -> None:
+    """Record what finished pooled writes wrote (call before anything is answered: once
+    the session is over an answer raises, and what was written must still be recorded)."""
+    for outcome in outcomes:
+        if outcome.error is not None:
+            continue
+        if outcome.seq < 0:
+            record_batch(record, outcome.result[1])
+        else:
+            record_file(record, outcome.path, outcome.result[0], outcome.result[1])
+
+
 def unpack_chunk(path: str, data: bytes, code: int, zdict: bytes,
                  limit: int = m.MAX_CHUNK) -> bytes:
     """One WriteFile chunk's content, refusing anything beyond `limit` bytes."""

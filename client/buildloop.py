@@ -13,7 +13,8 @@ socket (`lsync.client.control`).
   local root (unless the client asked not to); signals, window sizes and stdin are relayed;
   the exit status is the command's (128 + N when a signal N ended it). Against a local
   target the command runs as a local subprocess in the target directory.
-- **status** reports the session: state, target, counters, queue, failing paths.
+- **status** reports the session: state, target, counters, queue, failing paths, and the
+  remote edits the agent kept aside (lsync.agent.keeping), newest first.
 - **pull** brings back what the `[pull] paths` select (or the patterns given) over the
   same link (lsync.client.pull), once the link is up; **run** with `pull` does that for
   what changed on the remote since the command started, after it exits (one note line
@@ -77,6 +78,9 @@ class Progress:
     in_sync_ns: int = 0
     in_sync_changes: int = 0  # changes acknowledged as of the last in-sync report
     commands: list[str] = field(default_factory=list)
+    # Remote edits the agent kept aside, newest first: {"path", "kept_as", "kind", "size",
+    # "mtime_ns"} (the session's `on_kept`).
+    kept_edits: list[JsonObject] = field(default_factory=list)
 
 
 class TrackingReporter:
@@ -257,6 +261,7 @@ class BuildLoop:
             # Files, links and directories the last full scan left alone (ignore rules;
             # what is below an ignored directory is not counted).
             "ignored": None if session.ignored is None else session.ignored.entries,
+            "kept_remote_edits": list(session.progress.kept_edits),
         }
         if engine is not None and session.link_up:
             counters = engine.counters

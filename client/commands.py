@@ -115,6 +115,11 @@ async def status(start: Path, as_json: bool) -> int:
     for key, label in (("last_error", "last error"), ("last_check", "last check")):
         if reply.get(key):
             lines.append(f"{label}: {reply.get(key)}")
+    kept = reply.get("kept_remote_edits")
+    if isinstance(kept, list) and kept:
+        shown = [f"{e.get('path')} as {e.get('kept_as')}" for e in kept[:5] if isinstance(e, dict)]
+        lines.append(f"{len(kept)} remote edits kept aside, newest first: " + ", ".join(shown)
+                     + (" ..." if len(kept) > len(shown) else ""))
     running = reply.get("commands")
     if isinstance(running, list) and running:
         lines.append("running: " + "; ".join(str(command) for command in running))

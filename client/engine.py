@@ -498,6 +498,8 @@ class SyncEngine(PathPasses):
         if result.retry_later:  # before `answered`, which forgets a path with nothing left
             self.queue.fail(flight.owner, now, result.failure)
             self._unsure.setdefault(flight.owner, set()).add(flight.target)
+        if result.look_again:  # (also before it: the path keeps its tick, a flush waits)
+            self.mark_dirty(result.look_again, hint=False)
         if flight.op is not Op.DICTIONARY:
             self.queue.answered(flight.owner, result.ok)
         if result.drop_dictionary:
@@ -513,8 +515,6 @@ class SyncEngine(PathPasses):
         if result.failure:
             self.counters.errors += 1
             self.reporter.failed(flight.target, result.failure)
-        if result.look_again:
-            self.mark_dirty(result.look_again, hint=False)
         self._poke()
 
     def _after_delete(self, flight: InFlight, ok: bool) -> None:

@@ -7,7 +7,7 @@ protocol error arrives, every pending future fails at once with `LinkBroken`, so
 waits forever (the engine's window knows which operations were left unanswered). The link
 moves bytes and matches replies; it makes no sync decisions. `watch_liveness` breaks it when
 the agent shows no progress (lsync.client.liveness decides): never while a transfer moves,
-however long it takes.
+however long it takes. `on_kept` hears of the remote edits the agent kept aside (`m.Kept`).
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ class AgentLink:
         self.bytes_received = 0
         self.manifest_entries = 0
         self.closing = False  # a Goodbye was sent: nothing more may follow it
+        # Told of remote edits the agent kept aside: (entries, listing), see `m.Kept`.
+        self.on_kept: Callable[[list[list[Any]], bool], None] | None = None
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self, hello: m.Hello) -> None:
@@ -587,6 +589,15 @@ class AgentLink:
                                     f"the remote manifest names a bad path: {problem}")
         queue.put_nowait(message)
 
+    def _on_kept(self, message: m.Kept) -> None:
+        for path, kept_as, *_ in message.entries:
+            if relpath_problem(path) or relpath_problem(kept_as) or not kept_as.startswith(
+                    m.KEPT_DIR + "/"):
+                raise ProtocolError(ErrorCode.MALFORMED_FRAME,
+                                    "the agent names a bad path for a kept remote edit")
+        if self.on_kept is not None:
+            self.on_kept(message.entries, message.listing)
+
     def _on_ping(self, message: m.Ping) -> None:
         self.send(m.Pong(message.nonce))
 
@@ -634,4 +645,5 @@ _DISPATCH: dict[type[Any], Callable[[AgentLink, Any], None]] = {
     m.PullListing: AgentLink._on_pull,
     m.PullData: AgentLink._on_pull,
     m.PullDone: AgentLink._on_pull,
+    m.Kept: AgentLink._on_kept,
 }

@@ -36,7 +36,7 @@ import asyncssh
 from lsync.client import lanes, sigstore, ssh
 from lsync.client.bootstrap import MAX_INITIAL, bundle_b64, local_argv
 from lsync.client.buildloop import BuildLoop, Progress, TrackingReporter
-from lsync.client.control import ControlError, socket_path
+from lsync.client.control import ControlError, JsonObject, socket_path
 from lsync.client.control_server import ControlServer
 from lsync.client.engine import URGENT_MAX, SyncEngine
 from lsync.client.errors import (
@@ -229,6 +229,19 @@ class Session:
             self.engine.report_again()
         else:  # (each path keeps its earliest time)
             self._buffered = {**dict.fromkeys(change.paths, time.monotonic()), **self._buffered}
+
+    def _on_kept(self, entries: list[list[Any]], listing: bool) -> None:
+        """The agent kept remote edits aside: say so, and keep them for `lsync status`,
+        newest first (its listing, right after the Welcome, replaces the last one's)."""
+        kept: list[JsonObject] = [
+            {"path": path, "kept_as": kept_as, "kind": "link" if kind == m.KIND_LINK
+             else "file", "size": size, "mtime_ns": mtime_ns}
+            for path, kept_as, kind, size, mtime_ns in entries]
+        if not listing:
+            for edit in kept:
+                self.reporter.note(f"kept remote edit of {edit['path']} as {edit['kept_as']}")
+            kept = [*reversed(kept), *self.progress.kept_edits]
+        self.progress.kept_edits = kept[:m.MAX_KEPT_LISTED]
 
     def _skip_dir(self, rel: str) -> bool:
         return bool(rel) and self.rules.is_ignored(rel, True)
@@ -443,6 +456,7 @@ class Session:
                 raise
             stream = SshAgentStream()
         link = AgentLink(stream)
+        link.on_kept = self._on_kept
         tasks: list[asyncio.Task[Any]] = [scan]
         try:
             # Hello and ListTree travel on the agent's command line, with its code.

@@ -258,6 +258,29 @@ class Packed(NamedTuple):
     payload: bytes
 
 
+# -- kept remote edits (lsync.agent.keeping): one block, additive ----------------------------
+# Where the agent keeps remote versions it moved aside: `KEPT_DIR/<n>/<path>`, one numbered
+# directory per keep. The agent's manifest never lists it, and no operation may write in it.
+KEPT_DIR = ".lsync/kept"
+# Most entries of the listing sent after the Welcome (the newest ones).
+MAX_KEPT_LISTED = 1000
+
+
+class Kept(NamedTuple):
+    """Agent → client, unasked: remote versions of files and links lsync wrote, edited on
+    the remote since, that the agent moved aside before replacing or deleting them.
+
+    Each entry is [path, kept_as, kind, size, mtime_ns]: the path it was at, where it is
+    now (a wire path under `KEPT_DIR`), KIND_FILE or KIND_LINK, and its lstat's size and
+    mtime. With listing=False the entries are new, and come before the answer of the
+    operation that kept them; with listing=True (sent once, right after the Welcome) they
+    are every kept version there is, newest first (at most `MAX_KEPT_LISTED`).
+    """
+
+    entries: List[List[Any]]
+    listing: bool
+
+
 class Ping(NamedTuple):
     """Either way: answered by `Pong` with the same nonce (liveness, round-trip time)."""
 
@@ -366,7 +389,7 @@ PULL_LANE_MESSAGES = (PullData, PullDone)
 Message = Union[
     Hello, Welcome, ListTree, ManifestBatch, HashPaths, Hashes, WriteFile, WriteDelta,
     Delete, Rename, Copy, Mkdir, Symlink, SetMode, SetDictionary, WriteBatch, Ack, Acked,
-    Error, Packed, Ping, Pong, Goodbye,
+    Error, Packed, Ping, Pong, Goodbye, Kept,
     PullList, PullListing, PullFetch, PullData, PullDone,
 ]
 
@@ -450,6 +473,17 @@ def _is_batch_files(value: Any) -> bool:
     return True
 
 
+def _is_kept_entries(value: Any) -> bool:
+    if not isinstance(value, list):
+        return False
+    for entry in value:
+        if not (isinstance(entry, list) and len(entry) == 5 and _is_str(entry[0])
+                and _is_str(entry[1]) and entry[2] in (KIND_FILE, KIND_LINK)
+                and _is_uint(entry[3]) and _is_int(entry[4])):
+            return False
+    return True
+
+
 def _is_manifest_entries(value: Any) -> bool:
     if not isinstance(value, list):
         return False
@@ -491,6 +525,7 @@ SCHEMA: Dict[int, Tuple[Any, str, Tuple[FieldCheck, ...]]] = {
     40: (Ack, "a", (_is_uint, _is_uint, _is_str)),
     42: (Acked, "a", (_is_uint_list,)),
     45: (Packed, "a", (_is_bytes,)),
+    47: (Kept, "a", (_is_kept_entries, _is_bool)),
     41: (Error, "a", (_is_uint, _is_uint, _is_str)),
     50: (Ping, "ca", (_is_uint,)),
     51: (Pong, "ca", (_is_uint,)),

@@ -56,10 +56,16 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateSshd]:
         yield server
 
 
+KEPT_TOP = ".lsync"  # the remote edits the agent kept aside are below it (.lsync/kept)
+
+
 def snapshot(root: Path, skip: Callable[[str], bool] = lambda rel: False) -> dict[str, object]:
-    """Every entry below root: files by content and mode, links by target, dirs by mode."""
+    """Every entry below root: files by content and mode, links by target, dirs by mode;
+    not the remote edits the agent kept aside (README: "Remote edits are kept")."""
     found: dict[str, object] = {}
     for top, dirs, files in os.walk(root):
+        if Path(top) == root and KEPT_TOP in dirs:
+            dirs.remove(KEPT_TOP)
         for name in dirs + files:
             full = Path(top) / name
             rel = full.relative_to(root).as_posix()

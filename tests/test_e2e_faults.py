@@ -304,6 +304,11 @@ def test_delta_against_a_remote_changed_behind_our_back_falls_back_to_the_whole_
         save_atomically(local, edited)
         synced.converged(time.time_ns())
         assert remote.read_bytes() == edited
+        # The remote's own version was kept aside, not overwritten without a word.
+        kept_dir = synced.remote / ".lsync" / "kept"
+        kept = [d / rel for d in kept_dir.iterdir() if (d / rel).exists()] \
+            if kept_dir.exists() else []
+        assert tampered is None or [p.read_bytes() for p in kept] == [tampered], kept
         # The delta was refused, not applied: the agent said so, and lsync logged it.
         assert synced.lsync.count(f"error {rel}: ") == 1, synced.lsync.log_tail()
         # The whole file re-established a base: the next edit is a delta that applies.

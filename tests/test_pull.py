@@ -98,6 +98,22 @@ def test_anchored_rules_let_the_agent_skip_directories_they_cannot_reach() -> No
     assert PullSelector(wire_rules(["**/gen/*.h"])).may_reach("anywhere")
 
 
+def test_remote_edits_kept_aside_are_never_pulled_as_build_output(tmp_path: Path) -> None:
+    kept = tmp_path / m.KEPT_DIR / "1" / "build"
+    kept.mkdir(parents=True)
+    (kept / "app.bin").write_text("an edit kept aside")
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "app.bin").write_text("built")
+    root = ConfinedRoot(str(tmp_path))
+    try:
+        for patterns in (["**/*.bin"], ["*"]):
+            selector = PullSelector(wire_rules(patterns))
+            listed = {e[0] for e in list_selected(root.fd, selector, 0)}
+            assert listed == {"build/app.bin"}, patterns
+    finally:
+        root.close()
+
+
 def test_a_rule_the_agent_cannot_compile_is_refused() -> None:
     with pytest.raises(ValueError):
         PullSelector([["(unclosed", 0, ""]])
