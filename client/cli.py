@@ -6,6 +6,7 @@
     lsync run [options] -- CMD ARGS    flush, then run CMD in the remote tree
     lsync status [--json]              the running session's state
     lsync pull [PATTERN...]            bring remote files back (the [pull] paths by default)
+    lsync pull --kept PATH             bring back a remote edit lsync kept aside, for a merge
 
 `connect` reads `.lsync.toml` at the root of the tree (see `lsync.client.project`); an
 option on the command line overrides the file. Errors are printed as one line and map to
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     _tree_option(pull)
     pull.add_argument("--timeout", type=float, default=None, metavar="S",
                       help="give up if the link is not up within S seconds")
+    pull.add_argument("--kept", action="append", default=[], metavar="PATH",
+                      help="bring back the newest remote edit of PATH (relative to the tree) "
+                           "that lsync kept aside, as PATH.lsync-remote-N beside it "
+                           "(repeatable; `lsync status` lists them)")
     pull.add_argument("patterns", nargs="*", metavar="PATTERN",
                       help="gitignore patterns relative to the tree (default: the [pull] "
                            "paths of .lsync.toml)")
@@ -189,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             elif args.command == "status":
                 code = _guarded(commands.status(start, args.json))
             elif args.command == "pull":
-                code = _guarded(commands.pull(start, list(args.patterns), args.timeout))
+                code = _guarded(commands.pull(start, list(args.patterns), args.timeout,
+                                                   list(args.kept)))
             else:
                 argv_ = list(args.argv)
                 if argv_[:1] == ["--"]:

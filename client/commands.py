@@ -127,10 +127,14 @@ async def status(start: Path, as_json: bool) -> int:
     return 0
 
 
-async def pull(start: Path, patterns: Sequence[str], timeout: float | None) -> int:
+async def pull(start: Path, patterns: Sequence[str], timeout: float | None,
+               kept: Sequence[str] = ()) -> int:
+    message: JsonObject = {"v": 1, "op": "pull", "patterns": list(patterns),
+                           "timeout": timeout}
+    if kept:
+        message["kept"] = [path.strip("/") for path in kept]
     try:
-        reply = await request(_socket(start), {"v": 1, "op": "pull", "patterns": list(patterns),
-                                               "timeout": timeout}, None, tree=start)
+        reply = await request(_socket(start), message, None, tree=start)
     except ControlError as exc:
         _say(str(exc))
         return NO_SESSION if exc.code == "no-session" else 1

@@ -42,6 +42,8 @@ timeout itself, so that its error can say what is pending; past the timeout plus
     ← {"v": 1, "ok": true, "done": true, "exit": 0}          (128+N: killed by signal N)
     ← {"v": 1, "ok": false, "done": true, "code": "...", "error": "..."}
     → {"v": 1, "op": "pull", "patterns": ["build/*.log"], "timeout": null}
+      (or "kept": ["src/main.c"]: the newest remote edit of it kept aside, brought back
+      beside it as src/main.c.lsync-remote-N)
     ← {"v": 1, "ok": true, "listed": 3, "pulled": [...], "unchanged": 1, "skipped": {...},
        "failed": {...}, ...}                                 (see lsync.client.pull)
 
@@ -98,6 +100,7 @@ from types import TracebackType
 from typing import Protocol, Union
 
 from lsync.client.errors import LsyncError, log_dir
+from lsync.protocol.paths import relpath_problem
 
 __all__ = [
     "FLUSH_GRACE", "IDLE_TIMEOUT", "MAX_CLIENTS", "MAX_REPLY_LINE", "MAX_REQUEST_LINE",
@@ -175,6 +178,7 @@ class RunRequest:
 class PullRequest:
     patterns: tuple[str, ...] = ()  # gitignore patterns; none: the session's [pull] paths
     timeout: float | None = None  # for waiting for the link
+    kept: tuple[str, ...] = ()  # tree paths whose newest kept remote edit to bring back
 
 
 Request = Union[Hello, Status, Flush, RunRequest, PullRequest]
@@ -309,13 +313,16 @@ def parse_request(line: bytes) -> Request:
             map_paths=_bool(message, "map_paths", True), cwd=cwd,
             timeout=_number(message, "timeout"), pull=_bool(message, "pull", False))
     if op == "pull":
-        _fields(message, {"v", "op", "patterns", "timeout"})
-        patterns = message.get("patterns", [])
+        _fields(message, {"v", "op", "patterns", "timeout", "kept"})
+        patterns, kept = message.get("patterns", []), message.get("kept", [])
         if (not isinstance(patterns, list) or len(patterns) > m_PULL_PATTERNS
                 or not all(isinstance(p, str) and "\0" not in p and "\n" not in p
                            for p in patterns)):
             raise ControlError("bad-request", "'patterns' must be a list of patterns")
-        return PullRequest(tuple(patterns), _number(message, "timeout"))
+        if (not isinstance(kept, list) or len(kept) > m_PULL_PATTERNS
+                or not all(isinstance(p, str) and not relpath_problem(p) for p in kept)):
+            raise ControlError("bad-request", "'kept' must be a list of paths in the tree")
+        return PullRequest(tuple(patterns), _number(message, "timeout"), tuple(kept))
     raise ControlError("bad-request", f"unknown op {op!r}" if isinstance(op, str)
                        else "missing 'op'")
 

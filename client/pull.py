@@ -346,15 +346,30 @@ class Puller:
             return known[0] != stamp
         return self.changed_after_ns is not None and stamp[_MTIME] > self.changed_after_ns
 
-    async def _one(self, rel: str, report: PullReport) -> None:
+    async def pull_as(self, pairs: list[tuple[str, str]]) -> PullReport:
+        """Fetch each remote path of `pairs` into its local path (kept remote edits brought
+        back beside the local file), with the same promises as `pull`."""
+        started = self.clock()
+        report = PullReport()
+        report.listed = len(pairs)
         try:
-            await self._fetch(rel, report)
+            for remote, local in pairs:
+                await self._one(remote, report, local)
+        finally:
+            self.writer.shutdown(wait=False)
+        report.seconds = self.clock() - started
+        return report
+
+    async def _one(self, rel: str, report: PullReport, local: str | None = None) -> None:
+        try:
+            await self._fetch(rel, report, local)
         except LinkBroken as exc:
             report.failed[rel] = str(exc)
         except (OSError, ValueError, DeltaError) as exc:
             report.failed[rel] = getattr(exc, "strerror", None) or str(exc)
 
-    async def _fetch(self, rel: str, report: PullReport) -> None:
+    async def _fetch(self, remote: str, report: PullReport, local: str | None = None) -> None:
+        rel = local or remote  # (where it goes in the local tree)
         kind, stamp = await asyncio.to_thread(self._stamp, rel)
         if kind not in ("file", "none"):
             report.skipped[rel] = f"{kind} locally"
@@ -362,7 +377,7 @@ class Puller:
         if stamp is not None and self._changed_locally(rel, stamp):
             report.skipped[rel] = "changed locally since lsync pulled it; the local file is kept"
             return
-        rewrite = self.rewrite.wants(rel)
+        rewrite = self.rewrite.wants(rel) and local is None
         if kind == "none":
             await asyncio.to_thread(self._make_parents, rel)
         base, base_size, block, blocks = await asyncio.to_thread(
@@ -372,7 +387,7 @@ class Puller:
             seq = self.link.next_seq()
             self.link.open_pull(seq, fetch.on_message)
             try:
-                self.link.send_on(m.PullFetch(seq, rel, base, base_size, block, blocks),
+                self.link.send_on(m.PullFetch(seq, remote, base, base_size, block, blocks),
                                   self._lane())
                 try:
                     done = await fetch.done

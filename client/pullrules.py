@@ -99,6 +99,11 @@ def wire_rules(patterns: Sequence[str]) -> list[list[Any]]:
     return rules
 
 
+# Local copies of kept remote edits (`lsync pull --kept PATH`: PATH + mark + N) are pulled
+# files in every session, never pushed.
+KEPT_COPY_MARK = ".lsync-remote-"
+
+
 class PushRules(IgnoreRules):
     """The session's ignore rules, which also ignore every pulled path (see the module
     docstring). `pulled` and `pulled_dirs` grow as pulls bring paths outside the rules."""
@@ -116,6 +121,8 @@ class PushRules(IgnoreRules):
             return False
         if self.pull.selects(rel, is_dir) or rel in self.pulled or rel in self.pulled_dirs:
             return True
+        if not is_dir and KEPT_COPY_MARK in rel.rpartition("/")[2]:
+            return True  # a kept remote edit brought back for a merge (`pull --kept`)
         if self.pulled_dirs:
             parent = rel.rpartition("/")[0]
             while parent:

@@ -12,7 +12,8 @@ round. After each round `lsync flush` returns 0 and then: every remote edit that
 deleted is kept under KEPT_DIR byte for byte, an edit with no local save is untouched where
 it was, the remote (kept tree aside) equals the local tree but for those, and the log holds
 one `note kept remote edit of PATH as KEPT` per kept copy. `lsync status --json` lists every
-kept copy, `lsync status` says how many, and a new session lists them again from the agent.
+kept copy, `lsync status` says how many, and a new session lists them again from the agent;
+`lsync pull --kept PATH` brings the newest one back beside PATH, and it is never pushed.
 """
 
 from __future__ import annotations
@@ -185,6 +186,20 @@ def test_remote_edits_racing_local_saves_are_all_kept_told_and_listed(
             status = json.loads(_cli("status", "--json", cwd=local).stdout)
             assert sorted(e["kept_as"] for e in status["kept_remote_edits"]) == sorted(kept)
             assert not again.saw("kept remote edit")
+            # `lsync pull --kept PATH` brings the newest kept file of PATH back beside it,
+            # for a merge; it is never pushed.
+            newest = next(e for e in status["kept_remote_edits"] if kept[e["kept_as"]][0]
+                          == "file")
+            number = newest["kept_as"].split("/")[2]
+            copy = local / f"{newest['path']}.lsync-remote-{number}"
+            pulled = _cli("pull", "--kept", newest["path"], cwd=local)
+            assert pulled.returncode == 0, (pulled.stdout, pulled.stderr, again.log_tail())
+            assert copy.read_bytes() == kept[newest["kept_as"]][1]
+            nothing = _cli("pull", "--kept", "src/never-kept.c", cwd=local)
+            assert nothing.returncode == 1 and "no remote edit of src/never-kept.c" in (
+                nothing.stderr), nothing.stderr
+            assert _cli("flush", "--timeout", "30", cwd=local).returncode == 0
+            assert not (remote / copy.relative_to(local)).exists()
         finally:
             if again.proc.poll() is None:
                 assert again.interrupt() == 0

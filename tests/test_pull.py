@@ -121,6 +121,9 @@ def test_a_rule_the_agent_cannot_compile_is_refused() -> None:
 
 def test_push_rules_ignore_what_is_pulled_and_what_a_pull_made(tmp_path: Path) -> None:
     rules = PushRules(tmp_path, ["*.tmp"], pull=PullRules(["build/*.bin"]), git_index=False)
+    # Kept remote edits brought back for a merge, in any session:
+    assert rules.is_ignored("src/main.c.lsync-remote-3", False)
+    assert not rules.is_ignored("src/main.c.lsync-remote-3", True)
     assert rules.is_ignored("build/app.bin", False) and not rules.is_ignored("build/a.c", False)
     assert rules.is_ignored("x.tmp", False) and not rules.is_ignored("src/main.c", False)
     rules.pulled.add("logs/test.log")
@@ -400,9 +403,12 @@ def test_pull_and_run_requests_on_the_control_socket_parse() -> None:
         PullRequest(("a/*.h",), 3.0)
     assert parse_request(b'{"v":1,"op":"run","argv":["make"],"pull":true}') == \
         RunRequest(argv=("make",), pull=True)
+    assert parse_request(b'{"v":1,"op":"pull","kept":["src/a.c"]}') == \
+        PullRequest(kept=("src/a.c",))
     for bad in (b'{"v":1,"op":"pull","patterns":"a"}', b'{"v":1,"op":"pull","x":1}',
                 b'{"v":1,"op":"pull","patterns":[1]}', b'{"v":1,"op":"run","argv":["a"],'
-                b'"pull":"yes"}'):
+                b'"pull":"yes"}', b'{"v":1,"op":"pull","kept":["../etc/passwd"]}',
+                b'{"v":1,"op":"pull","kept":"a.c"}'):
         with pytest.raises(ControlError):
             parse_request(bad)
 
