@@ -534,4 +534,9 @@ class InotifyWatcher:
         is over, forget what left."""
         self._resync_due = False
         self._resync_seen = set()
+        # A walk of the tree already under way starts again from the top: what it listed
+        # may have changed unseen since, and walks stacked one per overflow (a checkout
+        # with a small queue) kept the watcher walking, `seen_until` still, for minutes.
+        # Walks of new subtrees, which report what they find, go on.
+        self._walking[:] = [item for item in self._walking if item[1]]
         self._walk("", report=False)

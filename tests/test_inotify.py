@@ -494,3 +494,64 @@ def test_a_big_subtree_moved_in_is_walked_in_slices_while_the_loop_runs(
             await feed.until_path("big/d29/e9/late.c")
 
     run(scenario)
+
+
+def test_overflows_during_the_walk_after_an_overflow_restart_it_instead_of_piling_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each lost event queue makes the watcher walk the whole tree again. Overflows that
+    come while such a walk is under way (a checkout with a small queue) restart it: they
+    must not pile up one whole-tree walk each (a long run saw the watcher walk for minutes
+    while `seen_until` stood still, deletes waited for it, and Ctrl-C's drain timed out)."""
+    if os.geteuid() != 0 or not os.access(QUEUE_LIMIT, os.W_OK):
+        reason = f"needs root and a writable {QUEUE_LIMIT} to make the inotify queue small"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    monkeypatch.setattr(inotify, "WALK_SLICE", 0.0)  # one directory per turn of the loop
+    dirs = [f"d{i}" for i in range(100)]
+    for rel in dirs:
+        (tmp_path / rel).mkdir()
+    listed: list[str] = []
+    real_list = inotify.InotifyWatcher._list
+
+    def counting(self: inotify.InotifyWatcher, rel: str, report: bool) -> None:
+        listed.append(rel)
+        real_list(self, rel, report)
+
+    monkeypatch.setattr(inotify.InotifyWatcher, "_list", counting)
+
+    async def scenario() -> None:
+        async with watching(tmp_path, queue_limit=16) as feed:
+            consumer = asyncio.ensure_future(feed.until(lambda batch: False))
+            listed.clear()
+            walks_started = 0
+            for _ in range(8):
+                # No await between: more events than the queue holds, so some are lost.
+                for i in range(40):
+                    touch(tmp_path / f"f{i}")
+                for _ in range(2000):  # until the watcher read them and began a walk
+                    await asyncio.sleep(0)
+                    if listed and listed[-1] == "" and len(listed) > walks_started:
+                        break
+                walks_started = len(listed)
+                assert feed.watcher._walking  # a walk of 101 directories, one per turn
+            assert listed.count("") == 8
+            last = time.time_ns()
+            for _ in range(2000):  # (the walk lists one directory per turn of the loop)
+                if not feed.watcher._walking and feed.watcher.seen_until() > last:
+                    break
+                await asyncio.sleep(0.005)
+            assert feed.watcher.seen_until() > last
+            assert any(batch.overflow for batch in feed.seen)
+            # Whole-tree walks restarted, not stacked: at most about two trees' worth.
+            assert len(listed) <= 2 * (len(dirs) + 1) + 8, len(listed)
+            touch(tmp_path / "d99/late.c")  # still watched
+            for _ in range(2000):
+                if "d99/late.c" in feed.paths():
+                    break
+                await asyncio.sleep(0.005)
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            assert "d99/late.c" in feed.paths()
+
+    run(scenario)
