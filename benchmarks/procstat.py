@@ -7,6 +7,8 @@ from fields 14 and 15 of ``/proc/<pid>/stat`` in clock ticks (1/100 s here);
 caller does nothing to it. `find_descendant(root_pid, needle)` finds the newest living
 process below `root_pid` whose command line contains `needle` — this is how the benchmark
 finds lsync's agent, a ``python3 -c <loader>`` process spawned by the private sshd.
+`load_average()` and `machine_busy(seconds)` say how loaded the machine is (other users'
+work on a shared machine skews every figure).
 Every function raises `ProcessGone` when the process has exited.
 """
 
@@ -121,3 +123,24 @@ def find_descendant(root_pid: int, needle: str) -> int | None:
         if best is None or started > best[0]:
             best = (started, pid)
     return None if best is None else best[1]
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (/proc/loadavg)."""
+    return float(_read("/proc/loadavg").split()[0])
+
+
+def _busy_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot (/proc/stat's first line)."""
+    values = [int(v) for v in _read("/proc/stat").splitlines()[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def machine_busy(seconds: float) -> float:
+    """Share (0.0-1.0) of all CPUs busy over the next `seconds`: what other processes use
+    while the caller waits (the benchmark measures it before it starts anything)."""
+    b0, t0 = _busy_ticks()
+    time.sleep(seconds)
+    b1, t1 = _busy_ticks()
+    return (b1 - b0) / max(1, t1 - t0)

@@ -47,11 +47,13 @@ from benchmarks.bench import (
     RENAME_B,
     RENAME_PARENT,
     RSYNC,
+    RSYNC_EXCLUDES,
     SMALL_FILE,
     WATCHERS,
     Bench,
     BytesRow,
     Cell,
+    CpuUse,
     LinkSpec,
     Row,
     Transfer,
@@ -64,6 +66,7 @@ from benchmarks.bench import (
     quiet_for,
     same_files,
     say,
+    tree_files,
     wait_quiet,
     wait_until,
 )
@@ -347,7 +350,7 @@ def scenario_cdf(bench: Bench, tree: str, spec: LinkSpec, do_c: bool, do_d: bool
     if bench.runnable(RSYNC):
         empty_dir(bench.remote)
         with bench.link(spec) as (link, proxy):
-            r = peers.rsync_push(source, link, check=False)
+            r = peers.rsync_push(source, link, extra_args=RSYNC_EXCLUDES, check=False)
         problem = (same_files(source, bench.remote) if r.returncode == 0
                    else f"rsync exit {r.returncode}")
         if c_row is not None:
@@ -355,7 +358,7 @@ def scenario_cdf(bench: Bench, tree: str, spec: LinkSpec, do_c: bool, do_d: bool
             say(f"c {spec.label} {tree} rsync: {c_row.cells[RSYNC].text}")
         if d_row is not None:
             with bench.link(spec) as (link, proxy):
-                r2 = peers.rsync_push(source, link, check=False)
+                r2 = peers.rsync_push(source, link, extra_args=RSYNC_EXCLUDES, check=False)
                 counters = proxy.counters()
             ok = r2.returncode == 0 and not problem
             d_row.cells[RSYNC] = restart_cell(
@@ -375,11 +378,11 @@ def scenario_cdf(bench: Bench, tree: str, spec: LinkSpec, do_c: bool, do_d: bool
             w.start()
             mem.client_initial = _peak(w)
             mem.agent_initial = agent_peak(bench)
-            cpu = _cpu_text(bench, w)
+            cpu = cpu_now(bench, w, info.files)
         except PeerError as exc:
             if c_row is not None:
                 c_row.cells[LSYNC] = Cell(f"failed ({exc.code})")
-                _c_goal(bench, tree, spec, c_row, c_text)
+                _c_goal(bench, tree, spec, c_row, c_text, None)
             bench.failed(LSYNC, f"c {spec.label} {tree}", exc)
             return
         finally:
@@ -399,9 +402,9 @@ def scenario_cdf(bench: Bench, tree: str, spec: LinkSpec, do_c: bool, do_d: bool
         rsync_cell = c_row.cells.get(RSYNC)
         if initial is not None and c_limit and rsync_cell and rsync_cell.value:
             mark(cell, not problem and initial <= c_limit * rsync_cell.value)
-        if initial is not None and cpu:
-            cell.text += f" ({cpu})"
-        _c_goal(bench, tree, spec, c_row, c_text)
+        if initial is not None:
+            cell.text += f" ({cpu.text})"
+        _c_goal(bench, tree, spec, c_row, c_text, cpu)
         say(f"c {spec.label} {tree} lsync: {cell.text} ({up / 1e6:.1f} MB up)")
     if not (do_d or do_f):
         return
@@ -412,6 +415,7 @@ def scenario_cdf(bench: Bench, tree: str, spec: LinkSpec, do_c: bool, do_d: bool
             w.start()
             wait_quiet(proxy, quiet_for(spec), limit=10.0)
             counters = proxy.counters()
+            restart_cpu = cpu_now(bench, w, info.files)
             if do_f:
                 assert w.pid is not None
                 idle = procstat.idle_cpu(w.pid, bench.s.idle_seconds)
@@ -433,11 +437,14 @@ def scenario_cdf(bench: Bench, tree: str, spec: LinkSpec, do_c: bool, do_d: bool
                                                  counters.bytes_down, info.bytes)
         if kernel300 and cell.value is not None:
             mark(cell, cell.value <= 3.0 and cell.extra["share"] <= 0.01)
+        if cell.value is not None:
+            cell.text += f" ({restart_cpu.text})"
         if kernel300:
             rsync_cell = d_row.cells.get(RSYNC)
-            bench.goal(f"restart, {tree} tree unchanged", spec, d_row.target, plain(cell.text),
+            text = plain(cell.text).replace(f" ({restart_cpu.text})", "")
+            bench.goal(f"restart, {tree} tree unchanged", spec, d_row.target, text,
                        rsync_cell.text if rsync_cell else "—",
-                       _ratio(cell, rsync_cell), cell.target_ok)
+                       _ratio(cell, rsync_cell), cell.target_ok, restart_cpu)
         say(f"d {spec.label} {tree} lsync: {cell.text}")
     if do_f:
         _f_rows(bench, tree, spec, idle, mem)
@@ -449,8 +456,9 @@ def _ratio(cell: Cell | None, peer: Cell | None) -> float | None:
     return cell.value / peer.value
 
 
-def _c_goal(bench: Bench, tree: str, spec: LinkSpec, row: Row, target: str) -> None:
-    """Issue 10's row for an initial sync (the main table's row, without the CPU note)."""
+def _c_goal(bench: Bench, tree: str, spec: LinkSpec, row: Row, target: str,
+            cpu: CpuUse | None) -> None:
+    """The targets table's row for an initial sync (the main table's row; CPU apart)."""
     cell, peer = row.cells.get(LSYNC), row.cells.get(RSYNC)
     if cell is None:
         return
@@ -458,20 +466,31 @@ def _c_goal(bench: Bench, tree: str, spec: LinkSpec, row: Row, target: str) -> N
     peer_text = "—" if peer is None else (peer.text if peer.value is None
                                           else f"{peer.value:.2f} s")
     bench.goal(f"initial sync, {tree} tree", spec, target, text, peer_text,
-               _ratio(cell, peer), cell.target_ok)
+               _ratio(cell, peer), cell.target_ok, cpu)
 
 
-def _cpu_text(bench: Bench, w: LsyncWatcher) -> str:
-    """CPU seconds the client and the agent used so far (where the time of a sync goes)."""
-    parts = []
+def cpu_now(bench: Bench, w: LsyncWatcher, items: int, unit: str = "files") -> CpuUse:
+    """CPU seconds the client and the agent (found below the sshd by its command line) have
+    used so far: where the time of a sync goes."""
+    client = agent = None
     with contextlib.suppress(procstat.ProcessGone):
         if w.pid is not None:
-            parts.append(f"CPU: client {procstat.cpu_seconds(w.pid):.1f} s")
-    agent = find_agent(bench)
+            client = procstat.cpu_seconds(w.pid)
+    agent_pid = find_agent(bench)
     with contextlib.suppress(procstat.ProcessGone):
-        if agent is not None:
-            parts.append(f"agent {procstat.cpu_seconds(agent):.1f} s")
-    return ", ".join(parts)
+        if agent_pid is not None:
+            agent = procstat.cpu_seconds(agent_pid)
+    return CpuUse(client, agent, items, unit)
+
+
+def cpu_since(before: CpuUse, after: CpuUse) -> CpuUse:
+    """The CPU used between two readings of the same processes."""
+
+    def minus(b: float | None, a: float | None) -> float | None:
+        return None if b is None or a is None else a - b
+
+    return CpuUse(minus(before.client, after.client), minus(before.agent, after.agent),
+                  after.items, after.unit)
 
 
 def _peak(w: LsyncWatcher) -> int | None:
@@ -808,9 +827,9 @@ def scenario_g_first_contact(bench: Bench, tree: str, spec: LinkSpec) -> None:
     rsync_cell: Cell | None = None
     if bench.runnable(RSYNC):
         remote = bench.fresh_remote(f"contact-{tree}-rsync")
-        copy_tree(source, remote)
+        copy_tree(source, remote, vcs=False)
         with bench.link(spec, remote) as (link, proxy):
-            r = peers.rsync_push(source, link, check=False)
+            r = peers.rsync_push(source, link, extra_args=RSYNC_EXCLUDES, check=False)
             c = proxy.counters()
         problem = (differing_content(source, remote) if r.returncode == 0
                    else f"rsync exit {r.returncode}")
@@ -826,10 +845,11 @@ def scenario_g_first_contact(bench: Bench, tree: str, spec: LinkSpec) -> None:
     if not bench.runnable(LSYNC):
         return
     remote = bench.fresh_remote(f"contact-{tree}-lsync")
-    copy_tree(source, remote)
+    copy_tree(source, remote, vcs=False)
     cache = bench.work / "lsync-cache" / f"contact-{tree}-{spec.label.replace(' ', '_')}"
     empty_dir(cache)  # a cold hash cache: the client has never seen this tree either
-    cpu = ""
+    cpu: CpuUse | None = None
+    files = bench.tree_info[tree].files
     with bench.link(spec, remote) as (link, proxy):
         w = bench.lsync(link, local=source, name=f"lsync-contact-{tree}", verbose=False,
                         cache_home=cache)
@@ -837,7 +857,7 @@ def scenario_g_first_contact(bench: Bench, tree: str, spec: LinkSpec) -> None:
             w.start()
             quiet = wait_quiet(proxy, quiet_for(spec), limit=60.0)
             c = proxy.counters()
-            cpu = _cpu_text(bench, w)
+            cpu = cpu_now(bench, w, files)
         except PeerError as exc:
             row.cells[LSYNC] = Cell(f"failed ({exc.code})")
             bench.goal(f"first contact with a copy lsync never saw, {tree} tree", spec,
@@ -874,8 +894,8 @@ def scenario_g_first_contact(bench: Bench, tree: str, spec: LinkSpec) -> None:
     goal_text += f" ({'; '.join(notes)})" if notes else ""
     bench.goal(f"first contact with a copy lsync never saw, {tree} tree", spec, row.target,
                goal_text, "—" if rsync_cell is None else rsync_cell.text, ratio_t,
-               cell.target_ok)
-    say(f"g {spec.label} {tree} lsync: {cell.text}" + (f" ({cpu})" if cpu else ""))
+               cell.target_ok, cpu)
+    say(f"g {spec.label} {tree} lsync: {cell.text}" + (f" ({cpu.text})" if cpu else ""))
     if not bench.s.keep:
         shutil.rmtree(remote, ignore_errors=True)
 
@@ -942,7 +962,7 @@ def _h_during_initial_sync(bench: Bench, spec: LinkSpec) -> None:
     local = bench.work / "bulk-local"
     copy_tree(source, local, hardlinks=True)
     rng = random.Random(f"h:{tree}")
-    small = [rel for rel in trees.walk_files(local) if (local / rel).stat().st_size <= 20_000]
+    small = [rel for rel in tree_files(local) if (local / rel).stat().st_size <= 20_000]
     pool = rng.sample(small, min(len(small), max(20 * bench.s.saves, 400)))
     originals = {rel: _unshare(local / rel) for rel in pool}
     remote = bench.fresh_remote(f"bulk-{tree}")
