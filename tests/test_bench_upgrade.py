@@ -141,3 +141,19 @@ def test_benchmark_short_mode_measures_the_upgrade_scenario(tmp_path: Path) -> N
     goal = next(line for line in out.splitlines()
                 if line.startswith("| upgrade by git checkout while running, tiny tree"))
     assert "(per 1,000 changed paths)" in goal
+
+
+def test_profile_reader_counts_self_inclusive_and_threads(tmp_path: Path) -> None:
+    from benchmarks.profile_sync import Profile, table
+
+    raw = tmp_path / "raw.txt"
+    raw.write_text("Thread 0x7f01 (active);main (a.py:10);work (a.py:20);hash (b.py:5) 30\n"
+                   "Thread 0x7f01 (active);main (a.py:11);work (a.py:21) 10\n"
+                   "Thread 0x7f02 (active);worker (c.py:1);hash (b.py:6) 60\n")
+    prof = Profile.read(raw)
+    assert prof.samples == 100
+    assert prof.self_counts()["hash (b.py)"] == 90
+    assert prof.inclusive_counts()["work (a.py)"] == 40
+    assert prof.thread_counts() == {"Thread 0x7f01 (active)": 40, "Thread 0x7f02 (active)": 60}
+    text = table(prof.self_counts(), 1000, 1, "self")
+    assert text.splitlines()[2] == "| `hash (b.py)` | 0.900 | 90 |"
