@@ -144,3 +144,21 @@ def machine_busy(seconds: float) -> float:
     time.sleep(seconds)
     b1, t1 = _busy_ticks()
     return (b1 - b0) / max(1, t1 - t0)
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each living thread of `pid`, by thread id (the ids a
+    sampling profiler such as py-spy names its threads by)."""
+    out: dict[int, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise ProcessGone(str(pid)) from exc
+    for name in tids:
+        try:
+            text = _read(f"/proc/{pid}/task/{name}/stat")
+        except ProcessGone:
+            continue  # the thread ended meanwhile
+        fields = text[text.rindex(")") + 2 :].split()
+        out[int(name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return out

@@ -37,6 +37,7 @@ from benchmarks.testbed.sshd import PrivateSshd
 
 RATE = 100  # samples per second
 _FRAME_LINE = re.compile(r":\d+\)$")
+_THREAD_ID = re.compile(r"^thread \((\d+)\)")
 
 
 @dataclass
@@ -73,6 +74,26 @@ class Profile:
                 out[frame] += n
         return out
 
+    def cpu_weighted(self, counts_of: str,
+                     thread_cpu: dict[int, float]) -> collections.Counter[str]:
+        """CPU seconds per function ("self" or "inclusive"): each thread's CPU from /proc
+        shared out over that thread's samples (py-spy also samples threads that wait for the
+        interpreter lock or in a system call, so raw samples overstate CPU)."""
+        per_thread: dict[str, collections.Counter[str]] = collections.defaultdict(
+            collections.Counter)
+        for frames, n in self.stacks.items():
+            chosen = [frames[-1]] if counts_of == "self" else list(set(frames))
+            for frame in chosen:
+                per_thread[frames[0]][frame] += n
+        out: collections.Counter[str] = collections.Counter()
+        for thread, counts in per_thread.items():
+            m = _THREAD_ID.search(thread)
+            seconds = thread_cpu.get(int(m.group(1)), 0.0) if m else 0.0
+            total = sum(self.stacks[f] for f in self.stacks if f[0] == thread)
+            for frame, n in counts.items():
+                out[frame] += seconds * n / total
+        return out
+
     def thread_counts(self) -> collections.Counter[str]:
         """Samples per thread (py-spy --threads puts the thread first in each stack)."""
         out: collections.Counter[str] = collections.Counter()
@@ -88,11 +109,27 @@ def table(counts: collections.Counter[str], files: int, top: int, title: str) ->
     return "\n".join(lines)
 
 
-def spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+def cpu_table(seconds: collections.Counter[str], files: int, top: int, title: str) -> str:
+    lines = [f"| {title} | CPU s per 1,000 files | CPU s |", "|---|---|---|"]
+    for frame, value in seconds.most_common(top):
+        lines.append(f"| `{frame}` | {1000 * value / files:.3f} | {value:.1f} |")
+    return "\n".join(lines)
+
+
+def spy(pid: int, out: Path, tries: int = 20) -> subprocess.Popen[bytes]:
+    """py-spy recording `pid`; retried while it fails at once (a process found right after
+    its exec has no interpreter state to find yet)."""
     exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    return subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", str(RATE),
-                             "--nonblocking", "--threads", "--format", "raw", "--output",
-                             str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    argv = [exe, "record", "--pid", str(pid), "--rate", str(RATE), "--nonblocking",
+            "--threads", "--format", "raw", "--output", str(out)]
+    for _ in range(tries):
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            return proc  # recording
+        time.sleep(0.1)
+    return proc
 
 
 def stop_spy(proc: subprocess.Popen[bytes]) -> str:
@@ -127,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     sshd.start()
     spies: dict[str, subprocess.Popen[bytes]] = {}
     cpu: dict[str, float] = {}
+    threads: dict[str, dict[int, float]] = {}
     try:
         with ThreadedProxy(("127.0.0.1", sshd.port), args.rtt_ms / 2000.0) as proxy:
             cfg = sshd.write_client_config(port=proxy.port)
@@ -149,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 if pid is not None:
                     with contextlib.suppress(procstat.ProcessGone):
                         cpu[name] = procstat.cpu_seconds(pid)
+                        threads[name] = procstat.thread_cpu_seconds(pid)
             errors = {name: stop_spy(p) for name, p in spies.items()}
             w.stop()
     finally:
@@ -169,11 +208,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(no samples: {errors.get(name, 'py-spy did not run')})")
             continue
         print()
-        print(table(prof.thread_counts(), files, 10, "thread"))
+        print(table(prof.thread_counts(), files, 12, "thread (samples)"))
+        per_thread = threads.get(name, {})
         print()
-        print(table(prof.self_counts(), files, args.top, "self (innermost Python frame)"))
+        print(cpu_table(prof.cpu_weighted("self", per_thread), files, args.top,
+                        "self (innermost Python frame), CPU-weighted"))
         print()
-        print(table(prof.inclusive_counts(), files, args.top, "inclusive"))
+        print(cpu_table(prof.cpu_weighted("inclusive", per_thread), files, args.top,
+                        "inclusive, CPU-weighted"))
     if args.out is None:
         shutil.rmtree(work / "remote", ignore_errors=True)
     return 0

@@ -157,3 +157,19 @@ def test_profile_reader_counts_self_inclusive_and_threads(tmp_path: Path) -> Non
     assert prof.thread_counts() == {"Thread 0x7f01 (active)": 40, "Thread 0x7f02 (active)": 60}
     text = table(prof.self_counts(), 1000, 1, "self")
     assert text.splitlines()[2] == "| `hash (b.py)` | 0.900 | 90 |"
+
+
+def test_profile_shares_each_threads_cpu_over_its_samples(tmp_path: Path) -> None:
+    from benchmarks.profile_sync import Profile
+
+    raw = tmp_path / "raw.txt"
+    raw.write_text("thread (11): MainThread;main (a.py:1);pack (p.py:2) 30\n"
+                   "thread (11): MainThread;main (a.py:1);select (s.py:3) 10\n"
+                   "thread (12): read_0;worker (w.py:1);hash (h.py:2) 50\n")
+    prof = Profile.read(raw)
+    weighted = prof.cpu_weighted("self", {11: 8.0, 12: 2.0})
+    assert weighted["pack (p.py)"] == pytest.approx(6.0)
+    assert weighted["select (s.py)"] == pytest.approx(2.0)
+    assert weighted["hash (h.py)"] == pytest.approx(2.0)
+    inclusive = prof.cpu_weighted("inclusive", {11: 8.0, 12: 2.0})
+    assert inclusive["main (a.py)"] == pytest.approx(8.0)
