@@ -8,8 +8,9 @@ raw`: the target is not paused; idle threads are not sampled). At lsync's "ready
 recordings stop. It prints, per process, the CPU seconds /proc says it used (and per 1,000
 files), then the functions with the most samples where the CPU was spent (self: the
 innermost Python frame, so time in C code called from Python counts for the caller) and
-the most inclusive ones, in seconds per 1,000 files (samples / rate); the raw stacks stay in
-`--out` for a flame graph. Sampling costs CPU too: the sync is slower than without it.
+the most inclusive ones, in CPU seconds per 1,000 files: each thread's CPU (/proc) shared
+out over that thread's samples. The raw stacks and the threads' CPU stay in `--out`.
+Sampling costs CPU too: the sync is slower than without it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import json
 import re
 import shutil
 import signal
@@ -75,23 +77,25 @@ class Profile:
         return out
 
     def cpu_weighted(self, counts_of: str,
-                     thread_cpu: dict[int, float]) -> collections.Counter[str]:
+                     thread_cpu: dict[int, float]) -> dict[str, float]:
         """CPU seconds per function ("self" or "inclusive"): each thread's CPU from /proc
         shared out over that thread's samples (py-spy also samples threads that wait for the
         interpreter lock or in a system call, so raw samples overstate CPU)."""
-        per_thread: dict[str, collections.Counter[str]] = collections.defaultdict(
+        per_thread: dict[int, collections.Counter[str]] = collections.defaultdict(
             collections.Counter)
+        totals: collections.Counter[int] = collections.Counter()
         for frames, n in self.stacks.items():
-            chosen = [frames[-1]] if counts_of == "self" else list(set(frames))
+            m = _THREAD_ID.search(frames[0])
+            tid = int(m.group(1)) if m else -1  # (py-spy names a thread once it has a name)
+            totals[tid] += n
+            chosen = [frames[-1]] if counts_of == "self" else list(set(frames[1:]))
             for frame in chosen:
-                per_thread[frames[0]][frame] += n
-        out: collections.Counter[str] = collections.Counter()
-        for thread, counts in per_thread.items():
-            m = _THREAD_ID.search(thread)
-            seconds = thread_cpu.get(int(m.group(1)), 0.0) if m else 0.0
-            total = sum(self.stacks[f] for f in self.stacks if f[0] == thread)
+                per_thread[tid][frame] += n
+        out: dict[str, float] = collections.defaultdict(float)
+        for tid, counts in per_thread.items():
+            seconds = thread_cpu.get(tid, 0.0)
             for frame, n in counts.items():
-                out[frame] += seconds * n / total
+                out[frame] += seconds * n / totals[tid]
         return out
 
     def thread_counts(self) -> collections.Counter[str]:
@@ -109,9 +113,9 @@ def table(counts: collections.Counter[str], files: int, top: int, title: str) ->
     return "\n".join(lines)
 
 
-def cpu_table(seconds: collections.Counter[str], files: int, top: int, title: str) -> str:
+def cpu_table(seconds: dict[str, float], files: int, top: int, title: str) -> str:
     lines = [f"| {title} | CPU s per 1,000 files | CPU s |", "|---|---|---|"]
-    for frame, value in seconds.most_common(top):
+    for frame, value in sorted(seconds.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"| `{frame}` | {1000 * value / files:.3f} | {value:.1f} |")
     return "\n".join(lines)
 
@@ -198,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = w.startup_seconds or 0.0
     say(f"initial sync of {files:,} files at RTT {args.rtt_ms:g} ms under py-spy: "
         f"ready after {seconds:.1f} s; raw stacks in {out}")
+    (out / "threads.json").write_text(json.dumps(
+        {name: {str(tid): sec for tid, sec in per.items()} for name, per in threads.items()}))
     for name in ("client", "agent"):
         prof = Profile.read(out / f"{name}.txt")
         used = cpu.get(name)

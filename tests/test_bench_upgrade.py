@@ -165,11 +165,12 @@ def test_profile_shares_each_threads_cpu_over_its_samples(tmp_path: Path) -> Non
     raw = tmp_path / "raw.txt"
     raw.write_text("thread (11): MainThread;main (a.py:1);pack (p.py:2) 30\n"
                    "thread (11): MainThread;main (a.py:1);select (s.py:3) 10\n"
-                   "thread (12): read_0;worker (w.py:1);hash (h.py:2) 50\n")
+                   "thread (12): read_0;worker (w.py:1);hash (h.py:2) 50\n"
+                   "thread (11);main (a.py:1);pack (p.py:2) 40\n")  # the same thread, unnamed
     prof = Profile.read(raw)
     weighted = prof.cpu_weighted("self", {11: 8.0, 12: 2.0})
-    assert weighted["pack (p.py)"] == pytest.approx(6.0)
-    assert weighted["select (s.py)"] == pytest.approx(2.0)
+    assert weighted["pack (p.py)"] == pytest.approx(7.0)
+    assert weighted["select (s.py)"] == pytest.approx(1.0)
     assert weighted["hash (h.py)"] == pytest.approx(2.0)
     inclusive = prof.cpu_weighted("inclusive", {11: 8.0, 12: 2.0})
     assert inclusive["main (a.py)"] == pytest.approx(8.0)
