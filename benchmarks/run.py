@@ -37,7 +37,14 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import kernel_material, procstat, scenario_upgrade, scenarios
+from benchmarks import (
+    kernel_material,
+    procstat,
+    scenario_bulk,
+    scenario_upgrade,
+    scenario_wire,
+    scenarios,
+)
 from benchmarks.bench import (
     GOAL_FIGURES,
     ISSUE10_SCENARIOS,
@@ -359,14 +366,14 @@ def plan_steps(bench: Bench) -> list[tuple[str, Callable[[], None]]]:
     for spec in specs:
         for letter, fn in (("a", scenarios.scenario_a_one_save),
                            ("b", scenarios.scenario_b_burst),
-                           ("e", scenarios.scenario_e_big_edit),
-                           ("bytes", scenarios.scenario_bytes)):
+                           ("e", scenario_wire.scenario_e_big_edit),
+                           ("bytes", scenario_wire.scenario_bytes)):
             if letter == "bytes" and spec.rtt_ms not in s.bytes_rtts_ms:
                 continue
             if bench.wants(letter):
                 steps.append((f"{letter} {spec.label}", functools.partial(fn, bench, spec)))
     if bench.wants("watch"):
-        steps.append(("watch", functools.partial(scenarios.scenario_watch, bench)))
+        steps.append(("watch", functools.partial(scenario_wire.scenario_watch, bench)))
     cdf_specs = list(specs)
     if not s.short and s.cap_mbit and bench.wants("c"):
         cdf_specs += [LinkSpec(rtt, s.cap_mbit) for rtt in s.rtts_ms if rtt > 0]
@@ -374,11 +381,11 @@ def plan_steps(bench: Bench) -> list[tuple[str, Callable[[], None]]]:
     if bench.wants("g") and f_spec is not None:
         for tree in s.contact_trees:
             steps.append((f"g {f_spec.label} {tree}",
-                          functools.partial(scenarios.scenario_g_first_contact, bench, tree,
+                          functools.partial(scenario_bulk.scenario_g_first_contact, bench, tree,
                                             f_spec)))
     if bench.wants("h") and f_spec is not None:
         steps.append((f"h {f_spec.label}",
-                      functools.partial(scenarios.scenario_h_save_during_bulk, bench, f_spec)))
+                      functools.partial(scenario_bulk.scenario_h_save_during_bulk, bench, f_spec)))
     if bench.wants("u") and f_spec is not None:
         steps.append((f"u {f_spec.label}",
                       functools.partial(scenario_upgrade.scenario_u_upgrade, bench, f_spec)))
