@@ -7,6 +7,7 @@ from fields 14 and 15 of ``/proc/<pid>/stat`` in clock ticks (1/100 s here);
 caller does nothing to it. `find_descendant(root_pid, needle)` finds the newest living
 process below `root_pid` whose command line contains `needle` — this is how the benchmark
 finds lsync's agent, a ``python3 -c <loader>`` process spawned by the private sshd.
+`CpuFollower` follows such processes' CPU until they exit (rsync's server side).
 `load_average()` and `machine_busy(seconds)` say how loaded the machine is (other users'
 work on a shared machine skews every figure).
 Every function raises `ProcessGone` when the process has exited.
@@ -14,6 +15,7 @@ Every function raises `ProcessGone` when the process has exited.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -105,9 +107,10 @@ def _descends_from(pid: int, root_pid: int) -> bool:
     return pid == root_pid
 
 
-def find_descendant(root_pid: int, needle: str) -> int | None:
-    """The newest living process below `root_pid` whose command line contains `needle`."""
-    best: tuple[int, int] | None = None
+def _matching(root_pid: int, needle: str) -> list[tuple[int, int]]:
+    """(start ticks, pid) of the living processes below `root_pid` whose command line
+    contains `needle`."""
+    found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -117,12 +120,21 @@ def find_descendant(root_pid: int, needle: str) -> int | None:
         try:
             if not _descends_from(pid, root_pid):
                 continue
-            started = start_ticks(pid)
+            found.append((start_ticks(pid), pid))
         except (ProcessGone, ValueError, IndexError):
             continue
-        if best is None or started > best[0]:
-            best = (started, pid)
-    return None if best is None else best[1]
+    return found
+
+
+def find_descendant(root_pid: int, needle: str) -> int | None:
+    """The newest living process below `root_pid` whose command line contains `needle`."""
+    found = _matching(root_pid, needle)
+    return max(found)[1] if found else None
+
+
+def find_descendants(root_pid: int, needle: str) -> list[int]:
+    """Every living process below `root_pid` whose command line contains `needle`."""
+    return sorted(pid for _, pid in _matching(root_pid, needle))
 
 
 def load_average() -> float:
@@ -162,3 +174,31 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
         fields = text[text.rindex(")") + 2 :].split()
         out[int(name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     return out
+
+
+class CpuFollower:
+    """Follows the CPU of the processes below `root_pid` whose command line contains
+    `needle` (say rsync's server, which forks a receiver and a generator, below the sshd)
+    while the caller waits for something else: `poll()` now and then (it looks for new such
+    processes every `scan_every` polls), `seconds` is the sum of their last CPU readings
+    (so at most one poll interval of each one's CPU is missed)."""
+
+    def __init__(self, root_pid: int, needle: str, scan_every: int = 3) -> None:
+        self.root_pid = root_pid
+        self.needle = needle
+        self.scan_every = scan_every
+        self.last: dict[int, float] = {}
+        self._polls = 0
+
+    @property
+    def seconds(self) -> float | None:
+        return sum(self.last.values()) if self.last else None
+
+    def poll(self) -> None:
+        if self._polls % self.scan_every == 0:
+            for pid in find_descendants(self.root_pid, self.needle):
+                self.last.setdefault(pid, 0.0)
+        self._polls += 1
+        for pid in list(self.last):
+            with contextlib.suppress(ProcessGone):
+                self.last[pid] = cpu_seconds(pid)

@@ -15,7 +15,6 @@ from benchmarks import peers
 from benchmarks.bench import (
     LSYNC,
     RSYNC,
-    RSYNC_EXCLUDES,
     Bench,
     Cell,
     CpuUse,
@@ -38,6 +37,7 @@ from benchmarks.scenarios import (
     mark,
     new_content,
     plain,
+    rsync_measured,
 )
 from benchmarks.testbed import trees
 
@@ -64,13 +64,15 @@ def scenario_g_first_contact(bench: Bench, tree: str, spec: LinkSpec) -> None:
         remote = bench.fresh_remote(f"contact-{tree}-rsync")
         copy_tree(source, remote, vcs=False)
         with bench.link(spec, remote) as (link, proxy):
-            r = peers.rsync_push(source, link, extra_args=RSYNC_EXCLUDES, check=False)
+            run = rsync_measured(bench, source, link, bench.tree_info[tree].files)
+            r = run.result
             c = proxy.counters()
         problem = (differing_content(source, remote) if r.returncode == 0
                    else f"rsync exit {r.returncode}")
         rsync_cell = Cell(f"{r.seconds:.2f} s, {fmt_kb(c.bytes_total)} "
                           f"({fmt_kb(c.bytes_up)} up, {fmt_kb(c.bytes_down)} down)"
-                          + (f" (remote differs: {problem})" if problem else ""),
+                          + (f" (remote differs: {problem})" if problem else "")
+                          + f" ({run.cpu_text()})",
                           value=None if problem else r.seconds,
                           extra={"bytes": float(c.bytes_total)})
         row.cells[RSYNC] = rsync_cell

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import kernel_material, peers
+from benchmarks import kernel_material
 from benchmarks.bench import (
     LSYNC,
     RSYNC,
@@ -54,7 +54,7 @@ from benchmarks.bench import (
     wait_quiet,
 )
 from benchmarks.peers import PeerError
-from benchmarks.scenarios import cpu_now, cpu_since, mark
+from benchmarks.scenarios import cpu_now, cpu_since, mark, rsync_measured
 from benchmarks.testbed import trees
 
 TARGET_SECONDS = 1.0
@@ -220,14 +220,15 @@ def _rsync_side(bench: Bench, spec: LinkSpec, up: Upgrade, local: Path,
     mirror(local, remote, checksum=False, vcs=False)
     checkout(local, up.new)
     with bench.link(spec, remote) as (link, proxy):
-        r = peers.rsync_push(local, link, extra_args=["--delete", *RSYNC_EXCLUDES],
-                             check=False)
+        run = rsync_measured(bench, local, link, len(up.changed),
+                             ["--delete", *RSYNC_EXCLUDES], "changed paths")
+        r = run.result
         c = proxy.counters()
     problem = (f"rsync exit {r.returncode}" if r.returncode != 0
                else Expected.of(local, up.changed).problem(remote) or same_files(local, remote))
     text = f"{r.seconds:.2f} s (`--delete`), {fmt_kb(c.bytes_total)} both ways"
-    cells[RSYNC] = Cell(text + (f" (remote differs: {problem})" if problem else ""),
-                        value=None if problem else r.seconds)
+    cells[RSYNC] = Cell(text + (f" (remote differs: {problem})" if problem else "")
+                        + f" ({run.cpu_text()})", value=None if problem else r.seconds)
     say(f"u {spec.label} rsync: {cells[RSYNC].text}")
     if not bench.s.keep:
         shutil.rmtree(remote, ignore_errors=True)

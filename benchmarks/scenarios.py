@@ -35,8 +35,12 @@ from __future__ import annotations
 
 import contextlib
 import random
+import resource
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from benchmarks import peers, procstat
 from benchmarks.bench import (
@@ -59,7 +63,7 @@ from benchmarks.bench import (
     wait_quiet,
 )
 from benchmarks.lsync_runner import AGENT_CMDLINE_NEEDLE, LsyncWatcher
-from benchmarks.peers import PeerError, SaveMode
+from benchmarks.peers import Link, PeerError, SaveMode
 from benchmarks.testbed import trees
 
 # ---------------------------------------------------------------------------------------------
@@ -338,11 +342,13 @@ def scenario_cdf(bench: Bench, tree: str, spec: LinkSpec, do_c: bool, do_d: bool
     if bench.runnable(RSYNC):
         empty_dir(bench.remote)
         with bench.link(spec) as (link, proxy):
-            r = peers.rsync_push(source, link, extra_args=RSYNC_EXCLUDES, check=False)
+            run = rsync_measured(bench, source, link, info.files)
+            r = run.result
         problem = (same_files(source, bench.remote) if r.returncode == 0
                    else f"rsync exit {r.returncode}")
         if c_row is not None:
             c_row.cells[RSYNC] = fmt_seconds(r.seconds, problem)
+            c_row.cells[RSYNC].text += f" ({run.cpu_text()})"
             say(f"c {spec.label} {tree} rsync: {c_row.cells[RSYNC].text}")
         if d_row is not None:
             with bench.link(spec) as (link, proxy):
@@ -453,6 +459,8 @@ def _c_goal(bench: Bench, tree: str, spec: LinkSpec, row: Row, target: str,
     text = plain(cell.text) if cell.value is None else f"{cell.value:.2f} s"
     peer_text = "—" if peer is None else (peer.text if peer.value is None
                                           else f"{peer.value:.2f} s")
+    if peer is not None and peer.value is not None and " (CPU" in peer.text:
+        peer_text += peer.text[peer.text.index(" (CPU"):]  # rsync's CPU note
     bench.goal(f"initial sync, {tree} tree", spec, target, text, peer_text,
                _ratio(cell, peer), cell.target_ok, cpu)
 
@@ -469,6 +477,47 @@ def cpu_now(bench: Bench, w: LsyncWatcher, items: int, unit: str = "files") -> C
         if agent_pid is not None:
             agent = procstat.cpu_seconds(agent_pid)
     return CpuUse(client, agent, items, unit)
+
+
+@dataclass(frozen=True)
+class RsyncRun:
+    """One rsync run and the CPU it cost: its local side (rsync and ssh, from this process's
+    children's rusage) and its server side (the `rsync --server` processes below the sshd,
+    followed through /proc)."""
+
+    result: peers.RsyncResult
+    cpu: CpuUse
+
+    def cpu_text(self) -> str:
+        c = self.cpu
+        return (f"CPU per 1,000 {c.unit}: local rsync + ssh {c.per_thousand(c.client)}, "
+                f"server {c.per_thousand(c.agent)}")
+
+
+def rsync_measured(bench: Bench, source: Path, link: Link, items: int,
+                   extra_args: Sequence[str] = RSYNC_EXCLUDES,
+                   unit: str = "files") -> RsyncRun:
+    """`peers.rsync_push` of `source` with its CPU at both ends (see RsyncRun)."""
+    sshd = bench.sshd.pid
+    follower = procstat.CpuFollower(sshd, "rsync --server") if sshd is not None else None
+    stop = threading.Event()
+
+    def follow() -> None:
+        while follower is not None and not stop.wait(0.1):
+            follower.poll()
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        r = peers.rsync_push(source, link, extra_args=extra_args, check=False)
+    finally:
+        stop.set()
+        thread.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    local = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    server = follower.seconds if follower is not None else None
+    return RsyncRun(r, CpuUse(local, server, items, unit))
 
 
 def cpu_since(before: CpuUse, after: CpuUse) -> CpuUse:

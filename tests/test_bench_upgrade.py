@@ -137,7 +137,7 @@ def test_benchmark_short_mode_measures_the_upgrade_scenario(tmp_path: Path) -> N
                if line.startswith("| u. upgrade by git checkout while running (tiny tree"))
     assert "in-sync line" in row and "identical" in row and "CPU per 1,000 changed paths" in row
     assert "remote differs" not in row
-    assert "(`--delete`)" in row  # rsync's cell
+    assert "(`--delete`)" in row and "local rsync + ssh" in row  # rsync's cell, its CPU
     goal = next(line for line in out.splitlines()
                 if line.startswith("| upgrade by git checkout while running, tiny tree"))
     assert "(per 1,000 changed paths)" in goal
@@ -174,3 +174,34 @@ def test_profile_shares_each_threads_cpu_over_its_samples(tmp_path: Path) -> Non
     assert weighted["hash (h.py)"] == pytest.approx(2.0)
     inclusive = prof.cpu_weighted("inclusive", {11: 8.0, 12: 2.0})
     assert inclusive["main (a.py)"] == pytest.approx(8.0)
+
+
+def test_cpu_follower_reads_the_cpu_of_matching_descendants_until_they_exit() -> None:
+    from benchmarks import procstat
+
+    marker = f"cpu-follower-{os.getpid()}"
+    script = ("import sys, time\n"
+              "end = time.process_time() + 0.3\n"
+              "while time.process_time() < end:\n"
+              "    pass\n"
+              "sys.stdin.read()\n")
+    children = [subprocess.Popen([sys.executable, "-c", script, marker], stdin=subprocess.PIPE)
+                for _ in range(2)]
+    follower = procstat.CpuFollower(os.getpid(), marker, scan_every=1)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (
+                len(follower.last) < 2 or (follower.seconds or 0.0) < 0.5):
+            follower.poll()
+            time.sleep(0.02)
+        assert sorted(follower.last) == sorted(c.pid for c in children)
+        assert (follower.seconds or 0.0) >= 0.5
+    finally:
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.close()
+            child.wait(timeout=10)
+    seen = follower.seconds
+    follower.poll()  # the processes are gone: their last readings stay
+    assert follower.seconds == seen
+    assert procstat.find_descendants(os.getpid(), marker) == []
