@@ -56,6 +56,7 @@ ISSUE16_SCENARIOS = ("c", "d", "f", "g", "h", "u")
 # rsync never sends a work tree's repository (lsync leaves `.git` alone too).
 VCS_DIR = ".git"
 RSYNC_EXCLUDES = (f"--exclude=/{VCS_DIR}",)
+COUNT_VERSION = "count2"  # how count_tree counts (in the real kernel tree's stamp)
 
 # Files the benchmark adds to the tree for its own cases (never part of a/b's sample).
 EXTRA_DIR = "lsync-bench"
@@ -408,14 +409,15 @@ def copy_tree(src: Path, dst: Path, hardlinks: bool = False, vcs: bool = True) -
 
 
 def count_tree(root: Path, preset: str, seconds: float) -> trees.TreeStats:
-    """Files (regular files and symlinks), directories and bytes under `root`, its `.git`
-    left out."""
+    """Files (regular files and symlinks, to directories too: what git tracks),
+    directories and bytes under `root`, its `.git` left out."""
     files = dirs = nbytes = 0
     for dirpath, dirnames, filenames in os.walk(root):
         if dirpath == str(root) and VCS_DIR in dirnames:
             dirnames.remove(VCS_DIR)
-        dirs += len(dirnames)
-        for name in filenames:
+        links = [name for name in dirnames if os.path.islink(os.path.join(dirpath, name))]
+        dirs += len(dirnames) - len(links)
+        for name in filenames + links:
             st = os.lstat(os.path.join(dirpath, name))
             files += 1
             nbytes += st.st_size
@@ -449,7 +451,8 @@ def differing_content(a: Path, b: Path) -> str:
 def same_files(a: Path, b: Path) -> str:
     """"" when trees `a` and `b` hold the same paths with the same sizes, else what differs.
     (Cheap: content is compared elsewhere, where the benchmark knows what changed.) A
-    top-level `.git` is left out on both sides."""
+    symlink is an entry (its size: the target's length), to a directory too; a top-level
+    `.git` is left out on both sides."""
 
     def listing(root: Path) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -457,7 +460,8 @@ def same_files(a: Path, b: Path) -> str:
             rel = os.path.relpath(dirpath, root)
             if rel == "." and VCS_DIR in dirs:
                 dirs.remove(VCS_DIR)
-            for name in files:
+            links = [name for name in dirs if os.path.islink(os.path.join(dirpath, name))]
+            for name in files + links:  # (a symlink to a directory is an entry too)
                 path = name if rel == "." else f"{rel}/{name}"
                 with contextlib.suppress(FileNotFoundError):
                     out[path] = os.lstat(os.path.join(dirpath, name)).st_size
@@ -545,9 +549,15 @@ class Bench:
         stamp = root.with_name(root.name + ".stamp")
         if stamp.exists() and (root / VCS_DIR).is_dir():
             fields = stamp.read_text().split()
-            if len(fields) == 4 and fields[0] == tag:
+            if len(fields) == 5 and fields[0] == tag and fields[4] == COUNT_VERSION:
                 self.tree_info["kernel"] = trees.TreeStats(
                     "kernel", 0, int(fields[1]), int(fields[2]), int(fields[3]), 0.0)
+                return root
+            if fields and fields[0] == tag:  # complete (the stamp comes last): count again
+                stats = count_tree(root, "kernel", 0.0)
+                stamp.write_text(f"{tag} {stats.files} {stats.dirs} {stats.bytes} "
+                                 f"{COUNT_VERSION}\n")
+                self.tree_info["kernel"] = stats
                 return root
         started = time.monotonic()
         material = kernel_material.prepare(full=True)
@@ -556,7 +566,7 @@ class Bench:
         root.parent.mkdir(parents=True, exist_ok=True)
         kernel_material.checkout_copy(material, root, tag)
         stats = count_tree(root, "kernel", time.monotonic() - started)
-        stamp.write_text(f"{tag} {stats.files} {stats.dirs} {stats.bytes}\n")
+        stamp.write_text(f"{tag} {stats.files} {stats.dirs} {stats.bytes} {COUNT_VERSION}\n")
         self.tree_info["kernel"] = stats
         say(f"tree kernel: Linux {tag}, {stats.files} files, {stats.bytes / 1e6:.1f} MB, "
             f"checked out in {stats.seconds:.1f} s into {root}")

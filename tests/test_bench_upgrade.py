@@ -76,8 +76,10 @@ def test_same_files_and_counts_leave_a_top_level_git_out(tmp_path: Path) -> None
     (a / ".git" / "index").write_bytes(b"DIRC")
     (b / "src" / ".git").write_text("gitdir: elsewhere\n")  # not top-level: compared
     assert same_files(a, b) == "1 extra (e.g. src/.git)"
+    (a / "link-to-src").symlink_to("src")  # a symlink to a directory is one entry
+    assert same_files(a, b) == "1 missing (e.g. link-to-src); 1 extra (e.g. src/.git)"
     stats = count_tree(a, "t", 0.0)
-    assert (stats.files, stats.dirs, stats.bytes) == (1, 1, 7)
+    assert (stats.files, stats.dirs, stats.bytes) == (2, 1, 7 + len("src"))
     assert tree_files(a) == ["src/x.c"]
 
 
