@@ -48,6 +48,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds used by `pid` so far (all threads)."""
+    fields = _stat_fields(pid)
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
 def parent_pid(pid: int) -> int:
     return int(_stat_fields(pid)[1])
 

@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     sshd.start()
     spies: dict[str, subprocess.Popen[bytes]] = {}
     cpu: dict[str, float] = {}
+    split: dict[str, tuple[float, float]] = {}
     threads: dict[str, dict[int, float]] = {}
     try:
         with ThreadedProxy(("127.0.0.1", sshd.port), args.rtt_ms / 2000.0) as proxy:
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 if pid is not None:
                     with contextlib.suppress(procstat.ProcessGone):
                         cpu[name] = procstat.cpu_seconds(pid)
+                        split[name] = procstat.cpu_split(pid)
                         threads[name] = procstat.thread_cpu_seconds(pid)
             errors = {name: stop_spy(p) for name, p in spies.items()}
             w.stop()
@@ -210,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n## {name}: CPU {used if used is not None else float('nan'):.1f} s "
               f"(/proc) = {1000 * (used or 0) / files:.3f} s per 1,000 files; "
               f"{prof.samples} samples = {prof.samples / RATE:.1f} s of running threads")
+        if name in split:
+            user, system = split[name]
+            print(f"user {user:.1f} s, system {system:.1f} s")
         if not prof.samples:
             print(f"(no samples: {errors.get(name, 'py-spy did not run')})")
             continue
