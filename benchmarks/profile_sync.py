@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import procstat
-from benchmarks.bench import count_tree, default_cache_dir, say
+from benchmarks.bench import agent_record_files, count_tree, default_cache_dir, say
 from benchmarks.kernel_material import TAGS
 from benchmarks.lsync_runner import AGENT_CMDLINE_NEEDLE, LsyncWatcher
 from benchmarks.peers import Link
@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         print(cpu_table(prof.cpu_weighted("inclusive", per_thread), files, args.top,
                         "inclusive, CPU-weighted"))
     shutil.rmtree(work / "remote", ignore_errors=True)  # 1.3 GB for the kernel
+    for record in agent_record_files(work / "remote"):  # and the agent's records of it
+        record.unlink(missing_ok=True)
     if args.out is not None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
