@@ -201,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             if p.poll() is None:
                 p.kill()
         sshd.stop()
+        shutil.rmtree(work / "remote", ignore_errors=True)  # 1.3 GB for the kernel
+        for record in agent_record_files(work / "remote"):  # and the agent's records of it
+            record.unlink(missing_ok=True)
+        if args.out is not None:
+            shutil.rmtree(work, ignore_errors=True)
     seconds = w.startup_seconds or 0.0
     say(f"initial sync of {files:,} files at RTT {args.rtt_ms:g} ms under py-spy: "
         f"ready after {seconds:.1f} s; raw stacks in {out}")
@@ -227,11 +232,6 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(cpu_table(prof.cpu_weighted("inclusive", per_thread), files, args.top,
                         "inclusive, CPU-weighted"))
-    shutil.rmtree(work / "remote", ignore_errors=True)  # 1.3 GB for the kernel
-    for record in agent_record_files(work / "remote"):  # and the agent's records of it
-        record.unlink(missing_ok=True)
-    if args.out is not None:
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
