@@ -5,7 +5,12 @@ timeouts). `Bench` owns the work directory, the private sshd, the trees and ever
 measured so far; `Bench.link(spec)` puts a fresh delay proxy (with byte counters) in front of
 the sshd for the duration of a `with` block. Trees are generated once into a cache directory
 (``~/.cache/lsync-bench/trees`` unless told otherwise) and reused by later runs as long as
-the generator's source is unchanged; scenarios that modify files work on copies.
+the generator's source is unchanged; scenarios that modify files work on copies. In full
+mode the `kernel` tree is the real Linux kernel (issue 16): a git work tree of release
+6.1.170 checked out from `benchmarks.kernel_material`'s repository (downloaded with
+`apt-get download` once), cached beside the generated trees; `--generated-kernel` (and the
+short mode, which never uses it) keeps the generated one. A top-level `.git` is never part
+of what is compared, mirrored for a remote, or given to rsync (`RSYNC_EXCLUDES`).
 `Cell` and `Row` are the main table's entries; `BytesRow` and `WatchRow` are the rows of the
 bytes-on-the-wire table (issue 3) and of the watcher trade-off table; `Goal` is a row of the
 issue 10 table (one figure of its target table, lsync and rsync side by side, ✓/✗). Helpers
@@ -28,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks import peers
+from benchmarks import kernel_material, peers
 from benchmarks.lsync_runner import LsyncWatcher, lsync_available
 from benchmarks.peers import Link, Watcher
 from benchmarks.testbed import trees
@@ -42,10 +47,16 @@ SCRIPT = "script"
 LSYNCD = "lsyncd"
 SYSTEMS = (LSYNC, RSYNC, SCRIPT_CM, SCRIPT, LSYNCD)
 WATCHERS = (LSYNC, SCRIPT_CM, SCRIPT, LSYNCD)
-SCENARIOS = ("a", "b", "c", "d", "e", "f", "g", "h", "bytes", "watch")
+SCENARIOS = ("a", "b", "c", "d", "e", "f", "g", "h", "u", "bytes", "watch")
 # What --issue10 runs: every figure of issue 10's target table, lsync next to rsync.
 ISSUE10_SCENARIOS = ("a", "b", "c", "d", "f", "g", "h")
 ISSUE10_SYSTEMS = (LSYNC, RSYNC)
+# What --issue16 runs: the real-kernel table (c, d, f, g, h, u), lsync next to rsync.
+ISSUE16_SCENARIOS = ("c", "d", "f", "g", "h", "u")
+# rsync never sends a work tree's repository (lsync leaves `.git` alone too).
+VCS_DIR = ".git"
+RSYNC_EXCLUDES = (f"--exclude=/{VCS_DIR}",)
+COUNT_VERSION = "count2"  # how count_tree counts (in the real kernel tree's stamp)
 
 # Files the benchmark adds to the tree for its own cases (never part of a/b's sample).
 EXTRA_DIR = "lsync-bench"
@@ -90,13 +101,15 @@ class Settings:
     cache_dir: Path
     write_readme: bool
     keep: bool
+    real_kernel: bool = False  # the `kernel` tree is the real Linux kernel (issue 16)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
         short = bool(args.short)
-        if args.issue10:
+        if args.issue10 or args.issue16:
             args.systems = args.systems or ",".join(ISSUE10_SYSTEMS)
-            args.scenarios = args.scenarios or ",".join(ISSUE10_SCENARIOS)
+            args.scenarios = args.scenarios or ",".join(
+                ISSUE16_SCENARIOS if args.issue16 else ISSUE10_SCENARIOS)
         # The short mode leaves out the script without a ControlMaster (the slowest peer,
         # and never better than the script with one) unless asked for by name.
         default_systems = [s for s in SYSTEMS if s != SCRIPT] if short else list(SYSTEMS)
@@ -140,6 +153,7 @@ class Settings:
             cache_dir=args.cache_dir or default_cache_dir(),
             write_readme=not args.no_readme,
             keep=args.keep,
+            real_kernel=not short and not args.generated_kernel,
         )
 
 
@@ -222,6 +236,30 @@ class Goal:
     rsync: str = "—"
     ratio: str = "—"  # lsync/rsync
     ok: bool | None = None  # None: no verdict (lsync failed, or the row has no target here)
+    cpu: CpuUse | None = None  # lsync's client and agent CPU over the measured span
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """CPU seconds lsync's client and its agent used over one measured span (None: not
+    read), and how many files (or changed paths: `unit`) the span handled."""
+
+    client: float | None
+    agent: float | None
+    items: int
+    unit: str = "files"
+
+    def per_thousand(self, seconds: float | None) -> str:
+        if seconds is None or self.items <= 0:
+            return "?"
+        return f"{1000 * seconds / self.items:.2f} s"
+
+    @property
+    def text(self) -> str:
+        """"CPU per 1,000 files: client 0.31 s, agent 0.14 s (24.5 s, 11.2 s)"."""
+        totals = ", ".join("?" if v is None else f"{v:.1f} s" for v in (self.client, self.agent))
+        return (f"CPU per 1,000 {self.unit}: client {self.per_thousand(self.client)}, agent "
+                f"{self.per_thousand(self.agent)} ({totals})")
 
 
 # Issue 10's target table, in its order: (figure, link) as `Goal` rows name them. Rows a run
@@ -230,6 +268,7 @@ GOAL_FIGURES: tuple[tuple[str, str], ...] = (
     ("initial sync, kernel tree", "RTT 0 ms"),
     ("initial sync, kernel tree", "RTT 300 ms"),
     ("initial sync, kernel tree", "RTT 300 ms, 100 Mbit/s"),
+    ("upgrade by git checkout while running, kernel tree", "RTT 300 ms"),
     ("initial sync, small tree", "RTT 0 ms"),
     ("initial sync, small tree", "RTT 300 ms"),
     ("initial sync, small tree", "RTT 300 ms, 100 Mbit/s"),
@@ -273,11 +312,12 @@ def say(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def mirror(src: Path, dst: Path, checksum: bool = True) -> None:
-    """Make `dst` a copy of `src` (local rsync; with checksums, same-second edits too)."""
+def mirror(src: Path, dst: Path, checksum: bool = True, vcs: bool = True) -> None:
+    """Make `dst` a copy of `src` (local rsync; with checksums, same-second edits too;
+    without a top-level `.git` unless `vcs`)."""
     dst.mkdir(parents=True, exist_ok=True)
     argv = ["rsync", "-a", "--delete", *(["--checksum"] if checksum else []),
-            f"{src}/", f"{dst}/"]
+            *(() if vcs else RSYNC_EXCLUDES), f"{src}/", f"{dst}/"]
     subprocess.run(argv, check=True)
 
 
@@ -355,14 +395,39 @@ def agent_record_files(root: Path) -> list[Path]:
     return out
 
 
-def copy_tree(src: Path, dst: Path, hardlinks: bool = False) -> None:
+def copy_tree(src: Path, dst: Path, hardlinks: bool = False, vcs: bool = True) -> None:
     """`cp -r` (fresh timestamps: nothing preserved), or with `hardlinks` `cp -al` (a farm of
-    links to `src`: never write into one of its files in place)."""
+    links to `src`: never write into one of its files in place); without a top-level `.git`
+    unless `vcs` (a remote copy of a work tree)."""
     if dst.exists():
         shutil.rmtree(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     argv = ["cp", "-al" if hardlinks else "-r", str(src), str(dst)]
     subprocess.run(argv, check=True)
+    if not vcs:
+        shutil.rmtree(dst / VCS_DIR, ignore_errors=True)
+
+
+def count_tree(root: Path, preset: str, seconds: float) -> trees.TreeStats:
+    """Files (regular files and symlinks, to directories too: what git tracks),
+    directories and bytes under `root`, its `.git` left out."""
+    files = dirs = nbytes = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == str(root) and VCS_DIR in dirnames:
+            dirnames.remove(VCS_DIR)
+        links = [name for name in dirnames if os.path.islink(os.path.join(dirpath, name))]
+        dirs += len(dirnames) - len(links)
+        for name in filenames + links:
+            st = os.lstat(os.path.join(dirpath, name))
+            files += 1
+            nbytes += st.st_size
+    return trees.TreeStats(preset, 0, files, dirs, nbytes, seconds)
+
+
+def tree_files(root: Path) -> list[str]:
+    """Relative paths of the regular files under `root` (sorted), its `.git` left out."""
+    return [rel for rel in trees.walk_files(root)
+            if rel != VCS_DIR and not rel.startswith(VCS_DIR + "/")]
 
 
 def differing_content(a: Path, b: Path) -> str:
@@ -371,7 +436,7 @@ def differing_content(a: Path, b: Path) -> str:
     if problem:
         return problem
     wrong = []
-    for rel in trees.walk_files(a):
+    for rel in tree_files(a):
         with open(a / rel, "rb") as fa, open(b / rel, "rb") as fb:
             while True:
                 x, y = fa.read(1 << 20), fb.read(1 << 20)
@@ -385,13 +450,18 @@ def differing_content(a: Path, b: Path) -> str:
 
 def same_files(a: Path, b: Path) -> str:
     """"" when trees `a` and `b` hold the same paths with the same sizes, else what differs.
-    (Cheap: content is compared elsewhere, where the benchmark knows what changed.)"""
+    (Cheap: content is compared elsewhere, where the benchmark knows what changed.) A
+    symlink is an entry (its size: the target's length), to a directory too; a top-level
+    `.git` is left out on both sides."""
 
     def listing(root: Path) -> dict[str, int]:
         out: dict[str, int] = {}
-        for dirpath, _dirs, files in os.walk(root):
+        for dirpath, dirs, files in os.walk(root):
             rel = os.path.relpath(dirpath, root)
-            for name in files:
+            if rel == "." and VCS_DIR in dirs:
+                dirs.remove(VCS_DIR)
+            links = [name for name in dirs if os.path.islink(os.path.join(dirpath, name))]
+            for name in files + links:  # (a symlink to a directory is an entry too)
                 path = name if rel == "." else f"{rel}/{name}"
                 with contextlib.suppress(FileNotFoundError):
                     out[path] = os.lstat(os.path.join(dirpath, name)).st_size
@@ -428,7 +498,8 @@ class Bench:
         self.tree_info: dict[str, trees.TreeStats] = {}
         self.notes: list[str] = []
         self.save_p50_300: float | None = None  # scenario a, lsync, RTT 300: for the bytes table
-        self.goals: list[Goal] = []  # issue 10's table
+        self.goals: list[Goal] = []  # the targets table (issues 10 and 16)
+        self.load_text = "not measured"  # how busy the machine was (run.py)
         self._remotes: list[Path] = [self.remote]  # remote roots lsync's agent may remember
 
     # -- set-up ---------------------------------------------------------------------------
@@ -446,7 +517,10 @@ class Bench:
                                if not f.startswith(EXTRA_DIR + "/")]
 
     def tree_dir(self, preset: str) -> Path:
-        """The cached, pristine copy of a generated tree (made on first use). Read-only."""
+        """The cached, pristine copy of a tree (made on first use). Read-only. The `kernel`
+        preset is the real kernel's work tree when the settings say so."""
+        if preset == "kernel" and self.s.real_kernel:
+            return self.real_kernel_dir()
         generator = Path(trees.__file__).read_bytes()
         tag = hashlib.sha256(generator).hexdigest()[:12]
         root = self.s.cache_dir / "trees" / f"{preset}-seed0"
@@ -464,6 +538,38 @@ class Bench:
         self.tree_info[preset] = stats
         say(f"tree {preset}: {stats.files} files, {stats.bytes / 1e6:.1f} MB, generated in "
             f"{stats.seconds:.1f} s into {root}")
+        return root
+
+    def real_kernel_dir(self) -> Path:
+        """A git work tree of the real kernel's first release (`kernel_material.TAGS[0]`),
+        cloned (objects shared) from the prepared repository, which is downloaded and built
+        on first use; cached with a stamp of its counts, like the generated trees."""
+        tag = kernel_material.TAGS[0]
+        root = self.s.cache_dir / "trees" / f"kernel-real-{tag}"
+        stamp = root.with_name(root.name + ".stamp")
+        if stamp.exists() and (root / VCS_DIR).is_dir():
+            fields = stamp.read_text().split()
+            if len(fields) == 5 and fields[0] == tag and fields[4] == COUNT_VERSION:
+                self.tree_info["kernel"] = trees.TreeStats(
+                    "kernel", 0, int(fields[1]), int(fields[2]), int(fields[3]), 0.0)
+                return root
+            if fields and fields[0] == tag:  # complete (the stamp comes last): count again
+                stats = count_tree(root, "kernel", 0.0)
+                stamp.write_text(f"{tag} {stats.files} {stats.dirs} {stats.bytes} "
+                                 f"{COUNT_VERSION}\n")
+                self.tree_info["kernel"] = stats
+                return root
+        started = time.monotonic()
+        material = kernel_material.prepare(full=True)
+        shutil.rmtree(root, ignore_errors=True)
+        stamp.unlink(missing_ok=True)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        kernel_material.checkout_copy(material, root, tag)
+        stats = count_tree(root, "kernel", time.monotonic() - started)
+        stamp.write_text(f"{tag} {stats.files} {stats.dirs} {stats.bytes} {COUNT_VERSION}\n")
+        self.tree_info["kernel"] = stats
+        say(f"tree kernel: Linux {tag}, {stats.files} files, {stats.bytes / 1e6:.1f} MB, "
+            f"checked out in {stats.seconds:.1f} s into {root}")
         return root
 
     def _write_extras(self, root: Path) -> None:
@@ -564,10 +670,11 @@ class Bench:
         say(f"note: {text}")
 
     def goal(self, figure: str, spec: LinkSpec, target: str, lsync: str, rsync: str = "—",
-             ratio: float | None = None, ok: bool | None = None) -> Goal:
-        """Record one row of issue 10's table."""
+             ratio: float | None = None, ok: bool | None = None,
+             cpu: CpuUse | None = None) -> Goal:
+        """Record one row of the targets table (issues 10 and 16)."""
         g = Goal(goal_order(figure), figure, spec.label, target, lsync, rsync,
-                 "—" if ratio is None else f"{ratio:.2f}", ok)
+                 "—" if ratio is None else f"{ratio:.2f}", ok, cpu)
         self.goals.append(g)
         return g
 

@@ -5,10 +5,14 @@ subprocess (with this interpreter) and follows its log lines (see notes/contract
 
     <iso-time> ready files=N bytes=M      once the initial sync is acknowledged
     <iso-time> ack <path> ms=<latency>    per acknowledged write (with -v)
+    <iso-time> in-sync as-of=<ns> files=N bytes=M
+                                          a check found the remote in sync with the tree
+                                          as of <ns> (wall clock, time.time_ns())
 
 `start()` returns at the "ready" line (and records when it came, relative to the spawn);
 `spawn()` and `wait_ready()` are its two halves, for work done during the initial sync;
-`wait_ack()` finds the acknowledgement of a path; `stop()` sends SIGINT (lsync drains, says
+`wait_ack()` finds the acknowledgement of a path; `wait_in_sync()` the first in-sync line
+as of a given moment or later; `stop()` sends SIGINT (lsync drains, says
 goodbye, exits 0) and keeps the exit status in `exit_status`. `pid` is the client process
 itself (for /proc measurements). lsync's local hash cache goes where `cache_home` says (it sets
 XDG_CACHE_HOME), so a run can start cold or reuse a previous run's cache on purpose.
@@ -35,6 +39,7 @@ AGENT_CMDLINE_NEEDLE = "from lsync.agent.main import main"
 
 _READY_RE = re.compile(r"^\S+ ready files=(\d+) bytes=(\d+)")
 _ACK_RE = re.compile(r"^\S+ ack (.+) ms=([0-9.]+)\s*$")
+_IN_SYNC_RE = re.compile(r"^\S+ in-sync as-of=(\d+) files=(\d+) bytes=(\d+)")
 
 
 def lsync_command() -> list[str]:
@@ -75,6 +80,7 @@ class LsyncWatcher:
         self.ready_bytes = 0
         self.exit_status: int | None = None
         self._acks: list[tuple[float, str, float]] = []  # (perf_counter, path, lsync's ms)
+        self._in_sync: list[tuple[float, int]] = []  # (perf_counter, as-of wall ns)
         self._cond = threading.Condition()
         self._proc: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
@@ -154,6 +160,10 @@ class LsyncWatcher:
                     with self._cond:
                         self._acks.append((now, m.group(1), float(m.group(2))))
                         self._cond.notify_all()
+                elif m := _IN_SYNC_RE.match(line):
+                    with self._cond:
+                        self._in_sync.append((now, int(m.group(1))))
+                        self._cond.notify_all()
                 elif m := _READY_RE.match(line):
                     with self._cond:
                         self.ready_at = now
@@ -177,6 +187,20 @@ class LsyncWatcher:
                     return found
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    return None
+                self._cond.wait(min(left, 0.05))
+
+    def wait_in_sync(self, as_of_ns: int, timeout: float) -> float | None:
+        """perf_counter() when the first in-sync line whose as-of is `as_of_ns` (wall clock)
+        or later was read, or None if none came within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for t, as_of in self._in_sync:
+                    if as_of >= as_of_ns:
+                        return t
+                left = deadline - time.monotonic()
+                if left <= 0 or (self._proc is not None and self._proc.poll() is not None):
                     return None
                 self._cond.wait(min(left, 0.05))
 

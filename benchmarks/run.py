@@ -5,9 +5,12 @@ the delay proxy in front of it, takes deterministic trees from a cache (generati
 first time), and runs issue 4's scenarios (a-f, see benchmarks/scenarios.py) for lsync and
 its peers on the same link in the same run, at RTT 0 and RTT 300 ms (initial syncs also
 with a 100 Mbit/s cap), issue 10's (g: first contact with a remote copy lsync never saw, h: a
-save during bulk work; both at the longest RTT), then issue 3's bytes-on-the-wire table and
-the watcher's step/latency/CPU trade-off. `--issue10` runs only what issue 10's target table
-needs (lsync and rsync; a, b, c, d, f, g, h).
+save during bulk work; both at the longest RTT) and issue 16's u (an upgrade by `git
+checkout` while lsync runs, benchmarks/scenario_upgrade.py), then issue 3's bytes-on-the-wire
+table and the watcher's step/latency/CPU trade-off. `--issue10` runs only what issue 10's
+target table needs (lsync and rsync; a, b, c, d, f, g, h), `--issue16` the real-kernel table
+(lsync and rsync; c, d, f, g, h, u). In full mode the `kernel` tree is the real Linux kernel
+(benchmarks/bench.py says how it is fetched; `--generated-kernel` for the generated one).
 
 It prints the Markdown tables (issue 10's first) and writes them into benchmarks/README.md
 between the results markers, with the date, the machine, each row's target and lsync's ✓/✗
@@ -34,11 +37,19 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import scenarios
+from benchmarks import (
+    kernel_material,
+    procstat,
+    scenario_bulk,
+    scenario_upgrade,
+    scenario_wire,
+    scenarios,
+)
 from benchmarks.bench import (
     GOAL_FIGURES,
     ISSUE10_SCENARIOS,
     ISSUE10_SYSTEMS,
+    ISSUE16_SCENARIOS,
     LSYNC,
     SCENARIOS,
     SYSTEMS,
@@ -166,13 +177,20 @@ def render_watch(rows: list[WatchRow]) -> str:
 
 
 def render_goals(bench: Bench) -> str:
-    """Issue 10's target table: each figure measured in this run, lsync next to rsync."""
-    lines = ["| figure | link | target (lsync) | lsync | rsync | lsync/rsync | met? |",
-             "|---|---|---|---|---|---|---|"]
+    """The targets table (issues 10 and 16): each figure measured in this run, lsync next to
+    rsync, with lsync's client and agent CPU per 1,000 files where measured."""
+    lines = ["| figure | link | target (lsync) | lsync | client CPU / 1,000 files | "
+             "agent CPU / 1,000 files | rsync | lsync/rsync | met? |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for g in sorted(bench.goals, key=lambda g: g.order):
         verdict = "—" if g.ok is None else ("✓" if g.ok else "✗")
-        lines.append(f"| {g.figure} | {g.link} | {g.target} | {g.lsync} | {g.rsync} | "
-                     f"{g.ratio} | {verdict} |")
+        client = agent = "—"
+        if g.cpu is not None:
+            client, agent = g.cpu.per_thousand(g.cpu.client), g.cpu.per_thousand(g.cpu.agent)
+            if g.cpu.unit != "files":
+                client, agent = (f"{x} (per 1,000 {g.cpu.unit})" for x in (client, agent))
+        lines.append(f"| {g.figure} | {g.link} | {g.target} | {g.lsync} | {client} | {agent} "
+                     f"| {g.rsync} | {g.ratio} | {verdict} |")
     seen = {(g.figure, g.link) for g in bench.goals}
     missing = [f"{figure} ({link})" for figure, link in GOAL_FIGURES
                if (figure, link) not in seen]
@@ -248,6 +266,9 @@ def report(bench: Bench, proxy_check: str, started: dt.datetime, minutes: float,
     mode = "short" if bench.s.short else "full"
     lsync_note = "" if bench.lsync_ok else f" lsync not run: {bench.lsync_reason}."
     tree_text = ", ".join(f"`{name}` {info.files:,} files / {fmt_kb(info.bytes)}"
+                          + (f" (Linux {kernel_material.TAGS[0][1:]}, Debian's "
+                             f"{kernel_material.PACKAGE} {kernel_material.RELEASES[0]}, a git "
+                             f"work tree)" if name == "kernel" and bench.s.real_kernel else "")
                           for name, info in sorted(bench.tree_info.items()))
     parts = [
         f"Run {started:%Y-%m-%d %H:%M} UTC, {mode} mode, {minutes:.0f} min; lsync at "
@@ -260,13 +281,20 @@ def report(bench: Bench, proxy_check: str, started: dt.datetime, minutes: float,
         "",
         f"Delay proxy self-check: {proxy_check}",
         "",
-        *(["### Issue 10: targets", "", render_goals(bench), "",
+        f"Load: {bench.load_text}",
+        "",
+        *(["### Targets (issues 10 and 16)", "", render_goals(bench), "",
            "Ratios are lsync's value divided by rsync's (time; for the first contact also "
            "bytes, in the lsync column). A save during bulk work: from the end of the save "
            "until the remote copy is byte-identical (polled every ~1 ms); `n=` says how many "
            "saves were made before the initial sync was done. \"No worse\" rows: the "
-           "earlier figures (162 ms p50, 0.78 s) with 2% of noise allowed. The rows come "
-           "from the tables below.", ""] if bench.goals else []),
+           "earlier figures (162 ms p50, 0.78 s) with 2% of noise allowed. CPU: user + "
+           "system seconds of lsync's client and of its agent (the `python3 -c` process "
+           "below the sshd, found by its command line) from /proc, over the measured span "
+           "(the initial sync: spawn to `ready`; the restart: spawn to a quiet link; the "
+           "upgrade: from just before the checkout to the in-sync line), per 1,000 files of "
+           "the tree (per 1,000 changed paths for the upgrade). The rows come from the "
+           "tables below.", ""] if bench.goals else []),
         "### Issues 4 and 10: lsync and its peers",
         "",
         render_main(bench),
@@ -338,14 +366,14 @@ def plan_steps(bench: Bench) -> list[tuple[str, Callable[[], None]]]:
     for spec in specs:
         for letter, fn in (("a", scenarios.scenario_a_one_save),
                            ("b", scenarios.scenario_b_burst),
-                           ("e", scenarios.scenario_e_big_edit),
-                           ("bytes", scenarios.scenario_bytes)):
+                           ("e", scenario_wire.scenario_e_big_edit),
+                           ("bytes", scenario_wire.scenario_bytes)):
             if letter == "bytes" and spec.rtt_ms not in s.bytes_rtts_ms:
                 continue
             if bench.wants(letter):
                 steps.append((f"{letter} {spec.label}", functools.partial(fn, bench, spec)))
     if bench.wants("watch"):
-        steps.append(("watch", functools.partial(scenarios.scenario_watch, bench)))
+        steps.append(("watch", functools.partial(scenario_wire.scenario_watch, bench)))
     cdf_specs = list(specs)
     if not s.short and s.cap_mbit and bench.wants("c"):
         cdf_specs += [LinkSpec(rtt, s.cap_mbit) for rtt in s.rtts_ms if rtt > 0]
@@ -353,11 +381,14 @@ def plan_steps(bench: Bench) -> list[tuple[str, Callable[[], None]]]:
     if bench.wants("g") and f_spec is not None:
         for tree in s.contact_trees:
             steps.append((f"g {f_spec.label} {tree}",
-                          functools.partial(scenarios.scenario_g_first_contact, bench, tree,
+                          functools.partial(scenario_bulk.scenario_g_first_contact, bench, tree,
                                             f_spec)))
     if bench.wants("h") and f_spec is not None:
         steps.append((f"h {f_spec.label}",
-                      functools.partial(scenarios.scenario_h_save_during_bulk, bench, f_spec)))
+                      functools.partial(scenario_bulk.scenario_h_save_during_bulk, bench, f_spec)))
+    if bench.wants("u") and f_spec is not None:
+        steps.append((f"u {f_spec.label}",
+                      functools.partial(scenario_upgrade.scenario_u_upgrade, bench, f_spec)))
     for tree in s.initial_trees:
         for spec in cdf_specs:
             do_c = bench.wants("c")
@@ -380,6 +411,8 @@ def run(settings: Settings) -> str:
         f"{check.first_echo * 1000:.0f} ms)")
     say(f"proxy self-check: {proxy_check}")
     bench = Bench(settings)
+    busy = procstat.machine_busy(3.0)
+    loads: list[float] = []
     installed_at_start = installed_lsync()
     say(f"installed lsync: {installed_at_start}")
     try:
@@ -387,12 +420,17 @@ def run(settings: Settings) -> str:
         if LSYNC in settings.systems and not bench.lsync_ok:
             say(f"lsync not run: {bench.lsync_reason}")
         for name, step in plan_steps(bench):
-            say(f"-- {name}")
+            loads.append(procstat.load_average())
+            say(f"-- {name} (load average {loads[-1]:.2f})")
             try:
                 step()
             except Exception as exc:  # recorded in the report; the other steps still run
                 bench.note(f"step {name} stopped by {type(exc).__name__}: {exc}")
                 bench.notes.append(traceback.format_exc(limit=3).replace("\n", " | "))
+        loads.append(procstat.load_average())
+        bench.load_text = (f"before the run the machine's CPUs were {100 * busy:.0f}% busy "
+                           f"(others' work; {os.cpu_count()} CPUs); 1-minute load average "
+                           f"before each step {min(loads):.2f} to {max(loads):.2f}")
         at_end = installed_lsync()
         if at_end != installed_at_start:
             installed_at_start += f" at the start, {at_end} at the end: reinstalled meanwhile"
@@ -416,6 +454,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"issue 10's target table only: --systems "
                              f"{','.join(ISSUE10_SYSTEMS)} --scenarios "
                              f"{','.join(ISSUE10_SCENARIOS)} unless given")
+    parser.add_argument("--issue16", action="store_true",
+                        help=f"issue 16's real-kernel table: --systems "
+                             f"{','.join(ISSUE10_SYSTEMS)} --scenarios "
+                             f"{','.join(ISSUE16_SCENARIOS)} unless given")
+    parser.add_argument("--generated-kernel", action="store_true",
+                        help="full mode: the generated `kernel` tree instead of the real "
+                             "Linux kernel (whose two releases are downloaded once with "
+                             "apt-get download)")
     parser.add_argument("--saves", type=int, help="saves per kind in scenario a (and h)")
     parser.add_argument("--burst", type=int, help="files in the burst of scenario b")
     parser.add_argument("--burst-timeout", type=float,
