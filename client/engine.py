@@ -317,8 +317,8 @@ class SyncEngine(PathPasses):
         found = 0
         if due.whole:
             found = await self._check(None, due.reason)
-        for directory in due.directories:
-            found += await self._check(directory, "")
+        if due.directories:
+            found += await self._check_dirs(due.directories)
         if due.report and not found and self.queue.idle:
             if as_of > self._reported_as_of or not self._report_due_set:
                 self._report_in_sync(as_of)
@@ -354,6 +354,26 @@ class SyncEngine(PathPasses):
             self._check_root()
             self.reporter.note(f"convergence check of {directory or 'the tree'} failed: {exc}")
             return 0
+        return self._compare(directory, local, reason)
+
+    async def _check_dirs(self, directories: tuple[str, ...]) -> int:
+        """`_check` of each directory, listed in one trip to a worker thread (a checkout
+        touches hundreds)."""
+        self.counters.checks += 1
+        listed = await asyncio.to_thread(_scan_dirs, self.root, directories, self.rules,
+                                         self.cache)
+        found = 0
+        for directory, local in listed:
+            if isinstance(local, OSError):
+                self._check_root()
+                self.reporter.note(f"convergence check of {directory or 'the root'} failed: "
+                                   f"{local}")
+                continue
+            found += self._compare(directory, local, "")
+        return found
+
+    def _compare(self, directory: str | None, local: dict[str, LocalEntry] | None,
+                 reason: str) -> int:
         if local is None:  # the directory is gone: its parent's check covers it
             self.checks.gone(directory or "")
             return 0
@@ -565,3 +585,16 @@ def _hash_files(root: Path, paths: list[str], cache: HashCache) -> dict[str, Loc
         except (OSError, ScanError):
             continue
     return found
+
+
+def _scan_dirs(root: Path, directories: tuple[str, ...], rules: IgnoreRules, cache: HashCache
+               ) -> list[tuple[str, dict[str, LocalEntry] | OSError | None]]:
+    """For a worker thread: `scan_dir` of each directory (an OSError in place of one that
+    could not be listed)."""
+    out: list[tuple[str, dict[str, LocalEntry] | OSError | None]] = []
+    for directory in directories:
+        try:
+            out.append((directory, scan_dir(root, directory, rules, cache)))
+        except OSError as exc:
+            out.append((directory, exc))
+    return out
