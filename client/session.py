@@ -555,10 +555,13 @@ class Session:
 
     async def _save_caches(self, cache: HashCache, signatures: Path,
                            engine: SyncEngine) -> None:
-        """Save the hash cache and the signatures; a failure is a note, never fatal."""
+        """Save the hash cache and the signatures; a failure is a note, never fatal. (The
+        signatures are taken from the model here, on the event loop: a worker thread reading
+        the model while passes change it died of "dictionary changed size during iteration"
+        in the torture run, and took the session with it.)"""
+        kept = engine.model.signatures_to_keep(sigstore.MIN_SIZE)
         for what, save in (("hash cache", cache.save),
-                           ("signatures", lambda: sigstore.save(
-                               signatures, engine.model.signatures_to_keep(sigstore.MIN_SIZE)))):
+                           ("signatures", lambda: sigstore.save(signatures, kept))):
             try:
                 await asyncio.to_thread(save)
             except (OSError, ValueError) as exc:

@@ -21,6 +21,7 @@ import pytest
 
 from lsync.agent.confined import ConfinedRoot, OpError
 from lsync.client import passes, planner, sender
+from lsync.client.model import RemoteModel
 from lsync.client.pathqueue import RETRY_MAX, State
 from lsync.protocol.errors import ErrorCode
 from tests.conftest import c_like_text
@@ -359,6 +360,30 @@ def test_an_in_sync_report_behind_a_lagging_watcher_is_given_again_once_it_caugh
         while rig.reporter.in_sync_as_of < changed_at:
             assert loop.time() < deadline, "the lagging report stayed the last word"
             await asyncio.sleep(0.01)
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_signatures_to_save_are_taken_from_the_model_on_the_event_loop(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The model is changed by passes on the event loop: a worker thread that walked it to
+    save the signatures died of "dictionary changed size during iteration" (torture run,
+    long mode) and ended the session. It is read on the loop; only the writing is off it."""
+    readers: list[threading.Thread] = []
+    real = RemoteModel.signatures_to_keep
+
+    def spy(self: RemoteModel, min_size: int) -> Any:
+        readers.append(threading.current_thread())
+        return real(self, min_size)
+
+    monkeypatch.setattr(RemoteModel, "signatures_to_keep", spy)
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.converged()
+        await rig.session._save_caches(rig.engine.cache, tmp_path / "signatures", rig.engine)
+        assert readers == [threading.main_thread()]
         await rig.close()
 
     asyncio.run(scenario())
