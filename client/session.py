@@ -26,14 +26,14 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Container
+from collections.abc import Awaitable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncssh
 
-from lsync.client import lanes, sigstore, ssh
+from lsync.client import lanes, remotelisting, sigstore, ssh
 from lsync.client.bootstrap import MAX_INITIAL, bundle_b64, local_argv
 from lsync.client.buildloop import BuildLoop, Progress, TrackingReporter
 from lsync.client.control import ControlError, JsonObject, socket_path
@@ -71,6 +71,7 @@ from lsync.protocol import messages as m
 
 WELCOME_TIMEOUT = 60.0
 DRAIN_TIMEOUT = 60.0
+REFRESH_TIMEOUT = 10.0  # for the remote's listing at the end of a session
 BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 LONG_LINK_HANDSHAKE = 0.25  # seconds; about 35 ms of round trip or more
 
@@ -414,6 +415,11 @@ class Session:
             target.tree, {"create_root": True,
                           "lanes": target.host is not None and self.options.lanes > 0})
         connecting = time.monotonic()
+        # The copy of the remote's listing kept by the last session is read meanwhile.
+        described = target.describe()
+        listing_path = remotelisting.default_path(self.root, described)
+        holding = asyncio.ensure_future(asyncio.to_thread(remotelisting.load, listing_path,
+                                                          described))
         opening: asyncio.Future[asyncssh.SSHClientConnection] | None = None
         if target.host is not None:
             self.reporter.state(f"connecting to {target.describe()}")
@@ -429,6 +435,7 @@ class Session:
             if watcher.done() and not self._watching.is_set():
                 if opening is not None:
                     opening.cancel()
+                holding.cancel()
                 watcher.result()  # its failure (a safety stop), else:
                 raise _Stopped
         # The agent's bundle is built (once per process) while SSH connects.
@@ -448,6 +455,7 @@ class Session:
                 long_link = time.monotonic() - connecting > LONG_LINK_HANDSHAKE
             except BaseException:
                 opening.cancel()
+                holding.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await opening
                 scan.cancel()
@@ -457,11 +465,15 @@ class Session:
             stream = SshAgentStream()
         link = AgentLink(stream)
         link.on_kept = self._on_kept
-        tasks: list[asyncio.Task[Any]] = [scan]
+        tasks: list[asyncio.Future[Any]] = [scan, holding]
         try:
-            # Hello and ListTree travel on the agent's command line, with its code.
+            held = await self._or_stop(holding)
+            # Hello and ListTree travel on the agent's command line, with its code: the
+            # ListTree names the listing held, and only what changed since comes back.
             link.start(hello)
-            manifest = asyncio.create_task(_collect(link.list_tree()), name="manifest")
+            manifest = asyncio.create_task(remotelisting.fetch(
+                link.listing(held.generation if held is not None else ""), held),
+                name="manifest")
             tasks.append(manifest)
             if isinstance(stream, SshAgentStream):
                 assert self._ssh is not None
@@ -485,7 +497,8 @@ class Session:
                 scan = asyncio.create_task(self._scan(hash_name), name="scan")
                 tasks.append(scan)
             cache, local = await self._or_stop(scan)
-            entries = await self._or_stop(manifest)
+            listing = await self._or_stop(manifest)
+            del held
             tree_watcher = self._watcher
             engine = SyncEngine(
                 link, self.root, self.rules, cache, self.reporter, self.options.delete,
@@ -493,14 +506,19 @@ class Session:
                 long_link=long_link,
                 seen_until=self.seen_until,
                 close_events=bool(tree_watcher and tree_watcher.close_events))
-            await engine.initial_sync(local, entries)
+            await engine.initial_sync(local, list(listing.entries.values()))
+            keeping = None
+            if listing.changed and listing.generation:
+                keeping = asyncio.ensure_future(asyncio.to_thread(
+                    self._keep_listing, listing_path, described, listing))
+                tasks.append(keeping)
             signatures = sigstore.default_path(self.root, hash_name)
             engine.model.adopt_signatures(await asyncio.to_thread(sigstore.load, signatures))
             gone = self._adopt_owned(engine, local)
             # The scan and the manifest (tens of MB on a big tree) are not needed any more:
             # nothing may keep them for the rest of the session.
             tasks = [task for task in tasks if task is not scan and task is not manifest]
-            del local, entries, scan, manifest
+            del local, listing, scan, manifest
             self.remote_root = welcome.info.get("root") or None
             self._set_engine(engine)
             engine.mark_dirty(sorted(gone))
@@ -538,6 +556,11 @@ class Session:
             await _first(drained, runner, link_closed, drain_limit)
             _raise_failures(runner, None, link)
             await self._save_caches(cache, signatures, engine)
+            if engine.counters.files:
+                # Kept as the remote holds it now: the next start hears of nothing else.
+                if keeping is not None:
+                    await keeping
+                await self._refresh_listing(link, listing_path, described)
             await link.close("user stopped lsync")
             self.reporter.state("stopped")
         finally:
@@ -552,6 +575,26 @@ class Session:
                 await _close_ssh(self._ssh, clean=link.failure is None)
                 self._ssh = None
 
+
+    def _keep_listing(self, path: Path, target: str, listing: remotelisting.Listing) -> None:
+        """For a worker thread: keep the copy of the remote's listing (else a note)."""
+        try:
+            remotelisting.save(path, target, listing)
+        except (OSError, ValueError) as exc:
+            self.reporter.note(f"could not keep the remote's listing ({exc}); the next "
+                               "start lists the whole remote tree")
+
+    async def _refresh_listing(self, link: AgentLink, path: Path, target: str) -> None:
+        """At the end of a session that wrote: take the remote's listing as it is now."""
+        try:
+            held = await asyncio.to_thread(remotelisting.load, path, target)
+            listing = await asyncio.wait_for(remotelisting.fetch(
+                link.listing(held.generation if held is not None else ""), held),
+                REFRESH_TIMEOUT)
+        except (LsyncError, asyncio.TimeoutError):
+            return  # (the next start asks for what changed since the older listing)
+        if listing.changed and listing.generation:
+            await asyncio.to_thread(self._keep_listing, path, target, listing)
 
     async def _save_caches(self, cache: HashCache, signatures: Path,
                            engine: SyncEngine) -> None:
@@ -577,13 +620,6 @@ async def _close_ssh(conn: asyncssh.SSHClientConnection, clean: bool) -> None:
     conn.abort()
     with contextlib.suppress(OSError, asyncssh.Error, asyncio.TimeoutError):
         await asyncio.wait_for(conn.wait_closed(), 2)
-
-
-async def _collect(batches: AsyncIterator[list[list[Any]]]) -> list[list[Any]]:
-    entries: list[list[Any]] = []
-    async for batch in batches:
-        entries.extend(batch)
-    return entries
 
 
 async def _first(*aws: asyncio.Future[Any]) -> None:

@@ -1,0 +1,130 @@
+"""The remote's last whole-tree listing, kept between sessions: a restart hears only changes.
+
+The agent keeps the last whole-tree manifest it sent under a generation id (see
+lsync.agent.listing); the client keeps its copy of the same manifest, with that id, under
+~/.cache/lsync (named after the local tree and the target). `fetch` asks for the manifest
+with the generation held (`ListTree.since`); when the agent still holds the same listing it
+answers with only the entries that changed and the paths that are gone, and `fetch` applies
+them to the copy — which gives exactly the whole manifest the agent would have sent, so
+everything after (planner.load_manifest, the hashes asked for, ownership) is as on a first
+start. The agent walks the tree for every answer, so what others changed remotely between
+sessions (build outputs, edits of synced files) is in the delta.
+
+Nothing doubtful is used: a copy that is missing, torn, corrupt (its SHA-256 is checked),
+of another format or of another target is no copy (the request names no generation, the
+answer is the whole manifest), and a delta against a listing the client did not name is a
+broken link. The copy is replaced (temp file + rename) only by a complete answer; an answer
+that names no generation leaves the copy as it is (the agent's own stands too). `refresh`
+asks again at the end of a session, so that the next start hears only what changed after
+it. The work on the copy (reading, checking, writing) is for worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from lsync.client.errors import LinkBroken
+from lsync.client.hashcache import default_cache_dir
+from lsync.protocol import messages as m
+
+_MAGIC = b"lsync-remote-listing 1\n"
+_DIGEST = 32  # bytes of SHA-256 after the magic
+
+Entry = list[Any]
+
+
+@dataclass
+class Listing:
+    """A whole-tree manifest (path -> manifest entry) and the generation the agent gave it
+    ("" for none: not to be kept)."""
+
+    generation: str = ""
+    entries: dict[str, Entry] = field(default_factory=dict)
+    changed: bool = True  # differs from the copy on disk (a delta found nothing: False)
+
+
+def default_path(root: Path, target: str) -> Path:
+    """The copy for the local tree `root` synced to `target` (as `Target.describe()`)."""
+    key = b"\0".join((os.fsencode(Path(root).resolve()),
+                      target.encode("utf-8", "surrogateescape")))
+    tag = hashlib.sha256(key).hexdigest()[:16]
+    label = re.sub(r"[^A-Za-z0-9._-]", "_", Path(root).resolve().name)[:40] or "root"
+    return default_cache_dir() / f"{label}-{tag}.remote"
+
+
+def load(path: Path, target: str) -> Listing | None:
+    """The copy kept at `path` for `target`, or None when there is none worth trusting."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    head = len(_MAGIC) + _DIGEST
+    if (not data.startswith(_MAGIC)
+            or hashlib.sha256(data[head:]).digest() != data[len(_MAGIC):head]):
+        return None
+    try:
+        saved = msgpack.unpackb(data[head:], raw=False, use_list=True)
+        generation, saved_target, entries = saved
+    except Exception:  # (only our own checked bytes get here; still, no doubt survives)
+        return None
+    if (saved_target != target or not isinstance(generation, str) or not generation
+            or len(generation) > m.MAX_GENERATION or not m.is_manifest_entries(entries)):
+        return None
+    return Listing(generation, {entry[0]: entry for entry in entries}, changed=False)
+
+
+def save(path: Path, target: str, listing: Listing) -> None:
+    """Keep `listing` at `path` (OSError when it cannot be written)."""
+    payload = msgpack.packb([listing.generation, target, list(listing.entries.values())],
+                            use_bin_type=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        temp.write_bytes(_MAGIC + hashlib.sha256(payload).digest() + payload)
+        os.replace(temp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+
+
+def forget(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+async def fetch(batches: AsyncIterator[m.ManifestBatch], held: Listing | None) -> Listing:
+    """The whole manifest from the answer to `ListTree(since=held.generation)` (`held`:
+    the copy that was named, None if none was); raises LinkBroken when the answer is a
+    delta against anything else."""
+    since = held.generation if held is not None else ""
+    entries: dict[str, Entry] | None = None
+    delta = False
+    generation = ""
+    async for batch in batches:
+        if entries is None:
+            delta = bool(batch.base)
+            if delta and (held is None or batch.base != since):
+                raise LinkBroken("the agent sent the changes since a listing this client "
+                                 "does not hold")
+            entries = dict(held.entries) if delta and held is not None else {}
+        elif bool(batch.base) != delta:
+            raise LinkBroken("the agent mixed a whole manifest and a delta in one answer")
+        if batch.removed and not delta:
+            raise LinkBroken("the agent named removed paths in a whole manifest")
+        for path in batch.removed:
+            entries.pop(path, None)
+        for entry in batch.entries:
+            entries[entry[0]] = entry
+        generation = batch.generation
+    assert entries is not None  # (the link yields at least the last batch, or raises)
+    changed = not (delta and held is not None and generation == held.generation)
+    return Listing(generation, entries, changed)
