@@ -556,8 +556,9 @@ class Session:
             await _first(drained, runner, link_closed, drain_limit)
             _raise_failures(runner, None, link)
             await self._save_caches(cache, signatures, engine)
-            if engine.counters.files:
-                # Kept as the remote holds it now: the next start hears of nothing else.
+            if engine.counters.files or engine.remote_hashed:
+                # Kept as the remote holds it now (what lsync wrote, the digests the agent
+                # learnt): the next start hears of nothing else.
                 if keeping is not None:
                     await keeping
                 await self._refresh_listing(link, listing_path, described)
