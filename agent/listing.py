@@ -101,7 +101,8 @@ class KeptListing:
         temp = "{}.tmp-{}".format(self.path, os.getpid())
         try:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-            with open(temp, "wb") as handle:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as handle:  # (paths and digests: for our eyes only)
                 handle.write(header + b"\n" + payload)
             os.replace(temp, self.path)
         except OSError:

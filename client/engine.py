@@ -193,10 +193,12 @@ class SyncEngine(PathPasses):
 
     # -- initial comparison ---------------------------------------------------------------
     async def initial_sync(self, local: dict[str, LocalEntry],
-                           remote_entries: list[list[Any]]) -> None:
-        """Load the remote manifest and queue every path where local and remote differ."""
-        self.model, need_hash = planner.load_manifest(remote_entries, local,
-                                                      self.rules.is_ignored)
+                           remote_entries: list[list[Any]],
+                           loaded: tuple[RemoteModel, list[str]] | None = None) -> None:
+        """Load the remote manifest (or take `loaded`, what `planner.load_manifest` made of
+        it with this `local`) and queue every path where local and remote differ."""
+        self.model, need_hash = loaded or planner.load_manifest(remote_entries, local,
+                                                                self.rules.is_ignored)
         if self.delete_extra and not local and len(self.model):
             raise SafetyStop(
                 f"the local tree {self.root} is empty while the remote holds "

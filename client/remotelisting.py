@@ -50,6 +50,9 @@ class Listing:
     generation: str = ""
     entries: dict[str, Entry] = field(default_factory=dict)
     changed: bool = True  # differs from the copy on disk (a delta found nothing: False)
+    # When it came as a delta against the copy held: the entries new or changed, and the
+    # paths gone (planner.load_changes brings a model of the copy up to date with them).
+    delta: tuple[list[Entry], list[str]] | None = None
 
 
 def default_path(root: Path, target: str) -> Path:
@@ -89,7 +92,8 @@ def save(path: Path, target: str, listing: Listing) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        temp.write_bytes(_MAGIC + hashlib.sha256(payload).digest() + payload)
+        with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+            out.write(_MAGIC + hashlib.sha256(payload).digest() + payload)
         os.replace(temp, path)
     finally:
         with contextlib.suppress(OSError):
@@ -109,6 +113,8 @@ async def fetch(batches: AsyncIterator[m.ManifestBatch], held: Listing | None) -
     entries: dict[str, Entry] | None = None
     delta = False
     generation = ""
+    updated: list[Entry] = []
+    removed: list[str] = []
     async for batch in batches:
         if entries is None:
             delta = bool(batch.base)
@@ -124,7 +130,10 @@ async def fetch(batches: AsyncIterator[m.ManifestBatch], held: Listing | None) -
             entries.pop(path, None)
         for entry in batch.entries:
             entries[entry[0]] = entry
+        if delta:
+            updated.extend(batch.entries)
+            removed.extend(batch.removed)
         generation = batch.generation
     assert entries is not None  # (the link yields at least the last batch, or raises)
     changed = not (delta and held is not None and generation == held.generation)
-    return Listing(generation, entries, changed)
+    return Listing(generation, entries, changed, (updated, removed) if delta else None)

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from lsync.client import lanes, remotelisting, sigstore, ssh
+from lsync.client import lanes, planner, remotelisting, sigstore, ssh
 from lsync.client.bootstrap import MAX_INITIAL, bundle_b64, local_argv
 from lsync.client.buildloop import BuildLoop, Progress, TrackingReporter
 from lsync.client.control import ControlError, JsonObject, socket_path
@@ -497,8 +497,24 @@ class Session:
                 scan = asyncio.create_task(self._scan(hash_name), name="scan")
                 tasks.append(scan)
             cache, local = await self._or_stop(scan)
+            # While the agent walks: the model of the copy held, brought up to date
+            # with the delta when it comes (the whole manifest takes long to load).
+            preparing = None
+            if held is not None:
+                preparing = asyncio.ensure_future(asyncio.to_thread(
+                    planner.load_manifest, list(held.entries.values()), local,
+                    self.rules.is_ignored))
+                tasks.append(preparing)
             listing = await self._or_stop(manifest)
-            del held
+            loaded = None
+            if preparing is not None and listing.delta is not None:
+                loaded = await self._or_stop(preparing)
+                if not planner.load_changes(*loaded, *listing.delta, local,
+                                            self.rules.is_ignored):
+                    loaded = None
+            # (Nothing may keep the copy nor a model of it for the rest of the session.)
+            tasks = [task for task in tasks if task is not holding and task is not preparing]
+            del held, preparing, holding
             tree_watcher = self._watcher
             engine = SyncEngine(
                 link, self.root, self.rules, cache, self.reporter, self.options.delete,
@@ -506,7 +522,7 @@ class Session:
                 long_link=long_link,
                 seen_until=self.seen_until,
                 close_events=bool(tree_watcher and tree_watcher.close_events))
-            await engine.initial_sync(local, list(listing.entries.values()))
+            await engine.initial_sync(local, list(listing.entries.values()), loaded)
             keeping = None
             if listing.changed and listing.generation:
                 keeping = asyncio.ensure_future(asyncio.to_thread(
@@ -518,7 +534,7 @@ class Session:
             # The scan and the manifest (tens of MB on a big tree) are not needed any more:
             # nothing may keep them for the rest of the session.
             tasks = [task for task in tasks if task is not scan and task is not manifest]
-            del local, listing, scan, manifest
+            del local, listing, scan, manifest, loaded
             self.remote_root = welcome.info.get("root") or None
             self._set_engine(engine)
             engine.mark_dirty(sorted(gone))

@@ -27,6 +27,7 @@ from lsync.client import planner, remotelisting
 from lsync.client.hashcache import HashCache
 from lsync.client.ignore import IgnoreRules
 from lsync.client.link import AgentLink
+from lsync.client.model import RemoteModel
 from lsync.client.scanner import scan_tree
 from lsync.protocol import PROTOCOL_VERSION, hashing
 from lsync.protocol import messages as m
@@ -51,11 +52,20 @@ async def _fetch(remote: Path, held: remotelisting.Listing | None) -> remotelist
 
 def _session(remote: Path, copy: Path) -> remotelisting.Listing:
     """One start as Session._one_connection makes it: the copy named, the answer kept."""
+    return _start(remote, copy)[1]
+
+
+def _start(remote: Path, copy: Path
+           ) -> tuple[remotelisting.Listing | None, remotelisting.Listing]:
     held = remotelisting.load(copy, TARGET)
     listing = asyncio.run(_fetch(remote, held))
     if listing.changed and listing.generation:
         remotelisting.save(copy, TARGET, listing)
-    return listing
+    return held, listing
+
+
+def _model_view(model: RemoteModel) -> tuple[object, ...]:
+    return (model.entries, {k: v for k, v in model.children.items() if v}, model.by_digest)
 
 
 def _whole(remote: Path) -> dict[str, Any]:
@@ -126,7 +136,7 @@ def test_a_restart_builds_the_whole_manifest_from_its_copy_whatever_changed_betw
             _change(remote, step)
         for step in local_steps:
             _change(local, step)
-        listing = _session(remote, copy)
+        held, listing = _start(remote, copy)
         whole = _whole(remote)
         assert listing.entries == whole
         # The engine's view is the same from either: its model and the paths it queues.
@@ -136,6 +146,13 @@ def test_a_restart_builds_the_whole_manifest_from_its_copy_whatever_changed_betw
         models = [planner.load_manifest(list(entries.values()), scanned, rules.is_ignored)
                   for entries in (listing.entries, whole)]
         assert sorted(models[0][1]) == sorted(models[1][1])
+        # A model of the copy held, brought up to date with the delta, is the same too.
+        if held is not None and listing.delta is not None:
+            prepared = planner.load_manifest(list(held.entries.values()), scanned,
+                                             rules.is_ignored)
+            if planner.load_changes(*prepared, *listing.delta, scanned, rules.is_ignored):
+                assert _model_view(prepared[0]) == _model_view(models[1][0])
+                assert sorted(prepared[1]) == sorted(models[1][1])
         queued = [planner.differences(scanned, model, rules.is_ignored, False)
                   for model, _ in models]
         assert queued[0] == queued[1]
