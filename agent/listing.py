@@ -87,9 +87,10 @@ class KeptListing:
         self.entries = entries
         self.generation = generation
 
-    def keep(self, entries: Dict[str, Entry]) -> str:
-        """Keep `entries` as the listing; its generation ("" when it could not be kept)."""
-        if self.entries is not None and self.generation and entries == self.entries:
+    def keep(self, entries: Dict[str, Entry], same: bool = False) -> str:
+        """Keep `entries` as the listing; its generation ("" when it could not be kept).
+        `same`: the caller found them equal to the kept listing already."""
+        if self.entries is not None and self.generation and (same or entries == self.entries):
             return self.generation
         if not self.path:
             return ""
@@ -132,6 +133,7 @@ def send_manifest(seq: int, walk: Generator[Entry, None, None], send: Send,
         if since and since == kept.generation:
             base, old = since, kept.entries
     batch = []  # type: List[Entry]
+    sent = 0
     try:
         for entry in walk:
             if listed is not None:
@@ -139,6 +141,7 @@ def send_manifest(seq: int, walk: Generator[Entry, None, None], send: Send,
                 if old is not None and old.get(entry[0]) == entry:
                     continue
             batch.append(entry)
+            sent += 1
             if len(batch) >= MANIFEST_BATCH:
                 send(_packed(m.ManifestBatch(seq, batch, False, [], base, "")))
                 flush()
@@ -152,7 +155,8 @@ def send_manifest(seq: int, walk: Generator[Entry, None, None], send: Send,
             send(_packed(m.ManifestBatch(seq, [], False, removed[:MANIFEST_BATCH], base, "")))
             flush()
             removed = removed[MANIFEST_BATCH:]
-    generation = kept.keep(listed) if kept is not None and listed is not None else ""
+    same = bool(base) and not sent and not removed  # (a delta with nothing in it)
+    generation = kept.keep(listed, same) if kept is not None and listed is not None else ""
     send(_packed(m.ManifestBatch(seq, batch, True, removed, base, generation)))
 
 

@@ -51,6 +51,7 @@ from lsync.client.hashcache import HashCache, default_cache_path
 from lsync.client.ignore import IndexChange
 from lsync.client.ignored import IgnoredTally, follow_index
 from lsync.client.link import AgentLink
+from lsync.client.model import RemoteModel
 from lsync.client.project import DEFAULT_LANES
 from lsync.client.pull import Stamp
 from lsync.client.pullrules import DEFAULT_REWRITE, PullRules, PushRules, RewriteRules
@@ -475,6 +476,12 @@ class Session:
                 link.listing(held.generation if held is not None else ""), held),
                 name="manifest")
             tasks.append(manifest)
+            # While the agent walks: the model of the copy held, brought up to date with
+            # the delta when it comes (loading the whole manifest after it takes long).
+            preparing = None
+            if held is not None:
+                preparing = asyncio.create_task(self._prepare(scan, held), name="prepare")
+                tasks.append(preparing)
             if isinstance(stream, SshAgentStream):
                 assert self._ssh is not None
                 await self._or_stop(ssh.start_agent(self._ssh, stream))
@@ -497,21 +504,14 @@ class Session:
                 scan = asyncio.create_task(self._scan(hash_name), name="scan")
                 tasks.append(scan)
             cache, local = await self._or_stop(scan)
-            # While the agent walks: the model of the copy held, brought up to date
-            # with the delta when it comes (the whole manifest takes long to load).
-            preparing = None
-            if held is not None:
-                preparing = asyncio.ensure_future(asyncio.to_thread(
-                    planner.load_manifest, list(held.entries.values()), local,
-                    self.rules.is_ignored))
-                tasks.append(preparing)
             listing = await self._or_stop(manifest)
             loaded = None
             if preparing is not None and listing.delta is not None:
-                loaded = await self._or_stop(preparing)
-                if not planner.load_changes(*loaded, *listing.delta, local,
-                                            self.rules.is_ignored):
-                    loaded = None
+                prepared = await self._or_stop(preparing)
+                if prepared is not None and prepared[0] is local and planner.load_changes(
+                        *prepared[1:], *listing.delta, local, self.rules.is_ignored):
+                    loaded = prepared[1:]
+                del prepared
             # (Nothing may keep the copy nor a model of it for the rest of the session.)
             tasks = [task for task in tasks if task is not holding and task is not preparing]
             del held, preparing, holding
@@ -592,6 +592,19 @@ class Session:
                 await _close_ssh(self._ssh, clean=link.failure is None)
                 self._ssh = None
 
+
+    async def _prepare(self, scan: asyncio.Task[tuple[HashCache, dict[str, LocalEntry]]],
+                       held: remotelisting.Listing
+                       ) -> tuple[dict[str, LocalEntry], RemoteModel, list[str]] | None:
+        """The model of the listing `held` against the local scan (which it also returns);
+        None when that scan did not finish (another replaced it)."""
+        await asyncio.wait({scan})
+        if scan.cancelled() or scan.exception() is not None:
+            return None
+        _, local = scan.result()
+        model, need_hash = await asyncio.to_thread(
+            planner.load_manifest, list(held.entries.values()), local, self.rules.is_ignored)
+        return local, model, need_hash
 
     def _keep_listing(self, path: Path, target: str, listing: remotelisting.Listing) -> None:
         """For a worker thread: keep the copy of the remote's listing (else a note)."""
