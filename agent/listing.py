@@ -12,10 +12,11 @@ manifest entries themselves — stat fields, the digest the record knows, what l
 so the delta applied to the kept listing is exactly the whole manifest.
 
 Anything doubtful gives the whole manifest: another generation, a missing, torn or corrupt
-file (its SHA-256 is checked), another format or another Python (the payload is `marshal`),
-no cache at all. The new listing is in place (temp file + rename) before the answer names
-its generation; when it cannot be written the answer names none and the old file stands,
-still matching the client's old copy. Standard library only, Python 3.6 and later.
+file (its SHA-256 is checked), another format or another Python (the payload is the dict
+path -> entry in `marshal`), no cache at all. The new listing is in place (temp file +
+rename) before the answer names its generation; when it cannot be written the answer names
+none and the old file stands, still matching the client's old copy. Standard library only,
+Python 3.6 and later.
 """
 
 import hashlib
@@ -29,7 +30,7 @@ from lsync.protocol import messages as m
 
 MANIFEST_BATCH = 2000
 _MAGIC = b"lsync-listing"
-_FORMAT = b"1"
+_FORMAT = b"2"
 _PYTHON = "{}.{}".format(*sys.version_info[:2]).encode("ascii")
 
 Entry = List[Any]
@@ -76,15 +77,13 @@ class KeptListing:
             generation = fields[3].decode("ascii")
         except (ValueError, EOFError, TypeError, UnicodeError):
             return
-        if (type(listed) is not list or len(listed) != count or not generation
+        if (type(listed) is not dict or len(listed) != count or not generation
                 or len(generation) > m.MAX_GENERATION):
             return
-        entries = {}  # type: Dict[str, Entry]
-        for entry in listed:
-            if type(entry) is not list or len(entry) != 8 or type(entry[0]) is not str:
+        for path, entry in listed.items():
+            if type(entry) is not list or len(entry) != 8 or entry[0] != path:
                 return
-            entries[entry[0]] = entry
-        self.entries = entries
+        self.entries = listed
         self.generation = generation
 
     def keep(self, entries: Dict[str, Entry], same: bool = False) -> str:
@@ -95,7 +94,7 @@ class KeptListing:
         if not self.path:
             return ""
         generation = os.urandom(8).hex()
-        payload = marshal.dumps(list(entries.values()))
+        payload = marshal.dumps(entries)
         header = b" ".join((_MAGIC, _FORMAT, _PYTHON, generation.encode("ascii"),
                             str(len(entries)).encode("ascii"),
                             hashlib.sha256(payload).hexdigest().encode("ascii")))
