@@ -21,23 +21,29 @@ it. The work on the copy (reading, checking, writing) is for worker threads.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
-from lsync.client.errors import LinkBroken
-from lsync.client.hashcache import default_cache_dir
+from lsync.client import planner
+from lsync.client.errors import LinkBroken, LsyncError
+from lsync.client.hashcache import HashCache, default_cache_dir
+from lsync.client.link import AgentLink
+from lsync.client.model import RemoteModel
+from lsync.client.scanner import LocalEntry
 from lsync.protocol import messages as m
 
 _MAGIC = b"lsync-remote-listing 1\n"
 _DIGEST = 32  # bytes of SHA-256 after the magic
+REFRESH_TIMEOUT = 10.0  # seconds for the listing at the end of a session
 
 Entry = list[Any]
 
@@ -137,3 +143,68 @@ async def fetch(batches: AsyncIterator[m.ManifestBatch], held: Listing | None) -
     assert entries is not None  # (the link yields at least the last batch, or raises)
     changed = not (delta and held is not None and generation == held.generation)
     return Listing(generation, entries, changed, (updated, removed) if delta else None)
+
+
+class Copy:
+    """The copy of one target's listing for one local tree, as a session uses it."""
+
+    def __init__(self, root: Path, target: str, note: Callable[[str], None]) -> None:
+        self.target = target
+        self.path = default_path(root, target)
+        self.note = note
+
+    def load(self) -> Listing | None:
+        """(For a worker thread.)"""
+        return load(self.path, self.target)
+
+    def keep(self, listing: Listing) -> None:
+        """Keep `listing` as the copy, else say why not (for a worker thread)."""
+        try:
+            save(self.path, self.target, listing)
+        except (OSError, ValueError) as exc:
+            self.note(f"could not keep the remote's listing ({exc}); the next start lists "
+                      "the whole remote tree")
+
+    async def refresh(self, link: AgentLink) -> None:
+        """At the end of a session that wrote: keep the remote's listing as it is now."""
+        try:
+            held = await asyncio.to_thread(self.load)
+            listing = await asyncio.wait_for(fetch(
+                link.listing(held.generation if held is not None else ""), held),
+                REFRESH_TIMEOUT)
+        except (LsyncError, asyncio.TimeoutError):
+            return  # (the next start asks for what changed since the older listing)
+        if listing.changed and listing.generation:
+            await asyncio.to_thread(self.keep, listing)
+
+
+async def prepare(scan: asyncio.Task[tuple[HashCache, dict[str, LocalEntry]]], held: Listing,
+                  is_ignored: planner.IsIgnored
+                  ) -> tuple[dict[str, LocalEntry], RemoteModel, list[str]] | None:
+    """The model of the listing `held` against the local scan (which it also returns), made
+    in a worker thread while the agent walks; None when that scan did not finish (another
+    replaced it)."""
+    await asyncio.wait({scan})
+    if scan.cancelled() or scan.exception() is not None:
+        return None
+    _, local = scan.result()
+    model, need_hash = await asyncio.to_thread(
+        planner.load_manifest, list(held.entries.values()), local, is_ignored)
+    return local, model, need_hash
+
+
+async def updated_model(preparing: asyncio.Future[tuple[dict[str, LocalEntry], RemoteModel,
+                                                         list[str]] | None] | None,
+                        listing: Listing, local: dict[str, LocalEntry],
+                        is_ignored: planner.IsIgnored) -> tuple[RemoteModel, list[str]] | None:
+    """What `prepare` made of the copy held, brought up to date with the delta `listing`
+    came with (planner.load_changes); None when the whole manifest is to be loaded."""
+    if preparing is None or listing.delta is None:
+        return None
+    prepared = await preparing
+    if prepared is None or prepared[0] is not local:
+        return None
+    _, model, need_hash = prepared
+    if not planner.load_changes(model, need_hash, *listing.delta, local, is_ignored):
+        return None
+    return model, need_hash

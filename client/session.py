@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from lsync.client import lanes, planner, remotelisting, sigstore, ssh
+from lsync.client import lanes, remotelisting, sigstore, ssh
 from lsync.client.bootstrap import MAX_INITIAL, bundle_b64, local_argv
 from lsync.client.buildloop import BuildLoop, Progress, TrackingReporter
 from lsync.client.control import ControlError, JsonObject, socket_path
@@ -51,7 +51,6 @@ from lsync.client.hashcache import HashCache, default_cache_path
 from lsync.client.ignore import IndexChange
 from lsync.client.ignored import IgnoredTally, follow_index
 from lsync.client.link import AgentLink
-from lsync.client.model import RemoteModel
 from lsync.client.project import DEFAULT_LANES
 from lsync.client.pull import Stamp
 from lsync.client.pullrules import DEFAULT_REWRITE, PullRules, PushRules, RewriteRules
@@ -72,7 +71,6 @@ from lsync.protocol import messages as m
 
 WELCOME_TIMEOUT = 60.0
 DRAIN_TIMEOUT = 60.0
-REFRESH_TIMEOUT = 10.0  # for the remote's listing at the end of a session
 BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 LONG_LINK_HANDSHAKE = 0.25  # seconds; about 35 ms of round trip or more
 
@@ -417,10 +415,8 @@ class Session:
                           "lanes": target.host is not None and self.options.lanes > 0})
         connecting = time.monotonic()
         # The copy of the remote's listing kept by the last session is read meanwhile.
-        described = target.describe()
-        listing_path = remotelisting.default_path(self.root, described)
-        holding = asyncio.ensure_future(asyncio.to_thread(remotelisting.load, listing_path,
-                                                          described))
+        copy = remotelisting.Copy(self.root, target.describe(), self.reporter.note)
+        holding = asyncio.ensure_future(asyncio.to_thread(copy.load))
         opening: asyncio.Future[asyncssh.SSHClientConnection] | None = None
         if target.host is not None:
             self.reporter.state(f"connecting to {target.describe()}")
@@ -480,7 +476,8 @@ class Session:
             # the delta when it comes (loading the whole manifest after it takes long).
             preparing = None
             if held is not None:
-                preparing = asyncio.create_task(self._prepare(scan, held), name="prepare")
+                preparing = asyncio.create_task(remotelisting.prepare(
+                    scan, held, self.rules.is_ignored), name="prepare")
                 tasks.append(preparing)
             if isinstance(stream, SshAgentStream):
                 assert self._ssh is not None
@@ -505,13 +502,8 @@ class Session:
                 tasks.append(scan)
             cache, local = await self._or_stop(scan)
             listing = await self._or_stop(manifest)
-            loaded = None
-            if preparing is not None and listing.delta is not None:
-                prepared = await self._or_stop(preparing)
-                if prepared is not None and prepared[0] is local and planner.load_changes(
-                        *prepared[1:], *listing.delta, local, self.rules.is_ignored):
-                    loaded = prepared[1:]
-                del prepared
+            loaded = await self._or_stop(remotelisting.updated_model(
+                preparing, listing, local, self.rules.is_ignored))
             # (Nothing may keep the copy nor a model of it for the rest of the session.)
             tasks = [task for task in tasks if task is not holding and task is not preparing]
             del held, preparing, holding
@@ -525,8 +517,7 @@ class Session:
             await engine.initial_sync(local, list(listing.entries.values()), loaded)
             keeping = None
             if listing.changed and listing.generation:
-                keeping = asyncio.ensure_future(asyncio.to_thread(
-                    self._keep_listing, listing_path, described, listing))
+                keeping = asyncio.ensure_future(asyncio.to_thread(copy.keep, listing))
                 tasks.append(keeping)
             signatures = sigstore.default_path(self.root, hash_name)
             engine.model.adopt_signatures(await asyncio.to_thread(sigstore.load, signatures))
@@ -577,7 +568,7 @@ class Session:
                 # learnt): the next start hears of nothing else.
                 if keeping is not None:
                     await keeping
-                await self._refresh_listing(link, listing_path, described)
+                await copy.refresh(link)
             await link.close("user stopped lsync")
             self.reporter.state("stopped")
         finally:
@@ -592,39 +583,6 @@ class Session:
                 await _close_ssh(self._ssh, clean=link.failure is None)
                 self._ssh = None
 
-
-    async def _prepare(self, scan: asyncio.Task[tuple[HashCache, dict[str, LocalEntry]]],
-                       held: remotelisting.Listing
-                       ) -> tuple[dict[str, LocalEntry], RemoteModel, list[str]] | None:
-        """The model of the listing `held` against the local scan (which it also returns);
-        None when that scan did not finish (another replaced it)."""
-        await asyncio.wait({scan})
-        if scan.cancelled() or scan.exception() is not None:
-            return None
-        _, local = scan.result()
-        model, need_hash = await asyncio.to_thread(
-            planner.load_manifest, list(held.entries.values()), local, self.rules.is_ignored)
-        return local, model, need_hash
-
-    def _keep_listing(self, path: Path, target: str, listing: remotelisting.Listing) -> None:
-        """For a worker thread: keep the copy of the remote's listing (else a note)."""
-        try:
-            remotelisting.save(path, target, listing)
-        except (OSError, ValueError) as exc:
-            self.reporter.note(f"could not keep the remote's listing ({exc}); the next "
-                               "start lists the whole remote tree")
-
-    async def _refresh_listing(self, link: AgentLink, path: Path, target: str) -> None:
-        """At the end of a session that wrote: take the remote's listing as it is now."""
-        try:
-            held = await asyncio.to_thread(remotelisting.load, path, target)
-            listing = await asyncio.wait_for(remotelisting.fetch(
-                link.listing(held.generation if held is not None else ""), held),
-                REFRESH_TIMEOUT)
-        except (LsyncError, asyncio.TimeoutError):
-            return  # (the next start asks for what changed since the older listing)
-        if listing.changed and listing.generation:
-            await asyncio.to_thread(self._keep_listing, path, target, listing)
 
     async def _save_caches(self, cache: HashCache, signatures: Path,
                            engine: SyncEngine) -> None:
