@@ -19,6 +19,7 @@ os.stat accept a directory descriptor there; os.scandir does only from 3.7).
 
 import os
 import stat
+from stat import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, S_IMODE
 from typing import Any, Generator, List, Optional, Tuple
 
 from lsync.agent.confined import (
@@ -31,7 +32,7 @@ from lsync.agent.confined import (
 )
 from lsync.agent.records import DigestRecord
 from lsync.protocol import messages as m
-from lsync.protocol.paths import relpath_problem
+from lsync.protocol.paths import MAX_NAME_BYTES, MAX_PATH_BYTES, relpath_problem
 
 Entry = List[Any]
 _KEPT_TOP = m.KEPT_DIR.partition("/")[0]
@@ -103,15 +104,21 @@ def walk_under(root: ConfinedRoot, under: str,
 
 
 def _list_dir(dfd: int, rel_dir: str, record: DigestRecord) -> Tuple[List[Entry], List[str]]:
-    """The entries of one directory, and the names of its subdirectories."""
+    """The entries of one directory, and the names of its subdirectories.
+
+    `_entry` for each name, written out: this loop runs once per entry of the tree on
+    every listing (a restart's too). `rel_dir` is a wire path already (or ""), so a name
+    needs only its own checks (listdir never gives "", ".", "..", a slash or a NUL)."""
     entries: List[Entry] = []
     subdirs: List[str] = []
     try:
         names = os.listdir(dfd)
     except OSError:
         return entries, subdirs
+    prefix = rel_dir + "/" if rel_dir else ""
+    room = MAX_PATH_BYTES - len(prefix.encode("utf-8"))
+    lookup, written, lstat = record.lookup, record.written, os.stat
     for name in names:
-        rel = rel_dir + "/" + name if rel_dir else name
         if name.startswith(TEMP_PREFIX):
             if is_stale_temp(name):
                 try:
@@ -119,11 +126,34 @@ def _list_dir(dfd: int, rel_dir: str, record: DigestRecord) -> Tuple[List[Entry]
                 except OSError:
                     pass
             continue
-        entry = _entry(dfd, name, rel, record)
-        if entry is not None:
-            entries.append(entry)
-            if entry[1] == m.KIND_DIR:
-                subdirs.append(name)
+        try:
+            length = len(name.encode("utf-8"))
+        except UnicodeError:
+            continue  # not representable on the wire
+        if length > MAX_NAME_BYTES or length > room:
+            continue
+        rel = prefix + name
+        try:
+            st = lstat(name, dir_fd=dfd, follow_symlinks=False)
+        except OSError:
+            continue
+        mode = st.st_mode
+        kind = S_IFMT(mode)
+        if kind == S_IFREG:
+            entries.append([rel, m.KIND_FILE, st.st_size, st.st_mtime_ns, S_IMODE(mode),
+                            lookup(rel, (st.st_size, st.st_mtime_ns, st.st_ino)), None,
+                            written(rel, m.KIND_FILE, st.st_ino)])
+        elif kind == S_IFDIR:
+            made = written(rel, m.KIND_DIR, st.st_ino)
+            if rel == m.KEPT_DIR or (rel == _KEPT_TOP and made is None):
+                continue
+            entries.append([rel, m.KIND_DIR, 0, st.st_mtime_ns, S_IMODE(mode), None, None,
+                            made])
+            subdirs.append(name)
+        elif kind == S_IFLNK:
+            entry = _entry(dfd, name, rel, record)  # (rare: readlink and its checks)
+            if entry is not None:
+                entries.append(entry)
     return entries, subdirs
 
 

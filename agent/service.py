@@ -32,6 +32,7 @@ from lsync.agent.confined import (
     op_error,
 )
 from lsync.agent.keeping import Keeper
+from lsync.agent.listing import KeptListing, send_manifest
 from lsync.agent.manifest import walk_tree, walk_under
 from lsync.agent.records import DigestRecord, Intent, RootLock
 from lsync.agent.writer import (
@@ -48,13 +49,12 @@ from lsync.agent.writer import (
     unpack_chunk,
     whole_file_job,
 )
-from lsync.protocol import PROTOCOL_VERSION, fastpack, hashing, packing
+from lsync.protocol import PROTOCOL_VERSION, hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.delta import DeltaError, apply_delta
 from lsync.protocol.errors import AckStatus, ErrorCode, ProtocolError
 from lsync.protocol.paths import shown
 
-MANIFEST_BATCH = 2000
 MAX_DELTA_RESULT = 1 << 40  # the result is streamed to disk; this only bounds nonsense
 MAX_MESSAGE = 1000  # characters of an Error's message
 INLINE_WRITE_MAX = 256 << 10  # a whole file this small (packed) is written without the pool
@@ -90,6 +90,7 @@ class AgentService:
         self.use_cache = use_cache
         self.root: Optional[ConfinedRoot] = None
         self.record: Optional[DigestRecord] = None
+        self.kept: Optional[KeptListing] = None  # the last whole-tree listing, kept
         self.keeper: Optional[Keeper] = None  # keeps remote edits aside (the root's guard)
         self.lock = RootLock(None)
         self.hash_name = hashing.BLAKE2B_128
@@ -339,6 +340,8 @@ class AgentService:
             self.lock = RootLock(RootLock.default_path(path))
             self.lock.acquire()  # an older agent of this root ends (or is ended) first
         self.record = DigestRecord(cache, chosen)
+        path_kept = KeptListing.beside(cache)
+        self.kept = KeptListing(path_kept) if path_kept else None
         self.record.load()
         claim_intended(self.root, self.record, self._new_hasher)
         self.record.ready_for_intents(self.now_ns())
@@ -370,19 +373,12 @@ class AgentService:
     # -- reading the tree -----------------------------------------------------------------
     def on_list_tree(self, msg: m.ListTree) -> None:
         assert self.root is not None and self.record is not None
-        batch: List[List[Any]] = []
-        walk = (walk_under(self.root, msg.under, self.record) if msg.under
-                else walk_tree(self.root.fd, self.record))
-        try:
-            for entry in walk:
-                batch.append(entry)
-                if len(batch) >= MANIFEST_BATCH:
-                    self.send(_packed_manifest(m.ManifestBatch(msg.seq, batch, False)))
-                    self.flush()
-                    batch = []
-        finally:
-            walk.close()  # its directory descriptors, now even if sending failed
-        self.send(_packed_manifest(m.ManifestBatch(msg.seq, batch, True)))
+        if msg.under:
+            send_manifest(msg.seq, walk_under(self.root, msg.under, self.record), self.send,
+                          self.flush)
+        else:
+            send_manifest(msg.seq, walk_tree(self.root.fd, self.record), self.send,
+                          self.flush, self.kept, msg.since)
 
     def on_hash_paths(self, msg: m.HashPaths) -> None:
         """Hash the files in a worker thread when there is a pool: the main loop goes on
@@ -641,10 +637,6 @@ _HANDLERS: Dict[Any, Callable[[AgentService, Any], None]] = {
     m.SetDictionary: AgentService.on_set_dictionary,
     m.WriteBatch: AgentService.on_write_batch,
 }
-
-
-def _packed_manifest(batch: m.ManifestBatch) -> m.Packed:
-    return m.packed(batch, payload=fastpack.manifest_batch(batch))
 
 
 def _paths_of(message: m.Message) -> List[str]:

@@ -111,6 +111,7 @@ class SyncEngine(PathPasses):
         self.skipped = {}
         self._initial_total = (0, 0)
         self._initial_done = (0, 0)
+        self.remote_hashed = 0  # remote files the initial comparison had the agent hash
         self._failure: InternalError | None = None  # a bug in a reply callback
         self._report_due: float | None = None  # when to check and report in-sync again
         self._report_due_set = False  # the last report lagged: the next says only news
@@ -192,14 +193,17 @@ class SyncEngine(PathPasses):
 
     # -- initial comparison ---------------------------------------------------------------
     async def initial_sync(self, local: dict[str, LocalEntry],
-                           remote_entries: list[list[Any]]) -> None:
-        """Load the remote manifest and queue every path where local and remote differ."""
-        self.model, need_hash = planner.load_manifest(remote_entries, local,
-                                                      self.rules.is_ignored)
+                           remote_entries: list[list[Any]],
+                           loaded: tuple[RemoteModel, list[str]] | None = None) -> None:
+        """Load the remote manifest (or take `loaded`, what `planner.load_manifest` made of
+        it with this `local`) and queue every path where local and remote differ."""
+        self.model, need_hash = loaded or planner.load_manifest(remote_entries, local,
+                                                                self.rules.is_ignored)
         if self.delete_extra and not local and len(self.model):
             raise SafetyStop(
                 f"the local tree {self.root} is empty while the remote holds "
                 f"{len(self.model)} entries; refusing to delete them (--delete)")
+        self.remote_hashed = len(need_hash)
         batches = [need_hash[i:i + HASH_BATCH] for i in range(0, len(need_hash), HASH_BATCH)]
         # Local files the scan did not hash (not in the hash cache) are hashed now, where
         # the remote holds a file of that size at that path (it may be the same), while the

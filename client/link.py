@@ -439,21 +439,32 @@ class AgentLink:
     def list_tree(self, under: str = "") -> AsyncIterator[list[list[Any]]]:
         """Ask for the remote manifest (of the whole tree, or of the entry at `under` and
         what is below it) now; iterate to receive it batch by batch."""
+        return self._entries_of(self.listing(under=under))
+
+    def listing(self, since: str = "", under: str = "") -> AsyncIterator[m.ManifestBatch]:
+        """`list_tree` with the batches whole: a whole-tree listing may be a delta against
+        the kept listing `since` (see lsync.client.remotelisting)."""
         seq = self.next_seq()
         queue: asyncio.Queue[m.ManifestBatch | None] = asyncio.Queue()
         self._manifests[seq] = queue
-        self.send(m.ListTree(seq, under))
+        self.send(m.ListTree(seq, under, since))
         return self._manifest_batches(seq, queue)
 
+    @staticmethod
+    async def _entries_of(batches: AsyncIterator[m.ManifestBatch]
+                          ) -> AsyncIterator[list[list[Any]]]:
+        async for batch in batches:
+            yield batch.entries
+
     async def _manifest_batches(self, seq: int, queue: asyncio.Queue[m.ManifestBatch | None]
-                                ) -> AsyncIterator[list[list[Any]]]:
+                                ) -> AsyncIterator[m.ManifestBatch]:
         try:
             while True:
                 batch = await queue.get()
                 if batch is None:
                     assert self.failure is not None
                     raise self.failure
-                yield batch.entries
+                yield batch
                 if batch.done:
                     return
         finally:
@@ -578,12 +589,12 @@ class AgentLink:
         queue = self._manifests.get(message.seq)
         if queue is None:
             raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "manifest nobody asked for")
-        self.manifest_entries += len(message.entries)
+        self.manifest_entries += len(message.entries) + len(message.removed)
         if self.manifest_entries > MAX_MANIFEST_ENTRIES:
             raise ProtocolError(ErrorCode.MALFORMED_FRAME, "the remote manifest has more "
                                 f"than {MAX_MANIFEST_ENTRIES} entries")
-        for entry in message.entries:
-            problem = relpath_problem(entry[0])
+        for path in [*(entry[0] for entry in message.entries), *message.removed]:
+            problem = relpath_problem(path)
             if problem:
                 raise ProtocolError(ErrorCode.MALFORMED_FRAME,
                                     f"the remote manifest names a bad path: {problem}")

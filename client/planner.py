@@ -38,22 +38,52 @@ def load_manifest(entries: Iterable[list[Any]], local: Mapping[str, LocalEntry],
     or lsync wrote it (it may still be lsync's)."""
     model = RemoteModel()
     need_hash: list[str] = []
-    for path, kind, size, _mtime, mode, digest, target, *more in entries:
-        written = more[0] if more else None
-        mine = local.get(path)
-        same_kind = mine is not None and kind_of(mine) == kind
-        # The scan already judged local paths: a path of the same kind is not ignored. What
-        # lsync wrote is kept in the model even when ignored now (it stays on the remote).
-        if not same_kind and written is None and is_ignored(path, kind == DIR):
-            continue
-        entry = RemoteEntry(kind, mode, digest, target, owned=False, size=size,
-                            written=written)
-        model.put(path, entry)
-        settle_ownership(entry)
-        if kind == FILE and digest is None and (
-                written is not None or (same_kind and mine is not None and mine.size == size)):
-            need_hash.append(path)
+    for entry in entries:
+        _load_entry(model, need_hash, entry, local, is_ignored)
     return model, need_hash
+
+
+def load_changes(model: RemoteModel, need_hash: list[str], entries: Iterable[list[Any]],
+                 removed: Iterable[str], local: Mapping[str, LocalEntry],
+                 is_ignored: IsIgnored) -> bool:
+    """Bring a model that `load_manifest` made from one manifest (with its `need_hash`) to
+    what it makes from that manifest with these entries new or changed and the `removed`
+    paths gone (a restart's delta, lsync.client.remotelisting), in place. False when this
+    delta cannot be applied so (an entry now left out that kept a directory's children
+    in): then load the whole manifest instead."""
+    entries = list(entries)
+    gone = set(removed)
+    touched = gone.union(entry[0] for entry in entries)
+    for path in sorted(gone, key=lambda p: p.count("/"), reverse=True):
+        model.drop(path)  # (deepest first: what was below a path gone is gone too)
+    added: list[str] = []
+    for entry in entries:
+        old = model.get(entry[0])
+        if not _load_entry(model, added, entry, local, is_ignored) and old is not None:
+            if old.kind == DIR and model.children.get(entry[0]):
+                return False
+            model.drop(entry[0])
+    need_hash[:] = [path for path in need_hash if path not in touched] + added
+    return True
+
+
+def _load_entry(model: RemoteModel, need_hash: list[str], entry: list[Any],
+                local: Mapping[str, LocalEntry], is_ignored: IsIgnored) -> bool:
+    """Put one manifest entry in the model (False: it is left out, ignored here)."""
+    path, kind, size, _mtime, mode, digest, target, written = entry
+    mine = local.get(path)
+    same_kind = mine is not None and _KIND[mine.kind] == kind
+    # The scan already judged local paths: a path of the same kind is not ignored. What
+    # lsync wrote is kept in the model even when ignored now (it stays on the remote).
+    if not same_kind and written is None and is_ignored(path, kind == DIR):
+        return False
+    remote = RemoteEntry(kind, mode, digest, target, owned=False, size=size, written=written)
+    model.put(path, remote)
+    settle_ownership(remote)
+    if kind == FILE and digest is None and (
+            written is not None or (same_kind and mine is not None and mine.size == size)):
+        need_hash.append(path)
+    return True
 
 
 def relearn(model: RemoteModel, under: str, entries: Iterable[list[Any]],

@@ -26,14 +26,14 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Container
+from collections.abc import Awaitable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncssh
 
-from lsync.client import lanes, sigstore, ssh
+from lsync.client import lanes, remotelisting, sigstore, ssh
 from lsync.client.bootstrap import MAX_INITIAL, bundle_b64, local_argv
 from lsync.client.buildloop import BuildLoop, Progress, TrackingReporter
 from lsync.client.control import ControlError, JsonObject, socket_path
@@ -414,6 +414,9 @@ class Session:
             target.tree, {"create_root": True,
                           "lanes": target.host is not None and self.options.lanes > 0})
         connecting = time.monotonic()
+        # The copy of the remote's listing kept by the last session is read meanwhile.
+        copy = remotelisting.Copy(self.root, target.describe(), self.reporter.note)
+        holding = asyncio.ensure_future(asyncio.to_thread(copy.load))
         opening: asyncio.Future[asyncssh.SSHClientConnection] | None = None
         if target.host is not None:
             self.reporter.state(f"connecting to {target.describe()}")
@@ -429,6 +432,7 @@ class Session:
             if watcher.done() and not self._watching.is_set():
                 if opening is not None:
                     opening.cancel()
+                holding.cancel()
                 watcher.result()  # its failure (a safety stop), else:
                 raise _Stopped
         # The agent's bundle is built (once per process) while SSH connects.
@@ -448,6 +452,7 @@ class Session:
                 long_link = time.monotonic() - connecting > LONG_LINK_HANDSHAKE
             except BaseException:
                 opening.cancel()
+                holding.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await opening
                 scan.cancel()
@@ -457,12 +462,23 @@ class Session:
             stream = SshAgentStream()
         link = AgentLink(stream)
         link.on_kept = self._on_kept
-        tasks: list[asyncio.Task[Any]] = [scan]
+        tasks: list[asyncio.Future[Any]] = [scan, holding]
         try:
-            # Hello and ListTree travel on the agent's command line, with its code.
+            held = await self._or_stop(holding)
+            # Hello and ListTree travel on the agent's command line, with its code: the
+            # ListTree names the listing held, and only what changed since comes back.
             link.start(hello)
-            manifest = asyncio.create_task(_collect(link.list_tree()), name="manifest")
+            manifest = asyncio.create_task(remotelisting.fetch(
+                link.listing(held.generation if held is not None else ""), held),
+                name="manifest")
             tasks.append(manifest)
+            # While the agent walks: the model of the copy held, brought up to date with
+            # the delta when it comes (loading the whole manifest after it takes long).
+            preparing = None
+            if held is not None:
+                preparing = asyncio.create_task(remotelisting.prepare(
+                    scan, held, self.rules.is_ignored), name="prepare")
+                tasks.append(preparing)
             if isinstance(stream, SshAgentStream):
                 assert self._ssh is not None
                 await self._or_stop(ssh.start_agent(self._ssh, stream))
@@ -485,7 +501,12 @@ class Session:
                 scan = asyncio.create_task(self._scan(hash_name), name="scan")
                 tasks.append(scan)
             cache, local = await self._or_stop(scan)
-            entries = await self._or_stop(manifest)
+            listing = await self._or_stop(manifest)
+            loaded = await self._or_stop(remotelisting.updated_model(
+                preparing, listing, local, self.rules.is_ignored))
+            # (Nothing may keep the copy nor a model of it for the rest of the session.)
+            tasks = [task for task in tasks if task is not holding and task is not preparing]
+            del held, preparing, holding
             tree_watcher = self._watcher
             engine = SyncEngine(
                 link, self.root, self.rules, cache, self.reporter, self.options.delete,
@@ -493,14 +514,18 @@ class Session:
                 long_link=long_link,
                 seen_until=self.seen_until,
                 close_events=bool(tree_watcher and tree_watcher.close_events))
-            await engine.initial_sync(local, entries)
+            await engine.initial_sync(local, list(listing.entries.values()), loaded)
+            keeping = None
+            if listing.changed and listing.generation:
+                keeping = asyncio.ensure_future(asyncio.to_thread(copy.keep, listing))
+                tasks.append(keeping)
             signatures = sigstore.default_path(self.root, hash_name)
             engine.model.adopt_signatures(await asyncio.to_thread(sigstore.load, signatures))
             gone = self._adopt_owned(engine, local)
             # The scan and the manifest (tens of MB on a big tree) are not needed any more:
             # nothing may keep them for the rest of the session.
             tasks = [task for task in tasks if task is not scan and task is not manifest]
-            del local, entries, scan, manifest
+            del local, listing, scan, manifest, loaded
             self.remote_root = welcome.info.get("root") or None
             self._set_engine(engine)
             engine.mark_dirty(sorted(gone))
@@ -538,6 +563,12 @@ class Session:
             await _first(drained, runner, link_closed, drain_limit)
             _raise_failures(runner, None, link)
             await self._save_caches(cache, signatures, engine)
+            if engine.counters.files or engine.remote_hashed:
+                # Kept as the remote holds it now (what lsync wrote, the digests the agent
+                # learnt): the next start hears of nothing else.
+                if keeping is not None:
+                    await keeping
+                await copy.refresh(link)
             await link.close("user stopped lsync")
             self.reporter.state("stopped")
         finally:
@@ -580,13 +611,6 @@ async def _close_ssh(conn: asyncssh.SSHClientConnection, clean: bool) -> None:
     conn.abort()
     with contextlib.suppress(OSError, asyncssh.Error, asyncio.TimeoutError):
         await asyncio.wait_for(conn.wait_closed(), 2)
-
-
-async def _collect(batches: AsyncIterator[list[list[Any]]]) -> list[list[Any]]:
-    entries: list[list[Any]] = []
-    async for batch in batches:
-        entries.extend(batch)
-    return entries
 
 
 async def _first(*aws: asyncio.Future[Any]) -> None:

@@ -99,6 +99,10 @@ def manifest_batch(message: m.ManifestBatch) -> bytes:
     if not all(_plain(entry) for entry in message.entries):
         return m.encode_message(message)
     code = m.code_of(m.ManifestBatch)
-    return b"".join([_array(4), _int(code), _int(message.seq), _array(len(message.entries))]
+    if not all(type(path) is str for path in message.removed):
+        return m.encode_message(message)
+    return b"".join([_array(7), _int(code), _int(message.seq), _array(len(message.entries))]
                     + [_entry(entry) for entry in message.entries]
-                    + [b"\xc3" if message.done else b"\xc2"])
+                    + [b"\xc3" if message.done else b"\xc2", _array(len(message.removed))]
+                    + [_str(path) for path in message.removed]
+                    + [_str(message.base), _str(message.generation)])

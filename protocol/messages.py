@@ -46,6 +46,9 @@ MAX_CONTAINERS = 100000
 # Largest payload a Packed message inflates to (a frame's size, see lsync.protocol.framing).
 MAX_PACKED = 16 * 1024 * 1024
 
+# Longest generation id of a kept listing (ListTree.since, ManifestBatch.base/generation).
+MAX_GENERATION = 64
+
 # Kinds of tree entries in a manifest.
 KIND_FILE = "f"
 KIND_DIR = "d"
@@ -73,10 +76,16 @@ class ListTree(NamedTuple):
     """Client → agent: stream the remote manifest as `ManifestBatch` messages: of the whole
     tree, or (`under`, a relative path) of the entry at `under` and everything below it
     (nothing when there is none; the client asks again about paths whose operations the
-    remote refused, since what is there is not known any more)."""
+    remote refused, since what is there is not known any more).
+
+    `since` (whole-tree listings only): the generation of the last whole-tree listing the
+    client holds (`ManifestBatch.generation`), "" for none. When the agent still keeps that
+    very listing, it answers with only what changed since (see `ManifestBatch.base`);
+    otherwise, or when in any doubt, with the whole manifest."""
 
     seq: int
     under: str = ""
+    since: str = ""
 
 
 class ManifestBatch(NamedTuple):
@@ -92,11 +101,21 @@ class ManifestBatch(NamedTuple):
       for a directory b"" (lsync made it, or a Mkdir claimed it). It is reported only while
       the entry is of the kind lsync made. A file is lsync's own when `written` equals its
       current digest, a link when it equals its current target.
+
+    A whole-tree manifest may be a delta (`base` is not ""): it then holds only the entries
+    that differ from the listing of generation `base` (new or changed, in full), and
+    `removed` names the paths of that listing that are gone; applied to that listing, it
+    gives exactly the whole manifest. `generation` (last batch only) names the listing this
+    manifest completes, which the agent keeps for the next `ListTree.since`; "" when it
+    keeps none.
     """
 
     seq: int
     entries: List[List[Any]]
     done: bool
+    removed: List[str] = []  # noqa: RUF012  (never mutated)
+    base: str = ""
+    generation: str = ""
 
 
 class HashPaths(NamedTuple):
@@ -432,6 +451,10 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
+def _is_generation(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= MAX_GENERATION
+
+
 def _is_path_list(value: Any) -> bool:
     # An overlong list is refused by `request_problem` without looking at its items.
     return isinstance(value, list) and (len(value) > MAX_HASH_PATHS or _is_str_list(value))
@@ -485,31 +508,37 @@ def _is_kept_entries(value: Any) -> bool:
 
 
 def _is_manifest_entries(value: Any) -> bool:
-    if not isinstance(value, list):
+    # The same checks as _is_uint, _is_opt_bytes...: one per field of up to 80,000 entries
+    # (a whole tree), so written out, with exact types (what msgpack makes).
+    if type(value) is not list:
         return False
     for entry in value:
-        if not (
-            isinstance(entry, list)
-            and len(entry) == 8
-            and isinstance(entry[0], str)
-            and entry[1] in (KIND_FILE, KIND_DIR, KIND_LINK)
-            and _is_uint(entry[2])
-            and _is_int(entry[3])
-            and _is_uint(entry[4])
-            and _is_opt_bytes(entry[5])
-            and (entry[6] is None or isinstance(entry[6], str))
-            and _is_opt_bytes(entry[7])
-        ):
+        if type(entry) is not list or len(entry) != 8:
+            return False
+        path, kind, size, mtime, mode, digest, target, written = entry
+        if not (type(path) is str and type(kind) is str
+                and kind in (KIND_FILE, KIND_DIR, KIND_LINK)
+                and type(size) is int and size >= 0 and type(mtime) is int
+                and type(mode) is int and mode >= 0
+                and (digest is None or type(digest) is bytes)
+                and (target is None or type(target) is str)
+                and (written is None or type(written) is bytes)):
             return False
     return True
+
+
+def is_manifest_entries(value: Any) -> bool:
+    """Whether `value` is a list of well-formed manifest entries (see ManifestBatch)."""
+    return _is_manifest_entries(value)
 
 
 # Who may send a message: "c" client, "a" agent, "ca" either.
 SCHEMA: Dict[int, Tuple[Any, str, Tuple[FieldCheck, ...]]] = {
     1: (Hello, "c", (_is_uint, _is_capabilities, _is_str, _is_bool_map)),
     2: (Welcome, "a", (_is_uint, _is_str_map, _is_str_map)),
-    10: (ListTree, "c", (_is_uint, _is_str)),
-    11: (ManifestBatch, "a", (_is_uint, _is_manifest_entries, _is_bool)),
+    10: (ListTree, "c", (_is_uint, _is_str, _is_generation)),
+    11: (ManifestBatch, "a", (_is_uint, _is_manifest_entries, _is_bool, _is_str_list,
+                             _is_generation, _is_generation)),
     12: (HashPaths, "c", (_is_uint, _is_path_list)),
     13: (Hashes, "a", (_is_uint, _is_digest_list)),
     20: (WriteFile, "c", (_is_uint, _is_str, _is_uint, _is_uint, _is_bytes, _is_bool, _is_uint)),

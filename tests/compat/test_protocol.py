@@ -166,10 +166,10 @@ def test_manifest_entries_need_the_written_field():
     import msgpack
     good = ["a", "f", 3, 10, 420, None, None, None]
     for bad in (good[:7], good + [None], good[:7] + ["text"], good[:7] + [1]):
-        payload = msgpack.packb([11, 1, [bad], True], use_bin_type=True)
+        payload = msgpack.packb([11, 1, [bad], True, [], "", ""], use_bin_type=True)
         exc = _raises_protocol_error(m.decode_message, payload, "a")
         assert exc.code == ErrorCode.MALFORMED_FRAME, bad
-    payload = msgpack.packb([11, 1, [good], True], use_bin_type=True)
+    payload = msgpack.packb([11, 1, [good], True, [], "", ""], use_bin_type=True)
     assert m.decode_message(payload, "a").entries == [good]
 
 
