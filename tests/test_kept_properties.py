@@ -50,6 +50,7 @@ from lsync.client.watcher import WatchBatch
 from lsync.protocol import PROTOCOL_VERSION, hashing, packing
 from lsync.protocol import messages as m
 from tests.memagent import MemoryAgentStream
+from tests.test_sync_properties import RecordingReporter
 
 TIMEOUT = 20.0
 TARGETS = ("a.c", "d/b.c", "d/e/c.h")
@@ -57,37 +58,6 @@ EDITS = ("rewrite", "append", "same-size-mtime", "symlink", "remove")
 FALLBACKS = ("not the expected base", "did not give the expected content",
              "no longer has the expected content")
 Version = tuple[str, bytes]  # ("file", content) or ("link", target)
-
-
-class Reporter:
-    def __init__(self) -> None:
-        self.notes: list[str] = []
-        self.failures: list[tuple[str, str]] = []
-
-    def state(self, text: str) -> None:
-        pass
-
-    def acked(self, path: str, latency: float | None, nbytes: int) -> None:
-        pass
-
-    def failed(self, path: str, message: str) -> None:
-        self.failures.append((path, message))
-
-    def note(self, message: str) -> None:
-        self.notes.append(message)
-
-    def queue(self, queued: int, in_flight: int) -> None:
-        pass
-
-    def progress(self, done_bytes: int, total_bytes: int, done_files: int,
-                 total_files: int) -> None:
-        pass
-
-    def ready(self, files: int, nbytes: int, seconds: float) -> None:
-        pass
-
-    def in_sync(self, as_of_ns: int, files: int, nbytes: int) -> None:
-        pass
 
 
 def _touched(message: m.Message) -> list[str]:
@@ -126,7 +96,7 @@ class Rig:
         self.remote = base / "remote"
         self.local.mkdir()
         (self.local / "keep").write_text("the local root is never empty\n")
-        self.reporter = Reporter()
+        self.reporter = RecordingReporter()
         self.session = Session(Options(Target(None, None, str(self.remote)), self.local),
                                self.reporter, control=False)
         self.in_flight: dict[str, str] = {}  # path -> remote edit made before its next op
