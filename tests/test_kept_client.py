@@ -15,7 +15,7 @@ from lsync.client.session import Options, Session
 from lsync.client.target import Target
 from lsync.protocol import messages as m
 from tests.memagent import open_link
-from tests.test_kept_properties import Reporter
+from tests.test_sync_properties import RecordingReporter as Reporter
 
 KEPT = m.KEPT_DIR
 
