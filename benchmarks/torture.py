@@ -14,8 +14,9 @@ round after `SHORT_ROUNDS_UNTIL` once each kind had its turn, the long mode none
 minutes), does a few workload actions meanwhile (`torture_workload`: checkouts between the
 releases, a switch "far back" that brings back thousands of files and the root's
 `.gitignore`, editor saves, creates, deletes, directory moves, symlink changes, big files on
-a capped link), heals the fault and checks. Meanwhile another thread runs `lsync flush`,
-`lsync run` and `lsync status` at random times (`torture_sessions.Commander`).
+a capped link; the crash faults are in `torture_crashes`), heals the fault and checks.
+Meanwhile another thread runs `lsync flush`, `lsync run` and `lsync status` at random times
+(`torture_sessions.Commander`).
 
 Invariants (`torture_checks.Tally` counts every check and keeps every violation with its
 round, step and seed):
@@ -67,10 +68,10 @@ from benchmarks.bench import agent_record_files
 from benchmarks.kernel_material import Material, checkout_copy, git, prepare
 from benchmarks.testbed.sshd import PrivateSshd
 from benchmarks.torture_checks import Planted, Tally, TreeComparer, shown
+from benchmarks.torture_crashes import client_kill, client_kill_frozen, kill_agents
 from benchmarks.torture_faults import (
     RemoteDisk,
     TortureProxy,
-    agent_pids,
     has_inotify,
     remote_disk,
     require_root,
@@ -80,9 +81,10 @@ from benchmarks.torture_sessions import Client, Commander, cli
 from benchmarks.torture_workload import Workload
 from tests.conftest import wait_until
 
-FAULTS = ("none", "cut", "freeze", "cap", "agent-kill", "client-kill", "disk-full",
-          "read-only", "inotify-overflow")
-BREAKS_LINK = {"cut", "freeze", "agent-kill", "client-kill", "inotify-overflow"}
+FAULTS = ("none", "cut", "freeze", "cap", "agent-kill", "client-kill", "client-kill-frozen",
+          "disk-full", "read-only", "inotify-overflow")
+BREAKS_LINK = {"cut", "freeze", "agent-kill", "client-kill", "client-kill-frozen",
+               "inotify-overflow"}
 CONVERGE = 10.0  # seconds after the faults stop
 # Documented: a frozen link is noticed within about 20 s; then the reconnect (1 s backoff,
 # the handshake and the comparison) on a loaded machine.
@@ -307,14 +309,12 @@ class Torture:
             return self.end_checks(fault, counters.bytes_up, counters.connections_total)
         elif fault == "agent-kill":
             self.workload_steps(1)
-            pids = agent_pids(self.sshd.pid or 0)
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            self.step(f"killed {len(pids)} agent processes")
+            self.step(f"killed {kill_agents(self)} agent processes")
             self.workload_steps(self.rng.randint(1, 2))
         elif fault == "client-kill":
-            self.fault_client_kill()
+            client_kill(self)
+        elif fault == "client-kill-frozen":
+            client_kill_frozen(self)
         elif fault in ("disk-full", "read-only"):
             extra = self.fault_disk(fault)
         elif fault == "inotify-overflow":
@@ -392,41 +392,6 @@ class Torture:
                          f"a 10-byte edit of a {self.big_size >> 20} MiB file sent {up} B up")
         self.proxy.set_rate(None)
         self.step("cap lifted")
-
-    def fault_client_kill(self) -> None:
-        operations = 650
-        kill_at = self.rng.randint(operations // 4, 3 * operations // 4)
-        work = self.workload
-        for i in range(operations):
-            if i == kill_at:
-                # New files in flight when lsync dies, deleted while it is down: lsync (or
-                # its agent) must still know which of them it wrote.
-                before = len(work.created)
-                work.create(self.rng.randint(10, 40))
-                doomed = work.created[before:]
-                del work.created[before:]
-                time.sleep(self.rng.uniform(0.0, 0.2))  # how far the writes got
-                self.commander.transition()
-                self.client.kill()
-                agents = agent_pids(self.sshd.pid or 0) if self.rng.random() < 0.5 else []
-                for pid in agents:  # a crash of both sides, half the time
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                self.step(f"SIGKILL lsync (and {len(agents)} agent processes) after {i} of "
-                          f"{operations} operations")
-                self.step(work.delete_paths(doomed))
-            roll = self.rng.random()
-            if roll < 0.1:  # (not of the first-contact files: lsync did not write them)
-                work.delete(1, spare=self.first_contact)
-            elif roll < 0.2:
-                work.delete_created(1)
-            elif roll < 0.35:
-                work.create(1)
-            else:
-                work.edit(1)
-        self.step(f"burst of {operations} edits, creates and deletes")
-        self.new_client()
-        self.step("lsync started again")
 
     def fault_disk(self, fault: str) -> float:
         began = time.monotonic()
