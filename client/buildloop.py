@@ -453,27 +453,45 @@ class Spares:
         'IFS= read -r lsync_command && eval "$lsync_command"')
 
     def __init__(self) -> None:
+        # By (connection, kind): the connection object itself, never its id(), which a new
+        # connection may reuse once the old one is freed.
         self._ready: dict[tuple[object, ...], asyncio.Task[Any]] = {}
 
     @staticmethod
     def key(conn: asyncssh.SSHClientConnection, request: RunRequest) -> tuple[object, ...]:
-        return (id(conn), request.term or "xterm") if request.pty else (id(conn),)
+        return (conn, request.term or "xterm") if request.pty else (conn,)
 
     def warm(self, conn: asyncssh.SSHClientConnection, request: RunRequest) -> None:
+        self._drop_others(conn)
         key = self.key(conn, request)
         if key not in self._ready:
             self._ready[key] = asyncio.ensure_future(conn.create_process(
                 self.WAITING, encoding=None, **_terminal(request)))
 
+    def _drop_others(self, conn: asyncssh.SSHClientConnection) -> None:
+        """Spares of earlier connections are of no use: closed when their open ends."""
+        for key in [key for key in self._ready if key[0] is not conn]:
+            task = self._ready.pop(key)
+            task.cancel()
+            task.add_done_callback(_close_spare)
+
     async def take(self, conn: asyncssh.SSHClientConnection,
                    request: RunRequest) -> asyncssh.SSHClientProcess[bytes] | None:
-        """A spare for `request`, resized to it; None when there is none (or it died)."""
+        """A spare for `request`, resized to it; None when there is none (or it died: a
+        spare that failed to open, for whatever reason, is just no spare)."""
+        self._drop_others(conn)
         task = self._ready.pop(self.key(conn, request), None)
         if task is None:
             return None
         try:
-            process: asyncssh.SSHClientProcess[bytes] = await task
-        except (asyncssh.Error, OSError):
+            process: asyncssh.SSHClientProcess[bytes] = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                task.cancel()
+                task.add_done_callback(_close_spare)
+                raise  # we are cancelled (the client left), not the spare
+            return None
+        except Exception:  # any failure of a spare: no spare (see the docstring)
             return None
         if process.exit_status is not None or process.exit_signal is not None \
                 or process.stdin.is_closing():
@@ -490,6 +508,11 @@ class Spares:
         for result in await asyncio.gather(*tasks, return_exceptions=True):
             if isinstance(result, asyncssh.SSHClientProcess):
                 result.close()
+
+
+def _close_spare(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
 
 
 async def _forward_ssh(conn: asyncssh.SSHClientConnection,

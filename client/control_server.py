@@ -390,8 +390,11 @@ class ControlServer:
             while True:
                 yield await lines.get()
 
+        left = False  # the client hung up (its run is cancelled; nobody to answer)
+
         async def pump() -> None:
             """Client lines to the handler; the client leaving cancels the run."""
+            nonlocal left
             try:
                 while True:
                     line = await connection.read_line()
@@ -405,6 +408,7 @@ class ControlServer:
                     await lines.put(item)
             except (_Oversize, ControlError, ConnectionError):
                 pass
+            left = True
             run.cancel()
 
         client_lines = incoming()
@@ -417,9 +421,12 @@ class ControlServer:
                 task.cancel()
             await asyncio.gather(reader, run, return_exceptions=True)
             await client_lines.aclose()
-        if run.cancelled():
-            return  # the client left
-        exc = run.exception()
+        if run.cancelled() and left:
+            return
+        # (Cancelled with the client still there: a cancellation escaped the handler, a
+        # bug; the client gets a final answer all the same, never a silent hang-up.)
+        exc = (RuntimeError("the command's handler was cancelled") if run.cancelled()
+               else run.exception())
         if exc is None and type(run.result()) is not int:
             exc = TypeError(f"the handler's run returned {run.result()!r}, not an exit status")
         if exc is None:

@@ -95,6 +95,8 @@ class FakeSession:
             await self._forever()
         if command == "fail":
             raise ControlError("link-down", "the link is down", details={"since": 3})
+        if command == "cancelled":  # a cancellation that escaped something it awaited
+            raise asyncio.CancelledError
         raise RuntimeError("a bug in the session's run")
 
     async def _forever(self) -> None:
@@ -521,6 +523,22 @@ def test_run_failures_end_the_stream_with_an_error(short_dir: Path) -> None:
             with pytest.raises(ControlError) as caught:
                 [line async for line in lines]
         assert caught.value.code == "bad-request"
+
+    serve(path, test, on_internal_error=bugs.append)
+
+
+def test_a_run_cancelled_from_within_still_gets_a_final_answer(short_dir: Path) -> None:
+    """A CancelledError out of the handler while the client is still there is a bug, not
+    the client leaving: the client is told so (code internal) instead of a hang-up."""
+    path = short_dir / "s.sock"
+    bugs: list[BaseException] = []
+
+    async def test(server: ControlServer, session: FakeSession) -> None:
+        async with stream(path, {"op": "run", "argv": ["cancelled"]}) as lines:
+            with pytest.raises(ControlError) as caught:
+                [line async for line in lines]
+        assert caught.value.code == "internal", caught.value
+        assert len(bugs) == 1
 
     serve(path, test, on_internal_error=bugs.append)
 
