@@ -52,7 +52,8 @@ from benchmarks.peers import ControlMaster, Link, save_file
 from benchmarks.testbed import trees
 from benchmarks.testbed.proxy import ThreadedProxy
 from benchmarks.testbed.sshd import PrivateSshd
-from lsync.client.control import decode_output, find_socket, request, stream
+from lsync.client.control import decode_output, request, stream
+from lsync.client.controlpath import find_socket
 
 EDITED = "src/edited.c"
 DATE = "date +%s%N"

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from lsync.agent.lanes import MAX_LANES
 from lsync.client import commands
-from lsync.client.control import find_socket
+from lsync.client.controlpath import find_socket
 from lsync.client.errors import LsyncError, internal_error
 from lsync.client.project import DEFAULT_LANES, find_project, load_project, merge
 from lsync.client.status import NORMAL, QUIET, VERBOSE, make_status, terminal_safe

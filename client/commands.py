@@ -36,10 +36,10 @@ from lsync.client.control import (
     ControlError,
     JsonObject,
     decode_output,
-    find_socket,
     request,
     stream,
 )
+from lsync.client.controlpath import find_socket
 from lsync.client.status import terminal_safe
 
 NO_SESSION = 3

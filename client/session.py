@@ -36,8 +36,9 @@ import asyncssh
 from lsync.client import lanes, remotelisting, sigstore, ssh
 from lsync.client.bootstrap import MAX_INITIAL, bundle_b64, local_argv
 from lsync.client.buildloop import BuildLoop, Progress, TrackingReporter
-from lsync.client.control import ControlError, JsonObject, socket_path
+from lsync.client.control import ControlError, JsonObject
 from lsync.client.control_server import ControlServer
+from lsync.client.controlpath import socket_path
 from lsync.client.engine import URGENT_MAX, SyncEngine
 from lsync.client.errors import (
     ConnectError,

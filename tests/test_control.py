@@ -35,15 +35,14 @@ from lsync.client.control import (
     Stdin,
     StdinEnd,
     decode_output,
-    find_socket,
     output_lines,
     parse_client_line,
     parse_request,
     request,
-    socket_path,
     stream,
 )
 from lsync.client.control_server import ControlServer
+from lsync.client.controlpath import find_socket, socket_path
 
 BOUND = 10.0  # seconds: no wait in these tests should come near it
 JsonObject = dict[str, object]

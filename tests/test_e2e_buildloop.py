@@ -45,7 +45,8 @@ import pytest
 
 from benchmarks.lsync_runner import AGENT_CMDLINE_NEEDLE
 from benchmarks.testbed.sshd import PrivateSshd
-from lsync.client.control import JsonObject, find_socket, request
+from lsync.client.control import JsonObject, request
+from lsync.client.controlpath import find_socket
 from lsync.client.link import PING_EVERY
 from tests.conftest import (
     LSYNC,
