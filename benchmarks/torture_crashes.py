@@ -7,8 +7,9 @@ wrote there that is gone locally, and nothing else (issue 15, defect 10).
   crash of both sides); half the time lsync is started again at once, while its old agent
   may still be applying what it had received (then the files are deleted under the new
   session), else after the burst.
-- `client_kill_frozen`: lsync killed while its link is frozen: its agent lives on, behind
-  the frozen link, with no EOF. A second lsync starts, writes new files and is stopped;
+- `client_kill_frozen`: lsync (started afresh, its agent holding journaled changes that
+  are in no snapshot yet) killed while its link is frozen: its agent lives on, behind the
+  frozen link, with no EOF. A second lsync starts, writes new files and is stopped;
   then the frozen link breaks at last (the old agent sees its input end), the new files
   are deleted, and a third lsync starts. The old agent must not have saved its stale record
   over the second one's (the second agent ends it when it starts), or the third lsync does
@@ -23,6 +24,7 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
+from benchmarks.bench import agent_record_files
 from benchmarks.torture_faults import agent_pids
 from tests.conftest import wait_until
 
@@ -79,11 +81,36 @@ def client_kill(torture: Torture) -> None:
         torture.step("lsync started again")
 
 
+def _snapshot_mtime(torture: Torture) -> int:
+    """When the agent's record snapshot of this run's remote tree was last written (0: none)."""
+    times = [path.stat().st_mtime_ns for path in agent_record_files(torture.remote)
+             if path.suffix == ".json" and path.exists()]
+    return max(times, default=0)
+
+
+def _wait_in_sync(torture: Torture, why: str, timeout: float = 60.0) -> None:
+    """Wait (not a check: the round's end checks) for an in-sync line after a marker."""
+    (torture.local / "torture-marker.txt").write_text(f"{why} {torture.rng.getrandbits(64):x}\n")
+    mark = time.time_ns()
+    client = torture.client
+    wait_until(lambda: (client.in_sync_as_of() or 0) >= mark or not client.alive(), timeout)
+
+
 def client_kill_frozen(torture: Torture) -> None:
+    """See the module docstring. The first agent must hold changes not yet in a snapshot
+    when its link freezes (it snapshots when its input has been quiet, at most every 30 s):
+    so a fresh lsync, a first batch of files and the agent's snapshot after it, then a
+    second batch (journaled, no snapshot due for 30 s), then the freeze."""
     rng = torture.rng
     work = torture.workload
-    torture.step(work.create(rng.randint(5, 20)))  # the first agent's record changes
-    time.sleep(rng.uniform(0.0, 0.3))
+    torture.restart_client()
+    torture.step("lsync restarted (a fresh agent)")
+    before = _snapshot_mtime(torture)
+    torture.step(work.create(rng.randint(3, 10)))
+    _wait_in_sync(torture, "first")
+    wait_until(lambda: _snapshot_mtime(torture) != before, 10)
+    torture.step(work.create(rng.randint(5, 20)))  # journaled by the first agent
+    _wait_in_sync(torture, "journaled")
     frozen = torture.proxy.freeze()
     torture.commander.transition()
     torture.client.kill()
@@ -94,10 +121,7 @@ def client_kill_frozen(torture: Torture) -> None:
     torture.step(work.create(rng.randint(10, 30)))
     made = work.created[before:]
     del work.created[before:]
-    (torture.local / "torture-marker.txt").write_text(f"second {rng.getrandbits(64):x}\n")
-    mark = time.time_ns()
-    client = torture.client
-    wait_until(lambda: (client.in_sync_as_of() or 0) >= mark or not client.alive(), 60)
+    _wait_in_sync(torture, "second")
     torture.commander.transition()
     torture.client.kill()
     torture.step("SIGKILL the second lsync after its writes")
