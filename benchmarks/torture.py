@@ -160,7 +160,8 @@ class Torture:
         elif must_answer:
             self.tally.check("flush-answers", False,
                              f"lsync flush exited {done.status} after an in-sync line "
-                             f"(timeout {timeout} s): {done.output[-600:]}")
+                             f"(timeout {timeout} s): {done.output[-600:]}; session: "
+                             f"{self.client.tail(6)}; client.log: {self.client.client_log()}")
         self.step(f"checked flush: exit {done.status}")
 
     def checked_run(self, timeout: float, must_answer: bool, marker: bool = True) -> None:
@@ -182,7 +183,8 @@ class Torture:
         elif must_answer:
             self.tally.check("flush-answers", False,
                              f"lsync run exited {done.status} after an in-sync line: "
-                             f"{done.output[-600:]}")
+                             f"{done.output[-600:]}; session: {self.client.tail(6)}; "
+                             f"client.log: {self.client.client_log()}")
         elif done.status not in (124, 125):
             self.tally.check("run-on-target", False,
                              f"lsync run exited {done.status} (not 0, 124 or 125) while "

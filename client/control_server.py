@@ -46,6 +46,7 @@ from lsync.client.control import (
     parse_request,
     request,
 )
+from lsync.client.errors import log_event
 
 # -- the server ---------------------------------------------------------------------------
 
@@ -395,6 +396,7 @@ class ControlServer:
         async def pump() -> None:
             """Client lines to the handler; the client leaving cancels the run."""
             nonlocal left
+            why = "end of its stream"
             try:
                 while True:
                     line = await connection.read_line()
@@ -406,9 +408,10 @@ class ControlServer:
                         await connection.send({"code": exc.code, "error": str(exc)})
                         continue
                     await lines.put(item)
-            except (_Oversize, ControlError, ConnectionError):
-                pass
+            except (_Oversize, ControlError, ConnectionError) as exc:
+                why = f"{type(exc).__name__}: {exc}"
             left = True
+            log_event(f"control: run {request.argv[:3]!r}: the client left ({why})")
             run.cancel()
 
         client_lines = incoming()
@@ -433,6 +436,7 @@ class ControlServer:
             final: JsonObject = {"ok": True, "done": True, "exit": run.result()}
         elif isinstance(exc, ControlError):
             if exc.code == "client-gone":
+                log_event(f"control: run {request.argv[:3]!r}: the client left ({exc})")
                 return
             final = _error_reply(exc, done=True)
         elif isinstance(exc, Exception):

@@ -11,6 +11,7 @@ that reaches the CLI is mapped to `InternalError` there, the last boundary.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import traceback
@@ -67,6 +68,16 @@ class InternalError(LsyncError):
 def log_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "lsync"
+
+
+def log_event(text: str) -> None:
+    """Append one line to ~/.cache/lsync/client.log (best effort): something a later
+    report may need to be explained, that is no error of the session's."""
+    path = log_dir() / "client.log"
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(f"{datetime.datetime.now().isoformat()} pid {os.getpid()}: {text}\n")
 
 
 def internal_error(context: str, exc: BaseException) -> InternalError:
