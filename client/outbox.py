@@ -91,8 +91,11 @@ async def unless(wait: Coroutine[Any, Any, Any], interrupt: asyncio.Event | None
 
 
 def pack_batch(data: bytes, code: int, level: int) -> tuple[bytes, int]:
-    """A batch's contents packed as one piece (raw when that does not pay); any thread."""
-    packed = packing.pack(data, code, level) if code != packing.PACK_RAW else data
+    """A batch's contents packed as one piece (raw at level 0, lsync.client.sender's RAW,
+    and when packing does not pay); any thread."""
+    if code == packing.PACK_RAW or level == 0:
+        return data, packing.PACK_RAW
+    packed = packing.pack(data, code, level)
     if len(packed) < len(data) * 0.9:
         return packed, code
     return data, packing.PACK_RAW
