@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lsync.client.delta import ZDICT_MAX_NEW, Signature, make_delta_and_signature, signature
 from lsync.client.hashcache import HashCache
-from lsync.client.scanner import LocalEntry, ScanError, read_file_stable
+from lsync.client.scanner import LocalEntry, ScanError, SiblingReader, read_file_stable
 from lsync.protocol import messages as m
 from lsync.protocol import packing
 from lsync.protocol.framing import MAX_FRAME
@@ -32,7 +32,7 @@ MAX_DELTA = MAX_FRAME - (64 << 10)  # a delta this big travels as a whole file i
 COMPRESS_ABOVE = 256  # smaller contents travel raw
 RECENT_BYTES = 32 << 20  # contents of recently sent small files: bases of zdict deltas
 PREFETCH = 64  # queued files read, hashed and compressed ahead in worker threads
-PREFETCH_GROUP = 8  # files per read-ahead job
+PREFETCH_GROUP = 16  # files per read-ahead job
 PREFETCH_MAX = 8 << 20  # bigger files are read when their turn comes
 PREFETCH_WORKERS = 2
 BATCH_FILE_MAX = 256 << 10  # whole new files of a burst up to this size travel in batches
@@ -132,10 +132,10 @@ class Prepared:
     signature: Signature | None
 
 
-def _prepare(root: Path, path: str, cache: HashCache, packer: Packer) -> Prepared | None:
+def _prepare(reader: SiblingReader, path: str, packer: Packer) -> Prepared | None:
     """Worker-thread half of sending a new file whole (compressors release the GIL)."""
     try:
-        content, entry = read_file_stable(root, path, cache, limit=PREFETCH_MAX)
+        content, entry = reader.read(path, limit=PREFETCH_MAX)
     except (OSError, ScanError):
         return None  # not a file, too big, unstable, gone: its turn will sort it out
     size = len(content)
@@ -237,12 +237,13 @@ def _prepare_group(root: Path, group: list[tuple[str, Ahead]],
     fails then); the group, and the session, go on."""
     if not done.set_running_or_notify_cancel():
         return
-    for path, ahead in group:
-        try:
-            ahead.result = _prepare(root, path, cache, packer)
-        except Exception:
-            ahead.result = None
-        ahead.done = True
+    with SiblingReader(root, cache) as reader:
+        for path, ahead in group:
+            try:
+                ahead.result = _prepare(reader, path, packer)
+            except Exception:
+                ahead.result = None
+            ahead.done = True
     done.set_result(None)
 
 
