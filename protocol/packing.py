@@ -144,21 +144,32 @@ _ZSTD = _zstd_backend()
 FAST_ZLIB_LEVELS = (1, 2)  # zlib levels made by ISA-L's deflate where it is installed
 
 
-def _fast_zlib() -> Optional[Callable[[bytes, int], bytes]]:
-    """ISA-L's zlib-format deflate (the `isal` package), if installed and it makes streams
-    that this zlib inflates; None otherwise."""
+def _fast_zlib() -> Optional[Callable[[bytes, int, bytes], bytes]]:
+    """ISA-L's zlib-format deflate (the `isal` package), with a preset dictionary or
+    without, if installed and it makes streams that this zlib inflates; None otherwise."""
     try:
         from isal import isal_zlib  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return None
+
+    def deflate(data: bytes, level: int, zdict: bytes) -> bytes:
+        if not zdict:
+            return isal_zlib.compress(data, level)  # type: ignore[no-any-return,unused-ignore]
+        packer = isal_zlib.compressobj(level, isal_zlib.DEFLATED, isal_zlib.MAX_WBITS, 9,
+                                       isal_zlib.Z_DEFAULT_STRATEGY, zdict)
+        return packer.compress(data) + packer.flush()  # type: ignore[no-any-return,unused-ignore]
+
     sample = b"lsync isal self-test\n" * 64 + bytes(range(256))
     try:
         for level in FAST_ZLIB_LEVELS:
-            if zlib.decompress(isal_zlib.compress(sample, level)) != sample:
+            if zlib.decompress(deflate(sample, level, b"")) != sample:
+                return None
+            inflater = zlib.decompressobj(zdict=sample[:100])
+            if inflater.decompress(deflate(sample, level, sample[:100])) != sample:
                 return None
     except Exception:  # any surprise means: not usable here
         return None
-    return isal_zlib.compress  # type: ignore[no-any-return,unused-ignore]
+    return deflate
 
 
 _FAST_ZLIB = _fast_zlib()
@@ -207,9 +218,11 @@ def pack(data: bytes, code: int, level: int, zdict: bytes = b"") -> bytes:
     of PACK_ZLIB_DICT)."""
     if code == PACK_ZLIB:
         if _FAST_ZLIB is not None and level in FAST_ZLIB_LEVELS:
-            return _FAST_ZLIB(data, level)
+            return _FAST_ZLIB(data, level, b"")
         return zlib.compress(data, level)
     if code == PACK_ZLIB_DICT and zdict:
+        if _FAST_ZLIB is not None and level in FAST_ZLIB_LEVELS:
+            return _FAST_ZLIB(data, level, zdict)
         packer = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS, 9,
                                   zlib.Z_DEFAULT_STRATEGY, zdict)
         return packer.compress(data) + packer.flush()

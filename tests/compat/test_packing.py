@@ -108,3 +108,8 @@ def test_fast_levels_make_plain_zlib_streams_with_isal_where_it_is_installed():
             assert packed == fast(data, level)
         else:
             assert packed == zlib.compress(data, level)
+        zdict = data[:500]
+        packed = packing.pack(data, packing.PACK_ZLIB_DICT, level, zdict)
+        assert packing.unpack(packed, packing.PACK_ZLIB_DICT, len(data), zdict) == data
+        inflater = zlib.decompressobj(zdict=zdict)
+        assert inflater.decompress(packed) == data and inflater.eof
