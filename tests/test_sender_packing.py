@@ -63,3 +63,10 @@ def test_the_burst_levels_follow_a_later_verdict_on_the_link() -> None:
     assert (packer.bulk, packer.long_bulk, packer.single) == (1, 4, 6)
     zstd = Packing(packing.ZSTD, long_link=False)  # zstd is cheap: compressed on any link
     assert (zstd.bulk, zstd.long_bulk) == (3, 6)
+
+
+def test_a_batch_given_as_its_files_contents_is_joined_and_packed_alike() -> None:
+    contents = [SOURCE[:1000], b"", SOURCE[1000:]]
+    for level in (RAW, 1, 4):
+        assert pack_batch(contents, packing.PACK_ZLIB, level) == \
+            pack_batch(SOURCE, packing.PACK_ZLIB, level)
