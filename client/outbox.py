@@ -90,9 +90,15 @@ async def unless(wait: Coroutine[Any, Any, Any], interrupt: asyncio.Event | None
     return waiting.done() and not waiting.cancelled()
 
 
-def pack_batch(data: bytes, code: int, level: int) -> tuple[bytes, int]:
-    """A batch's contents packed as one piece (raw when that does not pay); any thread."""
-    packed = packing.pack(data, code, level) if code != packing.PACK_RAW else data
+def pack_batch(data: bytes | list[bytes], code: int, level: int) -> tuple[bytes, int]:
+    """A batch's contents packed as one piece (raw at level 0, lsync.client.sender's RAW,
+    and when packing does not pay); any thread. Given the files' contents as a list, it
+    joins them itself (in the worker thread, not on the event loop's)."""
+    if isinstance(data, list):
+        data = b"".join(data)
+    if code == packing.PACK_RAW or level == 0:
+        return data, packing.PACK_RAW
+    packed = packing.pack(data, code, level)
     if len(packed) < len(data) * 0.9:
         return packed, code
     return data, packing.PACK_RAW

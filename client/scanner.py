@@ -40,7 +40,7 @@ from types import TracebackType
 from typing import Literal
 
 from lsync.client.confined_open import DIR_FLAGS as _DIR_FLAGS
-from lsync.client.confined_open import Parent, lstat_below
+from lsync.client.confined_open import Parent, check_rel, lstat_below
 from lsync.client.confined_open import open_parent as _open_parent
 from lsync.client.hashcache import HashCache, Hasher
 from lsync.client.ignore import IgnoreRules
@@ -487,6 +487,49 @@ def read_file_stable(
             raise FileTooLargeError(rel, f"{st.st_size} bytes, more than {limit}")
         content, st, digest = _read_stable(parent.fd, parent.name, rel, cache, True, st)
         return content, _entry("file", st, digest)
+
+
+class SiblingReader:
+    """`read_file_stable` for many files in turn, consecutive files of one directory
+    reached through one descriptor of it (the read-ahead's groups: neighbours in the queue
+    are mostly siblings), opened as `read_file_stable` opens it and held until the next
+    directory or `close`. Each file is checked and read as `read_file_stable` does; what
+    one raises concerns that file alone."""
+
+    def __init__(self, root: Path, cache: HashCache) -> None:
+        self._root = root
+        self._cache = cache
+        self._directory: str | None = None
+        self._parent: Parent | None = None
+
+    def read(self, rel: str, *, limit: int = INLINE_LIMIT) -> tuple[bytes, LocalEntry]:
+        directory, _, name = rel.rpartition("/")
+        if self._parent is None or directory != self._directory:
+            self.close()
+            self._parent = _open_parent_or_gone(self._root, rel)
+            self._directory = directory
+        else:
+            check_rel(rel)  # the name as `_open_parent` checks it (ValueError)
+        fd = self._parent.fd
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(rel, "not a regular file")
+        if st.st_size > limit:
+            raise FileTooLargeError(rel, f"{st.st_size} bytes, more than {limit}")
+        content, st, digest = _read_stable(fd, name, rel, self._cache, True, st)
+        return content, _entry("file", st, digest)
+
+    def close(self) -> None:
+        if self._parent is not None:
+            self._parent.close()
+        self._parent = None
+        self._directory = None
+
+    def __enter__(self) -> SiblingReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class StableFileReader:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lsync.client.delta import ZDICT_MAX_NEW, Signature, make_delta_and_signature, signature
 from lsync.client.hashcache import HashCache
-from lsync.client.scanner import LocalEntry, ScanError, read_file_stable
+from lsync.client.scanner import LocalEntry, ScanError, SiblingReader, read_file_stable
 from lsync.protocol import messages as m
 from lsync.protocol import packing
 from lsync.protocol.framing import MAX_FRAME
@@ -32,7 +32,7 @@ MAX_DELTA = MAX_FRAME - (64 << 10)  # a delta this big travels as a whole file i
 COMPRESS_ABOVE = 256  # smaller contents travel raw
 RECENT_BYTES = 32 << 20  # contents of recently sent small files: bases of zdict deltas
 PREFETCH = 64  # queued files read, hashed and compressed ahead in worker threads
-PREFETCH_GROUP = 8  # files per read-ahead job
+PREFETCH_GROUP = 16  # files per read-ahead job
 PREFETCH_MAX = 8 << 20  # bigger files are read when their turn comes
 PREFETCH_WORKERS = 2
 BATCH_FILE_MAX = 256 << 10  # whole new files of a burst up to this size travel in batches
@@ -41,8 +41,19 @@ DICTIONARY_SAMPLES = 16
 DICTIONARY_SAMPLE_MAX = 256 << 10  # files sampled for the preset dictionary are this small
 # Per packing: its code, its level in bursts, in bursts over a long link (bound by the SSH
 # window, but still by the CPU too: level 4 gives 92% of level 6's ratio for 45% of its
-# time on source files), and for single saves.
+# time on source files), and for single saves. A burst's level is the first while the link
+# keeps up, the second once data waits for it (lsync.client.engine).
 _PACKERS = {packing.ZLIB: (packing.PACK_ZLIB, 1, 4, 6), packing.ZSTD: (packing.PACK_ZSTD, 3, 6, 9)}
+# Level RAW: not compressed at all. zlib at its fastest (level 1) deflates source files at
+# about 115 MB/s per core here: on a short link that keeps up it is the client's biggest
+# cost and saves nothing. A burst over a short link therefore goes raw while the link keeps
+# up and at level 1 once data waits for it (a LAN slower than zlib); over a long link, and
+# for single saves, as above. Where ISA-L makes zlib's level 1 (lsync.protocol.packing:
+# about 400 MB/s, a better ratio than zlib's) a burst is compressed on every link: that
+# costs less than sending four times the bytes through SSH.
+RAW = 0
+_SHORT_LINK_BULK: dict[str, tuple[int, int]] = (
+    {} if packing.fast_zlib() else {packing.ZLIB: (RAW, 1)})
 
 Packer = tuple[int, int, bytes]  # (packing code, level, preset dictionary)
 Pieces = list[tuple[bytes, int]]  # per CHUNK of content: (data, packing code)
@@ -54,16 +65,26 @@ class Packing:
     def __init__(self, compression: str, long_link: bool) -> None:
         self.code, self.bulk, self.long_bulk, self.single = _PACKERS.get(
             compression, _PACKERS[packing.ZLIB])
-        self.long_link = long_link
+        self.set_long_link(long_link)
         self.dictionary = b""  # set on the agent (zlib only)
         self.dictionary_failed = False
+
+    def set_long_link(self, long_link: bool) -> None:
+        """Whether the link is long, once known better than at construction (the SSH
+        handshake's time says it under no CPU load only): it decides the burst levels."""
+        code = next(name for name, packer in _PACKERS.items() if packer[0] == self.code)
+        _, self.bulk, self.long_bulk, _ = _PACKERS[code]
+        self.long_link = long_link
+        if not long_link and code in _SHORT_LINK_BULK:
+            self.bulk, self.long_bulk = _SHORT_LINK_BULK[code]
 
     @property
     def zstd(self) -> bool:
         return self.code == packing.PACK_ZSTD
 
     def packer(self, burst: bool) -> Packer:
-        """A burst (initial sync, branch switch) compresses fast; a single save well."""
+        """A burst (initial sync, branch switch) compresses fast (or not at all: level RAW,
+        on a short link); a single save well."""
         level = (self.long_bulk if self.long_link else self.bulk) if burst else self.single
         if self.code == packing.PACK_ZLIB and self.dictionary:
             return packing.PACK_ZLIB_DICT, level, self.dictionary
@@ -74,7 +95,7 @@ class Packing:
 
 
 def _pack_piece(piece: bytes, packer: Packer) -> tuple[bytes, int]:
-    if len(piece) >= COMPRESS_ABOVE:
+    if len(piece) >= COMPRESS_ABOVE and packer[1] != RAW:
         packed = packing.pack(piece, *packer)
         if len(packed) < len(piece) * 0.9:
             return packed, packer[0]
@@ -114,10 +135,10 @@ class Prepared:
     signature: Signature | None
 
 
-def _prepare(root: Path, path: str, cache: HashCache, packer: Packer) -> Prepared | None:
+def _prepare(reader: SiblingReader, path: str, packer: Packer) -> Prepared | None:
     """Worker-thread half of sending a new file whole (compressors release the GIL)."""
     try:
-        content, entry = read_file_stable(root, path, cache, limit=PREFETCH_MAX)
+        content, entry = reader.read(path, limit=PREFETCH_MAX)
     except (OSError, ScanError):
         return None  # not a file, too big, unstable, gone: its turn will sort it out
     size = len(content)
@@ -219,12 +240,13 @@ def _prepare_group(root: Path, group: list[tuple[str, Ahead]],
     fails then); the group, and the session, go on."""
     if not done.set_running_or_notify_cancel():
         return
-    for path, ahead in group:
-        try:
-            ahead.result = _prepare(root, path, cache, packer)
-        except Exception:
-            ahead.result = None
-        ahead.done = True
+    with SiblingReader(root, cache) as reader:
+        for path, ahead in group:
+            try:
+                ahead.result = _prepare(reader, path, packer)
+            except Exception:
+                ahead.result = None
+            ahead.done = True
     done.set_result(None)
 
 

@@ -85,7 +85,8 @@ class FrameDecoder:
         end = start + _HEADER.size + length
         if len(self._buffer) < end:
             return None
-        payload = bytes(self._buffer[start + _HEADER.size:end])
+        with memoryview(self._buffer) as view:  # one copy, not a slice and a copy of it
+            payload = bytes(view[start + _HEADER.size:end])
         self._pos = end
         return payload
 

@@ -90,3 +90,26 @@ def test_zstd_dict_delta_is_applied_or_refused_cleanly_whatever_this_python_has(
         new = base.replace(b"probe", b"remove", 2)
         delta = wire.encode_zstd_dict_delta(len(base), new, 0, base)
         assert wire.apply_delta_to_bytes(delta, base, 10000) == new
+
+
+def test_fast_levels_make_plain_zlib_streams_with_isal_where_it_is_installed():
+    data = b"static int lsync_counter = 0;\n" * 3000 + bytes(range(256))
+    try:
+        from isal import isal_zlib  # type: ignore[import-not-found,unused-ignore]
+        fast = isal_zlib.compress
+    except ImportError:
+        fast = None
+    assert packing.fast_zlib() == (fast is not None)
+    for level in (1, 2, 4, 6):
+        packed = packing.pack(data, packing.PACK_ZLIB, level)
+        assert zlib.decompress(packed) == data
+        assert packing.unpack(packed, packing.PACK_ZLIB, len(data)) == data
+        if level in packing.FAST_ZLIB_LEVELS and fast is not None:
+            assert packed == fast(data, level)
+        else:
+            assert packed == zlib.compress(data, level)
+        zdict = data[:500]
+        packed = packing.pack(data, packing.PACK_ZLIB_DICT, level, zdict)
+        assert packing.unpack(packed, packing.PACK_ZLIB_DICT, len(data), zdict) == data
+        inflater = zlib.decompressobj(zdict=zdict)
+        assert inflater.decompress(packed) == data and inflater.eof

@@ -1,0 +1,72 @@
+"""How bursts are packed: raw over a short link while it keeps up, zlib otherwise."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+
+from lsync.client import sender
+from lsync.client.outbox import pack_batch
+from lsync.client.sender import RAW, Packing, content_messages, pieces_of
+from lsync.protocol import packing
+
+SOURCE = b"".join(b"static int lsync_%d(void) { return %d; }\n" % (i, i) for i in range(5000))
+
+
+@pytest.fixture
+def without_isal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As where the `isal` package is not installed."""
+    monkeypatch.setattr(sender, "_SHORT_LINK_BULK", {packing.ZLIB: (RAW, 1)})
+
+
+def test_a_short_link_goes_raw_only_where_zlib_level_1_is_zlib_s_own() -> None:
+    short = Packing(packing.ZLIB, long_link=False)
+    if packing.fast_zlib():
+        assert (short.bulk, short.long_bulk) == (1, 4)  # ISA-L: cheaper than the bytes
+    else:
+        assert (short.bulk, short.long_bulk) == (RAW, 1)
+
+
+@pytest.mark.usefixtures("without_isal")
+def test_a_burst_over_a_short_link_travels_raw_until_the_link_falls_behind() -> None:
+    short = Packing(packing.ZLIB, long_link=False)
+    assert short.bulk == RAW and short.long_bulk == 1
+    code, level, _ = short.packer(burst=True)
+    assert level == RAW
+    pieces = pieces_of(SOURCE, short.packer(burst=True))
+    assert [piece for piece, _ in pieces] == [SOURCE]
+    assert {code for _, code in pieces} == {packing.PACK_RAW}
+    assert pack_batch(SOURCE, code, short.bulk) == (SOURCE, packing.PACK_RAW)
+    packed, used = pack_batch(SOURCE, code, short.long_bulk)  # the link fell behind
+    assert used == packing.PACK_ZLIB and zlib.decompress(packed) == SOURCE
+
+
+def test_a_burst_over_a_long_link_and_a_single_save_are_compressed() -> None:
+    long = Packing(packing.ZLIB, long_link=True)
+    assert (long.bulk, long.long_bulk, long.single) == (1, 4, 6)
+    short = Packing(packing.ZLIB, long_link=False)
+    for packer in (long.packer(burst=True), short.packer(burst=False)):
+        assert packer[1] != RAW
+        [(data, code)] = pieces_of(SOURCE, packer)
+        assert code == packing.PACK_ZLIB and len(data) < len(SOURCE) // 4
+        [message] = content_messages(1, "a.c", 0o644, [(data, code)])
+        assert packing.unpack(message.data, message.packing, len(SOURCE)) == SOURCE
+
+
+@pytest.mark.usefixtures("without_isal")
+def test_the_burst_levels_follow_a_later_verdict_on_the_link() -> None:
+    packer = Packing(packing.ZLIB, long_link=True)
+    packer.set_long_link(False)
+    assert (packer.bulk, packer.long_bulk, packer.single) == (RAW, 1, 6)
+    packer.set_long_link(True)
+    assert (packer.bulk, packer.long_bulk, packer.single) == (1, 4, 6)
+    zstd = Packing(packing.ZSTD, long_link=False)  # zstd is cheap: compressed on any link
+    assert (zstd.bulk, zstd.long_bulk) == (3, 6)
+
+
+def test_a_batch_given_as_its_files_contents_is_joined_and_packed_alike() -> None:
+    contents = [SOURCE[:1000], b"", SOURCE[1000:]]
+    for level in (RAW, 1, 4):
+        assert pack_batch(contents, packing.PACK_ZLIB, level) == \
+            pack_batch(SOURCE, packing.PACK_ZLIB, level)
