@@ -29,7 +29,7 @@ import itertools
 import os
 import re
 import stat
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from lsync.protocol.errors import ErrorCode
 from lsync.protocol.messages import KEPT_DIR
@@ -522,7 +522,7 @@ class PendingFile:
         self.guard = guard or ReplaceGuard()  # asked right before the rename
         self.known = b""  # a digest of content the client has (a delta's base), for it
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Union[bytes, memoryview]) -> None:
         view = memoryview(data)
         try:
             while view:

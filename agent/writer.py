@@ -26,7 +26,7 @@ import stat
 import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set, Tuple, cast
+from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from lsync.agent.confined import ConfinedRoot, OpError, Parents, file_key
 from lsync.agent.records import DigestRecord
@@ -278,7 +278,7 @@ def write_batch(root: ConfinedRoot, files: List[List[Any]], data: bytes,
                 pending = root.begin_write(path, parents)
                 try:
                     # A view, not a copy (PendingFile.write takes any buffer).
-                    pending.write(cast(bytes, view[offset:offset + item[3]]))
+                    pending.write(view[offset:offset + item[3]])
                 except BaseException:
                     pending.abort()
                     raise

@@ -323,7 +323,7 @@ class AgentLink:
                 continue
             batch.timer.cancel()
             loop = asyncio.get_running_loop()
-            packed = loop.run_in_executor(None, pack_batch, b"".join(batch.contents),
+            packed = loop.run_in_executor(None, pack_batch, batch.contents,
                                           batch.code, batch.level)
             self._outboxes[index].append(Compressing(batch.files, packed))
             packed.add_done_callback(functools.partial(self._pumped, index))

@@ -74,6 +74,7 @@ WELCOME_TIMEOUT = 60.0
 DRAIN_TIMEOUT = 60.0
 BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 LONG_LINK_HANDSHAKE = 0.25  # seconds; about 35 ms of round trip or more
+LONG_LINK_RTT = 0.035  # seconds: a ping slower than this confirms a long link
 
 
 _T = TypeVar("_T")
@@ -487,6 +488,11 @@ class Session:
                 await stream.launch(local_argv, MAX_INITIAL)
             welcome = await self._or_stop(link.welcome(WELCOME_TIMEOUT))
             tasks.append(asyncio.create_task(link.watch_liveness(), name="liveness"))
+            # The handshake's time says "long" also when the local scan slowed it (both
+            # want the interpreter): a ping, answered while the scan goes on, says it again.
+            pinging = asyncio.create_task(link.ping(), name="ping") if long_link else None
+            if pinging is not None:
+                tasks.append(pinging)
             socket = welcome.info.get("lanes")
             if socket and self._ssh is not None:
                 # More channels for data, opened while the manifest and the scan go on.
@@ -509,6 +515,9 @@ class Session:
             tasks = [task for task in tasks if task is not holding and task is not preparing]
             del held, preparing, holding
             tree_watcher = self._watcher
+            if pinging is not None and pinging.done() and not pinging.cancelled() \
+                    and pinging.exception() is None:
+                long_link = pinging.result() > LONG_LINK_RTT  # (no answer yet: long it is)
             engine = SyncEngine(
                 link, self.root, self.rules, cache, self.reporter, self.options.delete,
                 compression=welcome.chosen.get("compression", packing.ZLIB),
