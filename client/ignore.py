@@ -120,6 +120,9 @@ class IgnoreRules:
         self.include_vcs = include_vcs
         self._excludes = RuleFile("\n".join(excludes)) if excludes else None
         self._files: dict[str, RuleFile | None] = {}  # dir rel -> its .gitignore
+        # Every proper ancestor of a key of _files (a superset after keys are dropped): a
+        # path in neither has nothing read at or below it, so `forget` has nothing to do.
+        self._above: set[str] = set()
         self._chains: dict[str, _Chain] = {}  # dir rel -> rule files that apply below it
         self._dir_verdicts: dict[str, bool] = {}  # dir rel -> the rules' verdict (untracked)
         self._git_index = git_index
@@ -234,7 +237,15 @@ class IgnoreRules:
         text = self._read_gitignore(dir_rel)
         rules = RuleFile(text) if text is not None else None
         self._files[dir_rel] = rules
+        self._note_ancestors(dir_rel)
         return rules
+
+    def _note_ancestors(self, dir_rel: str) -> None:
+        while dir_rel:
+            dir_rel = dir_rel.rpartition("/")[0]
+            if dir_rel in self._above:
+                return
+            self._above.add(dir_rel)
 
     def _read_gitignore(self, dir_rel: str) -> str | None:
         """The text of dir_rel/.gitignore, or None when there is none to read."""
@@ -266,13 +277,17 @@ class IgnoreRules:
         if (old.text if old is not None else None) == text and (known or text is None):
             return False
         self._files[dir_rel] = RuleFile(text) if text is not None else None
+        self._note_ancestors(dir_rel)
         self._chains.clear()
         self._dir_verdicts.clear()
         return True
 
     def forget(self, dir_rel: str) -> None:
         """Drop what was read from `dir_rel` and below (after the directory was removed
-        or renamed away); it is read again from disk when next needed."""
+        or renamed away); it is read again from disk when next needed. A path with nothing
+        read at or below it (a file: most deletes) costs a lookup, and keeps the caches."""
+        if dir_rel and dir_rel not in self._files and dir_rel not in self._above:
+            return
         prefix = dir_rel + "/"
         for key in list(self._files):  # list(): a snapshot even if a scan thread adds keys
             if not dir_rel or key == dir_rel or key.startswith(prefix):
