@@ -48,12 +48,16 @@ MUTATIONS: dict[str, Mutation] = {
         ("client/engine.py", "        except Exception as exc:\n            # A bug met while "
          "syncing one path", "        except ZeroDivisionError as exc:\n            # A bug met "
          "while syncing one path"),
-        ("client/sender.py", "    for path, ahead in group:\n        try:\n            ahead.res"
-         "ult = _prepare(root, path, cache, packer)\n        except Exception:\n            "
-         "ahead.result = None\n        ahead.done = True\n    done.set_result(None)",
-         "    try:\n        for path, ahead in group:\n            ahead.result = _prepare(root, "
-         "path, cache, packer)\n            ahead.done = True\n    except BaseException as exc:"
-         "\n        done.set_exception(exc)\n        return\n    done.set_result(None)"),
+        ("client/sender.py", "    with SiblingReader(root, cache) as reader:\n        for path, "
+         "ahead in group:\n            try:\n                if ahead.believed is None or reader."
+         "digest_known(path) != ahead.believed:\n                    ahead.result = _prepare("
+         "reader, path, packer)\n            except Exception:\n                ahead.result = "
+         "None\n            ahead.done = True\n    done.set_result(None)",
+         "    try:\n        with SiblingReader(root, cache) as reader:\n            for path, ahead"
+         " in group:\n                if ahead.believed is None or reader.digest_known(path) != "
+         "ahead.believed:\n                    ahead.result = _prepare(reader, path, packer)\n"
+         "                ahead.done = True\n    except BaseException as exc:\n        done."
+         "set_exception(exc)\n        return\n    done.set_result(None)"),
     )),
     "2": Mutation("defect 2: `run` runs where the connection is (none: locally); the dead "
                   "engine is kept through the backoff", (

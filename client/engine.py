@@ -433,7 +433,11 @@ class SyncEngine(PathPasses):
                     if p and ((e := self.model.get(p)) is None
                               or (e.kind == FILE and e.signature is None))
                     and not relpath_problem(p)]
-        self.read_ahead.start(upcoming, self.packing.packer(burst=True))
+        # What the remote is believed to hold: a file the hash cache says still has that
+        # content is not read (a rescan after a rules change queues the whole subtree).
+        believed = {p: e.digest for p in upcoming
+                    if (e := self.model.get(p)) is not None and e.digest is not None}
+        self.read_ahead.start(upcoming, self.packing.packer(burst=True), believed)
 
     # -- one pass over one path -----------------------------------------------------------
     async def _pass(self, path: str, record: PathRecord) -> None:

@@ -502,7 +502,7 @@ class SiblingReader:
         self._directory: str | None = None
         self._parent: Parent | None = None
 
-    def read(self, rel: str, *, limit: int = INLINE_LIMIT) -> tuple[bytes, LocalEntry]:
+    def _parent_of(self, rel: str) -> tuple[int, str]:
         directory, _, name = rel.rpartition("/")
         if self._parent is None or directory != self._directory:
             self.close()
@@ -510,7 +510,17 @@ class SiblingReader:
             self._directory = directory
         else:
             check_rel(rel)  # the name as `_open_parent` checks it (ValueError)
-        fd = self._parent.fd
+        return self._parent.fd, name
+
+    def digest_known(self, rel: str) -> bytes | None:
+        """The digest the hash cache holds for `rel` as it is now (its stat), or None; for
+        a regular file only. Raises as `read` does when it cannot look."""
+        fd, name = self._parent_of(rel)
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        return self._cache.lookup(rel, st) if stat.S_ISREG(st.st_mode) else None
+
+    def read(self, rel: str, *, limit: int = INLINE_LIMIT) -> tuple[bytes, LocalEntry]:
+        fd, name = self._parent_of(rel)
         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode):
             raise NotRegularFileError(rel, "not a regular file")

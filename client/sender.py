@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import os
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,10 +179,12 @@ class Ahead:
     """One file being read ahead: `done` once `result` is set (by a worker thread); `group`
     resolves when every file of its job is done (what to wait on when this one is not)."""
 
-    __slots__ = ("done", "group", "result")
+    __slots__ = ("believed", "done", "group", "result")
 
-    def __init__(self, group: concurrent.futures.Future[None]) -> None:
+    def __init__(self, group: concurrent.futures.Future[None],
+                 believed: bytes | None = None) -> None:
         self.group = group
+        self.believed = believed  # the content the remote is believed to hold
         self.done = False
         self.result: Prepared | None = None
 
@@ -202,15 +205,20 @@ class ReadAhead:
                 PREFETCH_WORKERS, thread_name_prefix="lsync-read")
         return self._pool
 
-    def start(self, paths: list[str], packer: Packer) -> None:
+    def start(self, paths: list[str], packer: Packer,
+              believed: Mapping[str, bytes] | None = None) -> None:
+        """Read `paths` ahead; a path in `believed` (the digest the remote is believed to
+        hold) is not read when the hash cache says the file still has that content (its
+        pass will find nothing to send)."""
         group: list[tuple[str, Ahead]] = []
+        believed = believed or {}
         for path in paths:
             if len(self.futures) >= PREFETCH:
                 break
             if path not in self.futures:
                 if not group:
                     done: concurrent.futures.Future[None] = concurrent.futures.Future()
-                ahead = self.futures[path] = Ahead(done)
+                ahead = self.futures[path] = Ahead(done, believed.get(path))
                 group.append((path, ahead))
                 if len(group) >= PREFETCH_GROUP:
                     self._submit(group, done, packer)
@@ -243,7 +251,8 @@ def _prepare_group(root: Path, group: list[tuple[str, Ahead]],
     with SiblingReader(root, cache) as reader:
         for path, ahead in group:
             try:
-                ahead.result = _prepare(reader, path, packer)
+                if ahead.believed is None or reader.digest_known(path) != ahead.believed:
+                    ahead.result = _prepare(reader, path, packer)
             except Exception:
                 ahead.result = None
             ahead.done = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from lsync.client.scanner import (
     SiblingReader,
     read_file_stable,
 )
+from lsync.client.sender import ReadAhead
 
 
 def new_cache() -> HashCache:
@@ -76,3 +78,31 @@ def test_a_directory_renamed_meanwhile_is_read_where_it_went(
     assert content == b"first g\n"
     assert entry.ino == os.stat(tmp_path / "old" / "g.c").st_ino
     assert entry.ino != os.stat(tmp_path / "d" / "g.c").st_ino
+
+
+def test_read_ahead_skips_files_the_cache_says_the_remote_already_holds(
+        tmp_path: Path) -> None:
+    """A rescan (the root .gitignore deleted or restored in a branch switch) queues every
+    file below; those whose cached digest is what the remote holds are not read again."""
+    write(tmp_path, "a/same.c", b"unchanged\n" * 50)
+    write(tmp_path, "a/changed.c", b"new content\n" * 50)
+    write(tmp_path, "a/new.c", b"a new file\n")
+    cache = new_cache()
+    same = read_file_stable(tmp_path, "a/same.c", cache)[1].digest
+    assert same is not None
+    read_file_stable(tmp_path, "a/changed.c", cache)
+    ahead = ReadAhead(tmp_path, cache)
+    try:
+        ahead.start(["a/same.c", "a/changed.c", "a/new.c"], (0, 0, b""),
+                    {"a/same.c": same, "a/changed.c": b"\0" * 16})
+        results = {path: ahead.take(path) for path in ("a/same.c", "a/changed.c", "a/new.c")}
+        for item in results.values():
+            assert item is not None
+            concurrent.futures.wait([item.group], timeout=10)
+        assert results["a/same.c"] is not None and results["a/same.c"].result is None
+        changed, new = results["a/changed.c"], results["a/new.c"]
+        assert changed is not None and changed.result is not None
+        assert changed.result.content == b"new content\n" * 50
+        assert new is not None and new.result is not None
+    finally:
+        ahead.close()
