@@ -70,25 +70,29 @@ def log_dir() -> Path:
     return Path(base) / "lsync"
 
 
-def log_event(text: str) -> None:
-    """Append one line to ~/.cache/lsync/client.log (best effort): something a later
-    report may need to be explained, that is no error of the session's."""
+def _append_log(text: str) -> Path:
+    """Append `text` (a line stamped with the time and pid) to ~/.cache/lsync/client.log;
+    its path. Raises OSError."""
     path = log_dir() / "client.log"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(f"{datetime.datetime.now().isoformat()} pid {os.getpid()}: {text}")
+    return path
+
+
+def log_event(text: str) -> None:
+    """Append one line to client.log (best effort): something a later report may need to
+    be explained, that is no error of the session's."""
     with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(path, "a", encoding="utf-8") as log:
-            log.write(f"{datetime.datetime.now().isoformat()} pid {os.getpid()}: {text}\n")
+        _append_log(text + "\n")
 
 
 def internal_error(context: str, exc: BaseException) -> InternalError:
     """`exc`, an exception nothing expected, as an `InternalError`: its traceback is
     appended to ~/.cache/lsync/client.log (best effort), the message names the log."""
-    path = log_dir() / "client.log"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(path, "a", encoding="utf-8") as log:
-            log.write(f"{datetime.datetime.now().isoformat()} pid {os.getpid()}: {context}\n")
-            log.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        path = _append_log(f"{context}\n" + "".join(
+            traceback.format_exception(type(exc), exc, exc.__traceback__)))
         where = f"; details in {path}"
     except OSError:
         where = ""
