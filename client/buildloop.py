@@ -131,7 +131,6 @@ class SessionView(Protocol):
     engine_ready: bool
     engine_changed: asyncio.Event
     link_up: bool
-    ignored: IgnoredTally | None
     remote_root: str | None
     root: Path
     target_text: str
@@ -139,6 +138,9 @@ class SessionView(Protocol):
     rules: PushRules
     rewrite_rules: RewriteRules
     pulled_digests: dict[str, tuple[Stamp, bytes]]
+
+    @property
+    def ignored(self) -> IgnoredTally | None: ...
 
     @property
     def ssh_connection(self) -> asyncssh.SSHClientConnection | None: ...

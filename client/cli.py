@@ -1,9 +1,12 @@
 """The `lsync` command line.
 
     lsync connect [[user@]host:tree]   keep `tree` on `host` in sync with this directory
+    lsync connect box1:tree box2:tree  the same on several hosts from one watcher and scan
     lsync connect /some/dir            the same against a local directory (no SSH)
     lsync flush [--timeout S]          wait until every change made so far is on the remote
-    lsync run [options] -- CMD ARGS    flush, then run CMD in the remote tree
+                                       (every target; --target NAME: that one)
+    lsync run [options] -- CMD ARGS    flush, then run CMD in the remote tree (the first
+                                       target; --on NAME, or --all in parallel)
     lsync status [--json]              the running session's state
     lsync pull [PATTERN...]            bring remote files back (the [pull] paths by default)
     lsync pull --kept PATH             bring back a remote edit lsync kept aside, for a merge
@@ -30,12 +33,20 @@ from lsync.agent.lanes import MAX_LANES
 from lsync.client import commands
 from lsync.client.controlpath import find_socket
 from lsync.client.errors import LsyncError, internal_error
-from lsync.client.project import DEFAULT_LANES, find_project, load_project, merge
+from lsync.client.project import (
+    DEFAULT_LANES,
+    ConnectSettings,
+    find_project,
+    load_project,
+    merge,
+)
 from lsync.client.status import NORMAL, QUIET, VERBOSE, make_status, terminal_safe
 from lsync.client.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS
 
 if TYPE_CHECKING:
-    from lsync.client.session import Options, Session
+    from lsync.client.fleet import Fleet
+    from lsync.client.session import Options
+    from lsync.client.target import Target
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands_ = parser.add_subparsers(dest="command", required=True)
     connect = commands_.add_parser(
         "connect", help="sync this tree to [user@]host:tree (or a local directory) until stopped")
-    connect.add_argument("target", nargs="?", default=None,
-                         help="[user@]host:tree, or a local directory path (default: the "
-                              "`target` of .lsync.toml)")
+    connect.add_argument("target", nargs="*", default=None,
+                         help="[user@]host:tree, or a local directory path; several for "
+                              "several build hosts (default: the `target` of .lsync.toml)")
     _tree_option(connect)
     connect.add_argument("-F", dest="ssh_config", metavar="FILE", action="append", default=None,
                          help="SSH client config file (default ~/.ssh/config)")
@@ -77,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     _tree_option(flush)
     flush.add_argument("--timeout", type=float, default=None, metavar="S",
                        help="give up after S seconds (exit 1, printing what is pending)")
+    flush.add_argument("--target", default=None, metavar="NAME",
+                       help="wait for this target only (default: every target)")
 
     run = commands_.add_parser(
         "run", help="flush, then run a command in the remote tree over the same connection")
@@ -88,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--watch", action="store_true",
                      help="run again after each batch of changes lands (a stale run is "
                           "interrupted)")
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--on", default=None, metavar="NAME",
+                       help="run on this target (default: the first)")
+    where.add_argument("--all", action="store_true",
+                       help="run on every target in parallel, output lines prefixed with "
+                            "its name; the exit status is the worst")
     run.add_argument("--connect", action="store_true",
                      help="without a running session for this tree: sync it once (target "
                           "from .lsync.toml), run the command, and stop")
@@ -122,18 +141,28 @@ def _tree_option(parser: argparse.ArgumentParser) -> None:
                         help="the local tree (default: the tree of the current directory)")
 
 
-def _connect_options(args: argparse.Namespace) -> tuple[Options, int]:
+def _connect_options(args: argparse.Namespace) -> tuple[list[Options], int]:
+    """One session's options per target (names made unique), and the verbosity."""
     # (The session and SSH are imported here only: flush, run and status start faster.)
-    from lsync.client.session import Options
-    from lsync.client.target import Target
+    from lsync.client.target import Target, target_name, unique_names
 
     start = Path(args.local or os.getcwd()).expanduser()
     found = find_project(start)
     project = load_project(found) if found is not None else None
     settings = merge(project, args)
     verbosity = {"quiet": QUIET, "normal": NORMAL, "verbose": VERBOSE}[settings.log]
-    options = Options(
-        target=Target.parse(settings.target),
+    targets = [(Target.parse(text), name) for text, name in settings.targets]
+    names = unique_names([name or target_name(target) for target, name in targets])
+    return [_options(settings, target, name)
+            for (target, _), name in zip(targets, names, strict=True)], verbosity
+
+
+def _options(settings: ConnectSettings, target: Target, name: str) -> Options:
+    from lsync.client.session import Options
+
+    return Options(
+        target=target,
+        name=name,
         local_root=settings.local_root,
         ssh_config=settings.ssh_config,
         delete=settings.delete,
@@ -147,7 +176,6 @@ def _connect_options(args: argparse.Namespace) -> tuple[Options, int]:
         pull_paths=list(settings.pull_paths),
         pull_rewrite=list(settings.pull_rewrite),
     )
-    return options, verbosity
 
 
 def _run_map_paths(args: argparse.Namespace, start: Path) -> bool:
@@ -182,15 +210,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "connect":
             options, verbosity = _connect_options(args)
             status = make_status(verbosity)
-            from lsync.client.session import Session
+            from lsync.client.fleet import Fleet
 
-            session = Session(options, status)
-            _guarded(_session(session))
+            fleet = Fleet(options, status)
+            _guarded(_session(fleet))
             code = 0
         else:
             start = Path(args.local or os.getcwd()).expanduser().absolute()
             if args.command == "flush":
-                code = _guarded(commands.flush(start, args.timeout))
+                code = _guarded(commands.flush(start, args.timeout, args.target))
             elif args.command == "status":
                 code = _guarded(commands.status(start, args.json))
             elif args.command == "pull":
@@ -207,10 +235,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 pull = _run_pull(args, start)
                 if args.connect and find_socket(start) is None:
                     options, _ = _connect_options(argparse.Namespace(local=args.local))
-                    code = _guarded(_run_connected(options, start, argv_, map_paths, pull))
+                    code = _guarded(_run_connected(options, start, argv_, map_paths, pull,
+                                                   args.on, args.all))
                 else:
                     code = _guarded(commands.run(start, argv_, args.timeout, map_paths,
-                                                 args.watch, pull))
+                                                 args.watch, pull, args.on, args.all))
     except LsyncError as exc:
         if status is not None:
             status.close()
@@ -225,26 +254,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(code)
 
 
-async def _run_connected(options: Options, start: Path, argv: list[str],
-                         map_paths: bool, pull: bool = False) -> int:
+async def _run_connected(options: list[Options], start: Path, argv: list[str],
+                         map_paths: bool, pull: bool = False, on: str | None = None,
+                         on_all: bool = False) -> int:
     """`lsync run --connect`: a session of our own (no control socket), the command once
-    its initial sync is acknowledged, then a clean stop."""
-    from lsync.client.buildloop import BuildLoop
+    the initial sync is acknowledged (by every target), then a clean stop."""
     from lsync.client.control import RunRequest, decode_output
-    from lsync.client.session import Session
+    from lsync.client.fleet import Fleet
 
     status = make_status(QUIET, sys.stderr)  # errors only: stdout is the command's
-    session = Session(options, status, control=False)
-    running = asyncio.ensure_future(session.run())
+    fleet = Fleet(options, status, control=False)
+    running = asyncio.ensure_future(fleet.run())
     try:
-        while not session.engine_ready:
-            if running.done():
-                running.result()  # raises what stopped the session
-                return commands.RUN_FAILED
-            session.engine_changed.clear()
-            changed = asyncio.ensure_future(session.engine_changed.wait())
-            await asyncio.wait({changed, running}, return_when=asyncio.FIRST_COMPLETED)
-            changed.cancel()
+        for session in fleet.sessions:
+            while not session.engine_ready:
+                if running.done():
+                    running.result()  # raises what stopped the session
+                    return commands.RUN_FAILED
+                session.engine_changed.clear()
+                changed = asyncio.ensure_future(session.engine_changed.wait())
+                await asyncio.wait({changed, running}, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
 
         async def send_line(line: dict[str, object]) -> None:
             output = decode_output(line)
@@ -260,21 +290,17 @@ async def _run_connected(options: Options, start: Path, argv: list[str],
             yield
 
         request = RunRequest(tuple(argv), map_paths=map_paths, cwd=str(start.resolve()),
-                             pull=pull)
-        loop = BuildLoop(session)
-        try:
-            return await loop.run(request, send_line, nothing())
-        finally:
-            await loop.close()
+                             pull=pull, on=on, all=on_all)
+        return await fleet.loop.run(request, send_line, nothing())
     finally:
-        session.stop.set()
+        fleet.stop.set()
         with contextlib.suppress(LsyncError):
             await running
         status.close()
 
 
-async def _session(session: Session) -> int:
-    await session.run()
+async def _session(fleet: Fleet) -> int:
+    await fleet.run()
     return 0
 
 

@@ -60,10 +60,13 @@ def _say(text: str) -> None:
     print(f"lsync: {terminal_safe(text)}", file=sys.stderr)
 
 
-async def flush(start: Path, timeout: float | None) -> int:
+async def flush(start: Path, timeout: float | None, target: str | None = None) -> int:
+    message: JsonObject = {"v": 1, "op": "flush", "timeout": timeout}
+    if target is not None:
+        message["target"] = target
     try:
         path = _socket(start)
-        reply = await request(path, {"v": 1, "op": "flush", "timeout": timeout},
+        reply = await request(path, message,
                               None if timeout is None else timeout + 10, tree=start)
     except ControlError as exc:
         _say(str(exc))
@@ -92,10 +95,22 @@ async def status(start: Path, as_json: bool) -> int:
         _say(str(exc))
         return NO_SESSION if exc.code == "no-session" else 1
     reply = {k: v for k, v in reply.items() if k not in ("v", "ok")}
-    if as_json:
-        print(json.dumps(reply, indent=2, sort_keys=True))
+    hosts = reply.get("hosts")
+    if as_json:  # several targets: a list, one object each
+        print(json.dumps(hosts if isinstance(hosts, list) else reply, indent=2,
+                         sort_keys=True))
         return 0
-    lines = [f"{reply.get('state')}: {reply.get('local')} -> {reply.get('target')}"]
+    if isinstance(hosts, list):
+        print("\n\n".join(_status_lines(h, f"{h.get('name')}: ") for h in hosts
+                           if isinstance(h, dict)))
+    else:
+        print(_status_lines(reply, ""))
+    return 0
+
+
+def _status_lines(reply: JsonObject, name: str) -> str:
+    """One target's status, for a terminal."""
+    lines = [f"{name}{reply.get('state')}: {reply.get('local')} -> {reply.get('target')}"]
     if reply.get("connected"):
         latency = reply.get("last_latency_ms")
         lines.append(f"synced {reply.get('files')} files, {reply.get('bytes')} bytes; "
@@ -123,8 +138,7 @@ async def status(start: Path, as_json: bool) -> int:
     running = reply.get("commands")
     if isinstance(running, list) and running:
         lines.append("running: " + "; ".join(str(command) for command in running))
-    print("\n".join(terminal_safe(line) for line in lines))
-    return 0
+    return "\n".join(terminal_safe(line) for line in lines)
 
 
 async def pull(start: Path, patterns: Sequence[str], timeout: float | None,
@@ -157,27 +171,31 @@ async def pull(start: Path, patterns: Sequence[str], timeout: float | None,
 
 
 async def run(start: Path, argv: Sequence[str], timeout: float | None, map_paths: bool,
-              watch: bool, pull: bool = False) -> int:
+              watch: bool, pull: bool = False, on: str | None = None,
+              on_all: bool = False) -> int:
+    """`lsync run`: on the first target, the one named `on`, or every one (`on_all`)."""
     try:
         path = _socket(start)
     except ControlError as exc:
         _say(str(exc))
         return RUN_FAILED
+    where: JsonObject = {"on": on} if on is not None else {"all": True} if on_all else {}
     if not watch:
-        return await _run_once(path, start, argv, timeout, map_paths, pull=pull)
-    return await _run_watching(path, start, argv, timeout, map_paths, pull)
+        return await _run_once(path, start, argv, timeout, map_paths, pull=pull, where=where)
+    return await _run_watching(path, start, argv, timeout, map_paths, pull, where)
 
 
 async def _run_once(path: Path, start: Path, argv: Sequence[str], timeout: float | None,
                     map_paths: bool, stale: asyncio.Event | None = None,
-                    pull: bool = False) -> int:
-    tty = sys.stdout.isatty()
+                    pull: bool = False, where: JsonObject | None = None) -> int:
+    where = where or {}
+    tty = sys.stdout.isatty() and not where.get("all")  # a pty only for one target
     cols, rows = _size()
     message: dict[str, object] = {
         "v": 1, "op": "run", "argv": list(argv), "pty": tty,
         "term": os.environ.get("TERM") if tty else None, "cols": cols, "rows": rows,
         "map_paths": map_paths, "cwd": str(start.resolve()), "timeout": timeout,
-        "pull": pull}
+        "pull": pull, **where}
     loop = asyncio.get_running_loop()
     interrupts = 0
     try:
@@ -243,7 +261,8 @@ async def _interrupt_when(stale: asyncio.Event | None, send: object) -> None:
 
 
 async def _run_watching(path: Path, start: Path, argv: Sequence[str], timeout: float | None,
-                        map_paths: bool, pull: bool = False) -> int:
+                        map_paths: bool, pull: bool = False,
+                        where: JsonObject | None = None) -> int:
     """Run, then run again each time the session is in sync after newer changes; a run
     still going when a newer batch lands is interrupted (it is stale)."""
     seen = await _synced_changes(path, start)
@@ -251,7 +270,7 @@ async def _run_watching(path: Path, start: Path, argv: Sequence[str], timeout: f
         stale = asyncio.Event()
         watcher = asyncio.ensure_future(_wait_newer(path, start, seen, stale))
         try:
-            code = await _run_once(path, start, argv, timeout, map_paths, stale, pull)
+            code = await _run_once(path, start, argv, timeout, map_paths, stale, pull, where)
             _say(f"exit {code}; waiting for changes (Ctrl-C to stop)")
             await watcher
         except ControlError as exc:

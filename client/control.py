@@ -25,12 +25,16 @@ timeout itself, so that its error can say what is pending; past the timeout plus
     ← {"v": 1, "ok": true, "pid": 4242, "ops": ["hello", "status", "flush", "run"]}
     → {"v": 1, "op": "status"}
     ← {"v": 1, "ok": true, "pid": 4242, ...the handler's fields...}
+      (with several targets: "hosts": [one object per target, "name" in each])
     → {"v": 1, "op": "flush", "timeout": 10.0}              (timeout: seconds, or null)
+      ("target": "arm-box": that target only; default: every target)
     ← {"v": 1, "ok": true, ...the handler's fields...}
     ← {"v": 1, "ok": false, "code": "timeout", "error": "3 paths still pending", ...}
     → {"v": 1, "op": "run", "argv": ["make", "-j8"], "pty": true, "term": "xterm-256color",
        "cols": 80, "rows": 24, "map_paths": true, "cwd": "/home/me/src/linux/drivers",
        "timeout": 30.0}
+      ("on": "arm-box": on that target, default the first; "all": true: on every target
+      at once, each output line prefixed with "[NAME] ", the exit status the worst)
     ← {"v": 1, "stream": "out", "data": "<base64>"}          (also "err"; any number)
     ← {"v": 1, "note": "waiting for the link to come back"}   (optional, free text)
     ← {"v": 1, "ok": true, "done": true, "exit": 0}          (128+N: killed by signal N)
@@ -89,6 +93,7 @@ from types import TracebackType
 from typing import Protocol, Union
 
 from lsync.client.errors import LsyncError
+from lsync.client.target import NAME
 from lsync.protocol.paths import relpath_problem
 
 __all__ = [
@@ -147,6 +152,7 @@ class Status:
 @dataclass(frozen=True, slots=True)
 class Flush:
     timeout: float | None = None
+    target: str | None = None  # one target's name; None: every target
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +166,8 @@ class RunRequest:
     cwd: str | None = None  # absolute local directory to run in (mapped by the handler)
     timeout: float | None = None  # for the flush before the command
     pull: bool = False  # then pull what the [pull] rules select and the command changed
+    on: str | None = None  # the target to run on (by name); None: the first
+    all: bool = False  # on every target at once, output lines prefixed with its name
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +211,7 @@ class ControlHandler(Protocol):
     the client's later lines; it returns the command's exit status. It is cancelled when
     the client leaves or the server closes."""
 
-    async def flush(self, timeout: float | None) -> JsonObject: ...
+    async def flush(self, timeout: float | None, target: str | None = None) -> JsonObject: ...
 
     async def status(self) -> JsonObject: ...
 
@@ -265,6 +273,14 @@ def _text(message: JsonObject, key: str) -> str | None:
     return value
 
 
+def _name(message: JsonObject, key: str) -> str | None:
+    """A target's name (see lsync.client.target.NAME), or None."""
+    name = _text(message, key)
+    if name is not None and not NAME.fullmatch(name):
+        raise ControlError("bad-request", f"{key!r} is not a target name")
+    return name
+
+
 def parse_request(line: bytes) -> Request:
     """One request line as a record; anything else is ControlError("bad-request")."""
     message = _decode_object(line, "bad-request")
@@ -280,11 +296,11 @@ def parse_request(line: bytes) -> Request:
         _fields(message, {"v", "op"})
         return Status()
     if op == "flush":
-        _fields(message, {"v", "op", "timeout"})
-        return Flush(_number(message, "timeout"))
+        _fields(message, {"v", "op", "timeout", "target"})
+        return Flush(_number(message, "timeout"), _name(message, "target"))
     if op == "run":
         _fields(message, {"v", "op", "argv", "pty", "term", "cols", "rows", "map_paths",
-                          "cwd", "timeout", "pull"})
+                          "cwd", "timeout", "pull", "on", "all"})
         argv = message.get("argv")
         if (not isinstance(argv, list) or not argv
                 or not all(isinstance(a, str) and "\0" not in a for a in argv)):
@@ -299,7 +315,8 @@ def parse_request(line: bytes) -> Request:
             argv=tuple(argv), pty=_bool(message, "pty", False), term=term,
             cols=_int(message, "cols", 80), rows=_int(message, "rows", 24),
             map_paths=_bool(message, "map_paths", True), cwd=cwd,
-            timeout=_number(message, "timeout"), pull=_bool(message, "pull", False))
+            timeout=_number(message, "timeout"), pull=_bool(message, "pull", False),
+            on=_name(message, "on"), all=_bool(message, "all", False))
     if op == "pull":
         _fields(message, {"v", "op", "patterns", "timeout", "kept"})
         patterns, kept = message.get("patterns", []), message.get("kept", [])

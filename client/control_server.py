@@ -295,8 +295,9 @@ class ControlServer:
                                        "error": "this lsync session belongs to another user"})
             else:
                 await self._serve(connection)
-        except (ControlError, ConnectionError):
-            pass  # the client left
+        except (ControlError, ConnectionError) as exc:
+            # The client left (logged: a run that ends with no answer must say why).
+            log_event(f"control: connection ended: {type(exc).__name__}: {exc}")
         finally:
             writer.close()
             with contextlib.suppress(OSError):
@@ -359,7 +360,7 @@ class ControlServer:
                 result = await self.handler.pull(request)
                 reply = {**result, "ok": True}
             else:
-                result = await self._flush(request.timeout)
+                result = await self._flush(request.timeout, request.target)
                 reply = {**result, "ok": True}
             encode_line(reply)  # a reply that cannot be sent is the handler's bug
             return reply
@@ -368,13 +369,14 @@ class ControlServer:
         except Exception as exc:
             return self._internal(exc)
 
-    async def _flush(self, timeout: float | None) -> JsonObject:
+    async def _flush(self, timeout: float | None, target: str | None) -> JsonObject:
         """The handler's flush, which keeps its own timeout (so that its error says what
         is pending); a handler that overruns it by FLUSH_GRACE is given up on."""
         if timeout is None:
-            return await self.handler.flush(None)
+            return await self.handler.flush(None, target)
         try:
-            return await asyncio.wait_for(self.handler.flush(timeout), timeout + FLUSH_GRACE)
+            return await asyncio.wait_for(self.handler.flush(timeout, target),
+                                          timeout + FLUSH_GRACE)
         except asyncio.TimeoutError:
             raise ControlError("timeout", f"flush did not finish in {timeout:g} s") from None
 

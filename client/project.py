@@ -1,6 +1,11 @@
 """The project file, `.lsync.toml` at the root of the local tree.
 
     target = "build-box:src/linux"     # [user@]host:tree, or a local directory
+    # or several: target = ["x86-box:src/linux", "arm-box:build/linux"]
+    # or named ones (the default name is the host, or the directory's last part):
+    #   [[target]]
+    #   name = "x86"
+    #   target = "x86-box:src/linux"
     exclude = ["*.o", "/out/"]         # gitignore syntax, like --exclude
     delete = false                     # --delete
     include_vcs = false                # --include-vcs
@@ -56,7 +61,7 @@ from typing import Literal, NoReturn
 
 from lsync.agent.lanes import MAX_LANES
 from lsync.client.errors import UsageError
-from lsync.client.target import Target
+from lsync.client.target import NAME, Target
 from lsync.client.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS
 
 if sys.version_info >= (3, 11):
@@ -95,7 +100,8 @@ class Project:
 
     path: Path  # the file
     root: Path  # the directory holding it: the local tree
-    target: str | None = None
+    target: str | None = None  # the first target
+    targets: tuple[tuple[str, str | None], ...] = ()  # every target: (target, name or None)
     ssh_config: tuple[str, ...] | None = None
     delete: bool = False
     exclude: tuple[str, ...] = ()
@@ -116,7 +122,7 @@ class Project:
 class ConnectSettings:
     """The settings of one `lsync connect` (or `lsync run`), file and command line merged."""
 
-    target: str
+    target: str  # the first target
     local_root: Path
     ssh_config: list[str] | None
     delete: bool
@@ -131,6 +137,7 @@ class ConnectSettings:
     map_paths: bool
     pull_paths: tuple[str, ...] = ()
     pull_rewrite: tuple[str, ...] = DEFAULT_REWRITE
+    targets: tuple[tuple[str, str | None], ...] = ()  # every target: (target, name or None)
 
 
 # -- finding and loading ------------------------------------------------------------------
@@ -182,12 +189,7 @@ class _Checker:
     def project(self, root: Path, document: dict[str, object]) -> Project:
         self._known(document, set(_TOP_KEYS), ())
         d = Project(path=self.path, root=root)
-        target = d.target
-        if "target" in document:
-            target = self._string(document["target"], "target", ())
-            if not target:
-                self._fail("bad-value", "target", (), "must not be empty")
-            target = _relative_to(root, target)
+        targets = self._targets(document["target"], root) if "target" in document else ()
         ssh_config = d.ssh_config
         if "ssh_config" in document:
             value = document["ssh_config"]
@@ -204,7 +206,8 @@ class _Checker:
         return Project(
             path=self.path,
             root=root,
-            target=target,
+            target=targets[0][0] if targets else None,
+            targets=targets,
             ssh_config=ssh_config,
             delete=self._bool(document, "delete", d.delete),
             exclude=self._strings(document.get("exclude", []), "exclude", (), "a list of strings"),
@@ -232,6 +235,34 @@ class _Checker:
                 line, name, at = self._where(key, where)
                 raise ProjectError("unknown-key", f"{at}: unknown key `{name}`{hint}; known "
                                    "keys: " + ", ".join(sorted(known)), self.path, line)
+
+    def _targets(self, value: object, root: Path) -> tuple[tuple[str, str | None], ...]:
+        """`target`: a string, or an array of strings and tables (`name`, `target`)."""
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            self._fail("bad-value", "target", (), "must not be empty")
+        found: list[tuple[str, str | None]] = []
+        names: set[str] = set()
+        for item in items:
+            name = None
+            if isinstance(item, dict):
+                self._known(item, {"name", "target"}, ("target",))
+                if "target" not in item:
+                    self._fail("bad-value", "target", (), "tables must set `target`")
+                name = item.get("name")
+                if name is not None and (not isinstance(name, str)
+                                         or not NAME.fullmatch(name) or name in names):
+                    self._fail("bad-value", "name", ("target",),
+                               "must be a unique name of letters, digits, '.', '_' and '-', "
+                               f"not {_shown(name)}")
+                if name is not None:
+                    names.add(name)
+                item = item["target"]
+            text = self._string(item, "target", ())
+            if not text:
+                self._fail("bad-value", "target", (), "must not be empty")
+            found.append((_relative_to(root, text), name))
+        return tuple(found)
 
     def _string(self, value: object, key: str, where: tuple[str, ...]) -> str:
         if not isinstance(value, str):
@@ -432,7 +463,7 @@ def merge(project: Project | None, cli_args: object) -> ConnectSettings:
     if local is not None:
         local_root = Path(str(local)).expanduser().resolve()
         if project is not None and local_root != project.root.resolve():
-            if given("target") is None:
+            if not given("target"):
                 raise ProjectError(
                     "mismatch", f"--local {local_root} is not the tree of {project.path} "
                     f"({project.root}); give a target too, or run in {project.root}",
@@ -444,8 +475,13 @@ def merge(project: Project | None, cli_args: object) -> ConnectSettings:
         local_root = Path.cwd().resolve()
     base = project if project is not None else Project(path=Path(PROJECT_FILE), root=local_root)
 
-    target = given("target")
-    target = str(target) if target is not None else base.target
+    given_targets = given("target")
+    if isinstance(given_targets, str):
+        given_targets = [given_targets]
+    targets: tuple[tuple[str, str | None], ...] = (
+        tuple((str(t), None) for t in _str_list(given_targets)) if given_targets
+        else base.targets)
+    target = targets[0][0] if targets else None
     if not target:
         where = f" and {project.path} sets no `target`" if project is not None else (
             f" and there is no {PROJECT_FILE} in this tree")
@@ -482,6 +518,7 @@ def merge(project: Project | None, cli_args: object) -> ConnectSettings:
         map_paths=map_paths,
         pull_paths=base.pull_paths,
         pull_rewrite=base.pull_rewrite,
+        targets=targets,
     )
 
 

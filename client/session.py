@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import time
 from collections.abc import Awaitable, Container
 from dataclasses import dataclass, field
@@ -36,35 +35,30 @@ import asyncssh
 from lsync.client import lanes, remotelisting, sigstore, ssh
 from lsync.client.bootstrap import MAX_INITIAL, bundle_b64, local_argv
 from lsync.client.buildloop import BuildLoop, Progress, TrackingReporter
-from lsync.client.control import ControlError, JsonObject
-from lsync.client.control_server import ControlServer
-from lsync.client.controlpath import socket_path
+from lsync.client.control import JsonObject
 from lsync.client.engine import URGENT_MAX, SyncEngine
 from lsync.client.errors import (
     ConnectError,
     LinkBroken,
     LsyncError,
     SafetyStop,
-    UsageError,
-    internal_error,
 )
 from lsync.client.hashcache import HashCache, default_cache_path
 from lsync.client.ignore import IndexChange
-from lsync.client.ignored import IgnoredTally, follow_index
+from lsync.client.ignored import IgnoredTally
 from lsync.client.link import AgentLink
+from lsync.client.localside import LocalSide
 from lsync.client.project import DEFAULT_LANES
 from lsync.client.pull import Stamp
 from lsync.client.pullrules import DEFAULT_REWRITE, PullRules, PushRules, RewriteRules
 from lsync.client.reporter import Reporter
-from lsync.client.scanner import LocalEntry, scan_tree
+from lsync.client.scanner import LocalEntry
 from lsync.client.streams import LocalAgentStream, SshAgentStream
+from lsync.client.target import target_name
 from lsync.client.watcher import (
     DEFAULT_DEBOUNCE_MS,
     DEFAULT_STEP_MS,
-    RootGone,
-    TreeWatcher,
     WatchBatch,
-    open_watcher,
 )
 from lsync.client.window import Op
 from lsync.protocol import PROTOCOL_VERSION, hashing, packing
@@ -99,16 +93,22 @@ class Options:
     lanes: int = DEFAULT_LANES  # extra SSH channels for data (lsync.client.lanes)
     pull_paths: list[str] = field(default_factory=list)  # [pull] paths (lsync.client.pull)
     pull_rewrite: list[str] = field(default_factory=lambda: list(DEFAULT_REWRITE))
+    name: str | None = None  # the target's short name (default: lsync.client.target)
 
 
 class Session:
-    def __init__(self, options: Options, reporter: Reporter, control: bool = True) -> None:
+    """One target's side of a run: its connection, engine and reconnect loop. The local
+    side (watcher, rules, scans, hash caches) is shared with the other targets' sessions
+    (lsync.client.localside); `lsync.client.fleet` runs them all."""
+
+    def __init__(self, options: Options, reporter: Reporter, local: LocalSide | None = None,
+                 stop: asyncio.Event | None = None, name: str | None = None) -> None:
         self.options = options
         self.progress = Progress()
         self.reporter: Reporter = TrackingReporter(reporter, self.progress)
         self.root = options.local_root
         self.target_text = options.target.describe()
-        self.control = control  # serve `lsync flush/run/status` on the control socket
+        self.name = name or target_name(options.target)
         # For the build loop (lsync.client.buildloop): the current engine, whether its
         # initial sync is done, and an event set whenever either changes.
         self.engine_ready = False
@@ -117,26 +117,41 @@ class Session:
         # through the backoff, until the next one has its engine).
         self.link_up = False
         self.remote_root: str | None = None
-        # Pulled paths are never pushed (lsync.client.pullrules): the rules say so.
-        self.rules = PushRules(self.root, options.excludes, options.include_vcs,
-                               pull=PullRules(options.pull_paths))
+        if local is None:  # a session of its own (tests): a local side for it alone
+            # Pulled paths are never pushed (lsync.client.pullrules): the rules say so.
+            rules = PushRules(self.root, options.excludes, options.include_vcs,
+                              pull=PullRules(options.pull_paths))
+            local = LocalSide(self.root, rules, options.step_ms, options.debounce_ms,
+                              self.reporter.note)
+        local.hosts.append(self)
+        self.local = local
+        self.rules = local.rules
         self.rewrite_rules = RewriteRules(options.pull_rewrite)
         self.pulled_digests: dict[str, tuple[Stamp, bytes]] = {}  # rewritten pulled files
-        self.ignored: IgnoredTally | None = None  # what the last full scan skipped (status)
-        self.stop = asyncio.Event()
-        self._watching = asyncio.Event()  # the watcher is set up: a scan may start
+        self.stop = stop or asyncio.Event()
         self.engine: SyncEngine | None = None
         self._buffered: dict[str, float] = {}
+        # Since when (monotonic) every change has been kept here for the next connection
+        # (the last engine's end): a scan that started later serves it (LocalSide.scan).
+        self._missed_since = time.monotonic()
         self._ssh: asyncssh.SSHClientConnection | None = None
         # Carried from one connection to the next: remote paths lsync owned, and trees
         # whose delete or rename got no answer (everything below them was ours).
         self._owned: set[str] = set()
         self._owned_trees: set[str] = set()
         self._hash_seen: str | None = None  # the hash the agent chose last
-        self._watcher: TreeWatcher | None = None
-        self._buildloop: BuildLoop | None = None
+        # The build loop of this target (lsync.client.buildloop), set by the fleet: warmed
+        # once the initial sync is done.
+        self.buildloop: BuildLoop | None = None
+
+    @property
+    def ignored(self) -> IgnoredTally | None:
+        """What the last full scan of the tree skipped (status)."""
+        return self.local.ignored
 
     def _set_engine(self, engine: SyncEngine | None) -> None:
+        if engine is None and self.engine is not None:
+            self._missed_since = time.monotonic()
         self.engine = engine
         self.engine_ready = False
         self.link_up = engine is not None
@@ -164,23 +179,16 @@ class Session:
 
     def seen_until(self) -> int:
         """Unix ns before which every local change has been delivered by the watcher."""
-        watched = self._watcher.seen_until() if self._watcher is not None else time.time_ns()
-        return min(watched, self.rules.index_seen_until())
+        return self.local.seen_until()
 
     # -- the watcher feeds whichever engine is current --------------------------------------
     def _on_batch(self, batch: WatchBatch) -> None:
-        now = time.monotonic()
-        dirty: list[str] = []
-        for path in batch.paths:
-            name = path.rpartition("/")[2]
-            if self.rules.is_rules_file(path):
-                directory = path.rpartition("/")[0]
-                if self.rules.reload(directory) and self._watcher is not None:
-                    self._watcher.refresh(directory)  # newly unignored directories
-                dirty.append(directory)  # re-list: newly (un)ignored entries
-            if name.startswith(".lsync-tmp-"):
-                continue
-            dirty.append(path)
+        """A watcher batch, through the local side (which gives it to every target)."""
+        self.local.on_batch(batch)
+
+    def take_batch(self, dirty: list[str], batch: WatchBatch, now: float) -> None:
+        """The paths of a watcher batch to look at (LocalSide.on_batch): for the engine,
+        or kept for the next connection."""
         engine = self.engine
         if engine is not None:
             engine.mark_dirty(dirty, now)
@@ -199,31 +207,9 @@ class Session:
             for path in dirty:
                 self._buffered.setdefault(path, now)
 
-    async def _watch(self) -> None:
-        await asyncio.sleep(0)  # the SSH connection starts first (see _one_connection)
-        watcher = open_watcher(self.root, self._skip_dir, self.options.step_ms,
-                               self.options.debounce_ms, self.reporter.note)
-        self._watcher = watcher
-        self._watching.set()
-        follower = asyncio.create_task(follow_index(self.rules, self._index_changed,
-                                                    self.reporter.note), name="git-index")
-        try:
-            async for batch in watcher.batches(self.stop):
-                self._on_batch(batch)
-        except RootGone:
-            pass
-        finally:
-            follower.cancel()
-            watcher.close()
-        if not self.stop.is_set():
-            raise SafetyStop(f"the local tree {self.root} is no longer watchable (removed or "
-                             "unmounted?); stopped without deleting anything on the remote")
-
-    def _index_changed(self, change: IndexChange) -> None:
-        """Git's index made these paths (un)tracked, so (un)ignored: look at them again."""
-        if self._watcher is not None:
-            for directory in sorted(change.dirs):
-                self._watcher.refresh(directory)
+    def index_changed(self, change: IndexChange) -> None:
+        """Git's index made these paths (un)tracked, so (un)ignored: look at them again
+        (the local side has refreshed the watcher)."""
         if self.engine is not None:
             self.engine.mark_dirty(sorted(change.paths), hint=False)
             # An in-sync report was held back while the index was read: give it now
@@ -245,54 +231,10 @@ class Session:
             kept = [*reversed(kept), *self.progress.kept_edits]
         self.progress.kept_edits = kept[:m.MAX_KEPT_LISTED]
 
-    def _skip_dir(self, rel: str) -> bool:
-        return bool(rel) and self.rules.is_ignored(rel, True)
-
     # -- running ----------------------------------------------------------------------------
-    async def run(self) -> None:
-        if not self.root.is_dir():
-            raise UsageError(f"local tree {self.root} is not a directory")
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, self.stop.set)
-        server = await self._serve_control()
-        watcher = asyncio.create_task(self._watch(), name="watcher")
-        try:
-            await self._connect_loop(watcher)
-        finally:
-            self.stop.set()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signum)
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, SafetyStop):
-                await watcher
-            if server is not None:
-                await server.close()
-            if self._buildloop is not None:
-                await self._buildloop.close()
-
-    async def _serve_control(self) -> ControlServer | None:
-        """The control socket for `lsync flush/run/status` (none when no safe place for it
-        exists: a note says so). Another session for this tree is a usage error."""
-        if not self.control:
-            return None
-        try:
-            self._buildloop = BuildLoop(self)
-            server = ControlServer(socket_path(self.root), self._buildloop,
-                                   on_internal_error=self._control_bug)
-            await server.start()
-        except ControlError as exc:
-            if exc.code == "busy":
-                raise UsageError(str(exc)) from None
-            self.reporter.note(f"no control socket ({exc}): flush, run and status are "
-                               "unavailable for this session")
-            return None
-        return server
-
-    def _control_bug(self, exc: BaseException) -> None:
-        self.reporter.note(str(internal_error("answering a control request", exc)))
-
-    async def _connect_loop(self, watcher: asyncio.Task[None]) -> None:
+    async def connect_loop(self, watcher: asyncio.Task[None]) -> None:
+        """Connect, sync and follow the tree until stopped; reconnect with backoff after a
+        broken link (unless told not to). `watcher` is the local side's watch task."""
         attempt = 0
         connected_once = False
         while not self.stop.is_set():
@@ -364,18 +306,9 @@ class Session:
         return gone
 
     async def _scan(self, hash_name: str) -> tuple[HashCache, dict[str, LocalEntry]]:
-        cache = HashCache(hash_name, root=self.root)
-        await asyncio.to_thread(cache.load)
-        # Files are hashed later, and only those the remote may already hold (see
-        # SyncEngine.initial_sync): the others are read once, when they are sent.
-        tally = IgnoredTally(self.root, self.rules)
-        local = await asyncio.to_thread(scan_tree, self.root, self.rules, cache,
-                                        on_error=self._scan_problem, hash_files=False,
-                                        on_ignored=tally.add)
-        if self.ignored is None and (note := await asyncio.to_thread(tally.after_scan, local)):
-            self.reporter.note(note)  # once per session: "N of M files ignored (rule)"
-        self.ignored = tally
-        return cache, local
+        """The tree's entries and hash cache: a scan shared with the other targets where
+        one serves (LocalSide.scan)."""
+        return await self.local.scan(hash_name, self._missed_since, self._scan_problem)
 
     def _likely_hash(self) -> str:
         """The hash the agent chose last time (this session, else the newest hash cache of
@@ -427,11 +360,11 @@ class Session:
                 target, self.options.ssh_config, self.options.accept_new_host_key))
             await asyncio.sleep(0)
         # Nothing is scanned before the watcher reports changes (none may fall between).
-        if not self._watching.is_set():
-            ready = asyncio.ensure_future(self._watching.wait())
+        if not self.local.watching.is_set():
+            ready = asyncio.ensure_future(self.local.watching.wait())
             await asyncio.wait({ready, watcher}, return_when=asyncio.FIRST_COMPLETED)
             ready.cancel()
-            if watcher.done() and not self._watching.is_set():
+            if watcher.done() and not self.local.watching.is_set():
                 if opening is not None:
                     opening.cancel()
                 holding.cancel()
@@ -514,7 +447,6 @@ class Session:
             # (Nothing may keep the copy nor a model of it for the rest of the session.)
             tasks = [task for task in tasks if task is not holding and task is not preparing]
             del held, preparing, holding
-            tree_watcher = self._watcher
             if pinging is not None and pinging.done() and not pinging.cancelled() \
                     and pinging.exception() is None:
                 long_link = pinging.result() > LONG_LINK_RTT  # (no answer yet: long it is)
@@ -523,7 +455,7 @@ class Session:
                 compression=welcome.chosen.get("compression", packing.ZLIB),
                 long_link=long_link,
                 seen_until=self.seen_until,
-                close_events=bool(tree_watcher and tree_watcher.close_events))
+                close_events=self.local.close_events)
             await engine.initial_sync(local, list(listing.entries.values()), loaded)
             keeping = None
             if listing.changed and listing.generation:
@@ -559,8 +491,8 @@ class Session:
                                 time.monotonic() - started)
             self.engine_ready = True
             self.engine_changed.set()
-            if self._buildloop is not None:
-                self._buildloop.warm()  # `lsync run` then starts without opening a channel
+            if self.buildloop is not None:
+                self.buildloop.warm()  # `lsync run` then starts without opening a channel
             self.reporter.state("watching")
             await self._save_caches(cache, signatures, engine)
             await _first(stopping, runner, watcher, link_closed)
@@ -593,7 +525,6 @@ class Session:
                 await _close_ssh(self._ssh, clean=link.failure is None)
                 self._ssh = None
 
-
     async def _save_caches(self, cache: HashCache, signatures: Path,
                            engine: SyncEngine) -> None:
         """Save the hash cache and the signatures; a failure is a note, never fatal. (The
@@ -601,13 +532,8 @@ class Session:
         the model while passes change it died of "dictionary changed size during iteration"
         in the torture run, and took the session with it.)"""
         kept = engine.model.signatures_to_keep(sigstore.MIN_SIZE)
-        for what, save in (("hash cache", cache.save),
-                           ("signatures", lambda: sigstore.save(signatures, kept))):
-            try:
-                await asyncio.to_thread(save)
-            except (OSError, ValueError) as exc:
-                self.reporter.note(f"could not save the {what} ({exc}); the next start "
-                                   "reads more")
+        for problem in await self.local.save(cache, signatures, kept):
+            self.reporter.note(problem)
 
 
 async def _close_ssh(conn: asyncssh.SSHClientConnection, clean: bool) -> None:

@@ -7,7 +7,11 @@ commands that do not connect (flush, run, status, the project file) need not loa
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+# A target's short name (`lsync flush --target NAME`, `lsync run --on NAME`, output prefixes).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -31,3 +35,23 @@ class Target:
             return self.tree
         user = f"{self.user}@" if self.user else ""
         return f"{user}{self.host}:{self.tree}"
+
+
+def target_name(target: Target) -> str:
+    """The default short name of a target: its host (alias) as written, or the last part
+    of a local directory; what a name may not hold becomes "-"."""
+    text = target.host if target.host is not None else (
+        target.tree.rstrip("/").rpartition("/")[2] or "local")
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", text).lstrip("._-")[:64]
+    return name or "target"
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """`names` with repeats made distinct: a second "box" is "box-2"."""
+    seen: dict[str, int] = {}
+    out: list[str] = []
+    for name in names:
+        count = seen.get(name, 0) + 1
+        seen[name] = count
+        out.append(name if count == 1 else f"{name}-{count}")
+    return out

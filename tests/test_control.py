@@ -56,7 +56,7 @@ class FakeSession:
         self.started = asyncio.Event()
         self.cancelled = asyncio.Event()
 
-    async def flush(self, timeout: float | None) -> JsonObject:
+    async def flush(self, timeout: float | None, target: str | None = None) -> JsonObject:
         self.flushes.append(timeout)
         if timeout == 0:
             raise ControlError("timeout", "2 paths still pending", details={"pending": 2})

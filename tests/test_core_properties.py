@@ -216,7 +216,7 @@ class Rig:
 
     def _new_session(self) -> Session:
         options = Options(Target(None, None, str(self.remote)), self.local)
-        return Session(options, self.reporter, control=False)
+        return Session(options, self.reporter)
 
     @property
     def engine(self) -> SyncEngine:

@@ -23,7 +23,7 @@ KEPT = m.KEPT_DIR
 def _session(tmp_path: Path) -> tuple[Session, Reporter]:
     reporter = Reporter()
     options = Options(Target(None, None, str(tmp_path / "remote")), tmp_path)
-    return Session(options, reporter, control=False), reporter
+    return Session(options, reporter), reporter
 
 
 def test_session_notes_each_keep_and_lists_them_newest_first(tmp_path: Path) -> None:

@@ -98,7 +98,7 @@ class Rig:
         (self.local / "keep").write_text("the local root is never empty\n")
         self.reporter = RecordingReporter()
         self.session = Session(Options(Target(None, None, str(self.remote)), self.local),
-                               self.reporter, control=False)
+                               self.reporter)
         self.in_flight: dict[str, str] = {}  # path -> remote edit made before its next op
         # path -> ("remote", version or None when removed) / ("op", None), in order
         self.events: dict[str, list[tuple[str, Version | None]]] = {}

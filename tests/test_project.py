@@ -76,7 +76,8 @@ def test_good_file(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD)
     project = load_project(tmp_path)
     assert project == Project(
-        path=path, root=tmp_path, target="build-box:src/linux", exclude=("*.o", "/out/"),
+        path=path, root=tmp_path, target="build-box:src/linux",
+        targets=(("build-box:src/linux", None),), exclude=("*.o", "/out/"),
         delete=True, include_vcs=False, accept_new_host_key=True,
         ssh_config=("~/.ssh/config", "~/.ssh/work"), step_ms=3, debounce_ms=40,
         reconnect=False, log="verbose", map_paths=False)

@@ -1,0 +1,210 @@
+"""The local side of one `lsync connect`, shared by every target: one watcher, one set of
+rules, one hash cache per hash, one scan for all the hosts that need it at once.
+
+Each target has its own `Session` (lsync.client.session: connection, engine, model, window,
+reconnect loop); they meet here. What this promises:
+
+- **One watcher** for the tree. Each batch is looked at once (a changed rules file is read
+  again once, not once per host) and then handed to every host in order, which gives it to
+  its engine or keeps it for its next connection (`Host.take_batch`). The same for git's
+  index (`Host.index_changed`). A tree that can no longer be watched ends the watch with a
+  `SafetyStop`, for every host.
+- **Shared scans.** A host that needs the tree's listing for its initial comparison gives
+  the moment from which it has kept every change itself (`missed_since`: when its last
+  engine ended, or the start); a scan of the same hash that started at or after that moment
+  is as good as its own (what changed during or after it is in the host's buffer), so the
+  host takes that scan (running or finished less than `SCAN_SHARED_FOR` ago) instead of
+  walking the tree again. Each host gets its own dictionary (the entries are shared, never
+  changed in place).
+- **One hash cache per hash**, loaded once and saved under one lock (two hosts never write
+  the same cache file at once); the signature store likewise.
+- The "N of M files ignored" note of the first full scan is said once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from lsync.client import sigstore
+from lsync.client.delta import Signature
+from lsync.client.errors import SafetyStop
+from lsync.client.hashcache import HashCache
+from lsync.client.ignore import IndexChange
+from lsync.client.ignored import IgnoredTally, follow_index
+from lsync.client.pullrules import PushRules
+from lsync.client.scanner import LocalEntry, scan_tree
+from lsync.client.watcher import RootGone, TreeWatcher, WatchBatch, open_watcher
+
+SCAN_SHARED_FOR = 10.0  # seconds a finished scan is kept for hosts that start a bit later
+
+Scan = tuple[HashCache, dict[str, LocalEntry]]
+
+
+class Host(Protocol):
+    """What the local side needs from each target's session."""
+
+    def take_batch(self, dirty: list[str], batch: WatchBatch, now: float) -> None: ...
+
+    def index_changed(self, change: IndexChange) -> None: ...
+
+
+class LocalSide:
+    def __init__(self, root: Path, rules: PushRules, step_ms: int, debounce_ms: int,
+                 note: Callable[[str], None]) -> None:
+        self.root = root
+        self.rules = rules
+        self.step_ms = step_ms
+        self.debounce_ms = debounce_ms
+        self.note = note
+        self.hosts: list[Host] = []
+        self.watcher: TreeWatcher | None = None
+        self.watching = asyncio.Event()  # the watcher is set up: a scan may start
+        self.ignored: IgnoredTally | None = None  # what the last full scan skipped (status)
+        self.scans = 0  # whole-tree scans made for hosts (a test counts them)
+        self._caches: dict[str, asyncio.Future[HashCache]] = {}
+        # hash name -> (monotonic start, the scan), while running and shortly after
+        self._scans: dict[str, tuple[float, asyncio.Future[Scan]]] = {}
+        self._saving = asyncio.Lock()
+
+    # -- the watcher -------------------------------------------------------------------------
+    def seen_until(self) -> int:
+        """Unix ns before which every local change has been delivered by the watcher."""
+        watched = self.watcher.seen_until() if self.watcher is not None else time.time_ns()
+        return min(watched, self.rules.index_seen_until())
+
+    @property
+    def close_events(self) -> bool:
+        return bool(self.watcher is not None and self.watcher.close_events)
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Run the watcher and git's index follower until `stop`; a tree that cannot be
+        watched any more raises SafetyStop."""
+        await asyncio.sleep(0)  # the SSH connections start first
+        watcher = open_watcher(self.root, self._skip_dir, self.step_ms, self.debounce_ms,
+                               self.note)
+        self.watcher = watcher
+        self.watching.set()
+        follower = asyncio.create_task(follow_index(self.rules, self.index_changed,
+                                                    self.note), name="git-index")
+        try:
+            async for batch in watcher.batches(stop):
+                self.on_batch(batch)
+        except RootGone:
+            pass
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+            watcher.close()
+        if not stop.is_set():
+            raise SafetyStop(f"the local tree {self.root} is no longer watchable (removed or "
+                             "unmounted?); stopped without deleting anything on the remote")
+
+    def _skip_dir(self, rel: str) -> bool:
+        return bool(rel) and self.rules.is_ignored(rel, True)
+
+    def on_batch(self, batch: WatchBatch) -> None:
+        """Look at a watcher batch once (rules files read again), then give every host the
+        paths to look at."""
+        now = time.monotonic()
+        dirty: list[str] = []
+        for path in batch.paths:
+            name = path.rpartition("/")[2]
+            if self.rules.is_rules_file(path):
+                directory = path.rpartition("/")[0]
+                if self.rules.reload(directory) and self.watcher is not None:
+                    self.watcher.refresh(directory)  # newly unignored directories
+                dirty.append(directory)  # re-list: newly (un)ignored entries
+            if name.startswith(".lsync-tmp-"):
+                continue
+            dirty.append(path)
+        for host in self.hosts:
+            host.take_batch(dirty, batch, now)
+
+    def index_changed(self, change: IndexChange) -> None:
+        """Git's index made these paths (un)tracked, so (un)ignored: every host looks again."""
+        if self.watcher is not None:
+            for directory in sorted(change.dirs):
+                self.watcher.refresh(directory)
+        for host in self.hosts:
+            host.index_changed(change)
+
+    # -- scans and caches ------------------------------------------------------------------
+    async def hash_cache(self, hash_name: str) -> HashCache:
+        """The tree's hash cache for `hash_name`, loaded once."""
+        loading = self._caches.get(hash_name)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load_cache(hash_name))
+            self._caches[hash_name] = loading
+        try:
+            return await asyncio.shield(loading)
+        except BaseException:
+            if loading.done() and (loading.cancelled() or loading.exception() is not None):
+                self._caches.pop(hash_name, None)
+            raise
+
+    async def _load_cache(self, hash_name: str) -> HashCache:
+        cache = HashCache(hash_name, root=self.root)
+        await asyncio.to_thread(cache.load)
+        return cache
+
+    async def scan(self, hash_name: str, missed_since: float,
+                   on_error: Callable[[str, Exception], None]) -> Scan:
+        """The tree's entries (files not hashed) and its hash cache: a scan of `hash_name`
+        that started at or after `missed_since` (monotonic) if there is one, else a new
+        one. The dictionary is the caller's own."""
+        shared = self._scans.get(hash_name)
+        if shared is None or shared[0] < missed_since or (
+                shared[1].done() and (shared[1].cancelled() or shared[1].exception())):
+            started = time.monotonic()
+            future = asyncio.ensure_future(self._scan(hash_name, on_error))
+            shared = (started, future)
+            self._scans[hash_name] = shared
+            future.add_done_callback(lambda done: self._forget_scan_later(hash_name, done))
+        cache, local = await asyncio.shield(shared[1])
+        return cache, dict(local)
+
+    def _forget_scan_later(self, hash_name: str, future: asyncio.Future[Scan]) -> None:
+        def forget() -> None:
+            held = self._scans.get(hash_name)
+            if held is not None and held[1] is future:
+                del self._scans[hash_name]
+
+        if future.cancelled() or future.exception() is not None:
+            forget()
+        else:
+            asyncio.get_running_loop().call_later(SCAN_SHARED_FOR, forget)
+
+    async def _scan(self, hash_name: str, on_error: Callable[[str, Exception], None]) -> Scan:
+        cache = await self.hash_cache(hash_name)
+        # Files are hashed later, and only those the remote may already hold (see
+        # SyncEngine.initial_sync): the others are read once, when they are sent.
+        tally = IgnoredTally(self.root, self.rules)
+        self.scans += 1
+        local = await asyncio.to_thread(scan_tree, self.root, self.rules, cache,
+                                        on_error=on_error, hash_files=False,
+                                        on_ignored=tally.add)
+        if self.ignored is None and (note := await asyncio.to_thread(tally.after_scan, local)):
+            self.note(note)  # once per run: "N of M files ignored (rule)"
+        self.ignored = tally
+        return cache, local
+
+    async def save(self, cache: HashCache, signatures: Path,
+                   kept: list[tuple[str, bytes, Signature]]) -> list[str]:
+        """Save the hash cache and the signatures (one save at a time); returns what could
+        not be saved, as notes."""
+        problems: list[str] = []
+        async with self._saving:
+            for what, save in (("hash cache", cache.save),
+                               ("signatures", lambda: sigstore.save(signatures, kept))):
+                try:
+                    await asyncio.to_thread(save)
+                except (OSError, ValueError) as exc:
+                    problems.append(f"could not save the {what} ({exc}); the next start "
+                                    "reads more")
+        return problems
