@@ -31,6 +31,7 @@ from lsync.client.errors import InternalError, LsyncError, SafetyStop, internal_
 from lsync.client.hashcache import HashCache
 from lsync.client.ignore import IgnoreRules
 from lsync.client.link import AgentLink, Reply
+from lsync.client.localside import SharedReads
 from lsync.client.model import DIR, FILE, LINK, RemoteModel
 from lsync.client.passes import PathPasses
 from lsync.client.pathqueue import PathQueue, PathRecord, State
@@ -82,7 +83,7 @@ class SyncEngine(PathPasses):
                  clock: Callable[[], float] = time.monotonic,
                  compression: str = packing.ZLIB, long_link: bool = False,
                  seen_until: Callable[[], int] = time.time_ns,
-                 close_events: bool = False) -> None:
+                 close_events: bool = False, reads: SharedReads | None = None) -> None:
         self.link = link
         self.root = root
         self.rules = rules
@@ -95,6 +96,7 @@ class SyncEngine(PathPasses):
         self.seen_until = seen_until
         # The watcher reports when writers close files (hold/release): no settling guess.
         self.close_events = close_events
+        self.reads = reads  # one read of a save for every target (lsync.client.localside)
         self.packing = Packing(compression, long_link)
         self.queue = PathQueue()
         self.window = Window()

@@ -18,6 +18,11 @@ reconnect loop); they meet here. What this promises:
   changed in place).
 - **One hash cache per hash**, loaded once and saved under one lock (two hosts never write
   the same cache file at once); the signature store likewise.
+- **A save is read and hashed once** (`SharedReads`): the first target's engine to read a
+  file version reads it (and hashes it, as every read does); the others get the same bytes
+  while that version stands. A watcher event for the path (or an overflow) forgets the read
+  before any target hears of the event, so a target never sends what it read before the
+  file's last change it was told about.
 - The "N of M files ignored" note of the first full scan is said once.
 """
 
@@ -25,8 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -41,6 +48,8 @@ from lsync.client.scanner import LocalEntry, scan_tree
 from lsync.client.watcher import RootGone, TreeWatcher, WatchBatch, open_watcher
 
 SCAN_SHARED_FOR = 10.0  # seconds a finished scan is kept for hosts that start a bit later
+READ_SHARED_FOR = 5.0  # seconds a file version read by one target waits for the others
+READS_HELD = 256  # file versions held at most (the oldest go first)
 
 Scan = tuple[HashCache, dict[str, LocalEntry]]
 
@@ -51,6 +60,72 @@ class Host(Protocol):
     def take_batch(self, dirty: list[str], batch: WatchBatch, now: float) -> None: ...
 
     def index_changed(self, change: IndexChange) -> None: ...
+
+
+Read = tuple[bytes, LocalEntry]
+
+
+@dataclass
+class _Held:
+    key: tuple[int, int, int, int, int]
+    future: asyncio.Future[Read]
+    since: float
+    takes: int  # other targets still to take it
+
+
+class SharedReads:
+    """One read of a file version for every target (see the module docstring). `sharers`
+    says how many targets there are; with one, nothing is held."""
+
+    def __init__(self, sharers: Callable[[], int]) -> None:
+        self.sharers = sharers
+        self.files_read = 0  # reads made (a test counts them)
+        self._held: dict[str, _Held] = {}
+
+    async def read(self, path: str, st: os.stat_result,
+                   read: Callable[[], Awaitable[Read]]) -> Read:
+        """The content and entry of `path` as of the version `st` says: read by `read`,
+        or the bytes another target's read of that version got."""
+        others = self.sharers() - 1
+        if others <= 0:
+            self.files_read += 1
+            return await read()
+        now = time.monotonic()
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        held = self._held.get(path)
+        if held is not None and held.key == key and now - held.since < READ_SHARED_FOR:
+            held.takes -= 1
+            if held.takes <= 0:
+                del self._held[path]
+            return await asyncio.shield(held.future)
+        self._expire(now)
+        self.files_read += 1
+        future = asyncio.ensure_future(read())
+        self._held[path] = _Held(key, future, now, others)
+        future.add_done_callback(lambda done: self._failed(path, done))
+        return await asyncio.shield(future)
+
+    def _failed(self, path: str, future: asyncio.Future[Read]) -> None:
+        """A read that failed is not handed on (each target looks again itself)."""
+        if future.cancelled() or future.exception() is not None:
+            held = self._held.get(path)
+            if held is not None and held.future is future:
+                del self._held[path]
+
+    def _expire(self, now: float) -> None:
+        for path in [p for p, h in self._held.items() if now - h.since >= READ_SHARED_FOR]:
+            del self._held[path]
+        while len(self._held) >= READS_HELD:
+            del self._held[next(iter(self._held))]
+
+    def forget(self, paths: Iterable[str]) -> None:
+        """These paths changed (a watcher event): what was read of them is not handed on."""
+        if self._held:
+            for path in paths:
+                self._held.pop(path, None)
+
+    def clear(self) -> None:
+        self._held.clear()
 
 
 class LocalSide:
@@ -70,6 +145,7 @@ class LocalSide:
         # hash name -> (monotonic start, the scan), while running and shortly after
         self._scans: dict[str, tuple[float, asyncio.Future[Scan]]] = {}
         self._saving = asyncio.Lock()
+        self.reads = SharedReads(lambda: len(self.hosts))
 
     # -- the watcher -------------------------------------------------------------------------
     def seen_until(self) -> int:
@@ -112,6 +188,10 @@ class LocalSide:
         """Look at a watcher batch once (rules files read again), then give every host the
         paths to look at."""
         now = time.monotonic()
+        if batch.overflow:
+            self.reads.clear()
+        self.reads.forget(batch.paths)
+        self.reads.forget(batch.writing)
         dirty: list[str] = []
         for path in batch.paths:
             name = path.rpartition("/")[2]

@@ -17,7 +17,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from lsync.client.errors import SafetyStop
 from lsync.client.hashcache import HashCache
 from lsync.client.ignore import IgnoreRules
 from lsync.client.link import AgentLink
+from lsync.client.localside import SharedReads
 from lsync.client.model import DIR, FILE, LINK, RemoteEntry, RemoteModel
 from lsync.client.outbox import BATCH_BYTES
 from lsync.client.pathqueue import PathQueue, PathRecord
@@ -107,6 +108,7 @@ class PathPasses:
     close_events: bool
     clock: Callable[[], float]
     seen_until: Callable[[], int]
+    reads: SharedReads | None  # reads shared with the other targets' engines
     _queued_dirs: set[str]
     # Owner path -> remote paths where an operation its pass sent was refused: what is
     # there is not known any more; its next pass asks the agent first (`_relearn`).
@@ -433,8 +435,14 @@ class PathPasses:
         return "done"
 
     async def _read(self, path: str, st: os.stat_result) -> tuple[bytes, LocalEntry]:
-        return await _off_loop(st.st_size, read_file_stable, self.root, path, self.cache,
-                               limit=MAX_FILE)
+        """The file as of `st` (once for every target: lsync.client.localside)."""
+        def read() -> Awaitable[tuple[bytes, LocalEntry]]:
+            return _off_loop(st.st_size, read_file_stable, self.root, path, self.cache,
+                             limit=MAX_FILE)
+
+        if self.reads is None:
+            return await read()
+        return await self.reads.read(path, st, read)
 
     async def _send_content(self, path: str, content: bytes, mode: int, digest: bytes,
                             remote: RemoteEntry | None, since: float,

@@ -455,7 +455,7 @@ class Session:
                 compression=welcome.chosen.get("compression", packing.ZLIB),
                 long_link=long_link,
                 seen_until=self.seen_until,
-                close_events=self.local.close_events)
+                close_events=self.local.close_events, reads=self.local.reads)
             await engine.initial_sync(local, list(listing.entries.values()), loaded)
             keeping = None
             if listing.changed and listing.generation:

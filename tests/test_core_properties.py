@@ -256,7 +256,8 @@ class Rig:
         engine = SyncEngine(link, self.local, session.rules, cache, session.reporter,
                             clock=self.clock,
                             compression=welcome.chosen.get("compression", packing.ZLIB),
-                            seen_until=self.watcher.seen_until, close_events=True)
+                            seen_until=self.watcher.seen_until, close_events=True,
+                            reads=self.session.local.reads)
         await engine.initial_sync(local, entries)
         gone = session._adopt_owned(engine, local)
         session._set_engine(engine)
