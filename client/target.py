@@ -48,10 +48,13 @@ def target_name(target: Target) -> str:
 
 def unique_names(names: list[str]) -> list[str]:
     """`names` with repeats made distinct: a second "box" is "box-2"."""
-    seen: dict[str, int] = {}
+    taken: set[str] = set()
     out: list[str] = []
     for name in names:
-        count = seen.get(name, 0) + 1
-        seen[name] = count
-        out.append(name if count == 1 else f"{name}-{count}")
+        unique, count = name, 1
+        while unique in taken:
+            count += 1
+            unique = f"{name}-{count}"
+        taken.add(unique)
+        out.append(unique)
     return out

@@ -271,3 +271,54 @@ def test_the_lsync_command_imports_without_any_warning() -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
+
+
+# -- several targets (issue 17) ---------------------------------------------------------------
+
+
+def test_target_may_be_a_list_of_strings(tmp_path: Path) -> None:
+    write(tmp_path, 'target = ["x86-box:src/linux", "arm-box:build/linux", "out"]\n')
+    project = load_project(tmp_path)
+    assert project is not None
+    assert project.targets == (("x86-box:src/linux", None), ("arm-box:build/linux", None),
+                               (str(tmp_path / "out"), None))
+    assert project.target == "x86-box:src/linux"
+
+
+def test_target_tables_give_names(tmp_path: Path) -> None:
+    write(tmp_path, '[[target]]\nname = "x86"\ntarget = "x86-box:src"\n\n'
+                    '[[target]]\ntarget = "arm-box:src"\n')
+    project = load_project(tmp_path)
+    assert project is not None
+    assert project.targets == (("x86-box:src", "x86"), ("arm-box:src", None))
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("target = []\n", "must not be empty"),
+    ('[[target]]\nname = "x"\n', "tables must set `target`"),
+    ('[[target]]\nname = "a b"\ntarget = "h:t"\n', "unique name"),
+    ('[[target]]\nname = "a"\ntarget = "h:t"\n[[target]]\nname = "a"\ntarget = "g:t"\n',
+     "unique name"),
+    ('[[target]]\ntarget = "h:t"\nhost = "h"\n', "unknown key `target.host`"),
+    ("target = [1]\n", "must be a string"),
+])
+def test_bad_targets_are_refused_with_the_key(tmp_path: Path, text: str, problem: str) -> None:
+    assert problem in str(error_of(tmp_path, text))
+
+
+def test_targets_on_the_command_line_replace_the_files(tmp_path: Path) -> None:
+    write(tmp_path, 'target = ["a:t", "b:t"]\n')
+    project = load_project(tmp_path)
+    settings = merge(project, argparse.Namespace(target=["c:t", "d:u"]))
+    assert settings.targets == (("c:t", None), ("d:u", None))
+    assert merge(project, argparse.Namespace(target=[])).targets == (("a:t", None),
+                                                                       ("b:t", None))
+
+
+def test_target_names_default_to_the_host_and_are_made_unique() -> None:
+    from lsync.client.target import Target, target_name, unique_names
+
+    assert target_name(Target.parse("me@x86-box:src")) == "x86-box"
+    assert target_name(Target.parse("/srv/build/linux/")) == "linux"
+    assert target_name(Target.parse("h:t")) == "h"
+    assert unique_names(["box", "box", "arm", "box"]) == ["box", "box-2", "arm", "box-3"]
