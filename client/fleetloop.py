@@ -8,8 +8,8 @@ and pull against that one target); this spreads the requests over them:
   still pending`); its details are that target's, with `target` set to its name.
 - **status**: with one target, its status as it always was (plus `name`); with several,
   `hosts`, a list of the targets' statuses, and a summary (`state`: the first target's that
-  is not watching, else "watching"; `connected`: all of them; `in_sync_as_of_ns`: the
-  oldest).
+  is not watching, else "watching"; `connected`: all of them; `in_sync_as_of_ns` and
+  `in_sync_changes`: the oldest, the smallest).
 - **run** runs on the first target, on the one named by `on`, or with `all` on every
   target at once: no pty, each output line prefixed with `[NAME] `, the client's signals
   and stdin given to every command, the exit status the worst (the highest) of them; a
@@ -104,6 +104,9 @@ class FleetLoop:
             "target": ", ".join(str(s.get("target")) for s in statuses),
             "local": statuses[0].get("local"),
             "in_sync_as_of_ns": min(in_sync),  # type: ignore[type-var]
+            # (`lsync run --watch` runs again once this grows: the slowest target's count)
+            "in_sync_changes": min(s.get("in_sync_changes") or 0  # type: ignore[type-var]
+                                   for s in statuses),
             "hosts": statuses,
         }
 
