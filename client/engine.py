@@ -33,7 +33,7 @@ from lsync.client.ignore import IgnoreRules
 from lsync.client.link import AgentLink, Reply
 from lsync.client.localside import SharedReads
 from lsync.client.model import DIR, FILE, LINK, RemoteModel
-from lsync.client.passes import PathPasses
+from lsync.client.passes import Outcome, PathPasses
 from lsync.client.pathqueue import PathQueue, PathRecord, State
 from lsync.client.reporter import Reporter
 from lsync.client.scanner import (
@@ -468,7 +468,7 @@ class SyncEngine(PathPasses):
             if self.queue.state(path) is not None:
                 self.queue.done(path, self.clock())
             raise
-        if outcome == "done":
+        if outcome is Outcome.DONE:
             self.queue.done(path, self.clock())
 
     # -- acknowledgements -----------------------------------------------------------------

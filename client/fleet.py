@@ -41,6 +41,10 @@ class Fleet:
                  ) -> None:
         if not options:
             raise UsageError("no target given")
+        described = [o.target.describe() for o in options]
+        twice = sorted({d for d in described if described.count(d) > 1})
+        if twice:  # (two agents on one remote tree would end each other: agent/records)
+            raise UsageError(f"target {twice[0]} is given twice")
         first = options[0]
         self.root = first.local_root
         self.control = control  # serve `lsync flush/run/status` on the control socket

@@ -13,6 +13,7 @@ is checked: a vanished or suddenly empty root raises `SafetyStop`.
 from __future__ import annotations
 
 import asyncio
+import enum
 import errno
 import os
 import stat
@@ -90,6 +91,15 @@ async def _off_loop(size: int, work: Callable[..., _T], *args: Any, **kwargs: An
     return await asyncio.to_thread(work, *args, **kwargs)
 
 
+class Outcome(enum.Enum):
+    """How a pass over one path ended, for the queue."""
+
+    DONE = "done"  # sent what was needed (or nothing was): done once acknowledged
+    RETRY = "retry"  # the queue holds it for a retry the pass has scheduled
+    DEFERRED = "deferred"  # put back behind the paths queued (the queue knows)
+    FAILED = "failed"  # failed and reported; retried with backoff (the queue knows)
+
+
 class PathPasses:
     """The per-path half of the engine (see the module docstring)."""
 
@@ -132,21 +142,21 @@ class PathPasses:
         raise NotImplementedError
 
     async def _reconcile(self, path: str, record: PathRecord,
-                         ahead: Ahead | None) -> str:
+                         ahead: Ahead | None) -> Outcome:
         unsure = self._unsure.get(path)
         if unsure:
             near = self._flying_near()
             if any(near(p) for p in unsure):
                 # What the agent would list may not be what those operations leave.
                 self.queue.retry(path, self.clock(), LANE_WAIT)
-                return "retry"
+                return Outcome.RETRY
             await self._relearn(path, near)
         if path == "":
             self._check_root()
             self._reconcile_listing("", record.since)
-            return "done"
+            return Outcome.DONE
         if relpath_problem(path):
-            return "done"
+            return Outcome.DONE
         self.skipped.pop(path, None)  # (skipped again below if it still is too big)
         self._urgent = record.urgent  # what the pass marks inherits it
         wall_now = time.time_ns()
@@ -165,11 +175,11 @@ class PathPasses:
         step = plan.step
         if step in (Step.DIR, Step.LINK, Step.READ) and not self._parent_ready(path):
             self.queue.retry(path, self.clock(), PARENT_WAIT)  # its parent goes first
-            return "retry"
+            return Outcome.RETRY
         if step in (Step.REMOVE, Step.DIR, Step.LINK) and self.window.side_busy(path):
             # Main-stream operations on it would not wait for the data lanes' writes.
             self.queue.retry(path, self.clock(), LANE_WAIT)
-            return "retry"
+            return Outcome.RETRY
         if step is Step.NOTHING:
             if seen.kind is None:
                 self.rules.forget(path)
@@ -179,10 +189,10 @@ class PathPasses:
             self.model.drop_tree(path)  # ignored now: leave the remote copy alone
         elif step is Step.WAIT:
             self.queue.retry(path, self.clock(), DELETE_WAIT)
-            return "retry"
+            return Outcome.RETRY
         elif step is Step.DEFER:
             self.queue.defer(path)
-            return "deferred"
+            return Outcome.DEFERRED
         elif step is Step.REMOVE:
             self.rules.forget(path)
             self._remove(path, path, since)
@@ -198,7 +208,7 @@ class PathPasses:
         elif step is Step.READ:
             assert st is not None
             return await self._sync_file(path, st, since, ahead, record.urgent)
-        return "done"
+        return Outcome.DONE
 
     def _flying_near(self) -> Callable[[str], bool]:
         """A test of whether an unanswered operation touches a path, a path below it, or a
@@ -274,11 +284,11 @@ class PathPasses:
             return planner.Seen(FILE, stat.S_IMODE(mode), cached_digest=self.cache.lookup(path, st))
         return planner.Seen("")
 
-    def _cannot_read(self, path: str, why: str) -> str:
+    def _cannot_read(self, path: str, why: str) -> Outcome:
         reason = f"cannot read: {why}"
         self.queue.fail(path, self.clock(), reason, own_pass=True)
         self.reporter.failed(path, reason)
-        return "failed"
+        return Outcome.FAILED
 
     async def _make_dir(self, path: str, plan: planner.Plan, mode: int, since: float) -> None:
         if plan.remove_first:
@@ -350,7 +360,7 @@ class PathPasses:
                         hint=False, urgent=self._urgent)
 
     async def _sync_file(self, path: str, st: os.stat_result, since: float,
-                         ahead: Ahead | None, urgent: bool = False) -> str:
+                         ahead: Ahead | None, urgent: bool = False) -> Outcome:
         remote = self.model.get(path)
         old_size = remote.size if remote is not None and remote.kind == FILE else 0
         settle = 0.0
@@ -366,7 +376,7 @@ class PathPasses:
         quiet = (time.time_ns() - st.st_mtime_ns) / 1e9
         if 0 <= quiet < settle and self.clock() - since < SETTLE_MAX:
             self.queue.retry(path, self.clock(), settle - quiet)  # until still, or SETTLE_MAX
-            return "retry"
+            return Outcome.RETRY
         if st.st_size > MAX_FILE:
             return self._skip_too_big(path, st)
         prepared = None
@@ -380,7 +390,7 @@ class PathPasses:
             except (UnstableFileError, FileNotFoundError, NotRegularFileError):
                 # Changing, gone, or no longer a file: look again soon.
                 self.queue.retry(path, self.clock(), UNSTABLE_RETRY)
-                return "retry"
+                return Outcome.RETRY
             except (OSError, ScanError) as exc:
                 return self._cannot_read(path, str(getattr(exc, "strerror", None) or exc))
         digest, mode = entry.digest, entry.mode
@@ -391,7 +401,7 @@ class PathPasses:
         needs_main = plan.remove_first or plan.action in (Content.SET_MODE, Content.COPY)
         if needs_main and self.window.side_busy(path):
             self.queue.retry(path, self.clock(), LANE_WAIT)  # after its data-lane writes
-            return "retry"
+            return Outcome.RETRY
         remote = self.model.get(path)
         if plan.action is Content.SAME or plan.action is Content.SET_MODE:
             assert remote is not None
@@ -400,7 +410,7 @@ class PathPasses:
                              InFlight(path, Op.SET_MODE, path, since))
                 remote.mode = mode
             remote.owned = True
-            return "done"
+            return Outcome.DONE
         if plan.remove_first:
             self._set_aside(path, since)
             remote = None
@@ -412,7 +422,7 @@ class PathPasses:
                          InFlight(path, Op.COPY, path, since, src=plan.source))
             self.model.put(path, RemoteEntry(FILE, mode, digest, owned=True, size=len(content),
                                              signature=source.signature if source else None))
-            return "done"
+            return Outcome.DONE
         new_signature = await self._send_content(path, content, mode, digest, remote, since,
                                                  prepared, urgent)
         self.model.put(path, RemoteEntry(FILE, mode, digest, owned=True, size=len(content),
@@ -421,9 +431,9 @@ class PathPasses:
             # A file saved on its own is likely to be saved again soon: keep it as the base
             # of the next delta. Files of a burst are not (and would only evict those).
             self.recent.remember(path, digest, content)
-        return "done"
+        return Outcome.DONE
 
-    def _skip_too_big(self, path: str, st: os.stat_result) -> str:
+    def _skip_too_big(self, path: str, st: os.stat_result) -> Outcome:
         """A file lsync cannot send (it reads files whole): reported once per version and
         left alone, not failed — a failure would be retried for ever and keep every
         in-sync report away. It is looked at again when it changes; convergence checks
@@ -432,7 +442,7 @@ class PathPasses:
         self.reporter.note(f"skipped {path}: {st.st_size} bytes, more than the "
                            f"{MAX_FILE} that lsync reads into memory; not synced (the "
                            "remote keeps whatever it has there)")
-        return "done"
+        return Outcome.DONE
 
     async def _read(self, path: str, st: os.stat_result) -> tuple[bytes, LocalEntry]:
         """The file as of `st` (once for every target: lsync.client.localside)."""

@@ -1,0 +1,180 @@
+"""Unit tests of the parts of a run over several targets that need no link: the shared
+reporter (lsync.client.fleet.FleetReporter), the output prefixes and request routing of
+lsync.client.fleetloop, and the reads shared between targets (lsync.client.localside)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lsync.client.control import (
+    ClientLine,
+    ControlError,
+    JsonObject,
+    RunRequest,
+    SendLine,
+    Signal,
+    decode_output,
+    output_lines,
+)
+from lsync.client.fleet import FleetReporter
+from lsync.client.fleetloop import FleetLoop, _Prefixer
+from lsync.client.localside import SharedReads
+from lsync.client.scanner import LocalEntry
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args: self.calls.append((name, *args))
+
+
+def test_one_target_reports_through_the_users_reporter_unchanged() -> None:
+    inner = Recorder()
+    fleet = FleetReporter(inner, ["box"])
+    assert fleet.for_host(0) is inner
+
+
+def test_in_sync_is_said_for_all_targets_as_of_the_oldest_report() -> None:
+    inner = Recorder()
+    fleet = FleetReporter(inner, ["a", "b"])
+    a, b = fleet.for_host(0), fleet.for_host(1)
+    a.in_sync(100, 1, 10)
+    assert not [c for c in inner.calls if c[0] == "in_sync"]  # b has not reported yet
+    b.in_sync(50, 2, 20)
+    a.in_sync(200, 3, 30)  # b's 50 still bounds what is on every target
+    b.in_sync(150, 4, 40)
+    assert [c for c in inner.calls if c[0] == "in_sync"] == [
+        ("in_sync", 50, 3, 30), ("in_sync", 150, 7, 70)]
+
+
+def test_ready_comes_once_every_target_is_ready_and_lines_say_the_target() -> None:
+    inner = Recorder()
+    fleet = FleetReporter(inner, ["a", "b"])
+    a, b = fleet.for_host(0), fleet.for_host(1)
+    a.state("syncing")
+    a.ready(10, 100, 1.5)
+    assert not [c for c in inner.calls if c[0] == "ready"]
+    b.ready(12, 120, 2.5)
+    b.note("hello")
+    b.failed("x.c", "refused")
+    assert ("state", "a: syncing") in inner.calls
+    assert ("ready", 22, 220, 2.5) in inner.calls
+    assert ("note", "b: hello") in inner.calls
+    assert ("failed", "b: x.c", "refused") in inner.calls
+
+
+def test_the_live_line_shows_the_largest_queue_and_the_slowest_initial_sync() -> None:
+    inner = Recorder()
+    fleet = FleetReporter(inner, ["a", "b"])
+    a, b = fleet.for_host(0), fleet.for_host(1)
+    a.queue(5, 1)
+    b.queue(2, 7)
+    assert list(inner.calls[-1]) == ["queue", 5, 7]
+    a.progress(90, 100, 9, 10)
+    b.progress(10, 100, 1, 10)
+    a.progress(95, 100, 9, 10)
+    assert list(inner.calls[-1]) == ["progress", 10, 100, 1, 10]
+
+
+def test_prefixed_output_keeps_partial_lines_until_their_end() -> None:
+    sent: list[JsonObject] = []
+
+    async def send(line: JsonObject) -> None:
+        sent.append(line)
+
+    async def scenario() -> None:
+        prefixer = _Prefixer("arm", send)
+        for part in (b"one\ntw", b"o\nthr", b"ee"):
+            for line in output_lines("out", part):
+                await prefixer.send(line)
+        await prefixer.send({"note": "waiting"})
+        await prefixer.flush()
+
+    asyncio.run(scenario())
+    data = b"".join(out[1] for line in sent if (out := decode_output(line)) is not None)
+    assert data == b"[arm] one\n[arm] two\n[arm] three\n"
+    assert {"note": "arm: waiting"} in sent
+
+
+class FakeLoop:
+    def __init__(self, status: int | ControlError) -> None:
+        self.status = status
+        self.signals: list[str] = []
+
+    async def run(self, request: RunRequest, send_line: SendLine,
+                  incoming: AsyncIterator[ClientLine]) -> int:
+        await send_line(output_lines("out", b"hi\n")[0])
+        async for line in incoming:
+            if isinstance(line, Signal):
+                self.signals.append(line.name)
+        if isinstance(self.status, ControlError):
+            raise self.status
+        return self.status
+
+
+class FakeTarget:
+    def __init__(self, name: str, loop: FakeLoop) -> None:
+        self.name = name
+        self.buildloop = loop
+
+
+def test_run_on_all_exits_with_the_worst_status_and_gives_every_target_the_signals() -> None:
+    loops = [FakeLoop(0), FakeLoop(3), FakeLoop(ControlError("closed", "link down"))]
+    fleet = FleetLoop([FakeTarget(n, loop) for n, loop in  # type: ignore[misc]
+                       zip(("a", "b", "c"), loops, strict=True)])
+    sent: list[JsonObject] = []
+
+    async def send(line: JsonObject) -> None:
+        sent.append(line)
+
+    async def client() -> AsyncIterator[ClientLine]:
+        yield Signal("INT")
+
+    status = asyncio.run(fleet.run(RunRequest(("make",), all=True), send, client()))
+    assert status == 125  # c could not run it; worse than b's 3
+    assert all(loop.signals == ["INT"] for loop in loops)
+    data = b"".join(out[1] for line in sent if (out := decode_output(line)) is not None)
+    assert sorted(data.splitlines()) == [b"[a] hi", b"[b] hi", b"[c] hi"]
+    assert {"note": "c: link down"} in sent
+
+
+def test_an_unknown_target_name_is_a_bad_request() -> None:
+    fleet = FleetLoop([FakeTarget("a", FakeLoop(0)), FakeTarget("b", FakeLoop(0))])  # type: ignore[list-item]
+    with pytest.raises(ControlError, match="no target named 'z'"):
+        asyncio.run(fleet.flush(1.0, "z"))
+
+
+def test_a_shared_read_is_made_once_and_forgotten_when_the_path_changes(
+        tmp_path: Path) -> None:
+    hosts = 3
+    reads = SharedReads(lambda: hosts)
+    path = tmp_path / "f"
+    path.write_text("x")
+    st = os.stat(path)
+    made: list[int] = []
+
+    async def read() -> tuple[bytes, LocalEntry]:
+        made.append(1)
+        await asyncio.sleep(0)
+        return b"x", LocalEntry("file", 1, 0, 0o644, b"d" * 16)
+
+    async def scenario() -> None:
+        got = await asyncio.gather(*(reads.read("f", st, read) for _ in range(hosts)))
+        assert [g[0] for g in got] == [b"x"] * hosts
+        assert len(made) == 1
+        await reads.read("f", st, read)  # every target took it: read again
+        assert len(made) == 2
+        reads.forget(["f"])  # an event for the path: the held read is not handed on
+        await reads.read("f", st, read)
+        assert len(made) == 3
+
+    asyncio.run(scenario())
+    assert reads.files_read == 3
