@@ -91,14 +91,14 @@ MUTATIONS: dict[str, Mutation] = {
     )),
     "5": Mutation("defect 5: a refused delete's entry is not put back, and refused paths are "
                   "not listed again", (
-        ("client/engine.py", "        target, entry = flight.target, flight.dropped\n",
+        ("client/remoteside.py", "        target, entry = flight.target, flight.dropped\n",
          "        target, entry = flight.target, None\n"),
-        ("client/engine.py", "            self._unsure.setdefault(flight.owner, set()).add("
+        ("client/remoteside.py", "            self.unsure.setdefault(flight.owner, set()).add("
          "flight.target)\n", ""),
     )),
     "6": Mutation("defect 6: replies failed by a broken link take their operation out of the "
                   "window (nothing carried over)", (
-        ("client/engine.py", "        if future.cancelled() or future.exception() is not None:"
+        ("client/remoteside.py", "        if future.cancelled() or future.exception() is not None:"
          "\n", "        if future.cancelled() or future.exception() is not None:\n"
          "            self.window.answer(seq)\n"),
     )),

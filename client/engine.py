@@ -10,9 +10,13 @@ touched), after an overflow or on a slow timer (the whole tree) — queueing wha
 find. "Idle" is the queue's idle; the `in_sync` report says that a check found nothing
 left and since when every change is on the remote.
 
-What one pass over one path does is in `lsync.client.passes` (the engine is a
-`PathPasses`); safety there: before any delete the local root is checked, and a vanished or
-suddenly empty root raises `SafetyStop`, sending nothing more.
+The parts it drives are its own, each with its own state: the target's remote side
+(`lsync.client.remoteside.RemoteSide`: model, queue, window, check schedule, what each
+answer means), the passes over one path at a time (`lsync.client.passes.PathPasses`, which
+read the shared local side through `LocalInputs`; safety there: before any delete the local
+root is checked, and a vanished or suddenly empty root raises `SafetyStop`, sending nothing
+more) and the read-ahead of bulk work (`lsync.client.sender.ReadAhead`). The properties and
+one-line methods below are what the session, the build loop and the tests see of them.
 """
 
 from __future__ import annotations
@@ -21,20 +25,19 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lsync.client import planner
-from lsync.client.checks import CheckSchedule
-from lsync.client.errors import InternalError, LsyncError, SafetyStop, internal_error
+from lsync.client.errors import LsyncError, SafetyStop, internal_error
 from lsync.client.hashcache import HashCache
 from lsync.client.ignore import IgnoreRules
-from lsync.client.link import AgentLink, Reply
+from lsync.client.link import AgentLink
 from lsync.client.localside import SharedReads
-from lsync.client.model import DIR, FILE, LINK, RemoteModel
-from lsync.client.passes import Outcome, PathPasses
+from lsync.client.model import FILE, RemoteModel
+from lsync.client.passes import LocalInputs, Outcome, PathPasses
 from lsync.client.pathqueue import PathQueue, PathRecord, State
+from lsync.client.remoteside import Counters, RemoteSide
 from lsync.client.reporter import Reporter
 from lsync.client.scanner import (
     LocalEntry,
@@ -47,11 +50,10 @@ from lsync.client.sender import (
     PREFETCH,
     Packing,
     ReadAhead,
-    RecentBases,
     sample_dictionary,
     sign_local,
 )
-from lsync.client.window import InFlight, Op, Window, verdict
+from lsync.client.window import InFlight, Op, Window
 from lsync.protocol import messages as m
 from lsync.protocol import packing
 from lsync.protocol.paths import relpath_problem
@@ -59,7 +61,6 @@ from lsync.protocol.paths import relpath_problem
 HASH_BATCH = 2000
 REPORT_LAG_NS = 1_000_000  # an in-sync report this far behind its check is given again
 REPORT_AGAIN = 0.05  # seconds later
-URGENT_MAX = 16  # a watcher batch of at most this many paths is a save, not a burst
 YIELD_EVERY = 0.005  # seconds of passes before the engine lets the event loop run
 DICTIONARY_MIN_FILES = 64  # an initial sync of this many files sets a preset dictionary
 PREFETCH_LOOK = 128  # queued paths examined for reading ahead, from the head
@@ -67,131 +68,111 @@ SIGN_AHEAD_MIN = 256 << 10  # verified remote files this big are signed once in 
 SIGN_AHEAD_MAX = 64 << 20
 
 
-@dataclass
-class Counters:
-    files: int = 0
-    bytes: int = 0
-    errors: int = 0
-    last_latency: float | None = None
-    checks: int = 0  # convergence checks run
-    found: int = 0  # differences they found
+class SyncEngine:
+    """The driver of one target's core: its remote side (lsync.client.remoteside), the
+    passes over its paths (lsync.client.passes), the read-ahead, the convergence checks."""
 
-
-class SyncEngine(PathPasses):
     def __init__(self, link: AgentLink, root: Path, rules: IgnoreRules, cache: HashCache,
                  reporter: Reporter, delete_extra: bool = False,
                  clock: Callable[[], float] = time.monotonic,
                  compression: str = packing.ZLIB, long_link: bool = False,
                  seen_until: Callable[[], int] = time.time_ns,
                  close_events: bool = False, reads: SharedReads | None = None) -> None:
-        self.link = link
         self.root = root
         self.rules = rules
         self.cache = cache
         self.reporter = reporter
-        self.delete_extra = delete_extra
         self.clock = clock
         # Wall time (ns) before which every local change has been marked here (the watcher
         # has delivered its events); the `in_sync` report is as of then at the latest.
         self.seen_until = seen_until
-        # The watcher reports when writers close files (hold/release): no settling guess.
-        self.close_events = close_events
-        self.reads = reads  # one read of a save for every target (lsync.client.localside)
-        self.packing = Packing(compression, long_link)
-        self.queue = PathQueue()
-        self.window = Window()
-        self.model = RemoteModel()
-        self.counters = Counters()
+        self.side = RemoteSide(link, reporter, clock, Packing(compression, long_link),
+                               delete_extra)
+        # (close_events: the watcher reports when writers close files, hold/release: no
+        # settling guess. reads: one read of a save for every target.)
+        self.passes = PathPasses(self.side, LocalInputs(root, rules, cache, seen_until,
+                                                        close_events, reads))
         self.read_ahead = ReadAhead(root, cache)
-        self.recent = RecentBases()
-        self.urgent_work = asyncio.Event()  # urgent paths are queued
-        self._changed = asyncio.Event()  # the queue or the window changed: waiters re-check
-        self._wake = asyncio.Event()  # the same, for the loop alone (it clears it itself)
-        self.checks = CheckSchedule(clock())
-        self._queued_dirs: set[str] = set()  # marked paths that are directories remotely
-        self._unsure: dict[str, set[str]] = {}
-        self.skipped = {}
-        self._initial_total = (0, 0)
-        self._initial_done = (0, 0)
         self.remote_hashed = 0  # remote files the initial comparison had the agent hash
-        self._failure: InternalError | None = None  # a bug in a reply callback
         self._report_due: float | None = None  # when to check and report in-sync again
         self._report_due_set = False  # the last report lagged: the next says only news
         self._reported_as_of = 0
 
-    # -- input ----------------------------------------------------------------------------
+    # -- the remote side, as the session, the build loop and the tests see it ---------------
+    @property
+    def link(self) -> AgentLink:
+        return self.side.link
+
+    @property
+    def model(self) -> RemoteModel:
+        return self.side.model
+
+    @model.setter
+    def model(self, model: RemoteModel) -> None:
+        self.side.model = model
+
+    @property
+    def queue(self) -> PathQueue:
+        return self.side.queue
+
+    @property
+    def window(self) -> Window:
+        return self.side.window
+
+    @property
+    def counters(self) -> Counters:
+        return self.side.counters
+
+    @property
+    def skipped(self) -> dict[str, tuple[int, int, int, int]]:
+        return self.side.skipped
+
+    @property
+    def packing(self) -> Packing:
+        return self.side.packing
+
+    @property
+    def delete_extra(self) -> bool:
+        return self.side.delete_extra
+
     def mark_dirty(self, paths: Iterable[str], since: float | None = None,
                    hint: bool = True, urgent: bool | None = None) -> None:
-        """These paths may have changed. `hint`: from the watcher (their directories are
-        checked once it goes quiet, and a failing path is retried at once). `urgent`: taken
-        before the bulk work queued (default: a watcher batch of a few paths, a save)."""
-        paths = list(paths)
-        for path in paths:
-            if hint:
-                self.checks.touched(path)
-            entry = self.model.get(path)
-            if entry is not None and entry.kind == DIR:
-                self._queued_dirs.add(path)
-        if urgent is None:  # a few paths from the watcher are a save
-            urgent = hint and len(paths) <= URGENT_MAX
-        if urgent and paths:
-            self.urgent_work.set()  # a pass waiting for bulk backpressure lets it go first
-        if self.queue.mark(paths, self.clock(), since, retry_failed=hint, urgent=urgent):
-            self._poke()
+        """RemoteSide.mark_dirty: these paths may have changed."""
+        self.side.mark_dirty(paths, since, hint, urgent)
 
     def hold(self, paths: Iterable[str]) -> None:
         """Their writers still have them open (the watcher saw writes and no close)."""
         self.queue.hold(paths, self.clock())
-        self._poke()
+        self.side.poke()
 
     def release(self, paths: Iterable[str]) -> None:
         """Their writers closed them."""
         self.queue.release(paths, self.clock())
-        self._poke()
+        self.side.poke()
 
     def check_all(self, reason: str) -> None:
         """Compare the whole tree with the model once the queue is idle (events were lost)."""
-        self.checks.whole(reason)
-        self._poke()
+        self.side.checks.whole(reason)
+        self.side.poke()
 
     def report_again(self) -> None:
         """Something that held back the last in-sync report (git's index being read) is
         over: once idle, check and report again."""
-        self.checks.worked()
-        self._poke()
+        self.side.checks.worked()
+        self.side.poke()
 
-    def _poke(self) -> None:
-        self._changed.set()
-        self._wake.set()
-        self.reporter.queue(self.queue.queued, len(self.window))
+    async def wait_idle(self) -> None:
+        await self.side.wait_idle()
+
+    async def wait_flushed(self, tick: int) -> None:
+        await self.side.wait_flushed(tick)
+
+    def pending_paths(self) -> list[str]:
+        return self.side.pending_paths()
 
     @property
     def idle(self) -> bool:
         return self.queue.idle
-
-    async def wait_idle(self) -> None:
-        """Return once nothing is queued, held or being read and every operation sent has
-        been answered (paths that failed wait for their retry and do not count)."""
-        while not self.queue.idle:
-            self._changed.clear()
-            await self._changed.wait()
-
-    async def wait_flushed(self, tick: int) -> None:
-        """Return once every change marked before the queue's tick `tick` is acknowledged."""
-        while not self.queue.flushed(tick):
-            self._changed.clear()
-            await self._changed.wait()
-
-    def pending_paths(self) -> list[str]:
-        """Paths the next connection must look at: every path with a record here, and both
-        ends of every operation in flight (the remote may or may not have applied them)."""
-        paths = dict.fromkeys(self.queue.records)
-        for flight in self.window.flights.values():
-            paths[flight.target] = None
-            if flight.src:
-                paths[flight.src] = None
-        paths.pop("", None)
-        return list(paths)
 
     # -- initial comparison ---------------------------------------------------------------
     async def initial_sync(self, local: dict[str, LocalEntry],
@@ -230,8 +211,8 @@ class SyncEngine(PathPasses):
         files = [p for p in to_send if p in local and local[p].kind == "file"]
         if len(files) >= DICTIONARY_MIN_FILES and self.packing.code == packing.PACK_ZLIB:
             self._set_dictionary(files)
-        self._initial_total = (len(files), sum(local[p].size for p in files))
-        self._initial_done = (0, 0)
+        self.side.initial_total = (len(files), sum(local[p].size for p in files))
+        self.side.initial_done = (0, 0)
         self.mark_dirty(to_send, hint=False)
 
     async def _hash_local(self, paths: list[str]) -> dict[str, LocalEntry]:
@@ -253,8 +234,8 @@ class SyncEngine(PathPasses):
         dictionary = sample_dictionary(self.root, files, self.cache)
         if not dictionary:
             return
-        self._submit(m.SetDictionary(self.link.next_seq(), dictionary),
-                     InFlight("", Op.DICTIONARY, "", self.clock()))
+        self.side.submit(m.SetDictionary(self.link.next_seq(), dictionary),
+                         InFlight("", Op.DICTIONARY, "", self.clock()))
         self.packing.dictionary = dictionary
 
     # -- the loop -------------------------------------------------------------------------
@@ -266,20 +247,20 @@ class SyncEngine(PathPasses):
             while True:
                 # Cleared before the work, not before the wait: a poke that comes while
                 # this iteration awaits (a read, a convergence check) is not lost.
-                self._wake.clear()
-                if self._failure is not None:
-                    raise self._failure
+                self.side.wake.clear()
+                if self.side.failure is not None:
+                    raise self.side.failure
                 now = self.clock()
                 self.queue.wake(now)
                 if not self.queue.urgent:
-                    self.urgent_work.clear()
+                    self.side.urgent_work.clear()
                 # (A save goes even when bulk work has filled the window: it is small.)
                 if self.queue.queued and (self.window.has_space() or self.queue.urgent):
                     taken = self.queue.take()
                     if taken is not None:
-                        self.checks.worked()
+                        self.side.checks.worked()
                         await self._pass(*taken)
-                        self._poke()
+                        self.side.poke()
                     if time.monotonic() - yielded >= YIELD_EVERY:
                         # Passes over files read ahead need not suspend at all: let the
                         # replies, the watcher, timers and the control socket run.
@@ -293,9 +274,9 @@ class SyncEngine(PathPasses):
                 timeout = self._next_wake(now)
                 self.link.close_batch()  # nothing more to add to it now
                 if not self.queue.queued:
-                    self.bursting = False
+                    self.passes.bursting = False
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    await asyncio.wait_for(self.side.wake.wait(), timeout)
         finally:
             signer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -305,7 +286,7 @@ class SyncEngine(PathPasses):
     def _next_wake(self, now: float) -> float | None:
         wakes = [t - now for t in (self.queue.next_due(), self._report_due) if t is not None]
         if self.queue.idle and not self.queue.records:
-            wakes.append(self.checks.next_time() - now)
+            wakes.append(self.side.checks.next_time() - now)
         return max(0.0, min(wakes)) if wakes else None
 
     async def _check_if_due(self, now: float) -> None:
@@ -316,10 +297,10 @@ class SyncEngine(PathPasses):
         else the last word would stay a report older than the last change."""
         if self._report_due is not None and now >= self._report_due:
             self._report_due = None
-            self.checks.worked()
+            self.side.checks.worked()
         checked_ns = time.time_ns()
         as_of = self.seen_until()
-        due = self.checks.take(now)
+        due = self.side.checks.take(now)
         found = 0
         if due.whole:
             found = await self._check(None, due.reason)
@@ -334,7 +315,7 @@ class SyncEngine(PathPasses):
             if self._report_due_set:
                 self._report_due = now + REPORT_AGAIN
         elif found:
-            self.checks.worked()
+            self.side.checks.worked()
 
     def _report_in_sync(self, as_of: int) -> None:
         failing = self.queue.failing()
@@ -357,7 +338,7 @@ class SyncEngine(PathPasses):
                 local = await asyncio.to_thread(scan_dir, self.root, directory, self.rules,
                                                 self.cache)
         except OSError as exc:
-            self._check_root()
+            self.passes.check_root()
             self.reporter.note(f"convergence check of {directory or 'the tree'} failed: {exc}")
             return 0
         return self._compare(directory, local, reason)
@@ -371,7 +352,7 @@ class SyncEngine(PathPasses):
         found = 0
         for directory, local in listed:
             if isinstance(local, OSError):
-                self._check_root()
+                self.passes.check_root()
                 self.reporter.note(f"convergence check of {directory or 'the root'} failed: "
                                    f"{local}")
                 continue
@@ -381,7 +362,7 @@ class SyncEngine(PathPasses):
     def _compare(self, directory: str | None, local: dict[str, LocalEntry] | None,
                  reason: str) -> int:
         if local is None:  # the directory is gone: its parent's check covers it
-            self.checks.gone(directory or "")
+            self.side.checks.gone(directory or "")
             return 0
         found = planner.differences(local, self.model, self.rules.is_ignored,
                                     self.delete_extra, under=directory,
@@ -449,7 +430,7 @@ class SyncEngine(PathPasses):
         if self.queue.queued > 1:
             self._read_ahead()
         try:
-            outcome = await self._reconcile(path, record, ahead)
+            outcome = await self.passes.reconcile(path, record, ahead)
         except LsyncError:  # the link broke, a safety stop: the session's business
             if self.queue.state(path) is not None:
                 self.queue.done(path, self.clock())
@@ -470,120 +451,6 @@ class SyncEngine(PathPasses):
             raise
         if outcome is Outcome.DONE:
             self.queue.done(path, self.clock())
-
-    # -- acknowledgements -----------------------------------------------------------------
-    def _submit(self, message: m.Message, flight: InFlight) -> None:
-        seq: int = message.seq  # type: ignore[union-attr]
-        self.window.add(seq, flight)
-        if flight.op is not Op.DICTIONARY:
-            self.queue.sent(flight.owner)
-        future = self.link.submit(message, flight.lane)
-        future.add_done_callback(lambda done: self._on_reply(seq, done))
-
-    def _submit_batched(self, seq: int, path: str, mode: int, content: bytes,
-                        flight: InFlight) -> None:
-        """A small whole file of a burst: it travels in a WriteBatch with its neighbours."""
-        self.window.add(seq, flight)
-        self.queue.sent(flight.owner)
-        # Compress fast while the link keeps up, harder once data waits for it.
-        level = (self.packing.long_bulk if self.link.backlogged(flight.lane)
-                 else self.packing.bulk)
-        future = self.link.submit_batched(seq, path, mode, content, self.packing.code, level,
-                                          flight.lane)
-        future.add_done_callback(lambda done: self._on_reply(seq, done))
-
-    def _on_reply(self, seq: int, future: asyncio.Future[Reply]) -> None:
-        """A done-callback: an exception here would only be logged by asyncio, so a bug is
-        kept and raised by `run` (an internal error ends the session, never silently)."""
-        try:
-            self._apply_reply(seq, future)
-        except Exception as exc:
-            if self._failure is None:
-                self._failure = internal_error("applying an acknowledgement", exc)
-            self._poke()
-
-    def _apply_reply(self, seq: int, future: asyncio.Future[Reply]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            # The link broke: no answer came. The operation stays in the window, where the
-            # session finds what the next connection must redo (`pending_paths`, and the
-            # trees of deletes and renames lsync owned: Session._carry_over).
-            return
-        flight = self.window.answer(seq)
-        if flight is None:
-            return
-        reply = future.result()
-        below = None
-        if flight.op is Op.RENAME and isinstance(reply, m.Error):
-            # The model moved the tree when the Rename was sent: it did not move remotely.
-            if self.model.get(flight.target) is not None and flight.src:
-                self.model.move_tree(flight.target, flight.src)
-                self.model.set_digest(flight.src, None)
-            below = [*self.model.descendants(flight.src), flight.src, flight.target]
-        result = verdict(flight, reply, self.packing.dictionary_failed, below)
-        if flight.op is Op.DELETE:
-            self._after_delete(flight, result.ok)
-        elif not result.ok:
-            self._after_refusal(flight)
-        now = self.clock()
-        if result.retry_later:  # before `answered`, which forgets a path with nothing left
-            self.queue.fail(flight.owner, now, result.failure)
-            self._unsure.setdefault(flight.owner, set()).add(flight.target)
-        if result.look_again:  # (also before it: the path keeps its tick, a flush waits)
-            self.mark_dirty(result.look_again, hint=False)
-        if flight.op is not Op.DICTIONARY:
-            self.queue.answered(flight.owner, result.ok)
-        if result.drop_dictionary:
-            self.packing.drop_dictionary()
-        if result.synced_file:
-            self._count_write(flight, now)
-        if result.ok and flight.op is not Op.DICTIONARY:
-            self.reporter.acked(flight.target, now - flight.since, flight.nbytes)
-        for path in result.unknown:
-            self.model.set_digest(path, None)
-        if result.note:
-            self.reporter.note(result.note)
-        if result.failure:
-            self.counters.errors += 1
-            self.reporter.failed(flight.target, result.failure)
-        self._poke()
-
-    def _after_delete(self, flight: InFlight, ok: bool) -> None:
-        """A refused delete leaves its entry on the remote: the model gets it back (owned,
-        content unknown) so that the retry of its owner deletes it again; a directory
-        kept because such an entry is still in it comes back too. (Unless the path was
-        made again meanwhile: then the model already says what it holds.)"""
-        target, entry = flight.target, flight.dropped
-        if entry is None or self.model.get(target) is not None:
-            return
-        if ok and not (entry.kind == DIR and self.model.child_names(target)):
-            return
-        entry.owned = True
-        if entry.kind != DIR:
-            entry.digest, entry.signature = None, None
-        self.model.put(target, entry)
-
-    def _after_refusal(self, flight: InFlight) -> None:
-        """The model took a link or a directory as there when it was sent; refused, it is
-        not (or may not be): forget it, so that the retry sends it again (it found nothing
-        to do, and the path counted as synced). (A refused write or mode change leaves the
-        file's content unknown: its retry sends it whole, mode included.)"""
-        entry = self.model.get(flight.target)
-        if entry is None:
-            return
-        if flight.op is Op.SYMLINK and entry.kind == LINK:
-            self.model.drop(flight.target)
-        elif flight.op is Op.MKDIR and entry.kind == DIR:
-            self.model.drop_tree(flight.target)  # what was sent below it was refused too
-
-    def _count_write(self, flight: InFlight, now: float) -> None:
-        self.counters.files += 1
-        self.counters.bytes += flight.nbytes
-        self.counters.last_latency = now - flight.since
-        files, nbytes = self._initial_done
-        total_files, total_bytes = self._initial_total
-        if files < total_files:
-            self._initial_done = (files + 1, nbytes + flight.nbytes)
-            self.reporter.progress(nbytes + flight.nbytes, total_bytes, files + 1, total_files)
 
 
 def _hash_files(root: Path, paths: list[str], cache: HashCache) -> dict[str, LocalEntry]:

@@ -1,8 +1,9 @@
 """One pass over one local path: look at it, and send what makes the remote match.
 
 The planner decides (`lsync.client.planner.plan_path` from what an lstat saw and what the
-model holds, `plan_content` once a file is read); `PathPasses` does the looking, reading and
-sending for the engine (`lsync.client.engine.SyncEngine` is a `PathPasses`). Every pass ends
+model holds, `plan_content` once a file is read); `PathPasses` does the looking (at the
+local side: `LocalInputs`), reading and sending (on the target's remote side:
+lsync.client.remoteside) for the engine (lsync.client.engine), one path at a time. Every pass ends
 in the queue as done, deferred, retried later or failed. Promises kept here: nothing is
 read through a symlinked directory; a file is sent only as a consistent snapshot (or not at
 all); what lsync did not make is never deleted (a directory holding such files is kept,
@@ -18,7 +19,8 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,13 +29,12 @@ from lsync.client.delta import Signature, signature
 from lsync.client.errors import SafetyStop
 from lsync.client.hashcache import HashCache
 from lsync.client.ignore import IgnoreRules
-from lsync.client.link import AgentLink
 from lsync.client.localside import SharedReads
-from lsync.client.model import DIR, FILE, LINK, RemoteEntry, RemoteModel
+from lsync.client.model import DIR, FILE, LINK, RemoteEntry
 from lsync.client.outbox import BATCH_BYTES
-from lsync.client.pathqueue import PathQueue, PathRecord
+from lsync.client.pathqueue import PathRecord
 from lsync.client.planner import Content, Step
-from lsync.client.reporter import Reporter
+from lsync.client.remoteside import RemoteSide
 from lsync.client.scanner import (
     LocalEntry,
     NotRegularFileError,
@@ -47,16 +48,14 @@ from lsync.client.sender import (
     BATCH_FILE_MAX,
     SIGN_MIN,
     Ahead,
-    Packing,
     Prepared,
-    RecentBases,
     content_messages,
     delta_message,
     pieces_of,
     prepared_of,
     still_current,
 )
-from lsync.client.window import InFlight, Op, Window
+from lsync.client.window import InFlight, Op
 from lsync.protocol import messages as m
 from lsync.protocol.paths import relpath_problem
 
@@ -100,101 +99,86 @@ class Outcome(enum.Enum):
     FAILED = "failed"  # failed and reported; retried with backoff (the queue knows)
 
 
-class PathPasses:
-    """The per-path half of the engine (see the module docstring)."""
+@dataclass(frozen=True)
+class LocalInputs:
+    """What the passes of one target read of the local side (lsync.client.localside)."""
 
     root: Path
     rules: IgnoreRules
     cache: HashCache
-    reporter: Reporter
-    link: AgentLink
-    model: RemoteModel
-    queue: PathQueue
-    window: Window
-    urgent_work: asyncio.Event
-    packing: Packing
-    recent: RecentBases
-    delete_extra: bool
-    close_events: bool
-    clock: Callable[[], float]
+    # Wall time (ns) before which the watcher has delivered every local change.
     seen_until: Callable[[], int]
+    close_events: bool  # the watcher reports when writers close files
     reads: SharedReads | None  # reads shared with the other targets' engines
-    _queued_dirs: set[str]
-    # Owner path -> remote paths where an operation its pass sent was refused: what is
-    # there is not known any more; its next pass asks the agent first (`_relearn`).
-    _unsure: dict[str, set[str]]
-    # Files too big to sync (MAX_FILE): path -> the version (local_key) that was skipped.
-    skipped: dict[str, tuple[int, int, int, int]]
-    bursting = False  # many paths were queued, and the queue has not run dry since
-    _urgent = False  # the pass under way is over an urgent path
-    _bulk_turn = 0  # which bulk lane batches go to now
-    _bulk_bytes = 0  # content sent on it since it took its turn
 
-    def mark_dirty(self, paths: Iterable[str], since: float | None = None,
-                   hint: bool = True, urgent: bool | None = None) -> None:
-        raise NotImplementedError
 
-    def _submit(self, message: m.Message, flight: InFlight) -> None:
-        raise NotImplementedError
+class PathPasses:
+    """One pass over one path at a time, for one target: looks at the local side
+    (`local`) and makes that target's remote side (`side`) match (see the module
+    docstring)."""
 
-    def _submit_batched(self, seq: int, path: str, mode: int, content: bytes,
-                        flight: InFlight) -> None:
-        raise NotImplementedError
+    def __init__(self, side: RemoteSide, local: LocalInputs) -> None:
+        self.side = side
+        self.local = local
+        self.bursting = False  # many paths were queued, and the queue has not run dry since
+        self._urgent = False  # the pass under way is over an urgent path
+        self._bulk_turn = 0  # which bulk lane batches go to now
+        self._bulk_bytes = 0  # content sent on it since it took its turn
 
-    async def _reconcile(self, path: str, record: PathRecord,
+    async def reconcile(self, path: str, record: PathRecord,
                          ahead: Ahead | None) -> Outcome:
-        unsure = self._unsure.get(path)
+        unsure = self.side.unsure.get(path)
         if unsure:
             near = self._flying_near()
             if any(near(p) for p in unsure):
                 # What the agent would list may not be what those operations leave.
-                self.queue.retry(path, self.clock(), LANE_WAIT)
+                self.side.queue.retry(path, self.side.clock(), LANE_WAIT)
                 return Outcome.RETRY
             await self._relearn(path, near)
         if path == "":
-            self._check_root()
+            self.check_root()
             self._reconcile_listing("", record.since)
             return Outcome.DONE
         if relpath_problem(path):
             return Outcome.DONE
-        self.skipped.pop(path, None)  # (skipped again below if it still is too big)
+        self.side.skipped.pop(path, None)  # (skipped again below if it still is too big)
         self._urgent = record.urgent  # what the pass marks inherits it
         wall_now = time.time_ns()
         try:
             # Never through a symlink: a directory swapped for a link hides what is below.
-            found = lstat_confined(self.root, path)
+            found = lstat_confined(self.local.root, path)
         except OSError as exc:
             return self._cannot_read(path, exc.strerror or str(exc))
         st, target = found if found is not None else (None, None)
-        remote = self.model.get(path)
+        remote = self.side.model.get(path)
         seen = self._seen(path, st, target)
-        plan = planner.plan_path(seen, remote, watcher_behind=self.seen_until() < wall_now,
-                                 others_queued=bool(self.queue.queued),
+        plan = planner.plan_path(seen, remote, watcher_behind=self.local.seen_until() < wall_now,
+                                 others_queued=bool(self.side.queue.queued),
                                  deferred=record.deferred)
         since = record.since
         step = plan.step
         if step in (Step.DIR, Step.LINK, Step.READ) and not self._parent_ready(path):
-            self.queue.retry(path, self.clock(), PARENT_WAIT)  # its parent goes first
+            self.side.queue.retry(path, self.side.clock(), PARENT_WAIT)  # its parent goes first
             return Outcome.RETRY
-        if step in (Step.REMOVE, Step.DIR, Step.LINK) and self.window.side_busy(path):
+        if step in (Step.REMOVE, Step.DIR, Step.LINK) and self.side.window.side_busy(path):
             # Main-stream operations on it would not wait for the data lanes' writes.
-            self.queue.retry(path, self.clock(), LANE_WAIT)
+            self.side.queue.retry(path, self.side.clock(), LANE_WAIT)
             return Outcome.RETRY
         if step is Step.NOTHING:
             if seen.kind is None:
-                self.rules.forget(path)
+                self.local.rules.forget(path)
             elif remote is not None and seen.kind == LINK:
                 remote.owned = True  # verified equal
         elif step is Step.FORGET:
-            self.model.drop_tree(path)  # ignored now: leave the remote copy alone
+            self.side.model.drop_tree(path)  # ignored now: leave the remote copy alone
         elif step is Step.WAIT:
-            self.queue.retry(path, self.clock(), DELETE_WAIT)
+            self.side.queue.retry(path, self.side.clock(), DELETE_WAIT)
             return Outcome.RETRY
         elif step is Step.DEFER:
-            self.queue.defer(path)
+            self.side.queue.defer(path)
             return Outcome.DEFERRED
         elif step is Step.REMOVE:
-            self.rules.forget(path)
+            self.local.rules.forget(path)
             self._remove(path, path, since)
         elif step is Step.DIR:
             await self._make_dir(path, plan, seen.mode, since)
@@ -202,9 +186,9 @@ class PathPasses:
             if plan.remove_first:
                 self._set_aside(path, since)
             assert plan.target is not None
-            self._submit(m.Symlink(self.link.next_seq(), path, plan.target),
-                         InFlight(path, Op.SYMLINK, path, since))
-            self.model.put(path, RemoteEntry(LINK, 0, target=plan.target, owned=True))
+            self.side.submit(m.Symlink(self.side.link.next_seq(), path, plan.target),
+                             InFlight(path, Op.SYMLINK, path, since))
+            self.side.model.put(path, RemoteEntry(LINK, 0, target=plan.target, owned=True))
         elif step is Step.READ:
             assert st is not None
             return await self._sync_file(path, st, since, ahead, record.urgent)
@@ -215,7 +199,7 @@ class PathPasses:
         directory above it (as things are now)."""
         flying: set[str] = set()
         holding: set[str] = set()  # directories with operations in flight below them
-        for flight in self.window.flights.values():
+        for flight in self.side.window.flights.values():
             for touched in (flight.target, flight.src):
                 if touched:
                     flying.add(touched)
@@ -233,28 +217,28 @@ class PathPasses:
         it; a refused mkdir forgot what was below). The other refused paths with nothing
         in flight near them are asked about in the same round trip (after a read-only
         spell, a thousand paths retry at once: one round trip each was minutes)."""
-        others = [o for o, paths in self._unsure.items()
+        others = [o for o, paths in self.side.unsure.items()
                   if o != path and not any(near(p) for p in paths)]
         owners = [path, *others[:RELEARN_MAX]]
         asked: set[str] = set()
         for owner in owners:
-            asked.update(p for p in self._unsure.pop(owner) if p)
+            asked.update(p for p in self.side.unsure.pop(owner) if p)
         tops = sorted(p for p in asked if not any(
             parent in asked for parent in _ancestors(p)))
         listings = await asyncio.gather(*(self._listing(top) for top in tops))
         need: list[tuple[str, RemoteEntry | None]] = []
         for top, entries in zip(tops, listings, strict=True):
-            need += planner.relearn(self.model, top, entries, self.rules.is_ignored)
+            need += planner.relearn(self.side.model, top, entries, self.local.rules.is_ignored)
         parts = [need[i:i + RELEARN_HASH_BATCH] for i in range(0, len(need),
                                                                RELEARN_HASH_BATCH)]
-        answers = await asyncio.gather(*(self.link.hash_paths([p for p, _ in part])
+        answers = await asyncio.gather(*(self.side.link.hash_paths([p for p, _ in part])
                                          for part in parts))
         for part, digests in zip(parts, answers, strict=True):
             for (file, old), digest in zip(part, digests, strict=True):
-                planner.relearned_digest(self.model, file, digest, old)
+                planner.relearned_digest(self.side.model, file, digest, old)
 
     async def _listing(self, top: str) -> list[list[Any]]:
-        return [entry async for batch in self.link.list_tree(top) for entry in batch]
+        return [entry async for batch in self.side.link.list_tree(top) for entry in batch]
 
     def _parent_ready(self, path: str) -> bool:
         """Whether the remote holds `path`'s parent as a directory that lsync knows; if
@@ -263,10 +247,10 @@ class PathPasses:
         parent = path.rpartition("/")[0]
         if not parent:
             return True
-        entry = self.model.get(parent)
+        entry = self.side.model.get(parent)
         if entry is not None and entry.kind == DIR:
             return True
-        self.mark_dirty([parent], hint=False, urgent=self._urgent)
+        self.side.mark_dirty([parent], hint=False, urgent=self._urgent)
         return False
 
     def _seen(self, path: str, st: os.stat_result | None,
@@ -274,20 +258,21 @@ class PathPasses:
         if st is None:
             return planner.Seen(None)
         mode = st.st_mode
-        if self.rules.is_ignored(path, stat.S_ISDIR(mode)):
+        if self.local.rules.is_ignored(path, stat.S_ISDIR(mode)):
             return planner.Seen("", ignored=True)
         if stat.S_ISDIR(mode):
             return planner.Seen(DIR, stat.S_IMODE(mode))
         if stat.S_ISLNK(mode):
             return planner.Seen(LINK, target=target)
         if stat.S_ISREG(mode):
-            return planner.Seen(FILE, stat.S_IMODE(mode), cached_digest=self.cache.lookup(path, st))
+            return planner.Seen(FILE, stat.S_IMODE(mode),
+                                cached_digest=self.local.cache.lookup(path, st))
         return planner.Seen("")
 
     def _cannot_read(self, path: str, why: str) -> Outcome:
         reason = f"cannot read: {why}"
-        self.queue.fail(path, self.clock(), reason, own_pass=True)
-        self.reporter.failed(path, reason)
+        self.side.queue.fail(path, self.side.clock(), reason, own_pass=True)
+        self.side.reporter.failed(path, reason)
         return Outcome.FAILED
 
     async def _make_dir(self, path: str, plan: planner.Plan, mode: int, since: float) -> None:
@@ -297,17 +282,17 @@ class PathPasses:
         if source is not None:
             # A directory moved (seen as delete + add): rename it remotely, build outputs
             # and all, then let the listing below fix whatever differs inside.
-            self._submit(m.Rename(self.link.next_seq(), source, path),
-                         InFlight(path, Op.RENAME, path, since, src=source))
-            self.model.move_tree(source, path)
+            self.side.submit(m.Rename(self.side.link.next_seq(), source, path),
+                             InFlight(path, Op.RENAME, path, since, src=source))
+            self.side.model.move_tree(source, path)
             # Everything that moved is looked at (a file changed just before the move was
             # reported under its old path).
-            self.mark_dirty(list(self.model.descendants(path)), since, hint=False,
-                            urgent=self._urgent)
-        if planner.needs_mkdir(self.model.get(path), mode):
-            self._submit(m.Mkdir(self.link.next_seq(), path, mode),
-                         InFlight(path, Op.MKDIR, path, since))
-            self.model.put(path, RemoteEntry(DIR, mode, owned=True))
+            self.side.mark_dirty(list(self.side.model.descendants(path)), since, hint=False,
+                                 urgent=self._urgent)
+        if planner.needs_mkdir(self.side.model.get(path), mode):
+            self.side.submit(m.Mkdir(self.side.link.next_seq(), path, mode),
+                             InFlight(path, Op.MKDIR, path, since))
+            self.side.model.put(path, RemoteEntry(DIR, mode, owned=True))
         self._reconcile_listing(path, since)
 
     async def _moved_here(self, path: str) -> str | None:
@@ -317,8 +302,9 @@ class PathPasses:
             return None
         try:
             # (A moved-in tree may be big: it is listed and hashed in a worker thread.)
-            local = await asyncio.to_thread(scan_tree, self.root, self.rules, self.cache,
-                                            subdir=path, on_error=lambda rel, exc: None)
+            local = await asyncio.to_thread(scan_tree, self.local.root, self.local.rules,
+                                            self.local.cache, subdir=path,
+                                            on_error=lambda rel, exc: None)
         except OSError:
             return None
         candidates = [p for p in self._move_sources(path) if p in candidates]
@@ -326,45 +312,45 @@ class PathPasses:
             return None
         cut = len(path) + 1
         here = {rel[cut:]: e.digest for rel, e in local.items() if e.kind == "file"}
-        return planner.moved_from(here, candidates, self.model, RENAME_MATCH)
+        return planner.moved_from(here, candidates, self.side.model, RENAME_MATCH)
 
     def _move_sources(self, path: str) -> list[str]:
         """The directories the new directory `path` may have been moved from: queued,
         owned remote directories that are gone locally and have no data-lane writes in
         flight (only the queued directories are looked at, never the whole queue)."""
-        self._queued_dirs = {p for p in self._queued_dirs if p in self.queue}
-        return [p for p in self._queued_dirs
+        self.side.queued_dirs = {p for p in self.side.queued_dirs if p in self.side.queue}
+        return [p for p in self.side.queued_dirs
                 if p != path and not p.startswith(path + "/")
-                and not self.window.side_busy(p)
-                and (e := self.model.get(p)) is not None and e.kind == DIR and e.owned
-                and not os.path.lexists(self.root / p)]
+                and not self.side.window.side_busy(p)
+                and (e := self.side.model.get(p)) is not None and e.kind == DIR and e.owned
+                and not os.path.lexists(self.local.root / p)]
 
     def _reconcile_listing(self, path: str, since: float) -> None:
         """Queue the children of a directory the watcher reported (moved in, swapped, its
         mode changed) or that lsync made: each is looked at (cheaply, when unchanged)."""
         local_children: set[str] = set()
         try:
-            with os.scandir(self.root / path if path else self.root) as listing:
+            with os.scandir(self.local.root / path if path else self.local.root) as listing:
                 for item in listing:
                     child = f"{path}/{item.name}" if path else item.name
                     if relpath_problem(child):
                         continue
-                    if self.rules.is_ignored(child, item.is_dir(follow_symlinks=False)):
+                    if self.local.rules.is_ignored(child, item.is_dir(follow_symlinks=False)):
                         continue
                     local_children.add(child)
         except OSError:
             return
         # Every child, not only those on one side: a directory moved in, or swapped for
         # another under the same name, holds other files under the same names.
-        self.mark_dirty(sorted(local_children | self.model.child_names(path)), since,
-                        hint=False, urgent=self._urgent)
+        self.side.mark_dirty(sorted(local_children | self.side.model.child_names(path)), since,
+                             hint=False, urgent=self._urgent)
 
     async def _sync_file(self, path: str, st: os.stat_result, since: float,
                          ahead: Ahead | None, urgent: bool = False) -> Outcome:
-        remote = self.model.get(path)
+        remote = self.side.model.get(path)
         old_size = remote.size if remote is not None and remote.kind == FILE else 0
         settle = 0.0
-        if not self.close_events and max(st.st_size, old_size) >= SETTLE_SIZE:
+        if not self.local.close_events and max(st.st_size, old_size) >= SETTLE_SIZE:
             # No close events from this watcher: a big file written in place may be caught
             # between the truncate and the last write.
             settle = SETTLE
@@ -374,8 +360,9 @@ class PathPasses:
             # as a delta, and the temporary file not at all).
             settle = max(settle, NEW_FILE_SETTLE)
         quiet = (time.time_ns() - st.st_mtime_ns) / 1e9
-        if 0 <= quiet < settle and self.clock() - since < SETTLE_MAX:
-            self.queue.retry(path, self.clock(), settle - quiet)  # until still, or SETTLE_MAX
+        if 0 <= quiet < settle and self.side.clock() - since < SETTLE_MAX:
+            # (until still, or SETTLE_MAX)
+            self.side.queue.retry(path, self.side.clock(), settle - quiet)
             return Outcome.RETRY
         if st.st_size > MAX_FILE:
             return self._skip_too_big(path, st)
@@ -389,25 +376,25 @@ class PathPasses:
                 content, entry = await self._read(path, st)
             except (UnstableFileError, FileNotFoundError, NotRegularFileError):
                 # Changing, gone, or no longer a file: look again soon.
-                self.queue.retry(path, self.clock(), UNSTABLE_RETRY)
+                self.side.queue.retry(path, self.side.clock(), UNSTABLE_RETRY)
                 return Outcome.RETRY
             except (OSError, ScanError) as exc:
                 return self._cannot_read(path, str(getattr(exc, "strerror", None) or exc))
         digest, mode = entry.digest, entry.mode
         assert digest is not None  # read_file_stable hashes what it read
-        plan = planner.plan_content(path, digest, mode, self.model)
-        if plan.action is Content.COPY and self.window.side_busy(plan.source):
+        plan = planner.plan_content(path, digest, mode, self.side.model)
+        if plan.action is Content.COPY and self.side.window.side_busy(plan.source):
             plan = planner.ContentPlan(Content.SEND, plan.remove_first)  # not written yet
         needs_main = plan.remove_first or plan.action in (Content.SET_MODE, Content.COPY)
-        if needs_main and self.window.side_busy(path):
-            self.queue.retry(path, self.clock(), LANE_WAIT)  # after its data-lane writes
+        if needs_main and self.side.window.side_busy(path):
+            self.side.queue.retry(path, self.side.clock(), LANE_WAIT)  # after its data-lane writes
             return Outcome.RETRY
-        remote = self.model.get(path)
+        remote = self.side.model.get(path)
         if plan.action is Content.SAME or plan.action is Content.SET_MODE:
             assert remote is not None
             if plan.action is Content.SET_MODE:
-                self._submit(m.SetMode(self.link.next_seq(), path, mode),
-                             InFlight(path, Op.SET_MODE, path, since))
+                self.side.submit(m.SetMode(self.side.link.next_seq(), path, mode),
+                                 InFlight(path, Op.SET_MODE, path, since))
                 remote.mode = mode
             remote.owned = True
             return Outcome.DONE
@@ -417,20 +404,20 @@ class PathPasses:
         if plan.action is Content.COPY:
             # The remote already has this content (a copy, or a move seen as add + delete
             # whose delete is still queued behind this): copy it there, send no content.
-            source = self.model.get(plan.source)
-            self._submit(m.Copy(self.link.next_seq(), plan.source, path, mode, digest),
-                         InFlight(path, Op.COPY, path, since, src=plan.source))
-            self.model.put(path, RemoteEntry(FILE, mode, digest, owned=True, size=len(content),
-                                             signature=source.signature if source else None))
+            source = self.side.model.get(plan.source)
+            self.side.submit(m.Copy(self.side.link.next_seq(), plan.source, path, mode, digest),
+                             InFlight(path, Op.COPY, path, since, src=plan.source))
+            self.side.model.put(path, RemoteEntry(FILE, mode, digest, owned=True, size=len(content),
+                                                  signature=source.signature if source else None))
             return Outcome.DONE
         new_signature = await self._send_content(path, content, mode, digest, remote, since,
                                                  prepared, urgent)
-        self.model.put(path, RemoteEntry(FILE, mode, digest, owned=True, size=len(content),
-                                         signature=new_signature))
-        if self.queue.queued <= BULK_QUEUE or urgent:
+        self.side.model.put(path, RemoteEntry(FILE, mode, digest, owned=True, size=len(content),
+                                              signature=new_signature))
+        if self.side.queue.queued <= BULK_QUEUE or urgent:
             # A file saved on its own is likely to be saved again soon: keep it as the base
             # of the next delta. Files of a burst are not (and would only evict those).
-            self.recent.remember(path, digest, content)
+            self.side.recent.remember(path, digest, content)
         return Outcome.DONE
 
     def _skip_too_big(self, path: str, st: os.stat_result) -> Outcome:
@@ -438,21 +425,21 @@ class PathPasses:
         left alone, not failed — a failure would be retried for ever and keep every
         in-sync report away. It is looked at again when it changes; convergence checks
         pass over it while it stays this version (`skipped`); status lists it."""
-        self.skipped[path] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        self.reporter.note(f"skipped {path}: {st.st_size} bytes, more than the "
-                           f"{MAX_FILE} that lsync reads into memory; not synced (the "
-                           "remote keeps whatever it has there)")
+        self.side.skipped[path] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        self.side.reporter.note(f"skipped {path}: {st.st_size} bytes, more than the "
+                                f"{MAX_FILE} that lsync reads into memory; not synced (the "
+                                "remote keeps whatever it has there)")
         return Outcome.DONE
 
     async def _read(self, path: str, st: os.stat_result) -> tuple[bytes, LocalEntry]:
         """The file as of `st` (once for every target: lsync.client.localside)."""
         def read() -> Awaitable[tuple[bytes, LocalEntry]]:
-            return _off_loop(st.st_size, read_file_stable, self.root, path, self.cache,
+            return _off_loop(st.st_size, read_file_stable, self.local.root, path, self.local.cache,
                              limit=MAX_FILE)
 
-        if self.reads is None:
+        if self.local.reads is None:
             return await read()
-        return await self.reads.read(path, st, read)
+        return await self.local.reads.read(path, st, read)
 
     async def _send_content(self, path: str, content: bytes, mode: int, digest: bytes,
                             remote: RemoteEntry | None, since: float,
@@ -461,33 +448,33 @@ class PathPasses:
         """Send the new content as a delta against the remote version when that is smaller
         (and fits in a frame), else whole in chunks or in a batch; returns the new version's
         signature (None for a small file of a burst: not worth its time and memory)."""
-        seq = self.link.next_seq()
+        seq = self.side.link.next_seq()
         if (remote is not None and remote.kind == FILE and remote.digest is not None
                 and remote.signature is not None):
-            base = self.recent.get(path, remote.digest)
+            base = self.side.recent.get(path, remote.digest)
             delta, new_signature = await _off_loop(
                 len(content), delta_message, seq, path, mode, remote.digest,
-                remote.signature, content, digest, base, self.packing.zstd)
+                remote.signature, content, digest, base, self.side.packing.zstd)
             if delta is not None:
-                lane = self.window.lane_for(path, self._save_lane())
-                self._submit(delta, InFlight(path, Op.WRITE, path, since,
-                                             nbytes=len(content), wire=len(delta.delta),
-                                             lane=lane))
-                await self.link.drain(lane)
+                lane = self.side.window.lane_for(path, self._save_lane())
+                self.side.submit(delta, InFlight(path, Op.WRITE, path, since,
+                                                 nbytes=len(content), wire=len(delta.delta),
+                                                 lane=lane))
+                await self.side.link.drain(lane)
                 return new_signature
         # (A burst lasts until the queue runs dry: its tail is batched too. A save made
         # meanwhile is not part of it.)
-        self.bursting = self.bursting or self.queue.queued > BULK_QUEUE
+        self.bursting = self.bursting or self.side.queue.queued > BULK_QUEUE
         burst = self.bursting and not urgent
         if burst and len(content) <= BATCH_FILE_MAX:
             # One of many new files: it travels with its neighbours in one compressed batch,
             # and unsigned when small (its first edit is sent whole; bigger ones are
             # signed here or, once in sync, by the engine).
-            lane = self.window.lane_for(path, self._bulk_lane(len(content)))
-            self._submit_batched(seq, path, mode, content,
-                                 InFlight(path, Op.WRITE, path, since, nbytes=len(content),
-                                          wire=len(content), lane=lane))
-            await self.link.drain(lane, self.urgent_work)  # a save need not wait for it
+            lane = self.side.window.lane_for(path, self._bulk_lane(len(content)))
+            self.side.submit_batched(seq, path, mode, content,
+                                     InFlight(path, Op.WRITE, path, since, nbytes=len(content),
+                                              wire=len(content), lane=lane))
+            await self.side.link.drain(lane, self.side.urgent_work)  # a save need not wait for it
             if len(content) < SIGN_MIN:
                 return None
             return prepared.signature if prepared and prepared.signature else signature(content)
@@ -495,7 +482,7 @@ class PathPasses:
             new_signature = prepared.signature
         else:
             new_signature = await _off_loop(len(content), signature, content)
-        packer = self.packing.packer(burst=burst)
+        packer = self.side.packing.packer(burst=burst)
         if prepared is not None and prepared.packer == packer and prepared.pieces is not None:
             pieces = prepared.pieces
         else:
@@ -504,23 +491,23 @@ class PathPasses:
         wire = sum(len(data) for data, _ in pieces)
         # A save in one message takes the fast lane; bigger files, and big files of a
         # burst, the main stream (see Window.lane_for for when neither may).
-        lane = self.window.lane_for(path, 0 if burst or len(messages) > 1
-                                    else self._save_lane())
-        self._submit(messages[0], InFlight(path, Op.WRITE, path, since, nbytes=len(content),
-                                           wire=wire, lane=lane))
-        await self.link.drain(lane)
+        lane = self.side.window.lane_for(path, 0 if burst or len(messages) > 1
+                                         else self._save_lane())
+        self.side.submit(messages[0], InFlight(path, Op.WRITE, path, since, nbytes=len(content),
+                                               wire=wire, lane=lane))
+        await self.side.link.drain(lane)
         for message in messages[1:]:
-            self.link.send_on(message, lane)
-            await self.link.drain(lane)
+            self.side.link.send_on(message, lane)
+            await self.side.link.drain(lane)
         return new_signature
 
     def _save_lane(self) -> int:
-        return FAST_LANE if self.link.lanes >= FAST_LANE else 0
+        return FAST_LANE if self.side.link.lanes >= FAST_LANE else 0
 
     def _bulk_lane(self, size: int) -> int:
         """The data lane of the next batched file: the lanes after the fast one, in turn,
         a batch's worth of content each (main when there are none)."""
-        bulk = self.link.lanes - FAST_LANE
+        bulk = self.side.link.lanes - FAST_LANE
         if bulk <= 0:
             return 0
         self._bulk_bytes += size
@@ -531,47 +518,47 @@ class PathPasses:
 
     def _remove(self, owner: str, path: str, since: float) -> None:
         """Delete what lsync owns at and below `path`; the rest stays (and is forgotten)."""
-        self._check_root()
-        for below in [*self.model.descendants(path), path]:
-            entry = self.model.get(below)
+        self.check_root()
+        for below in [*self.side.model.descendants(path), path]:
+            entry = self.side.model.get(below)
             if entry is None:
                 continue
-            if entry.owned or self.delete_extra:
-                self._submit(m.Delete(self.link.next_seq(), below),
-                             InFlight(owner, Op.DELETE, below, since, dropped=entry))
-            self.model.drop(below)
+            if entry.owned or self.side.delete_extra:
+                self.side.submit(m.Delete(self.side.link.next_seq(), below),
+                                 InFlight(owner, Op.DELETE, below, since, dropped=entry))
+            self.side.model.drop(below)
 
     def _set_aside(self, path: str, since: float) -> None:
         """Make room for a file or link where the remote has a directory: delete what lsync
         owns below it, then move the directory aside (`PATH.lsync-kept-N`) and delete it
         there, which removes it when nothing is left and keeps it, with the build outputs
         lsync did not make, when something is (the agent says so, and it is reported)."""
-        self._check_root()
-        for below in list(self.model.descendants(path)):
-            entry = self.model.get(below)
-            if entry is not None and (entry.owned or self.delete_extra):
-                self._submit(m.Delete(self.link.next_seq(), below),
-                             InFlight(path, Op.DELETE, below, since, dropped=entry))
-            self.model.drop(below)
+        self.check_root()
+        for below in list(self.side.model.descendants(path)):
+            entry = self.side.model.get(below)
+            if entry is not None and (entry.owned or self.side.delete_extra):
+                self.side.submit(m.Delete(self.side.link.next_seq(), below),
+                                 InFlight(path, Op.DELETE, below, since, dropped=entry))
+            self.side.model.drop(below)
         aside = f"{path}.lsync-kept-{time.time_ns() % 10**9}"
-        self._submit(m.Rename(self.link.next_seq(), path, aside),
-                     InFlight(path, Op.RENAME, aside, since, src=path))
-        self._submit(m.Delete(self.link.next_seq(), aside),
-                     InFlight(path, Op.DELETE, aside, since))
-        self.model.drop(path)
+        self.side.submit(m.Rename(self.side.link.next_seq(), path, aside),
+                         InFlight(path, Op.RENAME, aside, since, src=path))
+        self.side.submit(m.Delete(self.side.link.next_seq(), aside),
+                         InFlight(path, Op.DELETE, aside, since))
+        self.side.model.drop(path)
 
-    def _check_root(self) -> None:
-        if not self.root.is_dir():
-            raise SafetyStop(f"the local tree {self.root} has disappeared; stopped without "
+    def check_root(self) -> None:
+        if not self.local.root.is_dir():
+            raise SafetyStop(f"the local tree {self.local.root} has disappeared; stopped without "
                              "deleting anything on the remote")
         try:
-            with os.scandir(self.root) as listing:
+            with os.scandir(self.local.root) as listing:
                 empty = next(iter(listing), None) is None
         except OSError as exc:
-            raise SafetyStop(f"the local tree {self.root} cannot be read ({exc.strerror}); "
+            raise SafetyStop(f"the local tree {self.local.root} cannot be read ({exc.strerror}); "
                              "stopped without deleting anything on the remote") from None
-        if empty and self.model.owned_count():
-            raise SafetyStop(f"the local tree {self.root} is suddenly empty (an unmounted "
+        if empty and self.side.model.owned_count():
+            raise SafetyStop(f"the local tree {self.local.root} is suddenly empty (an unmounted "
                              "disk?); stopped without deleting anything on the remote")
 
 

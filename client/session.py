@@ -36,7 +36,7 @@ from lsync.client import lanes, remotelisting, sigstore, ssh
 from lsync.client.bootstrap import MAX_INITIAL, bundle_b64, local_argv
 from lsync.client.buildloop import BuildLoop, Progress, TrackingReporter
 from lsync.client.control import JsonObject
-from lsync.client.engine import URGENT_MAX, SyncEngine
+from lsync.client.engine import SyncEngine
 from lsync.client.errors import (
     ConnectError,
     LinkBroken,
@@ -51,6 +51,7 @@ from lsync.client.localside import LocalSide
 from lsync.client.project import DEFAULT_LANES
 from lsync.client.pull import Stamp
 from lsync.client.pullrules import DEFAULT_REWRITE, PullRules, PushRules, RewriteRules
+from lsync.client.remoteside import URGENT_MAX
 from lsync.client.reporter import Reporter
 from lsync.client.scanner import LocalEntry
 from lsync.client.streams import LocalAgentStream, SshAgentStream

@@ -180,7 +180,7 @@ def test_many_refused_paths_are_asked_about_together_not_one_round_trip_each(
     real = passes.PathPasses._relearn
 
     async def counted(self: passes.PathPasses, path: str, near: Any) -> None:
-        batches.append(len(self._unsure))
+        batches.append(len(self.side.unsure))
         await real(self, path, near)
 
     monkeypatch.setattr(passes.PathPasses, "_relearn", counted)

@@ -199,8 +199,12 @@ class Rig:
             version = ("file", full.read_bytes())
         elif how == "same-size-mtime":
             before = full.stat()
-            data = bytearray(full.read_bytes() or b"\0")
-            data[len(data) // 2] ^= self.edits % 255 + 1  # (never undoes an earlier one)
+            data = bytearray(full.read_bytes() or b"\0\0")
+            # Two bytes no text holds, the second one this edit's own: an edit never gives
+            # back an earlier version (flipping one bit per edit did: three edits XORed 1, 2
+            # and 3 into the same byte and restored what lsync had written).
+            mid = max(0, len(data) // 2 - 1)
+            data[mid:mid + 2] = bytes([0xFE, 1 + self.edits % 254])[:len(data) - mid]
             with open(full, "r+b") as handle:
                 handle.write(bytes(data))
             os.utime(full, ns=(before.st_atime_ns, before.st_mtime_ns))
