@@ -48,6 +48,9 @@ from lsync.client.control import (
 )
 from lsync.client.errors import log_event
 
+LINGER = 2.0  # seconds a finished connection waits for its client to hang up
+LINGER_READ = 64 * 1024
+
 # -- the server ---------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +298,7 @@ class ControlServer:
                                        "error": "this lsync session belongs to another user"})
             else:
                 await self._serve(connection)
+            await _linger(reader, writer)
         except (ControlError, ConnectionError) as exc:
             # The client left (logged: a run that ends with no answer must say why).
             log_event(f"control: connection ended: {type(exc).__name__}: {exc}")
@@ -446,6 +450,24 @@ class ControlServer:
         else:
             raise exc
         await connection.send(final)
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """End our side and wait (at most LINGER seconds) for the client to hang up, dropping
+    what it still sends. Closing at once would lose the client its answer: a quick command
+    is over before the client's next line (its stdin's end) arrives; that write then meets
+    a closed socket, and asyncio's transport, failing the write, drops the answer it had
+    not read yet ("the lsync session closed the connection", exit 125, after the command
+    had run)."""
+    with contextlib.suppress(OSError, RuntimeError):
+        if writer.can_write_eof():
+            writer.write_eof()
+    async def until_eof() -> None:
+        while await reader.read(LINGER_READ):
+            pass
+
+    with contextlib.suppress(OSError, ValueError, asyncio.TimeoutError):
+        await asyncio.wait_for(until_eof(), LINGER)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:

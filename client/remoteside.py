@@ -16,7 +16,7 @@ engine's loop to raise.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 
 from lsync.client.checks import CheckSchedule
@@ -117,6 +117,37 @@ class RemoteSide:
                 paths[flight.src] = None
         paths.pop("", None)
         return list(paths)
+
+    # -- across connections ------------------------------------------------------------------
+    def owned_now(self) -> tuple[set[str], set[str]]:
+        """For the next connection: the remote paths lsync owns, and the trees of deletes
+        and renames still unanswered (everything below them was lsync's)."""
+        owned = {path for path, entry in self.model.entries.items() if entry.owned}
+        trees: set[str] = set()
+        for flight in self.window.flights.values():
+            if flight.op is Op.DELETE:
+                trees.add(flight.target)
+            elif flight.op is Op.RENAME:
+                trees.add(flight.src)
+        return owned, trees
+
+    def adopt_owned(self, owned: set[str], trees: set[str], local: Container[str]
+                    ) -> list[str]:
+        """After a reconnect: mark what lsync owned before (`owned_now` of the last
+        connection) as owned again in this model, and return those paths that are gone
+        locally (they are to be deleted remotely)."""
+        if not owned and not trees:
+            return []
+        tops = tuple(trees)
+        gone: list[str] = []
+        for path, entry in self.model.entries.items():
+            if entry.owned:
+                continue
+            if path in owned or any(path == top or path.startswith(top + "/") for top in tops):
+                entry.owned = True
+                if path not in local:
+                    gone.append(path)
+        return gone
 
     # -- sending --------------------------------------------------------------------------
     def submit(self, message: m.Message, flight: InFlight) -> None:

@@ -61,7 +61,6 @@ from lsync.client.watcher import (
     DEFAULT_STEP_MS,
     WatchBatch,
 )
-from lsync.client.window import Op
 from lsync.protocol import PROTOCOL_VERSION, hashing, packing
 from lsync.protocol import messages as m
 
@@ -281,30 +280,12 @@ class Session:
         now = time.monotonic()
         for path in engine.pending_paths():
             self._buffered.setdefault(path, now)
-        self._owned = {path for path, entry in engine.model.entries.items() if entry.owned}
-        self._owned_trees = set()
-        for flight in engine.window.flights.values():
-            if flight.op is Op.DELETE:
-                self._owned_trees.add(flight.target)
-            elif flight.op is Op.RENAME:
-                self._owned_trees.add(flight.src)
+        self._owned, self._owned_trees = engine.side.owned_now()
 
     def _adopt_owned(self, engine: SyncEngine, local: Container[str]) -> list[str]:
         """After a reconnect: mark what lsync owned before as owned again in the new model,
         and return those paths that are gone locally (they are to be deleted remotely)."""
-        if not self._owned and not self._owned_trees:
-            return []
-        trees = tuple(self._owned_trees)
-        gone: list[str] = []
-        for path, entry in engine.model.entries.items():
-            if entry.owned:
-                continue
-            if path in self._owned or any(path == top or path.startswith(top + "/")
-                                          for top in trees):
-                entry.owned = True
-                if path not in local:
-                    gone.append(path)
-        return gone
+        return engine.side.adopt_owned(self._owned, self._owned_trees, local)
 
     async def _scan(self, hash_name: str) -> tuple[HashCache, dict[str, LocalEntry]]:
         """The tree's entries and hash cache: a scan shared with the other targets where

@@ -8,6 +8,7 @@ must fit in 107 bytes). Waits are on events the fake handler sets, bounded by `B
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -461,6 +462,32 @@ def test_another_user_is_refused(short_dir: Path) -> None:
 
 
 # -- runs ---------------------------------------------------------------------------------
+
+def test_a_quick_commands_answer_survives_the_clients_late_end_of_stdin(
+        short_dir: Path) -> None:
+    """The command is over, and its answer sent, before the client's next line (the end of
+    its stdin, sent right after the request) arrives. The server must not have closed by
+    then: the client's write would fail, and asyncio's transport would drop the answer it
+    had not read yet (`lsync run -- pwd` exited 125, "the lsync session closed the
+    connection", in CI and in the torture run)."""
+    path = short_dir / "s.sock"
+
+    async def test(server: ControlServer, session: FakeSession) -> None:
+        async with stream(path, {"op": "run", "argv": ["echo", "quick"]}) as lines:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + BOUND
+            # Until the answer has reached this client (before the fix the server had
+            # then closed the connection too).
+            while b'"done"' not in bytes(lines._reader._buffer):  # type: ignore[union-attr]
+                assert loop.time() < deadline
+                await asyncio.sleep(0.01)
+            with contextlib.suppress(ControlError):
+                await lines.close_stdin()
+            got = [line async for line in lines]
+        assert got[-1] == {"v": 1, "ok": True, "done": True, "exit": 0}
+
+    serve(path, test)
+
 
 def test_streamed_run(short_dir: Path) -> None:
     path = short_dir / "s.sock"
