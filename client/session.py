@@ -1,24 +1,27 @@
-"""One `lsync connect` run: connect, bring the remote up to date, then follow every save.
+"""One target of an `lsync connect` run: connect, bring that remote up to date, then
+follow every save.
 
-The watcher starts before anything else, so no change made during the connection or the
-initial scan is missed: its batches wait in a buffer until the engine exists. Each
-connection runs the same sequence — start the agent, send Hello and ListTree in one flight,
-scan the local tree (hash cache) while the manifest streams in, queue the differences, and
-then reconcile watcher batches — and a broken link leads to a reconnect with backoff that
-repeats it (the rescan is cheap with a warm cache). The backoff starts again from its first
-step once a connection got as far as the initial sync. What lsync owned on the remote (it
-made or verified it there) stays owned across reconnects, so files deleted locally while the
-link was down, or whose delete or rename was in flight when it broke, are still deleted or
-moved remotely; paths of operations left unanswered are reconciled again. Stopping (Ctrl-C)
-drains what is queued, says goodbye to the agent, and ends cleanly.
+The watcher (lsync.client.localside, shared by every target) starts before anything else,
+so no change made during the connection or the initial scan is missed: its batches wait in
+this target's buffer until its engine exists. Each connection runs the same sequence —
+start the agent, send Hello and ListTree in one flight, scan the local tree (hash cache;
+a scan another target started after this one's buffer did serves too) while the manifest
+streams in, queue the differences, and then reconcile watcher batches — and a broken link
+leads to a reconnect with backoff that repeats it (the rescan is cheap with a warm cache).
+The backoff starts again from its first step once a connection got as far as the initial
+sync. What lsync owned on the remote (it made or verified it there) stays owned across
+reconnects, so files deleted locally while the link was down, or whose delete or rename was
+in flight when it broke, are still deleted or moved remotely; paths of operations left
+unanswered are reconciled again. Stopping (Ctrl-C) drains what is queued, says goodbye to
+the agent, and ends cleanly.
 
-The session also serves the control socket (`lsync flush/run/status`, see
-lsync.client.buildloop), checks the link's liveness (pings, a bound on silence), and tells
-the engine what the watcher saw: changed paths, files still open for writing or closed,
-and overflows (which make the engine check the whole tree). Ownership across restarts comes
-from the agent's record (the manifest's `written` field), not from this process.
+The session also checks the link's liveness (pings, a bound on silence) and tells the
+engine what the watcher saw: changed paths, files still open for writing or closed, and
+overflows (which make the engine check the whole tree). Its state (engine, ready, link up)
+is what its build loop (lsync.client.buildloop) waits on; the control socket and the
+supervision of every target are lsync.client.fleet's. Ownership across restarts comes from
+the agent's record (the manifest's `written` field), not from this process.
 """
-
 from __future__ import annotations
 
 import asyncio
