@@ -23,6 +23,7 @@ import pytest
 from benchmarks.testbed.proxy import ThreadedProxy
 from benchmarks.testbed.sshd import PrivateSshd
 from tests.conftest import LsyncProcess, assert_same_now, assert_trees_equal, wait_until
+from tests.gitrepo import is_build_output, make_repo
 from tests.test_e2e_buildloop import lsync_cli
 
 NAMES = ("x86", "arm", "box3")
@@ -39,12 +40,14 @@ class Fleet:
 
 @contextlib.contextmanager
 def fleet(sshd: PrivateSshd, base: Path, delay: float = 0.0) -> Iterator[Fleet]:
+    """Three targets syncing `base/local` (made here unless it exists)."""
     local = base / "local"
-    local.mkdir()
-    (local / "README").write_text("fleet tests\n")
-    (local / "src").mkdir()
-    for i in range(20):
-        (local / "src" / f"f{i}.c").write_text(f"int f{i}(void) {{ return {i}; }}\n")
+    if not local.exists():
+        local.mkdir()
+        (local / "README").write_text("fleet tests\n")
+        (local / "src").mkdir()
+        for i in range(20):
+            (local / "src" / f"f{i}.c").write_text(f"int f{i}(void) {{ return {i}; }}\n")
     remotes = {name: base / f"remote-{name}" for name in NAMES}
     with contextlib.ExitStack() as stack:
         proxies = {name: stack.enter_context(
@@ -179,3 +182,21 @@ def test_a_frozen_host_catches_up_while_saves_keep_landing_on_the_others(
             assert_trees_equal(running.local, remote)
         assert wait_until(lambda: running.lsync.saw("arm: disconnected"), 5), \
             running.lsync.log_tail()
+
+
+def test_a_checkout_reaches_every_host_also_one_frozen_while_it_lands(
+        sshd: PrivateSshd, tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "local")  # a real repository with history
+    repo.checkout("v1")
+    with fleet(sshd, tmp_path) as running:
+        running.proxies["box3"].freeze()
+        repo.checkout("v3")  # renames of directories, links retargeted, a file -> a dir
+        for name in ("x86", "arm"):
+            flushed = lsync_cli("flush", "--target", name, "--timeout", "60",
+                                cwd=running.local)
+            assert flushed.returncode == 0, flushed.stderr
+            assert_same_now(running.local, running.remotes[name], is_build_output)
+        flushed = lsync_cli("flush", "--timeout", "120", cwd=running.local)
+        assert flushed.returncode == 0, flushed.stderr + running.lsync.log_tail()
+        for remote in running.remotes.values():
+            assert_same_now(running.local, remote, is_build_output)
