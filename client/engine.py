@@ -15,8 +15,9 @@ The parts it drives are its own, each with its own state: the target's remote si
 answer means), the passes over one path at a time (`lsync.client.passes.PathPasses`, which
 read the shared local side through `LocalInputs`; safety there: before any delete the local
 root is checked, and a vanished or suddenly empty root raises `SafetyStop`, sending nothing
-more) and the read-ahead of bulk work (`lsync.client.sender.ReadAhead`). The properties and
-one-line methods below are what the session, the build loop and the tests see of them.
+more), the convergence checks and in-sync reports (`lsync.client.convergence`) and the
+read-ahead of bulk work (`lsync.client.sender.ReadAhead`). The properties and one-line
+methods below are what the session, the build loop and the tests see of them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lsync.client import planner
+from lsync.client.convergence import Convergence
 from lsync.client.errors import LsyncError, SafetyStop, internal_error
 from lsync.client.hashcache import HashCache
 from lsync.client.ignore import IgnoreRules
@@ -43,8 +45,6 @@ from lsync.client.scanner import (
     LocalEntry,
     ScanError,
     hash_file,
-    scan_dir,
-    scan_tree,
 )
 from lsync.client.sender import (
     PREFETCH,
@@ -59,8 +59,6 @@ from lsync.protocol import packing
 from lsync.protocol.paths import relpath_problem
 
 HASH_BATCH = 2000
-REPORT_LAG_NS = 1_000_000  # an in-sync report this far behind its check is given again
-REPORT_AGAIN = 0.05  # seconds later
 YIELD_EVERY = 0.005  # seconds of passes before the engine lets the event loop run
 DICTIONARY_MIN_FILES = 64  # an initial sync of this many files sets a preset dictionary
 PREFETCH_LOOK = 128  # queued paths examined for reading ahead, from the head
@@ -94,9 +92,7 @@ class SyncEngine:
                                                         close_events, reads))
         self.read_ahead = ReadAhead(root, cache)
         self.remote_hashed = 0  # remote files the initial comparison had the agent hash
-        self._report_due: float | None = None  # when to check and report in-sync again
-        self._report_due_set = False  # the last report lagged: the next says only news
-        self._reported_as_of = 0
+        self.convergence = Convergence(self.side, self.passes.local, self.passes.check_root)
 
     # -- the remote side, as the session, the build loop and the tests see it ---------------
     @property
@@ -268,7 +264,7 @@ class SyncEngine:
                         yielded = time.monotonic()
                     continue
                 if self.queue.idle and self.window.has_space():
-                    await self._check_if_due(now)
+                    await self.convergence.check_if_due(now)
                     if self.queue.queued:
                         continue
                 timeout = self._next_wake(now)
@@ -284,101 +280,11 @@ class SyncEngine:
             self.read_ahead.close()
 
     def _next_wake(self, now: float) -> float | None:
-        wakes = [t - now for t in (self.queue.next_due(), self._report_due) if t is not None]
+        wakes = [t - now for t in (self.queue.next_due(), self.convergence.report_due)
+                 if t is not None]
         if self.queue.idle and not self.queue.records:
             wakes.append(self.side.checks.next_time() - now)
         return max(0.0, min(wakes)) if wakes else None
-
-    async def _check_if_due(self, now: float) -> None:
-        """The queue is idle: check what may have changed, and say so when all is in sync.
-        An in-sync report is as of the moment the watcher (and git's index) had delivered
-        everything; when that lagged behind (a walk of a big new subtree, an index being
-        read), the report is given again shortly, until it is as of the check itself —
-        else the last word would stay a report older than the last change."""
-        if self._report_due is not None and now >= self._report_due:
-            self._report_due = None
-            self.side.checks.worked()
-        checked_ns = time.time_ns()
-        as_of = self.seen_until()
-        due = self.side.checks.take(now)
-        found = 0
-        if due.whole:
-            found = await self._check(None, due.reason)
-        if due.directories:
-            found += await self._check_dirs(due.directories)
-        if due.report and not found and self.queue.idle:
-            if as_of > self._reported_as_of or not self._report_due_set:
-                self._report_in_sync(as_of)
-                self._reported_as_of = max(self._reported_as_of, as_of)
-            # (Looked at again while the watcher lags; said again only once it moved.)
-            self._report_due_set = checked_ns - as_of > REPORT_LAG_NS
-            if self._report_due_set:
-                self._report_due = now + REPORT_AGAIN
-        elif found:
-            self.side.checks.worked()
-
-    def _report_in_sync(self, as_of: int) -> None:
-        failing = self.queue.failing()
-        if failing:
-            self.reporter.note(f"idle; {len(failing)} paths failing, retried with backoff "
-                               f"(first: {next(iter(failing))}: {next(iter(failing.values()))})")
-            return
-        self.reporter.in_sync(as_of, self.counters.files, self.counters.bytes)
-
-    async def _check(self, directory: str | None, reason: str) -> int:
-        """Compare the local tree (all of it, or one directory's entries) with the model and
-        queue what differs; returns how many paths."""
-        self.counters.checks += 1
-        try:
-            local: dict[str, LocalEntry] | None
-            if directory is None:
-                local = await asyncio.to_thread(scan_tree, self.root, self.rules, self.cache,
-                                                on_error=lambda rel, exc: None)
-            else:
-                local = await asyncio.to_thread(scan_dir, self.root, directory, self.rules,
-                                                self.cache)
-        except OSError as exc:
-            self.passes.check_root()
-            self.reporter.note(f"convergence check of {directory or 'the tree'} failed: {exc}")
-            return 0
-        return self._compare(directory, local, reason)
-
-    async def _check_dirs(self, directories: tuple[str, ...]) -> int:
-        """`_check` of each directory, listed in one trip to a worker thread (a checkout
-        touches hundreds)."""
-        self.counters.checks += 1
-        listed = await asyncio.to_thread(_scan_dirs, self.root, directories, self.rules,
-                                         self.cache)
-        found = 0
-        for directory, local in listed:
-            if isinstance(local, OSError):
-                self.passes.check_root()
-                self.reporter.note(f"convergence check of {directory or 'the root'} failed: "
-                                   f"{local}")
-                continue
-            found += self._compare(directory, local, "")
-        return found
-
-    def _compare(self, directory: str | None, local: dict[str, LocalEntry] | None,
-                 reason: str) -> int:
-        if local is None:  # the directory is gone: its parent's check covers it
-            self.side.checks.gone(directory or "")
-            return 0
-        found = planner.differences(local, self.model, self.rules.is_ignored,
-                                    self.delete_extra, under=directory,
-                                    shallow=directory is not None)
-        skipped = self.skipped
-        found = [p for p in found if p not in self.queue
-                 and not (p in skipped and (e := local.get(p)) is not None
-                          and e.local_key == skipped[p])]
-        if found:
-            self.counters.found += len(found)
-            where = "the tree" if directory is None else (directory or "the root")
-            why = f" ({reason})" if reason else ""
-            self.reporter.note(f"check of {where}{why}: {len(found)} paths differ, "
-                               f"syncing them (first: {found[0]})")
-            self.mark_dirty(found, hint=False)
-        return len(found)
 
     async def _sign_ahead(self) -> None:
         """Once in sync, sign the bigger remote files that lsync verified but never sent
@@ -462,16 +368,3 @@ def _hash_files(root: Path, paths: list[str], cache: HashCache) -> dict[str, Loc
         except (OSError, ScanError):
             continue
     return found
-
-
-def _scan_dirs(root: Path, directories: tuple[str, ...], rules: IgnoreRules, cache: HashCache
-               ) -> list[tuple[str, dict[str, LocalEntry] | OSError | None]]:
-    """For a worker thread: `scan_dir` of each directory (an OSError in place of one that
-    could not be listed)."""
-    out: list[tuple[str, dict[str, LocalEntry] | OSError | None]] = []
-    for directory in directories:
-        try:
-            out.append((directory, scan_dir(root, directory, rules, cache)))
-        except OSError as exc:
-            out.append((directory, exc))
-    return out

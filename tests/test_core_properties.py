@@ -1141,7 +1141,7 @@ def test_half_of_a_synced_40_mib_file_edited_is_sent_within_the_frame_limit(
 def test_overflow_reported_while_a_convergence_check_runs_gets_its_whole_tree_check(
         quick_rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before 0fc9d6a: client/engine.py SyncEngine.run: the loop clears `_changed` just before
-    waiting, so a poke that arrived while it awaited _check_if_due (a convergence check's scan
+    waiting, so a poke that arrived while it awaited check_if_due (a convergence check's scan
     in its thread) is lost: check_all (a watcher overflow) then waits for the next periodic
     check (FULL_EVERY, 10 min); wait_idle clears the same event. Clear at the top of the loop,
     with an event of the loop's own."""
@@ -1156,7 +1156,7 @@ def test_overflow_reported_while_a_convergence_check_runs_gets_its_whole_tree_ch
         release.wait(STEP_TIMEOUT)
         return original(root, rel, rules, cache)
 
-    monkeypatch.setattr("lsync.client.engine.scan_dir", slow_scan_dir)
+    monkeypatch.setattr("lsync.client.convergence.scan_dir", slow_scan_dir)
     _files(rig, {"a/f.c": b"one\n", "b/f.c": b"two\n"})
 
     async def scenario() -> None:
