@@ -29,11 +29,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from lsync.client import planner
 from lsync.client.convergence import Convergence
-from lsync.client.errors import LsyncError, SafetyStop, internal_error
+from lsync.client.errors import LsyncError, internal_error
 from lsync.client.hashcache import HashCache
 from lsync.client.ignore import IgnoreRules
+from lsync.client.initial import initial_comparison
 from lsync.client.link import AgentLink
 from lsync.client.localside import SharedReads
 from lsync.client.model import FILE, RemoteModel
@@ -43,24 +43,18 @@ from lsync.client.remoteside import Counters, RemoteSide
 from lsync.client.reporter import Reporter
 from lsync.client.scanner import (
     LocalEntry,
-    ScanError,
-    hash_file,
 )
 from lsync.client.sender import (
     PREFETCH,
     Packing,
     ReadAhead,
-    sample_dictionary,
     sign_local,
 )
-from lsync.client.window import InFlight, Op, Window
-from lsync.protocol import messages as m
+from lsync.client.window import Window
 from lsync.protocol import packing
 from lsync.protocol.paths import relpath_problem
 
-HASH_BATCH = 2000
 YIELD_EVERY = 0.005  # seconds of passes before the engine lets the event loop run
-DICTIONARY_MIN_FILES = 64  # an initial sync of this many files sets a preset dictionary
 PREFETCH_LOOK = 128  # queued paths examined for reading ahead, from the head
 SIGN_AHEAD_MIN = 256 << 10  # verified remote files this big are signed once in sync
 SIGN_AHEAD_MAX = 64 << 20
@@ -175,64 +169,11 @@ class SyncEngine:
                            remote_entries: list[list[Any]],
                            loaded: tuple[RemoteModel, list[str]] | None = None) -> None:
         """Load the remote manifest (or take `loaded`, what `planner.load_manifest` made of
-        it with this `local`) and queue every path where local and remote differ."""
-        self.model, need_hash = loaded or planner.load_manifest(remote_entries, local,
-                                                                self.rules.is_ignored)
-        if self.delete_extra and not local and len(self.model):
-            raise SafetyStop(
-                f"the local tree {self.root} is empty while the remote holds "
-                f"{len(self.model)} entries; refusing to delete them (--delete)")
-        self.remote_hashed = len(need_hash)
-        batches = [need_hash[i:i + HASH_BATCH] for i in range(0, len(need_hash), HASH_BATCH)]
-        # Local files the scan did not hash (not in the hash cache) are hashed now, where
-        # the remote holds a file of that size at that path (it may be the same), while the
-        # agent hashes its side; the others are read once, when they are sent.
-        unhashed = [p for p, e in local.items()
-                    if e.kind == "file" and e.digest is None
-                    and (r := self.model.get(p)) is not None and r.kind == FILE
-                    and r.size == e.size]
-        hashing = asyncio.ensure_future(self._hash_local(unhashed))
-        try:
-            results = await asyncio.gather(*(self.link.hash_paths(b) for b in batches))
-        finally:
-            local.update(await hashing)
-        for batch, digests in zip(batches, results, strict=True):
-            for path, digest in zip(batch, digests, strict=True):
-                self.model.set_digest(path, digest)
-                entry = self.model.get(path)
-                if entry is not None:
-                    planner.settle_ownership(entry)
-        to_send = planner.differences(local, self.model, self.rules.is_ignored,
-                                      self.delete_extra)
-        files = [p for p in to_send if p in local and local[p].kind == "file"]
-        if len(files) >= DICTIONARY_MIN_FILES and self.packing.code == packing.PACK_ZLIB:
-            self._set_dictionary(files)
-        self.side.initial_total = (len(files), sum(local[p].size for p in files))
-        self.side.initial_done = (0, 0)
-        self.mark_dirty(to_send, hint=False)
-
-    async def _hash_local(self, paths: list[str]) -> dict[str, LocalEntry]:
-        """Entries with digests for `paths`, read in the worker threads (a path that cannot
-        be read keeps no digest: its pass will look at it)."""
-        if not paths:
-            return {}
-        pool = self.read_ahead.pool()
-        loop = asyncio.get_running_loop()
-        chunks = [paths[i:i + HASH_BATCH] for i in range(0, len(paths), HASH_BATCH)]
-        found: dict[str, LocalEntry] = {}
-        for part in await asyncio.gather(*(loop.run_in_executor(
-                pool, _hash_files, self.root, chunk, self.cache) for chunk in chunks)):
-            found.update(part)
-        return found
-
-    def _set_dictionary(self, files: list[str]) -> None:
-        """Give the agent a preset dictionary sampled from the files about to be sent."""
-        dictionary = sample_dictionary(self.root, files, self.cache)
-        if not dictionary:
-            return
-        self.side.submit(m.SetDictionary(self.link.next_seq(), dictionary),
-                         InFlight("", Op.DICTIONARY, "", self.clock()))
-        self.packing.dictionary = dictionary
+        it with this `local`) and queue every path where local and remote differ
+        (lsync.client.initial)."""
+        self.remote_hashed = await initial_comparison(
+            self.side, self.passes.local, self.read_ahead.pool(), local, remote_entries,
+            loaded)
 
     # -- the loop -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -358,13 +299,3 @@ class SyncEngine:
         if outcome is Outcome.DONE:
             self.queue.done(path, self.clock())
 
-
-def _hash_files(root: Path, paths: list[str], cache: HashCache) -> dict[str, LocalEntry]:
-    """For a worker thread: entries with digests of the files among `paths`."""
-    found: dict[str, LocalEntry] = {}
-    for path in paths:
-        try:
-            found[path] = hash_file(root, path, cache)
-        except (OSError, ScanError):
-            continue
-    return found
