@@ -24,17 +24,39 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import msgpack
 
+from lsync.protocol import fields
 from lsync.protocol.errors import ErrorCode, ProtocolError
+from lsync.protocol.fields import (
+    FieldCheck,
+    is_batch_files,
+    is_bool,
+    is_bool_map,
+    is_bytes,
+    is_capabilities,
+    is_digest_list,
+    is_generation,
+    is_int,
+    is_kept_entries,
+    is_opt_bytes,
+    is_path_list,
+    is_str,
+    is_str_list,
+    is_str_map,
+    is_uint,
+    is_uint_list,
+)
 from lsync.protocol.paths import link_target_problem, relpath_problem, root_problem, shown
+
+# The limits and kinds the field checks apply (lsync.protocol.fields), here too.
+MAX_HASH_PATHS, MAX_BATCH_FILES = fields.MAX_HASH_PATHS, fields.MAX_BATCH_FILES
+MAX_GENERATION = fields.MAX_GENERATION
+KIND_FILE, KIND_DIR, KIND_LINK = fields.KIND_FILE, fields.KIND_DIR, fields.KIND_LINK
+is_manifest_entries = fields.is_manifest_entries
 
 # Largest preset dictionary (deflate's window).
 MAX_DICTIONARY = 32768
 # Largest uncompressed content one WriteFile chunk may carry.
 MAX_CHUNK = 8 * 1024 * 1024
-# Most paths one HashPaths may ask for (the client asks in batches of 2,000).
-MAX_HASH_PATHS = 10000
-# Most files one WriteBatch may carry; their contents together inflate to at most MAX_CHUNK.
-MAX_BATCH_FILES = 4096
 # Most items of any array (and entries of any map) in a message, checked while unpacking.
 MAX_ARRAY_LEN = 4 * MAX_HASH_PATHS
 MAX_MAP_LEN = 1024
@@ -46,13 +68,6 @@ MAX_CONTAINERS = 100000
 # Largest payload a Packed message inflates to (a frame's size, see lsync.protocol.framing).
 MAX_PACKED = 16 * 1024 * 1024
 
-# Longest generation id of a kept listing (ListTree.since, ManifestBatch.base/generation).
-MAX_GENERATION = 64
-
-# Kinds of tree entries in a manifest.
-KIND_FILE = "f"
-KIND_DIR = "d"
-KIND_LINK = "l"
 
 
 class Hello(NamedTuple):
@@ -334,7 +349,7 @@ class Goodbye(NamedTuple):
 PULL_RULE_NEGATIVE = 1
 PULL_RULE_DIR_ONLY = 2
 PULL_RULE_BASENAME = 4
-MAX_PULL_RULES = 256
+MAX_PULL_RULES = fields.MAX_PULL_RULES
 MAX_PULL_BLOCKS = 1 << 16  # block hashes one PullFetch may carry
 PULL_BLOCK_HASH = 8  # bytes of each block hash (blake2b, digest_size=8)
 
@@ -416,163 +431,34 @@ Message = Union[
 OPERATIONS = (WriteFile, WriteDelta, Delete, Rename, Copy, Mkdir, Symlink, SetMode,
               SetDictionary)
 
-FieldCheck = Callable[[Any], bool]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_uint(value: Any) -> bool:
-    return _is_int(value) and value >= 0
-
-
-def _is_str(value: Any) -> bool:
-    return isinstance(value, str)
-
-
-def _is_bytes(value: Any) -> bool:
-    return isinstance(value, bytes)
-
-
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool)
-
-
-def _is_opt_bytes(value: Any) -> bool:
-    return value is None or isinstance(value, bytes)
-
-
-def _is_list(value: Any) -> bool:
-    return isinstance(value, list)
-
-
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _is_generation(value: Any) -> bool:
-    return isinstance(value, str) and len(value) <= MAX_GENERATION
-
-
-def _is_path_list(value: Any) -> bool:
-    # An overlong list is refused by `request_problem` without looking at its items.
-    return isinstance(value, list) and (len(value) > MAX_HASH_PATHS or _is_str_list(value))
-
-
-def _is_digest_list(value: Any) -> bool:
-    return isinstance(value, list) and all(_is_opt_bytes(v) for v in value)
-
-
-def _is_capabilities(value: Any) -> bool:
-    return isinstance(value, dict) and all(
-        isinstance(k, str) and _is_str_list(v) for k, v in value.items()
-    )
-
-
-def _is_str_map(value: Any) -> bool:
-    return isinstance(value, dict) and all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    )
-
-
-def _is_bool_map(value: Any) -> bool:
-    return isinstance(value, dict) and all(
-        isinstance(k, str) and isinstance(v, bool) for k, v in value.items()
-    )
-
-
-def _is_uint_list(value: Any) -> bool:
-    return isinstance(value, list) and all(_is_uint(v) for v in value)
-
-
-def _is_batch_files(value: Any) -> bool:
-    if not isinstance(value, list) or not value or len(value) > MAX_BATCH_FILES:
-        return False
-    for item in value:
-        if not (isinstance(item, list) and len(item) == 4 and _is_uint(item[0])
-                and _is_str(item[1]) and _is_uint(item[2]) and _is_uint(item[3])):
-            return False
-    return True
-
-
-def _is_kept_entries(value: Any) -> bool:
-    if not isinstance(value, list):
-        return False
-    for entry in value:
-        if not (isinstance(entry, list) and len(entry) == 5 and _is_str(entry[0])
-                and _is_str(entry[1]) and entry[2] in (KIND_FILE, KIND_LINK)
-                and _is_uint(entry[3]) and _is_int(entry[4])):
-            return False
-    return True
-
-
-def _is_manifest_entries(value: Any) -> bool:
-    # The same checks as _is_uint, _is_opt_bytes...: one per field of up to 80,000 entries
-    # (a whole tree), so written out, with exact types (what msgpack makes).
-    if type(value) is not list:
-        return False
-    for entry in value:
-        if type(entry) is not list or len(entry) != 8:
-            return False
-        path, kind, size, mtime, mode, digest, target, written = entry
-        if not (type(path) is str and type(kind) is str
-                and kind in (KIND_FILE, KIND_DIR, KIND_LINK)
-                and type(size) is int and size >= 0 and type(mtime) is int
-                and type(mode) is int and mode >= 0
-                and (digest is None or type(digest) is bytes)
-                and (target is None or type(target) is str)
-                and (written is None or type(written) is bytes)):
-            return False
-    return True
-
-
-def is_manifest_entries(value: Any) -> bool:
-    """Whether `value` is a list of well-formed manifest entries (see ManifestBatch)."""
-    return _is_manifest_entries(value)
-
-
 # Who may send a message: "c" client, "a" agent, "ca" either.
 SCHEMA: Dict[int, Tuple[Any, str, Tuple[FieldCheck, ...]]] = {
-    1: (Hello, "c", (_is_uint, _is_capabilities, _is_str, _is_bool_map)),
-    2: (Welcome, "a", (_is_uint, _is_str_map, _is_str_map)),
-    10: (ListTree, "c", (_is_uint, _is_str, _is_generation)),
-    11: (ManifestBatch, "a", (_is_uint, _is_manifest_entries, _is_bool, _is_str_list,
-                             _is_generation, _is_generation)),
-    12: (HashPaths, "c", (_is_uint, _is_path_list)),
-    13: (Hashes, "a", (_is_uint, _is_digest_list)),
-    20: (WriteFile, "c", (_is_uint, _is_str, _is_uint, _is_uint, _is_bytes, _is_bool, _is_uint)),
-    21: (WriteDelta, "c", (_is_uint, _is_str, _is_uint, _is_bytes, _is_bytes, _is_bytes)),
-    22: (Delete, "c", (_is_uint, _is_str)),
-    23: (Rename, "c", (_is_uint, _is_str, _is_str)),
-    24: (Copy, "c", (_is_uint, _is_str, _is_str, _is_uint, _is_bytes)),
-    25: (Mkdir, "c", (_is_uint, _is_str, _is_uint)),
-    26: (Symlink, "c", (_is_uint, _is_str, _is_str)),
-    27: (SetMode, "c", (_is_uint, _is_str, _is_uint)),
-    28: (SetDictionary, "c", (_is_uint, _is_bytes)),
-    29: (WriteBatch, "c", (_is_batch_files, _is_bytes, _is_uint)),
-    40: (Ack, "a", (_is_uint, _is_uint, _is_str)),
-    42: (Acked, "a", (_is_uint_list,)),
-    45: (Packed, "a", (_is_bytes,)),
-    47: (Kept, "a", (_is_kept_entries, _is_bool)),
-    41: (Error, "a", (_is_uint, _is_uint, _is_str)),
-    50: (Ping, "ca", (_is_uint,)),
-    51: (Pong, "ca", (_is_uint,)),
-    60: (Goodbye, "ca", (_is_uint, _is_str)),
+    1: (Hello, "c", (is_uint, is_capabilities, is_str, is_bool_map)),
+    2: (Welcome, "a", (is_uint, is_str_map, is_str_map)),
+    10: (ListTree, "c", (is_uint, is_str, is_generation)),
+    11: (ManifestBatch, "a", (is_uint, is_manifest_entries, is_bool, is_str_list,
+                             is_generation, is_generation)),
+    12: (HashPaths, "c", (is_uint, is_path_list)),
+    13: (Hashes, "a", (is_uint, is_digest_list)),
+    20: (WriteFile, "c", (is_uint, is_str, is_uint, is_uint, is_bytes, is_bool, is_uint)),
+    21: (WriteDelta, "c", (is_uint, is_str, is_uint, is_bytes, is_bytes, is_bytes)),
+    22: (Delete, "c", (is_uint, is_str)),
+    23: (Rename, "c", (is_uint, is_str, is_str)),
+    24: (Copy, "c", (is_uint, is_str, is_str, is_uint, is_bytes)),
+    25: (Mkdir, "c", (is_uint, is_str, is_uint)),
+    26: (Symlink, "c", (is_uint, is_str, is_str)),
+    27: (SetMode, "c", (is_uint, is_str, is_uint)),
+    28: (SetDictionary, "c", (is_uint, is_bytes)),
+    29: (WriteBatch, "c", (is_batch_files, is_bytes, is_uint)),
+    40: (Ack, "a", (is_uint, is_uint, is_str)),
+    42: (Acked, "a", (is_uint_list,)),
+    45: (Packed, "a", (is_bytes,)),
+    47: (Kept, "a", (is_kept_entries, is_bool)),
+    41: (Error, "a", (is_uint, is_uint, is_str)),
+    50: (Ping, "ca", (is_uint,)),
+    51: (Pong, "ca", (is_uint,)),
+    60: (Goodbye, "ca", (is_uint, is_str)),
 }
-
-
-def _is_pull_rules(value: Any) -> bool:
-    if not isinstance(value, list) or len(value) > MAX_PULL_RULES:
-        return False
-    return all(isinstance(rule, list) and len(rule) == 3 and isinstance(rule[0], str)
-               and _is_uint(rule[1]) and isinstance(rule[2], str) for rule in value)
-
-
-def _is_pull_entries(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(e, list) and len(e) == 4 and isinstance(e[0], str) and _is_uint(e[1])
-        and _is_int(e[2]) and _is_uint(e[3]) for e in value)
 
 
 def _pull_fetch_problem(msg: PullFetch) -> Optional["Problem"]:
@@ -586,12 +472,12 @@ def _pull_fetch_problem(msg: PullFetch) -> Optional["Problem"]:
 
 
 PULL_SCHEMA: Dict[int, Tuple[Any, str, Tuple[FieldCheck, ...]]] = {
-    80: (PullList, "c", (_is_uint, _is_pull_rules, _is_uint)),
-    81: (PullListing, "a", (_is_uint, _is_pull_entries, _is_bool)),
-    82: (PullFetch, "c", (_is_uint, _is_str, _is_opt_bytes, _is_uint, _is_uint, _is_bytes)),
-    83: (PullData, "a", (_is_uint, _is_uint, _is_bytes, _is_uint)),
-    84: (PullDone, "a", (_is_uint, _is_uint, _is_uint, _is_uint, _is_bytes, _is_uint,
-                         _is_str)),
+    80: (PullList, "c", (is_uint, fields.is_pull_rules, is_uint)),
+    81: (PullListing, "a", (is_uint, fields.is_pull_entries, is_bool)),
+    82: (PullFetch, "c", (is_uint, is_str, is_opt_bytes, is_uint, is_uint, is_bytes)),
+    83: (PullData, "a", (is_uint, is_uint, is_bytes, is_uint)),
+    84: (PullDone, "a", (is_uint, is_uint, is_uint, is_uint, is_bytes, is_uint,
+                         is_str)),
 }
 
 SCHEMA.update(PULL_SCHEMA)
@@ -638,7 +524,7 @@ def decode_message(payload: bytes, sender: str, inside_packed: bool = False) -> 
     except Exception as exc:  # msgpack raises several unrelated types on hostile input
         raise ProtocolError(ErrorCode.MALFORMED_FRAME, "undecodable payload: {}".format(
             type(exc).__name__))
-    if not isinstance(obj, list) or not obj or not _is_int(obj[0]):
+    if not isinstance(obj, list) or not obj or not is_int(obj[0]):
         raise ProtocolError(ErrorCode.MALFORMED_FRAME, "payload is not a typed message")
     entry = SCHEMA.get(obj[0])
     if entry is None:
