@@ -83,9 +83,11 @@ def one_run(local: Path, rtt_ms: float, trash: Path | None) -> dict[str, object]
 
 
 def per_thousand(run: dict[str, object], side: str) -> tuple[float, float]:
-    user, system = run[side]  # type: ignore[misc]
-    files = int(run["files"])  # type: ignore[call-overload]
-    return 1000 * float(user) / files, 1000 * float(system) / files
+    pair = run[side]
+    assert isinstance(pair, (list, tuple))
+    files = run["files"]
+    assert isinstance(files, int)
+    return 1000 * float(pair[0]) / files, 1000 * float(pair[1]) / files
 
 
 def main(argv: list[str] | None = None) -> int:
