@@ -200,7 +200,7 @@ def whole_file_job(root: ConfinedRoot, record: DigestRecord, msg: m.WriteFile,
         hasher = hashing.new_hasher(hash_name)
         hasher.update(data)
         intents = [(msg.path, m.KIND_FILE, hasher.digest())]
-        pending = root.begin_write(msg.path)
+        pending = root.begin_write(msg.path, mode=msg.mode)
         try:
             pending.write(data)
         except BaseException:
@@ -275,7 +275,7 @@ def write_batch(root: ConfinedRoot, files: List[List[Any]], data: bytes,
                 results.append((seq, path, None, None))
                 continue
             try:
-                pending = root.begin_write(path, parents)
+                pending = root.begin_write(path, parents, mode)
                 try:
                     # A view, not a copy (PendingFile.write takes any buffer).
                     pending.write(view[offset:offset + item[3]])
