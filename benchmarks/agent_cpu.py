@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,8 +43,19 @@ from benchmarks.testbed.sshd import PrivateSshd
 HERE = Path(__file__).resolve().parent.parent
 
 
-def one_run(local: Path, rtt_ms: float, trash: Path | None) -> dict[str, object]:
-    """One initial sync with this interpreter's lsync: CPU at "ready" and the remote's count."""
+def _perf(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+    """`perf record` of process `pid` (all its threads, kernel stacks included)."""
+    exe = shutil.which("perf")
+    if exe is None:
+        return None
+    return subprocess.Popen([exe, "record", "-F", "499", "-g", "-p", str(pid), "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def one_run(local: Path, rtt_ms: float, trash: Path | None,
+            perf: Path | None = None) -> dict[str, object]:
+    """One initial sync with this interpreter's lsync: CPU at "ready" and the remote's count
+    (with `perf`, the agent recorded by `perf record` into that file)."""
     tree = count_tree(local, "measured", 0.0)
     work = Path(tempfile.mkdtemp(prefix="lsync-agentcpu-"))
     sshd = PrivateSshd(work / "sshd")
@@ -58,8 +70,21 @@ def one_run(local: Path, rtt_ms: float, trash: Path | None) -> dict[str, object]
             w = LsyncWatcher(local, Link(cfg, sshd.alias, remote), work / "lsync",
                              verbose=False, cache_home=work / "cache")
             w.spawn()
+            assert sshd.pid is not None
+            recorder = None
+            if perf is not None:
+                agent = None
+                deadline = time.monotonic() + 60
+                while agent is None and time.monotonic() < deadline and not w.is_ready():
+                    agent = _agent_interpreter(sshd.pid)
+                    time.sleep(0.005)
+                if agent is not None:
+                    recorder = _perf(agent, perf)
             w.wait_ready(timeout=1800)
-            assert w.pid is not None and sshd.pid is not None
+            if recorder is not None:
+                recorder.send_signal(signal.SIGINT)
+                recorder.wait(timeout=120)
+            assert w.pid is not None
             agent = _agent_interpreter(sshd.pid)
             result["client"] = procstat.cpu_split(w.pid)
             if agent is not None:
@@ -101,13 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--trash", type=Path, help="move each remote here (see above)")
     parser.add_argument("--out", type=Path, help="append the JSON lines here too")
+    parser.add_argument("--perf", type=Path, help="record the agent with `perf record -g` "
+                        "into DIR/<variant>-<round>.data (perf's own cost is counted too)")
     parser.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.local.is_dir():
         raise SystemExit(f"{args.local} does not exist: run `python -m benchmarks.run "
                          f"--issue16` once, or give --local")
     if args.once:
-        print(json.dumps(one_run(args.local, args.rtt_ms, args.trash)))
+        print(json.dumps(one_run(args.local, args.rtt_ms, args.trash, args.perf)))
         return 0
     variants = [spec.split("=", 1) for spec in args.python]
     if not variants or any(len(v) != 2 for v in variants):
@@ -119,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                          str(args.local), "--rtt-ms", str(args.rtt_ms)]
             if args.trash is not None:
                 argv_once += ["--trash", str(args.trash)]
+            if args.perf is not None:
+                args.perf.mkdir(parents=True, exist_ok=True)
+                argv_once += ["--perf", str(args.perf / f"{name}-{round_ + 1}.data")]
             started = time.strftime("%H:%M:%S", time.gmtime())
             proc = subprocess.run(argv_once, cwd=HERE, capture_output=True, text=True,
                                   check=False)
