@@ -331,3 +331,25 @@ def test_snapshots_wait_for_quiet_input_unless_the_journal_is_huge():
         record.close(10 ** 19)
     finally:
         tree.cleanup()
+
+
+def test_journal_lines_are_what_json_dumps_writes_whatever_the_path():
+    import random
+
+    from lsync.agent.records import _line
+    rng = random.Random(16)
+    alphabet = ["a", "/", '"', "\\", "\n", "\x00", "\x1f", "\x7f", "\u00e9", "\udcff",
+                "\U0001f600", "\u2028", " "]
+    for _ in range(3000):
+        value = []
+        for _ in range(rng.randrange(0, 6)):
+            pick = rng.random()
+            if pick < 0.5:
+                value.append("".join(rng.choice(alphabet) for _ in range(rng.randrange(12))))
+            elif pick < 0.8:
+                value.append(rng.randrange(-10 ** 20, 10 ** 20))
+            else:
+                value.append(rng.choice([True, False, None, 1.5, [1, "x"], {"k": 2}]))
+        expected = json.dumps(value, separators=(",", ":")) + "\n"
+        assert _line(value) == expected, value
+        assert json.loads(_line(value)) == value
