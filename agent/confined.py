@@ -570,9 +570,9 @@ class PendingFile:
     def commit(self, mode: int) -> os.stat_result:
         """Give the file `mode`, put it in place, and return its stat.
 
-        An unnamed file is linked to the target's name when nothing is there; otherwise
-        (something there, or it appeared before the link) it is named and renamed over the
-        target after the checks and the guard, as a named temporary file is."""
+        An unnamed file is linked at the target's name, which fails when an entry is
+        there (never replacing it); it is then named and renamed over the target after the
+        checks and the guard, as a named temporary file is."""
         try:
             if self.temp is None:
                 # Made with `mode` already, unless the umask or a setuid bit said otherwise.
@@ -580,19 +580,16 @@ class PendingFile:
                 if stat.S_IMODE(st.st_mode) != mode & 0o7777:
                     os.fchmod(self.fd, mode & 0o7777)
                     st = os.fstat(self.fd)
-                target = _lstat_at(self.dfd, self.name)
-                copy = False
-                if target is None:
-                    linked = self._link(self.name)
-                    if linked:
-                        os.close(self.fd)
-                        self.fd = -1
-                        self._release()
-                        return st
-                    copy = linked is None  # linking does not work here
-                    target = _lstat_at(self.dfd, self.name)  # it appeared meanwhile
-                if self._name_temp(copy):
+                # The link itself says whether an entry is there (EEXIST): no look first.
+                linked = self._link(self.name)
+                if linked:
+                    os.close(self.fd)
+                    self.fd = -1
+                    self._release()
+                    return st
+                if self._name_temp(copy=linked is None):  # None: linking does not work
                     st = os.fstat(self.fd)  # the copy is another file
+                target = _lstat_at(self.dfd, self.name)
             else:
                 os.fchmod(self.fd, mode & 0o7777)
                 st = os.fstat(self.fd)
