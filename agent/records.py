@@ -193,6 +193,32 @@ class DigestRecord:
     def wrote_link(self, path: str, target: str) -> None:
         self._set_written(path, (KIND_LINK, target.encode("utf-8", "surrogateescape"), 0))
 
+    def wrote_files(self, files: List[Tuple[str, Key, bytes]]) -> None:
+        """For each (path, stat key, digest) of files lsync just wrote (a batch's):
+        `remember`, `wrote_file` and `settle` its intent, in one go (one lock taken)."""
+        if not files:
+            return
+        lines = []
+        entries, written = self._entries, self._written
+        for path, key, digest in files:
+            entries[path] = (key[0], key[1], key[2], digest)
+            value = (KIND_FILE, digest, 0)
+            if written.get(path) != value:
+                written[path] = value
+                lines.append(_line(["w", path, KIND_FILE, digest.hex(), 0]))
+        self._dirty = True
+        with self._lock:
+            if self.cache_path:
+                self._pending.extend(lines)
+            intents = self._intents
+            for path, _, digest in files:
+                intent = (path, KIND_FILE, digest)
+                left = intents.get(intent, 0) - 1
+                if left > 0:
+                    intents[intent] = left
+                else:
+                    intents.pop(intent, None)
+
     def made_dir(self, path: str, ino: int) -> None:
         self._set_written(path, (KIND_DIR, b"", ino))
 

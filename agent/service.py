@@ -126,7 +126,7 @@ class AgentService:
         if self.pool is not None and self.pool.outstanding and not isinstance(message, m.Ping):
             # Wait for the pooled writes unless this message cannot see their paths.
             independent = isinstance(message, _PATH_OPS) or self._poolable(message)
-            if not independent or any(self.pool.conflicts(path) for path in _paths_of(message)):
+            if not independent or self.pool.conflicts_any(_paths_of(message)):
                 self.drain_pool()
         if self.pool is not None and isinstance(message, m.WriteBatch):
             self._pool_batch(message)
