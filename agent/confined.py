@@ -10,10 +10,17 @@ symlink while an operation runs cannot lead it outside the root.
 
 Every open of a file is O_NONBLOCK and is checked with fstat: a FIFO, socket or device at a
 synced path never blocks the agent; it is refused with TYPE_CONFLICT, and never replaced
-(lsync did not make it). All writes go to a temporary file in the target's directory that
-is renamed over the target, so a reader never sees a half-written file. Temporary names are
-`.lsync-tmp-<pid>-<n>`; `is_stale_temp` recognises the leftovers of an agent that is no
-longer running.
+(lsync did not make it). A reader never sees a half-written file: every write goes to a file
+of its own in the target's directory, which gets the target's name only once complete.
+Where the kernel and the file system have O_TMPFILE (and /proc/self/fd is there), that file
+has no name while it is written; a new file (nothing at its name) is then linked into place
+by linkat, which makes one directory entry instead of two and fails with EEXIST rather than
+replace an entry that appeared meanwhile (that entry then goes through the replacement's
+checks, below). Otherwise, and to replace an existing entry, the file gets a temporary name,
+`.lsync-tmp-<pid>-<n>`, and is renamed over the target; `is_stale_temp` recognises the
+leftovers of an agent that is no longer running (an unnamed file leaves none). A root whose
+file system refuses O_TMPFILE, or where linking through /proc fails, goes back to temporary
+names for good (`ConfinedRoot.tmpfile`).
 
 Failures become `OpError` with a code from `ErrorCode`; no other exception escapes for
 ordinary filesystem trouble (missing, permission, full disk, type conflicts).
@@ -40,6 +47,14 @@ _TEMP_RE = re.compile(r"^\.lsync-tmp-(\d+)-\d+$")
 _SAFE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | _SAFE
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _SAFE
+# An unnamed file in a directory (Linux >= 3.11): O_RDWR so that it can still be copied to a
+# named one should linking it fail; never O_EXCL, which would forbid linking it.
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+_TMPFILE_FLAGS = _O_TMPFILE | os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+# What the open answers where O_TMPFILE is not supported: the file system (EOPNOTSUPP), an
+# old kernel that takes it for O_DIRECTORY (EISDIR), or anything refusing the flags.
+_TMPFILE_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS)
+_PROC_FD = "/proc/self/fd/{}"
 _READ_FLAGS = os.O_RDONLY | _SAFE
 _HAS_O_PATH = hasattr(os, "O_PATH")
 _PATH_FLAGS = getattr(os, "O_PATH", 0) | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
@@ -166,6 +181,9 @@ class ConfinedRoot:
         # (atomic), the service takes them (`take_made`) to record that lsync made them.
         self._made: List[Tuple[str, int]] = []
         self.guard = ReplaceGuard()  # asked before an entry is replaced or deleted
+        # Whether new files are made unnamed (O_TMPFILE) and linked into place; turned off
+        # for good (by any thread) once the file system or /proc says it does not work.
+        self.tmpfile = bool(_O_TMPFILE) and os.path.isdir("/proc/self/fd")
 
     def take_made(self) -> List[Tuple[str, int]]:
         """The directories made as parents since the last call."""
@@ -267,14 +285,28 @@ class ConfinedRoot:
             os.close(fd)
 
     # -- writing --------------------------------------------------------------------------
-    def begin_write(self, path: str, parents: Optional["Parents"] = None) -> "PendingFile":
-        """Start writing a new version of `path` into a temporary file beside it (its
-        directory reached through `parents` when given: a batch's files share them)."""
+    def begin_write(self, path: str, parents: Optional["Parents"] = None,
+                    mode: int = 0o600) -> "PendingFile":
+        """Start writing a new version of `path` into a file of its own beside it (its
+        directory reached through `parents` when given: a batch's files share them).
+
+        `mode` is the mode the file is made with when it has no name while written (it is
+        then invisible, so it may have its final mode at once and spare `commit` a chmod);
+        a named temporary file is made 0o600 whatever `mode` says."""
         _refuse_reserved(path)
         if parents is not None:
             dfd, name = parents.parent_fd(path)
         else:
             dfd, name = self.parent_fd(path, create=True)
+        if self.tmpfile:
+            try:
+                fd = os.open(".", _TMPFILE_FLAGS, mode & 0o777, dir_fd=dfd)
+                return PendingFile(path, dfd, name, None, fd, owns_dfd=parents is None,
+                                   guard=self.guard, root=self)
+            except OSError as exc:
+                if exc.errno in _TMPFILE_UNSUPPORTED:
+                    self.tmpfile = False
+                # Other errors (no space, no permission) are the named file's to report.
         temp = self._temp_name()
         try:
             fd = os.open(temp, _NEW_FILE_FLAGS, 0o600, dir_fd=dfd)
@@ -283,7 +315,7 @@ class ConfinedRoot:
                 os.close(dfd)
             raise op_error(exc, "create temporary file for", path)
         return PendingFile(path, dfd, name, temp, fd, owns_dfd=parents is None,
-                           guard=self.guard)
+                           guard=self.guard, root=self)
 
     def remove(self, path: str) -> Tuple[bool, bool]:
         """Remove a file, symlink or empty directory: (removed, it was a directory).
@@ -508,19 +540,22 @@ class Parents:
 
 
 class PendingFile:
-    """A temporary file being written; `commit` renames it over the target, `abort` removes it."""
+    """A file being written, unnamed (O_TMPFILE: `temp` is None) or under a temporary name;
+    `commit` puts it in place, `abort` removes it."""
 
-    def __init__(self, path: str, dfd: int, name: str, temp: str, fd: int,
-                 owns_dfd: bool = True, guard: Optional[ReplaceGuard] = None) -> None:
+    def __init__(self, path: str, dfd: int, name: str, temp: Optional[str], fd: int,
+                 owns_dfd: bool = True, guard: Optional[ReplaceGuard] = None,
+                 root: Optional[ConfinedRoot] = None) -> None:
         self.path = path
         self.dfd = dfd
         self.name = name
-        self.temp = temp
+        self.temp = temp  # None while the file has no name
         self.fd = fd
         self.size = 0
         self.owns_dfd = owns_dfd  # else the directory belongs to a batch's `Parents`
         self.guard = guard or ReplaceGuard()  # asked right before the rename
         self.known = b""  # a digest of content the client has (a delta's base), for it
+        self.root = root  # told when linking an unnamed file does not work
 
     def write(self, data: Union[bytes, memoryview]) -> None:
         view = memoryview(data)
@@ -533,20 +568,39 @@ class PendingFile:
             raise op_error(exc, "write", self.path)
 
     def commit(self, mode: int) -> os.stat_result:
-        """Set `mode`, rename over the target, and return the new file's stat."""
+        """Give the file `mode`, put it in place, and return its stat.
+
+        An unnamed file is linked at the target's name, which fails when an entry is
+        there (never replacing it); it is then named and renamed over the target after the
+        checks and the guard, as a named temporary file is."""
         try:
-            os.fchmod(self.fd, mode & 0o7777)
-            st = os.fstat(self.fd)
+            if self.temp is None:
+                # Made with `mode` already, unless the umask or a setuid bit said otherwise.
+                st = os.fstat(self.fd)
+                if stat.S_IMODE(st.st_mode) != mode & 0o7777:
+                    os.fchmod(self.fd, mode & 0o7777)
+                    st = os.fstat(self.fd)
+                # The link itself says whether an entry is there (EEXIST): no look first.
+                linked = self._link(self.name)
+                if linked:
+                    os.close(self.fd)
+                    self.fd = -1
+                    self._release()
+                    return st
+                if self._name_temp(copy=linked is None):  # None: linking does not work
+                    st = os.fstat(self.fd)  # the copy is another file
+                target = _lstat_at(self.dfd, self.name)
+            else:
+                os.fchmod(self.fd, mode & 0o7777)
+                st = os.fstat(self.fd)
+                target = _lstat_at(self.dfd, self.name)
             os.close(self.fd)
             self.fd = -1
-            try:
-                target = os.lstat(self.name, dir_fd=self.dfd)
-            except FileNotFoundError:
-                target = None
             if target is not None and stat.S_ISDIR(target.st_mode):
                 raise OpError(ErrorCode.TYPE_CONFLICT, "{} is a directory".format(self.path))
             _refuse_special(target, self.path)
             self.guard.before_replace(self.dfd, self.name, self.path, self.known)
+            assert self.temp is not None
             os.rename(self.temp, self.name, src_dir_fd=self.dfd, dst_dir_fd=self.dfd)
         except OSError as exc:
             self.abort()
@@ -554,20 +608,72 @@ class PendingFile:
         except OpError:
             self.abort()
             raise
+        self._release()
+        return st
+
+    def _link(self, name: str) -> Optional[bool]:
+        """Link the unnamed file as `name` of its directory: True when done, False when an
+        entry of that name is there (never replaced), None when the link failed otherwise
+        (linking through /proc may not work here; or the directory is full or gone: the
+        named copy's creation then says so)."""
+        try:
+            os.link(_PROC_FD.format(self.fd), name, dst_dir_fd=self.dfd,
+                    follow_symlinks=True)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            return None
+
+    def _name_temp(self, copy: bool) -> bool:
+        """Give the unnamed file a temporary name: a link to it, or (`copy`, or when that
+        link fails) a named copy of it, after which the root makes named files. True when
+        it made a copy (the fd is then the copy's)."""
+        temp = self.root._temp_name() if self.root is not None else "{}{}-u{}".format(
+            TEMP_PREFIX, os.getpid(), self.fd)
+        if not copy:
+            linked = self._link(temp)
+            if linked:
+                self.temp = temp
+                return False
+            if linked is False:  # a leftover of that name: as O_EXCL would say
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), temp)
+        fd = os.open(temp, _NEW_FILE_FLAGS, 0o600, dir_fd=self.dfd)
+        self.temp = temp
+        try:
+            size = os.fstat(self.fd).st_size
+            offset = 0
+            while offset < size:
+                chunk = os.pread(self.fd, READ_CHUNK, offset)
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+                offset += len(chunk)
+            os.fchmod(fd, stat.S_IMODE(os.fstat(self.fd).st_mode))
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(self.fd)
+        self.fd = fd
+        if self.root is not None:
+            self.root.tmpfile = False  # linking through /proc does not work here
+        return True
+
+    def _release(self) -> None:
         if self.owns_dfd:
             os.close(self.dfd)
         self.dfd = -1
-        return st
 
     def abort(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
         if self.dfd >= 0:
-            try:
-                os.unlink(self.temp, dir_fd=self.dfd)
-            except OSError:
-                pass
-            if self.owns_dfd:
-                os.close(self.dfd)
-            self.dfd = -1
+            if self.temp is not None:
+                try:
+                    os.unlink(self.temp, dir_fd=self.dfd)
+                except OSError:
+                    pass
+            self._release()

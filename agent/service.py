@@ -126,7 +126,7 @@ class AgentService:
         if self.pool is not None and self.pool.outstanding and not isinstance(message, m.Ping):
             # Wait for the pooled writes unless this message cannot see their paths.
             independent = isinstance(message, _PATH_OPS) or self._poolable(message)
-            if not independent or any(self.pool.conflicts(path) for path in _paths_of(message)):
+            if not independent or self.pool.conflicts_any(_paths_of(message)):
                 self.drain_pool()
         if self.pool is not None and isinstance(message, m.WriteBatch):
             self._pool_batch(message)
@@ -421,7 +421,7 @@ class AgentService:
                 if msg.offset != 0:
                     raise OpError(ErrorCode.BAD_REQUEST, "write {} starts at offset {}".format(
                         shown(msg.path), msg.offset))
-                pending = self.root.begin_write(msg.path)
+                pending = self.root.begin_write(msg.path, mode=msg.mode)
                 self.pending[msg.seq] = pending
                 self.pending_hashers[msg.seq] = self._new_hasher()
             elif msg.offset != pending.size or msg.path != pending.path:
@@ -476,7 +476,7 @@ class AgentService:
             def read_base(offset: int, length: int) -> bytes:
                 return os.pread(fd, length, offset)
 
-            pending = self.root.begin_write(msg.path)
+            pending = self.root.begin_write(msg.path, mode=msg.mode)
             pending.known = msg.base  # the client has it: not a remote edit to keep
             try:
                 hasher = self._new_hasher()
@@ -572,7 +572,7 @@ class AgentService:
                               "content: {}".format(msg.src, exc.message))
             raise
         try:
-            pending = self.root.begin_write(msg.dst)
+            pending = self.root.begin_write(msg.dst, mode=msg.mode)
             try:
                 hasher = self._new_hasher()
                 while True:

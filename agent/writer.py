@@ -65,15 +65,26 @@ class WritePool:
 
     def conflicts(self, path: str) -> bool:
         """Whether an operation on `path` could see or change a running job's path."""
+        return self.conflicts_any([path])
+
+    def conflicts_any(self, paths: List[str]) -> bool:
+        """Whether an operation on any of `paths` could see or change a running job's path
+        (the directories above them are looked at once each: a batch's files share them)."""
         if not self.outstanding:
             return False
-        if path in self._busy or path in self._below:
-            return True
-        parent = path.rpartition("/")[0]
-        while parent:
-            if parent in self._busy:
+        busy, below = self._busy, self._below
+        parents = set()
+        for path in paths:
+            if path in busy or path in below:
                 return True
-            parent = parent.rpartition("/")[0]
+            parents.add(path.rpartition("/")[0])
+        seen: Set[str] = set()
+        for parent in parents:
+            while parent and parent not in seen:
+                if parent in busy:
+                    return True
+                seen.add(parent)
+                parent = parent.rpartition("/")[0]
         return False
 
     def submit(self, seq: int, path: str, job: Callable[[], Any]) -> None:
@@ -88,8 +99,7 @@ class WritePool:
         self._submit(-1, paths, job)
 
     def _submit(self, seq: int, paths: List[str], job: Callable[[], Any]) -> None:
-        for path in paths:
-            self._count(path, 1)
+        self._count(paths, 1)
         self.outstanding += 1
         self._executor.submit(self._run, seq, paths, job)
 
@@ -120,8 +130,7 @@ class WritePool:
             finished = list(self._done)
             self._done.clear()
         for outcome in finished:
-            for path in outcome.paths:
-                self._count(path, -1)
+            self._count(outcome.paths, -1)
             self.outstanding -= 1
         return finished
 
@@ -132,12 +141,18 @@ class WritePool:
         except BlockingIOError:
             pass
 
-    def _count(self, path: str, step: int) -> None:
-        _bump(self._busy, path, step)
-        parent = path.rpartition("/")[0]
-        while parent:
-            _bump(self._below, parent, step)
-            parent = parent.rpartition("/")[0]
+    def _count(self, paths: List[str], step: int) -> None:
+        """Count `paths` busy (step 1) or done (-1), and the directories above them; each
+        directory's chain is walked once, with the number of paths directly in it."""
+        parents: Dict[str, int] = {}
+        for path in paths:
+            _bump(self._busy, path, step)
+            parent = path.rpartition("/")[0]
+            parents[parent] = parents.get(parent, 0) + step
+        for parent, count in parents.items():
+            while parent:
+                _bump(self._below, parent, count)
+                parent = parent.rpartition("/")[0]
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -162,9 +177,8 @@ def record_file(record: DigestRecord, path: str, st: os.stat_result, digest: byt
 
 def record_batch(record: DigestRecord, results: Optional[List[Any]]) -> None:
     """Record what a batch wrote (`write_batch`'s results, None when it failed whole)."""
-    for _, path, st, digest in results or ():
-        if st is not None:
-            record_file(record, path, st, digest)
+    record.wrote_files([(path, file_key(st), digest) for _, path, st, digest in results or ()
+                        if st is not None])
 
 
 def record_outcomes(record: DigestRecord, outcomes: List[Outcome]) -> None:
@@ -200,7 +214,7 @@ def whole_file_job(root: ConfinedRoot, record: DigestRecord, msg: m.WriteFile,
         hasher = hashing.new_hasher(hash_name)
         hasher.update(data)
         intents = [(msg.path, m.KIND_FILE, hasher.digest())]
-        pending = root.begin_write(msg.path)
+        pending = root.begin_write(msg.path, mode=msg.mode)
         try:
             pending.write(data)
         except BaseException:
@@ -275,7 +289,7 @@ def write_batch(root: ConfinedRoot, files: List[List[Any]], data: bytes,
                 results.append((seq, path, None, None))
                 continue
             try:
-                pending = root.begin_write(path, parents)
+                pending = root.begin_write(path, parents, mode)
                 try:
                     # A view, not a copy (PendingFile.write takes any buffer).
                     pending.write(view[offset:offset + item[3]])

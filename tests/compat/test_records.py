@@ -4,6 +4,7 @@ reported in the manifest's `written` field."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -331,3 +332,57 @@ def test_snapshots_wait_for_quiet_input_unless_the_journal_is_huge():
         record.close(10 ** 19)
     finally:
         tree.cleanup()
+
+
+def test_journal_lines_are_what_json_dumps_writes_whatever_the_path():
+    import random
+
+    from lsync.agent.records import _line
+    rng = random.Random(16)
+    alphabet = ["a", "/", '"', "\\", "\n", "\x00", "\x1f", "\x7f", "\u00e9", "\udcff",
+                "\U0001f600", "\u2028", " "]
+    for _ in range(3000):
+        value = []
+        for _ in range(rng.randrange(0, 6)):
+            pick = rng.random()
+            if pick < 0.5:
+                value.append("".join(rng.choice(alphabet) for _ in range(rng.randrange(12))))
+            elif pick < 0.8:
+                value.append(rng.randrange(-10 ** 20, 10 ** 20))
+            else:
+                value.append(rng.choice([True, False, None, 1.5, [1, "x"], {"k": 2}]))
+        expected = json.dumps(value, separators=(",", ":")) + "\n"
+        assert _line(value) == expected, value
+        assert json.loads(_line(value)) == value
+
+
+def test_a_batch_recorded_in_one_go_is_recorded_as_file_by_file():
+    import random
+
+    from lsync.agent.records import KIND_FILE
+    rng = random.Random(3)
+    tree = TempTree()
+    try:
+        for _ in range(50):
+            one = DigestRecord(os.path.join(tree.base, "one.json"), "blake2b-128")
+            many = DigestRecord(os.path.join(tree.base, "many.json"), "blake2b-128")
+            files = []
+            for _ in range(rng.randrange(0, 8)):
+                path = rng.choice(["a", "b", "d/c", "d/\u00e9"])
+                digest = bytes([rng.randrange(3)]) * 16
+                files.append((path, (rng.randrange(9), rng.randrange(9), 7), digest))
+            for record in (one, many):
+                record.wrote_file("a", b"\x01" * 16)  # already there: no new line for it
+                record.intend([(path, KIND_FILE, digest) for path, _, digest in files])
+            for path, key, digest in files:
+                one.remember(path, key, digest)
+                one.wrote_file(path, digest)
+                one.settle([(path, KIND_FILE, digest)])
+            many.wrote_files(files)
+            assert one._entries == many._entries
+            assert one._written == many._written
+            assert one._pending == many._pending
+            assert one._intents == many._intents == {}
+            assert one._dirty == many._dirty
+    finally:
+        shutil.rmtree(tree.base)

@@ -133,3 +133,37 @@ def test_pool_hands_back_errors_with_their_traceback():
         assert isinstance(outcome.error, ValueError) and "boom" in outcome.trace
     finally:
         pool.close()
+
+
+def _related(a, b):
+    """Whether an operation on `a` could see or change `b` (equal, or one above the other)."""
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def test_batches_conflict_exactly_with_related_paths_and_leave_no_count_behind():
+    import threading
+    rng = random.Random(5)
+    names = ["a", "b", "a/b", "a/b/c", "a/bc", "b/a", "a/b/c/d", "c/d/e", "c/d", "ab"]
+    for _ in range(200):
+        pool = WritePool(2)
+        gate = threading.Event()
+        try:
+            running = []
+            for _ in range(rng.randrange(1, 4)):
+                batch = [rng.choice(names) for _ in range(rng.randrange(1, 5))]
+                pool.submit_batch(batch, gate.wait)
+                running += batch
+            for _ in range(20):
+                asked = [rng.choice(names) for _ in range(rng.randrange(1, 5))]
+                expected = any(_related(p, q) for p in asked for q in running)
+                assert pool.conflicts_any(asked) == expected, (asked, running)
+                assert pool.conflicts(asked[0]) == any(_related(asked[0], q)
+                                                       for q in running)
+            gate.set()
+            while pool.outstanding:
+                pool.collect(wait=True)
+            assert pool._busy == {} and pool._below == {}
+            assert not pool.conflicts_any(names)
+        finally:
+            gate.set()
+            pool.close()
