@@ -365,9 +365,9 @@ class Burst:
 def measure_burst(client: Client, local: Path, remotes: dict[str, Path], files: int,
                   tag: str) -> Burst:
     """`files` new 2 KB C files written at once, then a flush; every file then checked."""
-    directory = f"burst-{tag}"
-    contents = [(f"{directory}/d{i // 100:02d}/f{i:04d}.c",
-                 trees.text_of_size(2_000, seed=i, name=f"{tag}{i}.c")) for i in range(files)]
+    # (One seed: the text generator builds a pool of lines per seed.)
+    rels = [f"burst-{tag}/d{i // 100:02d}/f{i:04d}.c" for i in range(files)]
+    contents = [(rel, trees.text_of_size(2_000, name=rel)) for rel in rels]
     socket = client.socket()
     t0 = time.perf_counter()
     for rel, data in contents:
@@ -438,10 +438,10 @@ def edit_tree(root: Path) -> list[str]:
     trees.generate("tiny", root)
     files = [f"edit/e{i:02d}.c" for i in range(EDIT_FILES)]
     (root / "edit").mkdir()
-    for i, rel in enumerate(files):
-        (root / rel).write_bytes(trees.text_of_size(EDIT_SIZE, seed=i, name=rel))
+    for rel in files:
+        (root / rel).write_bytes(trees.text_of_size(EDIT_SIZE, name=rel))
     (root / "big").mkdir()
-    (root / READ_FILE).write_bytes(trees.text_of_size(READ_SIZE, seed=1, name=READ_FILE))
+    (root / READ_FILE).write_bytes(trees.text_of_size(READ_SIZE, name=READ_FILE))
     return files
 
 
