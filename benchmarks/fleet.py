@@ -336,18 +336,12 @@ class IdleFlush:
     request_ms: list[float]
     command_ms: list[float]
     proxy_bytes: int  # through every proxy during the requests and commands
-    idle_bytes: int  # through every proxy in as long a window just before, no flush made
+    idle_bytes: int  # through every proxy in as long a window right after, no flush made
 
 
 def measure_idle_flush(bed: Testbed, client: Client, count: int) -> IdleFlush:
     flush_request(client)  # everything is on the remote: from here, nothing pends
     wait_quiet(bed, 2 * bed.delay + 0.1)
-    # The control: the bytes of a window as long as the flushes took, without them (the
-    # links' own pings when nothing moved for a while).
-    window = 0.5 + count * 0.01 + max(3, count // 3) * 0.5
-    quiet_from = bed.bytes_total()
-    time.sleep(window)  # a window of idle time, measured; not a wait for a condition
-    idle_bytes = bed.bytes_total() - quiet_from
     began = time.perf_counter()
     before = bed.bytes_total()
     requests = [flush_request(client) * 1000 for _ in range(count)]
@@ -360,9 +354,12 @@ def measure_idle_flush(bed: Testbed, client: Client, count: int) -> IdleFlush:
         commands.append((time.perf_counter() - t0) * 1000)
         if done.returncode != 0:
             raise BenchError(f"lsync flush exited {done.returncode}: {done.stderr[-300:]}")
-    took = time.perf_counter() - began
-    return IdleFlush(requests, commands, bed.bytes_total() - before,
-                     round(idle_bytes * took / window))
+    took, flushed = time.perf_counter() - began, bed.bytes_total() - before
+    # The control: the bytes of as long a window right after, without a flush (the links'
+    # own pings when nothing moved for a while).
+    before = bed.bytes_total()
+    time.sleep(took)  # a window of idle time, measured; not a wait for a condition
+    return IdleFlush(requests, commands, flushed, bed.bytes_total() - before)
 
 
 @dataclass
