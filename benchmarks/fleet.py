@@ -367,6 +367,7 @@ class Burst:
     flush_s: float  # from the last file written to the flush's return
     write_s: float  # writing the files
     missing: int  # files not identical on some host after the flush
+    cpu_s: float = 0.0  # the client's CPU from the first file written to the flush's return
 
 
 def measure_burst(client: Client, local: Path, remotes: dict[str, Path], files: int,
@@ -376,6 +377,7 @@ def measure_burst(client: Client, local: Path, remotes: dict[str, Path], files: 
     rels = [f"burst-{tag}/d{i // 100:02d}/f{i:04d}.c" for i in range(files)]
     contents = [(rel, trees.text_of_size(2_000, name=rel)) for rel in rels]
     socket = client.socket()
+    cpu = procstat.cpu_seconds(client.proc.pid)
     t0 = time.perf_counter()
     for rel, data in contents:
         path = local / rel
@@ -384,9 +386,10 @@ def measure_burst(client: Client, local: Path, remotes: dict[str, Path], files: 
     t1 = time.perf_counter()
     asyncio.run(_flush(socket, FLUSH_TIMEOUT))
     t2 = time.perf_counter()
+    cpu = procstat.cpu_seconds(client.proc.pid) - cpu
     missing = sum(1 for root in remotes.values() for rel, data in contents
                   if not (root / rel).is_file() or (root / rel).read_bytes() != data)
-    return Burst(t2 - t1, t1 - t0, missing)
+    return Burst(t2 - t1, t1 - t0, missing, cpu)
 
 
 @dataclass
@@ -511,7 +514,7 @@ def run(bed: Testbed, args: argparse.Namespace) -> Results:
     step(r, "one process, three targets: saves, reads, flushes, a frozen host", fleet_session)
     step(r, "one target: saves, reads, flushes", one_session)
     step(r, "three processes: saves, reads", three_session)
-    tree = cached_tree("tiny" if args.quick else args.tree, args.cache_dir)
+    tree = args.tree_dir or cached_tree("tiny" if args.quick else args.tree, args.cache_dir)
     r.initial_files = sum(1 for _ in trees.walk_files(tree))
     for mode in (ONE, FLEET, THREE):
         def initial(mode: str = mode) -> None:
@@ -599,7 +602,8 @@ def table(r: Results, delay: float) -> str:
         bs = r.bursts.get(mode)
         if not bs:
             return "—"
-        text = ", ".join(f"{b.flush_s:.2f}" for b in bs) + " s"
+        text = (", ".join(f"{b.flush_s:.2f}" for b in bs) + " s (client CPU "
+                + ", ".join(f"{b.cpu_s:.2f}" for b in bs) + " s)")
         missing = sum(b.missing for b in bs)
         return text + (f" ({missing} files missing after it!)" if missing else "")
 
@@ -677,8 +681,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a quick look: 10 saves, a burst of 200 files, the tiny tree, "
                              "no wait for the frozen host")
     parser.add_argument("--saves", type=int, help="saves per measurement (default 30)")
-    parser.add_argument("--tree", choices=("small", "kernel"), default="small",
+    parser.add_argument("--tree", choices=("tiny", "small", "kernel"), default="small",
                         help="generated tree of the initial sync (default small)")
+    parser.add_argument("--tree-dir", type=Path,
+                        help="sync this tree instead in the initial-sync step (say the real "
+                             "kernel's work tree under ~/.cache/lsync-bench/trees/)")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                         help="where generated trees are kept (default ~/.cache/lsync-bench)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
