@@ -335,31 +335,39 @@ def flush_request(client: Client, timeout: float = FLUSH_TIMEOUT) -> float:
 class IdleFlush:
     request_ms: list[float]
     command_ms: list[float]
-    proxy_bytes: int  # through every proxy during the requests and commands
-    idle_bytes: int  # through every proxy in as long a window right after, no flush made
+    request_bytes: int  # through every proxy while a request was open (summed)
+    command_bytes: int  # the same while a command ran (each ~0.5 s: Python's start-up)
+    idle_bytes: int  # in a window as long as the commands took, right after, no flush
 
 
 def measure_idle_flush(bed: Testbed, client: Client, count: int) -> IdleFlush:
+    """Flushes with nothing pending, and the bytes through the proxies meanwhile. The links
+    ping when nothing moved for 5 s (lsync.client.link.PING_EVERY), so a window of the same
+    length without a flush is measured too: bytes there are pings, not flushes."""
     flush_request(client)  # everything is on the remote: from here, nothing pends
     wait_quiet(bed, 2 * bed.delay + 0.1)
+    requests, commands = [], []
+    request_bytes = command_bytes = 0
+    for _ in range(count):
+        before = bed.bytes_total()
+        requests.append(flush_request(client) * 1000)
+        request_bytes += bed.bytes_total() - before
     began = time.perf_counter()
-    before = bed.bytes_total()
-    requests = [flush_request(client) * 1000 for _ in range(count)]
-    commands = []
     for _ in range(max(3, count // 3)):
+        before = bed.bytes_total()
         t0 = time.perf_counter()
         done = subprocess.run([*lsync_command(), "flush", "--timeout", "30"], cwd=client.local,
                               env=client.env, stdin=subprocess.DEVNULL, capture_output=True,
                               text=True, check=False, timeout=60)
         commands.append((time.perf_counter() - t0) * 1000)
+        command_bytes += bed.bytes_total() - before
         if done.returncode != 0:
             raise BenchError(f"lsync flush exited {done.returncode}: {done.stderr[-300:]}")
-    took, flushed = time.perf_counter() - began, bed.bytes_total() - before
-    # The control: the bytes of as long a window right after, without a flush (the links'
-    # own pings when nothing moved for a while).
+    took = time.perf_counter() - began
     before = bed.bytes_total()
     time.sleep(took)  # a window of idle time, measured; not a wait for a condition
-    return IdleFlush(requests, commands, flushed, bed.bytes_total() - before)
+    return IdleFlush(requests, commands, request_bytes, command_bytes,
+                     bed.bytes_total() - before)
 
 
 @dataclass
@@ -591,11 +599,12 @@ def table(r: Results, delay: float) -> str:
 
     def idle_bytes(mode: str) -> str:
         f = r.idle.get(mode)
-        return "—" if f is None else (f"{f.proxy_bytes:,} B (idle, no flush, as long: "
-                                      f"{f.idle_bytes:,} B)")
+        return "—" if f is None else (
+            f"{f.request_bytes:,} B (commands: {f.command_bytes:,} B; no flush, as long as "
+            f"the commands: {f.idle_bytes:,} B)")
 
-    verdict = "—" if idle is None else tick(idle.proxy_bytes == 0)
-    rows.append(("3. bytes through the proxies during those flushes", idle_bytes(ONE),
+    verdict = "—" if idle is None else tick(idle.request_bytes == 0)
+    rows.append(("3. bytes through the proxies during those flush requests", idle_bytes(ONE),
                  idle_bytes(FLEET), "—", "none", verdict))
 
     def burst_cell(mode: str) -> str:
