@@ -447,6 +447,8 @@ class Results:
     bursts: dict[str, list[Burst]] = field(default_factory=dict)
     initial: dict[str, Initial] = field(default_factory=dict)
     initial_files: int = 0
+    burst_files: int = 0
+    loads: list[float] = field(default_factory=list)  # load average before each step
     frozen: Frozen | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -480,7 +482,8 @@ def cached_tree(preset: str, cache_dir: Path) -> Path:
 
 
 def step(results: Results, name: str, fn: object) -> None:
-    say(name)
+    results.loads.append(procstat.load_average())
+    say(f"{name} (load average {results.loads[-1]:.2f})")
     try:
         fn()  # type: ignore[operator]
     except Exception as exc:  # noted in the report; the other steps still run
@@ -494,6 +497,7 @@ def run(bed: Testbed, args: argparse.Namespace) -> Results:
     files = edit_tree(local)
     saves, reads = args.saves, max(3, args.saves // 3)
     burst_files, bursts = (200, 1) if args.quick else (1_000, 2)
+    r.burst_files = burst_files
 
     def fleet_session() -> None:
         with session(bed, FLEET, local, "fleet") as (clients, remotes):
@@ -544,58 +548,49 @@ def pp(values: Sequence[float]) -> str:
     return f"{percentile(values, 0.5) * 1000:.0f} / {percentile(values, 0.95) * 1000:.0f}"
 
 
+def saves_cell(s: Saves | None, hosts: bool = False) -> str:
+    if s is None:
+        return "—"
+    if hosts:
+        return "; ".join(f"{n} {pp(v)}" for n, v in s.per_host.items())
+    tried = len(s.last) + s.missed
+    return pp(s.last) + (f" ({s.missed}/{tried} missed)" if s.missed else "") + f", n={tried}"
+
+
+def ratio_verdict(mine: float, base: float, limit: float) -> str:
+    return f"{tick(mine <= limit * base)} ({mine / base:.2f}x)" if base > 0 else "—"
+
+
 def table(r: Results, delay: float) -> str:
     d = delay * 1000
-    rows: list[tuple[str, str, str, str, str, str]] = []
-
-    def saves_cell(mode: str) -> str:
-        s = r.saves.get(mode)
-        return "—" if s is None else saves_cell_of(s)
-
-    fleet = r.saves.get(FLEET)
+    rows: list[tuple[str, ...]] = []
+    fleet, fz, idle = r.saves.get(FLEET), r.frozen, r.idle.get(FLEET)
     verdict = "—"
     if fleet is not None and fleet.last:
         verdict = tick(percentile(fleet.last, 0.5) * 1000 <= d + 25
                        and percentile(fleet.last, 0.95) * 1000 <= d + 40 and not fleet.missed)
     rows.append(("1. one save → identical on every host (the last one), p50 / p95 ms",
-                 saves_cell(ONE), saves_cell(FLEET), saves_cell(THREE),
+                 *(saves_cell(r.saves.get(m)) for m in (ONE, FLEET, THREE)),
                  f"p50 ≤ {d + 25:.0f}, p95 ≤ {d + 40:.0f}", verdict))
-
-    def hosts_cell(mode: str) -> str:
-        s = r.saves.get(mode)
-        return "—" if s is None else "; ".join(f"{n} {pp(v)}" for n, v in s.per_host.items())
-
-    rows.append(("1. the same, per host, p50 / p95 ms", hosts_cell(ONE), hosts_cell(FLEET),
-                 hosts_cell(THREE), "—", "—"))
-
-    def kb(mode: str) -> str:
-        v = r.reads.get(mode)
-        return "—" if v is None else f"{v / 1000:.0f} KB"
-
+    rows.append(("1. the same, per host, p50 / p95 ms",
+                 *(saves_cell(r.saves.get(m), hosts=True) for m in (ONE, FLEET, THREE)),
+                 "—", "—"))
+    kb = {m: f"{v / 1000:.0f} KB" for m, v in r.reads.items()}
     verdict = "—"
     if FLEET in r.reads and ONE in r.reads:
         verdict = tick(r.reads[FLEET] <= 1.1 * r.reads[ONE])
     rows.append((f"2. client read bytes (rchar) per save of a {READ_SIZE // 1000} KB file, "
-                 f"saves {READ_SPACING:g} s apart",
-                 kb(ONE), kb(FLEET), kb(THREE) + " (3 processes)",
-                 "3 targets ≈ 1 target (≤ 1.1x)", verdict))
+                 f"saves {READ_SPACING:g} s apart", kb.get(ONE, "—"), kb.get(FLEET, "—"),
+                 kb.get(THREE, "—") + " (3 processes)", "3 targets ≈ 1 target (≤ 1.1x)",
+                 verdict))
 
-    def idle_cell(mode: str, which: str) -> str:
+    def idle_cell(mode: str, commands: bool) -> str:
         f = r.idle.get(mode)
         if f is None:
             return "—"
-        values = f.request_ms if which == "request" else f.command_ms
+        values = f.command_ms if commands else f.request_ms
         return (f"{percentile(values, 0.5):.1f} / {percentile(values, 0.95):.1f}"
                 f", n={len(values)}")
-
-    idle = r.idle.get(FLEET)
-    verdict = "—" if idle is None else tick(percentile(idle.request_ms, 0.5) < 50)
-    rows.append(("3. flush, nothing pending: request on the control socket, p50 / p95 ms",
-                 idle_cell(ONE, "request"), idle_cell(FLEET, "request"), "—", "< 50 ms",
-                 verdict))
-    rows.append(("3. flush, nothing pending: `lsync flush` command, spawn → exit, "
-                 "p50 / p95 ms", idle_cell(ONE, "command"), idle_cell(FLEET, "command"),
-                 "—", "—", "—"))
 
     def idle_bytes(mode: str) -> str:
         f = r.idle.get(mode)
@@ -603,57 +598,47 @@ def table(r: Results, delay: float) -> str:
             f"{f.request_bytes:,} B (commands: {f.command_bytes:,} B; no flush, as long as "
             f"the commands: {f.idle_bytes:,} B)")
 
-    verdict = "—" if idle is None else tick(idle.request_bytes == 0)
+    rows.append(("3. flush, nothing pending: request on the control socket, p50 / p95 ms",
+                 idle_cell(ONE, False), idle_cell(FLEET, False), "—", "< 50 ms",
+                 "—" if idle is None else tick(percentile(idle.request_ms, 0.5) < 50)))
+    rows.append(("3. flush, nothing pending: `lsync flush` command, spawn → exit, "
+                 "p50 / p95 ms", idle_cell(ONE, True), idle_cell(FLEET, True), "—", "—", "—"))
     rows.append(("3. bytes through the proxies during those flush requests", idle_bytes(ONE),
-                 idle_bytes(FLEET), "—", "none", verdict))
+                 idle_bytes(FLEET), "—", "none",
+                 "—" if idle is None else tick(idle.request_bytes == 0)))
 
     def burst_cell(mode: str) -> str:
-        bs = r.bursts.get(mode)
-        if not bs:
-            return "—"
-        text = (", ".join(f"{b.flush_s:.2f}" for b in bs) + " s (client CPU "
-                + ", ".join(f"{b.cpu_s:.2f}" for b in bs) + " s)")
+        bs = r.bursts.get(mode, [])
         missing = sum(b.missing for b in bs)
-        return text + (f" ({missing} files missing after it!)" if missing else "")
+        return "—" if not bs else (
+            ", ".join(f"{b.flush_s:.2f}" for b in bs) + " s (client CPU "
+            + ", ".join(f"{b.cpu_s:.2f}" for b in bs) + " s)"
+            + (f" ({missing} files missing after it!)" if missing else ""))
 
     verdict = "—"
-    burst_n = len(next(iter(r.bursts.values()))) if r.bursts else 0
     if r.bursts.get(FLEET) and r.bursts.get(ONE):
-        ratio = (min(b.flush_s for b in r.bursts[FLEET])
-                 / min(b.flush_s for b in r.bursts[ONE]))
-        verdict = f"{tick(ratio <= 1.2)} ({ratio:.2f}x)"
-    files = 200 if burst_n == 1 else 1_000
-    rows.append((f"3. flush right after {files:,} new 2 KB files (written → flush returns)",
-                 burst_cell(ONE), burst_cell(FLEET), "—", "≤ 1.2x 1 target (best runs)",
-                 verdict))
-
-    def init_cell(mode: str, what: str) -> str:
-        i = r.initial.get(mode)
-        if i is None:
-            return "—"
-        return f"{i.wall:.2f} s" if what == "wall" else f"{i.cpu:.2f} s"
-
-    for what, label in (("wall", "wall time, spawn → ready"),
-                        ("cpu", "client CPU (user + system) at ready")):
-        verdict = "—"
-        one, three_t = r.initial.get(ONE), r.initial.get(FLEET)
-        if one is not None and three_t is not None:
-            a, b = (one.wall, three_t.wall) if what == "wall" else (one.cpu, three_t.cpu)
-            verdict = f"{tick(b <= 1.5 * a)} ({b / a:.2f}x)"
-        rows.append((f"4. initial sync of {r.initial_files:,} files, {label}", init_cell(ONE, what),
-                     init_cell(FLEET, what), init_cell(THREE, what) + " (3 processes)",
-                     "≤ 1.5x 1 target", verdict))
-    fz = r.frozen
+        best = {m: min(r.bursts[m], key=lambda b: b.flush_s) for m in (ONE, FLEET)}
+        verdict = (ratio_verdict(best[FLEET].flush_s, best[ONE].flush_s, 1.2)
+                   + f"; CPU {best[FLEET].cpu_s / max(best[ONE].cpu_s, 0.01):.2f}x")
+    rows.append((f"3. flush right after {r.burst_files:,} new 2 KB files (written → flush "
+                 "returns)", burst_cell(ONE), burst_cell(FLEET), "—",
+                 "≤ 1.2x 1 target (best runs)", verdict))
+    for wall, label in ((True, "wall time, spawn → ready"),
+                        (False, "client CPU (user + system) at ready")):
+        cells = {m: f"{i.wall if wall else i.cpu:.2f} s" for m, i in r.initial.items()}
+        one, many = r.initial.get(ONE), r.initial.get(FLEET)
+        verdict = "—" if one is None or many is None else (
+            ratio_verdict(many.wall, one.wall, 1.5) if wall
+            else ratio_verdict(many.cpu, one.cpu, 1.5))
+        rows.append((f"4. initial sync of {r.initial_files:,} files, {label}",
+                     cells.get(ONE, "—"), cells.get(FLEET, "—"),
+                     cells.get(THREE, "—") + " (3 processes)", "≤ 1.5x 1 target", verdict))
     verdict = "—"
-    cell = "—"
-    if fz is not None:
-        cell = saves_cell_of(fz.saves) + "; " + "; ".join(
-            f"{n} {pp(v)}" for n, v in fz.saves.per_host.items())
-        if fz.saves.last:
-            verdict = tick(percentile(fz.saves.last, 0.5) * 1000 <= d + 25
-                           and not fz.saves.missed)
+    if fz is not None and fz.saves.last:
+        verdict = tick(percentile(fz.saves.last, 0.5) * 1000 <= d + 25 and not fz.saves.missed)
     rows.append(("5. box3 frozen: one save → identical on x86 and arm (the last), p50 / p95 ms",
-                 "—", cell, "—", f"p50 ≤ {d + 25:.0f}", verdict))
+                 "—", "—" if fz is None else saves_cell(fz.saves) + "; "
+                 + saves_cell(fz.saves, hosts=True), "—", f"p50 ≤ {d + 25:.0f}", verdict))
     if fz is not None:
         caught = (f"{fz.caught_up_s:.1f} s" if fz.caught_up_s is not None
                   else f"not within {CATCH_UP_TIMEOUT:g} s (or not waited for)")
@@ -664,11 +649,6 @@ def table(r: Results, delay: float) -> str:
     head = ("| measured | 1 target | 3 targets, one process | 3 processes, one target each "
             "| goal (3 targets, one process) | met? |\n|---|---|---|---|---|---|")
     return head + "\n" + "\n".join("| " + " | ".join(row) + " |" for row in rows)
-
-
-def saves_cell_of(s: Saves) -> str:
-    tried = len(s.last) + s.missed
-    return pp(s.last) + (f" ({s.missed}/{tried} missed)" if s.missed else "") + f", n={tried}"
 
 
 def commit() -> str:
@@ -717,7 +697,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"Run {started:%Y-%m-%d %H:%M} UTC, {minutes:.1f} min, lsync at {commit()}; "
           f"RTT {args.rtt_ms:g} ms to each host (one-way {args.rtt_ms / 2:g} ms); "
-          f"load average {load_before:.2f} before, {procstat.load_average():.2f} after.")
+          f"load average (2 CPUs) {load_before:.2f} at the start, "
+          f"{min(results.loads):.2f} to {max(results.loads):.2f} before each step, "
+          f"{procstat.load_average():.2f} at the end.")
     print(f"Machine: {machine_description()}")
     print(f"Command: python -m benchmarks.fleet {' '.join(sys.argv[1:])}".rstrip())
     print()

@@ -37,5 +37,5 @@ def test_a_burst_flush_is_compared_and_missing_files_are_shown() -> None:
     r = Results(bursts={ONE: [Burst(1.0, 0.1, 0), Burst(1.1, 0.1, 0)],
                         FLEET: [Burst(1.3, 0.1, 0), Burst(1.25, 0.1, 2)]})
     cells = row(table(r, DELAY), "3. flush right after")
-    assert cells[-1] == "✗ (1.25x)"
+    assert cells[-1].startswith("✗ (1.25x)")
     assert "2 files missing" in cells[2]
