@@ -523,9 +523,11 @@ def run(bed: Testbed, args: argparse.Namespace) -> Results:
             r.saves[THREE] = measure_saves(local, files, remotes, saves, seed=3_000)
             r.reads[THREE] = measure_reads(bed, clients, local, remotes, reads)
 
-    step(r, "one process, three targets: saves, reads, flushes, a frozen host", fleet_session)
-    step(r, "one target: saves, reads, flushes", one_session)
-    step(r, "three processes: saves, reads", three_session)
+    if not args.initial_only:
+        step(r, "one process, three targets: saves, reads, flushes, a frozen host",
+             fleet_session)
+        step(r, "one target: saves, reads, flushes", one_session)
+        step(r, "three processes: saves, reads", three_session)
     tree = args.tree_dir or cached_tree("tiny" if args.quick else args.tree, args.cache_dir)
     r.initial_files = sum(1 for _ in trees.walk_files(tree))
     for mode in (ONE, FLEET, THREE):
@@ -677,6 +679,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "kernel's work tree under ~/.cache/lsync-bench/trees/)")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                         help="where generated trees are kept (default ~/.cache/lsync-bench)")
+    parser.add_argument("--initial-only", action="store_true",
+                        help="only the initial syncs (step 4), say of a big --tree-dir")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     if args.saves is None:
