@@ -529,7 +529,7 @@ def run(bed: Testbed, args: argparse.Namespace) -> Results:
         step(r, "one target: saves, reads, flushes", one_session)
         step(r, "three processes: saves, reads", three_session)
     tree = args.tree_dir or cached_tree("tiny" if args.quick else args.tree, args.cache_dir)
-    r.initial_files = sum(1 for _ in trees.walk_files(tree))
+    r.initial_files = sum(1 for f in trees.walk_files(tree) if not f.startswith(".git/"))
     for mode in (ONE, FLEET, THREE):
         def initial(mode: str = mode) -> None:
             r.initial[mode] = measure_initial(bed, mode, tree)
