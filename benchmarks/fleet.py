@@ -530,7 +530,7 @@ def run(bed: Testbed, args: argparse.Namespace) -> Results:
         step(r, "three processes: saves, reads", three_session)
     tree = args.tree_dir or cached_tree("tiny" if args.quick else args.tree, args.cache_dir)
     r.initial_files = sum(1 for f in trees.walk_files(tree) if not f.startswith(".git/"))
-    for mode in (ONE, FLEET, THREE):
+    for mode in args.initial_modes.split(","):
         def initial(mode: str = mode) -> None:
             r.initial[mode] = measure_initial(bed, mode, tree)
         step(r, f"initial sync of {tree.name}: {mode}", initial)
@@ -681,8 +681,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="where generated trees are kept (default ~/.cache/lsync-bench)")
     parser.add_argument("--initial-only", action="store_true",
                         help="only the initial syncs (step 4), say of a big --tree-dir")
+    parser.add_argument("--initial-modes", default=f"{ONE},{FLEET},{THREE}",
+                        help=f"which initial syncs (default {ONE},{FLEET},{THREE})")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
+    if not set(args.initial_modes.split(",")) <= {ONE, FLEET, THREE}:
+        parser.error(f"--initial-modes: a comma list of {ONE}, {FLEET}, {THREE}")
     if args.saves is None:
         args.saves = 10 if args.quick else 30
     started = dt.datetime.now(dt.timezone.utc)
@@ -692,24 +696,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with testbed(work, args.rtt_ms / 2000) as bed:
             results = run(bed, args)
-    finally:
+        minutes = (time.monotonic() - t0) / 60
+        print()
+        print(f"Run {started:%Y-%m-%d %H:%M} UTC, {minutes:.1f} min, lsync at {commit()}; "
+              f"RTT {args.rtt_ms:g} ms to each host (one-way {args.rtt_ms / 2:g} ms); "
+              f"load average (2 CPUs) {load_before:.2f} at the start, "
+              f"{min(results.loads):.2f} to {max(results.loads):.2f} before each step, "
+              f"{procstat.load_average():.2f} at the end.")
+        print(f"Machine: {machine_description()}")
+        print(f"Command: python -m benchmarks.fleet {' '.join(sys.argv[1:])}".rstrip())
+        print()
+        print(table(results, args.rtt_ms / 2000))
+        for note in results.notes:
+            print(f"\nNote: {note}")
+        sys.stdout.flush()
+    finally:  # (after the table: deleting the remote trees of a big tree takes minutes)
         if args.keep:
             say(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    minutes = (time.monotonic() - t0) / 60
-    print()
-    print(f"Run {started:%Y-%m-%d %H:%M} UTC, {minutes:.1f} min, lsync at {commit()}; "
-          f"RTT {args.rtt_ms:g} ms to each host (one-way {args.rtt_ms / 2:g} ms); "
-          f"load average (2 CPUs) {load_before:.2f} at the start, "
-          f"{min(results.loads):.2f} to {max(results.loads):.2f} before each step, "
-          f"{procstat.load_average():.2f} at the end.")
-    print(f"Machine: {machine_description()}")
-    print(f"Command: python -m benchmarks.fleet {' '.join(sys.argv[1:])}".rstrip())
-    print()
-    print(table(results, args.rtt_ms / 2000))
-    for note in results.notes:
-        print(f"\nNote: {note}")
     return 1 if results.notes else 0
 
 
