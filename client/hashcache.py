@@ -47,6 +47,8 @@ from lsync.protocol.hashing import BLAKE2B_128, XXH3_128, new_hasher
 MAGIC = b"lsync-hashcache\n"
 VERSION = 1
 RACY_NS = 2_000_000_000
+RECENT_NS = 4_000_000_000  # a digest noted by `note_read` serves lookups this long
+RECENT_MAX = 4096  # digests noted at most (all are forgotten past that)
 MAX_CACHE_FILE = 1 << 30  # a bigger file is not ours
 
 # dev, ino, size, mtime_ns, ctime_ns, digest
@@ -115,7 +117,11 @@ class HashCache:
         self.misses = 0
         self._records: dict[str, bytes] = {}
         self._dirty = False
-        self._lock = threading.Lock()  # guards _records and _dirty (see the module docstring)
+        # rel -> (stat key + digest, when noted): digests of versions just read that the
+        # racy-write rule keeps out of _records (`note_read`), in memory only.
+        self._recent: dict[str, tuple[bytes, int]] = {}
+        # (Guards _records, _recent and _dirty: see the module docstring.)
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         """The number of remembered digests."""
@@ -139,13 +145,39 @@ class HashCache:
 
     def lookup(self, rel: str, st: os.stat_result) -> bytes | None:
         """The digest of `rel` if it was read when it had exactly this stat, else None."""
+        key = _stat_key(st)
         with self._lock:
             record = self._records.get(rel)
-        if record is not None and record[:_KEY_SIZE] == _stat_key(st):
+            if record is None or record[:_KEY_SIZE] != key:
+                noted = self._recent.get(rel)
+                if noted is not None and self.clock() - noted[1] < RECENT_NS:
+                    record = noted[0]
+        if record is not None and record[:_KEY_SIZE] == key:
             self.hits += 1
             return record[_KEY_SIZE:]
         self.misses += 1
         return None
+
+    def note_read(self, rel: str, st: os.stat_result, digest: bytes) -> None:
+        """`digest` was just read of `rel` with stat `st`: serve it to lookups of that
+        stat for RECENT_NS even where `store` may not remember it (a file changed in the
+        last 2 s). Only for a caller that forgets it (`forget_recent`) as soon as the
+        watcher reports the path changed: then a second write within the same clock tick
+        cannot be taken for the version read (lsync.client.localside does this; the
+        convergence check after a save then does not read the file again)."""
+        with self._lock:
+            if len(self._recent) >= RECENT_MAX:
+                self._recent.clear()
+            self._recent[rel] = (_stat_key(st) + digest, self.clock())
+
+    def forget_recent(self, paths: Iterable[str] | None = None) -> None:
+        """Forget the noted digests of `paths` (None: all)."""
+        with self._lock:
+            if paths is None:
+                self._recent.clear()
+            elif self._recent:
+                for rel in paths:
+                    self._recent.pop(rel, None)
 
     def store(self, rel: str, st: os.stat_result, digest: bytes, read_done_ns: int) -> bool:
         """Remember `digest` for `rel` read with stat `st` (unchanged from before to after

@@ -81,6 +81,7 @@ class SharedReads:
         self.sharers = sharers
         self.files_read = 0  # reads made (a test counts them)
         self._held: dict[str, _Held] = {}
+        self._noted: set[HashCache] = set()  # hash caches `note` told of reads
 
     async def read(self, path: str, st: os.stat_result,
                    read: Callable[[], Awaitable[Read]]) -> Read:
@@ -118,14 +119,27 @@ class SharedReads:
         while len(self._held) >= READS_HELD:
             del self._held[next(iter(self._held))]
 
+    def note(self, cache: HashCache, path: str, st: os.stat_result, digest: bytes) -> None:
+        """The version `st` of `path` was read whole and has `digest`: the hash cache
+        serves it (HashCache.note_read) until the watcher reports the path changed, so the
+        check of its directory after a save does not read it again."""
+        cache.note_read(path, st, digest)
+        self._noted.add(cache)
+
     def forget(self, paths: Iterable[str]) -> None:
-        """These paths changed (a watcher event): what was read of them is not handed on."""
+        """These paths changed (a watcher event): what was read of them is not handed on,
+        nor their digests noted."""
+        paths = list(paths)
         if self._held:
             for path in paths:
                 self._held.pop(path, None)
+        for cache in self._noted:
+            cache.forget_recent(paths)
 
     def clear(self) -> None:
         self._held.clear()
+        for cache in self._noted:
+            cache.forget_recent()
 
 
 class LocalSide:

@@ -437,9 +437,14 @@ class PathPasses:
             return _off_loop(st.st_size, read_file_stable, self.local.root, path, self.local.cache,
                              limit=MAX_FILE)
 
-        if self.local.reads is None:
+        reads = self.local.reads
+        if reads is None:
             return await read()
-        return await self.local.reads.read(path, st, read)
+        content, entry = await reads.read(path, st, read)
+        if entry.digest is not None and entry.local_key == (st.st_ino, st.st_size,
+                                                             st.st_mtime_ns, st.st_ctime_ns):
+            reads.note(self.local.cache, path, st, entry.digest)  # (for the check after)
+        return content, entry
 
     async def _send_content(self, path: str, content: bytes, mode: int, digest: bytes,
                             remote: RemoteEntry | None, since: float,

@@ -532,3 +532,25 @@ def test_default_cache_path_depends_on_root_and_algorithm(
 def test_unknown_algorithm_is_refused() -> None:
     with pytest.raises(ValueError):
         HashCache("md5")
+
+
+def test_a_noted_read_serves_lookups_of_that_version_until_forgotten(tmp_path: Path) -> None:
+    """A file changed in the last 2 s is not remembered (the racy-write rule), but the
+    digest of the version just read is served while nothing said the path changed."""
+    now = [time.time_ns()]
+    cache = HashCache(clock=lambda: now[0])
+    path = tmp_path / "f.c"
+    path.write_bytes(b"int x;\n")
+    st = os.stat(path)
+    digest = cache.digest_of(b"int x;\n")
+    assert not cache.store("f.c", st, digest, now[0])  # racy: not remembered
+    assert cache.lookup("f.c", st) is None
+    cache.note_read("f.c", st, digest)
+    assert cache.lookup("f.c", st) == digest
+    path.write_bytes(b"int y;\n")  # another version: another stat
+    assert cache.lookup("f.c", os.stat(path)) is None
+    cache.forget_recent(["f.c"])  # the watcher said it changed
+    assert cache.lookup("f.c", st) is None
+    cache.note_read("f.c", st, digest)
+    now[0] += hashcache_module.RECENT_NS  # and a noted digest serves a short while only
+    assert cache.lookup("f.c", st) is None
