@@ -350,6 +350,7 @@ def _scan_dir(
                         if on_ignored is not None:
                             on_ignored(rel, False)
                         continue
+                    rel = rules.own(rel)
                     st = item.stat(follow_symlinks=False)
                     try:
                         result[rel] = _file_entry(fd, name, rel, st, cache, hash_files)
@@ -374,6 +375,7 @@ def _scan_dir(
                         if on_ignored is not None:
                             on_ignored(rel, False)
                         continue
+                    rel = rules.own(rel)
                     st = item.stat(follow_symlinks=False)
                     try:
                         result[rel] = _entry("link", st, target=os.readlink(name, dir_fd=fd))
