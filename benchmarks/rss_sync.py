@@ -12,10 +12,11 @@ The lsync under test is the one this interpreter imports: run it with another
 environment's python (from this directory, so that `benchmarks` is this one) to measure
 another version of lsync, e.g. ``/path/to/main/.venv/bin/python -m benchmarks.rss_sync``.
 
-`--tracemalloc N`: the client runs under tracemalloc (N frames; slower, and the RSS includes
-tracemalloc's own tables, so its figures are not comparable) and writes the allocation
-snapshot taken when its traced memory peaked (checked every 0.5 s) to `--out`; the top
-allocation sites by line and by file are printed at the end.
+`--tracemalloc N`: the client runs (`--traced`: which runs) under tracemalloc (N frames;
+several times slower, and the RSS includes tracemalloc's own tables, so its figures are not
+comparable) and writes an allocation snapshot whenever its traced memory has grown by 10%
+(checked every 0.5 s) to OUT.<run>.1, .2, ...; the top allocation sites of the last one are
+printed at the end (`--show FILE` prints another).
 """
 
 from __future__ import annotations
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds after ready before the peak is read")
     parser.add_argument("--timeline", action="store_true")
     parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES")
+    parser.add_argument("--traced", default="initial,restart",
+                        help="which runs --tracemalloc applies to")
     parser.add_argument("--out", type=Path, default=Path("/tmp/lsync-rss.snapshot"))
     parser.add_argument("--label", default="", help="a name for the printed lines")
     parser.add_argument("--show", type=Path, help="only print this tracemalloc snapshot")
@@ -189,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             kw = dict(verbose=False, cache_home=work / "cache")
             runs = [("initial", 0)] + ([("restart", 1)] if args.restart else [])
             for name, _ in runs:
-                if args.tracemalloc:
+                traced = bool(args.tracemalloc) and name in args.traced.split(",")
+                if traced:
                     snap = args.out.with_name(f"{args.out.name}.{name}")
                     for old in snap.parent.glob(f"{snap.name}.*"):
                         old.unlink()
@@ -203,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 report(run, args.timeline)
                 if w.exit_status not in (0, None):
                     say(f"lsync exited with {w.exit_status}: {w.tail()}")
-                if args.tracemalloc:
+                if traced:
                     taken = sorted(snap.parent.glob(f"{snap.name}.[0-9]*"),
                                    key=lambda p: int(p.suffix[1:]))
                     if taken:
