@@ -125,11 +125,23 @@ def _open_root(root: Path) -> int:
     return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
+_MODES: dict[int, int] = {}  # permission bits -> one int object for them (at most 4,096)
+
+
+def shared_mode(mode: int) -> int:
+    """`mode`, as the one int object kept for it: the entries of a tree have a few modes
+    between them, and an int of 420 (0o644) costs 28 bytes per entry otherwise. (Anything
+    but permission bits, which a manifest might hold, is given back as it is.)"""
+    if 0 <= mode <= 0o7777:
+        return _MODES.setdefault(mode, mode)
+    return mode
+
+
 def _entry(kind: EntryKind, st: os.stat_result, digest: bytes | None = None,
            target: str | None = None) -> LocalEntry:
     size = 0 if kind == "dir" else st.st_size
-    return LocalEntry(kind, size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), digest, target,
-                      st.st_ino, st.st_ctime_ns)
+    return LocalEntry(kind, size, st.st_mtime_ns, shared_mode(stat.S_IMODE(st.st_mode)),
+                      digest, target, st.st_ino, st.st_ctime_ns)
 
 
 def _read_fd(fd: int, size: int, hasher: Hasher | None, keep: bool) -> tuple[int, list[bytes]]:

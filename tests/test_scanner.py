@@ -29,6 +29,7 @@ from lsync.client.scanner import (
     UnstableFileError,
     read_file_stable,
     scan_tree,
+    shared_mode,
     stat_path,
 )
 
@@ -532,3 +533,15 @@ def test_default_cache_path_depends_on_root_and_algorithm(
 def test_unknown_algorithm_is_refused() -> None:
     with pytest.raises(ValueError):
         HashCache("md5")
+
+
+def test_entries_of_one_mode_share_one_int(tmp_path: Path) -> None:
+    # Memory (issue 16): a tree's entries hold a few modes between them, one object each.
+    for i in range(3):
+        (tmp_path / f"f{i}").write_bytes(b"x")
+        (tmp_path / f"f{i}").chmod(0o644)
+    entries = scan(tmp_path, new_cache())
+    modes = [entries[f"f{i}"].mode for i in range(3)]
+    assert modes == [0o644] * 3 and modes[0] is modes[1] is modes[2]
+    assert shared_mode(int("420")) is modes[0]
+    assert shared_mode(1 << 40) == 1 << 40  # not permission bits: not kept
