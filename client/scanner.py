@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,12 @@ class NotRegularFileError(ScanError):
     """The path is not (or no longer) a regular file."""
 
     code = "not-regular-file"
+
+
+class ScanStopped(ScanError):
+    """The caller stopped the scan (`scan_tree`'s `stop`)."""
+
+    code = "scan-stopped"
 
 
 class FileTooLargeError(ScanError):
@@ -231,9 +238,13 @@ def scan_tree(
     on_error: ErrorHandler | None = None,
     hash_files: bool = True,
     on_ignored: IgnoredHandler | None = None,
+    stop: threading.Event | None = None,
 ) -> dict[str, LocalEntry]:
     """Every path below `root` (or below `root/subdir`) that is not ignored, by relative
     path. A full scan (no `subdir`) also drops cache records of files no longer present.
+    Once `stop` is set (nobody wants the result any more: cancelling the task that runs a
+    scan in a thread does not end the thread) it raises ScanStopped at the next directory
+    instead of walking the rest of the tree beside the scan that replaces it.
     Without `hash_files`, a file whose digest the cache does not know is listed with digest
     None instead of being read (the caller hashes what it needs: `hash_file`).
 
@@ -274,6 +285,8 @@ def scan_tree(
                             hash_files=hash_files, on_ignored=on_ignored)
         stack[0] = (top_fd, top_prefix, iter(subdirs))
         while stack:
+            if stop is not None and stop.is_set():
+                raise ScanStopped(subdir, "the scan was stopped")
             fd, prefix, pending = stack[-1]
             child = next(pending, None)
             if child is None:
