@@ -37,6 +37,7 @@ import hashlib
 import os
 import re
 import struct
+from collections.abc import KeysView
 from dataclasses import dataclass
 
 SHA1_SIZE = 20
@@ -70,10 +71,20 @@ class IndexLocation:
 class Tracked:
     """Tracked paths relative to the tree: `files` (regular files and symlinks, any stage)
     and `ordered`, the same files plus gitlinks and sparse directories (with a trailing
-    '/'), sorted, for `holds`."""
+    '/'), sorted, for `holds`. `names` maps each file to its own path string, never
+    changed: `own` gives a scan that string for an equal one, so the paths of a tree are
+    held once (a dict of 80,000 names is also smaller than a frozenset of them)."""
 
-    files: frozenset[str]
+    names: dict[str, str]
     ordered: list[str]
+
+    @property
+    def files(self) -> KeysView[str]:
+        return self.names.keys()
+
+    def own(self, rel: str) -> str:
+        """The path string kept here that equals `rel` (`rel` itself when untracked)."""
+        return self.names.get(rel, rel)
 
     def holds(self, dir_rel: str) -> bool:
         """Whether the directory `dir_rel` holds a tracked path at any depth (or is a
@@ -83,7 +94,7 @@ class Tracked:
         return i < len(self.ordered) and self.ordered[i].startswith(below)
 
 
-EMPTY = Tracked(frozenset(), [])
+EMPTY = Tracked({}, [])
 
 
 def locate(root: os.PathLike[str] | str) -> IndexLocation | None:
@@ -179,7 +190,7 @@ def tracked_paths(data: bytes, hash_size: int = SHA1_SIZE, prefix: str = "") -> 
         dirs = [name[cut:] for name in dirs if name.startswith(start)]
     ordered = files + [name + "/" for name in dirs]
     ordered.sort()  # (the index is sorted by bytes already: this costs little)
-    return Tracked(frozenset(files), ordered)
+    return Tracked({name: name for name in files}, ordered)
 
 
 def parse(data: bytes, hash_size: int = SHA1_SIZE) -> tuple[list[bytes], list[bytes]]:

@@ -300,14 +300,17 @@ class HashCache:
             paths_blob,
             b"".join(records.values()),
         ]
-        body = b"".join(parts)
-        data = body + _checksum(body)
+        del records  # (the parts are written one by one: no copy of the whole file)
+        checksum = hashlib.blake2b(digest_size=_CHECKSUM_SIZE)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                for part in parts:
+                    checksum.update(part)
+                    f.write(part)
+                f.write(checksum.digest())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temp, self.path)

@@ -139,6 +139,11 @@ class IgnoreRules:
             self._index = gitindex.locate(self.root)
             self.index_applied(self.refresh_index(report=False))  # (no news yet)
 
+    def own(self, rel: str) -> str:
+        """`rel`, or the equal string of git's index that the rules hold anyway (a scan
+        keeps that one: one string per path of the tree, not two)."""
+        return self.tracked.own(rel)
+
     def is_ignored(self, rel: str, is_dir: bool) -> bool:
         """Whether lsync ignores the path `rel` (a directory when `is_dir`). The root ('')
         is never ignored."""

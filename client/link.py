@@ -34,7 +34,9 @@ from lsync.client.outbox import (
     LaneWriter,
     PendingBatch,
     SideLane,
+    limit_heap_retention,
     pack_batch,
+    trim_heap,
     unless,
 )
 from lsync.client.pullroutes import PullRoutes
@@ -65,10 +67,13 @@ STALL = _stall_bound()  # seconds without progress, with something awaited: a st
 PING_EVERY = STALL / 3  # seconds without progress before the agent is pinged
 DRAIN_ABOVE = 1 << 20  # ask the stream for backpressure after this much was written
 COALESCE = 64 << 10  # queued messages are written at once beyond this many bytes
+TRIM_AFTER = 64 << 20  # bytes sent, everything answered: the C heap is trimmed (a burst ended)
 class AgentLink:
     def __init__(self, stream: AgentStream) -> None:
         self.stream = stream
         self.conn = Connection(CLIENT)
+        limit_heap_retention()  # (once per process: big buffers go back when freed)
+        self._trim_at = TRIM_AFTER  # bytes_sent beyond which an idle link trims the heap
         self._seq = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._kinds: dict[int, tuple[type[Any], ...]] = {}  # the replies each seq may get
@@ -522,6 +527,10 @@ class AgentLink:
                         break
                 if self.goodbye is not None:
                     break
+                if not self._pending and self.bytes_sent >= self._trim_at:
+                    # A burst is over (all answered): the memory it freed goes back now.
+                    self._trim_at = self.bytes_sent + TRIM_AFTER
+                    trim_heap()
             self._finish(None)
         except ProtocolError as exc:
             self._finish(self._broken(exc))

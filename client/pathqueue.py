@@ -24,8 +24,7 @@ through every retry until one succeeds; `failing` lists those paths).
 
 from __future__ import annotations
 
-import heapq
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -70,7 +69,9 @@ class PathQueue:
         self._urgent: OrderedDict[str, None] = OrderedDict()  # the same for urgent records
         self._timed: set[str] = set()  # HELD and FAILED paths: what `wake` looks at
         self._failed = 0  # FAILED records (so that `idle` is one comparison)
-        self._ticks: list[tuple[int, str]] = []  # (tick, path), lazily pruned: the watermark
+        # Records in the order they were made, which is the order of their ticks (a record
+        # keeps its tick for life), lazily pruned of records gone: the watermark.
+        self._ticks: deque[PathRecord] = deque()
         self._tick = 0
 
     def _to(self, record: PathRecord, state: State) -> None:
@@ -121,14 +122,19 @@ class PathQueue:
 
     def flushed(self, tick: int) -> bool:
         """Every change older than `tick` is acknowledged (failed ones do not count)."""
-        ticks = self._ticks
-        while ticks:
-            oldest, path = ticks[0]
-            record = self.records.get(path)
-            if record is not None and record.tick == oldest:
-                return oldest >= tick
-            heapq.heappop(ticks)  # that record is gone, or has a newer change now
-        return True
+        self._prune()
+        return not self._ticks or self._ticks[0].tick >= tick
+
+    def _forget(self, path: str) -> None:
+        del self.records[path]
+        self._prune()
+
+    def _prune(self) -> None:
+        """Drop the records gone from the front of `_ticks` (whatever is behind the oldest
+        living record waits for it: in a burst, records end roughly in the order made)."""
+        ticks, records = self._ticks, self.records
+        while ticks and records.get(ticks[0].path) is not ticks[0]:
+            ticks.popleft()
 
     def next_due(self) -> float | None:
         dues = [self.records[p].due for p in self._timed]
@@ -150,7 +156,7 @@ class PathQueue:
                 self._tick += 1
                 record = self.records[path] = PathRecord(path, State.QUEUED, self._tick, when,
                                                          urgent=urgent)
-                heapq.heappush(self._ticks, (self._tick, path))
+                self._ticks.append(record)
                 self._enqueue(record)
                 added += 1
                 continue
@@ -266,7 +272,7 @@ class PathQueue:
         elif record.inflight:
             self._to(record, State.WAITING)
         else:
-            del self.records[path]
+            self._forget(path)
 
     def fail(self, path: str, now: float, reason: str, own_pass: bool = False) -> None:
         """The path cannot be synced now: a remote operation for it failed, or (`own_pass`)
@@ -275,7 +281,7 @@ class PathQueue:
         if record is None:
             self._tick += 1
             record = self.records[path] = PathRecord(path, State.WAITING, self._tick, now)
-            heapq.heappush(self._ticks, (self._tick, path))
+            self._ticks.append(record)
         if own_pass and record.state is State.READING:
             if record.again:  # changed meanwhile: look again at once
                 record.again = False
@@ -306,7 +312,7 @@ class PathQueue:
         if record is None:
             self._tick += 1
             record = self.records[path] = PathRecord(path, State.WAITING, self._tick, 0.0)
-            heapq.heappush(self._ticks, (self._tick, path))
+            self._ticks.append(record)
         record.inflight += 1
 
     def answered(self, path: str, ok: bool) -> None:
@@ -320,4 +326,4 @@ class PathQueue:
         if ok:
             record.failures = 0 if record.inflight == 0 else record.failures
         if record.state is State.WAITING and record.inflight == 0:
-            del self.records[path]
+            self._forget(path)

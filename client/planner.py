@@ -20,7 +20,7 @@ from enum import Enum
 from typing import Any
 
 from lsync.client.model import DIR, FILE, LINK, RemoteEntry, RemoteModel
-from lsync.client.scanner import LocalEntry
+from lsync.client.scanner import LocalEntry, shared_mode
 
 IsIgnored = Callable[[str, bool], bool]
 
@@ -77,7 +77,8 @@ def _load_entry(model: RemoteModel, need_hash: list[str], entry: list[Any],
     # lsync wrote is kept in the model even when ignored now (it stays on the remote).
     if not same_kind and written is None and is_ignored(path, kind == DIR):
         return False
-    remote = RemoteEntry(kind, mode, digest, target, owned=False, size=size, written=written)
+    remote = RemoteEntry(kind, shared_mode(mode), digest, target, owned=False, size=size,
+                         written=written)
     model.put(path, remote)
     settle_ownership(remote)
     if kind == FILE and digest is None and (

@@ -77,11 +77,12 @@ def load(path: Path, target: str) -> Listing | None:
     except OSError:
         return None
     head = len(_MAGIC) + _DIGEST
+    payload = memoryview(data)[head:]  # (no copy of the listing's megabytes)
     if (not data.startswith(_MAGIC)
-            or hashlib.sha256(data[head:]).digest() != data[len(_MAGIC):head]):
+            or hashlib.sha256(payload).digest() != data[len(_MAGIC):head]):
         return None
     try:
-        saved = msgpack.unpackb(data[head:], raw=False, use_list=True)
+        saved = msgpack.unpackb(payload, raw=False, use_list=True)
         generation, saved_target, entries = saved
     except Exception:  # (only our own checked bytes get here; still, no doubt survives)
         return None
@@ -99,7 +100,8 @@ def save(path: Path, target: str, listing: Listing) -> None:
     temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
-            out.write(_MAGIC + hashlib.sha256(payload).digest() + payload)
+            for part in (_MAGIC, hashlib.sha256(payload).digest(), payload):
+                out.write(part)  # (not joined: no second copy of a listing of megabytes)
         os.replace(temp, path)
     finally:
         with contextlib.suppress(OSError):

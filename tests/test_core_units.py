@@ -76,6 +76,27 @@ def test_flush_watermark_waits_for_every_older_change_only() -> None:
     assert not idle(queue)
 
 
+def test_the_watermark_keeps_no_record_of_paths_that_are_done() -> None:
+    # A burst of 1,000 paths synced without any flush asking: what the watermark remembers
+    # does not grow with every path ever changed, only with what is still pending.
+    queue = PathQueue()
+    paths = [f"f{i}" for i in range(1000)]
+    queue.mark(paths, 0.0)
+    barrier = queue.now_tick()
+    queue.mark(["late"], 0.0)
+    for _ in paths:
+        taken = queue.take()
+        assert taken is not None
+        queue.sent(taken[0])
+        queue.done(taken[0], 0.0)
+        queue.answered(taken[0], ok=True)
+    assert len(queue._ticks) == 1  # "late" alone
+    assert queue.flushed(barrier) and not queue.flushed(queue.now_tick())
+    # A path changed again after it was done gets a new tick: an old barrier is not held.
+    queue.mark(["f0"], 0.0)
+    assert queue.flushed(barrier)
+
+
 def test_held_path_waits_for_its_writer_to_close_or_for_the_bound() -> None:
     queue = PathQueue(hold_max=2.0)
     queue.mark(["big"], 0.0)

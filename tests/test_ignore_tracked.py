@@ -102,6 +102,18 @@ def test_scan_lists_tracked_files_the_rules_match(tmp_path: Path) -> None:
     assert tally.mostly_ignored_note(len(files)) is None
 
 
+def test_scan_keeps_the_path_strings_of_git_index(tmp_path: Path) -> None:
+    # One string per path of the tree (issue 16: memory): a tracked file's path in the scan
+    # is the very string the rules keep from git's index.
+    root = kernel_like(tmp_path / "k")
+    r = IgnoreRules(root)
+    local = scan_tree(root, r, HashCache(hashing.BLAKE2B_128))
+    tracked = [rel for rel in local if rel in r.tracked.files]
+    assert "kernel/sched.c" in tracked and len(tracked) >= 3
+    assert all(rel is r.tracked.names[rel] for rel in tracked)
+    assert r.own("not/tracked.c") == "not/tracked.c"
+
+
 def test_verdicts_match_git_with_tracked_ignored_files_on_random_trees(
         tmp_path: Path) -> None:
     for seed in range(30):

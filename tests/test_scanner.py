@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,10 +26,12 @@ from lsync.client.scanner import (
     LocalEntry,
     NotRegularFileError,
     ScanError,
+    ScanStopped,
     StableFileReader,
     UnstableFileError,
     read_file_stable,
     scan_tree,
+    shared_mode,
     stat_path,
 )
 
@@ -554,3 +557,28 @@ def test_a_noted_read_serves_lookups_of_that_version_until_forgotten(tmp_path: P
     cache.note_read("f.c", st, digest)
     now[0] += hashcache_module.RECENT_NS  # and a noted digest serves a short while only
     assert cache.lookup("f.c", st) is None
+
+
+def test_entries_of_one_mode_share_one_int(tmp_path: Path) -> None:
+    # Memory (issue 16): a tree's entries hold a few modes between them, one object each.
+    for i in range(3):
+        (tmp_path / f"f{i}").write_bytes(b"x")
+        (tmp_path / f"f{i}").chmod(0o644)
+    entries = scan(tmp_path, new_cache())
+    modes = [entries[f"f{i}"].mode for i in range(3)]
+    assert modes == [0o644] * 3 and modes[0] is modes[1] is modes[2]
+    assert shared_mode(int("420")) is modes[0]
+    assert shared_mode(1 << 40) == 1 << 40  # not permission bits: not kept
+
+
+def test_a_stopped_scan_raises_and_closes_what_it_opened(tmp_path: Path) -> None:
+    for d in ("a/b/c", "d/e"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "f.c").write_bytes(b"x")
+    stop = threading.Event()
+    assert "a/b/c/f.c" in scan_tree(tmp_path, IgnoreRules(tmp_path), new_cache(), stop=stop)
+    fds = len(os.listdir("/proc/self/fd"))
+    stop.set()
+    with pytest.raises(ScanStopped):
+        scan_tree(tmp_path, IgnoreRules(tmp_path), new_cache(), stop=stop)
+    assert len(os.listdir("/proc/self/fd")) == fds
