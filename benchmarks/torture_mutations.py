@@ -48,16 +48,23 @@ MUTATIONS: dict[str, Mutation] = {
         ("client/engine.py", "        except Exception as exc:\n            # A bug met while "
          "syncing one path", "        except ZeroDivisionError as exc:\n            # A bug met "
          "while syncing one path"),
-        ("client/sender.py", "    with SiblingReader(root, cache) as reader:\n        for path, "
-         "ahead in group:\n            try:\n                if ahead.believed is None or reader."
-         "digest_known(path) != ahead.believed:\n                    ahead.result = _prepare("
-         "reader, path, packer)\n            except Exception:\n                ahead.result = "
-         "None\n            ahead.done = True\n    done.set_result(None)",
-         "    try:\n        with SiblingReader(root, cache) as reader:\n            for path, ahead"
-         " in group:\n                if ahead.believed is None or reader.digest_known(path) != "
-         "ahead.believed:\n                    ahead.result = _prepare(reader, path, packer)\n"
-         "                ahead.done = True\n    except BaseException as exc:\n        done."
-         "set_exception(exc)\n        return\n    done.set_result(None)"),
+        ("client/sender.py", "    with SiblingReader(owner.root, owner.cache) as reader:\n"
+         "        for path, ahead in group:\n            try:\n                left = min("
+         "PREFETCH_MAX, owner.left())\n                if left > 0 and (ahead.believed is None"
+         "\n                                 or reader.digest_known(path) != ahead.believed):"
+         "\n                    ahead.result = _prepare(reader, path, packer, left)\n"
+         "                    if ahead.result is not None:\n                        owner.count("
+         "ahead, _held_bytes(ahead.result))\n            except Exception:\n                "
+         "ahead.result = None\n            ahead.done = True\n    done.set_result(None)",
+         "    try:\n        with SiblingReader(owner.root, owner.cache) as reader:\n"
+         "            for path, ahead in group:\n                left = min(PREFETCH_MAX, "
+         "owner.left())\n                if left > 0 and (ahead.believed is None\n"
+         "                                 or reader.digest_known(path) != ahead.believed):"
+         "\n                    ahead.result = _prepare(reader, path, packer, left)\n"
+         "                    if ahead.result is not None:\n                        owner.count("
+         "ahead, _held_bytes(ahead.result))\n                ahead.done = True\n    except "
+         "BaseException as exc:\n        done.set_exception(exc)\n        return\n    done."
+         "set_result(None)"),
     )),
     "2": Mutation("defect 2: `run` runs where the connection is (none: locally); the dead "
                   "engine is kept through the backoff", (

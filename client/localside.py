@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -63,6 +64,14 @@ class Host(Protocol):
 
 
 Read = tuple[bytes, LocalEntry]
+
+
+@dataclass
+class _SharedScan:
+    started: float  # monotonic
+    future: asyncio.Future[Scan]
+    stop: threading.Event  # set once no target waits for it any more (it ends early)
+    waiting: int = 0
 
 
 @dataclass
@@ -156,8 +165,8 @@ class LocalSide:
         self.ignored: IgnoredTally | None = None  # what the last full scan skipped (status)
         self.scans = 0  # whole-tree scans made for hosts (a test counts them)
         self._caches: dict[str, asyncio.Future[HashCache]] = {}
-        # hash name -> (monotonic start, the scan), while running and shortly after
-        self._scans: dict[str, tuple[float, asyncio.Future[Scan]]] = {}
+        # hash name -> the scan, while running (and shortly after, with several targets)
+        self._scans: dict[str, _SharedScan] = {}
         self._saving = asyncio.Lock()
         self.reads = SharedReads(lambda: len(self.hosts))
 
@@ -251,30 +260,50 @@ class LocalSide:
                    on_error: Callable[[str, Exception], None]) -> Scan:
         """The tree's entries (files not hashed) and its hash cache: a scan of `hash_name`
         that started at or after `missed_since` (monotonic) if there is one, else a new
-        one. The dictionary is the caller's own."""
+        one. The dictionary is the caller's own. A scan no target waits for any more (the
+        agent chose another hash) stops at its next directory."""
         shared = self._scans.get(hash_name)
-        if shared is None or shared[0] < missed_since or (
-                shared[1].done() and (shared[1].cancelled() or shared[1].exception())):
-            started = time.monotonic()
-            future = asyncio.ensure_future(self._scan(hash_name, on_error))
-            shared = (started, future)
+        if shared is None or shared.started < missed_since or shared.stop.is_set() or (
+                shared.future.done() and (shared.future.cancelled()
+                                          or shared.future.exception() is not None)):
+            stop = threading.Event()
+            shared = _SharedScan(time.monotonic(),
+                                 asyncio.ensure_future(self._scan(hash_name, on_error, stop)),
+                                 stop)
             self._scans[hash_name] = shared
-            future.add_done_callback(lambda done: self._forget_scan_later(hash_name, done))
-        cache, local = await asyncio.shield(shared[1])
-        return cache, dict(local)
+            made = shared
+            shared.future.add_done_callback(lambda done: self._forget_scan_later(hash_name,
+                                                                                made))
+        shared.waiting += 1
+        try:
+            cache, local = await asyncio.shield(shared.future)
+        except asyncio.CancelledError:
+            shared.waiting -= 1
+            if not shared.waiting and not shared.future.done():
+                shared.stop.set()
+                shared.future.add_done_callback(_retrieved)
+                if self._scans.get(hash_name) is shared:
+                    del self._scans[hash_name]
+            raise
+        shared.waiting -= 1
+        # (Each target its own dictionary: initial_sync adds the digests it learns.)
+        return cache, dict(local) if len(self.hosts) > 1 else local
 
-    def _forget_scan_later(self, hash_name: str, future: asyncio.Future[Scan]) -> None:
+    def _forget_scan_later(self, hash_name: str, shared: _SharedScan) -> None:
+        """A scan is kept a while for the targets that connect a little later; with one
+        target, not at all (a whole tree's entries at the start's peak of memory)."""
         def forget() -> None:
-            held = self._scans.get(hash_name)
-            if held is not None and held[1] is future:
+            if self._scans.get(hash_name) is shared:
                 del self._scans[hash_name]
 
-        if future.cancelled() or future.exception() is not None:
+        future = shared.future
+        if future.cancelled() or future.exception() is not None or len(self.hosts) < 2:
             forget()
         else:
             asyncio.get_running_loop().call_later(SCAN_SHARED_FOR, forget)
 
-    async def _scan(self, hash_name: str, on_error: Callable[[str, Exception], None]) -> Scan:
+    async def _scan(self, hash_name: str, on_error: Callable[[str, Exception], None],
+                    stop: threading.Event) -> Scan:
         cache = await self.hash_cache(hash_name)
         # Files are hashed later, and only those the remote may already hold (see
         # SyncEngine.initial_sync): the others are read once, when they are sent.
@@ -282,7 +311,7 @@ class LocalSide:
         self.scans += 1
         local = await asyncio.to_thread(scan_tree, self.root, self.rules, cache,
                                         on_error=on_error, hash_files=False,
-                                        on_ignored=tally.add)
+                                        on_ignored=tally.add, stop=stop)
         if self.ignored is None and (note := await asyncio.to_thread(tally.after_scan, local)):
             self.note(note)  # once per run: "N of M files ignored (rule)"
         self.ignored = tally
@@ -302,3 +331,9 @@ class LocalSide:
                     problems.append(f"could not save the {what} ({exc}); the next start "
                                     "reads more")
         return problems
+
+
+def _retrieved(future: asyncio.Future[Scan]) -> None:
+    """A scan nobody waits for: its ending (ScanStopped) is seen here, not logged."""
+    if not future.cancelled():
+        future.exception()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ RECENT_BYTES = 32 << 20  # contents of recently sent small files: bases of zdict
 PREFETCH = 64  # queued files read, hashed and compressed ahead in worker threads
 PREFETCH_GROUP = 16  # files per read-ahead job
 PREFETCH_MAX = 8 << 20  # bigger files are read when their turn comes
+PREFETCH_BYTES = 24 << 20  # content read ahead and not yet taken by its pass, at most
 PREFETCH_WORKERS = 2
 BATCH_FILE_MAX = 256 << 10  # whole new files of a burst up to this size travel in batches
 SIGN_MIN = 64 << 10  # smaller files of a burst are not signed (their first edit goes whole)
@@ -136,10 +138,11 @@ class Prepared:
     signature: Signature | None
 
 
-def _prepare(reader: SiblingReader, path: str, packer: Packer) -> Prepared | None:
+def _prepare(reader: SiblingReader, path: str, packer: Packer,
+             limit: int = PREFETCH_MAX) -> Prepared | None:
     """Worker-thread half of sending a new file whole (compressors release the GIL)."""
     try:
-        content, entry = reader.read(path, limit=PREFETCH_MAX)
+        content, entry = reader.read(path, limit=limit)
     except (OSError, ScanError):
         return None  # not a file, too big, unstable, gone: its turn will sort it out
     size = len(content)
@@ -179,7 +182,7 @@ class Ahead:
     """One file being read ahead: `done` once `result` is set (by a worker thread); `group`
     resolves when every file of its job is done (what to wait on when this one is not)."""
 
-    __slots__ = ("believed", "done", "group", "result")
+    __slots__ = ("believed", "done", "group", "held", "result", "taken")
 
     def __init__(self, group: concurrent.futures.Future[None],
                  believed: bytes | None = None) -> None:
@@ -187,6 +190,8 @@ class Ahead:
         self.believed = believed  # the content the remote is believed to hold
         self.done = False
         self.result: Prepared | None = None
+        self.held = 0  # bytes of its content counted in the read-ahead's budget
+        self.taken = False  # its pass took it (what it holds is the pass's from then on)
 
 
 class ReadAhead:
@@ -198,6 +203,11 @@ class ReadAhead:
         self.cache = cache
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.futures: dict[str, Ahead] = {}
+        # Bytes of content read ahead and not taken yet (workers add, `take` subtracts):
+        # a file that would take it beyond PREFETCH_BYTES is read at its turn instead (64
+        # neighbours of 8 MB each, as in the kernel's amd headers, held 300 MB).
+        self.held = 0
+        self.lock = threading.Lock()
 
     def pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._pool is None:
@@ -228,35 +238,66 @@ class ReadAhead:
 
     def _submit(self, group: list[tuple[str, Ahead]], done: concurrent.futures.Future[None],
                 packer: Packer) -> None:
-        self.pool().submit(_prepare_group, self.root, group, done, self.cache, packer)
+        self.pool().submit(_prepare_group, self, group, done, packer)
 
     def take(self, path: str) -> Ahead | None:
-        return self.futures.pop(path, None)
+        ahead = self.futures.pop(path, None)
+        if ahead is not None:
+            with self.lock:
+                ahead.taken = True
+                self.held -= ahead.held
+                ahead.held = 0
+        return ahead
+
+    def left(self) -> int:
+        """Bytes that may still be read ahead (any thread)."""
+        with self.lock:
+            return PREFETCH_BYTES - self.held
+
+    def count(self, ahead: Ahead, size: int) -> None:
+        """A worker read `size` bytes for `ahead` (not counted once its pass took it)."""
+        with self.lock:
+            if not ahead.taken:
+                ahead.held = size
+                self.held += size
 
     def close(self) -> None:
         self.futures.clear()
+        with self.lock:
+            self.held = 0
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
 
-def _prepare_group(root: Path, group: list[tuple[str, Ahead]],
-                   done: concurrent.futures.Future[None], cache: HashCache,
-                   packer: Packer) -> None:
+def _prepare_group(owner: ReadAhead, group: list[tuple[str, Ahead]],
+                   done: concurrent.futures.Future[None], packer: Packer) -> None:
     """Prepare each file of the group. Whatever goes wrong with one file is that file's
     business alone: it is left unprepared, and its own pass reads it (and reports what
     fails then); the group, and the session, go on."""
     if not done.set_running_or_notify_cancel():
         return
-    with SiblingReader(root, cache) as reader:
+    with SiblingReader(owner.root, owner.cache) as reader:
         for path, ahead in group:
             try:
-                if ahead.believed is None or reader.digest_known(path) != ahead.believed:
-                    ahead.result = _prepare(reader, path, packer)
+                left = min(PREFETCH_MAX, owner.left())
+                if left > 0 and (ahead.believed is None
+                                 or reader.digest_known(path) != ahead.believed):
+                    ahead.result = _prepare(reader, path, packer, left)
+                    if ahead.result is not None:
+                        owner.count(ahead, _held_bytes(ahead.result))
             except Exception:
                 ahead.result = None
             ahead.done = True
     done.set_result(None)
+
+
+def _held_bytes(prepared: Prepared) -> int:
+    """The content and its pieces (a piece is the content itself when it travels raw in
+    one piece)."""
+    pieces = prepared.pieces or []
+    return len(prepared.content) + sum(len(data) for data, _ in pieces
+                                       if data is not prepared.content)
 
 
 async def prepared_of(ahead: Ahead) -> Prepared | None:

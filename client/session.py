@@ -422,7 +422,8 @@ class Session:
             self.reporter.state(f"scanning (agent python {welcome.info.get('python', '?')}, "
                                 f"{hash_name})")
             if hash_name != guess:
-                scan.cancel()
+                scan.cancel()  # (the local side stops the scan if no other target waits)
+                tasks.remove(scan)  # (a finished one would keep its result for the session)
                 scan = asyncio.create_task(self._scan(hash_name), name="scan")
                 tasks.append(scan)
             cache, local = await self._or_stop(scan)
@@ -446,13 +447,14 @@ class Session:
             if listing.changed and listing.generation:
                 keeping = asyncio.ensure_future(asyncio.to_thread(copy.keep, listing))
                 tasks.append(keeping)
-            signatures = sigstore.default_path(self.root, hash_name)
-            engine.model.adopt_signatures(await asyncio.to_thread(sigstore.load, signatures))
             gone = self._adopt_owned(engine, local)
             # The scan and the manifest (tens of MB on a big tree) are not needed any more:
-            # nothing may keep them for the rest of the session.
+            # nothing may keep them for the rest of the session (nor while the signatures
+            # kept, as big again, are read).
             tasks = [task for task in tasks if task is not scan and task is not manifest]
             del local, listing, scan, manifest, loaded
+            signatures = sigstore.default_path(self.root, hash_name)
+            engine.model.adopt_signatures(await asyncio.to_thread(sigstore.load, signatures))
             self.remote_root = welcome.info.get("root") or None
             self._set_engine(engine)
             engine.mark_dirty(sorted(gone))

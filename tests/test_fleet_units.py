@@ -27,6 +27,8 @@ from lsync.client.fleetloop import FleetLoop, _Prefixer
 from lsync.client.localside import SharedReads
 from lsync.client.scanner import LocalEntry
 
+BOUND = 10.0  # seconds any wait of these tests may take
+
 
 class Recorder:
     def __init__(self) -> None:
@@ -178,3 +180,41 @@ def test_a_shared_read_is_made_once_and_forgotten_when_the_path_changes(
 
     asyncio.run(scenario())
     assert reads.files_read == 3
+
+
+def test_a_scan_no_target_waits_for_any_more_is_stopped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent chose another hash than the one guessed: the guessed scan's waiter is
+    cancelled, and its walk (a worker thread: not cancellable) is told to stop."""
+    import threading
+
+    from lsync.client import localside
+    from lsync.client.pullrules import PullRules, PushRules
+    from lsync.client.scanner import ScanStopped
+
+    entered = threading.Event()
+    stopped: list[bool] = []
+
+    def walking(*args: Any, stop: threading.Event, **kwargs: Any) -> dict[str, LocalEntry]:
+        entered.set()
+        stopped.append(stop.wait(BOUND))
+        raise ScanStopped("", "the scan was stopped")
+
+    monkeypatch.setattr(localside, "scan_tree", walking)
+    side = localside.LocalSide(tmp_path, PushRules(tmp_path, [], False, pull=PullRules([])),
+                               5, 20, lambda text: None)
+
+    async def scenario() -> None:
+        waiter = asyncio.ensure_future(side.scan("xxh3-128", 0.0, lambda p, e: None))
+        assert await asyncio.to_thread(entered.wait, BOUND)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BOUND
+        while not stopped:
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    assert stopped == [True]
