@@ -62,8 +62,12 @@ class Convergence:
             if as_of > self._reported_as_of or not self._report_due_set:
                 self._report_in_sync(as_of)
                 self._reported_as_of = max(self._reported_as_of, as_of)
-            # (Looked at again while the watcher lags; said again only once it moved.)
-            self._report_due_set = checked_ns - as_of > REPORT_LAG_NS
+            # (Looked at again while the watcher lags, or when the report is older than a
+            # change the watcher delivered — a lag of under REPORT_LAG_NS right after the
+            # change was taken for none, and the report stayed the last word; said again
+            # only once it moved.)
+            self._report_due_set = (checked_ns - as_of > REPORT_LAG_NS
+                                    or as_of < self.side.marked_ns)
             if self._report_due_set:
                 self.report_due = now + REPORT_AGAIN
         elif found:

@@ -16,6 +16,7 @@ engine's loop to raise.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 
@@ -68,6 +69,9 @@ class RemoteSide:
         self.initial_total = (0, 0)  # files and bytes the initial comparison queued
         self.initial_done = (0, 0)
         self.failure: InternalError | None = None  # a bug in an answer's callback
+        # When (Unix ns) the watcher last delivered changes here: an in-sync report as of
+        # an earlier moment does not cover them (lsync.client.convergence says it again).
+        self.marked_ns = 0
 
     # -- input ----------------------------------------------------------------------------
     def mark_dirty(self, paths: Iterable[str], since: float | None = None,
@@ -76,6 +80,8 @@ class RemoteSide:
         checked once it goes quiet, and a failing path is retried at once). `urgent`: taken
         before the bulk work queued (default: a watcher batch of a few paths, a save)."""
         paths = list(paths)
+        if hint and paths:
+            self.marked_ns = time.time_ns()
         for path in paths:
             if hint:
                 self.checks.touched(path)
