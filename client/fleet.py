@@ -118,7 +118,6 @@ class Fleet:
 
 @dataclass
 class _HostState:
-    state: str = "starting"
     queued: int = 0
     in_flight: int = 0
     share: float = 0.0  # of the initial sync's bytes acknowledged
@@ -148,7 +147,6 @@ class FleetReporter:
         return _HostReporter(self, index)
 
     def state_changed(self, index: int, text: str) -> None:
-        self.hosts[index].state = text
         self.inner.state(f"{self.names[index]}: {text}")
 
     def queue_changed(self, index: int, queued: int, in_flight: int) -> None:

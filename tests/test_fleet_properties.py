@@ -52,6 +52,7 @@ from tests.test_core_properties import (
     _pick,
     _remote_dirs,
 )
+from tests.test_core_properties import home as home  # (a fixture: $HOME for the records)
 
 
 class HostRig(Rig):
@@ -170,14 +171,6 @@ async def _run_example(base: Path, steps: list[Step]) -> None:
         assert not problems, "\n".join(problems)
     finally:
         await pair.close()
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    return home
 
 
 @settings(max_examples=60, deadline=None, derandomize=True,
