@@ -65,7 +65,7 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
     """Run one session; returns the process exit status.
 
     `initial` is the start of the client's stream when it arrived some other way (on the
-    command line, see lsync.client.bootstrap); stdin carries the rest.
+    command line, see lsync.client.transport.bootstrap); stdin carries the rest.
     """
     conn = Connection(AGENT)
     now_ns = time.time_ns if hasattr(time, "time_ns") else lambda: int(time.time() * 1e9)

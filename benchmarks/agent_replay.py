@@ -7,7 +7,8 @@ The client's side of an initial sync of a tree (default: the real kernel's cache
 tree, its .git left out) is encoded once into `--stream` (about the tree's size): a Hello,
 a Mkdir per directory before what it holds, the files of up to 256 KiB in WriteBatches of up
 to 1 MiB / 1,024 files, bigger ones in WriteFiles of 4 MiB pieces, a Symlink per link, all
-raw (the packing of a short link that keeps up; see client/sender.py and client/outbox.py),
+raw (the packing of a short link that keeps up; see client/remote/sender.py and
+client/transport/outbox.py),
 and a Goodbye. Each run starts the agent of a variant (`python -c` its
 lsync.agent.main.serve, the record in ~/.cache/lsync as usual) with that stream arriving on
 its stdin through a pipe (`cat`, so reads come in pipe-sized pieces as from sshd), its

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from benchmarks.testbed.proxy import DelayProxy
 from benchmarks.testbed.sshd import LOOPBACK, PrivateSshd
-from lsync.client import ssh
-from lsync.client.link import AgentLink
-from lsync.client.streams import SshAgentStream
+from lsync.client.transport import ssh
+from lsync.client.transport.link import AgentLink
+from lsync.client.transport.streams import SshAgentStream
 from lsync.protocol import PROTOCOL_VERSION
 from lsync.protocol import messages as m
 

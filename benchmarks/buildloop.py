@@ -13,8 +13,8 @@ iteration measures, in this order:
   acknowledgement (the `ack` line of `lsync connect -v`); the goal is at most one RTT +
   30 ms after the acknowledgement.
 - the same run asked by this process on the session's control socket right after the
-  save (`lsync.client.control.stream`): the session's own part, without the `lsync` command's
-  Python start-up.
+  save (`lsync.client.buildloop.control.stream`): the session's own part, without the
+  `lsync` command's Python start-up.
 - `lsync run` with nothing pending: from spawning the command to the remote start, and to
   its exit.
 - `lsync status`: spawn to exit, the command's start-up plus one local request (no network).
@@ -52,8 +52,8 @@ from benchmarks.peers import ControlMaster, Link, save_file
 from benchmarks.testbed import trees
 from benchmarks.testbed.proxy import ThreadedProxy
 from benchmarks.testbed.sshd import PrivateSshd
-from lsync.client.control import decode_output, request, stream
-from lsync.client.controlpath import find_socket
+from lsync.client.buildloop.control import decode_output, request, stream
+from lsync.client.buildloop.controlpath import find_socket
 
 EDITED = "src/edited.c"
 DATE = "date +%s%N"
@@ -209,7 +209,7 @@ class LinkBench:
             lsync = [*lsync_command()]
             run_argv = [*lsync, "run", "--", "sh", "-c", DATE]
             ssh_remote = f"cd {self.remote} && exec sh -c '{DATE}'"
-            # What lsync.client.buildloop asks sshd to run for `lsync run -- sh -c DATE`.
+            # What lsync.client.buildloop.loop asks sshd to run for `lsync run -- sh -c DATE`.
             inner = f"cd {shlex.quote(str(self.remote))} && exec {shlex.join(['sh', '-c', DATE])}"
             login_wrapped = f'exec "${{SHELL:-/bin/sh}}" -l -c {shlex.quote(inner)}'
             for i in range(iterations):

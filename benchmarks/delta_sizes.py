@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.testbed.trees import one_line_edit, text_of_size
-from lsync.client import delta as cdelta
+from lsync.client.remote import delta as cdelta
 from lsync.protocol import delta as wire
 
 TEN_MB = 10_000_000

@@ -57,8 +57,8 @@ from benchmarks.run import machine_description
 from benchmarks.testbed import trees
 from benchmarks.testbed.proxy import ThreadedProxy
 from benchmarks.testbed.sshd import PrivateSshd
-from lsync.client.control import request
-from lsync.client.controlpath import find_socket
+from lsync.client.buildloop.control import request
+from lsync.client.buildloop.controlpath import find_socket
 
 NAMES = ("x86", "arm", "box3")
 ONE, FLEET, THREE = "one", "fleet", "three"
@@ -342,8 +342,8 @@ class IdleFlush:
 
 def measure_idle_flush(bed: Testbed, client: Client, count: int) -> IdleFlush:
     """Flushes with nothing pending, and the bytes through the proxies meanwhile. The links
-    ping when nothing moved for 5 s (lsync.client.link.PING_EVERY), so a window of the same
-    length without a flush is measured too: bytes there are pings, not flushes."""
+    ping when nothing moved for 5 s (lsync.client.transport.link.PING_EVERY), so a window of
+    the same length without a flush is measured too: bytes there are pings, not flushes."""
     flush_request(client)  # everything is on the remote: from here, nothing pends
     wait_quiet(bed, 2 * bed.delay + 0.1)
     requests, commands = [], []

@@ -1,4 +1,4 @@
-"""How fast lsync reads git's index (lsync.client.gitindex): prints a table.
+"""How fast lsync reads git's index (lsync.client.local.gitindex): prints a table.
 
     python -m benchmarks.gitindex_speed [REPO ...]
 
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lsync.client import gitindex
+from lsync.client.local import gitindex
 
 KERNEL = Path.home() / ".cache" / "lsync-bench" / "kernel-git"
 RUNS = 7

@@ -36,8 +36,8 @@ from benchmarks.run import machine_description
 from benchmarks.slow_link import Session, commit, digest, write_random
 from benchmarks.testbed.proxy import ThreadedProxy
 from benchmarks.testbed.sshd import PrivateSshd
-from lsync.client.control import request
-from lsync.client.controlpath import find_socket
+from lsync.client.buildloop.control import request
+from lsync.client.buildloop.controlpath import find_socket
 
 MIB = 1 << 20
 

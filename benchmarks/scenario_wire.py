@@ -256,7 +256,7 @@ def scenario_bytes(bench: Bench, spec: LinkSpec) -> None:
 def lsync_debounce_ms() -> int:
     """lsync's default watcher debounce (looked up at run time: lsync may not import)."""
     try:
-        watcher = importlib.import_module("lsync.client.watcher")
+        watcher = importlib.import_module("lsync.client.local.watcher")
     except ImportError:
         return 50
     return int(getattr(watcher, "DEFAULT_DEBOUNCE_MS", 50))

@@ -40,15 +40,17 @@ MUTATIONS: dict[str, Mutation] = {
     "none": Mutation("nothing (the control run)", ()),
     "1": Mutation("defect 1: the root is read ahead; one path's failure fails its group and "
                   "the session", (
-        ("client/engine.py", "if p and ((e := self.model.get(p)) is None",
+        ("client/remote/engine.py", "if p and ((e := self.model.get(p)) is None",
          "if ((e := self.model.get(p)) is None"),
-        ("client/engine.py", "                              or (e.kind == FILE and e.signature"
+        ("client/remote/engine.py",
+         "                              or (e.kind == FILE and e.signature"
          " is None))\n                    and not relpath_problem(p)]",
          "                              or (e.kind == FILE and e.signature is None))]"),
-        ("client/engine.py", "        except Exception as exc:\n            # A bug met while "
+        ("client/remote/engine.py",
+         "        except Exception as exc:\n            # A bug met while "
          "syncing one path", "        except ZeroDivisionError as exc:\n            # A bug met "
          "while syncing one path"),
-        ("client/sender.py", "    with SiblingReader(owner.root, owner.cache) as reader:\n"
+        ("client/remote/sender.py", "    with SiblingReader(owner.root, owner.cache) as reader:\n"
          "        for path, ahead in group:\n            try:\n                left = min("
          "PREFETCH_MAX, owner.left())\n                if left > 0 and (ahead.believed is None"
          "\n                                 or reader.digest_known(path) != ahead.believed):"
@@ -68,7 +70,8 @@ MUTATIONS: dict[str, Mutation] = {
     )),
     "2": Mutation("defect 2: `run` runs where the connection is (none: locally); the dead "
                   "engine is kept through the backoff", (
-        ("client/buildloop.py", "            await self.flush(left, send_line)\n            if "
+        ("client/buildloop/loop.py",
+         "            await self.flush(left, send_line)\n            if "
          "self.session.target_is_local:\n                return None\n            conn = self."
          "session.ssh_connection\n            if conn is not None and self.session.link_up and"
          " self.session.engine_ready:\n                return conn",
@@ -80,32 +83,38 @@ MUTATIONS: dict[str, Mutation] = {
          "        finally:\n"),
     )),
     "3": Mutation("defect 3: liveness by replies only, pings only when nothing is awaited", (
-        ("client/liveness.py", "        if self.quiet >= self.ping_every and self._since_ping",
+        ("client/transport/liveness.py",
+         "        if self.quiet >= self.ping_every and self._since_ping",
          "        if not awaiting and self.quiet >= self.ping_every and self._since_ping"),
-        ("client/liveness.py", "        for (written, buffered), (was_written, was_buffered) in"
+        ("client/transport/liveness.py",
+         "        for (written, buffered), (was_written, was_buffered) in"
          " zip(", "        return False\n        for (written, buffered), (was_written, "
          "was_buffered) in zip("),
     )),
     "4": Mutation("defect 4: a failed path gets a new tick when retried; a backoff step per "
                   "failed operation", (
-        ("client/pathqueue.py", "        if record.state is State.FAILED:\n            record."
+        ("client/remote/pathqueue.py",
+         "        if record.state is State.FAILED:\n            record."
          "since = when\n", "        if record.state is State.FAILED:\n            record.since "
          "= when\n            self._tick += 1\n            record.tick = self._tick\n          "
          "  heapq.heappush(self._ticks, (self._tick, record.path))\n"),
-        ("client/pathqueue.py", "        if record.state is State.FAILED:\n            # Another"
+        ("client/remote/pathqueue.py",
+         "        if record.state is State.FAILED:\n            # Another"
          " operation of the same attempt failed", "        if False:\n            # Another "
          "operation of the same attempt failed"),
     )),
     "5": Mutation("defect 5: a refused delete's entry is not put back, and refused paths are "
                   "not listed again", (
-        ("client/remoteside.py", "        target, entry = flight.target, flight.dropped\n",
+        ("client/remote/remoteside.py", "        target, entry = flight.target, flight.dropped\n",
          "        target, entry = flight.target, None\n"),
-        ("client/remoteside.py", "            self.unsure.setdefault(flight.owner, set()).add("
+        ("client/remote/remoteside.py",
+         "            self.unsure.setdefault(flight.owner, set()).add("
          "flight.target)\n", ""),
     )),
     "6": Mutation("defect 6: replies failed by a broken link take their operation out of the "
                   "window (nothing carried over)", (
-        ("client/remoteside.py", "        if future.cancelled() or future.exception() is not None:"
+        ("client/remote/remoteside.py",
+         "        if future.cancelled() or future.exception() is not None:"
          "\n", "        if future.cancelled() or future.exception() is not None:\n"
          "            self.window.answer(seq)\n"),
     )),

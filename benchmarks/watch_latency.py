@@ -1,6 +1,6 @@
 """The watcher's trade-off: watchfiles' `step` against detection latency and idle CPU.
 
-lsync watches with ``watchfiles.awatch(root, step=..., debounce=...)`` (client/watcher.py).
+lsync watches with ``watchfiles.awatch(root, step=..., debounce=...)`` (client/local/watcher.py).
 `step` is how long watchfiles sleeps between looks at the queue of inotify events, and how
 long a batch must stay quiet before it is delivered; `debounce` bounds a batch's length. A
 short step means early detection and more wake-ups while idle. This module measures both

@@ -13,7 +13,7 @@
 
 `connect` reads `.lsync.toml` at the root of the tree (see `lsync.client.project`); an
 option on the command line overrides the file. Errors are printed as one line and map to
-exit statuses (see `lsync.client.errors` and `lsync.client.commands`); Ctrl-C drains
+exit statuses (see `lsync.client.errors` and `lsync.client.buildloop.commands`); Ctrl-C drains
 in-flight writes and exits 0. This module is the last exception boundary: anything
 unexpected becomes an `InternalError` line, never a traceback.
 """
@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lsync.agent.lanes import MAX_LANES
-from lsync.client import commands
-from lsync.client.controlpath import find_socket
+from lsync.client.buildloop import commands
+from lsync.client.buildloop.controlpath import find_socket
 from lsync.client.errors import LsyncError, internal_error
+from lsync.client.local.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS
 from lsync.client.project import (
     DEFAULT_LANES,
     ConnectSettings,
@@ -41,7 +42,6 @@ from lsync.client.project import (
     merge,
 )
 from lsync.client.status import NORMAL, QUIET, VERBOSE, make_status, terminal_safe
-from lsync.client.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS
 
 if TYPE_CHECKING:
     from lsync.client.fleet import Fleet
@@ -259,7 +259,7 @@ async def _run_connected(options: list[Options], start: Path, argv: list[str],
                          on_all: bool = False) -> int:
     """`lsync run --connect`: a session of our own (no control socket), the command once
     the initial sync is acknowledged (by every target), then a clean stop."""
-    from lsync.client.control import RunRequest, decode_output
+    from lsync.client.buildloop.control import RunRequest, decode_output
     from lsync.client.fleet import Fleet
 
     status = make_status(QUIET, sys.stderr)  # errors only: stdout is the command's

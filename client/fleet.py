@@ -1,8 +1,8 @@
 """One `lsync connect` over one or more targets: the supervisor of the run.
 
-A `Fleet` owns one local side (lsync.client.localside: watcher, rules, scans, hash caches),
+A `Fleet` owns one local side (lsync.client.local.localside: watcher, rules, scans, hash caches),
 one `Session` per target (connection, engine, reconnect loop: lsync.client.session), the
-control socket (lsync.client.fleetloop answers flush, status, run and pull over every
+control socket (lsync.client.buildloop.fleetloop answers flush, status, run and pull over every
 target) and the signals. Every task it starts is its own: the first failure of any of them
 (the tree cannot be watched, a target's fatal error) stops all the others and is raised
 once they have ended; Ctrl-C stops every target, each draining its queue.
@@ -24,14 +24,14 @@ import contextlib
 import signal
 from dataclasses import dataclass
 
-from lsync.client.buildloop import BuildLoop
-from lsync.client.control import ControlError
-from lsync.client.control_server import ControlServer
-from lsync.client.controlpath import socket_path
+from lsync.client.buildloop.control import ControlError
+from lsync.client.buildloop.control_server import ControlServer
+from lsync.client.buildloop.controlpath import socket_path
+from lsync.client.buildloop.fleetloop import FleetLoop
+from lsync.client.buildloop.loop import BuildLoop
+from lsync.client.buildloop.pullrules import PullRules, PushRules
 from lsync.client.errors import UsageError, internal_error
-from lsync.client.fleetloop import FleetLoop
-from lsync.client.localside import LocalSide
-from lsync.client.pullrules import PullRules, PushRules
+from lsync.client.local.localside import LocalSide
 from lsync.client.reporter import Reporter
 from lsync.client.session import Options, Session
 
@@ -50,7 +50,7 @@ class Fleet:
         self.control = control  # serve `lsync flush/run/status` on the control socket
         self.reporter = FleetReporter(reporter, [o.name or "" for o in options])
         self.stop = asyncio.Event()
-        # Pulled paths are never pushed (lsync.client.pullrules): the rules say so.
+        # Pulled paths are never pushed (lsync.client.buildloop.pullrules): the rules say so.
         rules = PushRules(self.root, first.excludes, first.include_vcs,
                           pull=PullRules(first.pull_paths))
         self.local = LocalSide(self.root, rules, first.step_ms, first.debounce_ms,

@@ -61,8 +61,8 @@ from typing import Literal, NoReturn
 
 from lsync.agent.lanes import MAX_LANES
 from lsync.client.errors import UsageError
+from lsync.client.local.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS
 from lsync.client.target import NAME, Target
-from lsync.client.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -113,7 +113,7 @@ class Project:
     lanes: int = DEFAULT_LANES
     log: LogLevel = "normal"
     map_paths: bool = True  # [run] map_paths
-    pull_paths: tuple[str, ...] = ()  # [pull] paths (lsync.client.pullrules)
+    pull_paths: tuple[str, ...] = ()  # [pull] paths (lsync.client.buildloop.pullrules)
     pull_rewrite: tuple[str, ...] = DEFAULT_REWRITE  # [pull] rewrite
     pull_after_run: bool = True  # [pull] after_run
 

@@ -1,7 +1,7 @@
 """One target of an `lsync connect` run: connect, bring that remote up to date, then
 follow every save.
 
-The watcher (lsync.client.localside, shared by every target) starts before anything else,
+The watcher (lsync.client.local.localside, shared by every target) starts before anything else,
 so no change made during the connection or the initial scan is missed: its batches wait in
 this target's buffer until its engine exists. Each connection runs the same sequence —
 start the agent, send Hello and ListTree in one flight, scan the local tree (hash cache;
@@ -18,7 +18,7 @@ the agent, and ends cleanly.
 The session also checks the link's liveness (pings, a bound on silence) and tells the
 engine what the watcher saw: changed paths, files still open for writing or closed, and
 overflows (which make the engine check the whole tree). Its state (engine, ready, link up)
-is what its build loop (lsync.client.buildloop) waits on; the control socket and the
+is what its build loop (lsync.client.buildloop.loop) waits on; the control socket and the
 supervision of every target are lsync.client.fleet's. Ownership across restarts comes from
 the agent's record (the manifest's `written` field), not from this process.
 """
@@ -35,35 +35,36 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from lsync.client import lanes, remotelisting, sigstore, ssh
-from lsync.client.bootstrap import MAX_INITIAL, bundle_b64, local_argv
-from lsync.client.buildloop import BuildLoop, Progress, TrackingReporter
-from lsync.client.control import JsonObject
-from lsync.client.engine import SyncEngine
+from lsync.client.buildloop.control import JsonObject
+from lsync.client.buildloop.loop import BuildLoop, Progress, TrackingReporter
+from lsync.client.buildloop.pull import Stamp
+from lsync.client.buildloop.pullrules import DEFAULT_REWRITE, PullRules, PushRules, RewriteRules
 from lsync.client.errors import (
     ConnectError,
     LinkBroken,
     LsyncError,
     SafetyStop,
 )
-from lsync.client.hashcache import HashCache, default_cache_path
-from lsync.client.ignore import IndexChange
-from lsync.client.ignored import IgnoredTally
-from lsync.client.link import AgentLink
-from lsync.client.localside import LocalSide
-from lsync.client.project import DEFAULT_LANES
-from lsync.client.pull import Stamp
-from lsync.client.pullrules import DEFAULT_REWRITE, PullRules, PushRules, RewriteRules
-from lsync.client.remoteside import URGENT_MAX
-from lsync.client.reporter import Reporter
-from lsync.client.scanner import LocalEntry
-from lsync.client.streams import LocalAgentStream, SshAgentStream
-from lsync.client.target import target_name
-from lsync.client.watcher import (
+from lsync.client.local.hashcache import HashCache, default_cache_path
+from lsync.client.local.ignore import IndexChange
+from lsync.client.local.ignored import IgnoredTally
+from lsync.client.local.localside import LocalSide
+from lsync.client.local.scanner import LocalEntry
+from lsync.client.local.watcher import (
     DEFAULT_DEBOUNCE_MS,
     DEFAULT_STEP_MS,
     WatchBatch,
 )
+from lsync.client.project import DEFAULT_LANES
+from lsync.client.remote import remotelisting, sigstore
+from lsync.client.remote.engine import SyncEngine
+from lsync.client.remote.remoteside import URGENT_MAX
+from lsync.client.reporter import Reporter
+from lsync.client.target import target_name
+from lsync.client.transport import lanes, ssh
+from lsync.client.transport.bootstrap import MAX_INITIAL, bundle_b64, local_argv
+from lsync.client.transport.link import AgentLink
+from lsync.client.transport.streams import LocalAgentStream, SshAgentStream
 from lsync.protocol import PROTOCOL_VERSION, hashing, packing
 from lsync.protocol import messages as m
 
@@ -93,8 +94,9 @@ class Options:
     step_ms: int = DEFAULT_STEP_MS
     debounce_ms: int = DEFAULT_DEBOUNCE_MS
     reconnect: bool = True
-    lanes: int = DEFAULT_LANES  # extra SSH channels for data (lsync.client.lanes)
-    pull_paths: list[str] = field(default_factory=list)  # [pull] paths (lsync.client.pull)
+    lanes: int = DEFAULT_LANES  # extra SSH channels for data (lsync.client.transport.lanes)
+    # [pull] paths (lsync.client.buildloop.pull)
+    pull_paths: list[str] = field(default_factory=list)
     pull_rewrite: list[str] = field(default_factory=lambda: list(DEFAULT_REWRITE))
     name: str | None = None  # the target's short name (default: lsync.client.target)
 
@@ -102,7 +104,7 @@ class Options:
 class Session:
     """One target's side of a run: its connection, engine and reconnect loop. The local
     side (watcher, rules, scans, hash caches) is shared with the other targets' sessions
-    (lsync.client.localside); `lsync.client.fleet` runs them all."""
+    (lsync.client.local.localside); `lsync.client.fleet` runs them all."""
 
     def __init__(self, options: Options, reporter: Reporter, local: LocalSide | None = None,
                  stop: asyncio.Event | None = None, name: str | None = None) -> None:
@@ -112,7 +114,7 @@ class Session:
         self.root = options.local_root
         self.target_text = options.target.describe()
         self.name = name or target_name(options.target)
-        # For the build loop (lsync.client.buildloop): the current engine, whether its
+        # For the build loop (lsync.client.buildloop.loop): the current engine, whether its
         # initial sync is done, and an event set whenever either changes.
         self.engine_ready = False
         self.engine_changed = asyncio.Event()
@@ -121,7 +123,7 @@ class Session:
         self.link_up = False
         self.remote_root: str | None = None
         if local is None:  # a session of its own (tests): a local side for it alone
-            # Pulled paths are never pushed (lsync.client.pullrules): the rules say so.
+            # Pulled paths are never pushed (lsync.client.buildloop.pullrules): the rules say so.
             rules = PushRules(self.root, options.excludes, options.include_vcs,
                               pull=PullRules(options.pull_paths))
             local = LocalSide(self.root, rules, options.step_ms, options.debounce_ms,
@@ -143,7 +145,7 @@ class Session:
         self._owned: set[str] = set()
         self._owned_trees: set[str] = set()
         self._hash_seen: str | None = None  # the hash the agent chose last
-        # The build loop of this target (lsync.client.buildloop), set by the fleet: warmed
+        # The build loop of this target (lsync.client.buildloop.loop), set by the fleet: warmed
         # once the initial sync is done.
         self.buildloop: BuildLoop | None = None
 

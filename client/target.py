@@ -1,7 +1,7 @@
 """Where to sync to: `[user@]host:tree`, or a local directory (no SSH).
 
 Parsing only, as scp and rsync read their targets: a first colon before any slash separates
-the host; no host means a local directory. Kept apart from lsync.client.ssh so that the
+the host; no host means a local directory. Kept apart from lsync.client.transport.ssh so that the
 commands that do not connect (flush, run, status, the project file) need not load asyncssh.
 """
 

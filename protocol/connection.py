@@ -116,7 +116,7 @@ class Connection:
 
 
 # What a data lane may carry: content writes, whose order against the main stream the
-# client guarantees does not matter (see lsync.client.window), and pull fetches, which the
+# client guarantees does not matter (see lsync.client.remote.window), and pull fetches, which the
 # agent answers on the lane they came on (lsync.agent.pull).
 LANE_MESSAGES = (m.WriteFile, m.WriteDelta, m.WriteBatch, m.PullFetch)
 

@@ -3,7 +3,7 @@
 A delta turns one exact version of a file (the *base*, which the agent has) into a new version
 (the *result*). This module knows only bytes: the agent hands `apply_delta` a function that
 reads ranges of the base and writes the chunks it yields to a temporary file; the client
-decides which ranges to copy (see `lsync.client.delta`) and calls the encoders here.
+decides which ranges to copy (see `lsync.client.remote.delta`) and calls the encoders here.
 
 Promises:
 - No I/O, stdlib only (zlib), Python 3.6 syntax.

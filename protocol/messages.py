@@ -343,7 +343,7 @@ class Goodbye(NamedTuple):
 # an `Error`; a failed listing is an `Error`.
 
 # A pull rule: [regex, flags, prefix]. `regex` is a gitignore pattern translated for
-# `fullmatch` (by the client, lsync.client.gitpatterns); flags are PULL_RULE_*; `prefix` is
+# `fullmatch` (by the client, lsync.client.local.gitpatterns); flags are PULL_RULE_*; `prefix` is
 # the literal directory part of an anchored pattern ("" for a name pattern), which lets
 # the agent skip directories that no rule can reach.
 PULL_RULE_NEGATIVE = 1

@@ -15,8 +15,8 @@ other exception in a handler becomes `Error(INTERNAL)` for that operation (and i
 `internal_errors`, where `serve` would log its traceback). When the session ends the
 service is closed, exactly as `serve` closes it on end of input.
 
-`open_lane(delay_turns)` gives a data lane (the LaneWriter of lsync.client.outbox) into the
-same service: its frames are handled `delay_turns` turns of the event loop after they were
+`open_lane(delay_turns)` gives a data lane (the LaneWriter of lsync.client.transport.outbox)
+into the same service: its frames are handled `delay_turns` turns of the event loop after they were
 written, so lanes and the main stream overtake each other the way separate SSH channels
 may. A cut ends the lanes too.
 
@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lsync.agent.service import AgentService, SessionEnd
-from lsync.client.link import AgentLink
+from lsync.client.transport.link import AgentLink
 from lsync.protocol import PROTOCOL_VERSION, hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.connection import AGENT, Connection, Lane

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lsync.client import initial
+from lsync.client.remote import initial
 from lsync.protocol import messages as m
 from lsync.protocol.framing import MAX_FRAME
 

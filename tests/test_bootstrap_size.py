@@ -11,7 +11,7 @@ import base64
 import json
 import zlib
 
-from lsync.client import bootstrap
+from lsync.client.transport import bootstrap
 
 MAX_ARG_STRLEN = 128 * 1024
 MARGIN = 8 * 1024  # room left for the agent to grow before this test asks for a decision

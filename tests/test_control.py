@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from lsync.client.control import (
+from lsync.client.buildloop.control import (
     MAX_REQUEST_LINE,
     ClientLine,
     ControlError,
@@ -42,8 +42,8 @@ from lsync.client.control import (
     request,
     stream,
 )
-from lsync.client.control_server import ControlServer
-from lsync.client.controlpath import find_socket, socket_path
+from lsync.client.buildloop.control_server import ControlServer
+from lsync.client.buildloop.controlpath import find_socket, socket_path
 
 BOUND = 10.0  # seconds: no wait in these tests should come near it
 JsonObject = dict[str, object]
@@ -734,7 +734,7 @@ class _AnsweredAlready:
 
 def test_run_of_a_quick_command_reports_its_status_when_the_session_hung_up_first(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from lsync.client import commands
+    from lsync.client.buildloop import commands
 
     monkeypatch.setattr(commands, "stream", _AnsweredAlready)
     with open(os.devnull) as devnull:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lsync.client.pathqueue import PathQueue
+from lsync.client.remote.pathqueue import PathQueue
 from lsync.protocol import messages as m
 from lsync.protocol import packing
 from lsync.protocol.errors import ErrorCode

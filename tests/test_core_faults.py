@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from lsync.agent.confined import ConfinedRoot, OpError
-from lsync.client import convergence, passes, planner, sender
-from lsync.client.model import RemoteModel
-from lsync.client.pathqueue import RETRY_MAX, State
+from lsync.client.remote import convergence, passes, planner, sender
+from lsync.client.remote.model import RemoteModel
+from lsync.client.remote.pathqueue import RETRY_MAX, State
 from lsync.protocol.errors import ErrorCode
 from tests.conftest import c_like_text
 from tests.test_core_properties import Rig

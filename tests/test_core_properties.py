@@ -61,19 +61,19 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import lsync.client.passes as passes_module
-from lsync.client import scanner
-from lsync.client.checks import FULL_EVERY
-from lsync.client.engine import SyncEngine
+import lsync.client.remote.passes as passes_module
 from lsync.client.errors import LinkBroken
-from lsync.client.hashcache import HashCache
-from lsync.client.ignore import IgnoreRules
-from lsync.client.link import AgentLink
-from lsync.client.pathqueue import RETRY_MAX
-from lsync.client.scanner import LocalEntry, scan_tree
+from lsync.client.local import scanner
+from lsync.client.local.hashcache import HashCache
+from lsync.client.local.ignore import IgnoreRules
+from lsync.client.local.scanner import LocalEntry, scan_tree
+from lsync.client.local.watcher import WatchBatch
+from lsync.client.remote.checks import FULL_EVERY
+from lsync.client.remote.engine import SyncEngine
+from lsync.client.remote.pathqueue import RETRY_MAX
 from lsync.client.session import Options, Session
 from lsync.client.target import Target
-from lsync.client.watcher import WatchBatch
+from lsync.client.transport.link import AgentLink
 from lsync.protocol import PROTOCOL_VERSION, hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.framing import MAX_FRAME
@@ -1081,7 +1081,7 @@ def test_engine_is_not_idle_while_a_file_is_being_read(
             release.wait(STEP_TIMEOUT)
         return original(root, rel, cache, limit=limit)
 
-    monkeypatch.setattr("lsync.client.passes.read_file_stable", slow_read)
+    monkeypatch.setattr("lsync.client.remote.passes.read_file_stable", slow_read)
     data = os.urandom(passes_module.SETTLE_SIZE + 4096)  # read in a thread, not inline
 
     async def scenario() -> None:
@@ -1156,7 +1156,7 @@ def test_overflow_reported_while_a_convergence_check_runs_gets_its_whole_tree_ch
         release.wait(STEP_TIMEOUT)
         return original(root, rel, rules, cache)
 
-    monkeypatch.setattr("lsync.client.convergence.scan_dir", slow_scan_dir)
+    monkeypatch.setattr("lsync.client.remote.convergence.scan_dir", slow_scan_dir)
     _files(rig, {"a/f.c": b"one\n", "b/f.c": b"two\n"})
 
     async def scenario() -> None:
@@ -1342,7 +1342,7 @@ def test_file_replaced_by_a_directory_while_being_read_is_looked_at_again(
             asyncio.get_running_loop().call_soon(rig.changed, [rel, f"{rel}/f.c"])
         return original(root, rel, cache, limit=limit)
 
-    monkeypatch.setattr("lsync.client.passes.read_file_stable", racing_read)
+    monkeypatch.setattr("lsync.client.remote.passes.read_file_stable", racing_read)
 
     async def scenario() -> None:
         await rig.connect()

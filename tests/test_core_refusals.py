@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from lsync.agent.confined import ConfinedRoot, OpError
-from lsync.client import passes
-from lsync.client.pathqueue import State
+from lsync.client.remote import passes
+from lsync.client.remote.pathqueue import State
 from lsync.protocol.errors import ErrorCode
 from tests.test_core_properties import Rig
 from tests.test_core_properties import home as home  # (a fixture)

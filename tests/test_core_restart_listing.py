@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 
 from lsync.agent.listing import KeptListing
 from lsync.agent.records import DigestRecord
-from lsync.client import planner, remotelisting
-from lsync.client.hashcache import HashCache
-from lsync.client.ignore import IgnoreRules
-from lsync.client.link import AgentLink
-from lsync.client.model import RemoteModel
-from lsync.client.scanner import scan_tree
+from lsync.client.local.hashcache import HashCache
+from lsync.client.local.ignore import IgnoreRules
+from lsync.client.local.scanner import scan_tree
+from lsync.client.remote import planner, remotelisting
+from lsync.client.remote.model import RemoteModel
+from lsync.client.transport.link import AgentLink
 from lsync.protocol import PROTOCOL_VERSION, hashing
 from lsync.protocol import messages as m
 from tests.memagent import MemoryAgentStream

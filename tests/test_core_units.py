@@ -11,13 +11,13 @@ import sys
 import threading
 from pathlib import Path
 
-from lsync.client import planner
-from lsync.client.checks import CheckSchedule, Due
-from lsync.client.hashcache import HashCache
-from lsync.client.model import DIR, FILE, LINK, RemoteEntry, RemoteModel
-from lsync.client.pathqueue import PathQueue, State
-from lsync.client.scanner import LocalEntry
-from lsync.client.window import InFlight, Op, Window, verdict
+from lsync.client.local.hashcache import HashCache
+from lsync.client.local.scanner import LocalEntry
+from lsync.client.remote import planner
+from lsync.client.remote.checks import CheckSchedule, Due
+from lsync.client.remote.model import DIR, FILE, LINK, RemoteEntry, RemoteModel
+from lsync.client.remote.pathqueue import PathQueue, State
+from lsync.client.remote.window import InFlight, Op, Window, verdict
 from lsync.protocol import messages as m
 from lsync.protocol.errors import AckStatus, ErrorCode
 

@@ -1,4 +1,4 @@
-"""Tests of delta encoding (lsync.client.delta) and application (lsync.protocol.delta).
+"""Tests of delta encoding (lsync.client.remote.delta) and application (lsync.protocol.delta).
 
 The properties: for any old and new content, every delta the client builds applies to the old
 content to give the new one byte for byte (block kind with and without the base content,
@@ -19,7 +19,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lsync.client import delta as cdelta
+from lsync.client.remote import delta as cdelta
 from lsync.protocol import delta as wire
 from lsync.protocol.errors import ErrorCode
 

@@ -8,7 +8,7 @@ and short enough for the module's time budget). Tests that break the link or kil
 session start their own. The commands run as a user would run them (`lsync flush`,
 `lsync run -- make` in a directory of the tree, stdin not a terminal), except where a time
 inside the session is measured: there the test sends the request itself on the session's
-control socket (`lsync.client.control.request`), so that process start-up is not counted.
+control socket (`lsync.client.buildloop.control.request`), so that process start-up is not counted.
 
 What a promise means here: when `flush` returns, the remote tree is compared once, at
 once (no polling after); "no network traffic" is the proxy's byte counters unchanged
@@ -45,9 +45,9 @@ import pytest
 
 from benchmarks.lsync_runner import AGENT_CMDLINE_NEEDLE
 from benchmarks.testbed.sshd import PrivateSshd
-from lsync.client.control import JsonObject, request
-from lsync.client.controlpath import find_socket
-from lsync.client.link import PING_EVERY
+from lsync.client.buildloop.control import JsonObject, request
+from lsync.client.buildloop.controlpath import find_socket
+from lsync.client.transport.link import PING_EVERY
 from tests.conftest import (
     LSYNC,
     CountingLink,

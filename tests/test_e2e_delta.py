@@ -166,7 +166,7 @@ def test_file_moved_into_another_directory_costs_no_content(metered: Metered) ->
 
 
 def test_first_edit_after_a_restart_is_a_delta(sshd: PrivateSshd, tmp_path: Path) -> None:
-    """The signature of the remote's version outlives the session (lsync.client.sigstore):
+    """The signature of the remote's version outlives the session (lsync.client.remote.sigstore):
     the first edit of a big file after lsync starts again needs no whole-file send."""
     local, remote = tmp_path / "local", tmp_path / "remote"
     local.mkdir()

@@ -1,13 +1,14 @@
 """End to end: lsync authenticates in fewer round trips than asyncssh does by default (issue 10).
 
-Against the private sshd on 127.0.0.1, `lsync.client.ssh.connect` is watched through asyncssh's
-packet log: which USERAUTH_REQUESTs it sends (`none`, a public-key query without signature,
-or a signed public-key request) and whether the server had to answer PK_OK. With a key file
-the first request is already the signed one (one round trip instead of three); a key the
-server refuses costs one request and lsync goes on to the next key; an ssh-agent key is
-asked about first (an agent may want a confirmation or a touch per signature) but still
-without the `none` probe; `none` is still tried, last, when nothing else worked; with no usable
-key at all, asyncssh's own sequence runs and ends in a clean refusal.
+Against the private sshd on 127.0.0.1, `lsync.client.transport.ssh.connect` is watched
+through asyncssh's packet log: which USERAUTH_REQUESTs it sends (`none`, a public-key query
+without signature, or a signed public-key request) and whether the server had to answer
+PK_OK. With a key file the first request is already the signed one (one round trip instead
+of three); a key the server refuses costs one request and lsync goes on to the next key; an
+ssh-agent key is asked about first (an agent may want a confirmation or a touch per
+signature) but still without the `none` probe; `none` is still tried, last, when nothing
+else worked; with no usable key at all, asyncssh's own sequence runs and ends in a clean
+refusal.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ import pytest
 from asyncssh.packet import SSHPacket
 
 from benchmarks.testbed.sshd import PrivateSshd, generate_key
-from lsync.client import ssh
 from lsync.client.errors import ConnectError
 from lsync.client.target import Target
+from lsync.client.transport import ssh
 
 NONE, QUERY, SIGNED = "none", "query", "signed"
 
@@ -200,7 +201,7 @@ def test_an_agent_key_is_asked_about_first_but_without_the_none_probe(
 
 
 def test_aes_gcm_leads_only_when_the_user_chose_no_ciphers(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lsync.client import ssh as ssh_module
+    from lsync.client.transport import ssh as ssh_module
     defaults = list(ssh_module._DEFAULT_CIPHERS)
     monkeypatch.setattr(ssh_module, "_cpu_has_aes", lambda: True)
     preferred = ssh_module._preferred_ciphers(defaults)

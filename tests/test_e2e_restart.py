@@ -1,6 +1,6 @@
 """A restart over the real sshd hears only what changed on the remote since the last session.
 
-The client keeps a copy of the remote's listing (lsync.client.remotelisting) and the agent
+The client keeps a copy of the remote's listing (lsync.client.remote.remotelisting) and the agent
 its own (lsync.agent.listing); a restart on an unchanged tree costs a few bytes of manifest,
 and remote edits made by others between sessions are still seen and repaired.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lsync.client import remotelisting
+from lsync.client.remote import remotelisting
 from lsync.protocol.messages import KEPT_DIR
 from tests.conftest import (
     CountingLink,

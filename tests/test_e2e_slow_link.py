@@ -2,7 +2,7 @@
 
 lsync runs through the delay proxy capped to a bandwidth, in front of the private sshd on
 127.0.0.1, with its stall bound shortened to STALL_FOR_TESTS seconds (LSYNC_STALL_SECONDS,
-read once in lsync.client.link) so that the test stays short. A new file of incompressible
+read once in lsync.client.transport.link) so that the test stays short. A new file of incompressible
 bytes then takes several stall bounds to cross, with no reply from the agent until its
 end. It must arrive on the first attempt: one TCP connection through the proxy, no "no
 answer from the agent", no reconnect. A 10-byte edit in place afterwards must travel as a

@@ -2,7 +2,7 @@
 
 The delay proxy freezes the connection lsync uses: bytes stop both ways and nothing is
 closed, as when a VPN or a NAT drops a flow. lsync must notice within its stall bound
-(lsync.client.link.STALL, plus a ping interval), say so, reconnect through the proxy (new
+(lsync.client.transport.link.STALL, plus a ping interval), say so, reconnect through the proxy (new
 connections are not frozen), and deliver the edits made meanwhile.
 """
 
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from benchmarks.testbed.sshd import PrivateSshd
-from lsync.client.link import PING_EVERY, STALL
+from lsync.client.transport.link import PING_EVERY, STALL
 from tests.conftest import LsyncProcess, assert_trees_equal, counting_link_to, fresh_dirs
 
 NOTICE_BOUND = STALL + PING_EVERY + 5  # seconds from the freeze to the reconnect message

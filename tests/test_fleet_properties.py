@@ -1,7 +1,7 @@
 """Two targets from one local side, against two real agents in memory (issue 17).
 
 The rig of tests/test_core_properties.py, twice over one local tree: two `Session`s share
-one `LocalSide` (lsync.client.localside) — the watcher's batches reach both through it, and
+one `LocalSide` (lsync.client.local.localside) — the watcher's batches reach both through it, and
 a save's read is shared — each with its own engine, in-memory agent and remote tree. The
 second target lags: its four data lanes hand their frames to the agent 0 to 6 loop turns
 late, so it runs behind the first. Hypothesis generates the same local changes as the
@@ -28,9 +28,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lsync.client import scanner
-from lsync.client.localside import LocalSide
-from lsync.client.pullrules import PullRules, PushRules
+from lsync.client.buildloop.pullrules import PullRules, PushRules
+from lsync.client.local import scanner
+from lsync.client.local.localside import LocalSide
 from lsync.client.session import Options, Session
 from lsync.client.target import Target
 from tests.test_core_properties import (

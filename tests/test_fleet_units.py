@@ -1,6 +1,7 @@
 """Unit tests of the parts of a run over several targets that need no link: the shared
 reporter (lsync.client.fleet.FleetReporter), the output prefixes and request routing of
-lsync.client.fleetloop, and the reads shared between targets (lsync.client.localside)."""
+lsync.client.buildloop.fleetloop, and the reads shared between targets
+(lsync.client.local.localside)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from lsync.client.control import (
+from lsync.client.buildloop.control import (
     ClientLine,
     ControlError,
     JsonObject,
@@ -22,10 +23,10 @@ from lsync.client.control import (
     decode_output,
     output_lines,
 )
+from lsync.client.buildloop.fleetloop import FleetLoop, _Prefixer
 from lsync.client.fleet import FleetReporter
-from lsync.client.fleetloop import FleetLoop, _Prefixer
-from lsync.client.localside import SharedReads
-from lsync.client.scanner import LocalEntry
+from lsync.client.local.localside import SharedReads
+from lsync.client.local.scanner import LocalEntry
 
 BOUND = 10.0  # seconds any wait of these tests may take
 
@@ -188,9 +189,9 @@ def test_a_scan_no_target_waits_for_any_more_is_stopped(
     cancelled, and its walk (a worker thread: not cancellable) is told to stop."""
     import threading
 
-    from lsync.client import localside
-    from lsync.client.pullrules import PullRules, PushRules
-    from lsync.client.scanner import ScanStopped
+    from lsync.client.buildloop.pullrules import PullRules, PushRules
+    from lsync.client.local import localside
+    from lsync.client.local.scanner import ScanStopped
 
     entered = threading.Event()
     stopped: list[bool] = []

@@ -1,4 +1,4 @@
-"""Unit tests of lsync.client.gitindex against index files written by the real `git`.
+"""Unit tests of lsync.client.local.gitindex against index files written by the real `git`.
 
 Each index is made by git itself (versions 2, 3 and 4, SHA-1 and SHA-256, conflicts,
 intent-to-add, skip-worktree, gitlinks, a linked worktree's `.git` file); the reader must
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from lsync.client import gitindex
-from lsync.client.gitindex import IndexUnreadable
+from lsync.client.local import gitindex
+from lsync.client.local.gitindex import IndexUnreadable
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from lsync.client import link as link_module
 from lsync.client.errors import ConnectError, LinkBroken
-from lsync.client.link import AgentLink
-from lsync.client.streams import _StderrTail
+from lsync.client.transport import link as link_module
+from lsync.client.transport.link import AgentLink
+from lsync.client.transport.streams import _StderrTail
 from lsync.protocol import PROTOCOL_VERSION, hashing
 from lsync.protocol import messages as m
 from lsync.protocol.connection import AGENT, Connection
@@ -205,7 +205,7 @@ def test_an_agent_printing_garbage_ends_the_link_and_is_reaped_quickly(garbage: 
     """A remote shell or program that writes something else than the protocol on the
     agent's stdout: the link fails with a clear reason (no magic within 64 KiB, or no
     Welcome in time) and the process is gone when the link is closed."""
-    from lsync.client.streams import LocalAgentStream
+    from lsync.client.transport.streams import LocalAgentStream
 
     async def run() -> None:
         stream = LocalAgentStream()
@@ -230,8 +230,8 @@ def test_an_agent_that_stops_answering_breaks_the_link_within_the_stall_bound(
     import os
     import signal
 
-    from lsync.client.bootstrap import MAX_INITIAL, local_argv
-    from lsync.client.streams import LocalAgentStream
+    from lsync.client.transport.bootstrap import MAX_INITIAL, local_argv
+    from lsync.client.transport.streams import LocalAgentStream
 
     async def run() -> None:
         stream = LocalAgentStream()

@@ -1,4 +1,4 @@
-"""Unit tests of lsync.client.ignore: git's .gitignore semantics, .git/ and --exclude.
+"""Unit tests of lsync.client.local.ignore: git's .gitignore semantics, .git/ and --exclude.
 
 The last test compares the verdicts with git itself on random trees (skipped without git).
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lsync.client.ignore import IgnoreRules, parse_patterns
+from lsync.client.local.ignore import IgnoreRules, parse_patterns
 
 
 def make_tree(root: Path, files: dict[str, str]) -> None:

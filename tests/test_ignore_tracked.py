@@ -1,6 +1,6 @@
-"""IgnoreRules in a git work tree: tracked files are never ignored (lsync.client.ignore with
-lsync.client.gitindex), the paths a new index changes, the rule behind a verdict, and the
-note when the rules ignore most of a tree (lsync.client.ignored).
+"""IgnoreRules in a git work tree: tracked files are never ignored (lsync.client.local.ignore with
+lsync.client.local.gitindex), the paths a new index changes, the rule behind a verdict, and the
+note when the rules ignore most of a tree (lsync.client.local.ignored).
 
 The differential test compares the verdicts with `git ls-files --cached --others
 --exclude-standard` on random trees where random ignored files were added with `git add -f`.
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from lsync.client.hashcache import HashCache
-from lsync.client.ignore import IgnoreRules, Rule
-from lsync.client.ignored import IgnoredTally, follow_index
-from lsync.client.scanner import scan_tree
+from lsync.client.local.hashcache import HashCache
+from lsync.client.local.ignore import IgnoreRules, Rule
+from lsync.client.local.ignored import IgnoredTally, follow_index
+from lsync.client.local.scanner import scan_tree
 from lsync.protocol import hashing
 from tests.test_gitindex import git
 from tests.test_ignore import _kept_by_us, _random_tree, make_tree

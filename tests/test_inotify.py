@@ -1,4 +1,4 @@
-"""Tests of lsync.client.inotify on real temporary trees.
+"""Tests of lsync.client.local.inotify on real temporary trees.
 
 Every wait is bounded (`WAIT`) and ends on a condition: a batch that contains what the test
 expects. "Nothing is reported" is checked with a sentinel change made afterwards: once the
@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from lsync.client import inotify
-from lsync.client.inotify import (
+from lsync.client.local import inotify
+from lsync.client.local.inotify import (
     IN_CREATE,
     IN_ISDIR,
     IN_MODIFY,

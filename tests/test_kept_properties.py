@@ -39,14 +39,14 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lsync.client.engine import SyncEngine
 from lsync.client.errors import LinkBroken
-from lsync.client.hashcache import HashCache
-from lsync.client.link import AgentLink
-from lsync.client.scanner import scan_tree
+from lsync.client.local.hashcache import HashCache
+from lsync.client.local.scanner import scan_tree
+from lsync.client.local.watcher import WatchBatch
+from lsync.client.remote.engine import SyncEngine
 from lsync.client.session import Options, Session
 from lsync.client.target import Target
-from lsync.client.watcher import WatchBatch
+from lsync.client.transport.link import AgentLink
 from lsync.protocol import PROTOCOL_VERSION, hashing, packing
 from lsync.protocol import messages as m
 from tests.memagent import MemoryAgentStream

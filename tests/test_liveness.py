@@ -1,4 +1,5 @@
-"""The liveness decision (lsync.client.liveness) on its own: time is passed in, nothing sleeps.
+"""The liveness decision (lsync.client.transport.liveness) on its own: time is passed in,
+nothing sleeps.
 
 Looks happen every second, as the link's watcher does them. A "link" here is the numbers
 the watcher would read: bytes received, and per channel (written, still buffered).
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 
-from lsync.client.liveness import ChannelReading, Liveness, Verdict
+from lsync.client.transport.liveness import ChannelReading, Liveness, Verdict
 
 PING_EVERY = 5.0
 STALL = 15.0

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lsync.client.pathmap import PathMapper
+from lsync.client.buildloop.pathmap import PathMapper
 
 REMOTE = "/home/u/src/linux"
 LOCAL = "/Users/me/work/linux"

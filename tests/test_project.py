@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lsync.client.local.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS
 from lsync.client.project import (
     PROJECT_FILE,
     Project,
@@ -17,7 +18,6 @@ from lsync.client.project import (
     load_project,
     merge,
 )
-from lsync.client.watcher import DEFAULT_DEBOUNCE_MS, DEFAULT_STEP_MS
 
 GOOD = """\
 # the build box
@@ -264,8 +264,9 @@ def test_the_lsync_command_imports_without_any_warning() -> None:
     import subprocess
     import sys
 
-    modules = ["lsync.client.cli", "lsync.client.session", "lsync.client.ssh",
-               "lsync.client.buildloop", "lsync.client.lanes", "lsync.client.streams"]
+    modules = ["lsync.client.cli", "lsync.client.session", "lsync.client.transport.ssh",
+               "lsync.client.buildloop.loop", "lsync.client.transport.lanes",
+               "lsync.client.transport.streams"]
     code = "import " + ", ".join(modules)
     done = subprocess.run([sys.executable, "-W", "error", "-c", code],
                           capture_output=True, text=True, timeout=60)

@@ -17,11 +17,17 @@ import pytest
 
 from lsync.agent.confined import ConfinedRoot
 from lsync.agent.pull import PullSelector, PullService, block_copies, delta_for, list_selected
-from lsync.client.control import ControlError, PullRequest, RunRequest, parse_request
+from lsync.client.buildloop.control import ControlError, PullRequest, RunRequest, parse_request
+from lsync.client.buildloop.pull import _put_in_place, block_hashes, block_size_for
+from lsync.client.buildloop.pullrules import (
+    PullRules,
+    PushRules,
+    RewriteRules,
+    rewrite_json,
+    wire_rules,
+)
 from lsync.client.project import ProjectError, load_project, merge
-from lsync.client.pull import _put_in_place, block_hashes, block_size_for
-from lsync.client.pullroutes import PullRoutes
-from lsync.client.pullrules import PullRules, PushRules, RewriteRules, rewrite_json, wire_rules
+from lsync.client.transport.pullroutes import PullRoutes
 from lsync.protocol import hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.delta import apply_delta_to_bytes

@@ -1,4 +1,4 @@
-"""Unit tests of lsync.client.scanner and lsync.client.hashcache on temporary trees.
+"""Unit tests of lsync.client.local.scanner and lsync.client.local.hashcache on temporary trees.
 
 Most tests give the HashCache a clock 10 s ahead, so files written by the test count as
 settled (not racily recent) and digests are remembered; the racy rule has its own test.
@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from lsync.client import hashcache as hashcache_module
-from lsync.client.hashcache import RACY_NS, HashCache, default_cache_path
-from lsync.client.ignore import IgnoreRules
-from lsync.client.scanner import (
+from lsync.client.local import hashcache as hashcache_module
+from lsync.client.local.hashcache import RACY_NS, HashCache, default_cache_path
+from lsync.client.local.ignore import IgnoreRules
+from lsync.client.local.scanner import (
     ErrorHandler,
     FileTooLargeError,
     LocalEntry,

@@ -1,4 +1,4 @@
-"""Single paths below the root (lsync.client.confined_open, through the scanner's
+"""Single paths below the root (lsync.client.local.confined_open, through the scanner's
 lstat_confined, read_file_stable, stat_path, scan_dir and StableFileReader): never through a
 symlink, never outside the root, never through a stale root descriptor, and the same
 answers from openat2(2) and from the component-by-component walk.
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from lsync.client import confined_open
-from lsync.client.hashcache import RACY_NS, HashCache
-from lsync.client.ignore import IgnoreRules
-from lsync.client.scanner import (
+from lsync.client.local import confined_open
+from lsync.client.local.hashcache import RACY_NS, HashCache
+from lsync.client.local.ignore import IgnoreRules
+from lsync.client.local.scanner import (
     NotRegularFileError,
     StableFileReader,
     lstat_confined,

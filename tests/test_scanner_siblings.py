@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from lsync.client.hashcache import RACY_NS, HashCache
-from lsync.client.scanner import (
+from lsync.client.local.hashcache import RACY_NS, HashCache
+from lsync.client.local.scanner import (
     FileTooLargeError,
     NotRegularFileError,
     SiblingReader,
     read_file_stable,
 )
-from lsync.client.sender import ReadAhead
+from lsync.client.remote.sender import ReadAhead
 
 
 def new_cache() -> HashCache:

@@ -6,9 +6,9 @@ import zlib
 
 import pytest
 
-from lsync.client import sender
-from lsync.client.outbox import pack_batch
-from lsync.client.sender import RAW, Packing, content_messages, pieces_of
+from lsync.client.remote import sender
+from lsync.client.remote.sender import RAW, Packing, content_messages, pieces_of
+from lsync.client.transport.outbox import pack_batch
 from lsync.protocol import packing
 
 SOURCE = b"".join(b"static int lsync_%d(void) { return %d; }\n" % (i, i) for i in range(5000))

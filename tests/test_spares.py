@@ -1,4 +1,4 @@
-"""The build loop's spare command channels (`lsync.client.buildloop.Spares`): a spare is kept
+"""The build loop's spare command channels (`lsync.client.buildloop.loop.Spares`): a spare is kept
 per connection and kind; one that failed or was cancelled is just no spare (never the
 command's failure); spares of an earlier connection are closed, never handed to a command
 on a later one; the caller's own cancellation still goes through."""
@@ -11,8 +11,8 @@ from typing import Any, cast
 import asyncssh
 import pytest
 
-from lsync.client.buildloop import Spares
-from lsync.client.control import RunRequest
+from lsync.client.buildloop.control import RunRequest
+from lsync.client.buildloop.loop import Spares
 
 
 class FakeProcess:

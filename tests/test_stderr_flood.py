@@ -1,6 +1,6 @@
 """An agent that floods its stderr costs bounded memory and linear time (issue 15, defect 8).
 
-Both agent streams (lsync.client.streams) and the data lanes keep what the agent prints on
+Both agent streams (lsync.client.transport.streams) and the data lanes keep what the agent prints on
 stderr in one bounded tail (`_StderrTail`). Before, the SSH stream joined each chunk to
 the whole unfinished line: a flood without newlines kept the client at 99% CPU and 336 MB.
 Checked on the SSH stream's own callback, and end to end over the private sshd with a
@@ -15,9 +15,9 @@ import tracemalloc
 from pathlib import Path
 
 from benchmarks.testbed.sshd import PrivateSshd
-from lsync.client import ssh
-from lsync.client.streams import SshAgentStream, _StderrTail
 from lsync.client.target import Target
+from lsync.client.transport import ssh
+from lsync.client.transport.streams import SshAgentStream, _StderrTail
 
 MIB = 1 << 20
 PEAK_BOUND = 4 * MIB  # bytes allocated at most while the flood is taken in

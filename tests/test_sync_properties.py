@@ -31,14 +31,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import lsync.client.passes as passes_module
-from lsync.client.bootstrap import MAX_INITIAL, local_argv
-from lsync.client.engine import SyncEngine
-from lsync.client.hashcache import HashCache
-from lsync.client.ignore import IgnoreRules
-from lsync.client.link import AgentLink, Reply
-from lsync.client.scanner import scan_tree
-from lsync.client.streams import LocalAgentStream
+import lsync.client.remote.passes as passes_module
+from lsync.client.local.hashcache import HashCache
+from lsync.client.local.ignore import IgnoreRules
+from lsync.client.local.scanner import scan_tree
+from lsync.client.remote.engine import SyncEngine
+from lsync.client.transport.bootstrap import MAX_INITIAL, local_argv
+from lsync.client.transport.link import AgentLink, Reply
+from lsync.client.transport.streams import LocalAgentStream
 from lsync.protocol import PROTOCOL_VERSION, hashing
 from lsync.protocol import messages as m
 
@@ -499,7 +499,7 @@ def test_file_moved_into_a_new_directory_is_copied_not_resent(rig: EngineRig) ->
 def test_big_file_rewritten_in_place_is_sent_once_its_writer_is_done(rig: EngineRig) -> None:
     """A writer that truncates a synced 2 MB file and rewrites it, pausing 5 ms half way: the
     engine looks while the file is half written, waits until it has been still, and sends
-    only the finished content (lsync.client.engine: SETTLE). A writer descheduled for longer
+    only the finished content (lsync.client.remote.engine: SETTLE). A writer descheduled for longer
     than SETTLE (a loaded machine) really left the file still: such an attempt proves
     nothing and is made again (at most 5 times; the test fails if none was valid)."""
     assert rig.link is not None and rig.engine is not None

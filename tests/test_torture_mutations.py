@@ -25,7 +25,7 @@ def test_each_mutation_applies_to_the_current_code(name: str, tmp_path: Path) ->
 
 
 def test_a_mutation_that_no_longer_matches_says_so(tmp_path: Path) -> None:
-    (tmp_path / "client").mkdir()
-    (tmp_path / "client" / "liveness.py").write_text("# the code moved on\n")
+    (tmp_path / "client" / "transport").mkdir(parents=True)
+    (tmp_path / "client" / "transport" / "liveness.py").write_text("# the code moved on\n")
     with pytest.raises(NoLongerApplies):
         apply(tmp_path, MUTATIONS["3"])

@@ -1,0 +1,574 @@
+"""One pass over one local path: look at it, and send what makes the remote match.
+
+The planner decides (`lsync.client.remote.planner.plan_path` from what an lstat saw and what
+the model holds, `plan_content` once a file is read); `PathPasses` does the looking (at the
+local side: `LocalInputs`), reading and sending (on the target's remote side:
+lsync.client.remote.remoteside) for the engine (lsync.client.remote.engine), one path at a
+time. Every pass ends in the queue as done, deferred, retried later or failed. Promises kept
+here: nothing is read through a symlinked directory; a file is sent only as a consistent
+snapshot (or not at all); what lsync did not make is never deleted (a directory holding such
+files is kept, and renamed along with its contents when it moved); and before any delete the
+local root is checked: a vanished or suddenly empty root raises `SafetyStop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lsync.client.errors import SafetyStop
+from lsync.client.local.hashcache import HashCache
+from lsync.client.local.ignore import IgnoreRules
+from lsync.client.local.localside import SharedReads
+from lsync.client.local.scanner import (
+    LocalEntry,
+    NotRegularFileError,
+    ScanError,
+    UnstableFileError,
+    lstat_confined,
+    read_file_stable,
+    scan_tree,
+)
+from lsync.client.remote import planner
+from lsync.client.remote.delta import Signature, signature
+from lsync.client.remote.model import DIR, FILE, LINK, RemoteEntry
+from lsync.client.remote.pathqueue import PathRecord
+from lsync.client.remote.planner import Content, Step
+from lsync.client.remote.remoteside import RemoteSide
+from lsync.client.remote.sender import (
+    BATCH_FILE_MAX,
+    SIGN_MIN,
+    Ahead,
+    Prepared,
+    content_messages,
+    delta_message,
+    pieces_of,
+    prepared_of,
+    still_current,
+)
+from lsync.client.remote.window import InFlight, Op
+from lsync.client.transport.outbox import BATCH_BYTES
+from lsync.protocol import messages as m
+from lsync.protocol.paths import relpath_problem
+
+UNSTABLE_RETRY = 0.05
+RELEARN_HASH_BATCH = 2000  # files per HashPaths when the agent is asked about refused paths
+RELEARN_MAX = 2000  # other refused paths' owners asked about in the same round trip
+LANE_WAIT = 0.01  # a pass waits this long (again) while data-lane writes below it fly
+FAST_LANE = 1  # the data lane of single saves; batches take the others in turn
+DELETE_WAIT = 0.01  # a delete waits this long (again) while the watcher has undelivered events
+SETTLE_SIZE = 1 << 20  # without close-write events, files this big wait to be still
+SETTLE = 0.02
+SETTLE_MAX = 1.0  # a file written all the time is sent anyway, this long after its change
+NEW_FILE_SETTLE_SIZE = 256 << 10
+NEW_FILE_SETTLE = 0.05
+MAX_FILE = 1 << 30  # files are read whole into memory; bigger ones are reported
+BULK_QUEUE = 100  # more queued paths than this: compress for speed, batch small files
+RENAME_MATCH = 0.5  # share of a vanished directory's files a new one must hold to be its move
+PARENT_WAIT = 0.005  # a path whose parent is not a known directory remotely waits this long
+_GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})  # lstat: no such path any more
+OFF_LOOP = 1 << 20  # reading, hashing, delta-encoding or compressing this many bytes or more
+# happens in a worker thread: the event loop keeps answering replies, pings, the watcher
+# and the control socket meanwhile
+
+_T = TypeVar("_T")
+
+
+async def _off_loop(size: int, work: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """`work(*args, **kwargs)`, in a worker thread when it handles `size` >= OFF_LOOP bytes
+    (smaller work costs less than the hand-off)."""
+    if size < OFF_LOOP:
+        return work(*args, **kwargs)
+    return await asyncio.to_thread(work, *args, **kwargs)
+
+
+class Outcome(enum.Enum):
+    """How a pass over one path ended, for the queue."""
+
+    DONE = "done"  # sent what was needed (or nothing was): done once acknowledged
+    RETRY = "retry"  # the queue holds it for a retry the pass has scheduled
+    DEFERRED = "deferred"  # put back behind the paths queued (the queue knows)
+    FAILED = "failed"  # failed and reported; retried with backoff (the queue knows)
+
+
+@dataclass(frozen=True)
+class LocalInputs:
+    """What the passes of one target read of the local side (lsync.client.local.localside)."""
+
+    root: Path
+    rules: IgnoreRules
+    cache: HashCache
+    # Wall time (ns) before which the watcher has delivered every local change.
+    seen_until: Callable[[], int]
+    close_events: bool  # the watcher reports when writers close files
+    reads: SharedReads | None  # reads shared with the other targets' engines
+
+
+class PathPasses:
+    """One pass over one path at a time, for one target: looks at the local side
+    (`local`) and makes that target's remote side (`side`) match (see the module
+    docstring)."""
+
+    def __init__(self, side: RemoteSide, local: LocalInputs) -> None:
+        self.side = side
+        self.local = local
+        self.bursting = False  # many paths were queued, and the queue has not run dry since
+        self._urgent = False  # the pass under way is over an urgent path
+        self._bulk_turn = 0  # which bulk lane batches go to now
+        self._bulk_bytes = 0  # content sent on it since it took its turn
+
+    async def reconcile(self, path: str, record: PathRecord,
+                         ahead: Ahead | None) -> Outcome:
+        unsure = self.side.unsure.get(path)
+        if unsure:
+            near = self._flying_near()
+            if any(near(p) for p in unsure):
+                # What the agent would list may not be what those operations leave.
+                self.side.queue.retry(path, self.side.clock(), LANE_WAIT)
+                return Outcome.RETRY
+            await self._relearn(path, near)
+        if path == "":
+            self.check_root()
+            self._reconcile_listing("", record.since)
+            return Outcome.DONE
+        if relpath_problem(path):
+            return Outcome.DONE
+        self.side.skipped.pop(path, None)  # (skipped again below if it still is too big)
+        self._urgent = record.urgent  # what the pass marks inherits it
+        wall_now = time.time_ns()
+        try:
+            # Never through a symlink: a directory swapped for a link hides what is below.
+            found = lstat_confined(self.local.root, path)
+        except OSError as exc:
+            return self._cannot_read(path, exc.strerror or str(exc))
+        st, target = found if found is not None else (None, None)
+        remote = self.side.model.get(path)
+        seen = self._seen(path, st, target)
+        plan = planner.plan_path(seen, remote, watcher_behind=self.local.seen_until() < wall_now,
+                                 others_queued=bool(self.side.queue.queued),
+                                 deferred=record.deferred)
+        since = record.since
+        step = plan.step
+        if step in (Step.DIR, Step.LINK, Step.READ) and not self._parent_ready(path):
+            self.side.queue.retry(path, self.side.clock(), PARENT_WAIT)  # its parent goes first
+            return Outcome.RETRY
+        if step in (Step.REMOVE, Step.DIR, Step.LINK) and self.side.window.side_busy(path):
+            # Main-stream operations on it would not wait for the data lanes' writes.
+            self.side.queue.retry(path, self.side.clock(), LANE_WAIT)
+            return Outcome.RETRY
+        if step is Step.NOTHING:
+            if seen.kind is None:
+                self.local.rules.forget(path)
+            elif remote is not None and seen.kind == LINK:
+                remote.owned = True  # verified equal
+        elif step is Step.FORGET:
+            self.side.model.drop_tree(path)  # ignored now: leave the remote copy alone
+        elif step is Step.WAIT:
+            self.side.queue.retry(path, self.side.clock(), DELETE_WAIT)
+            return Outcome.RETRY
+        elif step is Step.DEFER:
+            self.side.queue.defer(path)
+            return Outcome.DEFERRED
+        elif step is Step.REMOVE:
+            self.local.rules.forget(path)
+            self._remove(path, path, since)
+        elif step is Step.DIR:
+            await self._make_dir(path, plan, seen.mode, since)
+        elif step is Step.LINK:
+            if plan.remove_first:
+                self._set_aside(path, since)
+            assert plan.target is not None
+            self.side.submit(m.Symlink(self.side.link.next_seq(), path, plan.target),
+                             InFlight(path, Op.SYMLINK, path, since))
+            self.side.model.put(path, RemoteEntry(LINK, 0, target=plan.target, owned=True))
+        elif step is Step.READ:
+            assert st is not None
+            return await self._sync_file(path, st, since, ahead, record.urgent)
+        return Outcome.DONE
+
+    def _flying_near(self) -> Callable[[str], bool]:
+        """A test of whether an unanswered operation touches a path, a path below it, or a
+        directory above it (as things are now)."""
+        flying: set[str] = set()
+        holding: set[str] = set()  # directories with operations in flight below them
+        for flight in self.side.window.flights.values():
+            for touched in (flight.target, flight.src):
+                if touched:
+                    flying.add(touched)
+                    holding.update(_ancestors(touched))
+
+        def near(path: str) -> bool:
+            return path in flying or path in holding or any(
+                parent in flying for parent in _ancestors(path))
+        return near
+
+    async def _relearn(self, path: str, near: Callable[[str], bool]) -> None:
+        """Ask the agent what is at the remote paths `path`'s pass had refused, and below
+        them, and let the model say exactly that (a refused operation left it a guess: a
+        refused delete's entry was put back, but not over what the same pass sent after
+        it; a refused mkdir forgot what was below). The other refused paths with nothing
+        in flight near them are asked about in the same round trip (after a read-only
+        spell, a thousand paths retry at once: one round trip each was minutes)."""
+        others = [o for o, paths in self.side.unsure.items()
+                  if o != path and not any(near(p) for p in paths)]
+        owners = [path, *others[:RELEARN_MAX]]
+        asked: set[str] = set()
+        for owner in owners:
+            asked.update(p for p in self.side.unsure.pop(owner) if p)
+        tops = sorted(p for p in asked if not any(
+            parent in asked for parent in _ancestors(p)))
+        listings = await asyncio.gather(*(self._listing(top) for top in tops))
+        need: list[tuple[str, RemoteEntry | None]] = []
+        for top, entries in zip(tops, listings, strict=True):
+            need += planner.relearn(self.side.model, top, entries, self.local.rules.is_ignored)
+        parts = [need[i:i + RELEARN_HASH_BATCH] for i in range(0, len(need),
+                                                               RELEARN_HASH_BATCH)]
+        answers = await asyncio.gather(*(self.side.link.hash_paths([p for p, _ in part])
+                                         for part in parts))
+        for part, digests in zip(parts, answers, strict=True):
+            for (file, old), digest in zip(part, digests, strict=True):
+                planner.relearned_digest(self.side.model, file, digest, old)
+
+    async def _listing(self, top: str) -> list[list[Any]]:
+        return [entry async for batch in self.side.link.list_tree(top) for entry in batch]
+
+    def _parent_ready(self, path: str) -> bool:
+        """Whether the remote holds `path`'s parent as a directory that lsync knows; if
+        not, the parent is queued (the agent would otherwise make it behind the model's
+        back, or refuse a path below a file or link)."""
+        parent = path.rpartition("/")[0]
+        if not parent:
+            return True
+        entry = self.side.model.get(parent)
+        if entry is not None and entry.kind == DIR:
+            return True
+        self.side.mark_dirty([parent], hint=False, urgent=self._urgent)
+        return False
+
+    def _seen(self, path: str, st: os.stat_result | None,
+              target: str | None) -> planner.Seen:
+        if st is None:
+            return planner.Seen(None)
+        mode = st.st_mode
+        if self.local.rules.is_ignored(path, stat.S_ISDIR(mode)):
+            return planner.Seen("", ignored=True)
+        if stat.S_ISDIR(mode):
+            return planner.Seen(DIR, stat.S_IMODE(mode))
+        if stat.S_ISLNK(mode):
+            return planner.Seen(LINK, target=target)
+        if stat.S_ISREG(mode):
+            return planner.Seen(FILE, stat.S_IMODE(mode),
+                                cached_digest=self.local.cache.lookup(path, st))
+        return planner.Seen("")
+
+    def _cannot_read(self, path: str, why: str) -> Outcome:
+        reason = f"cannot read: {why}"
+        self.side.queue.fail(path, self.side.clock(), reason, own_pass=True)
+        self.side.reporter.failed(path, reason)
+        return Outcome.FAILED
+
+    async def _make_dir(self, path: str, plan: planner.Plan, mode: int, since: float) -> None:
+        if plan.remove_first:
+            self._remove(path, path, since)
+        source = await self._moved_here(path) if plan.may_be_moved else None
+        if source is not None:
+            # A directory moved (seen as delete + add): rename it remotely, build outputs
+            # and all, then let the listing below fix whatever differs inside.
+            self.side.submit(m.Rename(self.side.link.next_seq(), source, path),
+                             InFlight(path, Op.RENAME, path, since, src=source))
+            self.side.model.move_tree(source, path)
+            # Everything that moved is looked at (a file changed just before the move was
+            # reported under its old path).
+            self.side.mark_dirty(list(self.side.model.descendants(path)), since, hint=False,
+                                 urgent=self._urgent)
+        if planner.needs_mkdir(self.side.model.get(path), mode):
+            self.side.submit(m.Mkdir(self.side.link.next_seq(), path, mode),
+                             InFlight(path, Op.MKDIR, path, since))
+            self.side.model.put(path, RemoteEntry(DIR, mode, owned=True))
+        self._reconcile_listing(path, since)
+
+    async def _moved_here(self, path: str) -> str | None:
+        """A queued directory, gone locally, whose files the new directory `path` holds."""
+        candidates = self._move_sources(path)
+        if not candidates:
+            return None
+        try:
+            # (A moved-in tree may be big: it is listed and hashed in a worker thread.)
+            local = await asyncio.to_thread(scan_tree, self.local.root, self.local.rules,
+                                            self.local.cache, subdir=path,
+                                            on_error=lambda rel, exc: None)
+        except OSError:
+            return None
+        candidates = [p for p in self._move_sources(path) if p in candidates]
+        if not candidates:  # (replies and events came meanwhile)
+            return None
+        cut = len(path) + 1
+        here = {rel[cut:]: e.digest for rel, e in local.items() if e.kind == "file"}
+        return planner.moved_from(here, candidates, self.side.model, RENAME_MATCH)
+
+    def _move_sources(self, path: str) -> list[str]:
+        """The directories the new directory `path` may have been moved from: queued,
+        owned remote directories that are gone locally and have no data-lane writes in
+        flight (only the queued directories are looked at, never the whole queue)."""
+        self.side.queued_dirs = {p for p in self.side.queued_dirs if p in self.side.queue}
+        return [p for p in self.side.queued_dirs
+                if p != path and not p.startswith(path + "/")
+                and not self.side.window.side_busy(p)
+                and (e := self.side.model.get(p)) is not None and e.kind == DIR and e.owned
+                and not os.path.lexists(self.local.root / p)]
+
+    def _reconcile_listing(self, path: str, since: float) -> None:
+        """Queue the children of a directory the watcher reported (moved in, swapped, its
+        mode changed) or that lsync made: each is looked at (cheaply, when unchanged)."""
+        local_children: set[str] = set()
+        try:
+            with os.scandir(self.local.root / path if path else self.local.root) as listing:
+                for item in listing:
+                    child = f"{path}/{item.name}" if path else item.name
+                    if relpath_problem(child):
+                        continue
+                    if self.local.rules.is_ignored(child, item.is_dir(follow_symlinks=False)):
+                        continue
+                    local_children.add(child)
+        except OSError:
+            return
+        # Every child, not only those on one side: a directory moved in, or swapped for
+        # another under the same name, holds other files under the same names.
+        self.side.mark_dirty(sorted(local_children | self.side.model.child_names(path)), since,
+                             hint=False, urgent=self._urgent)
+
+    async def _sync_file(self, path: str, st: os.stat_result, since: float,
+                         ahead: Ahead | None, urgent: bool = False) -> Outcome:
+        remote = self.side.model.get(path)
+        old_size = remote.size if remote is not None and remote.kind == FILE else 0
+        settle = 0.0
+        if not self.local.close_events and max(st.st_size, old_size) >= SETTLE_SIZE:
+            # No close events from this watcher: a big file written in place may be caught
+            # between the truncate and the last write.
+            settle = SETTLE
+        if remote is None and st.st_size >= NEW_FILE_SETTLE_SIZE:
+            # A big new file just written is likely an editor's temporary file about to be
+            # renamed over its target: give the rename a moment (the target then travels
+            # as a delta, and the temporary file not at all).
+            settle = max(settle, NEW_FILE_SETTLE)
+        quiet = (time.time_ns() - st.st_mtime_ns) / 1e9
+        if 0 <= quiet < settle and self.side.clock() - since < SETTLE_MAX:
+            # (until still, or SETTLE_MAX)
+            self.side.queue.retry(path, self.side.clock(), settle - quiet)
+            return Outcome.RETRY
+        if st.st_size > MAX_FILE:
+            return self._skip_too_big(path, st)
+        prepared = None
+        if ahead is not None:
+            prepared = still_current(await prepared_of(ahead), st)
+        if prepared is not None:
+            content, entry = prepared.content, prepared.entry
+        else:
+            try:
+                content, entry = await self._read(path, st)
+            except (UnstableFileError, FileNotFoundError, NotRegularFileError):
+                # Changing, gone, or no longer a file: look again soon.
+                self.side.queue.retry(path, self.side.clock(), UNSTABLE_RETRY)
+                return Outcome.RETRY
+            except (OSError, ScanError) as exc:
+                return self._cannot_read(path, str(getattr(exc, "strerror", None) or exc))
+        digest, mode = entry.digest, entry.mode
+        assert digest is not None  # read_file_stable hashes what it read
+        plan = planner.plan_content(path, digest, mode, self.side.model)
+        if plan.action is Content.COPY and self.side.window.side_busy(plan.source):
+            plan = planner.ContentPlan(Content.SEND, plan.remove_first)  # not written yet
+        needs_main = plan.remove_first or plan.action in (Content.SET_MODE, Content.COPY)
+        if needs_main and self.side.window.side_busy(path):
+            self.side.queue.retry(path, self.side.clock(), LANE_WAIT)  # after its data-lane writes
+            return Outcome.RETRY
+        remote = self.side.model.get(path)
+        if plan.action is Content.SAME or plan.action is Content.SET_MODE:
+            assert remote is not None
+            if plan.action is Content.SET_MODE:
+                self.side.submit(m.SetMode(self.side.link.next_seq(), path, mode),
+                                 InFlight(path, Op.SET_MODE, path, since))
+                remote.mode = mode
+            remote.owned = True
+            return Outcome.DONE
+        if plan.remove_first:
+            self._set_aside(path, since)
+            remote = None
+        if plan.action is Content.COPY:
+            # The remote already has this content (a copy, or a move seen as add + delete
+            # whose delete is still queued behind this): copy it there, send no content.
+            source = self.side.model.get(plan.source)
+            self.side.submit(m.Copy(self.side.link.next_seq(), plan.source, path, mode, digest),
+                             InFlight(path, Op.COPY, path, since, src=plan.source))
+            self.side.model.put(path, RemoteEntry(FILE, mode, digest, owned=True, size=len(content),
+                                                  signature=source.signature if source else None))
+            return Outcome.DONE
+        new_signature = await self._send_content(path, content, mode, digest, remote, since,
+                                                 prepared, urgent)
+        self.side.model.put(path, RemoteEntry(FILE, mode, digest, owned=True, size=len(content),
+                                              signature=new_signature))
+        if self.side.queue.queued <= BULK_QUEUE or urgent:
+            # A file saved on its own is likely to be saved again soon: keep it as the base
+            # of the next delta. Files of a burst are not (and would only evict those).
+            self.side.recent.remember(path, digest, content)
+        return Outcome.DONE
+
+    def _skip_too_big(self, path: str, st: os.stat_result) -> Outcome:
+        """A file lsync cannot send (it reads files whole): reported once per version and
+        left alone, not failed — a failure would be retried for ever and keep every
+        in-sync report away. It is looked at again when it changes; convergence checks
+        pass over it while it stays this version (`skipped`); status lists it."""
+        self.side.skipped[path] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        self.side.reporter.note(f"skipped {path}: {st.st_size} bytes, more than the "
+                                f"{MAX_FILE} that lsync reads into memory; not synced (the "
+                                "remote keeps whatever it has there)")
+        return Outcome.DONE
+
+    async def _read(self, path: str, st: os.stat_result) -> tuple[bytes, LocalEntry]:
+        """The file as of `st` (once for every target: lsync.client.local.localside)."""
+        def read() -> Awaitable[tuple[bytes, LocalEntry]]:
+            return _off_loop(st.st_size, read_file_stable, self.local.root, path, self.local.cache,
+                             limit=MAX_FILE)
+
+        reads = self.local.reads
+        if reads is None:
+            return await read()
+        content, entry = await reads.read(path, st, read)
+        if entry.digest is not None and entry.local_key == (st.st_ino, st.st_size,
+                                                             st.st_mtime_ns, st.st_ctime_ns):
+            reads.note(self.local.cache, path, st, entry.digest)  # (for the check after)
+        return content, entry
+
+    async def _send_content(self, path: str, content: bytes, mode: int, digest: bytes,
+                            remote: RemoteEntry | None, since: float,
+                            prepared: Prepared | None, urgent: bool = False
+                            ) -> Signature | None:
+        """Send the new content as a delta against the remote version when that is smaller
+        (and fits in a frame), else whole in chunks or in a batch; returns the new version's
+        signature (None for a small file of a burst: not worth its time and memory)."""
+        seq = self.side.link.next_seq()
+        if (remote is not None and remote.kind == FILE and remote.digest is not None
+                and remote.signature is not None):
+            base = self.side.recent.get(path, remote.digest)
+            delta, new_signature = await _off_loop(
+                len(content), delta_message, seq, path, mode, remote.digest,
+                remote.signature, content, digest, base, self.side.packing.zstd)
+            if delta is not None:
+                lane = self.side.window.lane_for(path, self._save_lane())
+                self.side.submit(delta, InFlight(path, Op.WRITE, path, since,
+                                                 nbytes=len(content), wire=len(delta.delta),
+                                                 lane=lane))
+                await self.side.link.drain(lane)
+                return new_signature
+        # (A burst lasts until the queue runs dry: its tail is batched too. A save made
+        # meanwhile is not part of it.)
+        self.bursting = self.bursting or self.side.queue.queued > BULK_QUEUE
+        burst = self.bursting and not urgent
+        if burst and len(content) <= BATCH_FILE_MAX:
+            # One of many new files: it travels with its neighbours in one compressed batch,
+            # and unsigned when small (its first edit is sent whole; bigger ones are
+            # signed here or, once in sync, by the engine).
+            lane = self.side.window.lane_for(path, self._bulk_lane(len(content)))
+            self.side.submit_batched(seq, path, mode, content,
+                                     InFlight(path, Op.WRITE, path, since, nbytes=len(content),
+                                              wire=len(content), lane=lane))
+            await self.side.link.drain(lane, self.side.urgent_work)  # a save need not wait for it
+            if len(content) < SIGN_MIN:
+                return None
+            return prepared.signature if prepared and prepared.signature else signature(content)
+        if prepared is not None and prepared.signature is not None:
+            new_signature = prepared.signature
+        else:
+            new_signature = await _off_loop(len(content), signature, content)
+        packer = self.side.packing.packer(burst=burst)
+        if prepared is not None and prepared.packer == packer and prepared.pieces is not None:
+            pieces = prepared.pieces
+        else:
+            pieces = await _off_loop(len(content), pieces_of, content, packer)
+        messages = content_messages(seq, path, mode, pieces)
+        wire = sum(len(data) for data, _ in pieces)
+        # A save in one message takes the fast lane; bigger files, and big files of a
+        # burst, the main stream (see Window.lane_for for when neither may).
+        lane = self.side.window.lane_for(path, 0 if burst or len(messages) > 1
+                                         else self._save_lane())
+        self.side.submit(messages[0], InFlight(path, Op.WRITE, path, since, nbytes=len(content),
+                                               wire=wire, lane=lane))
+        await self.side.link.drain(lane)
+        for message in messages[1:]:
+            self.side.link.send_on(message, lane)
+            await self.side.link.drain(lane)
+        return new_signature
+
+    def _save_lane(self) -> int:
+        return FAST_LANE if self.side.link.lanes >= FAST_LANE else 0
+
+    def _bulk_lane(self, size: int) -> int:
+        """The data lane of the next batched file: the lanes after the fast one, in turn,
+        a batch's worth of content each (main when there are none)."""
+        bulk = self.side.link.lanes - FAST_LANE
+        if bulk <= 0:
+            return 0
+        self._bulk_bytes += size
+        if self._bulk_bytes >= BATCH_BYTES:
+            self._bulk_bytes = 0
+            self._bulk_turn += 1
+        return FAST_LANE + 1 + self._bulk_turn % bulk
+
+    def _remove(self, owner: str, path: str, since: float) -> None:
+        """Delete what lsync owns at and below `path`; the rest stays (and is forgotten)."""
+        self.check_root()
+        for below in [*self.side.model.descendants(path), path]:
+            entry = self.side.model.get(below)
+            if entry is None:
+                continue
+            if entry.owned or self.side.delete_extra:
+                self.side.submit(m.Delete(self.side.link.next_seq(), below),
+                                 InFlight(owner, Op.DELETE, below, since, dropped=entry))
+            self.side.model.drop(below)
+
+    def _set_aside(self, path: str, since: float) -> None:
+        """Make room for a file or link where the remote has a directory: delete what lsync
+        owns below it, then move the directory aside (`PATH.lsync-kept-N`) and delete it
+        there, which removes it when nothing is left and keeps it, with the build outputs
+        lsync did not make, when something is (the agent says so, and it is reported)."""
+        self.check_root()
+        for below in list(self.side.model.descendants(path)):
+            entry = self.side.model.get(below)
+            if entry is not None and (entry.owned or self.side.delete_extra):
+                self.side.submit(m.Delete(self.side.link.next_seq(), below),
+                                 InFlight(path, Op.DELETE, below, since, dropped=entry))
+            self.side.model.drop(below)
+        aside = f"{path}.lsync-kept-{time.time_ns() % 10**9}"
+        self.side.submit(m.Rename(self.side.link.next_seq(), path, aside),
+                         InFlight(path, Op.RENAME, aside, since, src=path))
+        self.side.submit(m.Delete(self.side.link.next_seq(), aside),
+                         InFlight(path, Op.DELETE, aside, since))
+        self.side.model.drop(path)
+
+    def check_root(self) -> None:
+        if not self.local.root.is_dir():
+            raise SafetyStop(f"the local tree {self.local.root} has disappeared; stopped without "
+                             "deleting anything on the remote")
+        try:
+            with os.scandir(self.local.root) as listing:
+                empty = next(iter(listing), None) is None
+        except OSError as exc:
+            raise SafetyStop(f"the local tree {self.local.root} cannot be read ({exc.strerror}); "
+                             "stopped without deleting anything on the remote") from None
+        if empty and self.side.model.owned_count():
+            raise SafetyStop(f"the local tree {self.local.root} is suddenly empty (an unmounted "
+                             "disk?); stopped without deleting anything on the remote")
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    parent = path.rpartition("/")[0]
+    while parent:
+        yield parent
+        parent = parent.rpartition("/")[0]

@@ -1,0 +1,310 @@
+"""Opening the one SSH connection and starting the agent on it.
+
+`connect` honours ~/.ssh/config (or the files given with -F): Host aliases, HostName,
+User, Port, IdentityFile, ProxyJump, UserKnownHostsFile; it uses the ssh agent and verifies
+the host key against known_hosts. An unknown key is refused unless the user asked to accept
+a new key on first use, in which case it is appended to the user's known_hosts; a changed
+key, and a key marked @revoked, are always refused; `UserKnownHostsFile none` means no key
+is known (every key is unknown), never "do not verify". Channel windows are sized so that a
+long link is not window-bound.
+
+Authentication takes two round trips fewer than asyncssh's default (issue 10; see
+`_shorten_auth`): no `none` probe when public-key auth comes first anyway, and the signed
+request straight away, without asking first whether the server would take the key, for
+keys held in this process (key files). RFC 4252 allows both; a refused key costs one round
+trip, as the question did, and the next key or method is tried as before.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+from asyncssh.packet import Boolean, String
+
+from lsync.client.errors import ConnectError, HostKeyError
+from lsync.client.target import Target as Target  # (re-exported: callers say ssh.Target)
+from lsync.client.transport.bootstrap import MAX_INITIAL, remote_command
+from lsync.client.transport.streams import SshAgentStream
+
+# 64 MiB: at 300 ms round trip one channel then carries > 200 MiB/s before its window stalls.
+CHANNEL_WINDOW = 64 << 20
+_DEFAULT_CIPHERS = list(asyncssh.encryption.get_default_encryption_algs())
+MAX_PACKET = 256 << 10
+
+
+# -- shorter authentication -------------------------------------------------------------------
+#
+# asyncssh starts with a `none` request (to learn the server's methods), then for each key asks
+# whether the server would accept it (publickey without signature, answered PK_OK) before
+# sending the signed request: three round trips where one does. There is no option for either,
+# so the two shortcuts below reach into asyncssh; each checks that it finds what it expects and
+# otherwise leaves asyncssh's own behaviour untouched (tests/test_e2e_handshake.py counts the
+# requests, so an asyncssh that changes underneath shows up there).
+
+try:
+    from asyncssh.auth import _ClientPublicKeyAuth as _PublicKeyAuth
+except ImportError:  # pragma: no cover - another asyncssh: keep its handshake
+    _PublicKeyAuth = None  # type: ignore[assignment,misc]
+
+_SIGNED_FIRST_USABLE = _PublicKeyAuth is not None and all(
+    callable(getattr(_PublicKeyAuth, name, None))
+    for name in ("_start", "_send_signed_request", "send_request"))
+
+# Methods asyncssh may prefer to publickey, and how to tell that this connection cannot use
+# them (then publickey is what it would try first once the `none` probe answered).
+_UNUSABLE_BEFORE_PUBLICKEY: dict[bytes, Callable[[Any], bool]] = {
+    b"gssapi-keyex": lambda conn: conn._gss is None,
+    b"gssapi-with-mic": lambda conn: conn._gss is None,
+    b"hostbased": lambda conn: not (conn._host_based_auth and conn._client_host_keys),
+}
+
+
+def _signs_unasked(keypair: Any) -> bool:
+    """Whether to send the signed request for `keypair` without asking first: only for keys
+    whose private half is in this process. An agent (or a PKCS#11 token) may ask the user to
+    confirm or touch for every signature, and should not be asked for a key the server then
+    refuses; so may a security key (`sk-*`) even when its handle is in a file."""
+    try:
+        return bool(keypair.get_key_type() == "local"
+                    and b"sk-" not in bytes(keypair.algorithm))
+    except (AttributeError, TypeError):
+        return False
+
+
+if _SIGNED_FIRST_USABLE:
+    class _SignedFirstPublicKeyAuth(_PublicKeyAuth):
+        """asyncssh's public-key auth, with the question "would you take this key?" replaced
+        by the signed request itself for `_signs_unasked` keys. A refusal comes back as the
+        same USERAUTH_FAILURE the question would have had, and asyncssh moves on to the next
+        key or method as usual; an accepted key saves the round trip of PK_OK."""
+
+        async def send_request(self, *args: bytes, key: Any = None,
+                               trivial: bool = True) -> None:
+            keypair = getattr(self, "_keypair", None)
+            if (key is None and keypair is not None and _signs_unasked(keypair)
+                    and args == (Boolean(False), String(keypair.algorithm),
+                                 String(keypair.public_data))):
+                await self._send_signed_request()
+                return
+            await super().send_request(*args, key=key, trivial=trivial)
+
+
+def _publickey_comes_first(conn: Any) -> bool:
+    """Whether asyncssh, after the `none` probe, would try publickey before anything else."""
+    preferred = list(conn._preferred_auth)
+    if b"publickey" not in preferred or not conn._public_key_auth:
+        return False
+    return all(method in _UNUSABLE_BEFORE_PUBLICKEY and _UNUSABLE_BEFORE_PUBLICKEY[method](conn)
+               for method in preferred[:preferred.index(b"publickey")])
+
+
+def _shorten_auth(conn: Any) -> None:
+    """Just before asyncssh begins authenticating `conn`: start with publickey instead of the
+    `none` probe, and let key-file keys go signed at once.
+
+    The method list becomes [publickey, none]: the server's first USERAUTH_FAILURE replaces
+    it with the methods the server offers (in the client's preferred order), exactly as the
+    answer to `none` would have, and when there is no key to offer at all, asyncssh moves on
+    to `none` and everything continues as without the shortcut. As long as `none` has not been
+    tried, it stays last in the list (a server may accept it, as OpenSSH does for an account
+    with an empty password and PermitEmptyPasswords): whatever authenticated before still does.
+    Does nothing unless asyncssh's internals look as expected (asyncssh 2.x: `_auth_methods` is
+    [b"none"] at this point, and `try_next_auth` starts `_auth_methods[0]`)."""
+    try:
+        if conn._auth_methods != [b"none"] or conn._auth is not None:
+            return
+        none_skipped = _publickey_comes_first(conn)
+        original = conn.try_next_auth
+    except (AttributeError, TypeError):
+        return
+    if none_skipped:
+        conn._auth_methods = [b"publickey", b"none"]
+
+    def try_next_auth(*, next_method: bool = False) -> None:
+        nonlocal none_skipped
+        methods = conn._auth_methods
+        if none_skipped and b"none" not in methods:
+            methods.append(b"none")
+        original(next_method=next_method)
+        auth = conn._auth
+        if auth is not None and conn._auth_methods[:1] == [b"none"]:
+            none_skipped = False  # `none` is being tried now: asyncssh's own sequence again
+        # The new auth's task has not started yet: its requests go through the subclass.
+        if _SIGNED_FIRST_USABLE and type(auth) is _PublicKeyAuth:
+            auth.__class__ = _SignedFirstPublicKeyAuth
+
+    conn.try_next_auth = try_next_auth
+
+
+class _TofuClient(asyncssh.SSHClient):
+    """Accepts a host key only when asked to and the host has no key on record at all; and
+    shortens authentication (`_shorten_auth`)."""
+
+    def __init__(self, accept_new: bool, known_hosts_files: list[str]) -> None:
+        self.accept_new = accept_new
+        self.known_hosts_files = known_hosts_files
+        self.accepted: tuple[str, int, asyncssh.SSHKey] | None = None
+        self.rejected_reason = ""
+        self.conn: asyncssh.SSHClientConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        self.conn = conn
+
+    def begin_auth(self, username: str) -> None:
+        if self.conn is not None:
+            _shorten_auth(self.conn)
+
+    def validate_host_public_key(self, host: str, addr: str, port: int,
+                                 key: asyncssh.SSHKey) -> bool:
+        if _is_revoked(self.known_hosts_files, host, addr, port, key):
+            self.rejected_reason = (
+                f"the host key of {host} ({key.get_fingerprint()}) is marked @revoked in "
+                "known_hosts; refusing to connect.")
+            return False
+        if _host_has_keys(self.known_hosts_files, host, addr, port):
+            self.rejected_reason = (
+                f"the host key of {host} has CHANGED (it is not the one in known_hosts); "
+                "refusing to connect. If the change is expected, remove the old key with "
+                f"`ssh-keygen -R {host}`.")
+            return False
+        if not self.accept_new:
+            self.rejected_reason = (
+                f"the host key of {host} is unknown ({key.get_fingerprint()}); refusing to "
+                "connect. Connect once with ssh to check and record it, or pass "
+                "--accept-new-host-key to trust it on first use.")
+            return False
+        self.accepted = (host, port, key)
+        return True
+
+
+def _matches(files: list[str], host: str, addr: str, port: int | None) -> list[Any]:
+    """asyncssh's known_hosts match for each readable file in `files`."""
+    found = []
+    for name in files:
+        path = Path(name).expanduser()
+        if not path.exists():
+            continue
+        try:
+            known = asyncssh.read_known_hosts(str(path))
+        except (OSError, ValueError):
+            continue
+        found.append(known.match(host, addr, port))
+    return found
+
+
+def _no_known_keys(host: str, addr: str, port: int | None) -> tuple[list[Any], ...]:
+    """known_hosts as a callable that knows no key (asyncssh then asks the client)."""
+    return [], [], []
+
+
+def _host_has_keys(files: list[str], host: str, addr: str, port: int) -> bool:
+    return any(match[0] or match[1] for match in _matches(files, host, addr, port))
+
+
+def _is_revoked(files: list[str], host: str, addr: str, port: int,
+                key: asyncssh.SSHKey) -> bool:
+    """Whether known_hosts marks `key` @revoked for this host. (asyncssh's own lookup
+    drops the `[host]:port` entries when they hold only revoked keys and retries without the
+    port, so those entries are looked up here by their literal names too.)"""
+    wanted = key.export_public_key()
+    matches = _matches(files, host, addr, port)
+    if port and port != 22:
+        for name in {f"[{host}]:{port}", f"[{addr}]:{port}"}:
+            matches += _matches(files, name, "", None)
+    return any(revoked.export_public_key() == wanted
+               for match in matches for revoked in match[2])
+
+
+def _record_key(path: str, host: str, port: int, key: asyncssh.SSHKey) -> None:
+    name = host if port == 22 else f"[{host}]:{port}"
+    line = f"{name} {key.export_public_key().decode('ascii').strip()}\n"
+    target = Path(path).expanduser()
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(target, "a", encoding="ascii") as handle:
+        handle.write(line)
+
+
+def _known_hosts_files(options: asyncssh.SSHClientConnectionOptions) -> list[str]:
+    """The known_hosts files asyncssh will check: UserKnownHostsFile, else the default;
+    none at all for `UserKnownHostsFile none`."""
+    configured = getattr(options, "known_hosts", ())
+    if configured is None:
+        return []
+    if isinstance(configured, (list, tuple)) and configured and all(
+            isinstance(f, str) for f in configured):
+        return [os.path.expanduser(f) for f in configured]
+    return [os.path.expanduser("~/.ssh/known_hosts")]
+
+
+def _preferred_ciphers(configured: list[bytes]) -> list[str] | None:
+    """AES-GCM ahead of ChaCha20-Poly1305 where the CPU has AES instructions and the user
+    chose no ciphers (asyncssh's defaults): asyncssh spends less Python per packet on it,
+    and bulk transfers are thousands of packets. None: leave the choice as it is."""
+    if configured != _DEFAULT_CIPHERS or not _cpu_has_aes():
+        return None
+    first = [b"aes128-gcm@openssh.com", b"aes256-gcm@openssh.com"]
+    return [alg.decode("ascii") for alg in [*first, *(a for a in configured if a not in first)]]
+
+
+def _cpu_has_aes() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    return "aes" in line.split(":", 1)[-1].split()
+    except OSError:
+        pass
+    return False
+
+
+async def connect(target: Target, config_files: list[str] | None, accept_new: bool,
+                  connect_timeout: float = 30.0) -> asyncssh.SSHClientConnection:
+    assert target.host is not None
+    config: list[str] | tuple[()] = list(config_files) if config_files else ()
+    # SSH keepalives notice a dead TCP path even when the agent link is quiet.
+    kwargs: dict[str, Any] = {"config": config, "connect_timeout": connect_timeout,
+                              "keepalive_interval": 10, "keepalive_count_max": 3}
+    if target.user:
+        kwargs["username"] = target.user
+    try:
+        options = asyncssh.SSHClientConnectionOptions(host=target.host, **kwargs)
+        preferred = _preferred_ciphers(list(options.encryption_algs))
+        if preferred is not None:  # (built afresh: layering options would add keys twice)
+            options = asyncssh.SSHClientConnectionOptions(host=target.host, **kwargs,
+                                                          encryption_algs=preferred)
+    except (OSError, asyncssh.Error, ValueError) as exc:
+        raise ConnectError(f"cannot read the SSH configuration: {exc}") from None
+    known_files = _known_hosts_files(options)
+    if options.known_hosts is None:
+        # `UserKnownHostsFile none`: asyncssh would skip host-key checking altogether.
+        # OpenSSH still verifies (against no known key): so do we.
+        options = asyncssh.SSHClientConnectionOptions(options=options, known_hosts=_no_known_keys)
+    client = _TofuClient(accept_new, known_files)
+    try:
+        conn = await asyncssh.connect(target.host, options=options,
+                                      client_factory=lambda: client)
+    except asyncssh.HostKeyNotVerifiable as exc:
+        raise HostKeyError(client.rejected_reason or f"host key not verified: {exc}") from None
+    except asyncssh.PermissionDenied as exc:
+        raise ConnectError(f"SSH authentication to {target.host} failed: {exc}") from None
+    except (OSError, asyncssh.Error, TimeoutError) as exc:
+        raise ConnectError(f"cannot connect to {target.host}: {exc}") from None
+    if client.accepted is not None and known_files:
+        host, port, key = client.accepted
+        _record_key(known_files[0], host, port, key)
+    return conn
+
+
+async def start_agent(conn: asyncssh.SSHClientConnection, stream: SshAgentStream) -> None:
+    """Open the exec channel that runs the bootstrap loader and, through it, the agent.
+
+    Whatever was written to `stream` before this call travels inside the exec request.
+    """
+    try:
+        await stream.open(conn, remote_command, MAX_INITIAL, CHANNEL_WINDOW, MAX_PACKET)
+    except (OSError, asyncssh.Error) as exc:
+        raise ConnectError(f"cannot start the agent: {exc}") from None
