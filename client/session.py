@@ -48,8 +48,8 @@ from lsync.client.errors import (
 from lsync.client.local.hashcache import HashCache, default_cache_path
 from lsync.client.local.ignore import IndexChange
 from lsync.client.local.ignored import IgnoredTally
+from lsync.client.local.localentry import LocalEntry
 from lsync.client.local.localside import LocalSide
-from lsync.client.local.scanner import LocalEntry
 from lsync.client.local.watcher import (
     DEFAULT_DEBOUNCE_MS,
     DEFAULT_STEP_MS,

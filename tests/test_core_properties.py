@@ -63,10 +63,11 @@ from hypothesis import strategies as st
 
 import lsync.client.remote.passes as passes_module
 from lsync.client.errors import LinkBroken
-from lsync.client.local import scanner
+from lsync.client.local import scanner, stableread
 from lsync.client.local.hashcache import HashCache
 from lsync.client.local.ignore import IgnoreRules
-from lsync.client.local.scanner import LocalEntry, scan_tree
+from lsync.client.local.localentry import LocalEntry
+from lsync.client.local.scanner import scan_tree
 from lsync.client.local.watcher import WatchBatch
 from lsync.client.remote.checks import FULL_EVERY
 from lsync.client.remote.engine import SyncEngine
@@ -1072,7 +1073,7 @@ def test_engine_is_not_idle_while_a_file_is_being_read(
     read in a worker thread) keeps `wait_idle` from returning."""
     entered = threading.Event()
     release = threading.Event()
-    original = scanner.read_file_stable
+    original = stableread.read_file_stable
 
     def slow_read(root: Path, rel: str, cache: HashCache, *, limit: int = 1 << 30,
                   ) -> tuple[bytes, LocalEntry]:
@@ -1329,7 +1330,7 @@ def test_file_replaced_by_a_directory_while_being_read_is_looked_at_again(
     """Before 0fc9d6a: client/passes.py _sync_file: NotRegularFileError (the file became a
     directory or a link between the pass's lstat and its read) is reported as 'cannot read'
     and the path FAILED, where FileNotFoundError is looked at again; it is the same race."""
-    original = scanner.read_file_stable
+    original = stableread.read_file_stable
     raced: list[str] = []
 
     def racing_read(root: Path, rel: str, cache: HashCache, *, limit: int = 1 << 30,

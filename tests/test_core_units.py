@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from lsync.client.local.hashcache import HashCache
-from lsync.client.local.scanner import LocalEntry
+from lsync.client.local.localentry import LocalEntry
 from lsync.client.remote import planner
 from lsync.client.remote.checks import CheckSchedule, Due
 from lsync.client.remote.model import DIR, FILE, LINK, RemoteEntry, RemoteModel

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lsync.client.buildloop.pullrules import PullRules, PushRules
-from lsync.client.local import scanner
+from lsync.client.local import stableread
 from lsync.client.local.localside import LocalSide
 from lsync.client.session import Options, Session
 from lsync.client.target import Target
@@ -191,13 +191,13 @@ def test_a_save_to_two_targets_is_read_from_disk_once(
     """Once to send it (shared by both engines), and not again by either target's check of
     its directory afterwards (which found the digest of the version read)."""
     hashed: list[str] = []
-    real = scanner._read_stable
+    real = stableread._read_stable
 
     def counted(dir_fd: int, name: str, rel: str, *args: Any, **kwargs: Any) -> Any:
         hashed.append(rel)
         return real(dir_fd, name, rel, *args, **kwargs)
 
-    monkeypatch.setattr(scanner, "_read_stable", counted)
+    monkeypatch.setattr(stableread, "_read_stable", counted)
 
     async def scenario() -> None:
         pair = Pair(tmp_path, STEP_TIMEOUT)

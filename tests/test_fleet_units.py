@@ -25,8 +25,8 @@ from lsync.client.buildloop.control import (
 )
 from lsync.client.buildloop.fleetloop import FleetLoop, _Prefixer
 from lsync.client.fleet import FleetReporter
+from lsync.client.local.localentry import LocalEntry
 from lsync.client.local.localside import SharedReads
-from lsync.client.local.scanner import LocalEntry
 
 BOUND = 10.0  # seconds any wait of these tests may take
 
@@ -191,7 +191,7 @@ def test_a_scan_no_target_waits_for_any_more_is_stopped(
 
     from lsync.client.buildloop.pullrules import PullRules, PushRules
     from lsync.client.local import localside
-    from lsync.client.local.scanner import ScanStopped
+    from lsync.client.local.localentry import ScanStopped
 
     entered = threading.Event()
     stopped: list[bool] = []

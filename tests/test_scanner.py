@@ -20,20 +20,17 @@ import xxhash
 from lsync.client.local import hashcache as hashcache_module
 from lsync.client.local.hashcache import RACY_NS, HashCache, default_cache_path
 from lsync.client.local.ignore import IgnoreRules
-from lsync.client.local.scanner import (
-    ErrorHandler,
+from lsync.client.local.localentry import (
     FileTooLargeError,
     LocalEntry,
     NotRegularFileError,
     ScanError,
     ScanStopped,
-    StableFileReader,
     UnstableFileError,
-    read_file_stable,
-    scan_tree,
     shared_mode,
-    stat_path,
 )
+from lsync.client.local.scanner import ErrorHandler, scan_tree, stat_path
+from lsync.client.local.stableread import StableFileReader, read_file_stable
 
 
 def settled_clock() -> int:

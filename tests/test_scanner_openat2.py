@@ -23,14 +23,9 @@ import pytest
 from lsync.client.local import confined_open
 from lsync.client.local.hashcache import RACY_NS, HashCache
 from lsync.client.local.ignore import IgnoreRules
-from lsync.client.local.scanner import (
-    NotRegularFileError,
-    StableFileReader,
-    lstat_confined,
-    read_file_stable,
-    scan_dir,
-    stat_path,
-)
+from lsync.client.local.localentry import NotRegularFileError
+from lsync.client.local.scanner import lstat_confined, scan_dir, stat_path
+from lsync.client.local.stableread import StableFileReader, read_file_stable
 
 
 def new_cache() -> HashCache:

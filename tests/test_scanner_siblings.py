@@ -10,12 +10,8 @@ from pathlib import Path
 import pytest
 
 from lsync.client.local.hashcache import RACY_NS, HashCache
-from lsync.client.local.scanner import (
-    FileTooLargeError,
-    NotRegularFileError,
-    SiblingReader,
-    read_file_stable,
-)
+from lsync.client.local.localentry import FileTooLargeError, NotRegularFileError
+from lsync.client.local.stableread import SiblingReader, read_file_stable
 from lsync.client.remote.sender import ReadAhead
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from lsync.client.errors import internal_error
 from lsync.client.local.ignore import VCS_DIR, IgnoreRules, IndexChange, Rule
-from lsync.client.local.scanner import LocalEntry
+from lsync.client.local.localentry import LocalEntry
 
 INDEX_POLL = 0.1  # seconds between looks (one stat each) at git's index
 WALK_LIMIT = 1_000_000  # entries below ignored directories counted at most

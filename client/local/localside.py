@@ -43,7 +43,8 @@ from lsync.client.errors import SafetyStop
 from lsync.client.local.hashcache import HashCache
 from lsync.client.local.ignore import IndexChange
 from lsync.client.local.ignored import IgnoredTally, follow_index
-from lsync.client.local.scanner import LocalEntry, scan_tree
+from lsync.client.local.localentry import LocalEntry
+from lsync.client.local.scanner import scan_tree
 from lsync.client.local.watcher import RootGone, TreeWatcher, WatchBatch, open_watcher
 from lsync.client.remote import sigstore
 from lsync.client.remote.delta import Signature

@@ -4,28 +4,18 @@ Promises:
 - Symlinks are never followed: a link is reported as a link with its target, even when it
   points to a directory, and no path is ever resolved through a symlinked directory nor
   outside the root. A scan opens directories one at a time with O_NOFOLLOW, relative to
-  their parent's descriptor; a single path (`stat_path`, `lstat_confined`,
-  `read_file_stable`, `scan_dir`) is reached through `confined_open`: one openat2(2) call
-  with RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH relative to a kept descriptor of the root where
-  Linux offers it, else the same one-component-at-a-time walk. The local root itself may be
-  a symlink.
+  their parent's descriptor; a single path (`stat_path`, `lstat_confined`, `scan_dir`) is
+  reached through `confined_open`: one openat2(2) call with RESOLVE_NO_SYMLINKS |
+  RESOLVE_BENEATH relative to a kept descriptor of the root where Linux offers it, else the
+  same one-component-at-a-time walk. The local root itself may be a symlink.
 - Ignored paths (`IgnoreRules`) are skipped and ignored directories are never entered.
   Sockets, FIFOs and devices are skipped. The root is not part of the result.
-- File content is never torn. A file is stat'ed before reading, then read through a
-  descriptor whose fstat must match; after reading, both the descriptor's fstat and the
-  path's lstat must still match (size, mtime_ns, ctime_ns, inode, device). Otherwise it is
-  read again, `MAX_ATTEMPTS` times in all, and then reported as `UnstableFileError`, for
-  the caller to retry later (on the next watch event, or after a delay).
-  Limit: timestamps are coarse (a kernel tick), so a write inside the same tick as the
-  previous one that keeps the size is invisible to stat; what was read may then be stale
-  or torn, but that write also produces a watch event after our read began, so the next
-  read, triggered by it, sends the right content. `HashCache` never trusts such files.
-- Digests come from `HashCache` when the stat is unchanged; freshly read digests go back
-  into it.
+- A file's digest comes from `HashCache` when the stat is unchanged, else from reading it
+  as lsync.client.local.stableread reads (never torn; a file that keeps changing is listed
+  without digest); freshly read digests go back into the cache.
 
-`read_file_stable` reads a file whole (up to `INLINE_LIMIT`, 64 MiB) and returns the
-content with the entry it belongs to; bigger files go through `StableFileReader`, which
-yields chunks and verifies, after the last one, that the file did not change meanwhile.
+The records and their errors are lsync.client.local.localentry's; reading content (whole,
+in chunks, or many siblings in turn) is lsync.client.local.stableread's.
 """
 
 from __future__ import annotations
@@ -35,198 +25,30 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Literal
 
 from lsync.client.local.confined_open import DIR_FLAGS as _DIR_FLAGS
-from lsync.client.local.confined_open import Parent, check_rel, lstat_below
+from lsync.client.local.confined_open import lstat_below
 from lsync.client.local.confined_open import open_parent as _open_parent
-from lsync.client.local.hashcache import HashCache, Hasher
+from lsync.client.local.hashcache import HashCache
 from lsync.client.local.ignore import IgnoreRules
-
-EntryKind = Literal["file", "dir", "link"]
-
-INLINE_LIMIT = 64 << 20  # read_file_stable refuses bigger files
-CHUNK_SIZE = 1 << 20  # read size for big files
-MAX_ATTEMPTS = 3  # reads of a changing file before UnstableFileError
-
-# O_NONBLOCK: a path swapped for a FIFO between lstat and open must not hang us.
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-# errnos meaning "this path does not exist as a plain path any more"
-_GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
-
-
-@dataclass(frozen=True, slots=True)
-class LocalEntry:
-    """One local path. `size` is 0 for directories and the target's length for links;
-    `mode` is the permission bits (stat.S_IMODE); `digest` is the 16-byte content digest
-    of a file, None when it could not be read; `target` is a link's target.
-    `ino` and `ctime_ns` complete `local_key`, which identifies a file version."""
-
-    kind: EntryKind
-    size: int
-    mtime_ns: int
-    mode: int
-    digest: bytes | None = None
-    target: str | None = None
-    ino: int = 0
-    ctime_ns: int = 0
-
-    @property
-    def local_key(self) -> tuple[int, int, int, int]:
-        """(ino, size, mtime_ns, ctime_ns): equal keys mean the same file version."""
-        return (self.ino, self.size, self.mtime_ns, self.ctime_ns)
-
-
-class ScanError(Exception):
-    """A local path could not be read as it should. `code` names the case."""
-
-    code = "scan-error"
-
-    def __init__(self, rel: str, message: str) -> None:
-        super().__init__(f"{rel}: {message}")
-        self.rel = rel
-
-
-class UnstableFileError(ScanError):
-    """The file kept changing while it was read; try again later."""
-
-    code = "unstable-file"
-
-
-class NotRegularFileError(ScanError):
-    """The path is not (or no longer) a regular file."""
-
-    code = "not-regular-file"
-
-
-class ScanStopped(ScanError):
-    """The caller stopped the scan (`scan_tree`'s `stop`)."""
-
-    code = "scan-stopped"
-
-
-class FileTooLargeError(ScanError):
-    """Too big to read in one piece; use StableFileReader."""
-
-    code = "file-too-large"
-
+from lsync.client.local.localentry import (
+    GONE,
+    LocalEntry,
+    NotRegularFileError,
+    ScanError,
+    ScanStopped,
+    UnstableFileError,
+    entry_of,
+)
+from lsync.client.local.stableread import MAX_ATTEMPTS, file_entry
 
 ErrorHandler = Callable[[str, Exception], None]
 IgnoredHandler = Callable[[str, bool], None]  # (rel, is_dir) of an ignored entry
 
 
-def _same(a: os.stat_result, b: os.stat_result) -> bool:
-    return (
-        a.st_ino == b.st_ino
-        and a.st_dev == b.st_dev
-        and a.st_size == b.st_size
-        and a.st_mtime_ns == b.st_mtime_ns
-        and a.st_ctime_ns == b.st_ctime_ns
-    )
-
-
 def _open_root(root: Path) -> int:
     return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-
-_MODES: dict[int, int] = {}  # permission bits -> one int object for them (at most 4,096)
-
-
-def shared_mode(mode: int) -> int:
-    """`mode`, as the one int object kept for it: the entries of a tree have a few modes
-    between them, and an int of 420 (0o644) costs 28 bytes per entry otherwise. (Anything
-    but permission bits, which a manifest might hold, is given back as it is.)"""
-    if 0 <= mode <= 0o7777:
-        return _MODES.setdefault(mode, mode)
-    return mode
-
-
-def _entry(kind: EntryKind, st: os.stat_result, digest: bytes | None = None,
-           target: str | None = None) -> LocalEntry:
-    size = 0 if kind == "dir" else st.st_size
-    return LocalEntry(kind, size, st.st_mtime_ns, shared_mode(stat.S_IMODE(st.st_mode)),
-                      digest, target, st.st_ino, st.st_ctime_ns)
-
-
-def _read_fd(fd: int, size: int, hasher: Hasher | None, keep: bool) -> tuple[int, list[bytes]]:
-    """Read up to `size` bytes (stopping early at EOF), feeding `hasher`. Returns the
-    count read and, when `keep`, the chunks."""
-    chunks: list[bytes] = []
-    total = 0
-    while total < size:
-        data = os.read(fd, min(size - total, CHUNK_SIZE) if not keep else size - total)
-        if not data:
-            break
-        total += len(data)
-        if hasher is not None:
-            hasher.update(data)
-        if keep:
-            chunks.append(data)
-    return total, chunks
-
-
-def _read_stable(
-    dir_fd: int,
-    name: str,
-    rel: str,
-    cache: HashCache,
-    keep: bool,
-    first_stat: os.stat_result | None = None,
-) -> tuple[bytes, os.stat_result, bytes]:
-    """Read the regular file `name` in `dir_fd` consistently: (content, stat, digest).
-    The content is b"" unless `keep`. Raises OSError when it vanishes, NotRegularFileError,
-    UnstableFileError."""
-    before = first_stat
-    for _attempt in range(MAX_ATTEMPTS):
-        if before is None:
-            before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if not stat.S_ISREG(before.st_mode):
-            raise NotRegularFileError(rel, "not a regular file")
-        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
-        try:
-            opened = os.fstat(fd)
-            if not _same(before, opened):
-                before = None
-                continue
-            hasher = cache.new_hasher()
-            total, chunks = _read_fd(fd, before.st_size, hasher, keep)
-            after = os.fstat(fd)
-        finally:
-            os.close(fd)
-        now = cache.now_ns()
-        try:
-            again = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            again = None
-        if total == before.st_size and _same(before, after) and again is not None \
-                and _same(before, again):
-            digest = hasher.digest()
-            cache.store(rel, before, digest, now)
-            content = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            return content, before, digest
-        before = None
-    raise UnstableFileError(rel, f"changed while being read, {MAX_ATTEMPTS} times")
-
-
-def _file_entry(dir_fd: int, name: str, rel: str, st: os.stat_result,
-                cache: HashCache, hash_files: bool = True) -> LocalEntry:
-    digest = cache.lookup(rel, st)
-    if digest is None and hash_files:
-        _, st, digest = _read_stable(dir_fd, name, rel, cache, False, st)
-    return _entry("file", st, digest)
-
-
-def hash_file(root: Path, rel: str, cache: HashCache) -> LocalEntry:
-    """The entry of the regular file `rel` with its digest (from the cache when its stat
-    matches, else read); raises what read_file_stable raises, but for FileTooLargeError."""
-    with _open_parent_or_gone(root, rel) as parent:
-        st = os.stat(parent.name, dir_fd=parent.fd, follow_symlinks=False)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFileError(rel, "not a regular file")
-        return _file_entry(parent.fd, parent.name, rel, st, cache)
 
 
 def scan_tree(
@@ -270,7 +92,7 @@ def scan_tree(
             with _open_parent(root, subdir) as parent:
                 top_fd = os.open(parent.name, _DIR_FLAGS, dir_fd=parent.fd)
         except OSError as exc:
-            if exc.errno in _GONE:  # gone, or not a directory (any more)
+            if exc.errno in GONE:  # gone, or not a directory (any more)
                 return result
             raise
         top_prefix = subdir + "/"
@@ -297,7 +119,7 @@ def scan_tree(
             try:
                 child_fd = os.open(child, _DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
-                if exc.errno in _GONE:  # removed or replaced since listed
+                if exc.errno in GONE:  # removed or replaced since listed
                     result.pop(rel, None)
                 else:
                     report(rel, exc)
@@ -329,7 +151,7 @@ def scan_dir(root: Path, rel: str, rules: IgnoreRules,
         else:
             fd = _open_root(root)
     except OSError as exc:
-        if exc.errno in _GONE:
+        if exc.errno in GONE:
             return None
         raise
     try:
@@ -360,7 +182,7 @@ def _scan_dir(
     except OSError as exc:
         if top:
             raise
-        if exc.errno in _GONE:
+        if exc.errno in GONE:
             result.pop(prefix[:-1], None)
         else:
             report(prefix[:-1], exc)
@@ -378,19 +200,19 @@ def _scan_dir(
                     rel = rules.own(rel)
                     st = item.stat(follow_symlinks=False)
                     try:
-                        result[rel] = _file_entry(fd, name, rel, st, cache, hash_files)
+                        result[rel] = file_entry(fd, name, rel, st, cache, hash_files)
                         continue
                     except NotRegularFileError:
                         pass  # replaced since listed: look again below
                     except (ScanError, OSError) as exc:
-                        if isinstance(exc, OSError) and exc.errno in _GONE:
+                        if isinstance(exc, OSError) and exc.errno in GONE:
                             continue
-                        result[rel] = _entry("file", st)  # exists, content unknown
+                        result[rel] = entry_of("file", st)  # exists, content unknown
                         report(rel, exc)
                         continue
                 elif item.is_dir(follow_symlinks=False):
                     if not rules.is_ignored(rel, True):
-                        result[rel] = _entry("dir", item.stat(follow_symlinks=False))
+                        result[rel] = entry_of("dir", item.stat(follow_symlinks=False))
                         subdirs.append(name)
                     elif on_ignored is not None:
                         on_ignored(rel, True)
@@ -403,7 +225,7 @@ def _scan_dir(
                     rel = rules.own(rel)
                     st = item.stat(follow_symlinks=False)
                     try:
-                        result[rel] = _entry("link", st, target=os.readlink(name, dir_fd=fd))
+                        result[rel] = entry_of("link", st, target=os.readlink(name, dir_fd=fd))
                         continue
                     except OSError as exc:
                         if exc.errno != errno.EINVAL:  # EINVAL: no longer a link
@@ -419,7 +241,7 @@ def _scan_dir(
             except ScanError as exc:
                 report(rel, exc)
             except OSError as exc:
-                if exc.errno in _GONE:
+                if exc.errno in GONE:
                     result.pop(rel, None)
                     continue
                 report(rel, exc)
@@ -435,26 +257,26 @@ def _entry_at(
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except OSError as exc:
-            if exc.errno in _GONE:
+            if exc.errno in GONE:
                 return None
             raise
         mode = st.st_mode
         if rules.is_ignored(rel, stat.S_ISDIR(mode)):
             return None
         if stat.S_ISDIR(mode):
-            return _entry("dir", st)
+            return entry_of("dir", st)
         try:
             if stat.S_ISLNK(mode):
-                return _entry("link", st, target=os.readlink(name, dir_fd=dir_fd))
+                return entry_of("link", st, target=os.readlink(name, dir_fd=dir_fd))
             if stat.S_ISREG(mode):
-                return _file_entry(dir_fd, name, rel, st, cache)
+                return file_entry(dir_fd, name, rel, st, cache)
             return None
         except NotRegularFileError:
             continue
         except OSError as exc:
             if exc.errno == errno.EINVAL:  # readlink: no longer a link
                 continue
-            if exc.errno in _GONE:
+            if exc.errno in GONE:
                 return None
             raise
     raise UnstableFileError(rel, "kept changing type while being read")
@@ -467,7 +289,7 @@ def stat_path(root: Path, rel: str, rules: IgnoreRules, cache: HashCache) -> Loc
     try:
         parent = _open_parent(root, rel)
     except OSError as exc:
-        if exc.errno in _GONE:
+        if exc.errno in GONE:
             return None
         raise
     with parent:
@@ -481,171 +303,7 @@ def lstat_confined(root: Path, rel: str) -> tuple[os.stat_result, str | None] | 
     try:
         return lstat_below(root, rel)
     except OSError as exc:
-        if exc.errno in _GONE or exc.errno == errno.EINVAL:  # gone, or no longer a link
+        if exc.errno in GONE or exc.errno == errno.EINVAL:  # gone, or no longer a link
             return None
         raise
 
-
-def _open_parent_or_gone(root: Path, rel: str) -> Parent:
-    """`_open_parent`, with a path that is gone (also below a symlink) as FileNotFoundError."""
-    try:
-        return _open_parent(root, rel)
-    except OSError as exc:
-        if exc.errno in _GONE:
-            raise FileNotFoundError(errno.ENOENT, "no such file", rel) from exc
-        raise
-
-
-def read_file_stable(
-    root: Path, rel: str, cache: HashCache, *, limit: int = INLINE_LIMIT
-) -> tuple[bytes, LocalEntry]:
-    """The whole content of the regular file `rel` and the entry it belongs to (its
-    digest is the content's). Does not consult IgnoreRules.
-
-    Raises FileNotFoundError when the path is gone (also below a symlink),
-    NotRegularFileError, FileTooLargeError above `limit` (use StableFileReader),
-    UnstableFileError, or another OSError.
-    """
-    with _open_parent_or_gone(root, rel) as parent:
-        st = os.stat(parent.name, dir_fd=parent.fd, follow_symlinks=False)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFileError(rel, "not a regular file")
-        if st.st_size > limit:
-            raise FileTooLargeError(rel, f"{st.st_size} bytes, more than {limit}")
-        content, st, digest = _read_stable(parent.fd, parent.name, rel, cache, True, st)
-        return content, _entry("file", st, digest)
-
-
-class SiblingReader:
-    """`read_file_stable` for many files in turn, consecutive files of one directory
-    reached through one descriptor of it (the read-ahead's groups: neighbours in the queue
-    are mostly siblings), opened as `read_file_stable` opens it and held until the next
-    directory or `close`. Each file is checked and read as `read_file_stable` does; what
-    one raises concerns that file alone."""
-
-    def __init__(self, root: Path, cache: HashCache) -> None:
-        self._root = root
-        self._cache = cache
-        self._directory: str | None = None
-        self._parent: Parent | None = None
-
-    def _parent_of(self, rel: str) -> tuple[int, str]:
-        directory, _, name = rel.rpartition("/")
-        if self._parent is None or directory != self._directory:
-            self.close()
-            self._parent = _open_parent_or_gone(self._root, rel)
-            self._directory = directory
-        else:
-            check_rel(rel)  # the name as `_open_parent` checks it (ValueError)
-        return self._parent.fd, name
-
-    def digest_known(self, rel: str) -> bytes | None:
-        """The digest the hash cache holds for `rel` as it is now (its stat), or None; for
-        a regular file only. Raises as `read` does when it cannot look."""
-        fd, name = self._parent_of(rel)
-        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        return self._cache.lookup(rel, st) if stat.S_ISREG(st.st_mode) else None
-
-    def read(self, rel: str, *, limit: int = INLINE_LIMIT) -> tuple[bytes, LocalEntry]:
-        fd, name = self._parent_of(rel)
-        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFileError(rel, "not a regular file")
-        if st.st_size > limit:
-            raise FileTooLargeError(rel, f"{st.st_size} bytes, more than {limit}")
-        content, st, digest = _read_stable(fd, name, rel, self._cache, True, st)
-        return content, _entry("file", st, digest)
-
-    def close(self) -> None:
-        if self._parent is not None:
-            self._parent.close()
-        self._parent = None
-        self._directory = None
-
-    def __enter__(self) -> SiblingReader:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-class StableFileReader:
-    """Reads a file of any size in chunks and checks at the end that it did not change.
-
-        with StableFileReader(root, rel, cache) as reader:
-            send_header(reader.size)
-            for chunk in reader:          # raises UnstableFileError after the last
-                send(chunk)               # chunk if the file changed meanwhile
-            entry = reader.entry          # with the digest of what was sent
-
-    Opening raises what read_file_stable raises, but for FileTooLargeError. On
-    UnstableFileError the caller discards what it sent and tries again later.
-    """
-
-    def __init__(self, root: Path, rel: str, cache: HashCache,
-                 chunk_size: int = CHUNK_SIZE) -> None:
-        self.rel = rel
-        self._cache = cache
-        self._chunk_size = chunk_size
-        self._entry: LocalEntry | None = None
-        self._parent = _open_parent_or_gone(root, rel)
-        dir_fd, name = self._parent.fd, self._parent.name
-        self._fd = -1
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            if not stat.S_ISREG(st.st_mode):
-                raise NotRegularFileError(rel, "not a regular file")
-            self._fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
-            if not _same(st, os.fstat(self._fd)):
-                raise UnstableFileError(rel, "changed while being opened")
-        except BaseException:
-            self.close()
-            raise
-        self.file_stat = st
-        self.size = st.st_size
-
-    def __enter__(self) -> StableFileReader:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self._parent.close()
-
-    def __iter__(self) -> Iterator[bytes]:
-        if self._fd < 0:
-            raise ValueError("reader is closed")
-        hasher = self._cache.new_hasher()
-        total = 0
-        while total < self.size:
-            data = os.read(self._fd, min(self._chunk_size, self.size - total))
-            if not data:
-                break
-            total += len(data)
-            hasher.update(data)
-            yield data
-        after = os.fstat(self._fd)
-        now = self._cache.now_ns()
-        try:
-            again: os.stat_result | None = os.stat(
-                self._parent.name, dir_fd=self._parent.fd, follow_symlinks=False)
-        except FileNotFoundError:
-            again = None
-        if total != self.size or not _same(self.file_stat, after) or again is None \
-                or not _same(self.file_stat, again):
-            raise UnstableFileError(self.rel, "changed while being read")
-        digest = hasher.digest()
-        self._cache.store(self.rel, self.file_stat, digest, now)
-        self._entry = _entry("file", self.file_stat, digest)
-
-    @property
-    def entry(self) -> LocalEntry:
-        """The verified entry; only after the iteration completed."""
-        if self._entry is None:
-            raise ValueError("the file has not been read to the end")
-        return self._entry

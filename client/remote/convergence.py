@@ -20,7 +20,8 @@ from pathlib import Path
 
 from lsync.client.local.hashcache import HashCache
 from lsync.client.local.ignore import IgnoreRules
-from lsync.client.local.scanner import LocalEntry, scan_dir, scan_tree
+from lsync.client.local.localentry import LocalEntry
+from lsync.client.local.scanner import scan_dir, scan_tree
 from lsync.client.remote import planner
 from lsync.client.remote.passes import LocalInputs
 from lsync.client.remote.remoteside import RemoteSide

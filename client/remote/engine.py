@@ -32,10 +32,8 @@ from typing import Any
 from lsync.client.errors import LsyncError, internal_error
 from lsync.client.local.hashcache import HashCache
 from lsync.client.local.ignore import IgnoreRules
+from lsync.client.local.localentry import LocalEntry
 from lsync.client.local.localside import SharedReads
-from lsync.client.local.scanner import (
-    LocalEntry,
-)
 from lsync.client.remote.convergence import Convergence
 from lsync.client.remote.initial import initial_comparison
 from lsync.client.remote.model import FILE, RemoteModel

@@ -18,7 +18,8 @@ from typing import Any
 
 from lsync.client.errors import SafetyStop
 from lsync.client.local.hashcache import HashCache
-from lsync.client.local.scanner import LocalEntry, ScanError, hash_file
+from lsync.client.local.localentry import LocalEntry, ScanError
+from lsync.client.local.stableread import hash_file
 from lsync.client.remote import planner
 from lsync.client.remote.model import FILE, RemoteModel
 from lsync.client.remote.passes import LocalInputs

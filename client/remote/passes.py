@@ -27,16 +27,15 @@ from typing import Any, TypeVar
 from lsync.client.errors import SafetyStop
 from lsync.client.local.hashcache import HashCache
 from lsync.client.local.ignore import IgnoreRules
-from lsync.client.local.localside import SharedReads
-from lsync.client.local.scanner import (
+from lsync.client.local.localentry import (
     LocalEntry,
     NotRegularFileError,
     ScanError,
     UnstableFileError,
-    lstat_confined,
-    read_file_stable,
-    scan_tree,
 )
+from lsync.client.local.localside import SharedReads
+from lsync.client.local.scanner import lstat_confined, scan_tree
+from lsync.client.local.stableread import read_file_stable
 from lsync.client.remote import planner
 from lsync.client.remote.delta import Signature, signature
 from lsync.client.remote.model import DIR, FILE, LINK, RemoteEntry

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from lsync.client.local.scanner import LocalEntry, shared_mode
+from lsync.client.local.localentry import LocalEntry, shared_mode
 from lsync.client.remote.model import DIR, FILE, LINK, RemoteEntry, RemoteModel
 
 IsIgnored = Callable[[str, bool], bool]

@@ -35,7 +35,7 @@ import msgpack
 
 from lsync.client.errors import LinkBroken, LsyncError
 from lsync.client.local.hashcache import HashCache, default_cache_dir
-from lsync.client.local.scanner import LocalEntry
+from lsync.client.local.localentry import LocalEntry
 from lsync.client.remote import planner
 from lsync.client.remote.model import RemoteModel
 from lsync.client.transport.link import AgentLink

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lsync.client.local.hashcache import HashCache
-from lsync.client.local.scanner import LocalEntry, ScanError, SiblingReader, read_file_stable
+from lsync.client.local.localentry import LocalEntry, ScanError
+from lsync.client.local.stableread import SiblingReader, read_file_stable
 from lsync.client.remote.delta import ZDICT_MAX_NEW, Signature, make_delta_and_signature, signature
 from lsync.protocol import messages as m
 from lsync.protocol import packing
