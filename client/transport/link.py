@@ -1,6 +1,8 @@
 """The asyncio side of the protocol: one `AgentLink` per agent, over an `AgentStream`.
 
-It owns the sans-IO `Connection` and one reader task. Operations are submitted with
+It owns the sans-IO `Connection`, one reader task, and the `LinkWriter` that writes the
+main channel and the data lanes in order (lsync.client.transport.writing: coalescing,
+batches, backpressure); the link matches what comes back. Operations are submitted with
 `submit`, which returns a future resolved by the matching `Ack` or `Error`; requests
 (`list_tree`, `hash_paths`, `ping`) are awaited the same way. When the stream ends or a
 protocol error arrives, every pending future fails at once with `LinkBroken`, so nothing
@@ -13,7 +15,6 @@ however long it takes. `on_kept` hears of the remote edits the agent kept aside 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import itertools
@@ -23,27 +24,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from lsync.client.errors import ConnectError, InternalError, LinkBroken, internal_error
-from lsync.client.transport.liveness import ChannelReading, Liveness, Verdict
-from lsync.client.transport.outbox import (
-    BACKLOG,
-    BATCH_BYTES,
-    BATCH_DELAY,
-    BATCH_FILES,
-    PACKING_AHEAD,
-    Compressing,
-    LaneWriter,
-    PendingBatch,
-    SideLane,
-    limit_heap_retention,
-    pack_batch,
-    trim_heap,
-    unless,
-)
+from lsync.client.transport.liveness import Liveness, Verdict
+from lsync.client.transport.outbox import LaneWriter, limit_heap_retention, trim_heap
 from lsync.client.transport.pullroutes import PullRoutes
 from lsync.client.transport.streams import AgentStream
+from lsync.client.transport.writing import LinkWriter
 from lsync.protocol import PROTOCOL_VERSION
 from lsync.protocol import messages as m
-from lsync.protocol.connection import CLIENT, Connection, Lane
+from lsync.protocol.connection import CLIENT, Connection
 from lsync.protocol.errors import AckStatus, ErrorCode, ProtocolError
 from lsync.protocol.paths import relpath_problem
 
@@ -65,8 +53,6 @@ def _stall_bound(default: float = 15.0) -> float:
 
 STALL = _stall_bound()  # seconds without progress, with something awaited: a stuck link
 PING_EVERY = STALL / 3  # seconds without progress before the agent is pinged
-DRAIN_ABOVE = 1 << 20  # ask the stream for backpressure after this much was written
-COALESCE = 64 << 10  # queued messages are written at once beyond this many bytes
 TRIM_AFTER = 64 << 20  # bytes sent, everything answered: the C heap is trimmed (a burst ended)
 class AgentLink:
     def __init__(self, stream: AgentStream) -> None:
@@ -84,24 +70,14 @@ class AgentLink:
         self.conn_offer: dict[str, list[str]] = {}  # the capabilities the Hello offered
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reader: asyncio.Task[None] | None = None
-        self._unflushed = 0
-        self._out = bytearray()  # messages of this turn of the event loop, not yet written
-        self._flush_scheduled = False
-        self._batches: dict[int, PendingBatch] = {}  # lane -> files waiting for its next batch
-        # Per lane, sent in this order once each batch is compressed: batches, messages.
-        self._outboxes: dict[int, collections.deque[Compressing | m.Message]] = {
-            0: collections.deque()}
-        self._outbox_moved = asyncio.Event()
-        self._lanes: dict[int, SideLane] = {}  # data lanes, numbered from 1
+        # What is written, main channel and lanes (lsync.client.transport.writing)
+        self.writer = LinkWriter(stream, self.conn, self._finish, self._bug)
         self._lane_watchers: list[asyncio.Task[None]] = []
         self.failure: LinkBroken | None = None
         self.internal: InternalError | None = None  # a bug ended the link (never retried)
         self.goodbye: m.Goodbye | None = None
-        self.bytes_sent = 0
-        self._written = {0: 0}  # per channel (0: main, then the lanes): bytes written to it
         self.bytes_received = 0
         self.manifest_entries = 0
-        self.closing = False  # a Goodbye was sent: nothing more may follow it
         # Told of remote edits the agent kept aside: (entries, listing), see `m.Kept`.
         self.on_kept: Callable[[list[list[Any]], bool], None] | None = None
 
@@ -110,7 +86,7 @@ class AgentLink:
         """Send the Hello (operations may follow at once); the reader starts listening."""
         self.conn_offer = hello.capabilities
         self.conn.send(hello)
-        self._write(self.conn.data_to_send())
+        self.writer.write(self.conn.data_to_send())
         self._reader = asyncio.ensure_future(self._read_loop())
 
     async def welcome(self, timeout: float) -> m.Welcome:
@@ -127,7 +103,7 @@ class AgentLink:
         if self.failure is None and self.goodbye is None and not self.closing and welcomed:
             try:
                 self.send(m.Goodbye(0, reason))
-                self.closing = True
+                self.writer.closing = True
                 await asyncio.wait_for(asyncio.shield(self._closed), 5)
             except (asyncio.TimeoutError, LinkBroken, ProtocolError):
                 pass
@@ -145,10 +121,7 @@ class AgentLink:
         for watcher in self._lane_watchers:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-        if self._lanes:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.gather(
-                    *(side.writer.close() for side in self._lanes.values())), wait)
+        await self.writer.close_lanes(wait)
 
     async def watch_liveness(self, every: float = PING_EVERY, stall: float = STALL,
                              tick: float = 1.0) -> None:
@@ -161,7 +134,7 @@ class AgentLink:
         liveness = Liveness(loop.time(), every, stall, max_gap=2 * tick)
         while (self.failure is None and self.goodbye is None and not self.closing
                and not self._closed.done()):
-            channels = self._channel_readings()
+            channels = self.writer.channel_readings()
             awaiting = bool(self._pending or self._manifests or self.pulls
                             or any(buffered for _, buffered in channels))
             verdict = liveness.observe(loop.time(), self.bytes_received, channels, awaiting)
@@ -180,89 +153,34 @@ class AgentLink:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._closed), tick)
 
-    def _channel_readings(self) -> list[ChannelReading]:
-        """Per channel (the main one, then the data lanes in order): bytes written to it,
-        and how many of them still wait in its write buffer."""
-        readings = [(self._written[0], self.stream.backlog())]
-        for number, side in self._lanes.items():
-            readings.append((self._written.get(number, 0), side.writer.backlog()))
-        return readings
-
     @property
     def closed(self) -> Awaitable[None]:
         """Resolves when the link ends, cleanly or not."""
         return asyncio.shield(self._closed)
 
+    @property
+    def closing(self) -> bool:
+        """A Goodbye was sent: nothing more may follow it."""
+        return self.writer.closing
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.writer.bytes_sent
+
     # -- sending --------------------------------------------------------------------------
     def next_seq(self) -> int:
         return next(self._seq)
 
-    def _write(self, data: bytes) -> None:
-        if data:
-            try:
-                self.stream.write(data)
-            except OSError as exc:  # the channel closed under us: the link is broken
-                self._finish(LinkBroken(f"connection to the agent lost: {exc}"))
-                assert self.failure is not None
-                raise self.failure from None
-            self.bytes_sent += len(data)
-            self._written[0] += len(data)
-            self._unflushed += len(data)
-
     def send(self, message: m.Message) -> None:
-        """Queue a message; messages sent in one turn of the event loop leave together (up to
-        COALESCE bytes), so a burst of small files does not cost a packet and a system call
-        each. Nothing waits: the flush runs as soon as the current callback returns."""
-        if self.failure is not None:
-            raise self.failure
-        if self.closing and not isinstance(message, m.Goodbye):
-            # Said goodbye already (a clean stop): late work is refused like a closed link.
-            raise LinkBroken("the connection to the agent is closing")
-        self.close_batch(0)  # files submitted before this message go before it
-        if self._outboxes[0]:
-            self._outboxes[0].append(message)  # behind a batch still being compressed
-            return
-        self.conn.send(message)
-        self._out += self.conn.data_to_send()
-        if len(self._out) >= COALESCE:
-            self.flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._scheduled_flush)
-
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
-        with contextlib.suppress(LinkBroken):  # reported through `failure` and `closed`
-            self.flush()
+        """Queue a message for the main channel (see LinkWriter.send)."""
+        self.writer.send(message)
 
     def flush(self) -> None:
-        if self.failure is not None:
-            self._out.clear()
-            raise self.failure
-        if self._out:
-            data, self._out = bytes(self._out), bytearray()
-            self._write(data)
+        self.writer.flush()
 
     async def drain(self, lane: int = 0, interrupt: asyncio.Event | None = None) -> None:
-        """Backpressure: wait while the stream (of `lane`) holds a lot of unsent data, or too
-        many batches are being compressed for it; return early once `interrupt` is set
-        (urgent work for the caller: bulk data may then run a little over its bound)."""
-        self.flush()
-        while len(self._outboxes[lane]) > PACKING_AHEAD and self.failure is None:
-            self._outbox_moved.clear()
-            if not await unless(self._outbox_moved.wait(), interrupt):
-                return
-        if self.failure is not None:
-            raise self.failure
-        if lane:
-            side = self._lanes[lane]
-            if side.unflushed >= DRAIN_ABOVE:
-                side.unflushed = 0
-                await unless(side.writer.drain(), interrupt)
-            return
-        if self._unflushed >= DRAIN_ABOVE:
-            self._unflushed = 0
-            await unless(self.stream.drain(), interrupt)
+        """Backpressure on `lane` (see LinkWriter.drain)."""
+        await self.writer.drain(lane, interrupt)
 
     def _expect(self, seq: int, *kinds: type[Any]) -> asyncio.Future[Any]:
         """A future for the reply to `seq`, which must be one of `kinds` (else the agent
@@ -278,10 +196,7 @@ class AgentLink:
         seq: int = op.seq  # type: ignore[union-attr]
         future = self._expect(seq, m.Ack, m.Error)
         try:
-            if lane:
-                self._send_on_lane(op, lane)
-            else:
-                self.send(op)
+            self.writer.send_on(op, lane)
         except BaseException:
             self._pending.pop(seq, None)  # never sent: nobody will wait for it
             self._kinds.pop(seq, None)
@@ -294,139 +209,40 @@ class AgentLink:
         """Send a small whole file as part of a WriteBatch (packed with `code` at `level`
         together with the files submitted around it); the future resolves with its Ack or
         Error like `submit`'s. The batch leaves when it is full, when another message is
-        sent, on `close_batch`, or BATCH_DELAY after its first file."""
-        if self.failure is not None:
-            raise self.failure
-        if self.closing:
-            raise LinkBroken("the connection to the agent is closing")
-        if lane and lane not in self._lanes:
-            lane = 0
-        batch = self._batches.get(lane)
-        if batch is not None and batch.code != code:
-            self.close_batch(lane)
-            batch = None
-        if batch is None:
-            timer = asyncio.get_running_loop().call_later(BATCH_DELAY, self._timed_close)
-            batch = self._batches[lane] = PendingBatch(lane, code, level, timer)
-        future = self._expect(seq, m.Ack, m.Error)
-        batch.files.append([seq, path, mode, len(content)])
-        batch.contents.append(content)
-        batch.size += len(content)
-        if batch.size >= BATCH_BYTES or len(batch.files) >= BATCH_FILES:
-            self.close_batch(lane)
-        return future
-
-    def _timed_close(self) -> None:
-        with contextlib.suppress(LinkBroken):  # reported through `failure` and `closed`
-            self.close_batch()
+        sent, on `close_batch`, or BATCH_DELAY after its first file (LinkWriter.batch)."""
+        self.writer.batch(seq, path, mode, content, code, level, lane)
+        return self._expect(seq, m.Ack, m.Error)
 
     def close_batch(self, lane: int | None = None) -> None:
-        """Let the open batch of `lane` (of every lane: None) leave: compressed in a worker
-        thread, then sent in order on its lane."""
-        for index in [lane] if lane is not None else list(self._batches):
-            batch = self._batches.pop(index, None)
-            if batch is None:
-                continue
-            batch.timer.cancel()
-            loop = asyncio.get_running_loop()
-            packed = loop.run_in_executor(None, pack_batch, batch.contents,
-                                          batch.code, batch.level)
-            self._outboxes[index].append(Compressing(batch.files, packed))
-            packed.add_done_callback(functools.partial(self._pumped, index))
-
-    def _pumped(self, lane: int, _: asyncio.Future[tuple[bytes, int]]) -> None:
-        self._pump(lane)
-
-    def _pump(self, lane: int) -> None:
-        """Send what the lane's outbox holds, in order, up to the first batch still being
-        compressed."""
-        outbox = self._outboxes[lane]
-        try:
-            while outbox and self.failure is None:
-                head = outbox[0]
-                if isinstance(head, Compressing):
-                    if not head.packed.done():
-                        break
-                    data, code = head.packed.result()
-                    message: m.Message = m.WriteBatch(head.files, data, code)
-                else:
-                    message = head
-                outbox.popleft()
-                if lane:
-                    self._write_lane(lane, Lane.encode(message))
-                else:
-                    self.conn.send(message)
-                    self._out += self.conn.data_to_send()
-            self.flush()
-        except LinkBroken:
-            pass  # reported through `failure` and `closed`
-        except Exception as exc:  # a bug (compressing, encoding): ends the session visibly
-            self.internal = internal_error("sending a batch", exc)
-            self._finish(LinkBroken(f"agent link failed: {self.internal}"))
-        finally:
-            if self.failure is not None:
-                outbox.clear()
-            self._outbox_moved.set()
+        """Let the open batch of `lane` (of every lane: None) leave."""
+        self.writer.close_batch(lane)
 
     # -- data lanes -------------------------------------------------------------------------
     def add_lane(self, writer: LaneWriter) -> int:
         """Take a data lane into use (its magic already written); returns its number."""
-        number = len(self._lanes) + 1
-        self._lanes[number] = SideLane(writer)
+        number = self.writer.add_lane(writer)
         receive = getattr(writer, "set_receiver", None)
         if receive is not None:  # the lane carries pulled files back
             receive(functools.partial(self._lane_data, number))
-        self._outboxes[number] = collections.deque()
-        self._lane_watchers.append(asyncio.ensure_future(self._watch_lane(number)))
+        self._lane_watchers.append(asyncio.ensure_future(self._watch_lane(number, writer)))
         return number
 
     @property
     def lanes(self) -> int:
-        return len(self._lanes)
+        return self.writer.lanes
 
     def backlogged(self, lane: int) -> bool:
-        """Whether data for `lane` waits for the link (the link, not the CPU, is the
-        bottleneck there: worth compressing harder)."""
-        if len(self._outboxes[lane]) > 1:
-            return True
-        if lane:
-            return self._lanes[lane].writer.backlog() >= BACKLOG
-        return self.stream.backlog() >= BACKLOG
+        """Whether data for `lane` waits for the link (see LinkWriter.backlogged)."""
+        return self.writer.backlogged(lane)
 
-    async def _watch_lane(self, number: int) -> None:
-        why = await self._lanes[number].writer.wait_closed()
+    async def _watch_lane(self, number: int, writer: LaneWriter) -> None:
+        why = await writer.wait_closed()
         if self.failure is None and self.goodbye is None and not self.closing:
             self._finish(LinkBroken(f"data lane {number} ended: {why}"))
 
     def send_on(self, message: m.Message, lane: int) -> None:
         """Send a message that is no operation of its own (a later chunk) on `lane`."""
-        if lane:
-            self._send_on_lane(message, lane)
-        else:
-            self.send(message)
-
-    def _send_on_lane(self, message: m.Message, lane: int) -> None:
-        if self.failure is not None:
-            raise self.failure
-        if self.closing:
-            raise LinkBroken("the connection to the agent is closing")
-        self.close_batch(lane)
-        if self._outboxes[lane]:
-            self._outboxes[lane].append(message)
-        else:
-            self._write_lane(lane, Lane.encode(message))
-
-    def _write_lane(self, lane: int, data: bytes) -> None:
-        side = self._lanes[lane]
-        try:
-            side.writer.write(data)
-        except OSError as exc:
-            self._finish(LinkBroken(f"data lane {lane} lost: {exc}"))
-            assert self.failure is not None
-            raise self.failure from None
-        self.bytes_sent += len(data)
-        self._written[lane] = self._written.get(lane, 0) + len(data)
-        side.unflushed += len(data)
+        self.writer.send_on(message, lane)
 
     async def hash_paths(self, paths: list[str]) -> list[bytes | None]:
         seq = self.next_seq()
@@ -625,6 +441,11 @@ class AgentLink:
     def _on_goodbye(self, message: m.Goodbye) -> None:
         self.goodbye = message
 
+    def _bug(self, what: str, exc: Exception) -> None:
+        """A bug (in `what`) ends the link, visibly: never retried."""
+        self.internal = internal_error(what, exc)
+        self._finish(LinkBroken(f"agent link failed: {self.internal}"))
+
     def _finish(self, failure: LinkBroken | None) -> None:
         if failure is None and self.goodbye is not None and self.goodbye.code != 0:
             failure = LinkBroken(f"agent ended the session: {self.goodbye.reason}")
@@ -632,12 +453,7 @@ class AgentLink:
             failure = LinkBroken("the agent closed the connection")
         if failure is not None and self.failure is None:
             self.failure = failure
-        for batch in self._batches.values():
-            batch.timer.cancel()
-        self._batches.clear()
-        for outbox in self._outboxes.values():
-            outbox.clear()
-        self._outbox_moved.set()
+        self.writer.end(self.failure)
         error = self.failure or LinkBroken("connection closed")
         for future in self._pending.values():
             if not future.done():
