@@ -46,7 +46,6 @@ from benchmarks import (
     scenarios,
 )
 from benchmarks.bench import (
-    GOAL_FIGURES,
     ISSUE10_SCENARIOS,
     ISSUE10_SYSTEMS,
     ISSUE16_SCENARIOS,
@@ -54,15 +53,13 @@ from benchmarks.bench import (
     SCENARIOS,
     SYSTEMS,
     Bench,
-    BytesRow,
     LinkSpec,
     Settings,
-    Transfer,
-    WatchRow,
     fmt_kb,
     percentile,
     say,
 )
+from benchmarks.bench_rows import GOAL_FIGURES, BytesRow, Transfer, WatchRow
 from benchmarks.testbed import trees
 from benchmarks.testbed.proxy import self_check
 
