@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 from benchmarks import procstat
-from benchmarks.bench import agent_record_files, count_tree, default_cache_dir
+from benchmarks.bench import agent_record_files, default_cache_dir
+from benchmarks.bench_trees import count_tree
 from benchmarks.kernel_material import TAGS
 from benchmarks.lsync_runner import LsyncWatcher
 from benchmarks.peers import Link

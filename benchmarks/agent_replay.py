@@ -35,7 +35,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks.bench import agent_record_files, count_tree, default_cache_dir
+from benchmarks.bench import agent_record_files, default_cache_dir
+from benchmarks.bench_trees import count_tree
 from benchmarks.kernel_material import TAGS
 from lsync.protocol import PROTOCOL_VERSION
 from lsync.protocol import messages as m

@@ -9,12 +9,10 @@ the generator's source is unchanged; scenarios that modify files work on copies.
 mode the `kernel` tree is the real Linux kernel (issue 16): a git work tree of release
 6.1.170 checked out from `benchmarks.kernel_material`'s repository (downloaded with
 `apt-get download` once), cached beside the generated trees; `--generated-kernel` (and the
-short mode, which never uses it) keeps the generated one. A top-level `.git` is never part
-of what is compared, mirrored for a remote, or given to rsync (`RSYNC_EXCLUDES`).
-`Cell` and `Row` are the main table's entries; `BytesRow` and `WatchRow` are the rows of the
-bytes-on-the-wire table (issue 3) and of the watcher trade-off table; `Goal` is a row of the
-issue 10 table (one figure of its target table, lsync and rsync side by side, ✓/✗). Helpers
-here poll conditions with deadlines; nothing sleeps in place of a condition.
+short mode, which never uses it) keeps the generated one. The rows measured are the records
+of benchmarks/bench_rows.py; copying, emptying, counting and comparing trees (never their
+top-level `.git`) is benchmarks/bench_trees.py's. Helpers here poll conditions with
+deadlines; nothing sleeps in place of a condition.
 """
 
 from __future__ import annotations
@@ -26,14 +24,15 @@ import math
 import os
 import random
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import kernel_material, peers
+from benchmarks.bench_rows import BytesRow, CpuUse, Goal, Row, WatchRow, goal_order
+from benchmarks.bench_trees import COUNT_VERSION, TRASH, VCS_DIR, count_tree, empty_dir, mirror
 from benchmarks.lsync_runner import LsyncWatcher, lsync_available
 from benchmarks.peers import Link, Watcher
 from benchmarks.testbed import trees
@@ -53,10 +52,6 @@ ISSUE10_SCENARIOS = ("a", "b", "c", "d", "f", "g", "h")
 ISSUE10_SYSTEMS = (LSYNC, RSYNC)
 # What --issue16 runs: the real-kernel table (c, d, f, g, h, u), lsync next to rsync.
 ISSUE16_SCENARIOS = ("c", "d", "f", "g", "h", "u")
-# rsync never sends a work tree's repository (lsync leaves `.git` alone too).
-VCS_DIR = ".git"
-RSYNC_EXCLUDES = (f"--exclude=/{VCS_DIR}",)
-COUNT_VERSION = "count2"  # how count_tree counts (in the real kernel tree's stamp)
 
 # Files the benchmark adds to the tree for its own cases (never part of a/b's sample).
 EXTRA_DIR = "lsync-bench"
@@ -172,169 +167,10 @@ class LinkSpec:
         return self.rtt_ms / 2000.0
 
 
-@dataclass
-class Cell:
-    """One measured value for one system in one row (display text plus a number to compare)."""
-
-    text: str
-    value: float | None = None  # seconds, bytes or a share (p50 for latencies): ratios
-    p95: float | None = None
-    target_ok: bool | None = None
-    extra: dict[str, float] = field(default_factory=dict)  # more numbers for targets
-
-
-@dataclass
-class Row:
-    scenario: str
-    link: str
-    target: str = "—"
-    cells: dict[str, Cell] = field(default_factory=dict)
-    ratios: bool = True  # print lsync/peer ratios in the peers' cells
-
-    @property
-    def letter(self) -> str:
-        return self.scenario[0]
-
-
-@dataclass
-class Transfer:
-    """What one change cost on the wire, and how long until the remote was identical."""
-
-    bytes_up: int
-    bytes_down: int
-    seconds: float | None  # None: never identical within the timeout
-    note: str = ""
-
-    @property
-    def total(self) -> int:
-        return self.bytes_up + self.bytes_down
-
-
-@dataclass
-class BytesRow:
-    case: str
-    link: str
-    rtt_ms: float
-    data_bytes: int  # bytes of the file or directory involved
-    target_text: str
-    target_bytes: float | None  # limit on lsync's bytes both ways
-    lsync_first: Transfer | None = None  # the first such change after lsync started
-    lsync_later: Transfer | None = None  # the same kind of change again, same session
-    rsync: Transfer | None = None
-    lsync_note: str = ""
-
-
-@dataclass
-class Goal:
-    """One figure of issue 10's target table as measured in this run."""
-
-    order: int  # position in issue 10's table (GOAL_FIGURES)
-    figure: str
-    link: str
-    target: str
-    lsync: str
-    rsync: str = "—"
-    ratio: str = "—"  # lsync/rsync
-    ok: bool | None = None  # None: no verdict (lsync failed, or the row has no target here)
-    cpu: CpuUse | None = None  # lsync's client and agent CPU over the measured span
-
-
-@dataclass(frozen=True)
-class CpuUse:
-    """CPU seconds lsync's client and its agent used over one measured span (None: not
-    read), and how many files (or changed paths: `unit`) the span handled."""
-
-    client: float | None
-    agent: float | None
-    items: int
-    unit: str = "files"
-
-    def per_thousand(self, seconds: float | None) -> str:
-        if seconds is None or self.items <= 0:
-            return "?"
-        return f"{1000 * seconds / self.items:.2f} s"
-
-    @property
-    def text(self) -> str:
-        """"CPU per 1,000 files: client 0.31 s, agent 0.14 s (24.5 s, 11.2 s)"."""
-        totals = ", ".join("?" if v is None else f"{v:.1f} s" for v in (self.client, self.agent))
-        return (f"CPU per 1,000 {self.unit}: client {self.per_thousand(self.client)}, agent "
-                f"{self.per_thousand(self.agent)} ({totals})")
-
-
-# Issue 10's target table, in its order: (figure, link) as `Goal` rows name them. Rows a run
-# did not measure are listed under the table.
-GOAL_FIGURES: tuple[tuple[str, str], ...] = (
-    ("initial sync, kernel tree", "RTT 0 ms"),
-    ("initial sync, kernel tree", "RTT 300 ms"),
-    ("initial sync, kernel tree", "RTT 300 ms, 100 Mbit/s"),
-    ("upgrade by git checkout while running, kernel tree", "RTT 300 ms"),
-    ("initial sync, small tree", "RTT 0 ms"),
-    ("initial sync, small tree", "RTT 300 ms"),
-    ("initial sync, small tree", "RTT 300 ms, 100 Mbit/s"),
-    ("first contact with a copy lsync never saw, kernel tree", "RTT 300 ms"),
-    ("restart, kernel tree unchanged", "RTT 300 ms"),
-    ("a save during an initial sync", "RTT 300 ms"),
-    ("a save during a burst of 1000 files", "RTT 300 ms"),
-    ("client peak RSS, kernel tree", "RTT 300 ms"),
-    ("one save", "RTT 300 ms"),
-    ("burst of 1000 files", "RTT 300 ms"),
-)
-
-
-def goal_order(figure: str) -> int:
-    """The position of `figure` in issue 10's table (trees and links it does not name come
-    after the rows of the same figure)."""
-    stem = figure.split(",")[0]
-    for i, (name, _link) in enumerate(GOAL_FIGURES):
-        if name == figure:
-            return i
-    for i, (name, _link) in enumerate(GOAL_FIGURES):
-        if name.split(",")[0] == stem:
-            return i
-    return len(GOAL_FIGURES)
-
-
-@dataclass
-class WatchRow:
-    step_ms: int
-    debounce_ms: int
-    detect: list[float] = field(default_factory=list)  # watchfiles alone: write -> event
-    detect_missed: int = 0
-    watch_cpu: float | None = None
-    lsync_saves: list[float] = field(default_factory=list)  # lsync, RTT 0: save -> identical
-    lsync_missed: int = 0
-    lsync_cpu: float | None = None
-    note: str = ""
-
 
 def say(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
-
-def mirror(src: Path, dst: Path, checksum: bool = True, vcs: bool = True) -> None:
-    """Make `dst` a copy of `src` (local rsync; with checksums, same-second edits too;
-    without a top-level `.git` unless `vcs`)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    argv = ["rsync", "-a", "--delete", *(["--checksum"] if checksum else []),
-            *(() if vcs else RSYNC_EXCLUDES), f"{src}/", f"{dst}/"]
-    subprocess.run(argv, check=True)
-
-
-def empty_dir(path: Path) -> None:
-    """Make `path` an empty directory. What it held is moved into a trash directory beside
-    it, deleted at the end of the run: deleting tens of thousands of files just before the
-    next system writes as many makes ext4's inode allocator skip every recently freed
-    inode (measured: 8 -> 17 s of system time for lsync's agent on the kernel tree), which
-    would penalise whichever system runs right after a deletion."""
-    if path.exists():
-        trash = path.parent / TRASH
-        trash.mkdir(exist_ok=True)
-        path.rename(trash / f"{path.name}-{time.monotonic_ns()}")
-    path.mkdir(parents=True)
-
-
-TRASH = ".bench-trash"  # emptied by Bench.cleanup
 
 
 def wait_quiet(proxy: ThreadedProxy, quiet: float, limit: float = 30.0) -> bool:
@@ -394,90 +230,6 @@ def agent_record_files(root: Path) -> list[Path]:
         out += [directory / f"agent-{name}.json", directory / f"agent-{name}.journal"]
     return out
 
-
-def copy_tree(src: Path, dst: Path, hardlinks: bool = False, vcs: bool = True) -> None:
-    """`cp -r` (fresh timestamps: nothing preserved), or with `hardlinks` `cp -al` (a farm of
-    links to `src`: never write into one of its files in place); without a top-level `.git`
-    unless `vcs` (a remote copy of a work tree)."""
-    if dst.exists():
-        shutil.rmtree(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    argv = ["cp", "-al" if hardlinks else "-r", str(src), str(dst)]
-    subprocess.run(argv, check=True)
-    if not vcs:
-        shutil.rmtree(dst / VCS_DIR, ignore_errors=True)
-
-
-def count_tree(root: Path, preset: str, seconds: float) -> trees.TreeStats:
-    """Files (regular files and symlinks, to directories too: what git tracks),
-    directories and bytes under `root`, its `.git` left out."""
-    files = dirs = nbytes = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        if dirpath == str(root) and VCS_DIR in dirnames:
-            dirnames.remove(VCS_DIR)
-        links = [name for name in dirnames if os.path.islink(os.path.join(dirpath, name))]
-        dirs += len(dirnames) - len(links)
-        for name in filenames + links:
-            st = os.lstat(os.path.join(dirpath, name))
-            files += 1
-            nbytes += st.st_size
-    return trees.TreeStats(preset, 0, files, dirs, nbytes, seconds)
-
-
-def tree_files(root: Path) -> list[str]:
-    """Relative paths of the regular files under `root` (sorted), its `.git` left out."""
-    return [rel for rel in trees.walk_files(root)
-            if rel != VCS_DIR and not rel.startswith(VCS_DIR + "/")]
-
-
-def differing_content(a: Path, b: Path) -> str:
-    """"" when trees `a` and `b` hold the same paths with the same bytes, else what differs."""
-    problem = same_files(a, b)
-    if problem:
-        return problem
-    wrong = []
-    for rel in tree_files(a):
-        with open(a / rel, "rb") as fa, open(b / rel, "rb") as fb:
-            while True:
-                x, y = fa.read(1 << 20), fb.read(1 << 20)
-                if x != y:
-                    wrong.append(rel)
-                    break
-                if not x:
-                    break
-    return f"{len(wrong)} differ in content (e.g. {wrong[0]})" if wrong else ""
-
-
-def same_files(a: Path, b: Path) -> str:
-    """"" when trees `a` and `b` hold the same paths with the same sizes, else what differs.
-    (Cheap: content is compared elsewhere, where the benchmark knows what changed.) A
-    symlink is an entry (its size: the target's length), to a directory too; a top-level
-    `.git` is left out on both sides."""
-
-    def listing(root: Path) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for dirpath, dirs, files in os.walk(root):
-            rel = os.path.relpath(dirpath, root)
-            if rel == "." and VCS_DIR in dirs:
-                dirs.remove(VCS_DIR)
-            links = [name for name in dirs if os.path.islink(os.path.join(dirpath, name))]
-            for name in files + links:  # (a symlink to a directory is an entry too)
-                path = name if rel == "." else f"{rel}/{name}"
-                with contextlib.suppress(FileNotFoundError):
-                    out[path] = os.lstat(os.path.join(dirpath, name)).st_size
-        return out
-
-    la, lb = listing(a), listing(b)
-    missing = sorted(set(la) - set(lb))
-    extra = sorted(set(lb) - set(la))
-    wrong = sorted(p for p in set(la) & set(lb) if la[p] != lb[p])
-    if not (missing or extra or wrong):
-        return ""
-    parts = []
-    for what, paths in (("missing", missing), ("extra", extra), ("size differs", wrong)):
-        if paths:
-            parts.append(f"{len(paths)} {what} (e.g. {paths[0]})")
-    return "; ".join(parts)
 
 
 class Bench:

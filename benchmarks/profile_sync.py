@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import procstat
-from benchmarks.bench import agent_record_files, count_tree, default_cache_dir, say
+from benchmarks.bench import agent_record_files, default_cache_dir, say
+from benchmarks.bench_trees import count_tree
 from benchmarks.kernel_material import TAGS
 from benchmarks.lsync_runner import AGENT_CMDLINE_NEEDLE, LsyncWatcher
 from benchmarks.peers import Link

@@ -23,14 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import functools
-import hashlib
-import importlib.util
 import os
-import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -46,7 +41,6 @@ from benchmarks import (
     scenarios,
 )
 from benchmarks.bench import (
-    GOAL_FIGURES,
     ISSUE10_SCENARIOS,
     ISSUE10_SYSTEMS,
     ISSUE16_SCENARIOS,
@@ -54,15 +48,14 @@ from benchmarks.bench import (
     SCENARIOS,
     SYSTEMS,
     Bench,
-    BytesRow,
     LinkSpec,
     Settings,
-    Transfer,
-    WatchRow,
     fmt_kb,
     percentile,
     say,
 )
+from benchmarks.bench_rows import GOAL_FIGURES, BytesRow, Transfer, WatchRow
+from benchmarks.provenance import installed_lsync, lsync_commit, machine_description
 from benchmarks.testbed import trees
 from benchmarks.testbed.proxy import self_check
 
@@ -199,68 +192,6 @@ def render_goals(bench: Bench) -> str:
     return "\n".join(lines)
 
 
-def _first_line(argv: list[str]) -> str:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=10)
-    except OSError:
-        return "missing"
-    return ((proc.stdout + proc.stderr).strip().splitlines() or ["?"])[0]
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = "?"
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 1024 / 1024:.0f} GiB RAM"
-    return (f"{platform.node()}: {cpu}, {os.cpu_count()} CPUs, {mem}, Linux "
-            f"{platform.release()}, Python {platform.python_version()}; "
-            f"{_first_line(['ssh', '-V'])}; {_first_line(['rsync', '--version'])}; "
-            f"lsyncd {_first_line(['lsyncd', '--version'])}")
-
-
-def _lsync_commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    head = _first_line(["git", "-C", str(root), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "client",
-                            "agent", "protocol"], capture_output=True, text=True,
-                           check=False).stdout.strip()
-    return head + (" + uncommitted changes in client/agent/protocol" if dirty else "")
-
-
-def _py_digest(dirs: dict[str, Path]) -> str:
-    """sha256 over the .py files (relative path and bytes) of each named directory."""
-    h = hashlib.sha256()
-    for name, base in sorted(dirs.items()):
-        for path in sorted(base.rglob("*.py")):
-            h.update(f"{name}/{path.relative_to(base).as_posix()}\0".encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:12]
-
-
-def installed_lsync() -> str:
-    """A digest of the lsync that runs (the installed package, which others may reinstall
-    while the benchmark runs), and whether it is this working tree's client/agent/protocol."""
-    try:
-        spec = importlib.util.find_spec("lsync.client")
-    except ImportError:
-        return "not installed"
-    if spec is None or not spec.submodule_search_locations:
-        return "not installed"
-    installed = Path(next(iter(spec.submodule_search_locations))).parent
-    root = Path(__file__).resolve().parent.parent
-    names = ("client", "agent", "protocol")
-    digest = _py_digest({n: installed / n for n in names})
-    same = digest == _py_digest({n: root / n for n in names})
-    return f"{digest} ({'same as' if same else 'differs from'} the working tree)"
-
-
 def report(bench: Bench, proxy_check: str, started: dt.datetime, minutes: float,
            installed: str) -> str:
     mode = "short" if bench.s.short else "full"
@@ -272,7 +203,7 @@ def report(bench: Bench, proxy_check: str, started: dt.datetime, minutes: float,
                           for name, info in sorted(bench.tree_info.items()))
     parts = [
         f"Run {started:%Y-%m-%d %H:%M} UTC, {mode} mode, {minutes:.0f} min; lsync at "
-        f"{_lsync_commit()}. Trees: {tree_text}; scenarios a, b, e on `{bench.s.tree}` "
+        f"{lsync_commit()}. Trees: {tree_text}; scenarios a, b, e on `{bench.s.tree}` "
         f"({bench.s.saves} saves per kind, burst {bench.s.burst}).{lsync_note}",
         "",
         f"Installed lsync (what ran): {installed}",

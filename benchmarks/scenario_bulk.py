@@ -16,19 +16,15 @@ from benchmarks.bench import (
     LSYNC,
     RSYNC,
     Bench,
-    Cell,
-    CpuUse,
     LinkSpec,
-    copy_tree,
-    differing_content,
-    empty_dir,
     fmt_kb,
     percentile,
     quiet_for,
     say,
-    tree_files,
     wait_quiet,
 )
+from benchmarks.bench_rows import Cell, CpuUse
+from benchmarks.bench_trees import copy_tree, differing_content, empty_dir, tree_files
 from benchmarks.peers import PeerError
 from benchmarks.scenarios import (
     cpu_now,

@@ -35,23 +35,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import kernel_material
-from benchmarks.bench import (
-    LSYNC,
-    RSYNC,
+from benchmarks.bench import LSYNC, RSYNC, Bench, LinkSpec, fmt_kb, quiet_for, say, wait_quiet
+from benchmarks.bench_rows import Cell, CpuUse
+from benchmarks.bench_trees import (
     RSYNC_EXCLUDES,
-    Bench,
-    Cell,
-    CpuUse,
-    LinkSpec,
     copy_tree,
     empty_dir,
-    fmt_kb,
     mirror,
-    quiet_for,
     same_files,
-    say,
     tree_files,
-    wait_quiet,
 )
 from benchmarks.peers import PeerError
 from benchmarks.scenarios import cpu_now, cpu_since, mark, rsync_measured

@@ -25,17 +25,14 @@ from benchmarks.bench import (
     SMALL_FILE,
     WATCHERS,
     Bench,
-    BytesRow,
-    Cell,
     LinkSpec,
-    Transfer,
-    WatchRow,
     percentile,
     quiet_for,
     say,
     wait_quiet,
     wait_until,
 )
+from benchmarks.bench_rows import BytesRow, Cell, Transfer, WatchRow
 from benchmarks.lsync_runner import LsyncWatcher
 from benchmarks.peers import Link, PeerError
 from benchmarks.scenarios import (

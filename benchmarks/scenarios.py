@@ -46,22 +46,17 @@ from benchmarks import peers, procstat
 from benchmarks.bench import (
     LSYNC,
     RSYNC,
-    RSYNC_EXCLUDES,
     WATCHERS,
     Bench,
-    Cell,
-    CpuUse,
     LinkSpec,
-    Row,
-    Transfer,
-    empty_dir,
     fmt_kb,
     percentile,
     quiet_for,
-    same_files,
     say,
     wait_quiet,
 )
+from benchmarks.bench_rows import Cell, CpuUse, Row, Transfer
+from benchmarks.bench_trees import RSYNC_EXCLUDES, empty_dir, same_files
 from benchmarks.lsync_runner import AGENT_CMDLINE_NEEDLE, LsyncWatcher
 from benchmarks.peers import Link, PeerError, SaveMode
 from benchmarks.testbed import trees

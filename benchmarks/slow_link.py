@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.run import machine_description
+from benchmarks.provenance import machine_description
 from benchmarks.testbed.proxy import ThreadedProxy
 from benchmarks.testbed.sshd import PrivateSshd
 

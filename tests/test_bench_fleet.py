@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from benchmarks.fleet import FLEET, ONE, Burst, Results, Saves, table
+from benchmarks.fleet_measures import Burst, Results, Saves
+from benchmarks.fleet_table import table
+from benchmarks.fleet_testbed import FLEET, ONE
 
 DELAY = 0.150
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import kernel_material, scenario_upgrade
-from benchmarks.bench import CpuUse, count_tree, mirror, same_files, tree_files
+from benchmarks.bench_rows import CpuUse
+from benchmarks.bench_trees import count_tree, mirror, same_files, tree_files
 from benchmarks.lsync_runner import LsyncWatcher
 from benchmarks.peers import Link
 from benchmarks.testbed import trees
