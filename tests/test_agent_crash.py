@@ -365,7 +365,7 @@ def test_temporary_files_of_a_killed_agent_not_yet_reaped_are_stale() -> None:
     """A killed agent that its parent has not reaped yet (a zombie) writes nothing more: its
     temporary files are leftovers (`kill(pid, 0)` still succeeds on a zombie, so the next
     agent kept them); a live process's are not."""
-    from lsync.agent.confined import is_stale_temp
+    from lsync.agent.tempfiles import is_stale_temp
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
