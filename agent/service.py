@@ -27,8 +27,9 @@ from lsync.agent.confined import ConfinedRoot, file_key, iter_fd
 from lsync.agent.keeping import Keeper
 from lsync.agent.listing import KeptListing, send_manifest
 from lsync.agent.manifest import walk_tree, walk_under
-from lsync.agent.records import DigestRecord, Intent, RootLock
+from lsync.agent.records import DigestRecord, Intent
 from lsync.agent.refusals import OpError, op_error
+from lsync.agent.rootlock import RootLock
 from lsync.agent.tempfiles import PendingFile
 from lsync.agent.writer import (
     ANSWER,

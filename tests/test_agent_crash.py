@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from lsync.agent import records
+from lsync.agent import rootlock
 from lsync.agent.manifest import walk_tree
 from lsync.agent.records import DigestRecord
 from lsync.agent.service import AgentService
@@ -306,7 +306,7 @@ def test_an_old_agent_that_cannot_end_by_itself_is_killed_and_its_writes_stay_ow
         home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An old agent that does not end when asked (stopped here; blocked on a write to a
     frozen link in life) is killed after TAKEOVER_WAIT; what it acknowledged stays lsync's."""
-    monkeypatch.setattr(records, "TAKEOVER_WAIT", 0.5)
+    monkeypatch.setattr(rootlock, "TAKEOVER_WAIT", 0.5)
     root = tmp_path / "remote"
     old = _AgentProcess(root, home)
     try:
