@@ -18,6 +18,9 @@ is written; otherwise it has a temporary name. A root whose file system refuses 
 where linking through /proc fails, goes back to temporary names for good
 (`ConfinedRoot.tmpfile`).
 
+`resolve_root` says which directory a Hello's root names ('~' expanded; a relative one
+is taken from the home directory).
+
 Failures become `OpError` with a code from `ErrorCode` (lsync.agent.refusals); no other
 exception escapes for ordinary filesystem trouble (missing, permission, full disk, type
 conflicts).
@@ -71,6 +74,17 @@ def _refuse_reserved(path: str, moving: bool = False) -> None:
             or (moving and KEPT_DIR.startswith(path + "/"))):
         raise OpError(ErrorCode.BAD_PATH, "refused path {}: lsync keeps remote edits in "
                       "{}".format(shown(path), KEPT_DIR))
+
+
+def resolve_root(root: str, create: bool) -> str:
+    """The absolute root: '~' expanded, relative paths taken from the home directory."""
+    path = os.path.expanduser(root)
+    if not os.path.isabs(path):
+        path = os.path.join(os.path.expanduser("~"), path)
+    path = os.path.normpath(path)
+    if create and not os.path.isdir(path):
+        os.makedirs(path, exist_ok=True)
+    return path
 
 
 class ConfinedRoot:
