@@ -11,19 +11,19 @@ symlink while an operation runs cannot lead it outside the root.
 Every open of a file is O_NONBLOCK and is checked with fstat: a FIFO, socket or device at a
 synced path never blocks the agent; it is refused with TYPE_CONFLICT, and never replaced
 (lsync did not make it). A reader never sees a half-written file: every write goes to a file
-of its own in the target's directory, which gets the target's name only once complete.
-Where the kernel and the file system have O_TMPFILE (and /proc/self/fd is there), that file
-has no name while it is written; a new file (nothing at its name) is then linked into place
-by linkat, which makes one directory entry instead of two and fails with EEXIST rather than
-replace an entry that appeared meanwhile (that entry then goes through the replacement's
-checks, below). Otherwise, and to replace an existing entry, the file gets a temporary name,
-`.lsync-tmp-<pid>-<n>`, and is renamed over the target; `is_stale_temp` recognises the
-leftovers of an agent that is no longer running (an unnamed file leaves none). A root whose
-file system refuses O_TMPFILE, or where linking through /proc fails, goes back to temporary
-names for good (`ConfinedRoot.tmpfile`).
+of its own in the target's directory, which gets the target's name only once complete
+(`begin_write` makes it: a `PendingFile`, see lsync.agent.tempfiles). Where the kernel and
+the file system have O_TMPFILE (and /proc/self/fd is there), that file has no name while it
+is written; otherwise it has a temporary name. A root whose file system refuses O_TMPFILE, or
+where linking through /proc fails, goes back to temporary names for good
+(`ConfinedRoot.tmpfile`).
 
-Failures become `OpError` with a code from `ErrorCode`; no other exception escapes for
-ordinary filesystem trouble (missing, permission, full disk, type conflicts).
+`resolve_root` says which directory a Hello's root names ('~' expanded; a relative one
+is taken from the home directory).
+
+Failures become `OpError` with a code from `ErrorCode` (lsync.agent.refusals); no other
+exception escapes for ordinary filesystem trouble (missing, permission, full disk, type
+conflicts).
 
 Before an entry is replaced (a write's rename, a symlink, a rename onto it) or deleted, the
 root's `guard` is asked first (`ReplaceGuard`; lsync.agent.keeping keeps remote edits of
@@ -34,19 +34,24 @@ keeps them (BAD_PATH).
 import errno
 import itertools
 import os
-import re
 import stat
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from lsync.agent.refusals import (
+    OpError,
+    ReplaceGuard,
+    lstat_at,
+    op_error,
+    refuse_special,
+    special_kind,
+)
+from lsync.agent.tempfiles import NEW_FILE_FLAGS, READ_CHUNK, TEMP_PREFIX, PendingFile
 from lsync.protocol.errors import ErrorCode
 from lsync.protocol.messages import KEPT_DIR
 from lsync.protocol.paths import relpath_problem, shown
 
-TEMP_PREFIX = ".lsync-tmp-"
-_TEMP_RE = re.compile(r"^\.lsync-tmp-(\d+)-\d+$")
 _SAFE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | _SAFE
-_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _SAFE
 # An unnamed file in a directory (Linux >= 3.11): O_RDWR so that it can still be copied to a
 # named one should linking it fail; never O_EXCL, which would forbid linking it.
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
@@ -54,89 +59,13 @@ _TMPFILE_FLAGS = _O_TMPFILE | os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | getattr(
 # What the open answers where O_TMPFILE is not supported: the file system (EOPNOTSUPP), an
 # old kernel that takes it for O_DIRECTORY (EISDIR), or anything refusing the flags.
 _TMPFILE_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS)
-_PROC_FD = "/proc/self/fd/{}"
 _READ_FLAGS = os.O_RDONLY | _SAFE
 _HAS_O_PATH = hasattr(os, "O_PATH")
 _PATH_FLAGS = getattr(os, "O_PATH", 0) | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-READ_CHUNK = 1 << 20
-
-
-class OpError(Exception):
-    """An operation failed; `code` says why in terms the client can act on."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-_ERRNO_CODES = {
-    errno.ENOENT: ErrorCode.NOT_FOUND,
-    errno.EACCES: ErrorCode.PERMISSION_DENIED,
-    errno.EPERM: ErrorCode.PERMISSION_DENIED,
-    errno.EROFS: ErrorCode.PERMISSION_DENIED,
-    errno.ENOSPC: ErrorCode.NO_SPACE,
-    errno.EDQUOT: ErrorCode.NO_SPACE,
-    errno.EISDIR: ErrorCode.TYPE_CONFLICT,
-    errno.ENOTDIR: ErrorCode.TYPE_CONFLICT,
-    errno.ENOTEMPTY: ErrorCode.TYPE_CONFLICT,
-    errno.EEXIST: ErrorCode.TYPE_CONFLICT,
-    errno.ELOOP: ErrorCode.BAD_PATH,
-}
-
-
-def op_error(exc: OSError, what: str, path: str) -> OpError:
-    """Map an OSError to an OpError with a one-line message and no traceback."""
-    code = _ERRNO_CODES.get(exc.errno or 0, ErrorCode.IO_ERROR)
-    return OpError(code, "{} {}: {}".format(what, path, exc.strerror or exc))
-
-
-def is_stale_temp(name: str) -> bool:
-    """True for a temporary file left by an agent process that no longer runs."""
-    match = _TEMP_RE.match(name)
-    if match is None:
-        return False
-    pid = int(match.group(1))
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False  # exists but not ours to signal: assume alive
-    return _is_zombie(pid)  # a killed agent not reaped yet writes nothing more
-
-
-def _is_zombie(pid: int) -> bool:
-    """Whether process `pid` has ended and waits to be reaped (Linux /proc; else False)."""
-    try:
-        with open("/proc/{}/stat".format(pid), "rb") as handle:
-            return handle.read().rpartition(b")")[2].split()[0] == b"Z"
-    except (OSError, IndexError):
-        return False
 
 
 def file_key(st: os.stat_result) -> Tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-def special_kind(mode: int) -> str:
-    """'a FIFO', 'a socket', 'a device' for what lsync never opens nor replaces, else ''."""
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return ""
-
-
-def _refuse_special(st: Optional[os.stat_result], path: str) -> None:
-    kind = special_kind(st.st_mode) if st is not None else ""
-    if kind:
-        raise OpError(ErrorCode.TYPE_CONFLICT, "{} is {}; lsync leaves alone what it did not "
-                      "make".format(path, kind))
 
 
 def _refuse_reserved(path: str, moving: bool = False) -> None:
@@ -147,25 +76,15 @@ def _refuse_reserved(path: str, moving: bool = False) -> None:
                       "{}".format(shown(path), KEPT_DIR))
 
 
-class ReplaceGuard(object):
-    """What a `ConfinedRoot` asks before it replaces or deletes an entry; this one lets
-    everything go (lsync.agent.keeping has the real one). Any thread."""
-
-    def before_replace(self, dfd: int, name: str, path: str, known: bytes) -> None:
-        """Entry `name` of directory `dfd` (wire path `path`) is about to be replaced;
-        `known` is a digest of content the client has (b"": none). (Should the
-        replacement then fail, what this did stays: a copy kept is never lost.)"""
-
-    def before_delete(self, dfd: int, name: str, path: str) -> bool:
-        """Entry `name` is about to be deleted: True when it was moved away instead."""
-        return False
-
-
-def _lstat_at(dfd: int, name: str) -> Optional[os.stat_result]:
-    try:
-        return os.lstat(name, dir_fd=dfd)
-    except FileNotFoundError:
-        return None
+def resolve_root(root: str, create: bool) -> str:
+    """The absolute root: '~' expanded, relative paths taken from the home directory."""
+    path = os.path.expanduser(root)
+    if not os.path.isabs(path):
+        path = os.path.join(os.path.expanduser("~"), path)
+    path = os.path.normpath(path)
+    if create and not os.path.isdir(path):
+        os.makedirs(path, exist_ok=True)
+    return path
 
 
 class ConfinedRoot:
@@ -250,7 +169,7 @@ class ConfinedRoot:
         anything but a regular file is refused with TYPE_CONFLICT)."""
         dfd, name = self.parent_fd(path)
         try:
-            st = _lstat_at(dfd, name)
+            st = lstat_at(dfd, name)
             kind = special_kind(st.st_mode) if st is not None else ""
             if kind:  # not even opened: opening a device may act
                 raise OpError(ErrorCode.TYPE_CONFLICT, "{} is {}, not a regular file".format(
@@ -286,7 +205,7 @@ class ConfinedRoot:
 
     # -- writing --------------------------------------------------------------------------
     def begin_write(self, path: str, parents: Optional["Parents"] = None,
-                    mode: int = 0o600) -> "PendingFile":
+                    mode: int = 0o600) -> PendingFile:
         """Start writing a new version of `path` into a file of its own beside it (its
         directory reached through `parents` when given: a batch's files share them).
 
@@ -309,7 +228,7 @@ class ConfinedRoot:
                 # Other errors (no space, no permission) are the named file's to report.
         temp = self._temp_name()
         try:
-            fd = os.open(temp, _NEW_FILE_FLAGS, 0o600, dir_fd=dfd)
+            fd = os.open(temp, NEW_FILE_FLAGS, 0o600, dir_fd=dfd)
         except OSError as exc:
             if parents is None:
                 os.close(dfd)
@@ -329,7 +248,7 @@ class ConfinedRoot:
         dfd, name = self.parent_fd(path)
         try:
             try:
-                _refuse_special(_lstat_at(dfd, name), path)
+                refuse_special(lstat_at(dfd, name), path)
                 if self.guard.before_delete(dfd, name, path):
                     return True, False
                 os.unlink(name, dir_fd=dfd)
@@ -365,8 +284,8 @@ class ConfinedRoot:
         try:
             dfd, dname = self.parent_fd(dst, create=True)
             try:
-                _refuse_special(_lstat_at(sfd, sname), src)
-                _refuse_special(_lstat_at(dfd, dname), dst)
+                refuse_special(lstat_at(sfd, sname), src)
+                refuse_special(lstat_at(dfd, dname), dst)
                 self.guard.before_replace(dfd, dname, dst, b"")
                 os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
                 try:
@@ -407,7 +326,7 @@ class ConfinedRoot:
         dfd, name = self.parent_fd(path, create=True)
         temp = self._temp_name()
         try:
-            _refuse_special(_lstat_at(dfd, name), path)
+            refuse_special(lstat_at(dfd, name), path)
             os.symlink(target, temp, dir_fd=dfd)
             try:
                 self.guard.before_replace(dfd, name, path, b"")
@@ -449,7 +368,7 @@ def chmod_at(dfd: int, name: str, path: str, mode: int,
         return None
     if directory and not stat.S_ISDIR(st.st_mode):
         raise OpError(ErrorCode.TYPE_CONFLICT, "{} exists and is not a directory".format(path))
-    _refuse_special(st, path)
+    refuse_special(st, path)
     flags = DIR_FLAGS if directory else _READ_FLAGS
     try:
         fd = os.open(name, flags, dir_fd=dfd)
@@ -474,7 +393,7 @@ def chmod_at(dfd: int, name: str, path: str, mode: int,
 
 
 def _check_chmod_target(st: os.stat_result, path: str, directory: bool) -> None:
-    _refuse_special(st, path)
+    refuse_special(st, path)
     if directory and not stat.S_ISDIR(st.st_mode):
         raise OpError(ErrorCode.TYPE_CONFLICT, "{} is not a directory".format(path))
 
@@ -537,143 +456,3 @@ class Parents:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-
-
-class PendingFile:
-    """A file being written, unnamed (O_TMPFILE: `temp` is None) or under a temporary name;
-    `commit` puts it in place, `abort` removes it."""
-
-    def __init__(self, path: str, dfd: int, name: str, temp: Optional[str], fd: int,
-                 owns_dfd: bool = True, guard: Optional[ReplaceGuard] = None,
-                 root: Optional[ConfinedRoot] = None) -> None:
-        self.path = path
-        self.dfd = dfd
-        self.name = name
-        self.temp = temp  # None while the file has no name
-        self.fd = fd
-        self.size = 0
-        self.owns_dfd = owns_dfd  # else the directory belongs to a batch's `Parents`
-        self.guard = guard or ReplaceGuard()  # asked right before the rename
-        self.known = b""  # a digest of content the client has (a delta's base), for it
-        self.root = root  # told when linking an unnamed file does not work
-
-    def write(self, data: Union[bytes, memoryview]) -> None:
-        view = memoryview(data)
-        try:
-            while view:
-                written = os.write(self.fd, view)
-                view = view[written:]
-                self.size += written
-        except OSError as exc:
-            raise op_error(exc, "write", self.path)
-
-    def commit(self, mode: int) -> os.stat_result:
-        """Give the file `mode`, put it in place, and return its stat.
-
-        An unnamed file is linked at the target's name, which fails when an entry is
-        there (never replacing it); it is then named and renamed over the target after the
-        checks and the guard, as a named temporary file is."""
-        try:
-            if self.temp is None:
-                # Made with `mode` already, unless the umask or a setuid bit said otherwise.
-                st = os.fstat(self.fd)
-                if stat.S_IMODE(st.st_mode) != mode & 0o7777:
-                    os.fchmod(self.fd, mode & 0o7777)
-                    st = os.fstat(self.fd)
-                # The link itself says whether an entry is there (EEXIST): no look first.
-                linked = self._link(self.name)
-                if linked:
-                    os.close(self.fd)
-                    self.fd = -1
-                    self._release()
-                    return st
-                if self._name_temp(copy=linked is None):  # None: linking does not work
-                    st = os.fstat(self.fd)  # the copy is another file
-                target = _lstat_at(self.dfd, self.name)
-            else:
-                os.fchmod(self.fd, mode & 0o7777)
-                st = os.fstat(self.fd)
-                target = _lstat_at(self.dfd, self.name)
-            os.close(self.fd)
-            self.fd = -1
-            if target is not None and stat.S_ISDIR(target.st_mode):
-                raise OpError(ErrorCode.TYPE_CONFLICT, "{} is a directory".format(self.path))
-            _refuse_special(target, self.path)
-            self.guard.before_replace(self.dfd, self.name, self.path, self.known)
-            assert self.temp is not None
-            os.rename(self.temp, self.name, src_dir_fd=self.dfd, dst_dir_fd=self.dfd)
-        except OSError as exc:
-            self.abort()
-            raise op_error(exc, "replace", self.path)
-        except OpError:
-            self.abort()
-            raise
-        self._release()
-        return st
-
-    def _link(self, name: str) -> Optional[bool]:
-        """Link the unnamed file as `name` of its directory: True when done, False when an
-        entry of that name is there (never replaced), None when the link failed otherwise
-        (linking through /proc may not work here; or the directory is full or gone: the
-        named copy's creation then says so)."""
-        try:
-            os.link(_PROC_FD.format(self.fd), name, dst_dir_fd=self.dfd,
-                    follow_symlinks=True)
-            return True
-        except FileExistsError:
-            return False
-        except OSError:
-            return None
-
-    def _name_temp(self, copy: bool) -> bool:
-        """Give the unnamed file a temporary name: a link to it, or (`copy`, or when that
-        link fails) a named copy of it, after which the root makes named files. True when
-        it made a copy (the fd is then the copy's)."""
-        temp = self.root._temp_name() if self.root is not None else "{}{}-u{}".format(
-            TEMP_PREFIX, os.getpid(), self.fd)
-        if not copy:
-            linked = self._link(temp)
-            if linked:
-                self.temp = temp
-                return False
-            if linked is False:  # a leftover of that name: as O_EXCL would say
-                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), temp)
-        fd = os.open(temp, _NEW_FILE_FLAGS, 0o600, dir_fd=self.dfd)
-        self.temp = temp
-        try:
-            size = os.fstat(self.fd).st_size
-            offset = 0
-            while offset < size:
-                chunk = os.pread(self.fd, READ_CHUNK, offset)
-                if not chunk:
-                    break
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
-                offset += len(chunk)
-            os.fchmod(fd, stat.S_IMODE(os.fstat(self.fd).st_mode))
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(self.fd)
-        self.fd = fd
-        if self.root is not None:
-            self.root.tmpfile = False  # linking through /proc does not work here
-        return True
-
-    def _release(self) -> None:
-        if self.owns_dfd:
-            os.close(self.dfd)
-        self.dfd = -1
-
-    def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self.dfd >= 0:
-            if self.temp is not None:
-                try:
-                    os.unlink(self.temp, dir_fd=self.dfd)
-                except OSError:
-                    pass
-            self._release()

@@ -44,8 +44,9 @@ import stat
 import threading
 from typing import Any, Callable, List, Optional, Tuple
 
-from lsync.agent.confined import DIR_FLAGS, OpError, ReplaceGuard, file_key, iter_fd, op_error
+from lsync.agent.confined import DIR_FLAGS, file_key, iter_fd
 from lsync.agent.records import DigestRecord
+from lsync.agent.refusals import OpError, ReplaceGuard, op_error
 from lsync.protocol import messages as m
 from lsync.protocol.errors import ErrorCode
 from lsync.protocol.paths import relpath_problem, shown

@@ -13,7 +13,7 @@ record (which grows with the tree) is written when the input has been quiet for
 
 SIGTERM ends the session cleanly: the message being handled is finished, the pooled writes
 are waited for and recorded, the client is told (Goodbye) and the record saved. A newer
-agent of the same root sends it to take over (lsync.agent.records.RootLock): an agent whose
+agent of the same root sends it to take over (lsync.agent.rootlock.RootLock): an agent whose
 client died may still be reading what that client sent.
 """
 

@@ -22,15 +22,10 @@ import stat
 from stat import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, S_IMODE
 from typing import Any, Generator, List, Optional, Tuple
 
-from lsync.agent.confined import (
-    DIR_FLAGS,
-    TEMP_PREFIX,
-    ConfinedRoot,
-    OpError,
-    file_key,
-    is_stale_temp,
-)
+from lsync.agent.confined import DIR_FLAGS, ConfinedRoot, file_key
 from lsync.agent.records import DigestRecord
+from lsync.agent.refusals import OpError
+from lsync.agent.tempfiles import TEMP_PREFIX, is_stale_temp
 from lsync.protocol import messages as m
 from lsync.protocol.paths import MAX_NAME_BYTES, MAX_PATH_BYTES, relpath_problem
 

@@ -36,7 +36,9 @@ import threading
 import zlib
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, Union
 
-from lsync.agent.confined import DIR_FLAGS, TEMP_PREFIX, ConfinedRoot, OpError, iter_fd
+from lsync.agent.confined import DIR_FLAGS, ConfinedRoot, iter_fd
+from lsync.agent.refusals import OpError
+from lsync.agent.tempfiles import TEMP_PREFIX
 from lsync.protocol import hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.delta import encode_block_delta

@@ -5,7 +5,9 @@ which the driver implements, when a long answer such as the manifest is streamed
 operation gets exactly one `Ack` or `Error` with its `seq`; a failed operation leaves the
 tree as it was and never ends the session. Handlers are dispatched through `_HANDLERS`,
 after `messages.request_problem` has had its say: what it refuses is answered with its code
-(an Error, or a Goodbye for a Hello) and never reaches a handler.
+(an Error, or a Goodbye for a Hello) and never reaches a handler. Whole files arrive in
+chunks here or go to the write pool (lsync.agent.writer); a delta or a copy is made from
+what is on the remote by lsync.agent.derived.
 Each change also updates the record of what lsync made (`lsync.agent.records`), which the
 manifest reports as each entry's `written` field and which outlives the agent. What a
 change is about to put in place is said (`DigestRecord.intend`) before it is put there,
@@ -23,18 +25,15 @@ import stat
 import sys
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
-from lsync.agent.confined import (
-    ConfinedRoot,
-    OpError,
-    PendingFile,
-    file_key,
-    iter_fd,
-    op_error,
-)
+from lsync.agent.confined import ConfinedRoot, file_key, resolve_root
+from lsync.agent.derived import copy_file, write_delta
 from lsync.agent.keeping import Keeper
 from lsync.agent.listing import KeptListing, send_manifest
 from lsync.agent.manifest import walk_tree, walk_under
-from lsync.agent.records import DigestRecord, Intent, RootLock
+from lsync.agent.records import DigestRecord, Intent
+from lsync.agent.refusals import OpError
+from lsync.agent.rootlock import RootLock
+from lsync.agent.tempfiles import PendingFile
 from lsync.agent.writer import (
     ANSWER,
     APPLY,
@@ -51,11 +50,9 @@ from lsync.agent.writer import (
 )
 from lsync.protocol import PROTOCOL_VERSION, hashing, packing
 from lsync.protocol import messages as m
-from lsync.protocol.delta import DeltaError, apply_delta
 from lsync.protocol.errors import AckStatus, ErrorCode, ProtocolError
 from lsync.protocol.paths import shown
 
-MAX_DELTA_RESULT = 1 << 40  # the result is streamed to disk; this only bounds nonsense
 MAX_MESSAGE = 1000  # characters of an Error's message
 INLINE_WRITE_MAX = 256 << 10  # a whole file this small (packed) is written without the pool
 
@@ -467,67 +464,10 @@ class AgentService:
         self.record.settle(intents)
 
     def on_write_delta(self, msg: m.WriteDelta) -> None:
-        """Check the base cheaply (record + stat, hashing only when in doubt), apply, verify."""
         assert self.root is not None and self.record is not None
-        fd = self._open_base(msg.path, msg.base)
-        try:
-            base_size = os.fstat(fd).st_size
-
-            def read_base(offset: int, length: int) -> bytes:
-                return os.pread(fd, length, offset)
-
-            pending = self.root.begin_write(msg.path, mode=msg.mode)
-            pending.known = msg.base  # the client has it: not a remote edit to keep
-            try:
-                hasher = self._new_hasher()
-                for chunk in apply_delta(msg.delta, read_base, base_size, MAX_DELTA_RESULT):
-                    hasher.update(chunk)
-                    pending.write(chunk)
-                digest = hasher.digest()
-                if digest != msg.digest:
-                    raise OpError(ErrorCode.DIGEST_MISMATCH,
-                                  "delta for {} did not give the expected content".format(
-                                      msg.path))
-                st = self._commit(pending, msg.mode, digest)
-            except DeltaError as exc:
-                pending.abort()
-                raise OpError(exc.code, "delta for {}: {}".format(msg.path, exc.message))
-            except BaseException:
-                pending.abort()
-                raise
-        except OSError as exc:
-            raise op_error(exc, "apply delta to", msg.path)
-        finally:
-            os.close(fd)
+        st, digest = write_delta(self.root, self.record, msg, self._new_hasher, self._commit)
         record_file(self.record, msg.path, st, digest)
         self._ack(msg.seq)
-
-    def _open_base(self, path: str, base: bytes) -> int:
-        """An fd of `path` once it is known to hold the content whose digest is `base`."""
-        assert self.root is not None and self.record is not None
-        try:
-            fd = self.root.open_read(path)
-        except OpError as exc:
-            if exc.code in (ErrorCode.NOT_FOUND, ErrorCode.TYPE_CONFLICT, ErrorCode.BAD_PATH):
-                # (BAD_PATH: a symlink is there now, made on the remote.)
-                raise OpError(ErrorCode.BASE_MISMATCH, "{} is not the expected base: {}".format(
-                    path, exc.message))
-            raise
-        try:
-            known = self.record.lookup(path, file_key(os.fstat(fd)))
-            if known is None:
-                hasher = self._new_hasher()
-                for chunk in iter_fd(fd):
-                    hasher.update(chunk)
-                known = hasher.digest()
-                self.record.remember(path, file_key(os.fstat(fd)), known)
-            if known != base:
-                raise OpError(ErrorCode.BASE_MISMATCH,
-                              "{} changed on the remote; it is not the expected base".format(path))
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
 
     def on_set_dictionary(self, msg: m.SetDictionary) -> None:
         if len(msg.data) > m.MAX_DICTIONARY:
@@ -564,36 +504,7 @@ class AgentService:
 
     def on_copy(self, msg: m.Copy) -> None:
         assert self.root is not None and self.record is not None
-        try:
-            fd = self.root.open_read(msg.src)
-        except OpError as exc:
-            if exc.code in (ErrorCode.NOT_FOUND, ErrorCode.TYPE_CONFLICT):
-                raise OpError(ErrorCode.DIGEST_MISMATCH, "{} no longer has the expected "
-                              "content: {}".format(msg.src, exc.message))
-            raise
-        try:
-            pending = self.root.begin_write(msg.dst, mode=msg.mode)
-            try:
-                hasher = self._new_hasher()
-                while True:
-                    chunk = os.read(fd, 1 << 20)
-                    if not chunk:
-                        break
-                    hasher.update(chunk)
-                    pending.write(chunk)
-                digest = hasher.digest()
-                if digest != msg.digest:
-                    raise OpError(ErrorCode.DIGEST_MISMATCH,
-                                  "{} no longer has the expected content".format(msg.src))
-                st = self._commit(pending, msg.mode, digest)
-            except BaseException:
-                pending.abort()
-                raise
-        except OSError as exc:
-            raise OpError(ErrorCode.IO_ERROR, "copy {} to {}: {}".format(
-                msg.src, msg.dst, exc.strerror or exc))
-        finally:
-            os.close(fd)
+        st, digest = copy_file(self.root, msg, self._new_hasher, self._commit)
         record_file(self.record, msg.dst, st, digest)
         self._ack(msg.seq)
 
@@ -643,14 +554,3 @@ def _paths_of(message: m.Message) -> List[str]:
     if isinstance(message, m.WriteBatch):
         return [item[1] for item in message.files]
     return [message.path]  # type: ignore[union-attr]
-
-
-def resolve_root(root: str, create: bool) -> str:
-    """The absolute root: '~' expanded, relative paths taken from the home directory."""
-    path = os.path.expanduser(root)
-    if not os.path.isabs(path):
-        path = os.path.join(os.path.expanduser("~"), path)
-    path = os.path.normpath(path)
-    if create and not os.path.isdir(path):
-        os.makedirs(path, exist_ok=True)
-    return path

@@ -28,8 +28,9 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set, Tuple
 
-from lsync.agent.confined import ConfinedRoot, OpError, Parents, file_key
+from lsync.agent.confined import ConfinedRoot, Parents, file_key
 from lsync.agent.records import DigestRecord
+from lsync.agent.refusals import OpError
 from lsync.protocol import hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.errors import ErrorCode

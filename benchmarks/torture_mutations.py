@@ -123,7 +123,7 @@ MUTATIONS: dict[str, Mutation] = {
         ("agent/records.py", "        if not self.cache_path or not intents:\n            return"
          "\n        lines = [_line([\"i\"", "        if True:\n            return\n        "
          "lines = [_line([\"i\""),
-        ("agent/records.py", "    def acquire(self) -> bool:\n        if self.path is None:\n "
+        ("agent/rootlock.py", "    def acquire(self) -> bool:\n        if self.path is None:\n "
          "           return False\n", "    def acquire(self) -> bool:\n        if True:\n"
          "            return True\n"),
     )),

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from lsync.agent import records
+from lsync.agent import rootlock
 from lsync.agent.manifest import walk_tree
 from lsync.agent.records import DigestRecord
 from lsync.agent.service import AgentService
@@ -306,7 +306,7 @@ def test_an_old_agent_that_cannot_end_by_itself_is_killed_and_its_writes_stay_ow
         home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An old agent that does not end when asked (stopped here; blocked on a write to a
     frozen link in life) is killed after TAKEOVER_WAIT; what it acknowledged stays lsync's."""
-    monkeypatch.setattr(records, "TAKEOVER_WAIT", 0.5)
+    monkeypatch.setattr(rootlock, "TAKEOVER_WAIT", 0.5)
     root = tmp_path / "remote"
     old = _AgentProcess(root, home)
     try:
@@ -365,7 +365,7 @@ def test_temporary_files_of_a_killed_agent_not_yet_reaped_are_stale() -> None:
     """A killed agent that its parent has not reaped yet (a zombie) writes nothing more: its
     temporary files are leftovers (`kill(pid, 0)` still succeeds on a zombie, so the next
     agent kept them); a live process's are not."""
-    from lsync.agent.confined import is_stale_temp
+    from lsync.agent.tempfiles import is_stale_temp
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     try:

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from lsync.agent.confined import ConfinedRoot, OpError
+from lsync.agent.confined import ConfinedRoot
+from lsync.agent.refusals import OpError
 from lsync.client.remote import convergence, passes, planner, sender
 from lsync.client.remote.model import RemoteModel
 from lsync.client.remote.pathqueue import RETRY_MAX, State

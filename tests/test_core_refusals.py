@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from lsync.agent.confined import ConfinedRoot, OpError
+from lsync.agent.confined import ConfinedRoot
+from lsync.agent.refusals import OpError
 from lsync.client.remote import passes
 from lsync.client.remote.pathqueue import State
 from lsync.protocol.errors import ErrorCode

@@ -9,8 +9,9 @@ import os
 import shutil
 import stat
 
-from lsync.agent import confined
-from lsync.agent.confined import ConfinedRoot, OpError, ReplaceGuard, file_key
+from lsync.agent import confined, tempfiles
+from lsync.agent.confined import ConfinedRoot, file_key
+from lsync.agent.refusals import OpError, ReplaceGuard
 from lsync.agent.writer import write_batch
 from lsync.protocol.errors import ErrorCode
 from tests.compat.helpers import TempTree
@@ -271,8 +272,8 @@ def test_when_linking_through_proc_fails_the_file_is_copied_to_a_named_one():
         root.close()
         shutil.rmtree(tree.base)
         return
-    saved = confined._PROC_FD
-    confined._PROC_FD = os.path.join(tree.base, "no-proc", "{}")  # as without /proc
+    saved = tempfiles._PROC_FD
+    tempfiles._PROC_FD = os.path.join(tree.base, "no-proc", "{}")  # as without /proc
     try:
         data = os.urandom(3 * confined.READ_CHUNK + 17)
         _write_and_check(root, tree, "f", data, 0o751)
@@ -282,7 +283,7 @@ def test_when_linking_through_proc_fails_the_file_is_copied_to_a_named_one():
         pending.abort()
         assert _entries(tree.root) == ["f"]
     finally:
-        confined._PROC_FD = saved
+        tempfiles._PROC_FD = saved
         root.close()
         shutil.rmtree(tree.base)
 
