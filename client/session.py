@@ -336,9 +336,6 @@ class Session:
             target.tree, {"create_root": True,
                           "lanes": target.host is not None and self.options.lanes > 0})
         connecting = time.monotonic()
-        # The copy of the remote's listing kept by the last session is read meanwhile.
-        copy = remotelisting.Copy(self.root, target.describe(), self.reporter.note)
-        holding = asyncio.ensure_future(asyncio.to_thread(copy.load))
         opening: asyncio.Future[asyncssh.SSHClientConnection] | None = None
         if target.host is not None:
             self.reporter.state(f"connecting to {target.describe()}")
@@ -346,6 +343,9 @@ class Session:
             opening = asyncio.ensure_future(ssh.connect(
                 target, self.options.ssh_config, self.options.accept_new_host_key))
             await asyncio.sleep(0)
+        # The copy of the remote's listing kept by the last session is read meanwhile.
+        copy = remotelisting.Copy(self.root, target.describe(), self.reporter.note)
+        holding = asyncio.ensure_future(asyncio.to_thread(copy.load))
         # Nothing is scanned before the watcher reports changes (none may fall between).
         if not self.local.watching.is_set():
             ready = asyncio.ensure_future(self.local.watching.wait())

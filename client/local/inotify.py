@@ -245,18 +245,30 @@ class InotifyWatcher:
 
     def start(self) -> None:
         """Open inotify and watch the whole tree; call within a running loop. Raises OSError."""
-        loop = asyncio.get_running_loop()
+        self.prepare()
+        self.attach()
+
+    def prepare(self) -> None:
+        """Open inotify and watch the whole tree (a few hundred ms on the Linux kernel's
+        5,000 directories): from any thread, before `attach` and while nothing else uses
+        the watcher; what changes meanwhile waits in inotify's queue. Raises OSError."""
         if self._fd is not None:
-            raise RuntimeError("InotifyWatcher.start() called twice")
+            raise RuntimeError("InotifyWatcher started twice")
         fd = _call("inotify_init1", os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             self._root_wd = add_watch(fd, self._root, WATCH_MASK)
         except BaseException:
             os.close(fd)
             raise
-        self._fd, self._loop = fd, loop
+        self._fd = fd
         self._walk("", report=False, sliced=False)
-        loop.add_reader(fd, self._on_readable)
+
+    def attach(self) -> None:
+        """Start reading the events of a prepared watcher; call within the running loop."""
+        loop = asyncio.get_running_loop()
+        assert self._fd is not None, "prepare() first"
+        self._loop = loop
+        loop.add_reader(self._fd, self._on_readable)
         self._note_activity()
 
     def refresh(self, rel: str) -> None:

@@ -185,7 +185,7 @@ class LocalSide:
         """Run the watcher and git's index follower until `stop`; a tree that cannot be
         watched any more raises SafetyStop."""
         await asyncio.sleep(0)  # the SSH connections start first
-        watcher = open_watcher(self.root, self._skip_dir, self.step_ms, self.debounce_ms,
+        watcher = await open_watcher(self.root, self._skip_dir, self.step_ms, self.debounce_ms,
                                self.note)
         self.watcher = watcher
         self.watching.set()

@@ -124,17 +124,24 @@ class _Watchfiles:
         pass
 
 
-def open_watcher(root: Path, skip_dir: Callable[[str], bool],
-                 step_ms: int = DEFAULT_STEP_MS, debounce_ms: int = DEFAULT_DEBOUNCE_MS,
-                 on_fallback: Callable[[str], None] = lambda why: None) -> TreeWatcher:
+async def open_watcher(root: Path, skip_dir: Callable[[str], bool],
+                       step_ms: int = DEFAULT_STEP_MS, debounce_ms: int = DEFAULT_DEBOUNCE_MS,
+                       on_fallback: Callable[[str], None] = lambda why: None) -> TreeWatcher:
     """The best watcher for this platform, started (inotify on Linux, watchfiles elsewhere
     or when inotify cannot start, e.g. too many inotify instances: `on_fallback` says why).
-    Call it from the event loop's thread."""
+    inotify's walk of the tree runs in a worker thread: the event loop goes on meanwhile
+    (the SSH handshakes of a start are under way, and each step of theirs waits for it)."""
     if sys.platform.startswith("linux") and available():
         watcher = _Inotify(root, skip_dir, step_ms, debounce_ms)
+        preparing = asyncio.ensure_future(asyncio.to_thread(watcher.watcher.prepare))
         try:
-            watcher.watcher.start()
+            await asyncio.shield(preparing)
+            watcher.watcher.attach()
             return watcher
+        except asyncio.CancelledError:
+            # (a thread cannot be stopped: its descriptor is closed when it is done)
+            preparing.add_done_callback(lambda _: watcher.close())
+            raise
         except OSError as exc:
             watcher.close()
             on_fallback(f"inotify unavailable ({exc.strerror or exc}); watching with "

@@ -11,6 +11,7 @@ import sys
 import time
 
 import lsync.agent
+from lsync.agent.recordfiles import read_snapshot, snapshot_bytes
 from lsync.agent.records import DigestRecord
 from lsync.protocol import PROTOCOL_VERSION, hashing
 from lsync.protocol import messages as m
@@ -290,11 +291,12 @@ def test_a_torn_journal_line_is_ignored_and_the_next_change_starts_afresh():
         assert third.written("d", m.KIND_LINK, 0) == b"target"
         assert third.written("a", m.KIND_FILE, 0) == b"\x01" * 16
         # A journal that belongs to another snapshot is not replayed.
-        with open(cache) as handle:
-            data = json.load(handle)
-        data["journal"] = "someone-else"
-        with open(cache, "w") as handle:
-            json.dump(data, handle)
+        with open(cache, "rb") as handle:
+            loaded = read_snapshot(handle.read(), "blake2b-128")
+        assert loaded is not None and loaded[2]  # (the id of the journal behind it)
+        with open(cache, "wb") as handle:
+            handle.write(snapshot_bytes("blake2b-128", 10 ** 19, loaded[0], loaded[1],
+                                        "someone-else"))
         third.wrote_file("e", b"\x03" * 16)
         third.journal(10 ** 19)
         fourth = DigestRecord(cache, "blake2b-128")
@@ -337,7 +339,7 @@ def test_snapshots_wait_for_quiet_input_unless_the_journal_is_huge():
 def test_journal_lines_are_what_json_dumps_writes_whatever_the_path():
     import random
 
-    from lsync.agent.records import _line
+    from lsync.agent.recordfiles import journal_line as _line
     rng = random.Random(16)
     alphabet = ["a", "/", '"', "\\", "\n", "\x00", "\x1f", "\x7f", "\u00e9", "\udcff",
                 "\U0001f600", "\u2028", " "]
@@ -386,3 +388,68 @@ def test_a_batch_recorded_in_one_go_is_recorded_as_file_by_file():
             assert one._dirty == many._dirty
     finally:
         shutil.rmtree(tree.base)
+
+
+def test_a_snapshot_keeps_digests_and_ownership_and_leaves_out_racy_keys():
+    tree = TempTree()
+    try:
+        cache = os.path.join(tree.base, "agent-s.json")
+        now = 10 ** 19
+        record = DigestRecord(cache, "blake2b-128")
+        record.remember("old", (3, now - 5 * 10 ** 9, 7), b"\xab" * 16)
+        record.remember("racy", (3, now - 10 ** 9, 8), b"\xcd" * 16)  # mtime 1 s before
+        record.wrote_file("f", b"\x01" * 16)
+        record.wrote_link("l", "target")
+        record.made_dir("d", 9)
+        record.save(now, force=True)
+        with open(cache, "rb") as handle:
+            assert handle.read(13) == b"lsync-record "
+        again = DigestRecord(cache, "blake2b-128")
+        again.load()
+        assert again.lookup("old", (3, now - 5 * 10 ** 9, 7)) == b"\xab" * 16
+        assert again.lookup("racy", (3, now - 10 ** 9, 8)) is None
+        assert again.written("f", m.KIND_FILE, 0) == b"\x01" * 16
+        assert again.written("l", m.KIND_LINK, 0) == b"target"
+        assert again.written("d", m.KIND_DIR, 9) == b""
+        # Another hash's record is not this one.
+        other = DigestRecord(cache, "xxh3-128")
+        other.load()
+        assert other.written("f", m.KIND_FILE, 0) is None
+        for record_ in (record, again, other):
+            record_._close_journal()
+    finally:
+        tree.cleanup()
+
+
+def test_a_torn_or_corrupt_snapshot_tells_nothing():
+    tree = TempTree()
+    try:
+        cache = os.path.join(tree.base, "agent-t.json")
+        record = DigestRecord(cache, "blake2b-128")
+        record.wrote_file("f", b"\x01" * 16)
+        record.save(10 ** 19, force=True)
+        record._close_journal()
+        with open(cache, "rb") as handle:
+            whole = handle.read()
+        flipped = bytearray(whole)
+        flipped[-3] ^= 0x40
+        header = whole.partition(b"\n")[0]
+        for damaged in (whole[:len(whole) - 7], bytes(flipped), header, b"lsync-record ",
+                        header.replace(b" 1 ", b" 9 ") + whole[len(header):]):
+            with open(cache, "wb") as handle:
+                handle.write(damaged)
+            again = DigestRecord(cache, "blake2b-128")
+            again.load()
+            assert again.written("f", m.KIND_FILE, 0) is None, damaged[:40]
+        # A payload whose digest is right but whose values are not what a record holds.
+        import hashlib
+        import marshal
+        payload = marshal.dumps(("blake2b-128", 1, {"f": (1, 2, 3, "not bytes")}, {}, ""))
+        with open(cache, "wb") as handle:
+            handle.write(b"lsync-record 1 " + hashlib.sha256(payload).hexdigest().encode()
+                         + b"\n" + payload)
+        again = DigestRecord(cache, "blake2b-128")
+        again.load()
+        assert again.lookup("f", (1, 2, 3)) is None
+    finally:
+        tree.cleanup()
