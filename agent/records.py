@@ -436,6 +436,7 @@ class DigestRecord:
                 return
         except ValueError:  # (UnicodeDecodeError is one)
             return
+        self._dirty = True  # (the next snapshot is in the faster format)
         try:
             saved_at = int(data["saved_ns"])
             for path, (size, mtime_ns, ino, digest) in data["entries"].items():

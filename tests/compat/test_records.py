@@ -262,6 +262,20 @@ def test_a_record_file_without_the_written_section_loads():
         assert again.written("g", m.KIND_FILE, 0) == b"\x01" * 16
         assert again.lookup("f", (3, 10 ** 18, 7)) == b"\xab" * 16
         record.close(10 ** 19)
+        # An old JSON snapshot is rewritten in the current format at the next snapshot,
+        # changes or not.
+        with open(cache, "w") as handle:
+            json.dump({"algorithm": "blake2b-128", "saved_ns": 10 ** 19,
+                       "entries": {"f": [3, 10 ** 18, 7, "ab" * 16]}}, handle)
+        unchanged = DigestRecord(cache, "blake2b-128")
+        unchanged.load()
+        unchanged.close(10 ** 19)
+        with open(cache, "rb") as handle:
+            assert handle.read(13) == b"lsync-record "
+        again = DigestRecord(cache, "blake2b-128")
+        again.load()
+        assert again.lookup("f", (3, 10 ** 18, 7)) == b"\xab" * 16
+        again._close_journal()
     finally:
         tree.cleanup()
 
