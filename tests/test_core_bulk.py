@@ -4,7 +4,8 @@ saves and batches beside the main stream, in no order against it; nothing about
 convergence changes.
 
 The core runs against the real agent service through in-memory byte streams
-(tests/memagent.py), as in tests/test_core_properties.py, whose rig this module reuses.
+(tests/memagent.py), as in tests/test_core_properties.py, whose rig (tests/corerig.py)
+this module reuses.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from lsync.protocol import messages as m
 from lsync.protocol import packing
 from lsync.protocol.errors import ErrorCode
 from tests.conftest import c_like_text
+from tests.corerig import STEP_TIMEOUT, Rig
+from tests.corerig import home as home  # (a fixture)
+from tests.corerig import rig as rig  # (a fixture)
 from tests.memagent import open_link
-from tests.test_core_properties import STEP_TIMEOUT, Rig
-from tests.test_core_properties import home as home  # (a fixture)
-from tests.test_core_properties import rig as rig  # (a fixture)
 
 
 def _count_messages(rig: Rig) -> Counter[str]:

@@ -1,5 +1,5 @@
 """Where features meet failures (issue 15), on the client core against the real agent
-service through in-memory streams (tests/memagent.py, the rig of test_core_properties):
+service through in-memory streams (tests/memagent.py, the rig of tests/corerig.py):
 a branch switch that queues the root with thousands of files, a bug on one path, a path
 that keeps failing under a flush barrier, deletes the remote refuses, operations in flight
 when the link breaks, files too big to send.
@@ -26,9 +26,9 @@ from lsync.client.remote.model import RemoteModel
 from lsync.client.remote.pathqueue import RETRY_MAX, State
 from lsync.protocol.errors import ErrorCode
 from tests.conftest import c_like_text
-from tests.test_core_properties import Rig
-from tests.test_core_properties import home as home  # (a fixture)
-from tests.test_core_properties import rig as rig  # (a fixture)
+from tests.corerig import Rig
+from tests.corerig import home as home  # (a fixture)
+from tests.corerig import rig as rig  # (a fixture)
 
 
 def _write_many(root: Path, names: list[str], seed: int) -> dict[str, bytes]:

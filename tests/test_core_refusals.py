@@ -26,9 +26,9 @@ from lsync.agent.refusals import OpError
 from lsync.client.remote import passes
 from lsync.client.remote.pathqueue import State
 from lsync.protocol.errors import ErrorCode
-from tests.test_core_properties import Rig
-from tests.test_core_properties import home as home  # (a fixture)
-from tests.test_core_properties import rig as rig  # (a fixture)
+from tests.corerig import Rig
+from tests.corerig import home as home  # (a fixture)
+from tests.corerig import rig as rig  # (a fixture)
 
 CHANGES = ("begin_write", "remove", "rename", "mkdir", "symlink", "set_mode")
 

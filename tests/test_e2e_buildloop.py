@@ -1,14 +1,17 @@
-"""End to end: the build loop (issue 9) — `lsync flush`, `lsync run`, `lsync status` and
-`.lsync.toml` — against the private sshd, through a byte-counting proxy.
+"""End to end: the build loop (issue 9) — `lsync flush`, `lsync run` and `lsync status` on a
+running session — against the private sshd, through a byte-counting proxy.
 
 Two `lsync connect` sessions are shared by most tests of this module, each test working in
 its own directory of the tree: one at RTT 0 and one through the delay proxy at 100 ms each
 way (RTT 200 ms; enough to tell a barrier from luck and a local answer from a round trip,
-and short enough for the module's time budget). Tests that break the link or kill the
-session start their own. The commands run as a user would run them (`lsync flush`,
-`lsync run -- make` in a directory of the tree, stdin not a terminal), except where a time
-inside the session is measured: there the test sends the request itself on the session's
-control socket (`lsync.client.buildloop.control.request`), so that process start-up is not counted.
+and short enough for the module's time budget). Tests that break the link start their own
+session (tests/test_e2e_buildloop_faults.py), and so do the tests of sessions that start,
+end or are refused, and of `.lsync.toml` (tests/test_e2e_buildloop_sessions.py); the
+session and its helpers are in tests/loopsession.py. The commands run as a user would run
+them (`lsync flush`, `lsync run -- make` in a directory of the tree, stdin not a terminal),
+except where a time inside the session is measured: there the test sends the request itself
+on the session's control socket (`lsync.client.buildloop.control.request`), so that process
+start-up is not counted.
 
 What a promise means here: when `flush` returns, the remote tree is compared once, at
 once (no polling after); "no network traffic" is the proxy's byte counters unchanged
@@ -19,50 +22,43 @@ across the request, measured right after a liveness ping, so that no ping (every
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import errno
 import fcntl
 import json
 import os
 import pty
-import re
-import shutil
 import signal
-import socket
 import stat
 import struct
 import subprocess
-import tempfile
 import termios
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from benchmarks.lsync_runner import AGENT_CMDLINE_NEEDLE
 from benchmarks.testbed.sshd import PrivateSshd
-from lsync.client.buildloop.control import JsonObject, request
-from lsync.client.buildloop.controlpath import find_socket
 from lsync.client.transport.link import PING_EVERY
-from tests.conftest import (
-    LSYNC,
-    CountingLink,
-    LsyncProcess,
-    counting_link_to,
-    save_atomically,
-    snapshot,
-    wait_steady,
-    wait_until,
+from tests.conftest import LSYNC, save_atomically, wait_until
+from tests.loopsession import (
+    Session,
+    after_a_ping,
+    alive,
+    connect_as_nobody,
+    differences,
+    end_remote,
+    link_delay,
+    lsync_cli,
+    needs_root,
+    read_pid,
+    running_session,
 )
 
 SLOW_DELAY = 0.1  # seconds one way through the proxy (RTT 200 ms)
 LOCAL_ANSWER = 0.050  # seconds: a flush with nothing pending answers within this
 PROMPT = 3.0  # seconds: a Ctrl-C'd (or stale) run ends within this
-NOBODY = 65534  # another user (tests run as root)
 
 # Make the pty the controlling terminal of the new session, then become the program.
 _CTTY_EXEC = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
@@ -91,58 +87,6 @@ def hello_c(version: str) -> str:
 # -- sessions ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Session:
-    """A running `lsync connect` through a counting (and maybe delaying) proxy."""
-
-    link: CountingLink
-    local: Path
-    remote: Path
-    lsync: LsyncProcess
-    delay: float
-
-    def socket(self) -> Path:
-        found = find_socket(self.local)
-        assert found is not None, "the session has no control socket"
-        return found
-
-    def request(self, message: Mapping[str, object], timeout: float = 60) -> JsonObject:
-        """One request on the session's control socket, sent from this process."""
-        return asyncio.run(request(self.socket(), {"v": 1, **message}, timeout))
-
-    def own_dir(self, name: str) -> tuple[Path, Path]:
-        """A fresh local directory for one test, and where it lands remotely."""
-        safe = re.sub(r"\W", "_", name)
-        (self.local / safe).mkdir()
-        return self.local / safe, self.remote / safe
-
-
-def lsync_cli(*args: str, cwd: Path, timeout: float = 60,
-              env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """One `lsync` command as a user runs it (stdin not a terminal), output captured."""
-    return subprocess.run(LSYNC + list(args), cwd=cwd, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=timeout, check=False,
-                          env=None if env is None else {**os.environ, **env})
-
-
-@contextlib.contextmanager
-def running_session(sshd: PrivateSshd, base: Path, delay: float = 0.0,
-                    extra: tuple[str, ...] = ()) -> Iterator[Session]:
-    local, remote = base / "local", base / "remote"
-    local.mkdir()
-    (local / "README").write_text("build loop tests\n")
-    with counting_link_to(sshd, delay) as link:
-        lsync = LsyncProcess(link.connect_args(remote, *extra), cwd=local)
-        try:
-            lsync.wait_for_line(" ready ", timeout=60)
-            yield Session(link, local, remote, lsync, delay)
-        finally:
-            if lsync.proc.poll() is None:
-                lsync.interrupt()
-            else:
-                lsync.finish(timeout=5)
-
-
 @pytest.fixture(scope="module")
 def fast(sshd: PrivateSshd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
     """The module's session at RTT 0."""
@@ -163,69 +107,6 @@ def session(request: pytest.FixtureRequest) -> Session:
     value = request.getfixturevalue("fast" if request.param == "rtt0" else "slow")
     assert isinstance(value, Session)
     return value
-
-
-@pytest.fixture
-def own_session(sshd: PrivateSshd, tmp_path: Path) -> Iterator[Session]:
-    """A session of the test's own (RTT 0), for tests that break its link."""
-    with running_session(sshd, tmp_path) as session:
-        yield session
-
-
-@contextlib.contextmanager
-def link_delay(session: Session, delay: float) -> Iterator[None]:
-    """The session's link at one-way `delay` (0: unchanged) for the block's duration."""
-    if not delay:
-        yield
-        return
-    session.link.proxy.set_delay(delay)
-    try:
-        yield
-    finally:
-        session.link.proxy.set_delay(session.delay)
-
-
-def differences(local: Path, remote: Path) -> list[str]:
-    want, have = snapshot(local), snapshot(remote)
-    return sorted(rel for rel in set(want) | set(have) if want.get(rel) != have.get(rel))
-
-
-def after_a_ping(session: Session) -> float:
-    """Wait for the session's next liveness ping and its answer; return (monotonic) when
-    the link went quiet after it. No ping is sent for PING_EVERY s after one."""
-    proxy = session.link.proxy
-    before = proxy.counters().bytes_up
-    assert wait_until(lambda: proxy.counters().bytes_up != before, PING_EVERY + 3), \
-        "no liveness ping seen"
-    wait_steady(lambda: proxy.counters().bytes_total, quiet=2 * session.delay + 0.1)
-    return time.monotonic()
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def read_pid(path: Path, process: subprocess.Popen[bytes] | subprocess.Popen[str]) -> int:
-    """The pid a remote command wrote into `path` (waits for it, bounded)."""
-    def written() -> bool:
-        with contextlib.suppress(FileNotFoundError):
-            return path.read_text().endswith("\n")
-        return False
-
-    assert wait_until(lambda: written() or process.poll() is not None), f"no {path}"
-    assert written(), f"`lsync run` exited {process.poll()} before the command started"
-    return int(path.read_text())
-
-
-def end_remote(pid: int | None) -> None:
-    """Clean-up: kill a remote command a failed test left running."""
-    if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 # -- flush ------------------------------------------------------------------------------------
@@ -287,128 +168,6 @@ def test_flush_with_nothing_pending_answers_locally_without_network_traffic(
             "a flush with nothing pending sent or received bytes"
     assert time.monotonic() - quiet_since < PING_EVERY - 1, "measured too late after a ping"
     assert max(times) < LOCAL_ANSWER, f"flush answers took {[round(t * 1000, 1) for t in times]} ms"
-
-
-def test_flush_waits_for_the_reconnect_after_a_cut_and_then_succeeds(
-        own_session: Session) -> None:
-    s = own_session
-    assert s.link.proxy.cut() == 1
-    (s.local / "during-cut.c").write_text("int cut;\n")
-    done = lsync_cli("flush", "--timeout", "30", cwd=s.local)
-    assert done.returncode == 0, done.stderr
-    assert (s.remote / "during-cut.c").read_text() == "int cut;\n"
-    assert s.lsync.saw("reconnecting in"), "the link was not broken: the test proved nothing"
-
-
-def test_flush_times_out_with_exit_1_while_the_link_cannot_come_back(
-        own_session: Session) -> None:
-    s = own_session
-    s.link.proxy.set_accepting(False)
-    assert s.link.proxy.cut() == 1
-    s.lsync.wait_for_line("reconnecting in")
-    (s.local / "while-down.c").write_text("int down;\n")
-    started = time.monotonic()
-    done = lsync_cli("flush", "--timeout", "1.5", cwd=s.local)
-    took = time.monotonic() - started
-    assert done.returncode == 1, (done.returncode, done.stderr)
-    assert 1.5 <= took < 1.5 + 5, took
-    said = done.stderr.strip().splitlines()
-    assert len(said) == 1 and "not connected" in said[0], done.stderr
-    assert not (s.remote / "while-down.c").exists()
-    # The link comes back: the same session delivers the save and flushes.
-    s.link.proxy.set_accepting(True)
-    done = lsync_cli("flush", "--timeout", "30", cwd=s.local)
-    assert done.returncode == 0, done.stderr
-    assert (s.remote / "while-down.c").read_text() == "int down;\n"
-
-
-@pytest.mark.parametrize("after", [0.0, 0.2, 0.5])
-def test_run_during_a_reconnect_runs_on_the_remote_after_the_link_is_back(
-        own_session: Session, after: float) -> None:
-    """Cut, then `lsync run` at once or a little later, inside the reconnect's backoff:
-    the command runs over SSH once the link is back (it ran locally, 3 times of 3)."""
-    s = own_session
-    assert s.link.proxy.cut() == 1
-    if after:
-        time.sleep(after)  # (the moment of the run, not a wait for a condition)
-    done = lsync_cli("run", "--timeout", "30", "--", "sh", "-c",
-                     "echo where=${SSH_CONNECTION:-none}", cwd=s.local)
-    assert done.returncode == 0, (done.returncode, done.stderr)
-    where = [line for line in done.stdout.splitlines() if line.startswith("where=")]
-    assert len(where) == 1 and where[0] != "where=none", done.stdout
-    assert s.lsync.saw("reconnecting in"), "the link was not broken: the test proved nothing"
-
-
-def _agents_serving(remote: Path) -> list[int]:
-    """Pids of the lsync agents that hold a descriptor in the remote tree `remote`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            if AGENT_CMDLINE_NEEDLE.encode() not in Path(f"/proc/{entry}/cmdline").read_bytes():
-                continue
-            for fd in os.listdir(f"/proc/{entry}/fd"):
-                with contextlib.suppress(OSError):
-                    if Path(os.readlink(f"/proc/{entry}/fd/{fd}")) == remote:
-                        found.append(int(entry))
-                        break
-    return found
-
-
-@pytest.mark.parametrize("fault", ["cut", "agent-kill"])
-def test_run_whose_connection_breaks_under_the_command_exits_125(
-        own_session: Session, fault: str) -> None:
-    """The link is cut, or the agent killed, while the remote command runs: its outcome is
-    unknown, which is 125 (lsync could not run it to the end), never a made-up status (an
-    agent kill gave 255)."""
-    s = own_session
-    agents = _agents_serving(s.remote.resolve())
-    assert len(agents) == 1, agents
-    runner = subprocess.Popen([*LSYNC, "run", "--", "sh", "-c", "echo started; sleep 60"],
-                              cwd=s.local, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              stdin=subprocess.DEVNULL, text=True)
-    try:
-        assert runner.stdout is not None
-        assert runner.stdout.readline().strip() == "started"
-        if fault == "cut":
-            assert s.link.proxy.cut() >= 1
-        else:
-            os.kill(agents[0], signal.SIGKILL)
-        status = runner.wait(timeout=60)
-        assert status == 125, (status, runner.stderr.read() if runner.stderr else "")
-    finally:
-        if runner.poll() is None:
-            runner.kill()
-            runner.wait()
-
-
-def test_run_while_the_link_stays_down_exits_125_without_running_anything(
-        own_session: Session) -> None:
-    s = own_session
-    s.link.proxy.set_accepting(False)
-    assert s.link.proxy.cut() == 1
-    marker = s.local / "ran-here"
-    done = lsync_cli("run", "--timeout", "1.5", "--", "sh", "-c",
-                     f"echo where=${{SSH_CONNECTION:-none}}; touch {marker}", cwd=s.local)
-    assert done.returncode == 125, (done.returncode, done.stdout, done.stderr)
-    assert "where=" not in done.stdout and not marker.exists()
-    assert "not connected" in done.stderr, done.stderr
-    status = json.loads(lsync_cli("status", "--json", cwd=s.local).stdout)
-    assert status["connected"] is False and status["state"].startswith("disconnected")
-    s.link.proxy.set_accepting(True)
-
-
-def test_flush_times_out_with_the_pending_paths_counted_on_a_frozen_link(
-        own_session: Session) -> None:
-    s = own_session
-    assert s.link.proxy.freeze() == 1  # connected, but nothing gets through
-    (s.local / "stuck.c").write_text("int stuck;\n")
-    done = lsync_cli("flush", "--timeout", "1", cwd=s.local)
-    assert done.returncode == 1, (done.returncode, done.stderr)
-    said = done.stderr.strip().splitlines()
-    s.lsync.proc.kill()  # its Ctrl-C would wait for the frozen link to drain
-    assert len(said) == 1 and "1 paths still pending" in said[0], done.stderr
 
 
 # -- run --------------------------------------------------------------------------------------
@@ -675,39 +434,6 @@ def test_run_on_a_terminal_of_unknown_size_uses_80x24(
 # -- the control socket and status ------------------------------------------------------------
 
 
-def connect_as_nobody(path: Path) -> str:
-    """Connect to the Unix socket at `path` from a child process running as another user;
-    what it got: "ERR <errno name>" or "OK <first line the server sent>"."""
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        outcome = b"ERR child failed"
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(10)
-                try:
-                    sock.connect(os.fsencode(path))
-                    outcome = b"OK " + sock.recv(4096).split(b"\n")[0]
-                except OSError as exc:
-                    outcome = f"ERR {errno.errorcode.get(exc.errno or 0, exc.errno)}".encode()
-        finally:
-            os.write(write_end, outcome)
-            os._exit(0)
-    os.close(write_end)
-    try:
-        with os.fdopen(read_end, "rb") as pipe:
-            return pipe.read().decode()
-    finally:
-        os.waitpid(child, 0)
-
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
-
-
 @needs_root
 def test_control_socket_is_mode_0600_in_a_private_directory_and_refuses_another_user(
         fast: Session) -> None:
@@ -721,46 +447,6 @@ def test_control_socket_is_mode_0600_in_a_private_directory_and_refuses_another_
     assert fast.request({"op": "hello"})["pid"] == fast.lsync.proc.pid
 
 
-@needs_root
-def test_session_refuses_another_user_even_through_a_world_writable_socket(
-        sshd: PrivateSshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    runtime = Path(tempfile.mkdtemp(prefix="lsync-xdg-", dir="/tmp"))  # reachable by nobody
-    try:
-        monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-        with running_session(sshd, tmp_path) as s:
-            path = s.socket()
-            assert path.parent == runtime / "lsync"
-            # Loosen everything a mode can loosen: only the session's own check is left.
-            runtime.chmod(0o711)
-            path.parent.chmod(0o711)
-            path.chmod(0o666)
-            got = connect_as_nobody(path)
-            assert got.startswith("OK "), got
-            assert json.loads(got[3:]) == {
-                "v": 1, "ok": False, "done": True, "code": "refused",
-                "error": "this lsync session belongs to another user"}
-            assert s.request({"op": "hello"})["pid"] == s.lsync.proc.pid  # still serving
-    finally:
-        shutil.rmtree(runtime, ignore_errors=True)
-
-
-def test_stale_socket_of_a_killed_session_is_replaced_by_the_next_session(
-        own_session: Session) -> None:
-    s = own_session
-    path = s.socket()
-    s.lsync.proc.kill()  # SIGKILL: no clean-up
-    s.lsync.finish(timeout=10)
-    assert stat.S_ISSOCK(path.lstat().st_mode), "nothing stale left: the test proves nothing"
-    flushed = lsync_cli("flush", cwd=s.local)
-    assert flushed.returncode == 3, flushed.stderr
-    successor = LsyncProcess(s.link.connect_args(s.remote), cwd=s.local)
-    try:
-        successor.wait_for_line(" ready ", timeout=60)
-        assert s.socket() == path
-        assert s.request({"op": "hello"})["pid"] == successor.proc.pid
-        assert lsync_cli("flush", cwd=s.local).returncode == 0
-    finally:
-        successor.interrupt()
 
 
 def test_second_session_for_the_same_tree_is_refused_naming_the_first(fast: Session) -> None:
@@ -794,65 +480,3 @@ def test_status_json_reports_state_target_and_counters(fast: Session,
     assert text.stdout.startswith(f"watching: {fast.local} -> {status['target']}\n"), text.stdout
 
 
-def test_without_a_session_run_exits_125_flush_and_status_exit_3(tmp_path: Path) -> None:
-    ran = lsync_cli("run", "--", "true", cwd=tmp_path)
-    assert ran.returncode == 125
-    assert ran.stdout == "" and len(ran.stderr.splitlines()) == 1, ran.stderr
-    assert "no running `lsync connect`" in ran.stderr
-    flushed = lsync_cli("flush", cwd=tmp_path)
-    assert flushed.returncode == 3, flushed.stderr
-    assert lsync_cli("status", cwd=tmp_path).returncode == 3
-
-
-def test_run_connect_without_a_session_syncs_once_runs_and_stops(
-        sshd: PrivateSshd, tmp_path: Path) -> None:
-    local, remote = tmp_path / "local", tmp_path / "remote"
-    local.mkdir()
-    (local / "a.c").write_text("int a;\n")
-    (local / ".lsync.toml").write_text(
-        f'target = "{sshd.alias}:{remote}"\nssh_config = "{sshd.client_config}"\n')
-    ran = lsync_cli("run", "--connect", "--", "sh", "-c", "cat a.c; exit 5", cwd=local)
-    assert ran.returncode == 5, ran.stderr
-    assert ran.stdout == "int a;\n"
-    assert (remote / "a.c").read_text() == "int a;\n"
-    assert lsync_cli("status", cwd=local).returncode == 3  # nothing left running
-
-
-# -- the project file -------------------------------------------------------------------------
-
-
-def test_connect_without_arguments_uses_the_project_file(
-        sshd: PrivateSshd, tmp_path: Path) -> None:
-    local, remote = tmp_path / "local", tmp_path / "remote"
-    local.mkdir()
-    (local / "a.c").write_text("int a;\n")
-    (local / "scratch.tmp").write_text("not synced\n")
-    (local / ".lsync.toml").write_text(
-        f'target = "{sshd.alias}:{remote}"\n'
-        f'ssh_config = "{sshd.client_config}"\n'
-        'exclude = ["*.tmp"]\n'
-        "\n[run]\nmap_paths = false\n")
-    lsync = LsyncProcess(["connect"], cwd=local)
-    try:
-        lsync.wait_for_line(" ready ", timeout=60)
-        assert (remote / "a.c").read_text() == "int a;\n"
-        assert not (remote / "scratch.tmp").exists()
-        shown = lsync_cli("run", "--", "sh", "-c", 'echo "$PWD/a.c:1:"', cwd=local)
-        assert shown.stdout == f"{remote}/a.c:1:\n", shown.stdout  # [run] map_paths = false
-    finally:
-        lsync.interrupt()
-
-
-@pytest.mark.parametrize(("text", "line", "says"), [
-    ('target = "host:tree"\n\ninclude-vcs = true\n', 3,
-     "unknown key `include-vcs` (did you mean `include_vcs`?)"),
-    ('target = "host:tree"\nstep_ms = "fast"\n', 2, "step_ms"),
-], ids=["unknown-key", "bad-value"])
-def test_project_file_error_exits_2_naming_the_line(tmp_path: Path, text: str, line: int,
-                                                     says: str) -> None:
-    (tmp_path / ".lsync.toml").write_text(text)
-    done = lsync_cli("connect", cwd=tmp_path)
-    assert done.returncode == 2, done.stderr
-    said = done.stderr.strip().splitlines()
-    assert len(said) == 1, done.stderr
-    assert f"{tmp_path}/.lsync.toml, line {line}: " in said[0] and says in said[0], said[0]

@@ -24,7 +24,7 @@ from benchmarks.testbed.proxy import ThreadedProxy
 from benchmarks.testbed.sshd import PrivateSshd
 from tests.conftest import LsyncProcess, assert_same_now, assert_trees_equal, wait_until
 from tests.gitrepo import is_build_output, make_repo
-from tests.test_e2e_buildloop import lsync_cli
+from tests.loopsession import lsync_cli
 
 NAMES = ("x86", "arm", "box3")
 

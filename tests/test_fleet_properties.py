@@ -1,6 +1,6 @@
 """Two targets from one local side, against two real agents in memory (issue 17).
 
-The rig of tests/test_core_properties.py, twice over one local tree: two `Session`s share
+The rig of tests/corerig.py, twice over one local tree: two `Session`s share
 one `LocalSide` (lsync.client.local.localside) — the watcher's batches reach both through it, and
 a save's read is shared — each with its own engine, in-memory agent and remote tree. The
 second target lags: its four data lanes hand their frames to the agent 0 to 6 loop turns
@@ -33,26 +33,28 @@ from lsync.client.local import stableread
 from lsync.client.local.localside import LocalSide
 from lsync.client.session import Options, Session
 from lsync.client.target import Target
-from tests.test_core_properties import (
+from tests.corechanges import (
     CHANGES,
-    EXAMPLE_TIMEOUT,
-    GITIGNORE,
     INDEX,
-    STEP_TIMEOUT,
     BuildOutput,
     Change,
     Overflow,
     Quiet,
-    RecordingReporter,
-    Rig,
-    SimClock,
     Turns,
-    WatcherClock,
     _make_start,
     _pick,
     _remote_dirs,
 )
-from tests.test_core_properties import home as home  # (a fixture: $HOME for the records)
+from tests.corerig import (
+    EXAMPLE_TIMEOUT,
+    GITIGNORE,
+    STEP_TIMEOUT,
+    RecordingReporter,
+    Rig,
+    SimClock,
+    WatcherClock,
+)
+from tests.corerig import home as home  # (a fixture: $HOME for the records)
 
 
 class HostRig(Rig):
