@@ -33,8 +33,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.testbed.proxy import ThreadedProxy
-from benchmarks.testbed.sshd import PrivateSshd
+# The tests' support modules assert too: pytest explains their failures as it does a test's.
+pytest.register_assert_rewrite("tests.corerig", "tests.corechanges", "tests.loopsession",
+                               "tests.controlrig", "tests.memagent")
+
+from benchmarks.testbed.proxy import ThreadedProxy  # noqa: E402
+from benchmarks.testbed.sshd import PrivateSshd  # noqa: E402
 
 LSYNC = [sys.executable, "-m", "lsync.client.cli"]
 WAIT = 20.0
