@@ -14,7 +14,6 @@ import errno
 import os
 import shutil
 import struct
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
@@ -33,7 +32,6 @@ from lsync.client.local.inotify import (
     WatchBatch,
     parse_events,
 )
-from lsync.client.local.watcher import open_watcher
 
 pytestmark = pytest.mark.skipif(not inotify.available(), reason="needs Linux inotify")
 
@@ -558,55 +556,3 @@ def test_overflows_during_the_walk_after_an_overflow_restart_it_instead_of_pilin
 
     run(scenario)
 
-
-def test_a_start_cancelled_during_the_walk_closes_inotify_once_the_walk_is_done(
-        tmp_path: Path) -> None:
-    """open_watcher walks the tree in a worker thread (the event loop goes on meanwhile);
-    cancelled there, the watcher it was making is closed when the thread finishes."""
-    for i in range(300):
-        (tmp_path / f"d{i}" / "sub").mkdir(parents=True)
-    walking = asyncio.Event()
-
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        slow, walked = threading.Event(), threading.Event()
-        real_prepare = InotifyWatcher.prepare
-
-        def prepare(self: InotifyWatcher) -> None:
-            loop.call_soon_threadsafe(walking.set)
-            slow.wait(5)  # (until the start below is cancelled)
-            try:
-                real_prepare(self)
-            finally:
-                walked.set()
-
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(InotifyWatcher, "prepare", prepare)
-            starting = asyncio.ensure_future(open_watcher(tmp_path, lambda rel: False))
-            await asyncio.wait_for(walking.wait(), 5)
-            starting.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await starting
-            slow.set()
-            assert await asyncio.to_thread(walked.wait, 10)
-            deadline = time.monotonic() + 10
-            while inotify_fds() and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-        assert inotify_fds() == []
-
-    assert inotify_fds() == []
-    run(scenario)
-
-
-def test_the_tree_is_watched_once_open_watcher_returns(tmp_path: Path) -> None:
-    for i in range(50):
-        (tmp_path / f"d{i}" / "sub").mkdir(parents=True)
-
-    async def scenario() -> None:
-        watcher = await open_watcher(tmp_path, lambda rel: False)
-        try:
-            assert kernel_watches() == 1 + 50 * 2
-        finally:
-            watcher.close()
-
-    run(scenario)
