@@ -8,7 +8,8 @@
     lsync run [options] -- CMD ARGS    flush, then run CMD in the remote tree (the first
                                        target; --on NAME, or --all in parallel)
     lsync status [--json]              the running session's state
-    lsync pull [PATTERN...]            bring remote files back (the [pull] paths by default)
+    lsync pull [PATTERN...]            bring remote files back (the [pull] paths by default;
+                                       from the first target, or --on NAME)
     lsync pull --kept PATH             bring back a remote edit lsync kept aside, for a merge
 
 `connect` reads `.lsync.toml` at the root of the tree (see `lsync.client.project`); an
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="bring back the newest remote edit of PATH (relative to the tree) "
                            "that lsync kept aside, as PATH.lsync-remote-N beside it "
                            "(repeatable; `lsync status` lists them)")
+    pull.add_argument("--on", default=None, metavar="NAME",
+                      help="pull from this target (default: the first)")
     pull.add_argument("patterns", nargs="*", metavar="PATTERN",
                       help="gitignore patterns relative to the tree (default: the [pull] "
                            "paths of .lsync.toml)")
@@ -223,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 code = _guarded(commands.status(start, args.json))
             elif args.command == "pull":
                 code = _guarded(commands.pull(start, list(args.patterns), args.timeout,
-                                                   list(args.kept)))
+                                              list(args.kept), args.on))
             else:
                 argv_ = list(args.argv)
                 if argv_[:1] == ["--"]:

@@ -123,6 +123,27 @@ def test_run_goes_to_the_first_target_or_the_one_named(three: Fleet) -> None:
     assert on_arm.stdout.strip() == str(three.remotes["arm"])
 
 
+def test_pull_comes_from_the_first_target_or_the_one_named(three: Fleet) -> None:
+    made = three.remotes["arm"] / "pulled-from-arm.log"  # (a build output of arm's alone)
+    made.write_text("arm's build\n")
+    here = three.local / "pulled-from-arm.log"
+    try:
+        first = lsync_cli("pull", "pulled-from-arm.log", cwd=three.local)
+        assert first.returncode == 0, first.stderr
+        assert "0 listed" in first.stderr and not here.exists()
+        on_arm = lsync_cli("pull", "--on", "arm", "pulled-from-arm.log", cwd=three.local)
+        assert on_arm.returncode == 0, on_arm.stderr
+        assert here.read_text() == "arm's build\n"
+        # Pulled, never pushed: after a flush of every target, the others do not have it.
+        assert lsync_cli("flush", cwd=three.local).returncode == 0
+        assert not (three.remotes["x86"] / "pulled-from-arm.log").exists()
+        unknown = lsync_cli("pull", "--on", "nope", "pulled-from-arm.log", cwd=three.local)
+        assert unknown.returncode == 1 and "no target named 'nope'" in unknown.stderr
+    finally:
+        made.unlink()
+        here.unlink(missing_ok=True)
+
+
 def test_run_on_all_prefixes_each_line_and_exits_with_the_worst(three: Fleet) -> None:
     # A file only arm's remote tree holds (lsync did not make it: it stays) makes the
     # command fail there.

@@ -142,11 +142,13 @@ def _status_lines(reply: JsonObject, name: str) -> str:
 
 
 async def pull(start: Path, patterns: Sequence[str], timeout: float | None,
-               kept: Sequence[str] = ()) -> int:
+               kept: Sequence[str] = (), on: str | None = None) -> int:
     message: JsonObject = {"v": 1, "op": "pull", "patterns": list(patterns),
                            "timeout": timeout}
     if kept:
         message["kept"] = [path.strip("/") for path in kept]
+    if on is not None:
+        message["on"] = on
     try:
         reply = await request(_socket(start), message, None, tree=start)
     except ControlError as exc:

@@ -41,7 +41,8 @@ timeout itself, so that its error can say what is pending; past the timeout plus
     ← {"v": 1, "ok": false, "done": true, "code": "...", "error": "..."}
     → {"v": 1, "op": "pull", "patterns": ["build/*.log"], "timeout": null}
       (or "kept": ["src/main.c"]: the newest remote edit of it kept aside, brought back
-      beside it as src/main.c.lsync-remote-N)
+      beside it as src/main.c.lsync-remote-N; "on": "arm-box": from that target, default
+      the first)
     ← {"v": 1, "ok": true, "listed": 3, "pulled": [...], "unchanged": 1, "skipped": {...},
        "failed": {...}, ...}                                 (see lsync.client.buildloop.pull)
 
@@ -175,6 +176,7 @@ class PullRequest:
     patterns: tuple[str, ...] = ()  # gitignore patterns; none: the session's [pull] paths
     timeout: float | None = None  # for waiting for the link
     kept: tuple[str, ...] = ()  # tree paths whose newest kept remote edit to bring back
+    on: str | None = None  # the target to pull from (by name); None: the first
 
 
 Request = Union[Hello, Status, Flush, RunRequest, PullRequest]
@@ -318,7 +320,7 @@ def parse_request(line: bytes) -> Request:
             timeout=_number(message, "timeout"), pull=_bool(message, "pull", False),
             on=_name(message, "on"), all=_bool(message, "all", False))
     if op == "pull":
-        _fields(message, {"v", "op", "patterns", "timeout", "kept"})
+        _fields(message, {"v", "op", "patterns", "timeout", "kept", "on"})
         patterns, kept = message.get("patterns", []), message.get("kept", [])
         if (not isinstance(patterns, list) or len(patterns) > m_PULL_PATTERNS
                 or not all(isinstance(p, str) and "\0" not in p and "\n" not in p
@@ -327,7 +329,8 @@ def parse_request(line: bytes) -> Request:
         if (not isinstance(kept, list) or len(kept) > m_PULL_PATTERNS
                 or not all(isinstance(p, str) and not relpath_problem(p) for p in kept)):
             raise ControlError("bad-request", "'kept' must be a list of paths in the tree")
-        return PullRequest(tuple(patterns), _number(message, "timeout"), tuple(kept))
+        return PullRequest(tuple(patterns), _number(message, "timeout"), tuple(kept),
+                           _name(message, "on"))
     raise ControlError("bad-request", f"unknown op {op!r}" if isinstance(op, str)
                        else "missing 'op'")
 

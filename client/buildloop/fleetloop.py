@@ -14,7 +14,7 @@ and pull against that one target); this spreads the requests over them:
   target at once: no pty, each output line prefixed with `[NAME] `, the client's signals
   and stdin given to every command, the exit status the worst (the highest) of them; a
   target that cannot run the command counts as 125.
-- **pull** pulls from the first target.
+- **pull** pulls from the first target, or from the one named by `on`.
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ class FleetLoop:
 
     # -- pull -----------------------------------------------------------------------------
     async def pull(self, request: PullRequest) -> JsonObject:
-        return await self._loop(self.targets[0]).pull(request)
+        target = self._named(request.on)[0] if request.on else self.targets[0]
+        return await self._loop(target).pull(request)
 
     # -- run ------------------------------------------------------------------------------
     async def run(self, request: RunRequest, send_line: SendLine,
