@@ -48,6 +48,12 @@ class LinkBroken(LsyncError):
     exit_status = 5
 
 
+class Abandoned(LsyncError):
+    """Stopped at once (a second Ctrl-C) with changes a target had not confirmed."""
+
+    exit_status = 130  # (as a shell says of a command ended by SIGINT)
+
+
 class SafetyStop(LsyncError):
     """lsync stopped rather than mirror a vanished or emptied local tree."""
 

@@ -50,12 +50,14 @@ class Fleet:
         self.control = control  # serve `lsync flush/run/status` on the control socket
         self.reporter = FleetReporter(reporter, [o.name or "" for o in options])
         self.stop = asyncio.Event()
+        self.abort = asyncio.Event()  # a second Ctrl-C: stop without waiting for the drain
         # Pulled paths are never pushed (lsync.client.buildloop.pullrules): the rules say so.
         rules = PushRules(self.root, first.excludes, first.include_vcs,
                           pull=PullRules(first.pull_paths))
         self.local = LocalSide(self.root, rules, first.step_ms, first.debounce_ms,
                                reporter.note)
-        self.sessions = [Session(o, self.reporter.for_host(i), self.local, self.stop, o.name)
+        self.sessions = [Session(o, self.reporter.for_host(i), self.local, self.stop, o.name,
+                                 self.abort)
                          for i, o in enumerate(options)]
         for session in self.sessions:
             session.buildloop = BuildLoop(session)
@@ -66,7 +68,7 @@ class Fleet:
             raise UsageError(f"local tree {self.root} is not a directory")
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, self.stop.set)
+            loop.add_signal_handler(signum, self._signalled)
         server = await self._serve_control()
         watcher = asyncio.create_task(self.local.watch(self.stop), name="watcher")
         hosts = [asyncio.create_task(s.connect_loop(watcher), name=f"target {s.name}")
@@ -94,6 +96,12 @@ class Fleet:
             await self.loop.close()
         if watcher.done() and not watcher.cancelled() and watcher.exception() is not None:
             raise watcher.exception()  # type: ignore[misc]
+
+    def _signalled(self) -> None:
+        """Ctrl-C (or SIGTERM): the first drains what is queued, a second stops at once."""
+        if self.stop.is_set():
+            self.abort.set()
+        self.stop.set()
 
     async def _serve_control(self) -> ControlServer | None:
         """The control socket for `lsync flush/run/status` (none when no safe place for it

@@ -40,6 +40,7 @@ from lsync.client.buildloop.loop import BuildLoop, Progress, TrackingReporter
 from lsync.client.buildloop.pull import Stamp
 from lsync.client.buildloop.pullrules import DEFAULT_REWRITE, PullRules, PushRules, RewriteRules
 from lsync.client.errors import (
+    Abandoned,
     ConnectError,
     LinkBroken,
     LsyncError,
@@ -107,7 +108,8 @@ class Session:
     (lsync.client.local.localside); `lsync.client.fleet` runs them all."""
 
     def __init__(self, options: Options, reporter: Reporter, local: LocalSide | None = None,
-                 stop: asyncio.Event | None = None, name: str | None = None) -> None:
+                 stop: asyncio.Event | None = None, name: str | None = None,
+                 abort: asyncio.Event | None = None) -> None:
         self.options = options
         self.progress = Progress()
         self.reporter: Reporter = TrackingReporter(reporter, self.progress)
@@ -134,6 +136,7 @@ class Session:
         self.rewrite_rules = RewriteRules(options.pull_rewrite)
         self.pulled_digests: dict[str, tuple[Stamp, bytes]] = {}  # rewritten pulled files
         self.stop = stop or asyncio.Event()
+        self.abort = abort or asyncio.Event()  # stop without draining (a second Ctrl-C)
         self.engine: SyncEngine | None = None
         self._buffered: dict[str, float] = {}
         # Since when (monotonic) every change has been kept here for the next connection
@@ -486,12 +489,20 @@ class Session:
             await self._save_caches(cache, signatures, engine)
             await _first(stopping, runner, watcher, link_closed)
             _raise_failures(runner, watcher, link)
-            self.reporter.state("stopping: draining queued writes")
+            self.reporter.state("stopping: draining queued writes (Ctrl-C again: at once)")
             drained = asyncio.create_task(engine.wait_idle(), name="drain")
             tasks.append(drained)
             drain_limit = asyncio.create_task(asyncio.sleep(DRAIN_TIMEOUT), name="drain-limit")
             tasks.append(drain_limit)
-            await _first(drained, runner, link_closed, drain_limit)
+            aborting = asyncio.create_task(self.abort.wait(), name="abort")
+            tasks.append(aborting)
+            await _first(drained, runner, link_closed, drain_limit, aborting)
+            if aborting.done() and not drained.done():
+                left = len(engine.pending_paths())
+                await self._save_caches(cache, signatures, engine)
+                raise Abandoned(f"stopped at once: {self.target_text} had not confirmed "
+                                f"{left} change{'s' if left != 1 else ''} (they are sent "
+                                "when lsync next runs)")
             _raise_failures(runner, None, link)
             await self._save_caches(cache, signatures, engine)
             if engine.counters.files or engine.remote_hashed:
@@ -509,9 +520,10 @@ class Session:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, LinkBroken, SafetyStop):
                     await task
-            await link.close("client ending")
+            await link.close("client ending", at_once=self.abort.is_set())
             if self._ssh is not None:
-                await _close_ssh(self._ssh, clean=link.failure is None)
+                await _close_ssh(self._ssh, clean=link.failure is None
+                                 and not self.abort.is_set())
                 self._ssh = None
 
     async def _save_caches(self, cache: HashCache, signatures: Path,

@@ -95,12 +95,14 @@ class AgentLink:
         except asyncio.TimeoutError:
             raise ConnectError(f"the agent did not answer within {timeout:.0f} s") from None
 
-    async def close(self, reason: str = "done") -> None:
+    async def close(self, reason: str = "done", at_once: bool = False) -> None:
         """Say goodbye, wait briefly for the agent's, and release the stream. An agent
-        that never welcomed us gets no goodbye and no wait (it may never answer)."""
+        that never welcomed us gets no goodbye and no wait (it may never answer); `at_once`
+        (the user would not wait): no goodbye, the shortest wait."""
         welcomed = (self._welcome.done() and not self._welcome.cancelled()
                     and self._welcome.exception() is None)
-        if self.failure is None and self.goodbye is None and not self.closing and welcomed:
+        if (self.failure is None and self.goodbye is None and not self.closing and welcomed
+                and not at_once):
             try:
                 self.send(m.Goodbye(0, reason))
                 self.writer.closing = True
@@ -114,7 +116,7 @@ class AgentLink:
         # A broken link may be a frozen one: do not wait for a clean end that cannot come
         # (the lanes are closed together, each waiting for its channel's end, so a frozen
         # link costs one short wait, not one per lane).
-        wait = 0.5 if self.failure is not None or not welcomed else 10.0
+        wait = 0.5 if self.failure is not None or not welcomed or at_once else 10.0
         await self.stream.close(wait=wait)
         for watcher in self._lane_watchers:
             watcher.cancel()
