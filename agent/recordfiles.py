@@ -34,7 +34,7 @@ def is_snapshot(raw: bytes) -> bool:
 
 
 def snapshot_bytes(algorithm: str, now_ns: int, entries: Dict[str, Entry],
-              written: Dict[str, Written], journal_id: str) -> bytes:
+                   written: Dict[str, Written], journal_id: str) -> bytes:
     """The snapshot file's bytes. Keys whose mtime is too close to now are left out (the
     racy-mtime rule of the module docstring)."""
     kept = {path: entry for path, entry in entries.items() if now_ns - entry[1] >= RACY_NS}

@@ -20,6 +20,8 @@ What it promises:
 
 Parsing the kernel's buffer and collecting one batch are pure (`parse_events`,
 `BatchCollector`); the watcher reads its non-blocking descriptor with `loop.add_reader`.
+The first walk of the whole tree (`prepare`) may run in a worker thread before the watcher
+is attached to the loop (`attach`): what changes meanwhile waits in inotify's queue.
 Walking a big subtree that appeared (a checkout, a directory moved in, the whole tree after
 an overflow) takes at most WALK_SLICE of each turn of the event loop, so replies, pings and
 the control socket keep running; until the walk is over, `seen_until` does not move (a
