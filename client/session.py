@@ -511,7 +511,7 @@ class Session:
                 if keeping is not None:
                     await keeping
                 await copy.refresh(link)
-            await link.close("user stopped lsync")
+            await self._close_link(link, "user stopped lsync")
             self.reporter.state("stopped")
         finally:
             self._link_down()
@@ -520,11 +520,32 @@ class Session:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, LinkBroken, SafetyStop):
                     await task
-            await link.close("client ending", at_once=self.abort.is_set())
+            await self._close_link(link, "client ending")
             if self._ssh is not None:
                 await _close_ssh(self._ssh, clean=link.failure is None
                                  and not self.abort.is_set())
                 self._ssh = None
+
+    async def _close_link(self, link: AgentLink, reason: str) -> None:
+        """Close the link, at once when the user asks for it meanwhile (a second Ctrl-C:
+        a goodbye over a frozen link would wait for its bounds)."""
+        if self.abort.is_set():
+            await link.close(reason, at_once=True)
+            return
+        closing = asyncio.ensure_future(link.close(reason))
+        aborting = asyncio.ensure_future(self.abort.wait())
+        try:
+            await asyncio.wait({closing, aborting}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            aborting.cancel()
+            if not closing.done():
+                closing.cancel()
+                with contextlib.suppress(asyncio.CancelledError, LinkBroken):
+                    await closing
+        if self.abort.is_set():
+            await link.close(reason, at_once=True)
+        else:
+            closing.result()
 
     async def _save_caches(self, cache: HashCache, signatures: Path,
                            engine: SyncEngine) -> None:
