@@ -121,8 +121,8 @@ MUTATIONS: dict[str, Mutation] = {
     "10": Mutation("defect 10: no intents journaled, no lock on the root (an old agent lives "
                    "on beside the new one)", (
         ("agent/records.py", "        if not self.cache_path or not intents:\n            return"
-         "\n        lines = [_line([\"i\"", "        if True:\n            return\n        "
-         "lines = [_line([\"i\""),
+         "\n        lines = [journal_line([\"i\"", "        if True:\n            return\n"
+         "        lines = [journal_line([\"i\""),
         ("agent/rootlock.py", "    def acquire(self) -> bool:\n        if self.path is None:\n "
          "           return False\n", "    def acquire(self) -> bool:\n        if True:\n"
          "            return True\n"),
