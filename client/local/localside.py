@@ -22,7 +22,11 @@ reconnect loop); they meet here. What this promises:
   file version reads it (and hashes it, as every read does); the others get the same bytes
   while that version stands. A watcher event for the path (or an overflow) forgets the read
   before any target hears of the event, so a target never sends what it read before the
-  file's last change it was told about.
+  file's last change it was told about. The same holds for what the targets' read-aheads
+  read (`SharedReads.ahead`, `AheadSlots`): one read of a queued file for every target.
+- **What is made of content once** (`SharedReads.made`): the compressed pieces, signature or
+  delta of a file version, named by its digest (and the packing, or the base): the first
+  target makes it, the others take it. Named by the content itself, it needs no forgetting.
 - The "N of M files ignored" note of the first full scan is said once.
 """
 
@@ -36,7 +40,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from lsync.client.buildloop.pullrules import PushRules
 from lsync.client.errors import SafetyStop
@@ -53,7 +57,11 @@ SCAN_SHARED_FOR = 10.0  # seconds a finished scan is kept for hosts that start a
 READ_SHARED_FOR = 5.0  # seconds a file version read by one target waits for the others
 READS_HELD = 256  # file versions held at most (the oldest go first)
 
+MADE_HELD = 512  # things made of content held at most for the other targets
+AHEADS_HELD = 1024  # files read ahead held at most for the other targets
+
 Scan = tuple[HashCache, dict[str, LocalEntry]]
+_T = TypeVar("_T")
 
 
 class Host(Protocol):
@@ -83,6 +91,72 @@ class _Held:
     takes: int  # other targets still to take it
 
 
+@dataclass
+class _Made:
+    future: asyncio.Future[Any]
+    since: float
+    takes: int
+
+
+class AheadSlot:
+    """A file one target's read-ahead reads (`item`: what it made of it, opaque here) for
+    the others. `stale` once a watcher event for the path came after the read started (or
+    the slot was dropped): from then on no other target takes it."""
+
+    __slots__ = ("item", "since", "stale")
+
+    def __init__(self, item: object, since: float) -> None:
+        self.item = item
+        self.since = since
+        self.stale = False
+
+
+class AheadSlots:
+    """The files the targets' read-aheads read, by path, for the other targets (event loop
+    thread only). A slot is put before its read starts; an event for its path (`forget`)
+    makes it stale, so a read that may have seen an older version than the last event is
+    never handed on: the target that made it checks it against its own lstat, as before."""
+
+    def __init__(self, sharers: Callable[[], int]) -> None:
+        self.sharers = sharers
+        self._slots: dict[str, AheadSlot] = {}
+
+    def take(self, path: str) -> AheadSlot | None:
+        """Another target's slot for `path`, if one is held and not stale."""
+        slot = self._slots.get(path)
+        if slot is None or slot.stale:
+            return None
+        if time.monotonic() - slot.since >= READ_SHARED_FOR:
+            self._drop(path)
+            return None
+        return slot
+
+    def put(self, path: str, item: object) -> AheadSlot | None:
+        """Offer what is about to be read of `path` to the other targets (None with one)."""
+        if self.sharers() < 2:
+            return None
+        while len(self._slots) >= AHEADS_HELD:
+            self._drop(next(iter(self._slots)))
+        self._drop(path)
+        slot = self._slots[path] = AheadSlot(item, time.monotonic())
+        return slot
+
+    def _drop(self, path: str) -> None:
+        slot = self._slots.pop(path, None)
+        if slot is not None:
+            slot.stale = True
+
+    def forget(self, paths: Iterable[str]) -> None:
+        if self._slots:
+            for path in paths:
+                self._drop(path)
+
+    def clear(self) -> None:
+        for slot in self._slots.values():
+            slot.stale = True
+        self._slots.clear()
+
+
 class SharedReads:
     """One read of a file version for every target (see the module docstring). `sharers`
     says how many targets there are; with one, nothing is held."""
@@ -90,8 +164,46 @@ class SharedReads:
     def __init__(self, sharers: Callable[[], int]) -> None:
         self.sharers = sharers
         self.files_read = 0  # reads made (a test counts them)
+        self.made_count = 0  # things made of content by `made` (a test counts them)
         self._held: dict[str, _Held] = {}
+        self._made: dict[object, _Made] = {}
         self._noted: set[HashCache] = set()  # hash caches `note` told of reads
+        self.ahead = AheadSlots(sharers)
+
+    async def made(self, key: object, make: Callable[[], Awaitable[_T]]) -> _T:
+        """What `make` makes of a file's content, `key` naming it by the content's digest
+        (and whatever else it depends on: the packing, the base): made by the first
+        target, taken by the others. It names the content, not a path or a version, so no
+        event makes it wrong; it is held READ_SHARED_FOR at most, until every other target
+        took it."""
+        others = self.sharers() - 1
+        if others <= 0:
+            self.made_count += 1
+            return await make()
+        now = time.monotonic()
+        held = self._made.get(key)
+        if held is not None and now - held.since < READ_SHARED_FOR:
+            held.takes -= 1
+            if held.takes <= 0:
+                del self._made[key]
+            result: _T = await asyncio.shield(held.future)
+            return result
+        for old in [k for k, h in self._made.items() if now - h.since >= READ_SHARED_FOR]:
+            del self._made[old]
+        while len(self._made) >= MADE_HELD:
+            del self._made[next(iter(self._made))]
+        self.made_count += 1
+        future = asyncio.ensure_future(make())
+        self._made[key] = _Made(future, now, others)
+        future.add_done_callback(lambda done: self._unmade(key, done))
+        return await asyncio.shield(future)
+
+    def _unmade(self, key: object, future: asyncio.Future[Any]) -> None:
+        """What failed to be made is not handed on."""
+        if future.cancelled() or future.exception() is not None:
+            held = self._made.get(key)
+            if held is not None and held.future is future:
+                del self._made[key]
 
     async def read(self, path: str, st: os.stat_result,
                    read: Callable[[], Awaitable[Read]]) -> Read:
@@ -143,11 +255,13 @@ class SharedReads:
         if self._held:
             for path in paths:
                 self._held.pop(path, None)
+        self.ahead.forget(paths)
         for cache in self._noted:
             cache.forget_recent(paths)
 
     def clear(self) -> None:
         self._held.clear()
+        self.ahead.clear()
         for cache in self._noted:
             cache.forget_recent()
 

@@ -82,7 +82,8 @@ class SyncEngine:
         # settling guess. reads: one read of a save for every target.)
         self.passes = PathPasses(self.side, LocalInputs(root, rules, cache, seen_until,
                                                         close_events, reads))
-        self.read_ahead = ReadAhead(root, cache)
+        # (With several targets, what one read ahead the others take: SharedReads.ahead.)
+        self.read_ahead = ReadAhead(root, cache, reads.ahead if reads is not None else None)
         self.remote_hashed = 0  # remote files the initial comparison had the agent hash
         self.convergence = Convergence(self.side, self.passes.local, self.passes.check_root)
 
