@@ -328,6 +328,8 @@ class PathPasses:
             prepared = still_current(await prepared_of(ahead), st)
         if prepared is not None:
             content, entry = prepared.content, prepared.entry
+            if self.local.reads is not None and entry.digest is not None:
+                self.local.reads.note(self.local.cache, path, st, entry.digest)  # (as _read)
         else:
             try:
                 content, entry = await self._read(path, st)
