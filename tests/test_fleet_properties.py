@@ -55,7 +55,6 @@ from tests.test_core_properties import (
 )
 from tests.test_core_properties import home as home  # (a fixture: $HOME for the records)
 
-
 BURST_FILES = 200  # new files of the burst to two targets
 
 

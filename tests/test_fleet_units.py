@@ -234,7 +234,7 @@ def test_what_one_targets_read_ahead_read_is_taken_by_the_others(tmp_path: Path)
     from lsync.client.remote.sender import prepared_of, still_current
 
     (tmp_path / "f.c").write_text("int f;\n")
-    reads, first, second = _two_read_aheads(tmp_path)
+    _reads, first, second = _two_read_aheads(tmp_path)
     packer = (0, 0, b"")
 
     async def scenario() -> None:
