@@ -49,7 +49,7 @@ BACKLOG = 1 << 20  # bytes buffered for a channel beyond its window: the link is
 MMAP_ABOVE = 256 << 10  # C heap blocks this big are mapped apart, unmapped when freed
 HEAP_ARENAS = 2  # glibc arenas (its default: 8 per core, each keeping what it freed)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt(3) names
-SEGMENT = 128 << 10  # content bytes per shared segment of a batch, on average
+SEGMENT = 32 << 10  # content bytes per shared segment of a batch, on average
 SEGMENTS_HELD = 32 << 20  # content bytes of packed segments held for the other targets
 SEGMENT_WAIT = 5.0  # seconds a worker waits for another target's packing of a segment
 _WINDOW = 32 << 10  # deflate's window: the dictionary a segment takes from before it
@@ -170,7 +170,10 @@ class SharedBatches:
         return b"".join(out)
 
     def _segment(self, history: list[bytes], files: list[bytes], level: int) -> bytes:
-        key = (level, len(history), *map(id, history), *map(id, files))
+        # (Not named by its level: a target whose link fell behind wants level 4 where one
+        # keeping up wants 1; the segment the first packed serves both, CPU being what
+        # several targets run short of.)
+        key = (len(history), *map(id, history), *map(id, files))
         objects = (*history, *files)
         with self._lock:
             held = self._held.get(key)
