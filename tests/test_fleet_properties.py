@@ -286,6 +286,7 @@ def test_a_burst_of_new_files_to_two_targets_reads_each_file_from_disk_once(
             assert set(reads) == set(files)
             assert [rel for rel, count in reads.items() if count != 1] == []  # not 2
             assert sum(rig.engine.read_ahead.shared for rig in pair.rigs) > 0
+            assert pair.side.reads.stats.taken > 0  # the other target's lstats too
         finally:
             await pair.close()
 

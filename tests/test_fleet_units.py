@@ -296,3 +296,20 @@ def test_what_is_made_of_a_content_is_made_once_for_every_target() -> None:
 
     asyncio.run(scenario())
     assert reads.made_count == 2
+
+
+def test_a_paths_lstat_serves_the_other_targets_until_the_next_watcher_batch(
+        tmp_path: Path) -> None:
+    reads = SharedReads(lambda: 3)
+    st = os.lstat(tmp_path)
+    reads.stats.put("f", (st, None), 123)
+    assert reads.stats.take("f") == ((st, None), 123)  # as seen then, by another target
+    reads.forget([])  # a watcher batch, whatever paths it names
+    assert reads.stats.take("f") is None
+    reads.stats.put("f", None, 456)
+    assert reads.stats.take("f") == (None, 456)
+    assert reads.stats.take("f") == (None, 456)
+    assert reads.stats.take("f") is None  # both other targets took it
+    one = SharedReads(lambda: 1)
+    one.stats.put("f", None, 1)
+    assert one.stats.take("f") is None  # one target: nothing held

@@ -24,6 +24,12 @@ reconnect loop); they meet here. What this promises:
   before any target hears of the event, so a target never sends what it read before the
   file's last change it was told about. The same holds for what the targets' read-aheads
   read (`SharedReads.ahead`, `AheadSlots`): one read of a queued file for every target.
+- **A path looked at once** (`SharedReads.stats`, `SharedStats`): what one target's pass
+  saw of a path (its lstat, and when) serves the others' passes until the watcher's next
+  batch, whatever paths it names (a directory swapped for a link changes what is below it
+  without an event for those paths). A pass that takes it plans as of when it was seen
+  (whether the watcher was behind then); a change after it brings an event, and that event
+  makes every target look at the path again.
 - **What is made of content once** (`SharedReads.made`): the compressed pieces, signature or
   delta of a file version, named by its digest (and the packing, or the base): the first
   target makes it, the others take it. Named by the content itself, it needs no forgetting.
@@ -58,6 +64,7 @@ READ_SHARED_FOR = 5.0  # seconds a file version read by one target waits for the
 READS_HELD = 256  # file versions held at most (the oldest go first)
 
 MADE_HELD = 512  # things made of content held at most for the other targets
+STATS_HELD = 8192  # paths' lstats held at most for the other targets' passes
 AHEADS_HELD = 1024  # files read ahead held at most for the other targets
 
 Scan = tuple[HashCache, dict[str, LocalEntry]]
@@ -157,6 +164,48 @@ class AheadSlots:
         self._slots.clear()
 
 
+Found = tuple[os.stat_result, str | None] | None  # an lstat, and a link's target; or gone
+
+
+class SharedStats:
+    """What one target's pass saw of a path, for the others (event loop thread only; see
+    the module docstring): dropped on every watcher batch, once every other target took
+    it, or READ_SHARED_FOR after it was seen."""
+
+    def __init__(self, sharers: Callable[[], int]) -> None:
+        self.sharers = sharers
+        self.taken = 0  # (a test counts them)
+        self._held: dict[str, tuple[Found, int, float, int]] = {}  # found, wall ns, since, takes
+
+    def take(self, path: str) -> tuple[Found, int] | None:
+        """What another target saw at `path`, and its wall time then (Unix ns)."""
+        held = self._held.get(path)
+        if held is None:
+            return None
+        found, wall, since, takes = held
+        if time.monotonic() - since >= READ_SHARED_FOR:
+            del self._held[path]
+            return None
+        if takes <= 1:
+            del self._held[path]
+        else:
+            self._held[path] = (found, wall, since, takes - 1)
+        self.taken += 1
+        return found, wall
+
+    def put(self, path: str, found: Found, wall: int) -> None:
+        others = self.sharers() - 1
+        if others <= 0:
+            return
+        while len(self._held) >= STATS_HELD:
+            del self._held[next(iter(self._held))]
+        self._held.pop(path, None)
+        self._held[path] = (found, wall, time.monotonic(), others)
+
+    def clear(self) -> None:
+        self._held.clear()
+
+
 class SharedReads:
     """One read of a file version for every target (see the module docstring). `sharers`
     says how many targets there are; with one, nothing is held."""
@@ -169,6 +218,7 @@ class SharedReads:
         self._made: dict[object, _Made] = {}
         self._noted: set[HashCache] = set()  # hash caches `note` told of reads
         self.ahead = AheadSlots(sharers)
+        self.stats = SharedStats(sharers)
 
     async def made(self, key: object, make: Callable[[], Awaitable[_T]]) -> _T:
         """What `make` makes of a file's content, `key` naming it by the content's digest
@@ -252,6 +302,7 @@ class SharedReads:
         """These paths changed (a watcher event): what was read of them is not handed on,
         nor their digests noted."""
         paths = list(paths)
+        self.stats.clear()  # (any batch: see SharedStats)
         if self._held:
             for path in paths:
                 self._held.pop(path, None)
@@ -262,6 +313,7 @@ class SharedReads:
     def clear(self) -> None:
         self._held.clear()
         self.ahead.clear()
+        self.stats.clear()
         for cache in self._noted:
             cache.forget_recent()
 

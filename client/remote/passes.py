@@ -33,7 +33,7 @@ from lsync.client.local.localentry import (
     ScanError,
     UnstableFileError,
 )
-from lsync.client.local.localside import SharedReads
+from lsync.client.local.localside import Found, SharedReads
 from lsync.client.local.scanner import lstat_confined, scan_tree
 from lsync.client.local.stableread import read_file_stable
 from lsync.client.remote import planner, relearn
@@ -140,16 +140,17 @@ class PathPasses:
             return Outcome.DONE
         self.side.skipped.pop(path, None)  # (skipped again below if it still is too big)
         self._urgent = record.urgent  # what the pass marks inherits it
-        wall_now = time.time_ns()
         try:
-            # Never through a symlink: a directory swapped for a link hides what is below.
-            found = lstat_confined(self.local.root, path)
+            found, wall_now = self._lstat(path)
         except OSError as exc:
             return self._cannot_read(path, exc.strerror or str(exc))
         st, target = found if found is not None else (None, None)
         remote = self.side.model.get(path)
         seen = self._seen(path, st, target)
-        plan = planner.plan_path(seen, remote, watcher_behind=self.local.seen_until() < wall_now,
+        # (Whether the watcher was behind when the path was seen matters only for a path
+        # gone locally, and asking costs a system call.)
+        behind = seen.kind is None and remote is not None and self.local.seen_until() < wall_now
+        plan = planner.plan_path(seen, remote, watcher_behind=behind,
                                  others_queued=bool(self.side.queue.queued),
                                  deferred=record.deferred)
         since = record.since
@@ -190,6 +191,20 @@ class PathPasses:
             assert st is not None
             return await self._sync_file(path, st, since, ahead, record.urgent)
         return Outcome.DONE
+
+    def _lstat(self, path: str) -> tuple[Found, int]:
+        """What is at `path` (never through a symlink: a directory swapped for a link hides
+        what is below), and the wall time (ns) it was seen: maybe by another target's pass
+        since the watcher's last batch (lsync.client.local.localside.SharedStats)."""
+        stats = self.local.reads.stats if self.local.reads is not None else None
+        held = stats.take(path) if stats is not None else None
+        if held is not None:
+            return held
+        wall_now = time.time_ns()
+        found = lstat_confined(self.local.root, path)
+        if stats is not None:
+            stats.put(path, found, wall_now)
+        return found, wall_now
 
     def _flying_near(self) -> Callable[[str], bool]:
         return relearn.flying_near(self.side.window)
