@@ -313,3 +313,16 @@ def test_a_paths_lstat_serves_the_other_targets_until_the_next_watcher_batch(
     one = SharedReads(lambda: 1)
     one.stats.put("f", None, 1)
     assert one.stats.take("f") is None  # one target: nothing held
+
+
+def test_after_an_overflow_no_lstat_is_shared_any_more(tmp_path: Path) -> None:
+    """A directory that could not be watched comes with an overflow and stays unwatched:
+    a change there brings no event, so an lstat held for the others could be stale."""
+    reads = SharedReads(lambda: 2)
+    reads.stats.overflowed()
+    reads.stats.put("f", None, 1)
+    assert reads.stats.take("f") is None
+    lossy = SharedReads(lambda: 2)
+    lossy.stats.trusted = lambda: False  # (watchfiles: no overflow reported)
+    lossy.stats.put("f", None, 1)
+    assert lossy.stats.take("f") is None

@@ -29,7 +29,10 @@ reconnect loop); they meet here. What this promises:
   batch, whatever paths it names (a directory swapped for a link changes what is below it
   without an event for those paths). A pass that takes it plans as of when it was seen
   (whether the watcher was behind then); a change after it brings an event, and that event
-  makes every target look at the path again.
+  makes every target look at the path again. Only while every change brings an event: not
+  with a watcher that may lose some unsaid (watchfiles), nor after the first overflow (a
+  directory that could not be watched stays so; a convergence check that finds a change
+  there must look at the path itself).
 - **What is made of content once** (`SharedReads.made`): the compressed pieces, signature or
   delta of a file version, named by its digest (and the packing, or the base): the first
   target makes it, the others take it. Named by the content itself, it needs no forgetting.
@@ -176,6 +179,14 @@ class SharedStats:
         self.sharers = sharers
         self.taken = 0  # (a test counts them)
         self._held: dict[str, tuple[Found, int, float, int]] = {}  # found, wall ns, since, takes
+        self.trusted: Callable[[], bool] = lambda: True  # every change brings an event
+        self.lost = False  # an overflow: changes may have come without events
+
+    def overflowed(self) -> None:
+        """Events were lost (or directories could not be watched): nothing is held any
+        more, for the rest of the run."""
+        self.lost = True
+        self._held.clear()
 
     def take(self, path: str) -> tuple[Found, int] | None:
         """What another target saw at `path`, and its wall time then (Unix ns)."""
@@ -195,7 +206,7 @@ class SharedStats:
 
     def put(self, path: str, found: Found, wall: int) -> None:
         others = self.sharers() - 1
-        if others <= 0:
+        if others <= 0 or self.lost or not self.trusted():
             return
         while len(self._held) >= STATS_HELD:
             del self._held[next(iter(self._held))]
@@ -336,6 +347,8 @@ class LocalSide:
         self._scans: dict[str, _SharedScan] = {}
         self._saving = asyncio.Lock()
         self.reads = SharedReads(lambda: len(self.hosts))
+        # (A watcher without close events is watchfiles: it may lose events unsaid.)
+        self.reads.stats.trusted = lambda: self.watcher is None or self.close_events
 
     # -- the watcher -------------------------------------------------------------------------
     def seen_until(self) -> int:
@@ -380,6 +393,7 @@ class LocalSide:
         now = time.monotonic()
         if batch.overflow:
             self.reads.clear()
+            self.reads.stats.overflowed()
         self.reads.forget(batch.paths)
         self.reads.forget(batch.writing)
         dirty: list[str] = []
