@@ -249,9 +249,10 @@ class SharedReads:
                 del self._made[key]
             result: _T = await asyncio.shield(held.future)
             return result
-        for old in [k for k, h in self._made.items() if now - h.since >= READ_SHARED_FOR]:
-            del self._made[old]
-        while len(self._made) >= MADE_HELD:
+        # (Oldest first: a key is only ever added anew. Looking at the oldest alone keeps
+        # this cheap: a burst asks once per file and target.)
+        while self._made and (len(self._made) >= MADE_HELD or now - next(
+                iter(self._made.values())).since >= READ_SHARED_FOR):
             del self._made[next(iter(self._made))]
         self.made_count += 1
         future = asyncio.ensure_future(make())
@@ -285,6 +286,7 @@ class SharedReads:
         self._expire(now)
         self.files_read += 1
         future = asyncio.ensure_future(read())
+        self._held.pop(path, None)  # (re-added last: the dictionary stays oldest first)
         self._held[path] = _Held(key, future, now, others)
         future.add_done_callback(lambda done: self._failed(path, done))
         return await asyncio.shield(future)
@@ -297,9 +299,8 @@ class SharedReads:
                 del self._held[path]
 
     def _expire(self, now: float) -> None:
-        for path in [p for p, h in self._held.items() if now - h.since >= READ_SHARED_FOR]:
-            del self._held[path]
-        while len(self._held) >= READS_HELD:
+        while self._held and (len(self._held) >= READS_HELD or now - next(
+                iter(self._held.values())).since >= READ_SHARED_FOR):
             del self._held[next(iter(self._held))]
 
     def note(self, cache: HashCache, path: str, st: os.stat_result, digest: bytes) -> None:
