@@ -115,9 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                     client.stop()
     finally:
         if args.out is None:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            shutil.rmtree(work / "remote", ignore_errors=True)
+            print(f"\n(raw stacks were in {out}, now deleted: give --out to keep them)")
+        shutil.rmtree(work, ignore_errors=True)  # (the local copies and remotes: ~100 MB each)
     return 0
 
 
