@@ -18,6 +18,7 @@ cut still reaches it once it reconnects.
 from __future__ import annotations
 
 import asyncio
+import collections
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ from tests.corerig import (
     WatcherClock,
 )
 from tests.corerig import home as home  # (a fixture: $HOME for the records)
+
+BURST_FILES = 200  # new files of the burst to two targets
 
 
 class HostRig(Rig):
@@ -243,6 +246,49 @@ def test_an_edit_made_while_one_target_is_cut_reaches_it_after_the_reconnect(
             await cut.converged()
             for rig in pair.rigs:
                 assert not rig.problems(), rig.problems()
+        finally:
+            await pair.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_burst_of_new_files_to_two_targets_reads_each_file_from_disk_once(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst goes through each target's read-ahead: what one target's read-ahead read the
+    other's takes (and the compressed pieces of the bigger files are made once too)."""
+    hashed: list[str] = []
+    real = stableread._read_stable
+
+    def counted(dir_fd: int, name: str, rel: str, *args: Any, **kwargs: Any) -> Any:
+        hashed.append(rel)
+        return real(dir_fd, name, rel, *args, **kwargs)
+
+    monkeypatch.setattr(stableread, "_read_stable", counted)
+    files = {f"burst/d{i // 50}/f{i:03d}.c": f"int f{i} = {i};\n" * (1 + i % 7)
+             for i in range(BURST_FILES)}
+
+    async def scenario() -> None:
+        pair = Pair(tmp_path, STEP_TIMEOUT)
+        _make_start(pair.local)
+        try:
+            await pair.connect()
+            for rig in pair.rigs:
+                await rig.converged()
+            hashed.clear()
+            for rel, text in files.items():
+                (pair.local / rel).parent.mkdir(parents=True, exist_ok=True)
+                (pair.local / rel).write_text(text)
+            pair.changed(["burst", *sorted({rel.rpartition("/")[0] for rel in files}),
+                          *files])
+            for rig in pair.rigs:
+                await rig.converged()
+                for rel, text in files.items():
+                    assert (rig.remote / rel).read_text() == text
+            reads = collections.Counter(rel for rel in hashed if rel in files)
+            assert set(reads) == set(files)
+            assert [rel for rel, count in reads.items() if count != 1] == []  # not 2
+            assert sum(rig.engine.read_ahead.shared for rig in pair.rigs) > 0
+            assert pair.side.reads.stats.taken > 0  # the other target's lstats too
         finally:
             await pair.close()
 

@@ -219,3 +219,110 @@ def test_a_scan_no_target_waits_for_any_more_is_stopped(
 
     asyncio.run(scenario())
     assert stopped == [True]
+
+
+def _two_read_aheads(root: Path) -> tuple[Any, Any, Any]:
+    from lsync.client.local.hashcache import HashCache
+    from lsync.client.remote.sender import ReadAhead
+
+    reads = SharedReads(lambda: 2)
+    cache = HashCache("xxh3-128", root=root)
+    return reads, ReadAhead(root, cache, reads.ahead), ReadAhead(root, cache, reads.ahead)
+
+
+def test_what_one_targets_read_ahead_read_is_taken_by_the_others(tmp_path: Path) -> None:
+    from lsync.client.remote.sender import prepared_of, still_current
+
+    (tmp_path / "f.c").write_text("int f;\n")
+    _reads, first, second = _two_read_aheads(tmp_path)
+    packer = (0, 0, b"")
+
+    async def scenario() -> None:
+        first.start(["f.c"], packer)
+        second.start(["f.c"], packer)  # the same version: no second read
+        mine, theirs = first.take("f.c"), second.take("f.c")
+        assert mine is not None and theirs is not None and theirs.source is mine
+        a, b = await prepared_of(mine), await prepared_of(theirs)
+        assert a is not None and b is a and a.content == b"int f;\n"
+        assert still_current(b, os.lstat(tmp_path / "f.c")) is b
+        assert second.shared == 1
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_read_ahead_begun_before_an_event_for_the_path_is_not_handed_on(
+        tmp_path: Path) -> None:
+    (tmp_path / "f.c").write_text("int f;\n")
+    reads, first, second = _two_read_aheads(tmp_path)
+    packer = (0, 0, b"")
+
+    async def scenario() -> None:
+        first.start(["f.c", "g.c"], packer)
+        second.start(["f.c", "g.c"], packer)
+        reads.forget(["f.c"])  # a watcher event for f.c after both read-aheads began
+        assert second.take("f.c") is None  # it reads the file at its turn instead
+        assert second.take("g.c") is not None  # (no event for g.c)
+        assert first.take("f.c") is not None  # its own: still checked against its lstat
+        second.start(["f.c"], packer)  # a read-ahead begun after the event is not shared
+        assert second.futures["f.c"].source is None
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        first.close()
+        second.close()
+
+
+def test_what_is_made_of_a_content_is_made_once_for_every_target() -> None:
+    targets = 3
+    reads = SharedReads(lambda: targets)
+    made: list[bytes] = []
+
+    async def make() -> bytes:
+        made.append(b"x")
+        await asyncio.sleep(0)
+        return b"packed"
+
+    async def scenario() -> None:
+        key = ("pieces", b"d" * 16, (1, 6, b""))
+        got = await asyncio.gather(*(reads.made(key, make) for _ in range(targets)))
+        assert got == [b"packed"] * targets and len(made) == 1
+        await reads.made(("pieces", b"d" * 16, (1, 1, b"")), make)  # another packing
+        assert len(made) == 2
+
+    asyncio.run(scenario())
+    assert reads.made_count == 2
+
+
+def test_a_paths_lstat_serves_the_other_targets_until_the_next_watcher_batch(
+        tmp_path: Path) -> None:
+    reads = SharedReads(lambda: 3)
+    st = os.lstat(tmp_path)
+    reads.stats.put("f", (st, None), 123)
+    assert reads.stats.take("f") == ((st, None), 123)  # as seen then, by another target
+    reads.forget([])  # a watcher batch, whatever paths it names
+    assert reads.stats.take("f") is None
+    reads.stats.put("f", None, 456)
+    assert reads.stats.take("f") == (None, 456)
+    assert reads.stats.take("f") == (None, 456)
+    assert reads.stats.take("f") is None  # both other targets took it
+    one = SharedReads(lambda: 1)
+    one.stats.put("f", None, 1)
+    assert one.stats.take("f") is None  # one target: nothing held
+
+
+def test_after_an_overflow_no_lstat_is_shared_any_more(tmp_path: Path) -> None:
+    """A directory that could not be watched comes with an overflow and stays unwatched:
+    a change there brings no event, so an lstat held for the others could be stale."""
+    reads = SharedReads(lambda: 2)
+    reads.stats.overflowed()
+    reads.stats.put("f", None, 1)
+    assert reads.stats.take("f") is None
+    lossy = SharedReads(lambda: 2)
+    lossy.stats.trusted = lambda: False  # (watchfiles: no overflow reported)
+    lossy.stats.put("f", None, 1)
+    assert lossy.stats.take("f") is None

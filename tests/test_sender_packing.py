@@ -8,7 +8,7 @@ import pytest
 
 from lsync.client.remote import sender
 from lsync.client.remote.sender import RAW, Packing, content_messages, pieces_of
-from lsync.client.transport.outbox import pack_batch
+from lsync.client.transport.outbox import SharedBatches, pack_batch
 from lsync.protocol import packing
 
 SOURCE = b"".join(b"static int lsync_%d(void) { return %d; }\n" % (i, i) for i in range(5000))
@@ -70,3 +70,32 @@ def test_a_batch_given_as_its_files_contents_is_joined_and_packed_alike() -> Non
     for level in (RAW, 1, 4):
         assert pack_batch(contents, packing.PACK_ZLIB, level) == \
             pack_batch(SOURCE, packing.PACK_ZLIB, level)
+
+
+def test_with_several_targets_a_batch_is_one_zlib_stream_of_segments_the_targets_share(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second target's batch holds the same file versions (the same bytes objects:
+    read once) but starts and ends elsewhere: it takes the segments the first packed
+    (but the few at its edges), and both inflate to their files with plain zlib."""
+    monkeypatch.setattr(packing, "fast_zlib", lambda: False)  # (segments are zlib's own)
+    shared = SharedBatches()
+    shared.sharers = lambda: 2
+    files = [b"".join(b"static int f_%d_%d(void) { return %d; }\n" % (n, i, i * n)
+                      for i in range(40 + n % 300)) for n in range(600)]
+    first = files[:500]
+    second = files[7:480]  # cut elsewhere
+    made = []
+    for batch in (first, second):
+        data, code = pack_batch(batch, packing.PACK_ZLIB, 4, shared)
+        assert code == packing.PACK_ZLIB
+        assert zlib.decompress(data) == b"".join(batch)
+        assert packing.unpack(data, code, 1 << 30) == b"".join(batch)
+        alone = len(pack_batch(b"".join(batch), packing.PACK_ZLIB, 4)[0])
+        assert len(data) < alone * 1.02  # (each segment's dictionary: what precedes it)
+        made.append(shared.made)
+    packed_again = made[1] - made[0]  # by the second target: the segments at its edges
+    assert shared.taken > 10 and packed_again <= 4
+    one = SharedBatches()  # with one target: packed whole, as before
+    assert pack_batch(first, packing.PACK_ZLIB, 4, one) == pack_batch(
+        b"".join(first), packing.PACK_ZLIB, 4)
+    assert one.made == 0

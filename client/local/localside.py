@@ -22,7 +22,20 @@ reconnect loop); they meet here. What this promises:
   file version reads it (and hashes it, as every read does); the others get the same bytes
   while that version stands. A watcher event for the path (or an overflow) forgets the read
   before any target hears of the event, so a target never sends what it read before the
-  file's last change it was told about.
+  file's last change it was told about. The same holds for what the targets' read-aheads
+  read (`SharedReads.ahead`, `AheadSlots`): one read of a queued file for every target.
+- **A path looked at once** (`SharedReads.stats`, `SharedStats`): what one target's pass
+  saw of a path (its lstat, and when) serves the others' passes until the watcher's next
+  batch, whatever paths it names (a directory swapped for a link changes what is below it
+  without an event for those paths). A pass that takes it plans as of when it was seen
+  (whether the watcher was behind then); a change after it brings an event, and that event
+  makes every target look at the path again. Only while every change brings an event: not
+  with a watcher that may lose some unsaid (watchfiles), nor after the first overflow (a
+  directory that could not be watched stays so; a convergence check that finds a change
+  there must look at the path itself).
+- **What is made of content once** (`SharedReads.made`): the compressed pieces, signature or
+  delta of a file version, named by its digest (and the packing, or the base): the first
+  target makes it, the others take it. Named by the content itself, it needs no forgetting.
 - The "N of M files ignored" note of the first full scan is said once.
 """
 
@@ -36,7 +49,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from lsync.client.buildloop.pullrules import PushRules
 from lsync.client.errors import SafetyStop
@@ -53,7 +66,12 @@ SCAN_SHARED_FOR = 10.0  # seconds a finished scan is kept for hosts that start a
 READ_SHARED_FOR = 5.0  # seconds a file version read by one target waits for the others
 READS_HELD = 256  # file versions held at most (the oldest go first)
 
+MADE_HELD = 512  # things made of content held at most for the other targets
+STATS_HELD = 8192  # paths' lstats held at most for the other targets' passes
+AHEADS_HELD = 1024  # files read ahead held at most for the other targets
+
 Scan = tuple[HashCache, dict[str, LocalEntry]]
+_T = TypeVar("_T")
 
 
 class Host(Protocol):
@@ -83,6 +101,122 @@ class _Held:
     takes: int  # other targets still to take it
 
 
+@dataclass
+class _Made:
+    future: asyncio.Future[Any]
+    since: float
+    takes: int
+
+
+class AheadSlot:
+    """A file one target's read-ahead reads (`item`: what it made of it, opaque here) for
+    the others. `stale` once a watcher event for the path came after the read started (or
+    the slot was dropped): from then on no other target takes it."""
+
+    __slots__ = ("item", "since", "stale")
+
+    def __init__(self, item: object, since: float) -> None:
+        self.item = item
+        self.since = since
+        self.stale = False
+
+
+class AheadSlots:
+    """The files the targets' read-aheads read, by path, for the other targets (event loop
+    thread only). A slot is put before its read starts; an event for its path (`forget`)
+    makes it stale, so a read that may have seen an older version than the last event is
+    never handed on: the target that made it checks it against its own lstat, as before."""
+
+    def __init__(self, sharers: Callable[[], int]) -> None:
+        self.sharers = sharers
+        self._slots: dict[str, AheadSlot] = {}
+
+    def take(self, path: str) -> AheadSlot | None:
+        """Another target's slot for `path`, if one is held and not stale."""
+        slot = self._slots.get(path)
+        if slot is None or slot.stale:
+            return None
+        if time.monotonic() - slot.since >= READ_SHARED_FOR:
+            self._drop(path)
+            return None
+        return slot
+
+    def put(self, path: str, item: object) -> AheadSlot | None:
+        """Offer what is about to be read of `path` to the other targets (None with one)."""
+        if self.sharers() < 2:
+            return None
+        while len(self._slots) >= AHEADS_HELD:
+            self._drop(next(iter(self._slots)))
+        self._drop(path)
+        slot = self._slots[path] = AheadSlot(item, time.monotonic())
+        return slot
+
+    def _drop(self, path: str) -> None:
+        slot = self._slots.pop(path, None)
+        if slot is not None:
+            slot.stale = True
+
+    def forget(self, paths: Iterable[str]) -> None:
+        if self._slots:
+            for path in paths:
+                self._drop(path)
+
+    def clear(self) -> None:
+        for slot in self._slots.values():
+            slot.stale = True
+        self._slots.clear()
+
+
+Found = tuple[os.stat_result, str | None] | None  # an lstat, and a link's target; or gone
+
+
+class SharedStats:
+    """What one target's pass saw of a path, for the others (event loop thread only; see
+    the module docstring): dropped on every watcher batch, once every other target took
+    it, or READ_SHARED_FOR after it was seen."""
+
+    def __init__(self, sharers: Callable[[], int]) -> None:
+        self.sharers = sharers
+        self.taken = 0  # (a test counts them)
+        self._held: dict[str, tuple[Found, int, float, int]] = {}  # found, wall ns, since, takes
+        self.trusted: Callable[[], bool] = lambda: True  # every change brings an event
+        self.lost = False  # an overflow: changes may have come without events
+
+    def overflowed(self) -> None:
+        """Events were lost (or directories could not be watched): nothing is held any
+        more, for the rest of the run."""
+        self.lost = True
+        self._held.clear()
+
+    def take(self, path: str) -> tuple[Found, int] | None:
+        """What another target saw at `path`, and its wall time then (Unix ns)."""
+        held = self._held.get(path)
+        if held is None:
+            return None
+        found, wall, since, takes = held
+        if time.monotonic() - since >= READ_SHARED_FOR:
+            del self._held[path]
+            return None
+        if takes <= 1:
+            del self._held[path]
+        else:
+            self._held[path] = (found, wall, since, takes - 1)
+        self.taken += 1
+        return found, wall
+
+    def put(self, path: str, found: Found, wall: int) -> None:
+        others = self.sharers() - 1
+        if others <= 0 or self.lost or not self.trusted():
+            return
+        while len(self._held) >= STATS_HELD:
+            del self._held[next(iter(self._held))]
+        self._held.pop(path, None)
+        self._held[path] = (found, wall, time.monotonic(), others)
+
+    def clear(self) -> None:
+        self._held.clear()
+
+
 class SharedReads:
     """One read of a file version for every target (see the module docstring). `sharers`
     says how many targets there are; with one, nothing is held."""
@@ -90,8 +224,48 @@ class SharedReads:
     def __init__(self, sharers: Callable[[], int]) -> None:
         self.sharers = sharers
         self.files_read = 0  # reads made (a test counts them)
+        self.made_count = 0  # things made of content by `made` (a test counts them)
         self._held: dict[str, _Held] = {}
+        self._made: dict[object, _Made] = {}
         self._noted: set[HashCache] = set()  # hash caches `note` told of reads
+        self.ahead = AheadSlots(sharers)
+        self.stats = SharedStats(sharers)
+
+    async def made(self, key: object, make: Callable[[], Awaitable[_T]]) -> _T:
+        """What `make` makes of a file's content, `key` naming it by the content's digest
+        (and whatever else it depends on: the packing, the base): made by the first
+        target, taken by the others. It names the content, not a path or a version, so no
+        event makes it wrong; it is held READ_SHARED_FOR at most, until every other target
+        took it."""
+        others = self.sharers() - 1
+        if others <= 0:
+            self.made_count += 1
+            return await make()
+        now = time.monotonic()
+        held = self._made.get(key)
+        if held is not None and now - held.since < READ_SHARED_FOR:
+            held.takes -= 1
+            if held.takes <= 0:
+                del self._made[key]
+            result: _T = await asyncio.shield(held.future)
+            return result
+        # (Oldest first: a key is only ever added anew. Looking at the oldest alone keeps
+        # this cheap: a burst asks once per file and target.)
+        while self._made and (len(self._made) >= MADE_HELD or now - next(
+                iter(self._made.values())).since >= READ_SHARED_FOR):
+            del self._made[next(iter(self._made))]
+        self.made_count += 1
+        future = asyncio.ensure_future(make())
+        self._made[key] = _Made(future, now, others)
+        future.add_done_callback(lambda done: self._unmade(key, done))
+        return await asyncio.shield(future)
+
+    def _unmade(self, key: object, future: asyncio.Future[Any]) -> None:
+        """What failed to be made is not handed on."""
+        if future.cancelled() or future.exception() is not None:
+            held = self._made.get(key)
+            if held is not None and held.future is future:
+                del self._made[key]
 
     async def read(self, path: str, st: os.stat_result,
                    read: Callable[[], Awaitable[Read]]) -> Read:
@@ -112,6 +286,7 @@ class SharedReads:
         self._expire(now)
         self.files_read += 1
         future = asyncio.ensure_future(read())
+        self._held.pop(path, None)  # (re-added last: the dictionary stays oldest first)
         self._held[path] = _Held(key, future, now, others)
         future.add_done_callback(lambda done: self._failed(path, done))
         return await asyncio.shield(future)
@@ -124,9 +299,8 @@ class SharedReads:
                 del self._held[path]
 
     def _expire(self, now: float) -> None:
-        for path in [p for p, h in self._held.items() if now - h.since >= READ_SHARED_FOR]:
-            del self._held[path]
-        while len(self._held) >= READS_HELD:
+        while self._held and (len(self._held) >= READS_HELD or now - next(
+                iter(self._held.values())).since >= READ_SHARED_FOR):
             del self._held[next(iter(self._held))]
 
     def note(self, cache: HashCache, path: str, st: os.stat_result, digest: bytes) -> None:
@@ -140,14 +314,18 @@ class SharedReads:
         """These paths changed (a watcher event): what was read of them is not handed on,
         nor their digests noted."""
         paths = list(paths)
+        self.stats.clear()  # (any batch: see SharedStats)
         if self._held:
             for path in paths:
                 self._held.pop(path, None)
+        self.ahead.forget(paths)
         for cache in self._noted:
             cache.forget_recent(paths)
 
     def clear(self) -> None:
         self._held.clear()
+        self.ahead.clear()
+        self.stats.clear()
         for cache in self._noted:
             cache.forget_recent()
 
@@ -170,6 +348,8 @@ class LocalSide:
         self._scans: dict[str, _SharedScan] = {}
         self._saving = asyncio.Lock()
         self.reads = SharedReads(lambda: len(self.hosts))
+        # (A watcher without close events is watchfiles: it may lose events unsaid.)
+        self.reads.stats.trusted = lambda: self.watcher is None or self.close_events
 
     # -- the watcher -------------------------------------------------------------------------
     def seen_until(self) -> int:
@@ -214,6 +394,7 @@ class LocalSide:
         now = time.monotonic()
         if batch.overflow:
             self.reads.clear()
+            self.reads.stats.overflowed()
         self.reads.forget(batch.paths)
         self.reads.forget(batch.writing)
         dirty: list[str] = []

@@ -49,6 +49,7 @@ from lsync.client.remote.sender import (
 from lsync.client.remote.window import Window
 from lsync.client.reporter import Reporter
 from lsync.client.transport.link import AgentLink
+from lsync.client.transport.outbox import SHARED_BATCHES
 from lsync.protocol import packing
 from lsync.protocol.paths import relpath_problem
 
@@ -82,7 +83,10 @@ class SyncEngine:
         # settling guess. reads: one read of a save for every target.)
         self.passes = PathPasses(self.side, LocalInputs(root, rules, cache, seen_until,
                                                         close_events, reads))
-        self.read_ahead = ReadAhead(root, cache)
+        # (With several targets, what one read ahead the others take: SharedReads.ahead.)
+        self.read_ahead = ReadAhead(root, cache, reads.ahead if reads is not None else None)
+        if reads is not None:  # (the links' batches are packed once for every target too)
+            SHARED_BATCHES.sharers = reads.sharers
         self.remote_hashed = 0  # remote files the initial comparison had the agent hash
         self.convergence = Convergence(self.side, self.passes.local, self.passes.check_root)
 

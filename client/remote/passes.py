@@ -19,7 +19,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,10 +33,10 @@ from lsync.client.local.localentry import (
     ScanError,
     UnstableFileError,
 )
-from lsync.client.local.localside import SharedReads
+from lsync.client.local.localside import Found, SharedReads
 from lsync.client.local.scanner import lstat_confined, scan_tree
 from lsync.client.local.stableread import read_file_stable
-from lsync.client.remote import planner
+from lsync.client.remote import planner, relearn
 from lsync.client.remote.delta import Signature, signature
 from lsync.client.remote.model import DIR, FILE, LINK, RemoteEntry
 from lsync.client.remote.pathqueue import PathRecord
@@ -59,8 +59,6 @@ from lsync.protocol import messages as m
 from lsync.protocol.paths import relpath_problem
 
 UNSTABLE_RETRY = 0.05
-RELEARN_HASH_BATCH = 2000  # files per HashPaths when the agent is asked about refused paths
-RELEARN_MAX = 2000  # other refused paths' owners asked about in the same round trip
 LANE_WAIT = 0.01  # a pass waits this long (again) while data-lane writes below it fly
 FAST_LANE = 1  # the data lane of single saves; batches take the others in turn
 DELETE_WAIT = 0.01  # a delete waits this long (again) while the watcher has undelivered events
@@ -142,16 +140,17 @@ class PathPasses:
             return Outcome.DONE
         self.side.skipped.pop(path, None)  # (skipped again below if it still is too big)
         self._urgent = record.urgent  # what the pass marks inherits it
-        wall_now = time.time_ns()
         try:
-            # Never through a symlink: a directory swapped for a link hides what is below.
-            found = lstat_confined(self.local.root, path)
+            found, wall_now = self._lstat(path)
         except OSError as exc:
             return self._cannot_read(path, exc.strerror or str(exc))
         st, target = found if found is not None else (None, None)
         remote = self.side.model.get(path)
         seen = self._seen(path, st, target)
-        plan = planner.plan_path(seen, remote, watcher_behind=self.local.seen_until() < wall_now,
+        # (Whether the watcher was behind when the path was seen matters only for a path
+        # gone locally, and asking costs a system call.)
+        behind = seen.kind is None and remote is not None and self.local.seen_until() < wall_now
+        plan = planner.plan_path(seen, remote, watcher_behind=behind,
                                  others_queued=bool(self.side.queue.queued),
                                  deferred=record.deferred)
         since = record.since
@@ -193,51 +192,25 @@ class PathPasses:
             return await self._sync_file(path, st, since, ahead, record.urgent)
         return Outcome.DONE
 
-    def _flying_near(self) -> Callable[[str], bool]:
-        """A test of whether an unanswered operation touches a path, a path below it, or a
-        directory above it (as things are now)."""
-        flying: set[str] = set()
-        holding: set[str] = set()  # directories with operations in flight below them
-        for flight in self.side.window.flights.values():
-            for touched in (flight.target, flight.src):
-                if touched:
-                    flying.add(touched)
-                    holding.update(_ancestors(touched))
+    def _lstat(self, path: str) -> tuple[Found, int]:
+        """What is at `path` (never through a symlink: a directory swapped for a link hides
+        what is below), and the wall time (ns) it was seen: maybe by another target's pass
+        since the watcher's last batch (lsync.client.local.localside.SharedStats)."""
+        stats = self.local.reads.stats if self.local.reads is not None else None
+        held = stats.take(path) if stats is not None else None
+        if held is not None:
+            return held
+        wall_now = time.time_ns()
+        found = lstat_confined(self.local.root, path)
+        if stats is not None:
+            stats.put(path, found, wall_now)
+        return found, wall_now
 
-        def near(path: str) -> bool:
-            return path in flying or path in holding or any(
-                parent in flying for parent in _ancestors(path))
-        return near
+    def _flying_near(self) -> Callable[[str], bool]:
+        return relearn.flying_near(self.side.window)
 
     async def _relearn(self, path: str, near: Callable[[str], bool]) -> None:
-        """Ask the agent what is at the remote paths `path`'s pass had refused, and below
-        them, and let the model say exactly that (a refused operation left it a guess: a
-        refused delete's entry was put back, but not over what the same pass sent after
-        it; a refused mkdir forgot what was below). The other refused paths with nothing
-        in flight near them are asked about in the same round trip (after a read-only
-        spell, a thousand paths retry at once: one round trip each was minutes)."""
-        others = [o for o, paths in self.side.unsure.items()
-                  if o != path and not any(near(p) for p in paths)]
-        owners = [path, *others[:RELEARN_MAX]]
-        asked: set[str] = set()
-        for owner in owners:
-            asked.update(p for p in self.side.unsure.pop(owner) if p)
-        tops = sorted(p for p in asked if not any(
-            parent in asked for parent in _ancestors(p)))
-        listings = await asyncio.gather(*(self._listing(top) for top in tops))
-        need: list[tuple[str, RemoteEntry | None]] = []
-        for top, entries in zip(tops, listings, strict=True):
-            need += planner.relearn(self.side.model, top, entries, self.local.rules.is_ignored)
-        parts = [need[i:i + RELEARN_HASH_BATCH] for i in range(0, len(need),
-                                                               RELEARN_HASH_BATCH)]
-        answers = await asyncio.gather(*(self.side.link.hash_paths([p for p, _ in part])
-                                         for part in parts))
-        for part, digests in zip(parts, answers, strict=True):
-            for (file, old), digest in zip(part, digests, strict=True):
-                planner.relearned_digest(self.side.model, file, digest, old)
-
-    async def _listing(self, top: str) -> list[list[Any]]:
-        return [entry async for batch in self.side.link.list_tree(top) for entry in batch]
+        await relearn.relearn(self.side, self.local.rules, path, near)
 
     def _parent_ready(self, path: str) -> bool:
         """Whether the remote holds `path`'s parent as a directory that lsync knows; if
@@ -370,6 +343,8 @@ class PathPasses:
             prepared = still_current(await prepared_of(ahead), st)
         if prepared is not None:
             content, entry = prepared.content, prepared.entry
+            if self.local.reads is not None and entry.digest is not None:
+                self.local.reads.note(self.local.cache, path, st, entry.digest)  # (as _read)
         else:
             try:
                 content, entry = await self._read(path, st)
@@ -455,10 +430,14 @@ class PathPasses:
         seq = self.side.link.next_seq()
         if (remote is not None and remote.kind == FILE and remote.digest is not None
                 and remote.signature is not None):
-            base = self.side.recent.get(path, remote.digest)
-            delta, new_signature = await _off_loop(
-                len(content), delta_message, seq, path, mode, remote.digest,
-                remote.signature, content, digest, base, self.side.packing.zstd)
+            base, old, zstd = self.side.recent.get(path, remote.digest), remote.signature, \
+                self.side.packing.zstd
+            delta, new_signature = await self._made(
+                ("delta", remote.digest, old.size, old.avg_chunk, digest, zstd, base is not None),
+                lambda: _off_loop(len(content), delta_message, seq, path, mode, remote.digest,
+                                  old, content, digest, base, zstd))
+            if delta is not None and delta.seq != seq:  # (another target's: ours is the same)
+                delta = delta._replace(seq=seq, path=path, mode=mode)
             if delta is not None:
                 lane = self.side.window.lane_for(path, self._save_lane())
                 self.side.submit(delta, InFlight(path, Op.WRITE, path, since,
@@ -485,12 +464,14 @@ class PathPasses:
         if prepared is not None and prepared.signature is not None:
             new_signature = prepared.signature
         else:
-            new_signature = await _off_loop(len(content), signature, content)
+            new_signature = await self._made(("signature", digest), lambda: _off_loop(
+                len(content), signature, content))
         packer = self.side.packing.packer(burst=burst)
         if prepared is not None and prepared.packer == packer and prepared.pieces is not None:
             pieces = prepared.pieces
         else:
-            pieces = await _off_loop(len(content), pieces_of, content, packer)
+            pieces = await self._made(("pieces", digest, packer), lambda: _off_loop(
+                len(content), pieces_of, content, packer))
         messages = content_messages(seq, path, mode, pieces)
         wire = sum(len(data) for data, _ in pieces)
         # A save in one message takes the fast lane; bigger files, and big files of a
@@ -504,6 +485,12 @@ class PathPasses:
             self.side.link.send_on(message, lane)
             await self.side.link.drain(lane)
         return new_signature
+
+    async def _made(self, key: object, make: Callable[[], Awaitable[_T]]) -> _T:
+        """What `make` makes of content named in `key` by its digest: made once for every
+        target (lsync.client.local.localside.SharedReads.made)."""
+        reads = self.local.reads
+        return await (make() if reads is None else reads.made(key, make))
 
     def _save_lane(self) -> int:
         return FAST_LANE if self.side.link.lanes >= FAST_LANE else 0
@@ -564,10 +551,3 @@ class PathPasses:
         if empty and self.side.model.owned_count():
             raise SafetyStop(f"the local tree {self.local.root} is suddenly empty (an unmounted "
                              "disk?); stopped without deleting anything on the remote")
-
-
-def _ancestors(path: str) -> Iterator[str]:
-    parent = path.rpartition("/")[0]
-    while parent:
-        yield parent
-        parent = parent.rpartition("/")[0]

@@ -4,8 +4,10 @@ Everything here is about bytes, not about which path to sync: `Packing` chooses 
 of content is compressed (fast in bursts, small for single saves, with the session's
 preset dictionary when there is one); `content_messages` cuts a file into `WriteFile`
 chunks; `delta_message` makes a `WriteDelta` when that beats the whole file and fits in a
-frame; `ReadAhead` reads, hashes and compresses queued files in worker threads; `RecentBases`
-keeps the contents of recently sent small files (the bases of dictionary deltas).
+frame; `ReadAhead` reads, hashes and compresses queued files in worker threads (with several
+targets, what one target's read-ahead reads is taken by the others' while no watcher event
+came for the path since the read started: lsync.client.local.localside.AheadSlots);
+`RecentBases` keeps the contents of recently sent small files (the bases of dictionary deltas).
 
 Threads: `ReadAhead`'s workers only read files and compress; the HashCache they share has
 its own lock. Everything else runs on the event loop's thread.
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from lsync.client.local.hashcache import HashCache
 from lsync.client.local.localentry import LocalEntry, ScanError
+from lsync.client.local.localside import AheadSlot, AheadSlots
 from lsync.client.local.stableread import SiblingReader, read_file_stable
 from lsync.client.remote.delta import ZDICT_MAX_NEW, Signature, make_delta_and_signature, signature
 from lsync.protocol import messages as m
@@ -181,29 +184,37 @@ def sample_dictionary(root: Path, files: list[str], cache: HashCache) -> bytes:
 
 class Ahead:
     """One file being read ahead: `done` once `result` is set (by a worker thread); `group`
-    resolves when every file of its job is done (what to wait on when this one is not)."""
+    resolves when every file of its job is done (what to wait on when this one is not).
+    `source`: another target's Ahead of the same file (its read is this one's), through
+    `slot`, which says whether it may still be taken."""
 
-    __slots__ = ("believed", "done", "group", "held", "result", "taken")
+    __slots__ = ("believed", "done", "group", "held", "result", "slot", "source", "taken")
 
     def __init__(self, group: concurrent.futures.Future[None],
-                 believed: bytes | None = None) -> None:
+                 believed: bytes | None = None, source: Ahead | None = None,
+                 slot: AheadSlot | None = None) -> None:
         self.group = group
         self.believed = believed  # the content the remote is believed to hold
         self.done = False
         self.result: Prepared | None = None
         self.held = 0  # bytes of its content counted in the read-ahead's budget
         self.taken = False  # its pass took it (what it holds is the pass's from then on)
+        self.source = source
+        self.slot = slot
 
 
 class ReadAhead:
     """Worker threads that prepare queued new files before their turn, a group of files
     per job: one hand-off between threads, and one future, per group, not per file."""
 
-    def __init__(self, root: Path, cache: HashCache) -> None:
+    def __init__(self, root: Path, cache: HashCache, slots: AheadSlots | None = None) -> None:
         self.root = root
         self.cache = cache
+        self.slots = slots  # the other targets' read-aheads, and what they read
+        self.shared = 0  # files taken from another target's read-ahead (a test counts them)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.futures: dict[str, Ahead] = {}
+        self._groups: set[concurrent.futures.Future[None]] = set()  # submitted, not done
         # Bytes of content read ahead and not taken yet (workers add, `take` subtracts):
         # a file that would take it beyond PREFETCH_BYTES is read at its turn instead (64
         # neighbours of 8 MB each, as in the kernel's amd headers, held 300 MB).
@@ -227,9 +238,17 @@ class ReadAhead:
             if len(self.futures) >= PREFETCH:
                 break
             if path not in self.futures:
+                slot = self.slots.take(path) if self.slots is not None else None
+                if slot is not None and isinstance(slot.item, Ahead):
+                    # Another target reads (or read) it since its last event: take that.
+                    source = slot.item
+                    self.futures[path] = Ahead(source.group, believed.get(path), source, slot)
+                    continue
                 if not group:
                     done: concurrent.futures.Future[None] = concurrent.futures.Future()
                 ahead = self.futures[path] = Ahead(done, believed.get(path))
+                if self.slots is not None:
+                    ahead.slot = self.slots.put(path, ahead)  # before the read starts
                 group.append((path, ahead))
                 if len(group) >= PREFETCH_GROUP:
                     self._submit(group, done, packer)
@@ -239,10 +258,17 @@ class ReadAhead:
 
     def _submit(self, group: list[tuple[str, Ahead]], done: concurrent.futures.Future[None],
                 packer: Packer) -> None:
+        self._groups.add(done)
+        done.add_done_callback(self._groups.discard)
         self.pool().submit(_prepare_group, self, group, done, packer)
 
     def take(self, path: str) -> Ahead | None:
         ahead = self.futures.pop(path, None)
+        if ahead is not None and ahead.source is not None:
+            if ahead.slot is None or ahead.slot.stale:
+                return None  # an event for the path came since that read started
+            self.shared += 1
+            return ahead
         if ahead is not None:
             with self.lock:
                 ahead.taken = True
@@ -266,6 +292,8 @@ class ReadAhead:
         self.futures.clear()
         with self.lock:
             self.held = 0
+        for done in list(self._groups):
+            done.cancel()  # (not started yet: the targets sharing it read for themselves)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -302,10 +330,19 @@ def _held_bytes(prepared: Prepared) -> int:
 
 
 async def prepared_of(ahead: Ahead) -> Prepared | None:
-    """What was read ahead (waiting for its group when it is not done yet)."""
-    if not ahead.done:
-        await asyncio.wrap_future(ahead.group)
-    return ahead.result
+    """What was read ahead (waiting for its group when it is not done yet; None if that
+    was called off: its read-ahead closed)."""
+    read = ahead.source or ahead
+    if not read.done:
+        try:
+            # (Shielded: a pass cancelled while it waits does not call off a group that
+            # other targets wait for too.)
+            await asyncio.shield(asyncio.wrap_future(read.group))
+        except asyncio.CancelledError:
+            if read.group.cancelled():
+                return None
+            raise
+    return read.result
 
 
 def still_current(prepared: Prepared | None, st: os.stat_result) -> Prepared | None:

@@ -36,6 +36,7 @@ from lsync.client.transport.outbox import (
     BATCH_DELAY,
     BATCH_FILES,
     PACKING_AHEAD,
+    SHARED_BATCHES,
     Compressing,
     LaneWriter,
     PendingBatch,
@@ -191,7 +192,7 @@ class LinkWriter:
             batch.timer.cancel()
             loop = asyncio.get_running_loop()
             packed = loop.run_in_executor(None, pack_batch, batch.contents,
-                                          batch.code, batch.level)
+                                          batch.code, batch.level, SHARED_BATCHES)
             self._outboxes[index].append(Compressing(batch.files, packed))
             packed.add_done_callback(functools.partial(self._pumped, index))
 
