@@ -15,10 +15,15 @@ import os
 import random
 from collections import Counter
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from lsync.client.remote.pathqueue import PathQueue
+from lsync.client.remote.remoteside import BURST_WINDOW, URGENT_MAX, RemoteSide
+from lsync.client.remote.sender import Packing
+from lsync.client.reporter import Reporter
+from lsync.client.transport.link import AgentLink
 from lsync.protocol import messages as m
 from lsync.protocol import packing
 from lsync.protocol.errors import ErrorCode
@@ -283,3 +288,38 @@ def test_a_save_made_during_an_initial_sync_overtakes_it(lane_rig: Rig) -> None:
         await rig.close()
 
     asyncio.run(scenario())
+
+
+class _QuietReporter:
+    def queue(self, queued: int, in_flight: int) -> None:
+        pass
+
+
+def test_a_burst_in_small_watcher_batches_goes_the_bulk_way_but_a_save_stays_first() -> None:
+    """A checkout reaches lsync in watcher batches of a few paths: once more than
+    URGENT_MAX paths came within BURST_WINDOW, a batch of a few paths is bulk work, while
+    a batch of one or two (an editor's save) still goes first; after a quiet BURST_WINDOW
+    a few paths are a save again."""
+    now = [100.0]
+    side = RemoteSide(cast(AgentLink, None), cast(Reporter, _QuietReporter()),
+                      lambda: now[0], Packing(packing.ZLIB, long_link=True), False)
+
+    def urgent(path: str) -> bool:
+        return side.queue.records[path].urgent
+
+    side.mark_dirty([f"a/{i}" for i in range(10)])
+    assert all(urgent(f"a/{i}") for i in range(10))  # (alone: a save of several files)
+    now[0] += 0.1
+    side.mark_dirty([f"b/{i}" for i in range(10)])  # 20 paths within the window: a burst
+    assert not any(urgent(f"b/{i}") for i in range(10))
+    now[0] += 0.1
+    side.mark_dirty(["src/main.c"])  # an editor's save in the middle of it
+    assert urgent("src/main.c")
+    now[0] += 0.1
+    side.mark_dirty([f"c/{i}" for i in range(3)])
+    assert not any(urgent(f"c/{i}") for i in range(3))
+    now[0] += BURST_WINDOW + 0.01  # quiet again
+    side.mark_dirty([f"d/{i}" for i in range(5)])
+    assert all(urgent(f"d/{i}") for i in range(5))
+    side.mark_dirty([f"e/{i}" for i in range(URGENT_MAX + 1)])  # one big batch: a burst
+    assert not any(urgent(f"e/{i}") for i in range(URGENT_MAX + 1))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 
@@ -30,7 +31,9 @@ from lsync.client.reporter import Reporter
 from lsync.client.transport.link import AgentLink, Reply
 from lsync.protocol import messages as m
 
-URGENT_MAX = 16  # a watcher batch of at most this many paths is a save, not a burst
+URGENT_MAX = 16  # a watcher batch of at most this many paths is a save, not a burst...
+BURST_WINDOW = 0.5  # ... unless more came within this many seconds (a burst in small batches)
+EDITOR_SAVE_MAX = 2  # paths of a batch that is a save even then (a file, its backup or temp)
 
 
 @dataclass
@@ -72,6 +75,8 @@ class RemoteSide:
         # When (Unix ns) the watcher last delivered changes here: an in-sync report as of
         # an earlier moment does not cover them (lsync.client.remote.convergence says it again).
         self.marked_ns = 0
+        self._recent_marks: deque[tuple[float, int]] = deque()  # (when, paths) of batches
+        self._recent_paths = 0
 
     # -- input ----------------------------------------------------------------------------
     def mark_dirty(self, paths: Iterable[str], since: float | None = None,
@@ -89,11 +94,28 @@ class RemoteSide:
             if entry is not None and entry.kind == DIR:
                 self.queued_dirs.add(path)
         if urgent is None:  # a few paths from the watcher are a save
-            urgent = hint and len(paths) <= URGENT_MAX
+            urgent = hint and self._is_save(len(paths))
         if urgent and paths:
             self.urgent_work.set()  # a pass waiting for bulk backpressure lets it go first
         if self.queue.mark(paths, self.clock(), since, retry_failed=hint, urgent=urgent):
             self.poke()
+
+    def _is_save(self, count: int) -> bool:
+        """Whether a watcher batch of `count` paths is a save (taken before bulk work, sent
+        on its own and packed small) rather than part of a burst. A checkout or a build
+        that writes hundreds of files reaches lsync in watcher batches of a few paths each:
+        once more than URGENT_MAX paths came within BURST_WINDOW, only a batch of one or
+        two paths (an editor's save) is a save; the rest go the bulk way (read ahead, in
+        batches)."""
+        now = self.clock()
+        recent = self._recent_marks
+        while recent and now - recent[0][0] > BURST_WINDOW:
+            self._recent_paths -= recent.popleft()[1]
+        recent.append((now, count))
+        self._recent_paths += count
+        if count > URGENT_MAX:
+            return False
+        return count <= EDITOR_SAVE_MAX or self._recent_paths <= URGENT_MAX
 
     def poke(self) -> None:
         self.changed.set()
