@@ -118,15 +118,24 @@ def measure_reads(bed: Testbed, clients: Sequence[Client], local: Path,
     return (sum(c.rchar() for c in clients) - before) / count
 
 
-async def _flush(socket: Path, timeout: float) -> None:
+async def flush(socket: Path, timeout: float) -> None:
+    """One flush request on the control socket at `socket`."""
     await request(socket, {"v": 1, "op": "flush", "timeout": timeout}, timeout + 10)
+
+
+def write_files(local: Path, contents: Sequence[tuple[str, bytes]]) -> None:
+    """A burst: every (path, content) written at once below `local`."""
+    for rel, data in contents:
+        path = local / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
 
 
 def flush_request(client: Client, timeout: float = FLUSH_TIMEOUT) -> float:
     """Seconds a flush request on the control socket took."""
     socket = client.socket()
     t0 = time.perf_counter()
-    asyncio.run(_flush(socket, timeout))
+    asyncio.run(flush(socket, timeout))
     return time.perf_counter() - t0
 
 
@@ -186,12 +195,9 @@ def measure_burst(client: Client, local: Path, remotes: dict[str, Path], files: 
     socket = client.socket()
     cpu = procstat.cpu_seconds(client.proc.pid)
     t0 = time.perf_counter()
-    for rel, data in contents:
-        path = local / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+    write_files(local, contents)
     t1 = time.perf_counter()
-    asyncio.run(_flush(socket, FLUSH_TIMEOUT))
+    asyncio.run(flush(socket, FLUSH_TIMEOUT))
     t2 = time.perf_counter()
     cpu = procstat.cpu_seconds(client.proc.pid) - cpu
     missing = sum(1 for root in remotes.values() for rel, data in contents

@@ -26,7 +26,7 @@ from pathlib import Path
 from benchmarks import procstat
 from benchmarks.bench import default_cache_dir, say
 from benchmarks.fleet import cached_tree
-from benchmarks.fleet_measures import FLUSH_TIMEOUT, _flush
+from benchmarks.fleet_measures import FLUSH_TIMEOUT, flush, wait_quiet, write_files
 from benchmarks.fleet_testbed import FLEET, NAMES, ONE, READY_TIMEOUT, Client, testbed
 from benchmarks.profile_sync import Profile, cpu_table, spy, stop_spy, table
 from benchmarks.testbed import trees
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"{mode}: initial sync {ready - t0:.2f} s, CPU {cpu:.2f} s")
                     _report(f"{mode}: initial sync of {files} files ({ready - t0:.2f} s)",
                             out / f"{mode}-initial.txt", cpu, threads, files, args.top)
-                    time.sleep(2)
+                    wait_quiet(bed, 2.0)  # (the initial sync's last answers and pings)
                     rels = [f"burst/d{i // 100:02d}/f{i:04d}.c" for i in range(args.burst)]
                     contents = [(r, trees.text_of_size(2_000, name=r)) for r in rels]
                     socket = client.socket()
@@ -93,12 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                     spies.append(spy(client.proc.pid, out / f"{mode}-burst.txt"))
                     time.sleep(0.5)
                     t1 = time.perf_counter()
-                    for rel, data in contents:
-                        path = local / rel
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        path.write_bytes(data)
+                    write_files(local, contents)
                     t2 = time.perf_counter()
-                    asyncio.run(_flush(socket, FLUSH_TIMEOUT))
+                    asyncio.run(flush(socket, FLUSH_TIMEOUT))
                     t3 = time.perf_counter()
                     cpu = procstat.cpu_seconds(client.proc.pid) - cpu0
                     after = procstat.thread_cpu_seconds(client.proc.pid)
