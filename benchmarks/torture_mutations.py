@@ -54,7 +54,7 @@ MUTATIONS: dict[str, Mutation] = {
          "        for path, ahead in group:\n            try:\n                left = min("
          "PREFETCH_MAX, owner.left())\n                if left > 0 and (ahead.believed is None"
          "\n                                 or reader.digest_known(path) != ahead.believed):"
-         "\n                    ahead.result = _prepare(reader, path, packer, left)\n"
+         "\n                    ahead.result = _prepare(reader, path, packer, left, seen)\n"
          "                    if ahead.result is not None:\n                        owner.count("
          "ahead, _held_bytes(ahead.result))\n            except Exception:\n                "
          "ahead.result = None\n            ahead.done = True\n    done.set_result(None)",
@@ -62,7 +62,7 @@ MUTATIONS: dict[str, Mutation] = {
          "            for path, ahead in group:\n                left = min(PREFETCH_MAX, "
          "owner.left())\n                if left > 0 and (ahead.believed is None\n"
          "                                 or reader.digest_known(path) != ahead.believed):"
-         "\n                    ahead.result = _prepare(reader, path, packer, left)\n"
+         "\n                    ahead.result = _prepare(reader, path, packer, left, seen)\n"
          "                    if ahead.result is not None:\n                        owner.count("
          "ahead, _held_bytes(ahead.result))\n                ahead.done = True\n    except "
          "BaseException as exc:\n        done.set_exception(exc)\n        return\n    done."

@@ -230,6 +230,19 @@ class SharedReads:
         self._noted: set[HashCache] = set()  # hash caches `note` told of reads
         self.ahead = AheadSlots(sharers)
         self.stats = SharedStats(sharers)
+        self.epoch = 0  # watcher batches (and overflows) delivered so far
+        # Every local change brings an event (inotify, not watchfiles), unless `stats.lost`.
+        self.complete: Callable[[], bool] = lambda: False
+
+    def stat_epoch(self) -> int | None:
+        """How many watcher batches were delivered so far, while every local change brings
+        an event (else None). A stat taken when it said E stands for an lstat now while it
+        still says E: no event came since, so the path did not change, or it changed so
+        recently that the pass is as if it had looked just before (its event makes every
+        target look again). The read-ahead's stats serve so (lsync.client.remote.passes)."""
+        if self.stats.lost or not self.complete():
+            return None
+        return self.epoch
 
     async def made(self, key: object, make: Callable[[], Awaitable[_T]]) -> _T:
         """What `make` makes of a file's content, `key` naming it by the content's digest
@@ -314,6 +327,7 @@ class SharedReads:
         """These paths changed (a watcher event): what was read of them is not handed on,
         nor their digests noted."""
         paths = list(paths)
+        self.epoch += 1
         self.stats.clear()  # (any batch: see SharedStats)
         if self._held:
             for path in paths:
@@ -323,6 +337,7 @@ class SharedReads:
             cache.forget_recent(paths)
 
     def clear(self) -> None:
+        self.epoch += 1
         self._held.clear()
         self.ahead.clear()
         self.stats.clear()
@@ -350,6 +365,7 @@ class LocalSide:
         self.reads = SharedReads(lambda: len(self.hosts))
         # (A watcher without close events is watchfiles: it may lose events unsaid.)
         self.reads.stats.trusted = lambda: self.watcher is None or self.close_events
+        self.reads.complete = lambda: self.close_events
 
     # -- the watcher -------------------------------------------------------------------------
     def seen_until(self) -> int:

@@ -203,6 +203,13 @@ class SiblingReader:
         return self._cache.lookup(rel, st) if stat.S_ISREG(st.st_mode) else None
 
     def read(self, rel: str, *, limit: int = INLINE_LIMIT) -> tuple[bytes, LocalEntry]:
+        content, entry, _ = self.read_stat(rel, limit=limit)
+        return content, entry
+
+    def read_stat(self, rel: str, *, limit: int = INLINE_LIMIT
+                  ) -> tuple[bytes, LocalEntry, os.stat_result]:
+        """`read`, and the file's lstat (through the confined parent) that the content
+        belongs to."""
         fd, name = self._parent_of(rel)
         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode):
@@ -210,7 +217,7 @@ class SiblingReader:
         if st.st_size > limit:
             raise FileTooLargeError(rel, f"{st.st_size} bytes, more than {limit}")
         content, st, digest = _read_stable(fd, name, rel, self._cache, True, st)
-        return content, entry_of("file", st, digest)
+        return content, entry_of("file", st, digest), st
 
     def close(self) -> None:
         if self._parent is not None:

@@ -81,10 +81,12 @@ class SyncEngine:
                                delete_extra)
         # (close_events: the watcher reports when writers close files, hold/release: no
         # settling guess. reads: one read of a save for every target.)
-        self.passes = PathPasses(self.side, LocalInputs(root, rules, cache, seen_until,
-                                                        close_events, reads))
+        self.passes = PathPasses(self.side, LocalInputs(
+            root, rules, cache, seen_until, close_events, reads,
+            reads.stat_epoch if reads is not None else lambda: None))
         # (With several targets, what one read ahead the others take: SharedReads.ahead.)
-        self.read_ahead = ReadAhead(root, cache, reads.ahead if reads is not None else None)
+        self.read_ahead = ReadAhead(root, cache, reads.ahead if reads is not None else None,
+                                    self.passes.local.epoch)
         if reads is not None:  # (the links' batches are packed once for every target too)
             SHARED_BATCHES.sharers = reads.sharers
         self.remote_hashed = 0  # remote files the initial comparison had the agent hash

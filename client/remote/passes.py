@@ -107,6 +107,8 @@ class LocalInputs:
     seen_until: Callable[[], int]
     close_events: bool  # the watcher reports when writers close files
     reads: SharedReads | None  # reads shared with the other targets' engines
+    # The watcher's epoch while every change brings an event (SharedReads.stat_epoch).
+    epoch: Callable[[], int | None] = lambda: None
 
 
 class PathPasses:
@@ -121,6 +123,7 @@ class PathPasses:
         self._urgent = False  # the pass under way is over an urgent path
         self._bulk_turn = 0  # which bulk lane batches go to now
         self._bulk_bytes = 0  # content sent on it since it took its turn
+        self.looked_ahead = 0  # passes that took the read-ahead's lstat (a test counts them)
 
     async def reconcile(self, path: str, record: PathRecord,
                          ahead: Ahead | None) -> Outcome:
@@ -140,8 +143,9 @@ class PathPasses:
             return Outcome.DONE
         self.side.skipped.pop(path, None)  # (skipped again below if it still is too big)
         self._urgent = record.urgent  # what the pass marks inherits it
+        prepared = await prepared_of(ahead) if ahead is not None else None
         try:
-            found, wall_now = self._lstat(path)
+            found, wall_now = self._look(path, prepared)
         except OSError as exc:
             return self._cannot_read(path, exc.strerror or str(exc))
         st, target = found if found is not None else (None, None)
@@ -189,8 +193,21 @@ class PathPasses:
             self.side.model.put(path, RemoteEntry(LINK, 0, target=plan.target, owned=True))
         elif step is Step.READ:
             assert st is not None
-            return await self._sync_file(path, st, since, ahead, record.urgent)
+            return await self._sync_file(path, st, since, prepared, record.urgent)
         return Outcome.DONE
+
+    def _look(self, path: str, prepared: Prepared | None) -> tuple[Found, int]:
+        """What is at `path`, and the wall time (ns) it was seen: the lstat the read-ahead
+        took when no watcher batch came since it began (SharedReads.stat_epoch: the file
+        is as it was then, or changed so recently that its event is still to come and
+        brings it back to the queue), else an lstat now. Files of a burst thus cost no
+        confined lstat of their own."""
+        seen = prepared.seen if prepared is not None else None
+        if seen is not None and self.local.epoch() == seen[0]:
+            assert prepared is not None
+            self.looked_ahead += 1
+            return (prepared.st, None), seen[1]
+        return self._lstat(path)
 
     def _lstat(self, path: str) -> tuple[Found, int]:
         """What is at `path` (never through a symlink: a directory swapped for a link hides
@@ -318,7 +335,7 @@ class PathPasses:
                              hint=False, urgent=self._urgent)
 
     async def _sync_file(self, path: str, st: os.stat_result, since: float,
-                         ahead: Ahead | None, urgent: bool = False) -> Outcome:
+                         prepared: Prepared | None, urgent: bool = False) -> Outcome:
         remote = self.side.model.get(path)
         old_size = remote.size if remote is not None and remote.kind == FILE else 0
         settle = 0.0
@@ -338,9 +355,7 @@ class PathPasses:
             return Outcome.RETRY
         if st.st_size > MAX_FILE:
             return self._skip_too_big(path, st)
-        prepared = None
-        if ahead is not None:
-            prepared = still_current(await prepared_of(ahead), st)
+        prepared = still_current(prepared, st)
         if prepared is not None:
             content, entry = prepared.content, prepared.entry
             if self.local.reads is not None and entry.digest is not None:

@@ -19,8 +19,9 @@ import asyncio
 import concurrent.futures
 import os
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,26 +134,31 @@ def delta_message(seq: int, path: str, mode: int, base_digest: bytes, base: Sign
 @dataclass(slots=True)
 class Prepared:
     """A file read and hashed ahead of its turn; cut into compressed pieces unless small
-    enough to travel in a batch (`pieces` None), signed unless smaller than SIGN_MIN."""
+    enough to travel in a batch (`pieces` None), signed unless smaller than SIGN_MIN.
+    `st`: the lstat the content belongs to; `seen`: the watcher's epoch and the wall time
+    (ns) before the read began, when the epoch was known (SharedReads.stat_epoch)."""
 
     content: bytes
     entry: LocalEntry
     packer: Packer
     pieces: Pieces | None
     signature: Signature | None
+    st: os.stat_result
+    seen: tuple[int, int] | None = None
 
 
 def _prepare(reader: SiblingReader, path: str, packer: Packer,
-             limit: int = PREFETCH_MAX) -> Prepared | None:
+             limit: int = PREFETCH_MAX, seen: tuple[int, int] | None = None
+             ) -> Prepared | None:
     """Worker-thread half of sending a new file whole (compressors release the GIL)."""
     try:
-        content, entry = reader.read(path, limit=limit)
+        content, entry, st = reader.read_stat(path, limit=limit)
     except (OSError, ScanError):
         return None  # not a file, too big, unstable, gone: its turn will sort it out
     size = len(content)
     return Prepared(content, entry, packer,
                     pieces_of(content, packer) if size > BATCH_FILE_MAX else None,
-                    signature(content) if size >= SIGN_MIN else None)
+                    signature(content) if size >= SIGN_MIN else None, st, seen)
 
 
 def sign_local(root: Path, path: str, cache: HashCache, digest: bytes,
@@ -207,10 +213,12 @@ class ReadAhead:
     """Worker threads that prepare queued new files before their turn, a group of files
     per job: one hand-off between threads, and one future, per group, not per file."""
 
-    def __init__(self, root: Path, cache: HashCache, slots: AheadSlots | None = None) -> None:
+    def __init__(self, root: Path, cache: HashCache, slots: AheadSlots | None = None,
+                 epoch: Callable[[], int | None] = lambda: None) -> None:
         self.root = root
         self.cache = cache
         self.slots = slots  # the other targets' read-aheads, and what they read
+        self.epoch = epoch  # the watcher's epoch (SharedReads.stat_epoch), read by workers
         self.shared = 0  # files taken from another target's read-ahead (a test counts them)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.futures: dict[str, Ahead] = {}
@@ -306,13 +314,16 @@ def _prepare_group(owner: ReadAhead, group: list[tuple[str, Ahead]],
     fails then); the group, and the session, go on."""
     if not done.set_running_or_notify_cancel():
         return
+    # (Before anything is opened: the stats read below are as of no later than this.)
+    epoch = owner.epoch()
+    seen = (epoch, time.time_ns()) if epoch is not None else None
     with SiblingReader(owner.root, owner.cache) as reader:
         for path, ahead in group:
             try:
                 left = min(PREFETCH_MAX, owner.left())
                 if left > 0 and (ahead.believed is None
                                  or reader.digest_known(path) != ahead.believed):
-                    ahead.result = _prepare(reader, path, packer, left)
+                    ahead.result = _prepare(reader, path, packer, left, seen)
                     if ahead.result is not None:
                         owner.count(ahead, _held_bytes(ahead.result))
             except Exception:
