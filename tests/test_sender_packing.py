@@ -78,6 +78,7 @@ def test_with_several_targets_a_batch_is_one_zlib_stream_of_segments_the_targets
     read once) but starts and ends elsewhere: it takes the segments the first packed
     (but the few at its edges), and both inflate to their files with plain zlib."""
     monkeypatch.setattr(packing, "fast_zlib", lambda: False)  # (segments are zlib's own)
+    monkeypatch.setattr(packing, "_FAST_ZLIB", None)  # (and so is the whole batch's packing)
     shared = SharedBatches()
     shared.sharers = lambda: 2
     files = [b"".join(b"static int f_%d_%d(void) { return %d; }\n" % (n, i, i * n)
