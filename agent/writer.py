@@ -271,12 +271,16 @@ def write_batch(root: ConfinedRoot, files: List[List[Any]], data: bytes,
     work = []  # (seq, path, mode, offset of the content, digest); digest None: skipped
     offset = 0
     view = memoryview(data)
-    for seq, path, mode, size in files:
+    for item in files:
+        seq, path, mode, size = item[:4]
         digest = None
         if not (skip and seq in skip):
-            hasher = hashing.new_hasher(hash_name)
-            hasher.update(view[offset:offset + size])
-            digest = hasher.digest()
+            if len(item) > 4:
+                digest = item[4]  # the client's, of the bytes it sent (see WriteBatch)
+            else:
+                hasher = hashing.new_hasher(hash_name)
+                hasher.update(view[offset:offset + size])
+                digest = hasher.digest()
         work.append((seq, path, mode, offset, digest))
         offset += size
     if record is not None:

@@ -18,6 +18,8 @@ MAX_GENERATION = 64
 
 # Most rules one PullList may carry.
 MAX_PULL_RULES = 256
+# Bytes of a content digest (lsync.protocol.hashing.DIGEST_SIZE: both hashes are cut to it).
+DIGEST_SIZE = 16
 
 # Kinds of tree entries in a manifest.
 KIND_FILE = "f"
@@ -98,8 +100,10 @@ def is_batch_files(value: Any) -> bool:
     if not isinstance(value, list) or not value or len(value) > MAX_BATCH_FILES:
         return False
     for item in value:
-        if not (isinstance(item, list) and len(item) == 4 and is_uint(item[0])
+        if not (isinstance(item, list) and len(item) in (4, 5) and is_uint(item[0])
                 and is_str(item[1]) and is_uint(item[2]) and is_uint(item[3])):
+            return False
+        if len(item) == 5 and not (isinstance(item[4], bytes) and len(item[4]) == DIGEST_SIZE):
             return False
     return True
 

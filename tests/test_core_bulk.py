@@ -15,7 +15,7 @@ import os
 import random
 from collections import Counter
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
@@ -24,8 +24,8 @@ from lsync.client.remote.remoteside import BURST_WINDOW, URGENT_MAX, RemoteSide
 from lsync.client.remote.sender import Packing
 from lsync.client.reporter import Reporter
 from lsync.client.transport.link import AgentLink
+from lsync.protocol import hashing, packing
 from lsync.protocol import messages as m
-from lsync.protocol import packing
 from lsync.protocol.errors import ErrorCode
 from tests.conftest import c_like_text
 from tests.corerig import STEP_TIMEOUT, Rig
@@ -323,3 +323,33 @@ def test_a_burst_in_small_watcher_batches_goes_the_bulk_way_but_a_save_stays_fir
     assert all(urgent(f"d/{i}") for i in range(5))
     side.mark_dirty([f"e/{i}" for i in range(URGENT_MAX + 1)])  # one big batch: a burst
     assert not any(urgent(f"e/{i}") for i in range(URGENT_MAX + 1))
+
+
+def test_a_batchs_files_carry_the_digests_of_the_bytes_sent(rig: Rig) -> None:
+    """The agent records the client's digest of each batched file instead of hashing it
+    again (WriteBatch): each must be the digest, under the session's hash, of exactly the
+    content in the batch."""
+    files = _many_files(rig, 200)
+    entries: list[list[Any]] = []
+
+    async def scenario() -> None:
+        await rig.connect()
+        service = rig.stream.service
+        handle = service.handle
+
+        def keeping(message: m.Message) -> None:
+            if isinstance(message, m.WriteBatch):
+                entries.extend(message.files)
+            handle(message)
+
+        service.handle = keeping  # type: ignore[method-assign]
+        await rig.converged()
+        assert not rig.problems(), rig.problems()
+        await rig.close()
+
+    asyncio.run(scenario())
+    algorithm = rig.engine.cache.algorithm
+    assert len(entries) > 100
+    for _seq, path, _mode, size, digest in entries:
+        data = files.get(path) or (rig.local / path).read_bytes()  # (and the rig's .gitignore)
+        assert size == len(data) and digest == hashing.digest_of(algorithm, data)

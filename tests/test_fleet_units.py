@@ -326,3 +326,36 @@ def test_after_an_overflow_no_lstat_is_shared_any_more(tmp_path: Path) -> None:
     lossy.stats.trusted = lambda: False  # (watchfiles: no overflow reported)
     lossy.stats.put("f", None, 1)
     assert lossy.stats.take("f") is None
+
+
+def test_targets_whose_agents_chose_other_hashes_read_for_themselves(tmp_path: Path) -> None:
+    """A read's digest is of the reading target's hash: it is never handed to a target of
+    another hash (whose agent records the digest a batch carries)."""
+    from lsync.client.local.hashcache import HashCache
+    from lsync.client.remote.sender import ReadAhead
+
+    (tmp_path / "f.c").write_text("int f;\n")
+    reads = SharedReads(lambda: 2)
+    xxh = ReadAhead(tmp_path, HashCache("xxh3-128", root=tmp_path), reads.ahead)
+    blake = ReadAhead(tmp_path, HashCache("blake2b-128", root=tmp_path), reads.ahead)
+    packer = (0, 0, b"")
+    got: list[str] = []
+
+    async def read(name: str) -> Any:
+        got.append(name)
+        return b"int f;\n", None
+
+    async def scenario() -> None:
+        xxh.start(["f.c"], packer)
+        blake.start(["f.c"], packer)
+        assert blake.futures["f.c"].source is None  # read again, hashed with its own hash
+        st = os.lstat(tmp_path / "f.c")
+        await reads.read("f.c", st, lambda: read("xxh"), "xxh3-128")
+        await reads.read("f.c", st, lambda: read("blake"), "blake2b-128")
+        assert got == ["xxh", "blake"]  # (of one version: the same hash's would be shared)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        xxh.close()
+        blake.close()

@@ -95,7 +95,7 @@ class _SharedScan:
 
 @dataclass
 class _Held:
-    key: tuple[int, int, int, int, int]
+    key: tuple[int, int, int, int, int, str]
     future: asyncio.Future[Read]
     since: float
     takes: int  # other targets still to take it
@@ -281,15 +281,16 @@ class SharedReads:
                 del self._made[key]
 
     async def read(self, path: str, st: os.stat_result,
-                   read: Callable[[], Awaitable[Read]]) -> Read:
+                   read: Callable[[], Awaitable[Read]], hash_name: str = "") -> Read:
         """The content and entry of `path` as of the version `st` says: read by `read`,
-        or the bytes another target's read of that version got."""
+        or the bytes another target's read of that version got, when its digest is of
+        `hash_name` too (targets whose agents chose different hashes read for themselves)."""
         others = self.sharers() - 1
         if others <= 0:
             self.files_read += 1
             return await read()
         now = time.monotonic()
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, hash_name)
         held = self._held.get(path)
         if held is not None and held.key == key and now - held.since < READ_SHARED_FOR:
             held.takes -= 1

@@ -429,7 +429,7 @@ class PathPasses:
         reads = self.local.reads
         if reads is None:
             return await read()
-        content, entry = await reads.read(path, st, read)
+        content, entry = await reads.read(path, st, read, self.local.cache.algorithm)
         if entry.digest is not None and entry.local_key == (st.st_ino, st.st_size,
                                                              st.st_mtime_ns, st.st_ctime_ns):
             reads.note(self.local.cache, path, st, entry.digest)  # (for the check after)
@@ -471,7 +471,7 @@ class PathPasses:
             lane = self.side.window.lane_for(path, self._bulk_lane(len(content)))
             self.side.submit_batched(seq, path, mode, content,
                                      InFlight(path, Op.WRITE, path, since, nbytes=len(content),
-                                              wire=len(content), lane=lane))
+                                              wire=len(content), lane=lane), digest)
             await self.side.link.drain(lane, self.side.urgent_work)  # a save need not wait for it
             if len(content) < SIGN_MIN:
                 return None

@@ -187,15 +187,17 @@ class RemoteSide:
         future.add_done_callback(lambda done: self._on_reply(seq, done))
 
     def submit_batched(self, seq: int, path: str, mode: int, content: bytes,
-                       flight: InFlight) -> None:
-        """A small whole file of a burst: it travels in a WriteBatch with its neighbours."""
+                       flight: InFlight, digest: bytes | None = None) -> None:
+        """A small whole file of a burst: it travels in a WriteBatch with its neighbours
+        (with `digest`, the agent's hash of its content, which the agent then records
+        without hashing it again)."""
         self.window.add(seq, flight)
         self.queue.sent(flight.owner)
         # Compress fast while the link keeps up, harder once data waits for it.
         level = (self.packing.long_bulk if self.link.backlogged(flight.lane)
                  else self.packing.bulk)
         future = self.link.submit_batched(seq, path, mode, content, self.packing.code, level,
-                                          flight.lane)
+                                          flight.lane, digest)
         future.add_done_callback(lambda done: self._on_reply(seq, done))
 
     # -- acknowledgements -----------------------------------------------------------------

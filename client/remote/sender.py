@@ -194,12 +194,14 @@ class Ahead:
     `source`: another target's Ahead of the same file (its read is this one's), through
     `slot`, which says whether it may still be taken."""
 
-    __slots__ = ("believed", "done", "group", "held", "result", "slot", "source", "taken")
+    __slots__ = ("believed", "done", "group", "hash_name", "held", "result", "slot", "source",
+                 "taken")
 
     def __init__(self, group: concurrent.futures.Future[None],
                  believed: bytes | None = None, source: Ahead | None = None,
-                 slot: AheadSlot | None = None) -> None:
+                 slot: AheadSlot | None = None, hash_name: str = "") -> None:
         self.group = group
+        self.hash_name = hash_name  # the hash of the digest its read makes
         self.believed = believed  # the content the remote is believed to hold
         self.done = False
         self.result: Prepared | None = None
@@ -247,14 +249,17 @@ class ReadAhead:
                 break
             if path not in self.futures:
                 slot = self.slots.take(path) if self.slots is not None else None
-                if slot is not None and isinstance(slot.item, Ahead):
+                if (slot is not None and isinstance(slot.item, Ahead)
+                        and slot.item.hash_name == self.cache.algorithm):
                     # Another target reads (or read) it since its last event: take that.
                     source = slot.item
-                    self.futures[path] = Ahead(source.group, believed.get(path), source, slot)
+                    self.futures[path] = Ahead(source.group, believed.get(path), source, slot,
+                                               source.hash_name)
                     continue
                 if not group:
                     done: concurrent.futures.Future[None] = concurrent.futures.Future()
-                ahead = self.futures[path] = Ahead(done, believed.get(path))
+                ahead = self.futures[path] = Ahead(done, believed.get(path),
+                                                   hash_name=self.cache.algorithm)
                 if self.slots is not None:
                     ahead.slot = self.slots.put(path, ahead)  # before the read starts
                 group.append((path, ahead))

@@ -207,12 +207,15 @@ class AgentLink:
         return future
 
     def submit_batched(self, seq: int, path: str, mode: int, content: bytes, code: int,
-                       level: int, lane: int = 0) -> asyncio.Future[Reply]:
+                       level: int, lane: int = 0, digest: bytes | None = None
+                       ) -> asyncio.Future[Reply]:
         """Send a small whole file as part of a WriteBatch (packed with `code` at `level`
-        together with the files submitted around it); the future resolves with its Ack or
-        Error like `submit`'s. The batch leaves when it is full, when another message is
-        sent, on `close_batch`, or BATCH_DELAY after its first file (LinkWriter.batch)."""
-        self.writer.batch(seq, path, mode, content, code, level, lane)
+        together with the files submitted around it; with its `digest` under the session's
+        hash, which the agent then records without hashing the content); the future
+        resolves with its Ack or Error like `submit`'s. The batch leaves when it is full,
+        when another message is sent, on `close_batch`, or BATCH_DELAY after its first file
+        (LinkWriter.batch)."""
+        self.writer.batch(seq, path, mode, content, code, level, lane, digest)
         return self._expect(seq, m.Ack, m.Error)
 
     def close_batch(self, lane: int | None = None) -> None:

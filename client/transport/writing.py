@@ -154,11 +154,12 @@ class LinkWriter:
             await unless(self.stream.drain(), interrupt)
 
     def batch(self, seq: int, path: str, mode: int, content: bytes, code: int,
-              level: int, lane: int = 0) -> None:
-        """Add a small whole file to the next WriteBatch of `lane` (of the main channel when
-        there is no such lane), packed with `code` at `level` together with the files added
-        around it. The batch leaves when it is full, when another message is sent on its
-        lane, on `close_batch`, or BATCH_DELAY after its first file."""
+              level: int, lane: int = 0, digest: bytes | None = None) -> None:
+        """Add a small whole file (and its digest, when given) to the next WriteBatch of
+        `lane` (of the main channel when there is no such lane), packed with `code` at
+        `level` together with the files added around it. The batch leaves when it is full,
+        when another message is sent on its lane, on `close_batch`, or BATCH_DELAY after its
+        first file."""
         if self.failure is not None:
             raise self.failure
         if self.closing:
@@ -172,7 +173,8 @@ class LinkWriter:
         if batch is None:
             timer = asyncio.get_running_loop().call_later(BATCH_DELAY, self._timed_close)
             batch = self._batches[lane] = PendingBatch(lane, code, level, timer)
-        batch.files.append([seq, path, mode, len(content)])
+        batch.files.append([seq, path, mode, len(content)] if digest is None
+                           else [seq, path, mode, len(content), digest])
         batch.contents.append(content)
         batch.size += len(content)
         if batch.size >= BATCH_BYTES or len(batch.files) >= BATCH_FILES:

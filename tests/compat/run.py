@@ -41,7 +41,8 @@ def main():
     try:
         import importlib
         for module_name in ("test_protocol", "test_agent", "test_writer", "test_packing",
-                            "test_records", "test_hardening", "test_keeping", "test_tmpfile"):
+                            "test_records", "test_hardening", "test_keeping", "test_tmpfile",
+                            "test_batches"):
             module = importlib.import_module("tests.compat." + module_name)
             for name in sorted(dir(module)):
                 if not name.startswith("test_"):

@@ -61,6 +61,38 @@ def test_batch_writes_every_file_with_its_mode_and_acks_them_in_one_answer():
         tree.cleanup()
 
 
+def test_a_batch_with_the_clients_digests_is_recorded_with_them_unhashed():
+    """The client sends the digest of each file it read (of the bytes it sends); the agent
+    records it as it would its own hash of the content, without hashing it again."""
+    tree, pair, algorithm = _session()
+    try:
+        files = [(1, "a.c", 0o644, b"int a;\n" * 50), (2, "d/b.c", 0o644, b"int b;\n")]
+        digests = {path: hashing.digest_of(algorithm, content)
+                   for _, path, _, content in files}
+        joined = b"".join(content for _, _, _, content in files)
+        batch = m.WriteBatch([[seq, path, mode, len(content), digests[path]]
+                              for seq, path, mode, content in files], joined, 0)
+        original = hashing.new_hasher
+        hashed = []
+
+        def counting(name):
+            hashed.append(name)
+            return original(name)
+
+        hashing.new_hasher = counting
+        try:
+            pair.client.send(batch)
+            assert pair.pump() == [m.Acked([1, 2])]
+        finally:
+            hashing.new_hasher = original
+        assert hashed == []  # (the agent took the client's digests)
+        entries = manifest(pair, 3)
+        assert entries["a.c"][5] == digests["a.c"] and entries["d/b.c"][5] == digests["d/b.c"]
+        assert tree.read("d/b.c") == b"int b;\n"
+    finally:
+        tree.cleanup()
+
+
 def test_a_refused_file_fails_alone_and_its_neighbours_are_written():
     tree, pair, _ = _session()
     try:
@@ -109,6 +141,9 @@ def test_malformed_batches_are_refused_at_the_decode_boundary():
         [29, [[-1, "a", 0o644, 0]], b"", 0],  # a negative seq
         [29, [[i, "a", 0o644, 0] for i in range(m.MAX_BATCH_FILES + 1)], b"", 0],
         [29, [[1, "a", 0o644, 0]], "text", 0],  # data that is not bytes
+        [29, [[1, "a", 0o644, 1, b"short"]], b"x", 0],  # a digest of the wrong size
+        [29, [[1, "a", 0o644, 1, "x" * 16]], b"x", 0],  # a digest that is not bytes
+        [29, [[1, "a", 0o644, 1, b"d" * 16, 0]], b"x", 0],  # an entry of six fields
     ]
     import msgpack
     for obj in bad:
