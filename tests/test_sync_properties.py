@@ -92,9 +92,10 @@ class RecordingLink(AgentLink):
         return super().submit(op, lane)
 
     def submit_batched(self, seq: int, path: str, mode: int, content: bytes, code: int,
-                       level: int, lane: int = 0) -> asyncio.Future[Reply]:
+                       level: int, lane: int = 0, digest: bytes | None = None
+                       ) -> asyncio.Future[Reply]:
         self.sent.append(("WriteFile", path))  # a whole file, in a batch
-        return super().submit_batched(seq, path, mode, content, code, level, lane)
+        return super().submit_batched(seq, path, mode, content, code, level, lane, digest)
 
 
 class EngineRig:
