@@ -59,7 +59,7 @@ from lsync.client.local.watcher import (
 from lsync.client.project import DEFAULT_LANES
 from lsync.client.remote import remotelisting, sigstore
 from lsync.client.remote.engine import SyncEngine
-from lsync.client.remote.remoteside import URGENT_MAX
+from lsync.client.remote.remoteside import EDITOR_SAVE_MAX, URGENT_MAX
 from lsync.client.reporter import Reporter
 from lsync.client.target import target_name
 from lsync.client.transport import lanes, ssh
@@ -200,10 +200,13 @@ class Session:
         engine = self.engine
         if engine is not None:
             engine.mark_dirty(dirty, now)
-            if batch.latest and len(dirty) > URGENT_MAX:
+            if batch.latest and len(dirty) > EDITOR_SAVE_MAX:
                 # A burst: its last events may be a save made right after it (they go first).
+                # A burst that reaches lsync in small batches (each bulk work then, see
+                # RemoteSide._is_save) ends in one: its last path goes first.
                 wanted = set(dirty)
-                engine.mark_dirty([p for p in batch.latest if p in wanted], now, urgent=True)
+                latest = batch.latest if len(dirty) > URGENT_MAX else batch.latest[-1:]
+                engine.mark_dirty([p for p in latest if p in wanted], now, urgent=True)
             engine.hold(p for p in batch.writing if not p.rpartition("/")[2].startswith(
                 ".lsync-tmp-"))
             engine.release(batch.closed)

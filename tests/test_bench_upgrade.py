@@ -100,7 +100,9 @@ class _Printer(LsyncWatcher):
         self.lines = lines
 
     def argv(self) -> list[str]:
-        script = ("import sys, time\n"
+        # (SIGINT may be ignored where the suite runs: the script ends on it itself.)
+        script = ("import signal, sys, time\n"
+                  "signal.signal(signal.SIGINT, lambda *_: sys.exit(0))\n"
                   f"for line in {self.lines!r}:\n"
                   "    print(line, flush=True)\n"
                   "time.sleep(30)\n")

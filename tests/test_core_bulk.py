@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, cast
@@ -353,3 +354,28 @@ def test_a_batchs_files_carry_the_digests_of_the_bytes_sent(rig: Rig) -> None:
     for _seq, path, _mode, size, digest in entries:
         data = files.get(path) or (rig.local / path).read_bytes()  # (and the rig's .gitignore)
         assert size == len(data) and digest == hashing.digest_of(algorithm, data)
+
+
+def test_a_save_at_the_end_of_a_burst_in_small_watcher_batches_goes_first(rig: Rig) -> None:
+    """The last watcher batch of a burst that came in small batches holds its tail and a
+    save made right after it: that batch is bulk work (RemoteSide._is_save), but its last
+    path (the save) is taken first."""
+    from lsync.client.local.inotify import WatchBatch
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.converged()
+        session, queue = rig.session, rig.engine.queue
+        now = time.monotonic()
+        for n in range(4):  # 40 paths within the burst window, 10 by 10
+            batch = [f"burst/{n}/{i}.c" for i in range(10)]
+            session.take_batch(batch, WatchBatch(batch, frozenset(), frozenset(),
+                                                 latest=tuple(batch[-4:])), now)
+        tail = [f"burst/4/{i}.c" for i in range(5)] + ["src/main.c"]
+        session.take_batch(tail, WatchBatch(tail, frozenset(), frozenset(),
+                                            latest=tuple(tail[-4:])), now)
+        assert queue.records["src/main.c"].urgent
+        assert not any(queue.records[p].urgent for p in tail[:-1])
+        await rig.close()
+
+    asyncio.run(scenario())

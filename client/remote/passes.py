@@ -443,6 +443,10 @@ class PathPasses:
         (and fits in a frame), else whole in chunks or in a batch; returns the new version's
         signature (None for a small file of a burst: not worth its time and memory)."""
         seq = self.side.link.next_seq()
+        # (A burst lasts until the queue runs dry: its tail is batched too. A save made
+        # meanwhile is not part of it.)
+        self.bursting = self.bursting or self.side.queue.queued > BULK_QUEUE
+        burst = self.bursting and not urgent
         if (remote is not None and remote.kind == FILE and remote.digest is not None
                 and remote.signature is not None):
             base, old, zstd = self.side.recent.get(path, remote.digest), remote.signature, \
@@ -454,16 +458,16 @@ class PathPasses:
             if delta is not None and delta.seq != seq:  # (another target's: ours is the same)
                 delta = delta._replace(seq=seq, path=path, mode=mode)
             if delta is not None:
-                lane = self.side.window.lane_for(path, self._save_lane())
+                # A save's delta takes the fast lane; a burst's deltas (a checkout, a
+                # rewrite of many files) take the bulk lanes, so that a save made meanwhile
+                # does not wait behind them in its channel.
+                lane = self.side.window.lane_for(
+                    path, self._bulk_lane(len(delta.delta)) if burst else self._save_lane())
                 self.side.submit(delta, InFlight(path, Op.WRITE, path, since,
                                                  nbytes=len(content), wire=len(delta.delta),
                                                  lane=lane))
-                await self.side.link.drain(lane)
+                await self.side.link.drain(lane, self.side.urgent_work if burst else None)
                 return new_signature
-        # (A burst lasts until the queue runs dry: its tail is batched too. A save made
-        # meanwhile is not part of it.)
-        self.bursting = self.bursting or self.side.queue.queued > BULK_QUEUE
-        burst = self.bursting and not urgent
         if burst and len(content) <= BATCH_FILE_MAX:
             # One of many new files: it travels with its neighbours in one compressed batch,
             # and unsigned when small (its first edit is sent whole; bigger ones are
