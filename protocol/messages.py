@@ -186,15 +186,12 @@ class WriteDelta(NamedTuple):
 class WriteBatch(NamedTuple):
     """Client → agent: many small whole files in one message, each its own operation.
 
-    `files` are ``[seq, path, mode, size]`` or ``[seq, path, mode, size, digest]``: the
-    content's digest under the session's hash, as the client computed it from the bytes it
-    sends (the agent records it instead of hashing the content again); `data` is their
-    contents one after the other,
-    packed as one piece (`packing`, as for WriteFile: one compression context for them
-    all, which compresses far better than file by file). They inflate to exactly the sum of
-    the sizes, at most `MAX_CHUNK` bytes. The agent writes each file as a WriteFile of one
-    chunk would be written and answers each seq (`Acked` for those that succeeded, an
-    `Error` each for the others); a batch it cannot unpack fails every file in it.
+    `files` are ``[seq, path, mode, size]``, or with a fifth field, the content's digest
+    under the session's hash (the agent records it instead of hashing again); `data` is
+    their contents one after the other, packed as one piece (`packing`, as for WriteFile:
+    one compression context), inflating to exactly the sum of the sizes, at most
+    `MAX_CHUNK`. The agent writes each file as a one-chunk WriteFile and answers each seq
+    (`Acked`, or an `Error` each); a batch it cannot unpack fails every file in it.
     """
 
     files: List[List[Any]]
