@@ -427,6 +427,25 @@ def test_checks_look_at_touched_directories_then_the_whole_tree_when_events_were
     assert checks.take(104.0) == Due(whole=True, reason="periodic check", report=True)
 
 
+def test_touched_directories_are_taken_ahead_of_idle_and_the_report_still_follows() -> None:
+    checks = CheckSchedule(0.0, full_every=100.0, touched_limit=2)
+    assert (checks.take_ahead(), checks.pending) == ((), False)
+    checks.touched("a/b/f.c")
+    checks.worked()
+    assert (checks.ahead_due, checks.pending) == (True, True)
+    assert checks.take_ahead() == ("a/b",)
+    assert (checks.ahead_due, checks.pending) == (False, False)
+    assert checks.take(1.0) == Due(report=True)  # the engine's work is still reported
+    checks.touched("c/f.c")
+    checks.whole("inotify queue overflowed")
+    assert (checks.take_ahead(), checks.pending) == ((), True)  # the whole tree: at idle
+    assert checks.take(2.0).whole
+    for name in ("a/1", "b/1", "c/1"):
+        checks.touched(name)
+    assert checks.take_ahead() == ()  # too many: the whole tree, at idle
+    assert checks.take(3.0).whole
+
+
 def test_a_path_whose_operation_keeps_failing_backs_off_more_each_time() -> None:
     queue = PathQueue()
     queue.mark(["d"], 0.0)

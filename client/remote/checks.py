@@ -1,6 +1,7 @@
 """When to check convergence, and how much: the schedule of the client's rescans.
 
-The watcher is a hint, not the truth. Once the queue is idle after work, the directories the
+The watcher is a hint, not the truth. Once the queue is idle after work (or, for them, once
+nothing is queued and only answers are awaited: `take_ahead`), the directories the
 watcher's events touched are compared again with the model (a cheap stat walk of each, its
 direct entries only); the whole tree is compared after events were lost (an overflow), when
 very many directories were touched, and on a slow timer while idle. `CheckSchedule` keeps
@@ -73,6 +74,26 @@ class CheckSchedule:
             self._touched.clear()
             return Due(directories=directories, report=True)
         return Due(report=report)
+
+    def take_ahead(self) -> tuple[str, ...]:
+        """Nothing is queued but answers are still to come: the touched directories, to
+        check now rather than once the last answer came (forgotten, as taken; whether the
+        engine worked is kept for the report). Nothing when the whole tree is due."""
+        if not self.ahead_due:
+            return ()
+        directories = tuple(sorted(self._touched))
+        self._touched.clear()
+        return directories
+
+    @property
+    def ahead_due(self) -> bool:
+        """Whether `take_ahead` has directories to give."""
+        return self._whole is None and 0 < len(self._touched) <= self.touched_limit
+
+    @property
+    def pending(self) -> bool:
+        """Whether a check is due once the queue is idle (the periodic one aside)."""
+        return bool(self._touched) or self._whole is not None
 
     def next_time(self) -> float:
         """When the next periodic whole-tree check is due."""

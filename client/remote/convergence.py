@@ -3,7 +3,9 @@
 The watcher is a hint, not the truth: once the target's queue is idle, `check_if_due`
 compares with the model of the remote what may have changed — the directories the last
 watcher batches touched, or the whole tree after lost events and on a slow timer (the
-schedule is the remote side's `CheckSchedule`) — and queues what differs. When a check
+schedule is the remote side's `CheckSchedule`) — and queues what differs. The touched
+directories are checked earlier when they can be (`check_ahead`: nothing queued, only the
+answers to the last writes awaited), so that the report need not wait for their walk. When a check
 finds nothing and nothing is queued, it says so: an in-sync report as of the moment the
 watcher (and git's index) had delivered everything. When that moment lags the check (a
 walk of a big new subtree, an index being read), the report is given again shortly
@@ -41,6 +43,32 @@ class Convergence:
         self.report_due: float | None = None  # when to check and report in-sync again
         self._report_due_set = False  # the last report lagged: the next says only news
         self._reported_as_of = 0
+        self.checking = False  # a check is under way
+
+    @property
+    def settled(self) -> bool:
+        """Idle, with no check due or under way: background work (signing ahead) may use
+        the CPU without delaying an in-sync report."""
+        return (self.side.queue.idle and not self.checking and self.report_due is None
+                and not self.side.checks.pending)
+
+    async def check_ahead(self) -> None:
+        """Nothing is queued, only answers are awaited: check the directories the watcher
+        touched now, while the last writes travel (the model already holds them), so that
+        the in-sync report follows the last answer instead of a stat walk begun after it.
+        What differs is queued; the report itself waits for `check_if_due` at idle. The
+        engine runs it as a task and goes on with its passes: a path changed after the walk
+        and synced meanwhile is at worst queued again, and looked at for nothing."""
+        directories = self.side.checks.take_ahead()
+        if not directories:
+            return
+        self.checking = True
+        try:
+            if await self._check_dirs(directories):
+                self.side.checks.worked()
+        finally:
+            self.checking = False
+            self.side.poke()  # (the engine takes its result)
 
     async def check_if_due(self, now: float) -> None:
         """The queue is idle: check what may have changed, and say so when all is in sync.
@@ -48,6 +76,14 @@ class Convergence:
         everything; when that lagged behind (a walk of a big new subtree, an index being
         read), the report is given again shortly, until it is as of the check itself —
         else the last word would stay a report older than the last change."""
+        self.checking = True
+        try:
+            await self._check_if_due(now)
+        finally:
+            self.checking = False
+            self.side.changed.set()
+
+    async def _check_if_due(self, now: float) -> None:
         if self.report_due is not None and now >= self.report_due:
             self.report_due = None
             self.side.checks.worked()

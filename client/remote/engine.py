@@ -91,6 +91,7 @@ class SyncEngine:
             SHARED_BATCHES.sharers = reads.sharers
         self.remote_hashed = 0  # remote files the initial comparison had the agent hash
         self.convergence = Convergence(self.side, self.passes.local, self.passes.check_root)
+        self._ahead: asyncio.Task[None] | None = None  # a check while answers travel
 
     # -- the remote side, as the session, the build loop and the tests see it ---------------
     @property
@@ -208,10 +209,18 @@ class SyncEngine:
                         await asyncio.sleep(0)
                         yielded = time.monotonic()
                     continue
+                if self._ahead is not None and (self._ahead.done() or self.queue.idle):
+                    ahead, self._ahead = self._ahead, None
+                    await ahead  # (its findings come before a report; a SafetyStop ends here)
+                    continue
                 if self.queue.idle and self.window.has_space():
                     await self.convergence.check_if_due(now)
                     if self.queue.queued:
                         continue
+                elif (not self.queue.queued and self._ahead is None
+                      and self.side.checks.ahead_due):
+                    # While the last answers travel; passes go on meanwhile.
+                    self._ahead = asyncio.ensure_future(self.convergence.check_ahead())
                 timeout = self._next_wake(now)
                 self.link.close_batch()  # nothing more to add to it now
                 if not self.queue.queued:
@@ -222,6 +231,11 @@ class SyncEngine:
             signer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await signer
+            if self._ahead is not None:
+                self._ahead.cancel()
+                with contextlib.suppress(asyncio.CancelledError, LsyncError):
+                    await self._ahead  # (what ends the session is already on its way)
+                self._ahead = None
             self.read_ahead.close()
 
     def _next_wake(self, now: float) -> float | None:
@@ -234,15 +248,15 @@ class SyncEngine:
     async def _sign_ahead(self) -> None:
         """Once in sync, sign the bigger remote files that lsync verified but never sent
         (it has no signature of them, and none was stored), so that their first edit is a
-        delta too. One file at a time in a worker thread, only while idle."""
-        await self.wait_idle()
+        delta too. One file at a time in a worker thread, only while idle and checked."""
+        await self._wait_settled()
         todo = [path for path, entry in self.model.entries.items()
                 if entry.kind == FILE and entry.owned and entry.signature is None
                 and entry.digest is not None
                 and SIGN_AHEAD_MIN <= entry.size <= SIGN_AHEAD_MAX]
         signed = 0
         for path in todo:
-            await self.wait_idle()
+            await self._wait_settled()
             entry = self.model.get(path)
             if entry is None or entry.signature is not None or entry.digest is None:
                 continue
@@ -256,6 +270,13 @@ class SyncEngine:
                 signed += 1
         if signed:
             self.reporter.note(f"{signed} big files signed: their first edits travel as deltas")
+
+    async def _wait_settled(self) -> None:
+        """Until idle with no convergence check due or under way: signing ahead competes
+        for the CPU with the check an in-sync report waits for."""
+        while not self.convergence.settled:
+            self.side.changed.clear()
+            await self.side.changed.wait()
 
     def _read_ahead(self) -> None:
         """Start reading the next queued new files in worker threads (in groups: only
