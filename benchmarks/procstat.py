@@ -182,6 +182,24 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     return out
 
 
+def thread_cpu_split(pid: int) -> dict[int, tuple[str, float, float]]:
+    """(name, user, system CPU seconds) of each living thread of `pid`, by thread id."""
+    out: dict[int, tuple[str, float, float]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise ProcessGone(str(pid)) from exc
+    for name in tids:
+        try:
+            text = _read(f"/proc/{pid}/task/{name}/stat")
+        except ProcessGone:
+            continue  # the thread ended meanwhile
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        out[int(name)] = (comm, int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS)
+    return out
+
+
 class CpuFollower:
     """Follows the CPU of the processes below `root_pid` whose command line contains
     `needle` (say rsync's server, which forks a receiver and a generator, below the sshd)

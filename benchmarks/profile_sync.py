@@ -122,6 +122,17 @@ def cpu_table(seconds: dict[str, float], files: int, top: int, title: str) -> st
     return "\n".join(lines)
 
 
+def thread_table(named: dict[int, tuple[str, float, float]], files: int) -> str:
+    """Each thread's user and system CPU (/proc), busiest first (py-spy's thread names are
+    in its tables; the kernel knows every Python thread by the interpreter's name)."""
+    lines = ["| thread id (/proc) | user s | system s | CPU s per 1,000 files |",
+             "|---|---|---|---|"]
+    for tid, (_, user, system) in sorted(named.items(), key=lambda kv: -kv[1][1] - kv[1][2]):
+        lines.append(f"| {tid} | {user:.1f} | {system:.1f} | "
+                     f"{1000 * (user + system) / files:.3f} |")
+    return "\n".join(lines)
+
+
 def spy(pid: int, out: Path, tries: int = 20) -> subprocess.Popen[bytes]:
     """py-spy recording `pid`; retried while it fails at once (a process found right after
     its exec has no interpreter state to find yet)."""
@@ -173,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="move the synced remote into this directory instead of deleting "
                              "it (deleting 78,667 files makes ext4 skip the freed inodes for "
                              "a while: the next run's agent pays for it in system time)")
+    parser.add_argument("--no-spy", action="store_true",
+                        help="no sampling: only each thread's user and system CPU from /proc "
+                             "(without the sampler's own cost)")
     args = parser.parse_args(argv)
     if not args.local.is_dir():
         raise SystemExit(f"{args.local} does not exist: run `python -m benchmarks.run "
@@ -187,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu: dict[str, float] = {}
     split: dict[str, tuple[float, float]] = {}
     threads: dict[str, dict[int, float]] = {}
+    named: dict[str, dict[int, tuple[str, float, float]]] = {}
     try:
         with ThreadedProxy(("127.0.0.1", sshd.port), args.rtt_ms / 2000.0) as proxy:
             cfg = sshd.write_client_config(port=proxy.port)
@@ -196,13 +211,14 @@ def main(argv: list[str] | None = None) -> int:
                              verbose=False, cache_home=work / "cache")
             w.spawn()
             assert w.pid is not None and sshd.pid is not None
-            spies["client"] = spy(w.pid, out / "client.txt")
+            if not args.no_spy:
+                spies["client"] = spy(w.pid, out / "client.txt")
             agent = None
             deadline = time.monotonic() + 60
             while agent is None and time.monotonic() < deadline and not w.is_ready():
                 agent = _agent_interpreter(sshd.pid)
                 time.sleep(0.005)
-            if agent is not None:
+            if agent is not None and not args.no_spy:
                 spies["agent"] = spy(agent, out / "agent.txt")
             w.wait_ready(timeout=1800)
             for name, pid in (("client", w.pid), ("agent", agent)):
@@ -211,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                         cpu[name] = procstat.cpu_seconds(pid)
                         split[name] = procstat.cpu_split(pid)
                         threads[name] = procstat.thread_cpu_seconds(pid)
+                        named[name] = procstat.thread_cpu_split(pid)
             errors = {name: stop_spy(p) for name, p in spies.items()}
             w.stop()
     finally:
@@ -227,12 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is not None:
             shutil.rmtree(work, ignore_errors=True)
     seconds = w.startup_seconds or 0.0
-    say(f"initial sync of {files:,} files at RTT {args.rtt_ms:g} ms under py-spy: "
-        f"ready after {seconds:.1f} s; raw stacks in {out}")
+    say(f"initial sync of {files:,} files at RTT {args.rtt_ms:g} ms"
+        f"{'' if args.no_spy else ' under py-spy'}: ready after {seconds:.1f} s"
+        f"{'' if args.no_spy else f'; raw stacks in {out}'}")
     (out / "threads.json").write_text(json.dumps(
         {name: {str(tid): sec for tid, sec in per.items()} for name, per in threads.items()}))
     for name in ("client", "agent"):
-        prof = Profile.read(out / f"{name}.txt")
+        prof = Profile.read(out / f"{name}.txt") if not args.no_spy else Profile({})
         used = cpu.get(name)
         print(f"\n## {name}: CPU {used if used is not None else float('nan'):.1f} s "
               f"(/proc) = {1000 * (used or 0) / files:.3f} s per 1,000 files; "
@@ -240,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         if name in split:
             user, system = split[name]
             print(f"user {user:.1f} s, system {system:.1f} s")
+        print()
+        print(thread_table(named.get(name, {}), files))
+        if args.no_spy:
+            continue
         if not prof.samples:
             print(f"(no samples: {errors.get(name, 'py-spy did not run')})")
             continue
