@@ -282,16 +282,24 @@ class SyncEngine:
         """Start reading the next queued new files in worker threads (in groups: only
         once at most half of what may be read ahead is left). The root and names the
         agent would refuse are never files to read."""
-        if len(self.read_ahead.futures) > PREFETCH // 2:
+        futures = self.read_ahead.futures
+        if len(futures) > PREFETCH // 2:
             return
-        upcoming = [p for p in self.queue.peek(PREFETCH_LOOK)
-                    if p and ((e := self.model.get(p)) is None
-                              or (e.kind == FILE and e.signature is None))
-                    and not relpath_problem(p)]
+        upcoming: list[str] = []
         # What the remote is believed to hold: a file the hash cache says still has that
         # content is not read (a rescan after a rules change queues the whole subtree).
-        believed = {p: e.digest for p in upcoming
-                    if (e := self.model.get(p)) is not None and e.digest is not None}
+        believed: dict[str, bytes] = {}
+        for path in self.queue.peek(PREFETCH_LOOK):
+            if not path or path in futures:  # (the root; being read already)
+                continue
+            entry = self.model.get(path)
+            if entry is not None and (entry.kind != FILE or entry.signature is not None):
+                continue  # not a file, or one whose edit travels as a delta
+            if relpath_problem(path):
+                continue
+            upcoming.append(path)
+            if entry is not None and entry.digest is not None:
+                believed[path] = entry.digest
         self.read_ahead.start(upcoming, self.packing.packer(burst=True), believed)
 
     # -- one pass over one path -----------------------------------------------------------
