@@ -38,6 +38,9 @@ from benchmarks.peers import Link, Watcher
 from benchmarks.testbed import trees
 from benchmarks.testbed.proxy import ThreadedProxy
 from benchmarks.testbed.sshd import PrivateSshd
+from lsync.agent.listing import KeptListing
+from lsync.agent.records import DigestRecord
+from lsync.agent.rootlock import RootLock
 
 LSYNC = "lsync"
 RSYNC = "rsync"
@@ -216,19 +219,21 @@ def fmt_kb(nbytes: float) -> str:
 
 
 def agent_record_files(root: Path) -> list[Path]:
-    """The files in which lsync's agent keeps its records of remote root `root`.
-
-    ~/.cache/lsync/agent-<hash>.json and .journal (the same home here: the private sshd logs
-    in as this user), <hash> = sha256("<root>\\0<hash algorithm>")[:24] as in
-    agent/records.py, for every algorithm the agent may choose; `root` as the agent resolves
-    it (absolute, normalised, symlinks not followed)."""
-    directory = Path.home() / ".cache" / "lsync"
+    """The files in which lsync's agent keeps what it knows of remote root `root`: its
+    record (~/.cache/lsync/agent-<hash>.json and .journal), its kept listing (.listing: 9 MB
+    for the kernel) for every algorithm the agent may choose, and the root's lock; named by
+    the agent's own functions (the same home here: the private sshd logs in as this user),
+    `root` as the agent resolves it (absolute, normalised, symlinks not followed)."""
+    root_text = os.path.normpath(root)
     out = []
     for algorithm in ("xxh3-128", "blake2b-128"):
-        key = f"{os.path.normpath(root)}\0{algorithm}".encode("utf-8", "surrogateescape")
-        name = hashlib.sha256(key).hexdigest()[:24]
-        out += [directory / f"agent-{name}.json", directory / f"agent-{name}.journal"]
-    return out
+        record = DigestRecord.default_path(root_text, algorithm)
+        listing = KeptListing.beside(record)
+        if record is not None and listing is not None:
+            out += [Path(record), Path(record[:-len(".json")] + ".journal"), Path(listing)]
+            # (as DigestRecord.journal_path and KeptListing.beside name them)
+    lock = RootLock.default_path(root_text)
+    return out + ([Path(lock)] if lock is not None else [])
 
 
 
@@ -349,7 +354,7 @@ class Bench:
 
     def _forget_agent_records(self) -> None:
         """Delete the digest records lsync's agent kept for this run's remote trees (the
-        trees are gone, so are their records: about 16 MB for the kernel tree)."""
+        trees are gone, so are their records: about 26 MB for the kernel tree)."""
         for root in self._remotes:
             for path in agent_record_files(root):
                 path.unlink(missing_ok=True)

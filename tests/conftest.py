@@ -51,11 +51,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError("CI needs /usr/sbin/sshd (openssh-server) for end-to-end tests")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_client_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The lsync processes the tests start keep their caches (hashes, remote listings,
+    signatures, the control sockets' fallback directory) with the run's temporary files,
+    not in the user's ~/.cache/lsync (unless the caller chose an $XDG_CACHE_HOME)."""
+    if os.environ.get("XDG_CACHE_HOME"):
+        yield
+        return
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    try:
+        yield
+    finally:
+        os.environ.pop("XDG_CACHE_HOME", None)
+
+
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateSshd]:
     if not Path("/usr/sbin/sshd").exists() and not os.environ.get("CI"):
         pytest.skip("openssh-server is not installed (tests/run.sh installs it)")
-    with PrivateSshd(tmp_path_factory.mktemp("sshd")) as server:
+    # The sessions' $HOME is the run's own: the agent's records of the tests' remote trees
+    # go with the run's temporary files instead of piling up in the user's ~/.cache/lsync.
+    work = tmp_path_factory.mktemp("sshd")
+    with PrivateSshd(work, home=work / "home") as server:
         server.write_client_config()
         yield server
 

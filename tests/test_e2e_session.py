@@ -179,14 +179,15 @@ def test_relative_remote_tree_is_under_the_remote_home(
     local, _ = fresh_dirs(tmp_path)
     (local / "x.c").write_text("x\n")
     name = f"lsync-e2e-{time.time_ns()}"
-    home = Path.home() / name
+    assert sshd.home is not None
+    tree = sshd.home / name
     try:
         lsync = _connect(run_lsync, sshd, local, name)
         lsync.wait_for_line(" ready ")
-        assert_same_now(local, home, lsync=lsync)
+        assert_same_now(local, tree, lsync=lsync)
         assert lsync.interrupt() == 0
     finally:
-        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(tree, ignore_errors=True)
 
 
 def test_restart_with_nothing_changed_sends_no_file(

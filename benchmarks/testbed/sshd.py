@@ -100,8 +100,12 @@ class PrivateSshd:
         alias: str = DEFAULT_ALIAS,
         user: str | None = None,
         start_timeout: float = 10.0,
+        home: Path | str | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
+        # $HOME of the sessions (`SetEnv`): where a remote tree given relative lives, and
+        # the agent's records; None: the user's own.
+        self.home = Path(home).resolve() if home is not None else None
         self.alias = alias
         self.user = user if user is not None else current_user()
         self.start_timeout = start_timeout
@@ -129,6 +133,8 @@ class PrivateSshd:
 
     def _make_keys(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.home is not None:
+            self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not self.host_key.exists():
             generate_key(self.host_key, "lsync-testbed-host")
         if not self.client_key.exists():
@@ -166,6 +172,7 @@ class PrivateSshd:
             "LoginGraceTime 30",
             "LogLevel INFO",
             "Subsystem sftp internal-sftp",
+            *([f"SetEnv HOME={self.home}"] if self.home is not None else []),
             *optional,
         ]
         return "\n".join(lines) + "\n"
