@@ -40,12 +40,10 @@ MUTATIONS: dict[str, Mutation] = {
     "none": Mutation("nothing (the control run)", ()),
     "1": Mutation("defect 1: the root is read ahead; one path's failure fails its group and "
                   "the session", (
-        ("client/remote/engine.py", "if p and ((e := self.model.get(p)) is None",
-         "if ((e := self.model.get(p)) is None"),
+        ("client/remote/engine.py", "            if not path or path in futures:",
+         "            if path in futures:"),
         ("client/remote/engine.py",
-         "                              or (e.kind == FILE and e.signature"
-         " is None))\n                    and not relpath_problem(p)]",
-         "                              or (e.kind == FILE and e.signature is None))]"),
+         "            if relpath_problem(path):\n                continue\n", ""),
         ("client/remote/engine.py",
          "        except Exception as exc:\n            # A bug met while "
          "syncing one path", "        except ZeroDivisionError as exc:\n            # A bug met "
