@@ -5,12 +5,12 @@ compares with the model of the remote what may have changed — the directories 
 watcher batches touched, or the whole tree after lost events and on a slow timer (the
 schedule is the remote side's `CheckSchedule`) — and queues what differs. The touched
 directories are checked earlier when they can be (`check_ahead`: nothing queued, only the
-answers to the last writes awaited), so that the report need not wait for their walk. When a check
-finds nothing and nothing is queued, it says so: an in-sync report as of the moment the
-watcher (and git's index) had delivered everything. When that moment lags the check (a
-walk of a big new subtree, an index being read), the report is given again shortly
-(`report_due`), until it is as of the check itself: else the last word would stay a
-report older than the last change.
+answers to the last writes awaited), so that the report need not wait for their walk.
+When a check finds nothing and nothing is queued, it says so: an in-sync report as of the
+moment the watcher (and git's index) had delivered everything. When that moment lags the
+check (a walk of a big new subtree, an index being read), the report is given again
+shortly (`report_due`), until it is as of the check itself: else the last word would stay
+a report older than the last change.
 """
 
 from __future__ import annotations
