@@ -220,7 +220,7 @@ def fmt_kb(nbytes: float) -> str:
 
 def agent_record_files(root: Path) -> list[Path]:
     """The files in which lsync's agent keeps what it knows of remote root `root`: its
-    record (~/.cache/lsync/agent-<hash>.json and .journal), its kept listing (.listing: 9 MB
+    record (~/.cache/lsync/agent-<hash>.json and .journal), its kept listing (.listing: 9-10 MB
     for the kernel) for every algorithm the agent may choose, and the root's lock; named by
     the agent's own functions (the same home here: the private sshd logs in as this user),
     `root` as the agent resolves it (absolute, normalised, symlinks not followed)."""
@@ -354,7 +354,7 @@ class Bench:
 
     def _forget_agent_records(self) -> None:
         """Delete the digest records lsync's agent kept for this run's remote trees (the
-        trees are gone, so are their records: about 26 MB for the kernel tree)."""
+        trees are gone, so are their records: about 20 MB for the kernel tree)."""
         for root in self._remotes:
             for path in agent_record_files(root):
                 path.unlink(missing_ok=True)
