@@ -227,11 +227,9 @@ def agent_record_files(root: Path) -> list[Path]:
     root_text = os.path.normpath(root)
     out = []
     for algorithm in ("xxh3-128", "blake2b-128"):
-        record = DigestRecord.default_path(root_text, algorithm)
-        listing = KeptListing.beside(record)
-        if record is not None and listing is not None:
-            out += [Path(record), Path(record[:-len(".json")] + ".journal"), Path(listing)]
-            # (as DigestRecord.journal_path and KeptListing.beside name them)
+        record = DigestRecord(DigestRecord.default_path(root_text, algorithm), algorithm)
+        named = (record.cache_path, record.journal_path, KeptListing.beside(record.cache_path))
+        out += [Path(path) for path in named if path is not None]
     lock = RootLock.default_path(root_text)
     return out + ([Path(lock)] if lock is not None else [])
 

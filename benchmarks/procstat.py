@@ -167,7 +167,12 @@ def machine_busy(seconds: float) -> float:
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """User + system CPU seconds of each living thread of `pid`, by thread id (the ids a
     sampling profiler such as py-spy names its threads by)."""
-    out: dict[int, float] = {}
+    return {tid: user + system for tid, (user, system) in thread_cpu_split(pid).items()}
+
+
+def thread_cpu_split(pid: int) -> dict[int, tuple[float, float]]:
+    """(user, system) CPU seconds of each living thread of `pid`, by thread id."""
+    out: dict[int, tuple[float, float]] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except (FileNotFoundError, ProcessLookupError) as exc:
@@ -178,25 +183,7 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
         except ProcessGone:
             continue  # the thread ended meanwhile
         fields = text[text.rindex(")") + 2 :].split()
-        out[int(name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    return out
-
-
-def thread_cpu_split(pid: int) -> dict[int, tuple[str, float, float]]:
-    """(name, user, system CPU seconds) of each living thread of `pid`, by thread id."""
-    out: dict[int, tuple[str, float, float]] = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except (FileNotFoundError, ProcessLookupError) as exc:
-        raise ProcessGone(str(pid)) from exc
-    for name in tids:
-        try:
-            text = _read(f"/proc/{pid}/task/{name}/stat")
-        except ProcessGone:
-            continue  # the thread ended meanwhile
-        comm = text[text.index("(") + 1 : text.rindex(")")]
-        fields = text[text.rindex(")") + 2 :].split()
-        out[int(name)] = (comm, int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS)
+        out[int(name)] = (int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS)
     return out
 
 

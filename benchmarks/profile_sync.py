@@ -122,12 +122,12 @@ def cpu_table(seconds: dict[str, float], files: int, top: int, title: str) -> st
     return "\n".join(lines)
 
 
-def thread_table(named: dict[int, tuple[str, float, float]], files: int) -> str:
-    """Each thread's user and system CPU (/proc), busiest first (py-spy's thread names are
-    in its tables; the kernel knows every Python thread by the interpreter's name)."""
+def thread_table(named: dict[int, tuple[float, float]], files: int) -> str:
+    """Each thread's user and system CPU (/proc), busiest first, by thread id (py-spy's
+    tables name the ids; the kernel knows every Python thread by the interpreter's name)."""
     lines = ["| thread id (/proc) | user s | system s | CPU s per 1,000 files |",
              "|---|---|---|---|"]
-    for tid, (_, user, system) in sorted(named.items(), key=lambda kv: -kv[1][1] - kv[1][2]):
+    for tid, (user, system) in sorted(named.items(), key=lambda kv: -sum(kv[1])):
         lines.append(f"| {tid} | {user:.1f} | {system:.1f} | "
                      f"{1000 * (user + system) / files:.3f} |")
     return "\n".join(lines)
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu: dict[str, float] = {}
     split: dict[str, tuple[float, float]] = {}
     threads: dict[str, dict[int, float]] = {}
-    named: dict[str, dict[int, tuple[str, float, float]]] = {}
+    named: dict[str, dict[int, tuple[float, float]]] = {}
     try:
         with ThreadedProxy(("127.0.0.1", sshd.port), args.rtt_ms / 2000.0) as proxy:
             cfg = sshd.write_client_config(port=proxy.port)
@@ -226,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                     with contextlib.suppress(procstat.ProcessGone):
                         cpu[name] = procstat.cpu_seconds(pid)
                         split[name] = procstat.cpu_split(pid)
-                        threads[name] = procstat.thread_cpu_seconds(pid)
                         named[name] = procstat.thread_cpu_split(pid)
+                        threads[name] = {tid: user + system
+                                         for tid, (user, system) in named[name].items()}
             errors = {name: stop_spy(p) for name, p in spies.items()}
             w.stop()
     finally:

@@ -68,6 +68,7 @@ class MemoryAgentStream:
         self._cut_after: int | None = None
         self._stderr: list[str] = []
         self.lanes: list[MemoryLane] = []
+        self._held: list[bytes] | None = None  # answers held back (`hold_answers`)
 
     # -- the agent's side (lsync.agent.main.serve, over buffers) --------------------------
     def _log_internal(self, context: str, trace: str | None = None) -> None:
@@ -77,7 +78,9 @@ class MemoryAgentStream:
         data = self.conn.data_to_send()
         if data:
             self.service.journal()  # acknowledged changes are on disk before answers leave
-            if not self._dropped:
+            if self._held is not None:
+                self._held.append(data)
+            elif not self._dropped:
                 self._outbox.append(data)
                 self._readable.set()
 
@@ -199,6 +202,22 @@ class MemoryAgentStream:
         self._input_ended()
         self._readable.set()
         self._consumed.set()
+
+    def hold_answers(self) -> None:
+        """Keep the agent's answers from the client until `release_answers` (the agent
+        still applies every write at once): a long link's last round trip, for as long as
+        a test needs."""
+        self._held = []
+
+    def release_answers(self) -> None:
+        held, self._held = self._held, None
+        if held and not self._dropped:
+            self._outbox.extend(held)
+            self._readable.set()
+
+    @property
+    def answers_held(self) -> int:
+        return len(self._held or ())
 
     def cut_after(self, messages: int) -> None:
         """Cut once the agent has handled `messages` more messages (0: now)."""

@@ -3,8 +3,9 @@
 Once nothing is queued, the engine checks the directories the watcher touched without
 waiting for the answers to its last writes (`Convergence.check_ahead`): on a long link the
 in-sync report then follows the last answer instead of a stat walk begun after it. Here the
-in-memory agent's answers are held back (tests/memagent.py) while the check must already
-have found a file whose event was lost; and background signing waits for the checks.
+in-memory agent's answers are held back (`MemoryAgentStream.hold_answers`) while the check
+must already have found a file whose event was lost; and background signing waits for the
+checks.
 """
 
 from __future__ import annotations
@@ -15,30 +16,6 @@ from collections.abc import Callable
 from tests.corerig import STEP_TIMEOUT, Rig, _check, _files
 from tests.corerig import home as home  # (a fixture)
 from tests.corerig import quick_rig as quick_rig  # (a fixture)
-from tests.memagent import MemoryAgentStream
-
-
-class HeldAnswers:
-    """Keeps the agent's answers from the client until `release` (the agent still applies
-    every write at once): a long link's last round trip, for as long as a test needs."""
-
-    def __init__(self, stream: MemoryAgentStream) -> None:
-        self.stream = stream
-        self.held: list[bytes] = []
-        self._flush = stream._flush
-        stream._flush = self._hold  # type: ignore[method-assign]
-
-    def _hold(self) -> None:
-        data = self.stream.conn.data_to_send()
-        if data:
-            self.stream.service.journal()
-            self.held.append(data)
-
-    def release(self) -> None:
-        self.stream._flush = self._flush  # type: ignore[method-assign]
-        self.stream._outbox.extend(self.held)
-        self.held.clear()
-        self.stream._readable.set()
 
 
 async def _until(condition: Callable[[], bool], what: str) -> None:
@@ -57,7 +34,7 @@ def test_a_lost_event_is_found_while_the_last_answers_are_still_awaited(
     async def scenario() -> None:
         await rig.connect()
         await rig.converged()
-        answers = HeldAnswers(rig.stream)
+        rig.stream.hold_answers()
         (rig.local / "d" / "a.c").write_bytes(b"one, edited\n")
         (rig.local / "d" / "lost.c").write_bytes(b"its event is lost\n")
         rig.changed(["d/a.c"])
@@ -66,8 +43,8 @@ def test_a_lost_event_is_found_while_the_last_answers_are_still_awaited(
                      "lost.c synced before the answers came")
         # (No signing ahead meanwhile: not settled.)
         assert (rig.engine.idle, rig.engine.convergence.settled) == (False, False)
-        assert answers.held
-        answers.release()
+        assert rig.stream.answers_held
+        rig.stream.release_answers()
         await rig.converged()
         assert rig.engine.convergence.settled
         await rig.close()
@@ -84,7 +61,7 @@ def test_a_check_ahead_that_finds_nothing_lets_the_report_follow_the_last_answer
     async def scenario() -> None:
         await rig.connect()
         await rig.converged()
-        answers = HeldAnswers(rig.stream)
+        rig.stream.hold_answers()
         checks = rig.engine.side.counters.checks
         (rig.local / "d" / "a.c").write_bytes(b"one, edited\n")
         rig.changed(["d/a.c"])
@@ -92,7 +69,7 @@ def test_a_check_ahead_that_finds_nothing_lets_the_report_follow_the_last_answer
                      "the check of d while the answer is held")
         assert not rig.engine.side.checks.pending and not rig.engine.idle
         reports = rig.reporter.in_sync_as_of
-        answers.release()
+        rig.stream.release_answers()
         await rig.converged()
         assert rig.reporter.in_sync_as_of > reports
         assert rig.engine.side.counters.checks == checks + 1  # no second walk at idle

@@ -39,7 +39,7 @@ from lsync.client.local.stableread import read_file_stable
 from lsync.client.remote import planner, relearn
 from lsync.client.remote.delta import Signature, signature
 from lsync.client.remote.model import DIR, FILE, LINK, RemoteEntry
-from lsync.client.remote.pathqueue import PathRecord, State
+from lsync.client.remote.pathqueue import PathRecord
 from lsync.client.remote.planner import Content, Step
 from lsync.client.remote.remoteside import RemoteSide
 from lsync.client.remote.sender import (
@@ -318,15 +318,12 @@ class PathPasses:
         """Queue the children of a directory the watcher reported (moved in, swapped, its
         mode changed) or that lsync made: each is looked at (cheaply, when unchanged)."""
         local_children: set[str] = set()
-        records = self.side.queue.records
-        urgent = self._urgent
+        waiting, urgent = self.side.queue.waiting, self._urgent
         try:
             with os.scandir(self.local.root / path if path else self.local.root) as listing:
                 for item in listing:
                     child = f"{path}/{item.name}" if path else item.name
-                    record = records.get(child)
-                    if (record is not None and record.state is State.QUEUED
-                            and (record.urgent or not urgent)):
+                    if waiting(child, urgent):
                         continue  # queued already (an initial sync's): marking changes nothing
                     if relpath_problem(child):
                         continue

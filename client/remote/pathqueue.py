@@ -93,6 +93,13 @@ class PathQueue:
     def __contains__(self, path: str) -> bool:
         return path in self.records
 
+    def waiting(self, path: str, urgent: bool = False) -> bool:
+        """Whether `path` is queued, not yet taken, and urgent if `urgent`: marking it again
+        (so) would change nothing."""
+        record = self.records.get(path)
+        return (record is not None and record.state is State.QUEUED
+                and (record.urgent or not urgent))
+
     def state(self, path: str) -> State | None:
         record = self.records.get(path)
         return None if record is None else record.state
