@@ -29,10 +29,12 @@ Commit = Callable[[PendingFile, int, bytes], os.stat_result]
 
 
 def write_delta(root: ConfinedRoot, record: DigestRecord, msg: m.WriteDelta,
-                new_hasher: Callable[[], Any], commit: Commit) -> Tuple[os.stat_result, bytes]:
+                new_hasher: Callable[[], Any], commit: Commit,
+                remember: bool = True) -> Tuple[os.stat_result, bytes]:
     """Check the base cheaply (record + stat, hashing only when in doubt), apply, verify;
-    the new file's stat and digest (the caller records it and answers)."""
-    fd = open_base(root, record, msg.path, msg.base, new_hasher)
+    the new file's stat and digest (the caller records it and answers). A base hashed here
+    is remembered in the record unless `remember` is False (a write pool's thread)."""
+    fd = open_base(root, record, msg.path, msg.base, new_hasher, remember)
     try:
         base_size = os.fstat(fd).st_size
 
@@ -66,7 +68,7 @@ def write_delta(root: ConfinedRoot, record: DigestRecord, msg: m.WriteDelta,
 
 
 def open_base(root: ConfinedRoot, record: DigestRecord, path: str, base: bytes,
-              new_hasher: Callable[[], Any]) -> int:
+              new_hasher: Callable[[], Any], remember: bool = True) -> int:
     """An fd of `path` once it is known to hold the content whose digest is `base`."""
     try:
         fd = root.open_read(path)
@@ -83,7 +85,8 @@ def open_base(root: ConfinedRoot, record: DigestRecord, path: str, base: bytes,
             for chunk in iter_fd(fd):
                 hasher.update(chunk)
             known = hasher.digest()
-            record.remember(path, file_key(os.fstat(fd)), known)
+            if remember:
+                record.remember(path, file_key(os.fstat(fd)), known)
         if known != base:
             raise OpError(ErrorCode.BASE_MISMATCH,
                           "{} changed on the remote; it is not the expected base".format(path))

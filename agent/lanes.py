@@ -8,6 +8,11 @@ through `LaneServer`'s socket. The agent reads their frames next to its stdin an
 everything on stdout; which writes may take a lane is the client's rule (they never
 depend on the order against the main stream).
 
+Each pump names its lane's role in the first byte it sends (`URGENT` or `BULK`, from its
+command line): the client's first lane carries single saves, and the agent handles what
+comes on it before anything else in a turn and answers it at once (lsync.agent.main);
+what comes on a bulk lane may be applied in the write pool (lsync.agent.service).
+
 The socket lives in a fresh directory of mode 0700 (only this user can reach it) and each
 peer's credentials are checked where the platform tells them (SO_PEERCRED); the directory
 is removed when the agent ends. Nothing here writes into the tree.
@@ -25,13 +30,17 @@ from lsync.protocol.connection import Lane
 
 MAX_LANES = 8
 READ_SIZE = 1 << 20
+URGENT = "u"  # a lane's role, the first byte its pump sends: single saves
+BULK = "b"  # the bulk of a sync: batches, a burst's deltas
 
-# The program a lane's channel runs (python3 -c PUMP SOCKET): stdin to the socket, and the
-# socket to stdout in a thread (pulled files come back that way, see lsync.agent.pull).
+# The program a lane's channel runs (python3 -c PUMP SOCKET ROLE): the role's byte, then
+# stdin to the socket, and the socket to stdout in a thread (pulled files come back that
+# way, see lsync.agent.pull).
 PUMP = (
     "import os,socket,sys,threading\n"
     "s=socket.socket(socket.AF_UNIX)\n"
     "s.connect(sys.argv[1])\n"
+    "s.sendall(sys.argv[2].encode()[:1])\n"
     "def back():\n"
     " while True:\n"
     "  d=memoryview(s.recv(262144))\n"
@@ -64,6 +73,11 @@ class LaneServer:
         joined = self.lanes.get(fd)
         return joined.sock if joined is not None else None
 
+    def urgent(self, fd: int) -> bool:
+        """Whether the lane read from `fd` carries single saves (see the module docstring)."""
+        joined = self.lanes.get(fd)
+        return joined is not None and joined.role == URGENT
+
     def readable(self, fd: int) -> List[m.Message]:
         """Handle one readable descriptor: a new lane, or data (the messages it completed).
         A lane that breaks the protocol raises ProtocolError; one that ends is dropped."""
@@ -81,6 +95,9 @@ class LaneServer:
             self._drop(fd)
             joined.lane.receive_eof()
             return []
+        if joined.role is None:
+            joined.role = data[:1].decode("ascii", "replace")
+            data = data[1:]
         joined.lane.receive_data(data)
         out: List[m.Message] = []
         while True:
@@ -116,6 +133,7 @@ class _Joined:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.lane = Lane()
+        self.role: Optional[str] = None  # its pump's first byte (URGENT, BULK), once read
 
 
 def _same_user(sock: socket.socket) -> bool:

@@ -1,7 +1,10 @@
 """The agent's driver: a plain blocking loop between stdin/stdout and `AgentService`.
 
 It reads whatever bytes arrive, lets the sans-IO `Connection` turn them into messages,
-hands each to the service, and writes the answers out before it blocks again. A protocol
+hands each to the service, and writes the answers out before it blocks again. What the
+lane of saves brings is handled first in a turn and answered at once; what a bulk lane
+brings is marked bulk, so that the service may hand its deltas to the write pool
+(lsync.agent.lanes). A protocol
 error from the client ends the session with a `Goodbye` carrying the code; an unexpected
 exception in a handler becomes an `Error(INTERNAL)` reply for that operation, and its
 traceback goes to ~/.cache/lsync/agent.log, never over the wire.
@@ -144,12 +147,12 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
             conn.send(pulled)
         flush()
 
-    def dispatch(message: m.Message) -> None:
+    def dispatch(message: m.Message, bulk: bool = False) -> None:
         try:
             if puller.handles(message):
                 puller.handle(message)
                 return
-            service.handle(message)
+            service.handle(message, bulk)
         except (SessionEnd, ProtocolError):
             raise
         except Exception as exc:
@@ -166,14 +169,19 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
         ended = False
         while not ended:
             ready = [in_fd] if pending else wait_for_input()
+            if lanes:  # the lane of saves first, answered before the rest is looked at
+                ready.sort(key=lambda fd: not lanes[0].urgent(fd))
             for fd in ready:
                 if fd != in_fd:
+                    urgent = lanes[0].urgent(fd)
                     for lane_message in lanes[0].readable(fd):
                         if isinstance(lane_message, m.PullFetch):
                             puller.handle(lane_message, lanes[0].socket_of(fd))
                             continue  # (answered on its lane)
-                        dispatch(lane_message)
+                        dispatch(lane_message, bulk=not urgent)
                         check_terminated()
+                    if urgent:
+                        flush()
                     continue
                 if pending:
                     data, pending = pending, b""

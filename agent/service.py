@@ -7,7 +7,8 @@ tree as it was and never ends the session. Handlers are dispatched through `_HAN
 after `messages.request_problem` has had its say: what it refuses is answered with its code
 (an Error, or a Goodbye for a Hello) and never reaches a handler. Whole files arrive in
 chunks here or go to the write pool (lsync.agent.writer); a delta or a copy is made from
-what is on the remote by lsync.agent.derived.
+what is on the remote by lsync.agent.derived (a bulk lane's delta in the pool, a save's at
+once).
 Each change also updates the record of what lsync made (`lsync.agent.records`), which the
 manifest reports as each entry's `written` field and which outlives the agent. What a
 change is about to put in place is said (`DigestRecord.intend`) before it is put there,
@@ -23,7 +24,7 @@ import contextlib
 import os
 import stat
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 from lsync.agent.confined import ConfinedRoot, file_key, resolve_root
 from lsync.agent.derived import copy_file, write_delta
@@ -41,6 +42,7 @@ from lsync.agent.writer import (
     WritePool,
     batch_job,
     claim_intended,
+    delta_job,
     hash_files,
     record_batch,
     record_file,
@@ -98,7 +100,9 @@ class AgentService:
         self.zdict = b""  # the preset dictionary of PACK_ZLIB_DICT chunks
 
     # -- dispatch -------------------------------------------------------------------------
-    def handle(self, message: m.Message) -> None:
+    def handle(self, message: m.Message, bulk: bool = False) -> None:
+        """Answer `message` now, or once the write pool has done it. `bulk`: it came on a
+        bulk data lane (no save waits for it), so a delta may go to the pool too."""
         handler = _HANDLERS.get(type(message))
         if handler is None:  # messages the agent may receive but need no answer (Pong)
             return
@@ -122,13 +126,13 @@ class AgentService:
             return
         if self.pool is not None and self.pool.outstanding and not isinstance(message, m.Ping):
             # Wait for the pooled writes unless this message cannot see their paths.
-            independent = isinstance(message, _PATH_OPS) or self._poolable(message)
+            independent = isinstance(message, _PATH_OPS) or self._poolable(message, bulk)
             if not independent or self.pool.conflicts_any(_paths_of(message)):
                 self.drain_pool()
         if self.pool is not None and isinstance(message, m.WriteBatch):
             self._pool_batch(message)
             return
-        if self.pool is not None and self._poolable(message):
+        if self.pool is not None and self._poolable(message, bulk):
             self._pool_write(message)  # type: ignore[arg-type]
             return
         try:
@@ -154,20 +158,25 @@ class AgentService:
                 self.record.made_dir(path, ino)
 
     # -- whole-file writes in worker threads (see lsync.agent.writer) ----------------------
-    def _poolable(self, message: m.Message) -> bool:
-        """Batches and big whole files go to the pool; a small file (a save) is written at
-        once, never queued behind the batches of a burst."""
+    def _poolable(self, message: m.Message, bulk: bool) -> bool:
+        """Batches, big whole files and a bulk lane's deltas go to the pool; a small file
+        or a delta of a save is written at once, never queued behind a burst's work."""
         if isinstance(message, m.WriteBatch):
             return True
+        if isinstance(message, m.WriteDelta):
+            return bulk
         return (isinstance(message, m.WriteFile) and message.offset == 0 and message.final
                 and len(message.data) > INLINE_WRITE_MAX
                 and message.seq not in self.pending and message.seq not in self.failed_writes)
 
-    def _pool_write(self, msg: m.WriteFile) -> None:
+    def _pool_write(self, msg: Union[m.WriteFile, m.WriteDelta]) -> None:
         assert self.pool is not None and self.root is not None and self.record is not None
         self.record.ready_for_intents(self.now_ns())
-        self.pool.submit(msg.seq, msg.path, whole_file_job(
-            self.root, self.record, msg, self.hash_name, self.zdict))
+        if isinstance(msg, m.WriteDelta):
+            job = delta_job(self.root, self.record, msg, self.hash_name)
+        else:
+            job = whole_file_job(self.root, self.record, msg, self.hash_name, self.zdict)
+        self.pool.submit(msg.seq, msg.path, job)
 
     def _pool_batch(self, msg: m.WriteBatch) -> None:
         assert self.pool is not None and self.record is not None

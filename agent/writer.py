@@ -1,4 +1,4 @@
-"""Whole-file writes in worker threads, so that creating files overlaps reading the stream.
+"""Bulk writes in worker threads, so that creating files overlaps reading the stream.
 
 Creating a file is the slow part of a bulk sync (a filesystem may take hundreds of
 microseconds per create) and it releases the GIL, as do inflating and hashing. `WritePool`
@@ -11,10 +11,12 @@ drains the pool before any operation that could see or change a running job's pa
 every path still goes through its operations in sequence order. Answers may leave in a
 different order; each names its sequence number.
 
-`whole_file_job` and `batch_job` are those jobs (a batch's may run inline too, through
-`write_batch`); each says what it is about to put in place before it does (intents, see
-lsync.agent.records), the service records what was put there. `WriteOrder` keeps content
-writes of one path in sequence order across the streams they arrive on.
+`whole_file_job`, `delta_job` and `batch_job` are those jobs (a batch's may run inline
+too, through `write_batch`); each says what it is about to put in place before it does
+(intents, see lsync.agent.records), the service records what was put there. A job reads
+the record's digests but changes none of them: that is the service's thread's.
+`WriteOrder` keeps content writes of one path in sequence order across the streams they
+arrive on.
 `claim_intended` records as lsync's what a killed agent had said it was about to put in
 place and is there now (intents: see lsync.agent.records).
 """
@@ -29,8 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from lsync.agent.confined import ConfinedRoot, Parents, file_key
+from lsync.agent.derived import write_delta
 from lsync.agent.records import DigestRecord
 from lsync.agent.refusals import OpError
+from lsync.agent.tempfiles import PendingFile
 from lsync.protocol import hashing, packing
 from lsync.protocol import messages as m
 from lsync.protocol.errors import ErrorCode
@@ -214,19 +218,41 @@ def whole_file_job(root: ConfinedRoot, record: DigestRecord, msg: m.WriteFile,
         data = unpack_chunk(msg.path, msg.data, msg.packing, zdict)
         hasher = hashing.new_hasher(hash_name)
         hasher.update(data)
-        intents = [(msg.path, m.KIND_FILE, hasher.digest())]
+        digest = hasher.digest()
         pending = root.begin_write(msg.path, mode=msg.mode)
         try:
             pending.write(data)
         except BaseException:
             pending.abort()
             raise
-        record.intend(intents)
-        try:
-            return pending.commit(msg.mode), intents[0][2]
-        except BaseException:
-            record.settle(intents, failed=True)
-            raise
+        return commit_intended(record, pending, msg.mode, digest), digest
+
+    return job
+
+
+def commit_intended(record: DigestRecord, pending: PendingFile, mode: int,
+                    digest: bytes) -> os.stat_result:
+    """Put a pooled job's file in place, its intent said first (the caller made the record
+    `ready_for_intents`) and settled as failed if that fails; for any thread."""
+    intents = [(pending.path, m.KIND_FILE, digest)]
+    record.intend(intents)
+    try:
+        return pending.commit(mode)
+    except BaseException:
+        record.settle(intents, failed=True)
+        raise
+
+
+def delta_job(root: ConfinedRoot, record: DigestRecord, msg: m.WriteDelta,
+              hash_name: str) -> Callable[[], Any]:
+    """The work of a WriteDelta (lsync.agent.derived.write_delta), for any thread: it returns
+    (stat, digest) or raises. The base's digest is looked up but not remembered (the record's
+    digests are the service thread's to change; the path is replaced anyway)."""
+
+    def job() -> Any:
+        return write_delta(root, record, msg, lambda: hashing.new_hasher(hash_name),
+                           lambda pending, mode, digest: commit_intended(
+                               record, pending, mode, digest), remember=False)
 
     return job
 

@@ -120,7 +120,8 @@ BIG = os.urandom(400 << 10)  # a whole file too big to be written inline: the po
 
 # (change, pooled): every change inline; those the write pool takes, pooled as well.
 CASES = [(change, False) for change in sorted(CHANGES)] + [("write-batch", True),
-                                                            ("big-write-file", True)]
+                                                            ("big-write-file", True),
+                                                            ("write-delta", True)]
 CHANGES["big-write-file"] = ([m.WriteFile(10, "big/big.bin", 0o644, 0, BIG, True)],
                              "big/big.bin", _digest(BIG))
 
@@ -138,7 +139,7 @@ def test_a_change_applied_just_before_the_agent_was_killed_is_known_as_lsyncs(
         service.journal()  # acknowledged: journaled before the answer left
         assert _acked(sent, 1)
         for message in messages:
-            service.handle(message)
+            service.handle(message, bulk=pooled)  # (a delta is pooled from a bulk lane)
         if pool is not None:
             # The worker has put the file in place; its outcome is never collected.
             assert pool.outstanding == 1

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import asyncssh
 
-from lsync.agent.lanes import PUMP
+from lsync.agent.lanes import BULK, PUMP, URGENT
 from lsync.client.transport.link import AgentLink
 from lsync.client.transport.streams import _StderrTail
 from lsync.protocol.framing import MAGIC
@@ -79,10 +79,10 @@ class SshLane:
 
     @classmethod
     async def open(cls, conn: asyncssh.SSHClientConnection, python: str, socket_path: str,
-                   window: int, max_pktsize: int) -> SshLane:
+                   window: int, max_pktsize: int, role: str = BULK) -> SshLane:
         lane = cls()
         command = (f"exec {shlex.quote(python)} -c {shlex.quote(PUMP)} "
-                   f"{shlex.quote(socket_path)}")
+                   f"{shlex.quote(socket_path)} {role}")
         chan, _ = await conn.create_session(lambda: _LaneSession(lane), command,
                                             encoding=None, window=window,
                                             max_pktsize=max_pktsize)
@@ -129,10 +129,14 @@ async def open_lanes(link: AgentLink, conn: asyncssh.SSHClientConnection, python
                      socket_path: str, window: int, max_pktsize: int,
                      count: int) -> int:
     """Open up to `count` lanes in parallel and hand them to `link` in a fixed order;
-    returns how many it took (those that failed to open are left out)."""
+    returns how many it took (those that failed to open are left out). The first is the
+    lane of single saves (lsync.client.remote.passes.FAST_LANE), and its pump tells the
+    agent so (URGENT); when it fails to open, the next one carries the saves as a BULK lane
+    (the agent may then apply a save's delta in its write pool: later, never wrong)."""
     opening = [asyncio.ensure_future(asyncio.wait_for(
-        SshLane.open(conn, python, socket_path, window, max_pktsize), OPEN_TIMEOUT))
-        for _ in range(count)]
+        SshLane.open(conn, python, socket_path, window, max_pktsize,
+                     URGENT if i == 0 else BULK), OPEN_TIMEOUT))
+        for i in range(count)]
     results = await asyncio.gather(*opening, return_exceptions=True)
     taken = 0
     for result in results:
