@@ -73,6 +73,10 @@ class LaneServer:
         joined = self.lanes.get(fd)
         return joined.sock if joined is not None else None
 
+    def urgent_fds(self) -> List[int]:
+        """The descriptors of the lanes of saves."""
+        return [fd for fd, joined in self.lanes.items() if joined.role == URGENT]
+
     def urgent(self, fd: int) -> bool:
         """Whether the lane read from `fd` carries single saves (see the module docstring)."""
         joined = self.lanes.get(fd)

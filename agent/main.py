@@ -2,12 +2,12 @@
 
 It reads whatever bytes arrive, lets the sans-IO `Connection` turn them into messages,
 hands each to the service, and writes the answers out before it blocks again. What the
-lane of saves brings is handled first in a turn and answered at once; what a bulk lane
-brings is marked bulk, so that the service may hand its deltas to the write pool
-(lsync.agent.lanes). A protocol
-error from the client ends the session with a `Goodbye` carrying the code; an unexpected
-exception in a handler becomes an `Error(INTERNAL)` reply for that operation, and its
-traceback goes to ~/.cache/lsync/agent.log, never over the wire.
+lane of saves brings is handled first in a turn and answered at once, and looked at again
+between the messages of a long turn; what a bulk lane brings is marked bulk, so that the
+service may hand its deltas to the write pool (lsync.agent.lanes). A protocol error from
+the client ends the session with a `Goodbye` carrying the code; an unexpected exception
+in a handler becomes an `Error(INTERNAL)` reply for that operation, and its traceback goes
+to ~/.cache/lsync/agent.log, never over the wire.
 
 The record of what lsync wrote is journaled before any answer is written out, so an agent
 killed by a dropped link loses no ownership it acknowledged; the full snapshot of the
@@ -37,6 +37,7 @@ from lsync.protocol.connection import AGENT, Connection
 from lsync.protocol.errors import ErrorCode, ProtocolError
 
 READ_SIZE = 1 << 20
+SAVE_LOOK = 0.002  # s: how often a long turn looks at the lane of saves (serve_saves)
 QUIET_NS = 10 ** 9  # no input for this long: a good moment for a snapshot of the record
 
 
@@ -163,6 +164,37 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
             conn.send(m.Error(seq, int(ErrorCode.INTERNAL),
                               "internal agent error: {}".format(type(exc).__name__)))
 
+    def handle_lane(fd: int) -> None:
+        """What lane `fd` brought: the lane of saves answered at once, a bulk lane's
+        messages with a look at the lane of saves between them."""
+        urgent = lanes[0].urgent(fd)
+        for lane_message in lanes[0].readable(fd):
+            if isinstance(lane_message, m.PullFetch):
+                puller.handle(lane_message, lanes[0].socket_of(fd))
+                continue  # (answered on its lane)
+            dispatch(lane_message, bulk=not urgent)
+            check_terminated()
+            if not urgent:
+                serve_saves()
+        if urgent:
+            flush()
+
+    looked = [time.monotonic()]
+
+    def serve_saves() -> None:
+        """Between two messages of other input: what the lane of saves has brought, if
+        anything, when it was last looked at SAVE_LOOK ago (a save then waits for one
+        message, not for a whole turn; a look is a system call, and each costs this thread
+        the interpreter lock while the write pool works)."""
+        now = time.monotonic()
+        if not lanes or now - looked[0] < SAVE_LOOK:
+            return
+        looked[0] = now
+        fds = lanes[0].urgent_fds()
+        if fds:
+            for fd in select.select(fds, [], [], 0)[0]:
+                handle_lane(fd)
+
     status = 0
     pending = initial
     try:
@@ -171,17 +203,10 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
             ready = [in_fd] if pending else wait_for_input()
             if lanes:  # the lane of saves first, answered before the rest is looked at
                 ready.sort(key=lambda fd: not lanes[0].urgent(fd))
+                looked[0] = time.monotonic()
             for fd in ready:
                 if fd != in_fd:
-                    urgent = lanes[0].urgent(fd)
-                    for lane_message in lanes[0].readable(fd):
-                        if isinstance(lane_message, m.PullFetch):
-                            puller.handle(lane_message, lanes[0].socket_of(fd))
-                            continue  # (answered on its lane)
-                        dispatch(lane_message, bulk=not urgent)
-                        check_terminated()
-                    if urgent:
-                        flush()
+                    handle_lane(fd)
                     continue
                 if pending:
                     data, pending = pending, b""
@@ -198,6 +223,7 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
                         break
                     dispatch(message)
                     check_terminated()
+                    serve_saves()
             service.collect_pool()
             flush()
             service.save_record_if_due(quiet=False)

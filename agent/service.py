@@ -62,7 +62,7 @@ Send = Callable[[m.Message], None]
 LogInternal = Callable[[str, str], None]  # (context, traceback text)
 
 # Operations that never touch a path a pooled write is on need not wait for the pool.
-_PATH_OPS = (m.Mkdir, m.SetMode, m.Symlink, m.WriteFile, m.WriteDelta)
+_PATH_OPS = (m.Mkdir, m.SetMode, m.Symlink, m.WriteFile, m.WriteDelta, m.Copy)
 
 
 class SessionEnd(Exception):
@@ -127,7 +127,8 @@ class AgentService:
         if self.pool is not None and self.pool.outstanding and not isinstance(message, m.Ping):
             # Wait for the pooled writes unless this message cannot see their paths.
             independent = isinstance(message, _PATH_OPS) or self._poolable(message, bulk)
-            if not independent or self.pool.conflicts_any(_paths_of(message)):
+            if not independent or self.pool.conflicts_any(_paths_of(message),
+                                                          below=not _makes_open_dir(message)):
                 self.drain_pool()
         if self.pool is not None and isinstance(message, m.WriteBatch):
             self._pool_batch(message)
@@ -559,7 +560,16 @@ _HANDLERS: Dict[Any, Callable[[AgentService, Any], None]] = {
 }
 
 
+def _makes_open_dir(message: m.Message) -> bool:
+    """A Mkdir that leaves the directory open to its owner (writable, searchable): the
+    pool's jobs under it, which may have made it on their way, need not finish first (the
+    batches of a new directory's files often overtake its Mkdir on their data lanes)."""
+    return isinstance(message, m.Mkdir) and message.mode & 0o300 == 0o300
+
+
 def _paths_of(message: m.Message) -> List[str]:
     if isinstance(message, m.WriteBatch):
         return [item[1] for item in message.files]
+    if isinstance(message, m.Copy):
+        return [message.src, message.dst]
     return [message.path]  # type: ignore[union-attr]

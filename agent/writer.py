@@ -72,15 +72,17 @@ class WritePool:
         """Whether an operation on `path` could see or change a running job's path."""
         return self.conflicts_any([path])
 
-    def conflicts_any(self, paths: List[str]) -> bool:
+    def conflicts_any(self, paths: List[str], below: bool = True) -> bool:
         """Whether an operation on any of `paths` could see or change a running job's path
-        (the directories above them are looked at once each: a batch's files share them)."""
+        (the directories above them are looked at once each: a batch's files share them).
+        Without `below`, jobs under the paths do not count (making a directory that a job
+        may be making on its way, see ConfinedRoot.mkdir: made or found, either way)."""
         if not self.outstanding:
             return False
-        busy, below = self._busy, self._below
+        busy, under = self._busy, self._below if below else {}
         parents = set()
         for path in paths:
-            if path in busy or path in below:
+            if path in busy or path in under:
                 return True
             parents.add(path.rpartition("/")[0])
         seen: Set[str] = set()

@@ -11,6 +11,7 @@ same path that follows it sees its result.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -19,17 +20,20 @@ from typing import Any
 
 import pytest
 
+from lsync.agent import main as agent_main
+from lsync.agent import service as service_module
 from lsync.agent import writer
 from lsync.agent.confined import file_key
 from lsync.agent.lanes import BULK, PUMP, URGENT, LaneServer
 from lsync.agent.writer import WritePool
+from lsync.protocol import PROTOCOL_VERSION
 from lsync.protocol import messages as m
-from lsync.protocol.connection import Lane
+from lsync.protocol.connection import CLIENT, Connection, Lane
 from lsync.protocol.delta import encode_zdict_delta
 from lsync.protocol.errors import ErrorCode
 from lsync.protocol.framing import MAGIC
 from tests.conftest import wait_until
-from tests.test_agent_crash import BASE, NEW, _acked, _agent, _digest
+from tests.test_agent_crash import BASE, HASH, NEW, _acked, _agent, _digest
 from tests.test_agent_crash import home as home  # (a fixture)
 
 NEWER = NEW.replace(b"return 1", b"return 2")
@@ -170,3 +174,172 @@ def test_a_pump_names_its_lanes_role_and_the_lane_carries_messages(
             pump.stdin.close()
         pump.wait(10)
         server.close()
+
+
+def _held_batches(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Pooled batches wait for the returned event (set when the service waits for its
+    pool, or by the test)."""
+    go = threading.Event()
+    real_job = writer.batch_job
+
+    def held_job(*args: Any) -> Any:
+        job = real_job(*args)
+
+        def run() -> Any:
+            assert go.wait(10), "a pooled batch was never let go"
+            return job()
+        return run
+
+    real_collect = WritePool.collect
+
+    def collect(self: WritePool, wait: bool = False) -> Any:
+        if wait:
+            go.set()
+        return real_collect(self, wait)
+
+    monkeypatch.setattr("lsync.agent.service.batch_job", held_job)
+    monkeypatch.setattr(WritePool, "collect", collect)
+    return go
+
+
+def test_a_mkdir_does_not_wait_for_the_batches_writing_below_it(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of a new directory's files overtakes its Mkdir (another data lane): the
+    Mkdir is answered while the batch is still being written, and both end up recorded."""
+    root = tmp_path / "remote"
+    go = _held_batches(monkeypatch)
+    service, sent = _agent(root, WritePool())
+    try:
+        service.handle(m.WriteBatch([[2, "new/sub/a.c", 0o644, 3]], b"a;\n", 0))
+        service.handle(m.Mkdir(3, "new/sub", 0o750))
+        assert _acked(sent, 3) and not go.is_set(), sent
+        go.set()
+        service.drain_pool()
+        assert _acked(sent, 2)
+        assert (root / "new/sub/a.c").read_bytes() == b"a;\n"
+        assert (root / "new/sub").stat().st_mode & 0o777 == 0o750
+        record = service.record
+        assert record is not None
+        ino = (root / "new/sub").stat().st_ino
+        assert record.written("new/sub", m.KIND_DIR, ino) == b""
+        assert record.written("new/sub/a.c", m.KIND_FILE, 0) == _digest(b"a;\n")
+    finally:
+        service.close()
+
+
+def test_a_mkdir_that_closes_its_directory_waits_for_the_writes_below_it(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "remote"
+    go = _held_batches(monkeypatch)
+    service, sent = _agent(root, WritePool())
+    try:
+        service.handle(m.WriteBatch([[2, "ro/a.c", 0o644, 3]], b"a;\n", 0))
+        service.handle(m.Mkdir(3, "ro", 0o555))
+        assert go.is_set() and _acked(sent, 2) and _acked(sent, 3), sent
+        assert (root / "ro/a.c").read_bytes() == b"a;\n"
+    finally:
+        (root / "ro").chmod(0o755)
+        service.close()
+
+
+def test_a_copy_waits_only_for_a_pooled_write_of_its_source(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "remote"
+    go = _held_batches(monkeypatch)
+    service, sent = _agent(root, WritePool())
+    try:
+        service.handle(m.WriteFile(1, "old.c", 0o644, 0, BASE, True))
+        service.handle(m.WriteBatch([[2, "other/a.c", 0o644, 3]], b"a;\n", 0))
+        service.handle(m.Copy(3, "old.c", "copy.c", 0o644, _digest(BASE)))
+        assert _acked(sent, 3) and not go.is_set(), sent  # unrelated: not waited for
+        service.handle(m.Copy(4, "other/a.c", "copy2.c", 0o644, _digest(b"a;\n")))
+        assert go.is_set() and _acked(sent, 2) and _acked(sent, 4), sent
+        assert (root / "copy.c").read_bytes() == BASE
+        assert (root / "copy2.c").read_bytes() == b"a;\n"
+    finally:
+        service.close()
+
+
+def test_a_save_that_arrives_during_a_long_turn_is_answered_before_the_turn_ends(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's loop (lsync.agent.main.serve, in a thread, over pipes and its lane
+    socket): the main stream brings two slow operations in one read; a save arrives on the
+    lane of saves while the first is handled, and is answered before the second one is."""
+    monkeypatch.setattr(agent_main, "SAVE_LOOK", 0.0)
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    in_first, save_sent, save_answered = threading.Event(), threading.Event(), threading.Event()
+    second_saw_answer: list[bool] = []
+    real_mkdir = service_module._HANDLERS[m.Mkdir]
+
+    def slow_mkdir(service: Any, msg: m.Mkdir) -> None:
+        if msg.path == "first":
+            in_first.set()
+            assert save_sent.wait(10)
+        elif msg.path == "second":
+            second_saw_answer.append(save_answered.wait(10))
+        real_mkdir(service, msg)
+
+    monkeypatch.setitem(service_module._HANDLERS, m.Mkdir, slow_mkdir)
+    agent = threading.Thread(target=agent_main.serve, args=(in_r, out_w), daemon=True)
+    agent.start()
+    client = Connection(CLIENT)
+    answers: list[m.Message] = []
+    welcome = threading.Event()
+
+    def read_answers() -> None:
+        while True:
+            data = os.read(out_r, 1 << 16)
+            if not data:
+                return
+            client.receive_data(data)
+            while (message := client.next_message()) is not None:
+                answers.append(message)
+                if isinstance(message, m.Welcome):
+                    welcome.set()
+                if isinstance(message, (m.Ack, m.Acked)) and 30 in _seqs(message):
+                    save_answered.set()
+
+    reader = threading.Thread(target=read_answers, daemon=True)
+    reader.start()
+    lane = None
+    try:
+        client.send(m.Hello(PROTOCOL_VERSION, {"hash": [HASH], "compression": []},
+                            str(tmp_path / "remote"), {"create_root": True, "lanes": True}))
+        os.write(in_w, client.data_to_send())
+        assert welcome.wait(10)
+        info = next(a for a in answers if isinstance(a, m.Welcome)).info
+        lane = socket.socket(socket.AF_UNIX)
+        lane.connect(info["lanes"])
+        lane.sendall(URGENT.encode() + MAGIC + Lane.encode(
+            m.WriteFile(10, "warm.c", 0o644, 0, b"w;\n", True)))
+        assert wait_until(lambda: any(10 in _seqs(a) for a in answers), 10)
+        client.send(m.Mkdir(20, "first", 0o755))
+        client.send(m.Mkdir(21, "second", 0o755))
+        os.write(in_w, client.data_to_send())  # (one write: one turn of the agent)
+        assert in_first.wait(10)
+        lane.sendall(Lane.encode(m.WriteFile(30, "save.c", 0o644, 0, b"s;\n", True)))
+        save_sent.set()
+        assert wait_until(lambda: any(21 in _seqs(a) for a in answers), 30)
+        assert second_saw_answer == [True]
+        order = [seq for a in answers for seq in _seqs(a) if seq in (20, 21, 30)]
+        assert order == [20, 30, 21]
+        assert (tmp_path / "remote/save.c").read_bytes() == b"s;\n"
+    finally:
+        save_sent.set()
+        if lane is not None:
+            lane.close()
+        os.close(in_w)  # the end of the session: serve returns
+        agent.join(10)
+        os.close(out_w)  # the reader's end of input
+        reader.join(10)
+        for fd in (in_r, out_r):
+            os.close(fd)
+    assert not agent.is_alive()
+
+
+def _seqs(message: m.Message) -> list[int]:
+    if isinstance(message, m.Acked):
+        return list(message.seqs)
+    seq = getattr(message, "seq", None)
+    return [] if seq is None else [seq]
