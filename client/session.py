@@ -201,12 +201,13 @@ class Session:
         if engine is not None:
             engine.mark_dirty(dirty, now)
             if batch.latest and len(dirty) > EDITOR_SAVE_MAX:
-                # A burst: its last events may be a save made right after it (they go first).
-                # A burst that reaches lsync in small batches (each bulk work then, see
-                # RemoteSide._is_save) ends in one: its last path goes first.
+                # A burst: its last events may be a save made right after it (they go first,
+                # the newest first). A burst that reaches lsync in small batches (each bulk
+                # work then, see RemoteSide._is_save) ends in one: its last path goes first.
                 wanted = set(dirty)
                 latest = batch.latest if len(dirty) > URGENT_MAX else batch.latest[-1:]
-                engine.mark_dirty([p for p in latest if p in wanted], now, urgent=True)
+                engine.mark_dirty([p for p in reversed(latest) if p in wanted], now,
+                                  urgent=True)
             engine.hold(p for p in batch.writing if not p.rpartition("/")[2].startswith(
                 ".lsync-tmp-"))
             engine.release(batch.closed)

@@ -41,9 +41,9 @@ def _count_messages(rig: Rig) -> Counter[str]:
     service = rig.stream.service
     handle = service.handle
 
-    def counting(message: m.Message) -> None:
+    def counting(message: m.Message, bulk: bool = False) -> None:
         counts[type(message).__name__] += 1
-        handle(message)
+        handle(message, bulk)
 
     service.handle = counting  # type: ignore[method-assign]
     return counts
@@ -338,10 +338,10 @@ def test_a_batchs_files_carry_the_digests_of_the_bytes_sent(rig: Rig) -> None:
         service = rig.stream.service
         handle = service.handle
 
-        def keeping(message: m.Message) -> None:
+        def keeping(message: m.Message, bulk: bool = False) -> None:
             if isinstance(message, m.WriteBatch):
                 entries.extend(message.files)
-            handle(message)
+            handle(message, bulk)
 
         service.handle = keeping  # type: ignore[method-assign]
         await rig.converged()
@@ -376,6 +376,25 @@ def test_a_save_at_the_end_of_a_burst_in_small_watcher_batches_goes_first(rig: R
                                             latest=tuple(tail[-4:])), now)
         assert queue.records["src/main.c"].urgent
         assert not any(queue.records[p].urgent for p in tail[:-1])
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_newest_paths_of_a_bursts_watcher_batch_go_first_newest_first(rig: Rig) -> None:
+    """A big watcher batch's last events may be a save made right after the burst: they
+    are taken before the rest of the batch, the newest (most likely the save) first."""
+    from lsync.client.local.inotify import WatchBatch
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.converged()
+        session, queue = rig.session, rig.engine.queue
+        batch = [f"burst/{i}.c" for i in range(30)] + ["src/main.c"]
+        session.take_batch(batch, WatchBatch(batch, frozenset(), frozenset(),
+                                             latest=tuple(batch[-4:])), time.monotonic())
+        assert queue.peek(5) == ["src/main.c", "burst/29.c", "burst/28.c", "burst/27.c",
+                                 "burst/0.c"]
         await rig.close()
 
     asyncio.run(scenario())
