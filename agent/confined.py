@@ -31,11 +31,12 @@ what lsync wrote aside there). Nothing may be written at or below `KEPT_DIR`, wh
 keeps them (BAD_PATH).
 """
 
+import collections
 import errno
 import itertools
 import os
 import stat
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 from lsync.agent.refusals import (
     OpError,
@@ -96,9 +97,11 @@ class ConfinedRoot:
         self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK
                           | getattr(os, "O_CLOEXEC", 0))
         self._counter = itertools.count(1)  # next() is atomic: writer threads share it
-        # Directories made on the way to a path: (path, inode). Writer threads append
-        # (atomic), the service takes them (`take_made`) to record that lsync made them.
-        self._made: List[Tuple[str, int]] = []
+        # Directories made on the way to a path: (path, inode). Writer threads append, the
+        # service takes them (`take_made`) to record that lsync made them; a deque, whose
+        # append and popleft are atomic (swapping a list for a new one could lose what a
+        # thread appends to the old one meanwhile).
+        self._made: Deque[Tuple[str, int]] = collections.deque()
         self.guard = ReplaceGuard()  # asked before an entry is replaced or deleted
         # Whether new files are made unnamed (O_TMPFILE) and linked into place; turned off
         # for good (by any thread) once the file system or /proc says it does not work.
@@ -106,7 +109,9 @@ class ConfinedRoot:
 
     def take_made(self) -> List[Tuple[str, int]]:
         """The directories made as parents since the last call."""
-        made, self._made = self._made, []
+        made = []
+        while self._made:
+            made.append(self._made.popleft())
         return made
 
     def close(self) -> None:
