@@ -54,7 +54,7 @@ def _operations(seed: int) -> list[tuple[Any, bool]]:
     for _ in range(STEPS):
         seq += 1
         kind = rng.choice(["batch", "batch", "file", "big", "delta", "delta", "mkdir", "copy",
-                           "delete", "rename", "mode"])
+                           "delete", "rename", "mode", "symlink"])
         if kind == "batch":
             items, data = [], b""
             for path in sorted({some_file() for _ in range(rng.randrange(1, 4))}):
@@ -95,6 +95,10 @@ def _operations(seed: int) -> list[tuple[Any, bool]]:
             if dst != src:
                 files[dst] = files.pop(src)
                 ops.append((m.Rename(seq, src, dst), False))
+        elif kind == "symlink":
+            path = some_file()
+            files.pop(path, None)
+            ops.append((m.Symlink(seq, path, rng.choice(NAMES)), False))
         elif kind == "mode" and files:
             ops.append((m.SetMode(seq, rng.choice(sorted(files)), rng.choice([0o644, 0o755])),
                         False))
@@ -120,7 +124,10 @@ def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
             path = Path(directory) / name
             st = path.lstat()
             rel = str(path.relative_to(root))
-            found[rel] = (st.st_mode, path.read_bytes() if stat.S_ISREG(st.st_mode) else b"")
+            if stat.S_ISLNK(st.st_mode):
+                found[rel] = (st.st_mode, os.readlink(path).encode())
+            else:
+                found[rel] = (st.st_mode, path.read_bytes() if stat.S_ISREG(st.st_mode) else b"")
     return found
 
 
