@@ -88,7 +88,9 @@ class LaneServer:
         if fd == self.listener.fileno():
             self._accept()
             return []
-        joined = self.lanes[fd]
+        joined = self.lanes.get(fd)
+        if joined is None:  # (dropped earlier in this turn, when the lane of saves was read)
+            return []
         try:
             data = joined.sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
