@@ -1,11 +1,14 @@
-"""A save is never queued behind a burst's deltas in the agent (issue 16, h).
+"""A save is never queued behind bulk work in the agent (issue 16, h).
 
 The client's first data lane carries single saves; its pump names that role (URGENT) in the
 first byte it sends, the others BULK (lsync.agent.lanes). The agent applies what a bulk
 lane brings in its write pool, deltas included, and what the lane of saves brings at once
 (lsync.agent.service). The pooled delta keeps the promises of the inline one: the base is
 checked, the answer comes once the file is in place and recorded, and an operation on the
-same path that follows it sees its result.
+same path that follows it sees its result. The main thread waits for the pool only for
+what could see a pooled write: not for a Mkdir of a directory the pool is filling, not for
+a Copy of other paths. And the agent's loop reads the lane of saves between the messages
+of a long turn (lsync.agent.main).
 """
 
 from __future__ import annotations
