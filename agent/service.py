@@ -158,7 +158,7 @@ class AgentService:
             for path, ino in self.root.take_made():
                 self.record.made_dir(path, ino)
 
-    # -- whole-file writes in worker threads (see lsync.agent.writer) ----------------------
+    # -- bulk writes in worker threads (see lsync.agent.writer) ----------------------------
     def _poolable(self, message: m.Message, bulk: bool) -> bool:
         """Batches, big whole files and a bulk lane's deltas go to the pool; a small file
         or a delta of a save is written at once, never queued behind a burst's work."""
