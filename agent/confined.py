@@ -136,28 +136,32 @@ class ConfinedRoot:
             walked = []
             for part in parts[:-1]:
                 walked.append(part)
+                made = False
+                doing = "open directory"
                 try:
-                    next_fd = os.open(part, DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    if not create:
-                        raise OpError(ErrorCode.NOT_FOUND, "no directory {}".format(
-                            "/".join(walked)))
                     try:
-                        os.mkdir(part, 0o755, dir_fd=fd)
-                        made = True
-                    except FileExistsError:
-                        made = False
-                    next_fd = os.open(part, DIR_FLAGS, dir_fd=fd)
-                    if made:
-                        self._made.append(("/".join(walked), os.fstat(next_fd).st_ino))
-                except OSError as exc:
+                        next_fd = os.open(part, DIR_FLAGS, dir_fd=fd)
+                    except FileNotFoundError:
+                        if not create:
+                            raise OpError(ErrorCode.NOT_FOUND, "no directory {}".format(
+                                "/".join(walked)))
+                        doing = "make directory"
+                        try:
+                            os.mkdir(part, 0o755, dir_fd=fd)
+                            made = True
+                        except FileExistsError:
+                            pass
+                        next_fd = os.open(part, DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:  # (a read-only or full file system when making it too)
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(part, fd):
                         raise OpError(ErrorCode.BAD_PATH, "refused path {!r}: {} is a "
                                       "symlink".format(path, "/".join(walked)))
                     if exc.errno == errno.ENOTDIR:
                         raise OpError(ErrorCode.TYPE_CONFLICT, "{} is not a directory".format(
                             "/".join(walked)))
-                    raise op_error(exc, "open directory", "/".join(walked))
+                    raise op_error(exc, doing, "/".join(walked))
+                if made:
+                    self._made.append(("/".join(walked), os.fstat(next_fd).st_ino))
                 os.close(fd)
                 fd = next_fd
         except BaseException:
