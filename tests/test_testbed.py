@@ -115,7 +115,10 @@ def test_proxy_echo_at_150ms_one_way_measures_300ms_round_trip() -> None:
     assert errors[0] >= -0.003, result.describe()
     assert errors[-2] <= 0.015, result.describe()
     # The first echo also pays the handshake: upstream connects after 3d, reply back at 4d.
-    assert -0.006 <= result.first_echo - 0.600 <= 0.020, result.describe()
+    # It is one sample, so it gets the loaded machine's margin (CI once measured 620.4 ms
+    # at the end of a full run); a handshake not charged (300) or charged twice (750) is far
+    # outside it either way.
+    assert -0.006 <= result.first_echo - 0.600 <= 0.050, result.describe()
 
 
 def test_proxy_counts_bytes_each_way_and_keeps_them_in_order() -> None:
