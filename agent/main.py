@@ -167,8 +167,9 @@ def serve(in_fd: int = 0, out_fd: int = 1, use_cache: bool = True, initial: byte
     def handle_lane(fd: int) -> None:
         """What lane `fd` brought: the lane of saves answered at once, a bulk lane's
         messages with a look at the lane of saves between them."""
-        urgent = lanes[0].urgent(fd)
-        for lane_message in lanes[0].readable(fd):
+        messages = lanes[0].readable(fd)
+        urgent = lanes[0].urgent(fd)  # (known once the lane's first bytes were read)
+        for lane_message in messages:
             if isinstance(lane_message, m.PullFetch):
                 puller.handle(lane_message, lanes[0].socket_of(fd))
                 continue  # (answered on its lane)
