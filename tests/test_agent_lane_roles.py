@@ -51,6 +51,33 @@ def _errors(sent: list[Any], seq: int) -> list[int]:
     return [x.code for x in sent if isinstance(x, m.Error) and x.seq == seq]
 
 
+def _held_jobs(monkeypatch: pytest.MonkeyPatch, maker: str) -> threading.Event:
+    """The pool's jobs made by `maker` (lsync.agent.writer's "batch_job", "delta_job") wait
+    for the returned event, which is set when the service waits for its pool (or by the
+    test): whatever the service does before then, it did without waiting."""
+    go = threading.Event()
+    real_maker = getattr(writer, maker)
+
+    def held_maker(*args: Any) -> Any:
+        job = real_maker(*args)
+
+        def run() -> Any:
+            assert go.wait(10), "the service never waited for a held job"
+            return job()
+        return run
+
+    real_collect = WritePool.collect
+
+    def collect(self: WritePool, wait: bool = False) -> Any:
+        if wait:
+            go.set()
+        return real_collect(self, wait)
+
+    monkeypatch.setattr(f"lsync.agent.service.{maker}", held_maker)
+    monkeypatch.setattr(WritePool, "collect", collect)
+    return go
+
+
 def test_a_bulk_lanes_delta_is_applied_in_the_pool_and_answered_once_recorded(
         home: Path, tmp_path: Path) -> None:
     root = tmp_path / "remote"
@@ -112,28 +139,8 @@ def test_the_next_write_of_a_path_waits_for_its_pooled_delta(
     same path (against the first one's result), applied at once without waiting, would
     find the old base and be refused."""
     root = tmp_path / "remote"
-    pool = WritePool()
-    service, sent = _agent(root, pool)
-    waited = threading.Event()
-    real_job = writer.delta_job
-
-    def held_job(*args: Any) -> Any:
-        job = real_job(*args)
-
-        def run() -> Any:
-            assert waited.wait(10), "the service did not wait for the pooled delta"
-            return job()
-        return run
-
-    real_collect = WritePool.collect
-
-    def collect(self: WritePool, wait: bool = False) -> Any:
-        if wait:
-            waited.set()
-        return real_collect(self, wait)
-
-    monkeypatch.setattr("lsync.agent.service.delta_job", held_job)
-    monkeypatch.setattr(WritePool, "collect", collect)
+    _held_jobs(monkeypatch, "delta_job")
+    service, sent = _agent(root, WritePool())
     try:
         service.handle(m.WriteFile(1, "a.c", 0o644, 0, BASE, True))
         service.handle(_delta(2, "a.c", BASE, NEW), bulk=True)
@@ -179,38 +186,12 @@ def test_a_pump_names_its_lanes_role_and_the_lane_carries_messages(
         server.close()
 
 
-def _held_batches(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
-    """Pooled batches wait for the returned event (set when the service waits for its
-    pool, or by the test)."""
-    go = threading.Event()
-    real_job = writer.batch_job
-
-    def held_job(*args: Any) -> Any:
-        job = real_job(*args)
-
-        def run() -> Any:
-            assert go.wait(10), "a pooled batch was never let go"
-            return job()
-        return run
-
-    real_collect = WritePool.collect
-
-    def collect(self: WritePool, wait: bool = False) -> Any:
-        if wait:
-            go.set()
-        return real_collect(self, wait)
-
-    monkeypatch.setattr("lsync.agent.service.batch_job", held_job)
-    monkeypatch.setattr(WritePool, "collect", collect)
-    return go
-
-
 def test_a_mkdir_does_not_wait_for_the_batches_writing_below_it(
         home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch of a new directory's files overtakes its Mkdir (another data lane): the
     Mkdir is answered while the batch is still being written, and both end up recorded."""
     root = tmp_path / "remote"
-    go = _held_batches(monkeypatch)
+    go = _held_jobs(monkeypatch, "batch_job")
     service, sent = _agent(root, WritePool())
     try:
         service.handle(m.WriteBatch([[2, "new/sub/a.c", 0o644, 3]], b"a;\n", 0))
@@ -233,7 +214,7 @@ def test_a_mkdir_does_not_wait_for_the_batches_writing_below_it(
 def test_a_mkdir_that_closes_its_directory_waits_for_the_writes_below_it(
         home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "remote"
-    go = _held_batches(monkeypatch)
+    go = _held_jobs(monkeypatch, "batch_job")
     service, sent = _agent(root, WritePool())
     try:
         service.handle(m.WriteBatch([[2, "ro/a.c", 0o644, 3]], b"a;\n", 0))
@@ -248,7 +229,7 @@ def test_a_mkdir_that_closes_its_directory_waits_for_the_writes_below_it(
 def test_a_copy_waits_only_for_a_pooled_write_of_its_source(
         home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "remote"
-    go = _held_batches(monkeypatch)
+    go = _held_jobs(monkeypatch, "batch_job")
     service, sent = _agent(root, WritePool())
     try:
         service.handle(m.WriteFile(1, "old.c", 0o644, 0, BASE, True))
