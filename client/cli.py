@@ -43,6 +43,7 @@ from lsync.client.project import (
     merge,
 )
 from lsync.client.status import NORMAL, QUIET, VERBOSE, make_status, terminal_safe
+from lsync.client.transport import preconnect
 
 if TYPE_CHECKING:
     from lsync.client.fleet import Fleet
@@ -155,6 +156,9 @@ def _connect_options(args: argparse.Namespace) -> tuple[list[Options], int]:
     settings = merge(project, args)
     verbosity = {"quiet": QUIET, "normal": NORMAL, "verbose": VERBOSE}[settings.log]
     targets = [(Target.parse(text), name) for text, name in settings.targets]
+    for target, _ in targets:  # their TCP connections open while the session code imports
+        if target.host is not None:
+            preconnect.start(target.host, settings.ssh_config)
     names = unique_names([name or target_name(target) for target, name in targets])
     return [_options(settings, target, name)
             for (target, _), name in zip(targets, names, strict=True)], verbosity
@@ -252,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if status is not None:
             status.close()
         sys.exit(130)
+    finally:
+        preconnect.close_all()  # an early connection no session took (lsync failed first)
     if status is not None:
         status.close()
     sys.exit(code)

@@ -12,12 +12,17 @@ Authentication takes two round trips fewer than asyncssh's default (issue 10; se
 `_shorten_auth`): no `none` probe when public-key auth comes first anyway, and the signed
 request straight away, without asking first whether the server would take the key, for
 keys held in this process (key files). RFC 4252 allows both; a refused key costs one round
-trip, as the question did, and the next key or method is tried as before.
+trip, as the question did, and the next key or method is tried as before. And the TCP
+connection is not opened here when `lsync connect` opened it early, while this code was
+still being imported (lsync.client.transport.preconnect): the handshake runs on that one
+when asyncssh's reading of the configuration leads to the very same address.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,7 @@ from asyncssh.packet import Boolean, String
 
 from lsync.client.errors import ConnectError, HostKeyError
 from lsync.client.target import Target as Target  # (re-exported: callers say ssh.Target)
+from lsync.client.transport import preconnect
 from lsync.client.transport.bootstrap import MAX_INITIAL, remote_command
 from lsync.client.transport.streams import SshAgentStream
 
@@ -285,8 +291,9 @@ async def connect(target: Target, config_files: list[str] | None, accept_new: bo
         options = asyncssh.SSHClientConnectionOptions(options=options, known_hosts=_no_known_keys)
     client = _TofuClient(accept_new, known_files)
     try:
+        sock = await _early_socket(target.host, config_files, options, connect_timeout)
         conn = await asyncssh.connect(target.host, options=options,
-                                      client_factory=lambda: client)
+                                      client_factory=lambda: client, sock=sock)
     except asyncssh.HostKeyNotVerifiable as exc:
         raise HostKeyError(client.rejected_reason or f"host key not verified: {exc}") from None
     except asyncssh.PermissionDenied as exc:
@@ -297,6 +304,27 @@ async def connect(target: Target, config_files: list[str] | None, accept_new: bo
         host, port, key = client.accepted
         _record_key(known_files[0], host, port, key)
     return conn
+
+
+async def _early_socket(host: str, config_files: list[str] | None, options: Any,
+                        wait: float) -> socket.socket | None:
+    """The TCP connection `lsync connect` opened early to this very address, if any
+    (lsync.client.transport.preconnect); OSError when it failed."""
+    early = preconnect.take(host, config_files, options)
+    if early is None:
+        return None
+    if not early.done.is_set():
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, early.done.wait, wait)
+        except BaseException:  # cancelled: the socket is nobody's
+            early.close()
+            raise
+        if not early.done.is_set():
+            early.close()
+            raise TimeoutError(f"connecting to {early.address[0]} port {early.address[1]} "
+                               f"timed out")
+    return early.result()
 
 
 async def start_agent(conn: asyncssh.SSHClientConnection, stream: SshAgentStream) -> None:
