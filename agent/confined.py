@@ -213,6 +213,21 @@ class ConfinedRoot:
             os.close(fd)
 
     # -- writing --------------------------------------------------------------------------
+    def filesystem_now_ns(self) -> Optional[int]:
+        """The root's file system's clock now: the mtime of an unnamed file made in the root
+        and dropped at once (O_TMPFILE: nothing appears in the tree). None when no such file
+        can be made (no O_TMPFILE there, a read-only or full file system)."""
+        if not self.tmpfile:
+            return None
+        try:
+            fd = os.open(".", _TMPFILE_FLAGS, 0o600, dir_fd=self.fd)
+        except OSError:
+            return None
+        try:
+            return os.fstat(fd).st_mtime_ns
+        finally:
+            os.close(fd)
+
     def begin_write(self, path: str, parents: Optional["Parents"] = None,
                     mode: int = 0o600) -> PendingFile:
         """Start writing a new version of `path` into a file of its own beside it (its

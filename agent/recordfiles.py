@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from lsync.protocol.messages import KIND_DIR, KIND_FILE, KIND_LINK
 
-RACY_NS = 2 * 10 ** 9  # keys whose mtime is closer than this to a snapshot's time are left out
+RACY_NS = 2 * 10 ** 9  # without the file system's clock: keys this close to now are racy
 _SNAPSHOT_MAGIC = b"lsync-record"
 _SNAPSHOT_FORMAT = b"1"
 _MARSHAL_VERSION = 4  # (written explicitly: a later Python's default may be newer)
@@ -28,16 +28,32 @@ Entry = Tuple[int, int, int, bytes]  # (size, mtime_ns, inode, digest)
 Written = Tuple[str, bytes, int]  # (kind, digest / link target / b"", inode of a directory)
 
 
+def is_racy(mtime_ns: int, now_ns: int, fs_now_ns: Optional[int]) -> bool:
+    """Whether a key with this mtime, saved now, could be kept by a later change of the
+    file: a write in the same tick of the file system's clock leaves the mtime as it is.
+
+    With `fs_now_ns`, the file system's own clock now (the mtime of a file it just made,
+    `ConfinedRoot.filesystem_now_ns`), that is exactly the keys whose mtime is not older:
+    any later write gets an mtime of at least `fs_now_ns`, whatever the clock's tick (ns on
+    ext4, 1 s or 2 s elsewhere) and whatever the skew between the agent's clock and a file
+    server's. Without it, the keys less than RACY_NS older than the agent's clock."""
+    if fs_now_ns is not None:
+        return mtime_ns >= fs_now_ns
+    return now_ns - mtime_ns < RACY_NS
+
+
 def is_snapshot(raw: bytes) -> bool:
     """Whether `raw` is in this format (else: the JSON of an older agent)."""
     return raw.startswith(_SNAPSHOT_MAGIC + b" ")
 
 
 def snapshot_bytes(algorithm: str, now_ns: int, entries: Dict[str, Entry],
-                   written: Dict[str, Written], journal_id: str) -> bytes:
-    """The snapshot file's bytes. Keys whose mtime is too close to now are left out (the
-    racy-mtime rule of the module docstring)."""
-    kept = {path: entry for path, entry in entries.items() if now_ns - entry[1] >= RACY_NS}
+                   written: Dict[str, Written], journal_id: str,
+                   fs_now_ns: Optional[int] = None) -> bytes:
+    """The snapshot file's bytes. Keys that a later change could leave as they are are left
+    out (the racy-mtime rule, `is_racy`)."""
+    kept = {path: entry for path, entry in entries.items()
+            if not is_racy(entry[1], now_ns, fs_now_ns)}
     payload = marshal.dumps((algorithm, now_ns, kept, written, journal_id), _MARSHAL_VERSION)
     digest = hashlib.sha256(payload).hexdigest().encode("ascii")
     return b" ".join((_SNAPSHOT_MAGIC, _SNAPSHOT_FORMAT, digest)) + b"\n" + payload

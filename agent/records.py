@@ -4,9 +4,11 @@ It holds two facts per path, kept apart because they age differently:
 
 - The digest cache: (size, mtime_ns, inode) and the digest of the version the agent last
   wrote or hashed. A file whose current lstat matches the key is taken to have that digest;
-  anything else is "unknown" and is hashed when someone needs to know. On load, keys whose
-  mtime was too close to the moment they were saved are dropped (the racy-mtime rule: a
-  same-size rewrite within the clock's granularity would keep the key).
+  anything else is "unknown" and is hashed when someone needs to know. A snapshot leaves
+  out the keys a later same-size rewrite could keep (the racy-mtime rule: a write within
+  the same tick of the clock keeps the mtime): those whose mtime is not older than the root
+  file system's own clock when the snapshot is written (an unnamed file made there to read
+  it), or, where no such file can be made, less than 2 s older than the agent's clock.
 - What lsync wrote ("written"): for a file the digest of the content lsync wrote, for a
   symlink its target, for a directory that lsync made it (Mkdir) and its inode. This is a
   fact about lsync's own actions, not a guess from a stat key, so it survives restarts
@@ -46,11 +48,12 @@ import hashlib
 import json
 import os
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from lsync.agent.recordfiles import (
     RACY_NS,
     Written,
+    is_racy,
     is_snapshot,
     journal_line,
     read_snapshot,
@@ -86,6 +89,9 @@ class DigestRecord:
         self._journal_fd = -1
         self._journal_lines = 0
         self._saved_ns = 0
+        # The root's file system's clock (ConfinedRoot.filesystem_now_ns): it decides which
+        # keys a snapshot leaves out as racy (recordfiles.is_racy); None: the agent's.
+        self.fs_clock: Optional[Callable[[], Optional[int]]] = None
         # Guards the journal (its fd, the pending lines) and the intents: writer threads
         # write intents; everything else is the service's thread only.
         self._lock = threading.Lock()
@@ -469,11 +475,12 @@ class DigestRecord:
         if not self.cache_path or not (self.dirty or force):
             return
         journal_id = os.urandom(8).hex()
+        fs_now = self.fs_clock() if self.fs_clock is not None else None  # (after every key)
         with self._lock:  # no intent may fall between the old journal and the new one
             try:
                 os.makedirs(os.path.dirname(self.cache_path), mode=0o700, exist_ok=True)
                 replace_file(self.cache_path, snapshot_bytes(self.algorithm, now_ns, self._entries,
-                                                    self._written, journal_id))
+                                                    self._written, journal_id, fs_now))
             except OSError:
                 return  # the old snapshot and journal still stand
             self._pending = []
@@ -482,7 +489,7 @@ class DigestRecord:
             self._saved_ns = now_ns
             # Keys saved while racy are dropped by the next load: save again once they
             # are not.
-            self._dirty = any(now_ns - e[1] < RACY_NS for e in self._entries.values())
+            self._dirty = any(is_racy(e[1], now_ns, fs_now) for e in self._entries.values())
             lines = [json.dumps([_JOURNAL_MAGIC, _JOURNAL_FORMAT, journal_id]) + "\n"]
             lines += [journal_line(["i", path, kind, value.hex()])
                       for path, kind, value in self._intents]

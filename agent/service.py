@@ -347,6 +347,7 @@ class AgentService:
             self.lock = RootLock(RootLock.default_path(path))
             self.lock.acquire()  # an older agent of this root ends (or is ended) first
         self.record = DigestRecord(cache, chosen)
+        self.record.fs_clock = self.root.filesystem_now_ns
         path_kept = KeptListing.beside(cache)
         self.kept = KeptListing(path_kept) if path_kept else None
         self.record.load()

@@ -157,10 +157,12 @@ def test_ownership_survives_a_new_agent_whatever_the_mtimes():
     tree = TempTree()
     try:
         with home_at(tree.base):
-            # The clock says the files were written just now: their stat keys are racy and
-            # must not be trusted by the next agent, but what lsync wrote must be.
+            # The clocks say the files were written just now (the file system's clock is
+            # still in their tick): their stat keys are racy and must not be trusted by the
+            # next agent, but what lsync wrote must be.
             pair, algorithm = _open(tree, now_ns=time.time_ns if hasattr(time, "time_ns")
                                     else lambda: int(time.time() * 1e9))
+            pair.service.record.fs_clock = lambda: os.lstat(tree.path("f")).st_mtime_ns
             pair.op(m.WriteFile(1, "f", 0o644, 0, b"content", True))
             pair.op(m.Symlink(2, "l", "f"))
             pair.op(m.Mkdir(3, "d", 0o755))
