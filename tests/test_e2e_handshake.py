@@ -8,7 +8,8 @@ of three); a key the server refuses costs one request and lsync goes on to the n
 ssh-agent key is asked about first (an agent may want a confirmation or a touch per
 signature) but still without the `none` probe; `none` is still tried, last, when nothing
 else worked; with no usable key at all, asyncssh's own sequence runs and ends in a clean
-refusal.
+refusal. Towards OpenSSH the first request leaves right behind the service request, before
+the SERVICE_ACCEPT; towards another server (asyncssh's own, here) only after it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from benchmarks.testbed.sshd import PrivateSshd, generate_key
 from lsync.client.errors import ConnectError
 from lsync.client.target import Target
 from lsync.client.transport import ssh
+from tests.conftest import counting_link_to
 
 NONE, QUERY, SIGNED = "none", "query", "signed"
 
@@ -43,6 +45,7 @@ class _AuthLog(logging.Handler):
         super().__init__(logging.DEBUG)
         self.requests: list[str] = []
         self.received: list[str] = []
+        self.order: list[str] = []  # "request" sent and "accept" (SERVICE_ACCEPT) received
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage().split("\n")[0]
@@ -50,8 +53,11 @@ class _AuthLog(logging.Handler):
             message = message.partition("] ")[2]
         if message.startswith("Received MSG_USERAUTH_"):
             self.received.append(message.split()[1])
+        if message.startswith("Received MSG_SERVICE_ACCEPT"):
+            self.order.append("accept")
         if not message.startswith("Sent MSG_USERAUTH_REQUEST"):
             return
+        self.order.append("request")
         packet = SSHPacket(bytes(getattr(record, "packet", b""))[1:])
         packet.get_string()  # user
         packet.get_string()  # service
@@ -210,3 +216,62 @@ def test_aes_gcm_leads_only_when_the_user_chose_no_ciphers(monkeypatch: pytest.M
     assert ssh_module._preferred_ciphers([b"aes256-ctr"]) is None  # the user's choice stands
     monkeypatch.setattr(ssh_module, "_cpu_has_aes", lambda: False)
     assert ssh_module._preferred_ciphers(defaults) is None
+
+
+def test_towards_openssh_the_first_request_leaves_before_the_service_accept(
+        sshd: PrivateSshd, tmp_path: Path) -> None:
+    with counting_link_to(sshd, delay=0.03) as link:  # (the accept is 60 ms away)
+        config = _config(sshd, tmp_path / "ssh_config", [sshd.client_key],
+                         extra={"Port": str(link.proxy.port)})
+        with auth_log() as log:
+            assert _connect_and_run(sshd, config) == "handshake-ok\n"
+    assert log.order == ["request", "accept"]
+    assert log.requests == [SIGNED] and log.received == ["MSG_USERAUTH_SUCCESS"]
+
+
+def _answer(process: asyncssh.SSHServerProcess[str]) -> None:
+    process.stdout.write("handshake-ok\n")
+    process.exit(0)
+
+
+class _KeyServer(asyncssh.SSHServer):
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+
+def test_another_server_gets_the_request_after_its_service_accept(
+        sshd: PrivateSshd, tmp_path: Path) -> None:
+    host_key = generate_key(tmp_path / "host_key", "asyncssh-server")
+
+    async def go() -> tuple[str, list[str]]:
+        server = await asyncssh.create_server(
+            _KeyServer, "127.0.0.1", 0, server_host_keys=[str(host_key)],
+            authorized_client_keys=str(sshd.client_key) + ".pub",
+            process_factory=_answer)
+        port = server.sockets[0].getsockname()[1]
+        known = tmp_path / "known_hosts"
+        known.write_text(f"[127.0.0.1]:{port} "
+                         f"{(tmp_path / 'host_key.pub').read_text().split()[0]} "
+                         f"{(tmp_path / 'host_key.pub').read_text().split()[1]}\n")
+        config = _config(sshd, tmp_path / "ssh_config", [sshd.client_key],
+                         extra={"Port": str(port), "UserKnownHostsFile": str(known)})
+        try:
+            with auth_log() as log:
+                conn = await ssh.connect(Target(host=sshd.alias, user=None, tree="x"),
+                                         [str(config)], accept_new=False)
+                try:
+                    result = await conn.run("anything", check=True)
+                finally:
+                    conn.close()
+                    await conn.wait_closed()
+            return str(result.stdout), log.order
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    stdout, order = asyncio.run(go())
+    assert stdout == "handshake-ok\n"
+    assert order == ["accept", "request"]

@@ -8,11 +8,13 @@ key, and a key marked @revoked, are always refused; `UserKnownHostsFile none` me
 is known (every key is unknown), never "do not verify". Channel windows are sized so that a
 long link is not window-bound.
 
-Authentication takes two round trips fewer than asyncssh's default (issue 10; see
+Authentication takes three round trips fewer than asyncssh's default (issue 10; see
 `_shorten_auth`): no `none` probe when public-key auth comes first anyway, and the signed
 request straight away, without asking first whether the server would take the key, for
 keys held in this process (key files). RFC 4252 allows both; a refused key costs one round
-trip, as the question did, and the next key or method is tried as before. And the TCP
+trip, as the question did, and the next key or method is tried as before. Towards OpenSSH
+the first request also goes right behind the service request, without waiting for its
+accept (`_pipeline_auth`). And the TCP
 connection is not opened here when `lsync connect` opened it early, while this code was
 still being imported (lsync.client.transport.preconnect): the handshake runs on that one
 when asyncssh's reading of the configuration leads to the very same address.
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncssh
-from asyncssh.packet import Boolean, String
+from asyncssh.packet import Boolean, SSHPacket, String
 
 from lsync.client.errors import ConnectError, HostKeyError
 from lsync.client.target import Target as Target  # (re-exported: callers say ssh.Target)
@@ -146,6 +148,65 @@ def _shorten_auth(conn: Any) -> None:
     conn.try_next_auth = try_next_auth
 
 
+_MSG_SERVICE_ACCEPT = 6  # RFC 4253
+_MSG_EXT_INFO = 7  # RFC 8308
+_USERAUTH = b"ssh-userauth"
+
+
+def _pipeline_auth(conn: Any) -> None:
+    """Send the first authentication request right behind the service request, one round
+    trip earlier: asyncssh waits for SERVICE_ACCEPT first.
+
+    Only towards OpenSSH, which takes the requests in order (the service request sets up
+    the handler of the authentication request that follows it), and only once the server's
+    EXT_INFO (its signature algorithms, which decide an RSA key's signature) has been read:
+    the accept is then handled at once, as if it had come, and the real one is dropped when
+    it comes. Any other server, or an asyncssh that looks different, gets asyncssh's own
+    sequence."""
+    try:
+        handlers = dict(type(conn)._packet_handlers)
+        on_accept, on_ext_info = handlers[_MSG_SERVICE_ACCEPT], handlers[_MSG_EXT_INFO]
+        send_request = conn.send_service_request
+        if conn._next_service is not None:
+            return
+    except (AttributeError, KeyError, TypeError):
+        return
+    state = {"requested": False, "ext_info": False, "early": False, "dropped": False}
+
+    def start_early() -> None:
+        if not (state["requested"] and state["ext_info"]) or state["early"]:
+            return
+        if conn._next_service != _USERAUTH or not bytes(
+                getattr(conn, "_server_version", b"")).startswith(b"SSH-2.0-OpenSSH_"):
+            return
+        state["early"] = True
+        on_accept(conn, _MSG_SERVICE_ACCEPT, 0, SSHPacket(String(_USERAUTH)))
+
+    def send_service_request(service: bytes) -> None:
+        send_request(service)
+        state["requested"] = service == _USERAUTH
+        start_early()
+
+    def ext_info(self: Any, pkttype: int, pktid: int, packet: Any) -> None:
+        on_ext_info(self, pkttype, pktid, packet)
+        state["ext_info"] = True
+        start_early()
+
+    def service_accept(self: Any, pkttype: int, pktid: int, packet: Any) -> None:
+        if state["early"] and not state["dropped"]:
+            state["dropped"] = True  # (the accept already handled)
+            if bytes(packet.get_string()) == _USERAUTH:
+                packet.check_end()
+                return
+            packet = SSHPacket(String(b"?"))  # another service accepted: asyncssh refuses it
+        on_accept(self, pkttype, pktid, packet)
+
+    handlers[_MSG_EXT_INFO] = ext_info
+    handlers[_MSG_SERVICE_ACCEPT] = service_accept
+    conn._packet_handlers = handlers  # (an instance attribute: this connection only)
+    conn.send_service_request = send_service_request
+
+
 class _TofuClient(asyncssh.SSHClient):
     """Accepts a host key only when asked to and the host has no key on record at all; and
     shortens authentication (`_shorten_auth`)."""
@@ -159,6 +220,7 @@ class _TofuClient(asyncssh.SSHClient):
 
     def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
         self.conn = conn
+        _pipeline_auth(conn)
 
     def begin_auth(self, username: str) -> None:
         if self.conn is not None:
