@@ -50,7 +50,7 @@ from lsync.client.local.hashcache import HashCache, default_cache_path
 from lsync.client.local.ignore import IndexChange
 from lsync.client.local.ignored import IgnoredTally
 from lsync.client.local.localentry import LocalEntry
-from lsync.client.local.localside import LocalSide
+from lsync.client.local.localside import LocalSide, Scan
 from lsync.client.local.watcher import (
     DEFAULT_DEBOUNCE_MS,
     DEFAULT_STEP_MS,
@@ -304,6 +304,24 @@ class Session:
         one serves (LocalSide.scan)."""
         return await self.local.scan(hash_name, self._missed_since, self._scan_problem)
 
+    async def _scan_instead(self, guessed: asyncio.Task[Scan], hash_name: str) -> Scan:
+        """The scan for `hash_name`, the agent's choice, in place of `guessed`, a scan for
+        another hash. A scan lists without hashing: where neither hash's cache knows a
+        digest (the first contact with a target), the entries of `guessed` have none and
+        serve as they are; else the tree is scanned again."""
+        cache = await self.local.hash_cache(hash_name)
+        if len(cache) == 0:
+            try:
+                guessed_cache, local = await guessed
+            except LsyncError:
+                pass  # scanned again below, as it would have been
+            else:
+                if len(guessed_cache) == 0:
+                    return cache, local
+        else:
+            guessed.cancel()  # (the local side stops the scan if no other target waits)
+        return await self._scan(hash_name)
+
     def _likely_hash(self) -> str:
         """The hash the agent chose last time (this session, else the newest hash cache of
         this tree on disk), so that the scan can start before the agent answers."""
@@ -431,9 +449,8 @@ class Session:
             self.reporter.state(f"scanning (agent python {welcome.info.get('python', '?')}, "
                                 f"{hash_name})")
             if hash_name != guess:
-                scan.cancel()  # (the local side stops the scan if no other target waits)
                 tasks.remove(scan)  # (a finished one would keep its result for the session)
-                scan = asyncio.create_task(self._scan(hash_name), name="scan")
+                scan = asyncio.create_task(self._scan_instead(scan, hash_name), name="scan")
                 tasks.append(scan)
             cache, local = await self._or_stop(scan)
             listing = await self._or_stop(manifest)

@@ -31,6 +31,7 @@ which cuts a burst at a chosen point.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 import traceback
@@ -180,6 +181,7 @@ class MemoryAgentStream:
                 if message is None:
                     break
                 lane.handled += 1
+                lane.kinds[type(message).__name__] += 1
                 self._handle(message)
             self.service.collect_pool()
             self._flush()
@@ -297,6 +299,7 @@ class MemoryLane:
         self.delay_turns = delay_turns
         self.decoder = Lane()
         self.handled = 0  # messages the agent handled from this lane
+        self.kinds: collections.Counter[str] = collections.Counter()  # ... by message type
         self.ended = asyncio.Event()
         self.write(MAGIC)
 

@@ -170,6 +170,30 @@ def test_initial_sync_over_lanes_converges_and_uses_them(lane_rig: Rig) -> None:
     asyncio.run(scenario())
 
 
+def test_big_files_of_an_initial_sync_take_the_bulk_lanes(lane_rig: Rig) -> None:
+    """Over a long link one channel carries at most the server's window per round trip:
+    a burst's big files, like its batches, go on the bulk lanes, not all on the main one."""
+    rig = lane_rig
+    rng = random.Random(5)
+    files = _many_files(rig, 300)  # (a burst: more than BULK_QUEUE paths queued)
+    big = {f"big/f{i}.h": c_like_text(rng, 700_000) for i in range(6)}
+    files.update(big)
+    for rel, data in big.items():
+        (rig.local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (rig.local / rel).write_bytes(data)
+
+    async def scenario() -> None:
+        await rig.connect()
+        await rig.converged()
+        assert not rig.problems(), rig.problems()
+        for rel, data in files.items():
+            assert (rig.remote / rel).read_bytes() == data
+        assert sum(lane.kinds["WriteFile"] for lane in rig.stream.lanes[1:]) >= len(big)
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_directory_renamed_right_after_a_save_in_it_waits_for_the_saves_lane(
         lane_rig: Rig) -> None:
     """The save of d/f.c travels on the fast lane (which lags the main stream here); the

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -359,3 +360,61 @@ def test_targets_whose_agents_chose_other_hashes_read_for_themselves(tmp_path: P
     finally:
         xxh.close()
         blake.close()
+
+
+def _scan_instead(side: Any, guess: str, chosen: str) -> Any:
+    """Session._scan_instead on a real LocalSide: the scan for `chosen` after one for
+    `guess` (what a session does when the agent chose another hash than it guessed)."""
+    from types import SimpleNamespace
+
+    from lsync.client.session import Session
+
+    async def scenario() -> Any:
+        def scan(hash_name: str) -> Any:
+            return side.scan(hash_name, 0.0, lambda p, e: None)
+        session = SimpleNamespace(local=side, _scan=scan)
+        guessed = asyncio.ensure_future(scan(guess))
+        return await Session._scan_instead(session, guessed, chosen)  # type: ignore[arg-type]
+
+    return asyncio.run(scenario())
+
+
+def _side(root: Path) -> Any:
+    from lsync.client.buildloop.pullrules import PullRules, PushRules
+    from lsync.client.local import localside
+
+    return localside.LocalSide(root, PushRules(root, [], False, pull=PullRules([])), 5, 20,
+                               lambda text: None)
+
+
+def test_at_first_contact_the_guessed_scan_serves_another_hash_without_a_second_walk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    (tree / "d" / "a.c").write_text("int a;\n")
+    side = _side(tree)
+    cache, local = _scan_instead(side, "xxh3-128", "blake2b-128")
+    assert side.scans == 1
+    assert cache.algorithm == "blake2b-128"
+    assert set(local) == {"d", "d/a.c"} and local["d/a.c"].digest is None
+
+
+def test_a_known_digest_of_the_chosen_hash_makes_the_tree_scanned_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lsync.client.local.hashcache import HashCache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    path = tree / "a.c"
+    path.write_text("int a;\n")
+    known = HashCache("blake2b-128", root=tree)
+    digest = known.digest_of(b"int a;\n")
+    # (Read "10 s later": past the racy window of its ctime, so it is remembered.)
+    assert known.store("a.c", os.lstat(path), digest, time.time_ns() + 10**10)
+    known.save()
+    side = _side(tree)
+    _cache, local = _scan_instead(side, "xxh3-128", "blake2b-128")
+    assert side.scans == 2
+    assert local["a.c"].digest == digest

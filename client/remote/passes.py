@@ -496,10 +496,13 @@ class PathPasses:
                 len(content), pieces_of, content, packer))
         messages = content_messages(seq, path, mode, pieces)
         wire = sum(len(data) for data, _ in pieces)
-        # A save in one message takes the fast lane; bigger files, and big files of a
-        # burst, the main stream (see Window.lane_for for when neither may).
-        lane = self.side.window.lane_for(path, 0 if burst or len(messages) > 1
-                                         else self._save_lane())
+        # A burst's big files take the bulk lanes in turn, as its batches do: over a long
+        # link one channel carries at most the server's window (OpenSSH: 2 MiB) per round
+        # trip. A save in one message takes the fast lane, a bigger one the main stream
+        # (see Window.lane_for for when neither may).
+        wanted = (self._bulk_lane(len(content)) if burst
+                  else 0 if len(messages) > 1 else self._save_lane())
+        lane = self.side.window.lane_for(path, wanted)
         self.side.submit(messages[0], InFlight(path, Op.WRITE, path, since, nbytes=len(content),
                                                wire=wire, lane=lane))
         await self.side.link.drain(lane)
