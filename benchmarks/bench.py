@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,7 +36,7 @@ from benchmarks.bench_rows import BytesRow, CpuUse, Goal, Row, WatchRow, goal_or
 from benchmarks.bench_trees import COUNT_VERSION, TRASH, VCS_DIR, count_tree, empty_dir, mirror
 from benchmarks.lsync_runner import LsyncWatcher, lsync_available
 from benchmarks.peers import Link, Watcher
-from benchmarks.testbed import trees
+from benchmarks.testbed import remotefs, trees
 from benchmarks.testbed.proxy import ThreadedProxy
 from benchmarks.testbed.sshd import PrivateSshd
 from lsync.agent.listing import KeptListing
@@ -100,6 +101,7 @@ class Settings:
     write_readme: bool
     keep: bool
     real_kernel: bool = False  # the `kernel` tree is the real Linux kernel (issue 16)
+    remote_fs: str = "workdir"  # "image": remote trees on a journaled ext4 (testbed.remotefs)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -152,6 +154,7 @@ class Settings:
             write_readme=not args.no_readme,
             keep=args.keep,
             real_kernel=not short and not args.generated_kernel,
+            remote_fs=args.remote_fs or ("workdir" if short else "image"),
         )
 
 
@@ -256,11 +259,17 @@ class Bench:
         self.goals: list[Goal] = []  # the targets table (issues 10 and 16)
         self.load_text = "not measured"  # how busy the machine was (run.py)
         self._remotes: list[Path] = [self.remote]  # remote roots lsync's agent may remember
+        self.remote_base = self.work  # where remote trees go (a journaled image, see setup)
+        self.remote_fs_text = "the work directory's file system (this VM's root: ext4 " \
+            "without a journal)"
+        self._mounts = contextlib.ExitStack()
 
     # -- set-up ---------------------------------------------------------------------------
 
     def setup(self) -> None:
         peers.ensure_peer_tools()
+        if self.s.remote_fs == "image":
+            self._remote_on_image()
         self.sshd.start()
         if LSYNC in self.s.systems:
             self.lsync_ok, self.lsync_reason = lsync_available()
@@ -270,6 +279,25 @@ class Bench:
             self._write_extras(self.src)
             self.tree_files = [f for f in trees.walk_files(self.src)
                                if not f.startswith(EXTRA_DIR + "/")]
+
+    def _remote_on_image(self) -> None:
+        """Remote trees on a journaled ext4 image (benchmarks.testbed.remotefs), for rsync
+        and lsync alike; where none can be made, in the work directory, and the report says
+        so."""
+        usable, why = remotefs.available()
+        if usable:
+            try:
+                self.remote_base = self._mounts.enter_context(remotefs.journaled_fs(self.work))
+            except (OSError, subprocess.CalledProcessError) as exc:
+                usable, why = False, f"it could not be made: {exc}"
+        if not usable:
+            self.remote_fs_text += f"; no journaled image: {why}"
+            say(f"remote trees in the work directory: {why}")
+            return
+        self.remote = self.remote_base / "remote"
+        self._remotes = [self.remote]
+        self.remote_fs_text = ("a journaled ext4 file system (mkfs.ext4's defaults, a "
+                               "loop-mounted sparse image): see benchmarks/testbed/remotefs.py")
 
     def tree_dir(self, preset: str) -> Path:
         """The cached, pristine copy of a tree (made on first use). Read-only. The `kernel`
@@ -344,6 +372,7 @@ class Bench:
 
     def cleanup(self) -> None:
         self.sshd.stop()
+        self._mounts.close()  # (the image: unmounted and deleted, whatever --keep says)
         if not self.s.keep:
             shutil.rmtree(self.work, ignore_errors=True)
         for trash in {self.remote.parent / TRASH, self.local.parent / TRASH}:
@@ -360,11 +389,11 @@ class Bench:
     def fresh_remote(self, name: str) -> Path:
         """A remote root lsync's agent has never seen: a new path (its records are named after
         the path), with no records under that name either way; not created."""
-        path = self.work / "remotes" / name
+        path = self.remote_base / "remotes" / name
         n = 1
         while path.exists() or path in self._remotes:
             n += 1
-            path = self.work / "remotes" / f"{name}-{n}"
+            path = self.remote_base / "remotes" / f"{name}-{n}"
         for record in agent_record_files(path):
             record.unlink(missing_ok=True)
         self._remotes.append(path)

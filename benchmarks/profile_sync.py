@@ -36,6 +36,7 @@ from benchmarks.bench_trees import count_tree
 from benchmarks.kernel_material import TAGS
 from benchmarks.lsync_runner import AGENT_CMDLINE_NEEDLE, LsyncWatcher
 from benchmarks.peers import Link
+from benchmarks.testbed import remotefs
 from benchmarks.testbed.proxy import ThreadedProxy
 from benchmarks.testbed.sshd import PrivateSshd
 
@@ -181,9 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", type=Path, help="where the raw stacks go (default: a temp dir)")
     parser.add_argument("--trash", type=Path,
-                        help="move the synced remote into this directory instead of deleting "
-                             "it (deleting 78,667 files makes ext4 skip the freed inodes for "
-                             "a while: the next run's agent pays for it in system time)")
+                        help="with --remote-fs workdir: move the synced remote into this "
+                             "directory instead of deleting it (deleting 78,667 files makes "
+                             "ext4 without a journal skip the freed inodes for minutes: the "
+                             "next run's agent pays for it in system time)")
+    parser.add_argument("--remote-fs", choices=("image", "workdir"), default="image",
+                        help="the remote on a fresh journaled ext4 image (default, needs root; "
+                             "benchmarks.testbed.remotefs) or in the work directory")
     parser.add_argument("--no-spy", action="store_true",
                         help="no sampling: only each thread's user and system CPU from /proc "
                              "(without the sampler's own cost)")
@@ -197,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     sshd = PrivateSshd(work / "sshd")
     sshd.start()
+    mounts = contextlib.ExitStack()
+    remote_base = work
+    if args.remote_fs == "image":
+        usable, why = remotefs.available()
+        if not usable:
+            raise SystemExit(f"no journaled image for the remote ({why}): --remote-fs workdir")
+        remote_base = mounts.enter_context(remotefs.journaled_fs(work))
     spies: dict[str, subprocess.Popen[bytes]] = {}
     cpu: dict[str, float] = {}
     split: dict[str, tuple[float, float]] = {}
@@ -205,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ThreadedProxy(("127.0.0.1", sshd.port), args.rtt_ms / 2000.0) as proxy:
             cfg = sshd.write_client_config(port=proxy.port)
-            remote = work / "remote"
+            remote = remote_base / "remote"
             remote.mkdir()
             w = LsyncWatcher(args.local, Link(cfg, sshd.alias, remote), work / "lsync",
                              verbose=False, cache_home=work / "cache")
@@ -236,11 +248,12 @@ def main(argv: list[str] | None = None) -> int:
             if p.poll() is None:
                 p.kill()
         sshd.stop()
-        if args.trash is not None:
+        if args.trash is not None and remote_base == work:
             args.trash.mkdir(parents=True, exist_ok=True)
             (work / "remote").rename(args.trash / work.name)
+        mounts.close()  # (an image: unmounted and deleted, its files with it)
         shutil.rmtree(work / "remote", ignore_errors=True)  # 1.3 GB for the kernel
-        for record in agent_record_files(work / "remote"):  # and the agent's records of it
+        for record in agent_record_files(remote_base / "remote"):  # and the agent's records
             record.unlink(missing_ok=True)
         if args.out is not None:
             shutil.rmtree(work, ignore_errors=True)

@@ -212,6 +212,8 @@ def report(bench: Bench, proxy_check: str, started: dt.datetime, minutes: float,
         "",
         f"Delay proxy self-check: {proxy_check}",
         "",
+        f"Remote trees (rsync's and lsync's): {bench.remote_fs_text}",
+        "",
         f"Load: {bench.load_text}",
         "",
         *(["### Targets (issues 10 and 16)", "", render_goals(bench), "",
@@ -409,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="where generated trees are kept (default ~/.cache/lsync-bench)")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--remote-fs", choices=("image", "workdir"),
+                        help="where the remote trees go: a journaled ext4 image (default in "
+                             "full mode, needs root) or the work directory (short mode)")
     settings = Settings.from_args(parser.parse_args(argv))
     text = run(settings)
     print()

@@ -441,3 +441,26 @@ def test_benchmark_short_mode_runs_every_scenario_and_prints_the_tables(tmp_path
         assert row in out, row
     assert "### The watcher's step" in out
     assert "\n| 50 | " in out  # a row of the watcher table
+
+
+def test_the_remote_image_is_a_journaled_file_system_and_leaves_nothing(tmp_path: Path) -> None:
+    from benchmarks.testbed import remotefs
+
+    usable, why = remotefs.available()
+    if not usable:
+        pytest.skip(f"no journaled image here: {why} (the full benchmark then says so)")
+    try:
+        image = remotefs.journaled_fs(tmp_path, size=256 << 20)
+        mount_point = image.__enter__()
+    except subprocess.CalledProcessError as exc:  # e.g. a container without loop mounts
+        pytest.skip(f"no journaled image here: {exc} {exc.stderr!r} (the full benchmark "
+                    "then says so)")
+    with contextlib.ExitStack() as stack:
+        stack.push(image)
+        (mount_point / "f").write_text("x")
+        device = next(line.split()[0] for line in Path("/proc/mounts").read_text().splitlines()
+                      if line.split()[1] == str(mount_point))
+        journals = os.listdir("/proc/fs/jbd2")
+        assert any(name.startswith(Path(device).name + "-") for name in journals), journals
+    assert str(mount_point) not in Path("/proc/mounts").read_text()
+    assert not (tmp_path / "remote-fs.img").exists()
