@@ -441,9 +441,10 @@ class Session:
             socket = welcome.info.get("lanes")
             if socket and self._ssh is not None:
                 # More channels for data, opened while the manifest and the scan go on.
-                tasks.append(asyncio.create_task(lanes.open_lanes(
+                link.lanes_opening = asyncio.create_task(lanes.open_lanes(
                     link, self._ssh, welcome.info.get("executable") or "python3", socket,
-                    ssh.CHANNEL_WINDOW, ssh.MAX_PACKET, self.options.lanes), name="lanes"))
+                    ssh.CHANNEL_WINDOW, ssh.MAX_PACKET, self.options.lanes), name="lanes")
+                tasks.append(link.lanes_opening)
             hash_name = welcome.chosen["hash"]
             self._hash_seen = hash_name
             self.reporter.state(f"scanning (agent python {welcome.info.get('python', '?')}, "

@@ -422,3 +422,30 @@ def test_the_newest_paths_of_a_bursts_watcher_batch_go_first_newest_first(rig: R
         await rig.close()
 
     asyncio.run(scenario())
+
+
+def test_bulk_work_waits_for_the_lanes_being_opened_but_not_past_its_bound() -> None:
+    """Sent on the main channel while the lanes open, a burst's data would be ahead of
+    every save made meanwhile (saves go: the engine does not hold urgent work)."""
+    from types import SimpleNamespace
+
+    from lsync.client.remote.engine import LANES_HOLD_MAX, SyncEngine
+
+    async def scenario() -> None:
+        opening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        pokes: list[int] = []
+        stub = SimpleNamespace(link=SimpleNamespace(lanes_opening=opening),
+                               side=SimpleNamespace(poke=lambda: pokes.append(1)),
+                               _lanes_hold_until=None)
+        held = SyncEngine._held_for_lanes
+        assert held(stub, 100.0)  # type: ignore[arg-type]
+        assert held(stub, 100.0 + LANES_HOLD_MAX - 0.01)  # type: ignore[arg-type]
+        assert not held(stub, 100.0 + LANES_HOLD_MAX)  # type: ignore[arg-type]
+        opening.set_result(3)
+        await asyncio.sleep(0)
+        assert pokes == [1]  # the engine wakes when the lanes are there
+        assert not held(stub, 100.5)  # type: ignore[arg-type]
+        stub.link.lanes_opening = None  # a link without lanes: nothing to wait for
+        assert not held(stub, 100.5)  # type: ignore[arg-type]
+
+    asyncio.run(scenario())

@@ -55,6 +55,7 @@ from lsync.protocol.paths import relpath_problem
 
 YIELD_EVERY = 0.005  # seconds of passes before the engine lets the event loop run
 PREFETCH_LOOK = 128  # queued paths examined for reading ahead, from the head
+LANES_HOLD_MAX = 2.0  # seconds bulk work may wait for the data lanes being opened
 SIGN_AHEAD_MIN = 256 << 10  # verified remote files this big are signed once in sync
 SIGN_AHEAD_MAX = 64 << 20
 
@@ -92,6 +93,7 @@ class SyncEngine:
         self.remote_hashed = 0  # remote files the initial comparison had the agent hash
         self.convergence = Convergence(self.side, self.passes.local, self.passes.check_root)
         self._ahead: asyncio.Task[None] | None = None  # a check while answers travel
+        self._lanes_hold_until: float | None = None  # see _held_for_lanes
 
     # -- the remote side, as the session, the build loop and the tests see it ---------------
     @property
@@ -197,7 +199,11 @@ class SyncEngine:
                 if not self.queue.urgent:
                     self.side.urgent_work.clear()
                 # (A save goes even when bulk work has filled the window: it is small.)
-                if self.queue.queued and (self.window.has_space() or self.queue.urgent):
+                held = not self.queue.urgent and self._held_for_lanes(now)
+                if held and self.queue.queued:
+                    self._read_ahead()  # (the reading goes on meanwhile)
+                if (self.queue.queued and not held
+                        and (self.window.has_space() or self.queue.urgent)):
                     taken = self.queue.take()
                     if taken is not None:
                         self.side.checks.worked()
@@ -238,8 +244,22 @@ class SyncEngine:
                 self._ahead = None
             self.read_ahead.close()
 
+    def _held_for_lanes(self, now: float) -> bool:
+        """Whether bulk work waits for the data lanes, opened with the welcome (two round
+        trips), and at most LANES_HOLD_MAX: sent on the main channel meanwhile, it would be
+        ahead of every save made before the lanes are there (a save waited 360 ms behind
+        it at RTT 300 ms). Saves go meanwhile, on the main channel."""
+        opening = self.link.lanes_opening
+        if opening is None or opening.done():
+            return False
+        if self._lanes_hold_until is None:
+            self._lanes_hold_until = now + LANES_HOLD_MAX
+            opening.add_done_callback(lambda _: self.side.poke())
+        return now < self._lanes_hold_until
+
     def _next_wake(self, now: float) -> float | None:
-        wakes = [t - now for t in (self.queue.next_due(), self.convergence.report_due)
+        hold = self._lanes_hold_until if self._held_for_lanes(now) else None
+        wakes = [t - now for t in (self.queue.next_due(), self.convergence.report_due, hold)
                  if t is not None]
         if self.queue.idle and not self.queue.records:
             wakes.append(self.side.checks.next_time() - now)

@@ -73,6 +73,8 @@ class AgentLink:
         # What is written, main channel and lanes (lsync.client.transport.writing)
         self.writer = LinkWriter(stream, self.conn, self._finish, self._bug)
         self._lane_watchers: list[asyncio.Task[None]] = []
+        # The data lanes being opened (lsync.client.transport.lanes.open_lanes), if any.
+        self.lanes_opening: asyncio.Future[int] | None = None
         self.failure: LinkBroken | None = None
         self.internal: InternalError | None = None  # a bug ended the link (never retried)
         self.goodbye: m.Goodbye | None = None
