@@ -411,8 +411,12 @@ class Bench:
     def link(self, spec: LinkSpec,
              remote: Path | None = None) -> Iterator[tuple[Link, ThreadedProxy]]:
         """A fresh delay proxy in front of the sshd; the Link's tree is `remote` (default
-        the bench's remote directory)."""
+        the bench's remote directory). Every measured step opens one, after the disks
+        settled."""
         rate = spec.cap_mbit * 1e6 if spec.cap_mbit else None
+        # What the steps before wrote goes to disk first (a kernel tree is 1.3 GB): its
+        # writeback would otherwise run during this step and take its CPU.
+        os.sync()
         with ThreadedProxy(("127.0.0.1", self.sshd.port), spec.delay, rate_bps=rate) as proxy:
             cfg = self.sshd.write_client_config(port=proxy.port)
             yield Link(cfg, self.sshd.alias, remote or self.remote), proxy
