@@ -12,6 +12,7 @@ from pathlib import Path
 from lsync.agent.confined import ConfinedRoot, file_key
 from lsync.agent.recordfiles import RACY_NS, is_racy
 from lsync.agent.records import DigestRecord
+from tests.conftest import wait_until
 
 DIGEST = b"\x01" * 16
 
@@ -36,10 +37,9 @@ def test_the_file_systems_clock_is_read_off_an_unnamed_file_that_leaves_nothing(
     try:
         before = tmp_path / "before.c"
         before.write_bytes(b"int x;\n")
-        time.sleep(0.05)  # (past the clock's tick: the file system's clock is coarse)
-        fs_now = root.filesystem_now_ns()
-        assert fs_now is not None
-        assert before.stat().st_mtime_ns < fs_now
+        mtime = before.stat().st_mtime_ns
+        # The file system's clock moves on (by its coarse tick) past the file's mtime.
+        assert wait_until(lambda: (root.filesystem_now_ns() or 0) > mtime, timeout=5)
         assert os.listdir(tmp_path) == ["before.c"]
     finally:
         root.close()
@@ -89,7 +89,8 @@ def test_a_file_written_just_before_the_snapshot_keeps_its_digest_with_a_real_ro
         path = tree / "fresh.c"
         path.write_bytes(b"int fresh;\n")
         key = file_key(path.stat())
-        time.sleep(0.05)  # one tick of a coarse clock: the snapshot comes after it
+        # The snapshot comes once the file system's clock has left the file's tick.
+        assert wait_until(lambda: (root.filesystem_now_ns() or 0) > key[1], timeout=5)
         cache = str(tmp_path / "record.json")
         record = DigestRecord(cache, "blake2b-128")
         record.fs_clock = root.filesystem_now_ns

@@ -153,16 +153,21 @@ def lane_rig(home: Path) -> Rig:
     return Rig(base, lanes=4)
 
 
+async def _synced(rig: Rig, files: dict[str, bytes]) -> None:
+    """Connect, converge without problems, and find every file remotely as it is locally."""
+    await rig.connect()
+    await rig.converged()
+    assert not rig.problems(), rig.problems()
+    for rel, data in files.items():
+        assert (rig.remote / rel).read_bytes() == data
+
+
 def test_initial_sync_over_lanes_converges_and_uses_them(lane_rig: Rig) -> None:
     rig = lane_rig
     files = _many_files(rig, 700)
 
     async def scenario() -> None:
-        await rig.connect()
-        await rig.converged()
-        assert not rig.problems(), rig.problems()
-        for rel, data in files.items():
-            assert (rig.remote / rel).read_bytes() == data
+        await _synced(rig, files)
         # The batches went on the bulk lanes (2 to 4), not on the main stream.
         assert sum(lane.handled for lane in rig.stream.lanes[1:]) > 0
         await rig.close()
@@ -183,11 +188,7 @@ def test_big_files_of_an_initial_sync_take_the_bulk_lanes(lane_rig: Rig) -> None
         (rig.local / rel).write_bytes(data)
 
     async def scenario() -> None:
-        await rig.connect()
-        await rig.converged()
-        assert not rig.problems(), rig.problems()
-        for rel, data in files.items():
-            assert (rig.remote / rel).read_bytes() == data
+        await _synced(rig, files)
         assert sum(lane.kinds["WriteFile"] for lane in rig.stream.lanes[1:]) >= len(big)
         await rig.close()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +18,8 @@ from lsync.client.target import Target
 from lsync.client.transport import preconnect, ssh
 from lsync.client.transport.preconnect import Preconnect, guess_address
 from tests.conftest import CountingLink, LsyncProcess, fresh_dirs, wait_until
+
+Start = Callable[..., LsyncProcess]
 
 
 def _config(tmp_path: Path, text: str) -> list[str]:
@@ -184,12 +186,10 @@ def test_the_ssh_handshake_runs_on_the_early_connection(sshd: PrivateSshd) -> No
 
 
 def test_a_session_through_the_link_opens_one_tcp_connection(
-        tmp_path: Path, run_lsync: object, counting_link: CountingLink) -> None:
+        tmp_path: Path, run_lsync: Start, counting_link: CountingLink) -> None:
     local, remote = fresh_dirs(tmp_path)
     (local / "a.c").write_text("int a;\n")
-    start = run_lsync
-    assert callable(start)
-    lsync: LsyncProcess = start(*counting_link.connect_args(remote), cwd=local)
+    lsync = run_lsync(*counting_link.connect_args(remote), cwd=local)
     lsync.wait_for_line(" ready ")
     assert wait_until(lambda: (remote / "a.c").exists(), timeout=10)
     counters = counting_link.proxy.counters()
@@ -198,15 +198,13 @@ def test_a_session_through_the_link_opens_one_tcp_connection(
 
 
 def test_nothing_listening_is_a_clear_error_without_a_traceback(
-        tmp_path: Path, run_lsync: object, counting_link: CountingLink) -> None:
+        tmp_path: Path, run_lsync: Start, counting_link: CountingLink) -> None:
     local, remote = fresh_dirs(tmp_path)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = counting_link.sshd.write_client_config(port=port)
-    start = run_lsync
-    assert callable(start)
-    lsync: LsyncProcess = start("connect", "-F", str(config),
+    lsync = run_lsync("connect", "-F", str(config),
                                 f"{counting_link.sshd.alias}:{remote}", cwd=local)
     assert lsync.finish(timeout=30) != 0
     assert "cannot connect" in lsync.stderr and "refused" in lsync.stderr, lsync.stderr
