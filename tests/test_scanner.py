@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -554,6 +555,55 @@ def test_a_noted_read_serves_lookups_of_that_version_until_forgotten(tmp_path: P
     cache.note_read("f.c", st, digest)
     now[0] += hashcache_module.RECENT_NS  # and a noted digest serves a short while only
     assert cache.lookup("f.c", st) is None
+
+
+def test_lookups_without_the_lock_never_serve_another_versions_digest(tmp_path: Path) -> None:
+    """Lookups and noted digests take no lock (the event loop's thread would wait for the
+    reader threads): while other threads store, note, forget, discard and save, a lookup of
+    one version gets that version's digest or nothing, never the other's."""
+    path = tmp_path / "f.c"
+    path.write_bytes(b"one\n")
+    old = os.stat(path)
+    path.write_bytes(b"two, longer\n")
+    new = os.stat(path)
+    cache = HashCache(path=tmp_path / "cache")
+    digests = {id(old): cache.digest_of(b"one\n"), id(new): cache.digest_of(b"two, longer\n")}
+    settled = time.time_ns() + 10 * RACY_NS  # (read "later": not racy, so remembered)
+    wrong: list[tuple[str, bytes | None]] = []
+    done = threading.Event()
+
+    def write() -> None:
+        for i in range(4000):
+            st = (old, new)[i % 2]
+            cache.store("f.c", st, digests[id(st)], settled)
+            cache.note_read("f.c", (new, old)[i % 2], digests[id((new, old)[i % 2])])
+            if i % 7 == 0:
+                cache.forget_recent(["f.c"])
+            if i % 11 == 0:
+                cache.discard("f.c")
+            if i % 501 == 0:
+                cache.save(force=True)
+        done.set()
+
+    def look() -> None:
+        while not done.is_set():
+            for st, name in ((old, "old"), (new, "new")):
+                got = cache.lookup("f.c", st)
+                if got not in (None, digests[id(st)]):
+                    wrong.append((name, got))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        threads = [threading.Thread(target=write), threading.Thread(target=look)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert done.is_set() and not wrong
+    assert cache.lookup("f.c", new) in (None, digests[id(new)])
 
 
 def test_entries_of_one_mode_share_one_int(tmp_path: Path) -> None:

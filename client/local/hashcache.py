@@ -25,8 +25,13 @@ that are gone and shares the path strings with the scan result (about 10 MB beyo
 scan itself for 80,000 files).
 
 Threads: the scanner and the engine's reader threads call `lookup`, `store` and `discard`
-while the event loop's thread may call `save`; one lock guards the records, and `save`
-encodes a snapshot taken under it, so a save never mixes two states of the cache.
+while the event loop's thread may call `save`; one lock guards what changes the records
+(with their dirty flag), and `save` encodes a snapshot taken under it, so a save never mixes
+two states of the cache. Lookups and the noted digests (`note_read`, `forget_recent`) take
+no lock: each is one dictionary operation, atomic on its own, and a lookup that races a
+store sees the record before or after it, both true of some moment. (The lock used to be
+taken there too: the event loop's thread then waited, several times per file of a burst,
+for a reader thread that held it while the interpreter had switched away from it.)
 """
 
 from __future__ import annotations
@@ -120,7 +125,7 @@ class HashCache:
         # rel -> (stat key + digest, when noted): digests of versions just read that the
         # racy-write rule keeps out of _records (`note_read`), in memory only.
         self._recent: dict[str, tuple[bytes, int]] = {}
-        # (Guards _records, _recent and _dirty: see the module docstring.)
+        # (Guards changes to _records and _dirty: see the module docstring.)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -146,12 +151,11 @@ class HashCache:
     def lookup(self, rel: str, st: os.stat_result) -> bytes | None:
         """The digest of `rel` if it was read when it had exactly this stat, else None."""
         key = _stat_key(st)
-        with self._lock:
-            record = self._records.get(rel)
-            if record is None or record[:_KEY_SIZE] != key:
-                noted = self._recent.get(rel)
-                if noted is not None and self.clock() - noted[1] < RECENT_NS:
-                    record = noted[0]
+        record = self._records.get(rel)
+        if record is None or record[:_KEY_SIZE] != key:
+            noted = self._recent.get(rel)
+            if noted is not None and self.clock() - noted[1] < RECENT_NS:
+                record = noted[0]
         if record is not None and record[:_KEY_SIZE] == key:
             self.hits += 1
             return record[_KEY_SIZE:]
@@ -165,19 +169,17 @@ class HashCache:
         watcher reports the path changed: then a second write within the same clock tick
         cannot be taken for the version read (lsync.client.local.localside does this; the
         convergence check after a save then does not read the file again)."""
-        with self._lock:
-            if len(self._recent) >= RECENT_MAX:
-                self._recent.clear()
-            self._recent[rel] = (_stat_key(st) + digest, self.clock())
+        if len(self._recent) >= RECENT_MAX:
+            self._recent.clear()
+        self._recent[rel] = (_stat_key(st) + digest, self.clock())
 
     def forget_recent(self, paths: Iterable[str] | None = None) -> None:
         """Forget the noted digests of `paths` (None: all)."""
-        with self._lock:
-            if paths is None:
-                self._recent.clear()
-            elif self._recent:
-                for rel in paths:
-                    self._recent.pop(rel, None)
+        if paths is None:
+            self._recent.clear()
+        elif self._recent:
+            for rel in paths:
+                self._recent.pop(rel, None)
 
     def store(self, rel: str, st: os.stat_result, digest: bytes, read_done_ns: int) -> bool:
         """Remember `digest` for `rel` read with stat `st` (unchanged from before to after
