@@ -42,6 +42,7 @@ def test_cycles_of_garbage_still_go_under_the_policy(restored_gc: None) -> None:
     gone = weakref.ref(a)
     del a, b
     assert gone() is not None  # a cycle: reference counting alone cannot free it
-    made: list[list[int]] = [[] for _ in range(cli.GC_YOUNG * (cli.GC_OLDER[0] + 1))]  # new tracked objects
+    young = cli.GC_YOUNG * (cli.GC_OLDER[0] + 1)
+    made: list[list[int]] = [[] for _ in range(young)]  # new tracked objects
     assert gone() is None
     del made
