@@ -42,6 +42,7 @@ from benchmarks.testbed.sshd import PrivateSshd
 from lsync.agent.listing import KeptListing
 from lsync.agent.records import DigestRecord
 from lsync.agent.rootlock import RootLock
+from lsync.protocol import hashing
 
 LSYNC = "lsync"
 RSYNC = "rsync"
@@ -229,7 +230,7 @@ def agent_record_files(root: Path) -> list[Path]:
     `root` as the agent resolves it (absolute, normalised, symlinks not followed)."""
     root_text = os.path.normpath(root)
     out = []
-    for algorithm in ("xxh3-128", "blake2b-128"):
+    for algorithm in hashing.ALGORITHMS:
         record = DigestRecord(DigestRecord.default_path(root_text, algorithm), algorithm)
         named = (record.cache_path, record.journal_path, KeptListing.beside(record.cache_path))
         out += [Path(path) for path in named if path is not None]

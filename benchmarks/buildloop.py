@@ -54,6 +54,7 @@ from benchmarks.testbed.proxy import ThreadedProxy
 from benchmarks.testbed.sshd import PrivateSshd
 from lsync.client.buildloop.control import decode_output, request, stream
 from lsync.client.buildloop.controlpath import find_socket
+from lsync.protocol import hashing
 
 EDITED = "src/edited.c"
 DATE = "date +%s%N"
@@ -277,7 +278,7 @@ def forget_agent_records(remote: Path) -> None:
     """Delete what the agent recorded about `remote` (gone with the work directory) under
     ~/.cache/lsync, named as in agent/records.py (the sshd logs in as this user)."""
     directory = Path.home() / ".cache" / "lsync"
-    for algorithm in ("xxh3-128", "blake2b-128"):
+    for algorithm in hashing.ALGORITHMS:
         key = f"{remote}\0{algorithm}".encode("utf-8", "surrogateescape")
         name = hashlib.sha256(key).hexdigest()[:24]
         for suffix in ("json", "journal"):

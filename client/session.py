@@ -46,7 +46,8 @@ from lsync.client.errors import (
     LsyncError,
     SafetyStop,
 )
-from lsync.client.local.hashcache import HashCache, default_cache_path
+from lsync.client.local import hashchoice
+from lsync.client.local.hashcache import HashCache
 from lsync.client.local.ignore import IndexChange
 from lsync.client.local.ignored import IgnoredTally
 from lsync.client.local.localentry import LocalEntry
@@ -66,7 +67,7 @@ from lsync.client.transport import lanes, ssh
 from lsync.client.transport.bootstrap import MAX_INITIAL, bundle_b64, local_argv
 from lsync.client.transport.link import AgentLink
 from lsync.client.transport.streams import LocalAgentStream, SshAgentStream
-from lsync.protocol import PROTOCOL_VERSION, hashing, packing
+from lsync.protocol import PROTOCOL_VERSION, packing
 from lsync.protocol import messages as m
 
 WELCOME_TIMEOUT = 60.0
@@ -322,17 +323,6 @@ class Session:
             guessed.cancel()  # (the local side stops the scan if no other target waits)
         return await self._scan(hash_name)
 
-    def _likely_hash(self) -> str:
-        """The hash the agent chose last time (this session, else the newest hash cache of
-        this tree on disk), so that the scan can start before the agent answers."""
-        if self._hash_seen is not None:
-            return self._hash_seen
-        found = []
-        for name in (hashing.XXH3_128, hashing.BLAKE2B_128):
-            with contextlib.suppress(OSError):
-                found.append((default_cache_path(self.root, name).stat().st_mtime, name))
-        return max(found)[1] if found else hashing.XXH3_128
-
     def _scan_problem(self, path: str, exc: Exception) -> None:
         self.reporter.failed(path, f"not synced for now: {exc}")
 
@@ -356,7 +346,7 @@ class Session:
         target = self.options.target
         hello = m.Hello(
             PROTOCOL_VERSION,
-            {"hash": [hashing.XXH3_128, hashing.BLAKE2B_128],
+            {"hash": hashchoice.offered(self.root),
              "compression": packing.available_packings()},
             target.tree, {"create_root": True,
                           "lanes": target.host is not None and self.options.lanes > 0})
@@ -386,7 +376,7 @@ class Session:
         warm = asyncio.get_running_loop().run_in_executor(None, bundle_b64)
         warm.add_done_callback(lambda done: done.cancelled() or done.exception())  # seen later
         # Scan while SSH connects, with the hash the agent is likely to choose.
-        guess = self._likely_hash()
+        guess = hashchoice.likely(self.root, self._hash_seen)
         scan = asyncio.create_task(self._scan(guess), name="scan")
         stream: LocalAgentStream | SshAgentStream
         long_link = False

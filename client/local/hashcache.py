@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from lsync.protocol.hashing import BLAKE2B_128, XXH3_128, new_hasher
+from lsync.protocol.hashing import ALGORITHMS, XXH3_128, new_hasher
 
 MAGIC = b"lsync-hashcache\n"
 VERSION = 1
@@ -108,7 +108,7 @@ class HashCache:
         root: Path | None = None,
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
-        if algorithm not in (XXH3_128, BLAKE2B_128):
+        if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown hash algorithm {algorithm!r}")
         new_hasher(algorithm)  # fails now if the algorithm is not available
         self.algorithm = algorithm

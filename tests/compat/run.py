@@ -42,7 +42,7 @@ def main():
         import importlib
         for module_name in ("test_protocol", "test_agent", "test_writer", "test_packing",
                             "test_records", "test_hardening", "test_keeping", "test_tmpfile",
-                            "test_batches"):
+                            "test_batches", "test_hashing"):
             module = importlib.import_module("tests.compat." + module_name)
             for name in sorted(dir(module)):
                 if not name.startswith("test_"):
