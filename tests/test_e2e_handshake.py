@@ -33,6 +33,7 @@ from benchmarks.testbed.sshd import PrivateSshd, generate_key
 from lsync.client.errors import ConnectError
 from lsync.client.target import Target
 from lsync.client.transport import ssh
+from lsync.client.transport.coalesce import CoalescingTransport
 from tests.conftest import counting_link_to
 
 NONE, QUERY, SIGNED = "none", "query", "signed"
@@ -275,3 +276,30 @@ def test_another_server_gets_the_request_after_its_service_accept(
     stdout, order = asyncio.run(go())
     assert stdout == "handshake-ok\n"
     assert order == ["accept", "request"]
+
+
+def test_a_big_write_reaches_sshd_whole_in_fewer_socket_writes_than_packets(
+        sshd: PrivateSshd, tmp_path: Path) -> None:
+    """The connection writes through CoalescingTransport (lsync.client.transport.coalesce):
+    4 MiB through `cat` come back intact, and the writes to the socket are far fewer than
+    the SSH packets (at most 32 KiB of data each, every one behind an ignore packet)."""
+    config = _config(sshd, tmp_path / "ssh_config", [sshd.client_key])
+    data = os.urandom(4 << 20)
+
+    async def go() -> tuple[bytes, int]:
+        conn = await ssh.connect(Target(host=sshd.alias, user=None, tree="x"), [str(config)],
+                                 accept_new=False)
+        try:
+            transport: object = conn._transport
+            assert isinstance(transport, CoalescingTransport)
+            before = transport.flushes
+            result = await conn.run("cat", input=data, encoding=None, check=True)
+            assert isinstance(result.stdout, bytes)
+            return result.stdout, transport.flushes - before
+        finally:
+            conn.close()
+            await conn.wait_closed()
+
+    echoed, flushes = asyncio.run(go())
+    assert echoed == data
+    assert flushes < len(data) // (32 << 10)  # (one per packet without the coalescing)

@@ -14,7 +14,8 @@ request straight away, without asking first whether the server would take the ke
 keys held in this process (key files). RFC 4252 allows both; a refused key costs one round
 trip, as the question did, and the next key or method is tried as before. Towards OpenSSH
 the first request also goes right behind the service request, without waiting for its
-accept (`_pipeline_auth`). And the TCP connection is not opened here when `lsync connect`
+accept (`_pipeline_auth`). The connection's writes of one event-loop step go out together
+(lsync.client.transport.coalesce). And the TCP connection is not opened here when `lsync connect`
 opened it early, while this code was still being imported
 (lsync.client.transport.preconnect): the handshake runs on that one when asyncssh's reading
 of the configuration leads to the very same address.
@@ -34,7 +35,7 @@ from asyncssh.packet import Boolean, SSHPacket, String
 
 from lsync.client.errors import ConnectError, HostKeyError
 from lsync.client.target import Target as Target  # (re-exported: callers say ssh.Target)
-from lsync.client.transport import preconnect
+from lsync.client.transport import coalesce, preconnect
 from lsync.client.transport.bootstrap import MAX_INITIAL, remote_command
 from lsync.client.transport.streams import SshAgentStream
 
@@ -220,6 +221,7 @@ class _TofuClient(asyncssh.SSHClient):
 
     def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
         self.conn = conn
+        coalesce.coalesce_writes(conn)
         _pipeline_auth(conn)
 
     def begin_auth(self, username: str) -> None:
