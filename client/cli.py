@@ -222,6 +222,21 @@ def collect_garbage_seldom() -> None:
     gc.set_threshold(GC_YOUNG, *GC_OLDER)
 
 
+SWITCH_INTERVAL = 0.0002  # seconds a thread waits for the interpreter lock before asking
+
+
+def switch_threads_often() -> None:
+    """The interpreter lock's switch interval in a session's process: 0.2 ms (Python's:
+    5 ms). The event loop's thread runs Python between short system calls; the reader
+    threads need the lock about eight times per file they read ahead, once after each
+    system call. With 5 ms, a reader that asked for the lock while the loop ran Python
+    could wait up to that long, the loop then waited for the files read ahead (6.4 s of
+    the kernel's initial sync at RTT 300), and a save's pass for the loop. Measured on
+    that sync, in alternated runs: ready 0.4-0.6 s sooner, 0.2 s more CPU; at 0.05 ms,
+    2 s more CPU."""
+    sys.setswitchinterval(SWITCH_INTERVAL)
+
+
 def _guarded(coro: Coroutine[Any, Any, int]) -> int:
     try:
         return asyncio.run(coro)
@@ -241,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             from lsync.client.fleet import Fleet
 
             collect_garbage_seldom()
+            switch_threads_often()
             fleet = Fleet(options, status)
             _guarded(_session(fleet))
             code = 0
@@ -265,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if args.connect and find_socket(start) is None:
                     options, _ = _connect_options(argparse.Namespace(local=args.local))
                     collect_garbage_seldom()
+                    switch_threads_often()
                     code = _guarded(_run_connected(options, start, argv_, map_paths, pull,
                                                    args.on, args.all))
                 else:

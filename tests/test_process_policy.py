@@ -1,10 +1,12 @@
-"""The garbage collector's policy of a session's process (lsync.client.cli.collect_garbage_seldom):
-young collections wait for many more new objects, what the imports made is frozen, and
-cycles of garbage still go."""
+"""A session's process policies (lsync.client.cli): the garbage collector's
+(`collect_garbage_seldom`: young collections wait for many more new objects, what the
+imports made is frozen, and cycles of garbage still go) and the interpreter lock's switch
+interval (`switch_threads_often`)."""
 
 from __future__ import annotations
 
 import gc
+import sys
 import weakref
 from collections.abc import Iterator
 
@@ -46,3 +48,12 @@ def test_cycles_of_garbage_still_go_under_the_policy(restored_gc: None) -> None:
     made: list[list[int]] = [[] for _ in range(young)]  # new tracked objects
     assert gone() is None
     del made
+
+
+def test_a_session_switches_threads_every_fifth_of_a_millisecond() -> None:
+    interval = sys.getswitchinterval()
+    try:
+        cli.switch_threads_often()
+        assert sys.getswitchinterval() == pytest.approx(cli.SWITCH_INTERVAL)
+    finally:
+        sys.setswitchinterval(interval)
