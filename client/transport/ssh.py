@@ -15,8 +15,8 @@ keys held in this process (key files). RFC 4252 allows both; a refused key costs
 trip, as the question did, and the next key or method is tried as before. Towards OpenSSH
 the first request also goes right behind the service request, without waiting for its
 accept (`_pipeline_auth`). The connection's writes of one event-loop step go out together
-(lsync.client.transport.coalesce). And the TCP connection is not opened here when `lsync connect`
-opened it early, while this code was still being imported
+(lsync.client.transport.coalesce). And the TCP connection is not opened here when `lsync
+connect` opened it early, while this code was still being imported
 (lsync.client.transport.preconnect): the handshake runs on that one when asyncssh's reading
 of the configuration leads to the very same address.
 """
