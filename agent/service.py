@@ -329,11 +329,10 @@ class AgentService:
                                 "agent speaks protocol {}, client {}".format(
                                     PROTOCOL_VERSION, msg.version)))
             raise SessionEnd(int(ErrorCode.VERSION_MISMATCH), "version mismatch")
-        chosen = hashing.choose_hash(msg.capabilities.get("hash", []))
-        if chosen is None:
+        offered = list(msg.capabilities.get("hash", []))
+        if hashing.choose_hash(offered) is None:
             self.send(m.Goodbye(int(ErrorCode.VERSION_MISMATCH), "no common hash algorithm"))
             raise SessionEnd(int(ErrorCode.VERSION_MISMATCH), "no common hash")
-        self.hash_name = chosen
         try:
             path = resolve_root(msg.root, bool(msg.options.get("create_root", True)))
             self.root = ConfinedRoot(path)
@@ -342,6 +341,9 @@ class AgentService:
                 shown(msg.root), getattr(exc, "strerror", None) or exc)
             self.send(m.Goodbye(int(ErrorCode.ROOT_UNAVAILABLE), reason))
             raise SessionEnd(int(ErrorCode.ROOT_UNAVAILABLE), reason)
+        chosen = hashing.choose_hash(offered, self._recorded(path, offered))
+        assert chosen is not None  # (checked above)
+        self.hash_name = chosen
         cache = DigestRecord.default_path(path, chosen) if self.use_cache else None
         if self.use_cache:
             self.lock = RootLock(RootLock.default_path(path))
@@ -412,6 +414,18 @@ class AgentService:
             self.record.remember(path, file_key(st), digest)
             digests.append(digest)
         self.send(m.Hashes(seq, digests))
+
+    def _recorded(self, path: str, offered: List[str]) -> List[str]:
+        """The offered algorithms under which this agent holds a record of root `path`."""
+        if not self.use_cache:
+            return []
+        found = []
+        for name in offered:
+            record = DigestRecord.default_path(path, name) if name in hashing.HASHERS else None
+            journal = DigestRecord(record, name).journal_path if record is not None else None
+            if record is not None and (os.path.exists(record) or os.path.exists(journal or "")):
+                found.append(name)
+        return found
 
     def _new_hasher(self) -> Any:
         return hashing.new_hasher(self.hash_name)

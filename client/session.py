@@ -346,7 +346,7 @@ class Session:
         target = self.options.target
         hello = m.Hello(
             PROTOCOL_VERSION,
-            {"hash": hashchoice.offered(self.root),
+            {"hash": hashchoice.offered(),
              "compression": packing.available_packings()},
             target.tree, {"create_root": True,
                           "lanes": target.host is not None and self.options.lanes > 0})

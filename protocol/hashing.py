@@ -2,8 +2,9 @@
 
 A digest is 16 raw bytes. "xxh3-128" needs the `xxhash` package; "sha256-128" (the first
 16 bytes of SHA-256) and "blake2b-128" are always available from `hashlib`. The client
-offers its list in order of preference; the agent picks the first one it can compute
-(`choose_hash`), passing over "sha256-128" where SHA-256 is slow (`sha256_is_fast`).
+offers its list in order of preference; the agent picks the first one it computes at full
+speed, passing over "sha256-128" where SHA-256 is slow (`sha256_is_fast`), and taking
+first one it already holds a record of the root under (`choose_hash`).
 
 Why SHA-256 at all: where the CPU has SHA instructions (x86's SHA-NI, ARMv8's SHA2) and
 hashlib's SHA-256 is OpenSSL's, which uses them, it hashes about 1.1 GB/s against
@@ -11,14 +12,15 @@ BLAKE2b's 0.7-0.9 GB/s; the initial sync of the Linux kernel hashes 1.3 GB on th
 and a first contact as much on the remote. Elsewhere (no such instructions, or Python's
 own SHA-256, as in some builds of 3.6) it runs at 0.3-0.4 GB/s, and BLAKE2b is kept. The
 rule is read off the machine, never timed, so that the choice does not flip between two
-sessions (each algorithm has its own hash cache and record: a flip would hash everything
-again).
+sessions; and a root already recorded under one algorithm keeps it (each algorithm has its
+own hash cache and record: a change would hash everything again, so an upgrade of lsync
+that makes SHA-256 the choice keeps the trees synced before on BLAKE2b).
 """
 
 import hashlib
 import platform
 import sys
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 XXH3_128 = "xxh3-128"
 SHA256_128 = "sha256-128"
@@ -82,13 +84,17 @@ def available_hashes() -> List[str]:
             if name in HASHERS and (name != SHA256_128 or SHA256_FAST)]
 
 
-def choose_hash(offered: List[str]) -> Optional[str]:
-    """The first offered algorithm this process computes at full speed, else the first
-    it can compute at all, or None."""
-    fast = available_hashes()
-    for name in offered:
-        if name in fast:
+def choose_hash(offered: List[str], recorded: Sequence[str] = ()) -> Optional[str]:
+    """The algorithm to use from the `offered` list: the first this process computes at
+    full speed, preferring one in `recorded` (the agent holds a record of the root under
+    it: another would hash the whole tree again); else the first it can compute at all;
+    None if none."""
+    fast = [name for name in offered if name in available_hashes()]
+    for name in fast:
+        if name in recorded:
             return name
+    if fast:
+        return fast[0]
     for name in offered:
         if name in HASHERS:
             return name

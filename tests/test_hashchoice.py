@@ -22,31 +22,21 @@ def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tree
 
 
-def _save_cache(tree: Path, algorithm: str) -> None:
-    cache = HashCache(algorithm, root=tree)
-    cache.store("f", (tree / "f").stat(), cache.digest_of(b"x"), 0)
-    cache.save(force=True)
-
-
-def test_a_new_tree_is_offered_xxh3_then_sha256_where_fast_then_blake2b(
-        cache_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_offer_is_xxh3_then_sha256_where_fast_then_blake2b(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hashing, "SHA256_FAST", True)
-    assert hashchoice.offered(cache_home) == [XXH3, SHA, BLAKE]
-    assert hashchoice.likely(cache_home, None) == XXH3
+    assert hashchoice.offered() == [XXH3, SHA, BLAKE]
     monkeypatch.setattr(hashing, "SHA256_FAST", False)
-    assert hashchoice.offered(cache_home) == [XXH3, BLAKE, SHA]
+    assert hashchoice.offered() == [XXH3, BLAKE, SHA]
 
 
-def test_a_tree_synced_before_keeps_its_caches_algorithm(
+def test_the_guess_is_the_last_choice_else_the_trees_newest_cache_else_the_offers_head(
         cache_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An upgrade that makes SHA-256 the choice does not hash a tree synced on BLAKE2b
-    again: the offer starts with the algorithm of its newest cache."""
     monkeypatch.setattr(hashing, "SHA256_FAST", True)
-    (cache_home / "f").write_bytes(b"x")
-    _save_cache(cache_home, BLAKE)
-    assert hashchoice.offered(cache_home) == [BLAKE, XXH3, SHA]
+    assert hashchoice.likely(cache_home, None) == XXH3
+    HashCache(BLAKE, root=cache_home).save(force=True)  # a tree synced before on BLAKE2b
     assert hashchoice.likely(cache_home, None) == BLAKE
     assert hashchoice.likely(cache_home, SHA) == SHA  # (what the agent chose last)
-    # The agent's side of it: no xxhash there, SHA-256 fast or not, BLAKE2b is taken.
-    offer = [name for name in hashchoice.offered(cache_home) if name != XXH3]
-    assert hashing.choose_hash(offer) == BLAKE
+    # The offer does not depend on the tree: every target's agent sees the same list and
+    # keeps its own recorded algorithm (lsync.protocol.hashing.choose_hash).
+    assert hashchoice.offered() == [XXH3, SHA, BLAKE]

@@ -20,7 +20,8 @@ class Pair:
     """
 
     def __init__(self, root: str, byte_at_a_time: bool = False, use_cache: bool = False,
-                 now_ns: Optional[Callable[[], int]] = None) -> None:
+                 now_ns: Optional[Callable[[], int]] = None,
+                 hashes: Optional[List[str]] = None) -> None:
         self.client = Connection(CLIENT)
         self.agent_conn = Connection(AGENT)
         self.byte_at_a_time = byte_at_a_time
@@ -28,7 +29,8 @@ class Pair:
                                     now_ns or (lambda: 10 ** 18), use_cache=use_cache)
         self.received: List[m.Message] = []
         self.ended: Optional[SessionEnd] = None
-        self.client.send(m.Hello(PROTOCOL_VERSION, {"hash": ["xxh3-128", "blake2b-128"]},
+        self.client.send(m.Hello(PROTOCOL_VERSION,
+                                 {"hash": hashes or ["xxh3-128", "blake2b-128"]},
                                  root, {"create_root": True}))
 
     def _feed(self, conn: Connection, data: bytes) -> None:

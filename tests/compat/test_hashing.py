@@ -4,7 +4,10 @@ import hashlib
 import os
 import tempfile
 
+from lsync.agent.records import DigestRecord
 from lsync.protocol import hashing
+from lsync.protocol import messages as m
+from tests.compat.helpers import Pair, TempTree, home_at
 
 
 def _cpuinfo(text):
@@ -58,5 +61,41 @@ def test_an_end_takes_the_first_offer_it_computes_at_full_speed():
         # What it can compute at all is still better than no common hash.
         assert hashing.choose_hash([hashing.SHA256_128]) == hashing.SHA256_128
         assert hashing.choose_hash(["md5"]) is None
+        # A root recorded under an algorithm keeps it, if it is fast here.
+        hashing.SHA256_FAST = True
+        assert hashing.choose_hash(offer[1:], [hashing.BLAKE2B_128]) == hashing.BLAKE2B_128
+        hashing.SHA256_FAST = False
+        assert hashing.choose_hash(offer[1:], [hashing.SHA256_128]) == hashing.BLAKE2B_128
     finally:
         hashing.SHA256_FAST = saved
+
+
+def _chosen(root, home):
+    with home_at(home):
+        pair = Pair(root, use_cache=True,
+                    hashes=[hashing.SHA256_128, hashing.BLAKE2B_128])
+        welcome = pair.pump()
+        assert isinstance(welcome[0], m.Welcome), welcome
+        pair.service.close()
+        return welcome[0].chosen["hash"]
+
+
+def test_an_agent_keeps_the_algorithm_it_holds_a_record_of_the_root_under():
+    """An upgrade that makes SHA-256 the client's first choice does not make the agent
+    hash a tree it recorded under BLAKE2b again."""
+    saved = hashing.SHA256_FAST
+    tree = TempTree()
+    fresh, recorded = (tempfile.mkdtemp(prefix="lsync-compat-home-") for _ in range(2))
+    try:
+        hashing.SHA256_FAST = True
+        assert _chosen(tree.root, fresh) == hashing.SHA256_128  # nothing recorded there
+        with home_at(recorded):
+            record = DigestRecord.default_path(os.path.normpath(tree.root),
+                                               hashing.BLAKE2B_128)
+        os.makedirs(os.path.dirname(record))
+        with open(record, "w") as f:
+            f.write("")  # (an empty record: loaded as none, but there)
+        assert _chosen(tree.root, recorded) == hashing.BLAKE2B_128
+    finally:
+        hashing.SHA256_FAST = saved
+        tree.cleanup()
