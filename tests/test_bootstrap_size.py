@@ -34,3 +34,18 @@ def test_bundled_sources_without_docstrings_still_compile_and_keep_their_lines()
     namespace: dict[str, object] = {}
     exec(compile(stripped, "stripped", "exec"), namespace)
     assert callable(namespace["f"])
+
+
+def test_comments_are_cut_but_lines_and_hashes_in_strings_kept() -> None:
+    original = ("x = '# not a comment'  # a comment\n"
+                "# a whole line\n"
+                "def f(a,  # inside brackets\n"
+                "      b):\n"
+                "    return a + b  # done\n")
+    stripped = bootstrap.without_comments(original)
+    assert stripped.count("\n") == original.count("\n")
+    assert "comment" not in stripped.replace("'# not a comment'", "")
+    assert "'# not a comment'" in stripped
+    namespace: dict[str, object] = {}
+    exec(compile(stripped, "stripped", "exec"), namespace)
+    assert namespace["x"] == "# not a comment"

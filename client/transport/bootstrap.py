@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import ast
 import base64
+import io
 import json
 import pkgutil
 import shlex
 import sys
+import tokenize
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -133,16 +135,29 @@ def without_docstrings(source: str) -> str:
     return "".join(lines)
 
 
+def without_comments(source: str) -> str:
+    """`source` with its comments cut off (lines kept, as `without_docstrings`)."""
+    lines = source.splitlines(keepends=True)
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            row, column = token.start
+            lines[row - 1] = lines[row - 1][:column].rstrip() + "\n"
+    return "".join(lines)
+
+
+def _stripped(source: str) -> str:
+    return without_comments(without_docstrings(source))
+
+
 def _package_sources(package: object, prefix: str) -> dict[str, tuple[bool, str]]:
     found: dict[str, tuple[bool, str]] = {}
     directory = Path(package.__file__).parent  # type: ignore[attr-defined]
-    found[prefix] = (True, without_docstrings(
-        (directory / "__init__.py").read_text(encoding="utf-8")))
+    found[prefix] = (True, _stripped((directory / "__init__.py").read_text(encoding="utf-8")))
     for info in pkgutil.iter_modules([str(directory)]):
         if info.ispkg or info.name.startswith("__"):
             continue
         source = (directory / f"{info.name}.py").read_text(encoding="utf-8")
-        found[f"{prefix}.{info.name}"] = (False, without_docstrings(source))
+        found[f"{prefix}.{info.name}"] = (False, _stripped(source))
     return found
 
 
