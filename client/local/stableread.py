@@ -2,8 +2,9 @@
 
 Promises:
 - File content is never torn. A file is stat'ed before reading, then read through a
-  descriptor whose fstat must match; after reading, both the descriptor's fstat and the
-  path's lstat must still match (size, mtime_ns, ctime_ns, inode, device). Otherwise it is
+  descriptor whose fstat must match; after reading, the path's lstat must still match
+  (size, mtime_ns, ctime_ns, inode, device: the same inode, so it sees every change an
+  fstat of the descriptor would, and a path swapped meanwhile as well). Otherwise it is
   read again, `MAX_ATTEMPTS` times in all, and then reported as `UnstableFileError`, for
   the caller to retry later (on the next watch event, or after a delay).
   Limit: timestamps are coarse (a kernel tick), so a write inside the same tick as the
@@ -104,16 +105,18 @@ def _read_stable(
                 continue
             hasher = cache.new_hasher()
             total, chunks = _read_fd(fd, before.st_size, hasher, keep)
-            after = os.fstat(fd)
         finally:
             os.close(fd)
         now = cache.now_ns()
+        # (No fstat of the descriptor after the read: the path's lstat below names the
+        # same inode when it matches, and sees every change that fstat would have seen,
+        # later. One system call less per file: each costs a reader thread a trip through
+        # the interpreter lock, the read-ahead's bound during a burst.)
         try:
             again = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             again = None
-        if total == before.st_size and _same(before, after) and again is not None \
-                and _same(before, again):
+        if total == before.st_size and again is not None and _same(before, again):
             digest = hasher.digest()
             cache.store(rel, before, digest, now)
             content = chunks[0] if len(chunks) == 1 else b"".join(chunks)
