@@ -319,6 +319,29 @@ def test_file_changed_during_read_is_read_again(
     assert len(calls) >= 2
 
 
+def test_a_file_renamed_over_the_path_during_the_read_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An editor's save (a new file renamed over the old one) while the old one is read:
+    the lstat of the path after the read names another inode, and the new file is read."""
+    path = write(tmp_path, "f", b"old content")
+    real_read = os.read
+    saved: list[int] = []
+
+    def racing_read(fd: int, n: int) -> bytes:
+        data = real_read(fd, n)
+        if not saved:
+            saved.append(n)
+            (tmp_path / "f.tmp").write_bytes(b"saved by an editor")
+            os.replace(tmp_path / "f.tmp", path)
+        return data
+
+    monkeypatch.setattr(os, "read", racing_read)
+    content, entry = read_file_stable(tmp_path, "f", new_cache())
+    assert content == b"saved by an editor" and entry.digest == xxh(content)
+    assert entry.ino == os.lstat(path).st_ino
+
+
 def test_same_size_change_during_read_is_detected_by_timestamps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
