@@ -51,7 +51,7 @@ from lsync.client.local.hashcache import HashCache
 from lsync.client.local.ignore import IndexChange
 from lsync.client.local.ignored import IgnoredTally
 from lsync.client.local.localentry import LocalEntry
-from lsync.client.local.localside import LocalSide, Scan
+from lsync.client.local.localside import LocalSide
 from lsync.client.local.watcher import (
     DEFAULT_DEBOUNCE_MS,
     DEFAULT_STEP_MS,
@@ -305,24 +305,6 @@ class Session:
         one serves (LocalSide.scan)."""
         return await self.local.scan(hash_name, self._missed_since, self._scan_problem)
 
-    async def _scan_instead(self, guessed: asyncio.Task[Scan], hash_name: str) -> Scan:
-        """The scan for `hash_name`, the agent's choice, in place of `guessed`, a scan for
-        another hash. A scan lists without hashing: where neither hash's cache knows a
-        digest (the first contact with a target), the entries of `guessed` have none and
-        serve as they are; else the tree is scanned again."""
-        cache = await self.local.hash_cache(hash_name)
-        if len(cache) == 0:
-            try:
-                guessed_cache, local = await guessed
-            except LsyncError:
-                pass  # scanned again below, as it would have been
-            else:
-                if len(guessed_cache) == 0:
-                    return cache, local
-        else:
-            guessed.cancel()  # (the local side stops the scan if no other target waits)
-        return await self._scan(hash_name)
-
     def _scan_problem(self, path: str, exc: Exception) -> None:
         self.reporter.failed(path, f"not synced for now: {exc}")
 
@@ -441,7 +423,8 @@ class Session:
                                 f"{hash_name})")
             if hash_name != guess:
                 tasks.remove(scan)  # (a finished one would keep its result for the session)
-                scan = asyncio.create_task(self._scan_instead(scan, hash_name), name="scan")
+                scan = asyncio.create_task(self.local.scan_instead(
+                    scan, hash_name, self._missed_since, self._scan_problem), name="scan")
                 tasks.append(scan)
             cache, local = await self._or_stop(scan)
             listing = await self._or_stop(manifest)

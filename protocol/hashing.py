@@ -89,7 +89,8 @@ def choose_hash(offered: List[str], recorded: Sequence[str] = ()) -> Optional[st
     full speed, preferring one in `recorded` (the agent holds a record of the root under
     it: another would hash the whole tree again); else the first it can compute at all;
     None if none."""
-    fast = [name for name in offered if name in available_hashes()]
+    available = available_hashes()
+    fast = [name for name in offered if name in available]
     for name in fast:
         if name in recorded:
             return name

@@ -363,18 +363,11 @@ def test_targets_whose_agents_chose_other_hashes_read_for_themselves(tmp_path: P
 
 
 def _scan_instead(side: Any, guess: str, chosen: str) -> Any:
-    """Session._scan_instead on a real LocalSide: the scan for `chosen` after one for
-    `guess` (what a session does when the agent chose another hash than it guessed)."""
-    from types import SimpleNamespace
-
-    from lsync.client.session import Session
-
+    """LocalSide.scan_instead: the scan for `chosen` after one for `guess` (what a session
+    does when the agent chose another hash than it guessed)."""
     async def scenario() -> Any:
-        def scan(hash_name: str) -> Any:
-            return side.scan(hash_name, 0.0, lambda p, e: None)
-        session = SimpleNamespace(local=side, _scan=scan)
-        guessed = asyncio.ensure_future(scan(guess))
-        return await Session._scan_instead(session, guessed, chosen)  # type: ignore[arg-type]
+        guessed = asyncio.ensure_future(side.scan(guess, 0.0, lambda p, e: None))
+        return await side.scan_instead(guessed, chosen, 0.0, lambda p, e: None)
 
     return asyncio.run(scenario())
 

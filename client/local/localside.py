@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from lsync.client.buildloop.pullrules import PushRules
-from lsync.client.errors import SafetyStop
+from lsync.client.errors import LsyncError, SafetyStop
 from lsync.client.local.hashcache import HashCache
 from lsync.client.local.ignore import IndexChange
 from lsync.client.local.ignored import IgnoredTally, follow_index
@@ -487,6 +487,26 @@ class LocalSide:
         shared.waiting -= 1
         # (Each target its own dictionary: initial_sync adds the digests it learns.)
         return cache, dict(local) if len(self.hosts) > 1 else local
+
+    async def scan_instead(self, guessed: asyncio.Future[Scan], hash_name: str,
+                           missed_since: float,
+                           on_error: Callable[[str, Exception], None]) -> Scan:
+        """The scan for `hash_name`, the agent's choice, in place of `guessed`, a scan for
+        another hash. A scan lists without hashing: where neither hash's cache knows a
+        digest (the first contact with a target), the entries of `guessed` have none and
+        serve as they are; else the tree is scanned again (`scan`)."""
+        cache = await self.hash_cache(hash_name)
+        if len(cache) == 0:
+            try:
+                guessed_cache, local = await guessed
+            except LsyncError:
+                pass  # scanned again below, as it would have been
+            else:
+                if len(guessed_cache) == 0:
+                    return cache, local
+        else:
+            guessed.cancel()  # (stopped if no other target waits for it)
+        return await self.scan(hash_name, missed_since, on_error)
 
     def _forget_scan_later(self, hash_name: str, shared: _SharedScan) -> None:
         """A scan is kept a while for the targets that connect a little later; with one
