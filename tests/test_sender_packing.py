@@ -54,6 +54,23 @@ def test_a_burst_over_a_long_link_and_a_single_save_are_compressed() -> None:
         assert packing.unpack(message.data, message.packing, len(SOURCE)) == SOURCE
 
 
+def test_a_burst_compresses_harder_only_once_its_data_waits_for_the_link() -> None:
+    """On a long link too (the big files of a burst as its batches): the CPU, not the link,
+    bounds an initial sync over an uncapped long link."""
+    long = Packing(packing.ZLIB, long_link=True)
+    assert long.packer(burst=True)[1] == long.bulk
+    assert long.packer(burst=True, backlogged=True)[1] == long.long_bulk
+    assert long.packer(burst=False, backlogged=True)[1] == long.single
+    # What a file read ahead was compressed with travels if it is a burst level of now.
+    assert long.of_burst(long.packer(burst=True))
+    assert long.of_burst(long.packer(burst=True, backlogged=True))
+    assert not long.of_burst(long.packer(burst=False))
+    before = long.packer(burst=True)
+    long.dictionary = b"int lsync;\n" * 200
+    assert not long.of_burst(before)  # made without the preset dictionary that came since
+    assert long.of_burst(long.packer(burst=True))
+
+
 @pytest.mark.usefixtures("without_isal")
 def test_the_burst_levels_follow_a_later_verdict_on_the_link() -> None:
     packer = Packing(packing.ZLIB, long_link=True)

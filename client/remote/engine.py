@@ -320,7 +320,9 @@ class SyncEngine:
             upcoming.append(path)
             if entry is not None and entry.digest is not None:
                 believed[path] = entry.digest
-        self.read_ahead.start(upcoming, self.packing.packer(burst=True), believed)
+        self.read_ahead.start(
+            upcoming, self.packing.packer(burst=True, backlogged=self.passes.bulk_backlogged()),
+            believed)
 
     # -- one pass over one path -----------------------------------------------------------
     async def _pass(self, path: str, record: PathRecord) -> None:

@@ -488,8 +488,11 @@ class PathPasses:
         else:
             new_signature = await self._made(("signature", digest), lambda: _off_loop(
                 len(content), signature, content))
-        packer = self.side.packing.packer(burst=burst)
-        if prepared is not None and prepared.packer == packer and prepared.pieces is not None:
+        packer = self.side.packing.packer(burst=burst,
+                                          backlogged=burst and self.bulk_backlogged())
+        if prepared is not None and prepared.pieces is not None and (
+                prepared.packer == packer
+                or (burst and self.side.packing.of_burst(prepared.packer))):
             pieces = prepared.pieces
         else:
             pieces = await self._made(("pieces", digest, packer), lambda: _off_loop(
@@ -519,6 +522,13 @@ class PathPasses:
 
     def _save_lane(self) -> int:
         return FAST_LANE if self.side.link.lanes >= FAST_LANE else 0
+
+    def bulk_backlogged(self) -> bool:
+        """Whether a burst's data waits for the link on a lane it takes (`_bulk_lane`)."""
+        link = self.side.link
+        if link.lanes <= FAST_LANE:
+            return link.backlogged(0)
+        return any(link.backlogged(lane) for lane in range(FAST_LANE + 1, link.lanes + 1))
 
     def _bulk_lane(self, size: int) -> int:
         """The data lane of the next batched file: the lanes after the fast one, in turn,

@@ -50,7 +50,7 @@ DICTIONARY_SAMPLE_MAX = 256 << 10  # files sampled for the preset dictionary are
 # Per packing: its code, its level in bursts, in bursts over a long link (bound by the SSH
 # window, but still by the CPU too: level 4 gives 92% of level 6's ratio for 45% of its
 # time on source files), and for single saves. A burst's level is the first while the link
-# keeps up, the second once data waits for it (lsync.client.remote.engine).
+# keeps up, the second once data waits for it (`Packing.packer`).
 _PACKERS = {packing.ZLIB: (packing.PACK_ZLIB, 1, 4, 6), packing.ZSTD: (packing.PACK_ZSTD, 3, 6, 9)}
 # Level RAW: not compressed at all. zlib at its fastest (level 1) deflates source files at
 # about 115 MB/s per core here: on a short link that keeps up it is the client's biggest
@@ -90,13 +90,22 @@ class Packing:
     def zstd(self) -> bool:
         return self.code == packing.PACK_ZSTD
 
-    def packer(self, burst: bool) -> Packer:
+    def packer(self, burst: bool, backlogged: bool = False) -> Packer:
         """A burst (initial sync, branch switch) compresses fast (or not at all: level RAW,
-        on a short link); a single save well."""
-        level = (self.long_bulk if self.long_link else self.bulk) if burst else self.single
+        on a short link) while the link keeps up, harder once data waits for it
+        (`backlogged`), on any link: the batches' rule (RemoteSide.submit_batched), for the
+        big files too. A single save compresses well."""
+        level = (self.long_bulk if backlogged else self.bulk) if burst else self.single
         if self.code == packing.PACK_ZLIB and self.dictionary:
             return packing.PACK_ZLIB_DICT, level, self.dictionary
         return self.code, level, b""
+
+    def of_burst(self, packer: Packer) -> bool:
+        """Whether `packer` is one of this session's burst packers as they are now (what
+        a file read ahead was compressed with may still travel)."""
+        now = self.packer(burst=True)
+        return packer[0] == now[0] and packer[2] == now[2] \
+            and packer[1] in (self.bulk, self.long_bulk)
 
     def drop_dictionary(self) -> None:
         self.dictionary, self.dictionary_failed = b"", True
