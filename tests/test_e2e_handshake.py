@@ -9,7 +9,9 @@ ssh-agent key is asked about first (an agent may want a confirmation or a touch 
 signature) but still without the `none` probe; `none` is still tried, last, when nothing
 else worked; with no usable key at all, asyncssh's own sequence runs and ends in a clean
 refusal. Towards OpenSSH the first request leaves right behind the service request, before
-the SERVICE_ACCEPT; towards another server (asyncssh's own, here) only after it.
+the SERVICE_ACCEPT, and the agent's session channel is opened right behind a signed
+request, before the USERAUTH_SUCCESS (and opened again, as asyncssh does, when that request
+was refused); towards another server (asyncssh's own, here) each only after the answer.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class _AuthLog(logging.Handler):
         self.requests: list[str] = []
         self.received: list[str] = []
         self.order: list[str] = []  # "request" sent and "accept" (SERVICE_ACCEPT) received
+        self.session: list[str] = []  # "channel open" sent and "auth success" received
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage().split("\n")[0]
@@ -56,6 +59,10 @@ class _AuthLog(logging.Handler):
             self.received.append(message.split()[1])
         if message.startswith("Received MSG_SERVICE_ACCEPT"):
             self.order.append("accept")
+        if message.startswith("Received MSG_USERAUTH_SUCCESS"):
+            self.session.append("auth success")
+        if message.startswith("Sent MSG_CHANNEL_OPEN ("):
+            self.session.append("channel open")
         if not message.startswith("Sent MSG_USERAUTH_REQUEST"):
             return
         self.order.append("request")
@@ -247,7 +254,7 @@ def test_another_server_gets_the_request_after_its_service_accept(
         sshd: PrivateSshd, tmp_path: Path) -> None:
     host_key = generate_key(tmp_path / "host_key", "asyncssh-server")
 
-    async def go() -> tuple[str, list[str]]:
+    async def go() -> tuple[str, list[str], list[str]]:
         server = await asyncssh.create_server(
             _KeyServer, "127.0.0.1", 0, server_host_keys=[str(host_key)],
             authorized_client_keys=str(sshd.client_key) + ".pub",
@@ -268,14 +275,88 @@ def test_another_server_gets_the_request_after_its_service_accept(
                 finally:
                     conn.close()
                     await conn.wait_closed()
-            return str(result.stdout), log.order
+            return str(result.stdout), log.order, log.session
         finally:
             server.close()
             await server.wait_closed()
 
-    stdout, order = asyncio.run(go())
+    stdout, order, session = asyncio.run(go())
     assert stdout == "handshake-ok\n"
     assert order == ["accept", "request"]
+    assert session == ["auth success", "channel open"]  # no session opened early either
+
+
+class _Output(asyncssh.SSHClientSession[bytes]):
+    """A session's standard output, whole once the command exits."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
+
+    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
+        self.chan = chan
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.data += data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(self.data)
+
+
+def _agent_session_output(sshd: PrivateSshd, config: Path) -> tuple[bytes, bool, bool]:
+    """Connect as lsync does, open the agent's session as lsync does (running `echo`): its
+    output, whether it ran on the channel opened behind the authentication request, and
+    whether such a channel was known lost (refused) by then."""
+    async def go() -> tuple[bytes, bool, bool]:
+        conn = await ssh.connect(Target(host=sshd.alias, user=None, tree="x"), [str(config)],
+                                 accept_new=False)
+        try:
+            early = ssh._early_sessions.get(conn)
+            lost = early is not None and early.lost
+            sessions: list[_Output] = []
+
+            def factory() -> _Output:
+                sessions.append(_Output())
+                return sessions[-1]
+
+            await ssh._create_session(conn, factory, "echo agent-session-ok",
+                                      ssh.CHANNEL_WINDOW, ssh.MAX_PACKET)
+            output = await asyncio.wait_for(sessions[0].done, 30)
+            return output, early is not None and sessions[0].chan is early.chan, lost
+        finally:
+            conn.close()
+            await conn.wait_closed()
+    return asyncio.run(go())
+
+
+def test_towards_openssh_the_agents_session_opens_behind_the_signed_request(
+        sshd: PrivateSshd, tmp_path: Path) -> None:
+    """Its confirmation comes with the USERAUTH_SUCCESS: the exec request leaves one round
+    trip earlier (RFC 4252, 5.1: what follows a request that succeeds goes to the service)."""
+    with counting_link_to(sshd, delay=0.03) as link:
+        config = _config(sshd, tmp_path / "ssh_config", [sshd.client_key],
+                         extra={"Port": str(link.proxy.port)})
+        with auth_log() as log:
+            output, early, lost = _agent_session_output(sshd, config)
+    assert output == b"agent-session-ok\n"
+    assert early and not lost
+    assert log.session == ["channel open", "auth success"]
+
+
+def test_a_session_opened_behind_a_refused_request_is_opened_again(
+        sshd: PrivateSshd, tmp_path: Path) -> None:
+    """The server saw that CHANNEL_OPEN before anyone was authenticated and refused it: the
+    session is opened as asyncssh opens it, once the next key was accepted."""
+    stranger = generate_key(tmp_path / "id_stranger", "not authorized")
+    config = _config(sshd, tmp_path / "ssh_config", [stranger, sshd.client_key])
+    with auth_log() as log:
+        output, early, lost = _agent_session_output(sshd, config)
+    assert output == b"agent-session-ok\n"
+    assert lost and not early  # (known at once: no wait for an answer that never comes)
+    assert log.received == ["MSG_USERAUTH_FAILURE", "MSG_USERAUTH_SUCCESS"]
+    assert log.session == ["channel open", "auth success", "channel open"]
 
 
 def test_a_big_write_reaches_sshd_whole_in_fewer_socket_writes_than_packets(

@@ -14,11 +14,15 @@ request straight away, without asking first whether the server would take the ke
 keys held in this process (key files). RFC 4252 allows both; a refused key costs one round
 trip, as the question did, and the next key or method is tried as before. Towards OpenSSH
 the first request also goes right behind the service request, without waiting for its
-accept (`_pipeline_auth`). The connection's writes of one event-loop step go out together
-(lsync.client.transport.coalesce). And the TCP connection is not opened here when `lsync
-connect` opened it early, while this code was still being imported
-(lsync.client.transport.preconnect): the handshake runs on that one when asyncssh's reading
-of the configuration leads to the very same address.
+accept (`_pipeline_auth`), and the CHANNEL_OPEN of the agent's session right behind a
+signed request (`_open_session_early`; RFC 4252 5.1 has the server pass it to the service
+once that request succeeds): its confirmation comes with the USERAUTH_SUCCESS, and the exec
+request leaves one round trip earlier. A refused request makes the server refuse that open
+too; the session is then opened as asyncssh opens it. The connection's writes of one
+event-loop step go out together (lsync.client.transport.coalesce). And the TCP connection
+is not opened here when `lsync connect` opened it early, while this code was still being
+imported (lsync.client.transport.preconnect): the handshake runs on that one when
+asyncssh's reading of the configuration leads to the very same address.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import asyncssh
-from asyncssh.packet import Boolean, SSHPacket, String
+from asyncssh.packet import Boolean, SSHPacket, String, UInt32
 
 from lsync.client.errors import ConnectError, HostKeyError
 from lsync.client.target import Target as Target  # (re-exported: callers say ssh.Target)
@@ -98,6 +103,7 @@ if _SIGNED_FIRST_USABLE:
                     and args == (Boolean(False), String(keypair.algorithm),
                                  String(keypair.public_data))):
                 await self._send_signed_request()
+                _open_session_early(self._conn)
                 return
             await super().send_request(*args, key=key, trivial=trivial)
 
@@ -206,6 +212,113 @@ def _pipeline_auth(conn: Any) -> None:
     handlers[_MSG_SERVICE_ACCEPT] = service_accept
     conn._packet_handlers = handlers  # (an instance attribute: this connection only)
     conn.send_service_request = send_service_request
+
+
+# -- the session channel opened behind the authentication request ----------------------------
+
+_MSG_USERAUTH_FAILURE = 51  # RFC 4252
+_MSG_CHANNEL_OPEN = 90  # RFC 4254
+_EARLY_USABLE = all(callable(getattr(asyncssh.SSHClientChannel, name, None))
+                    for name in ("create", "_open", "process_open_confirmation"))
+
+
+class _EarlySession:
+    """A session channel whose CHANNEL_OPEN went right behind the signed authentication
+    request: RFC 4252 (section 5.1) has the server pass what follows a request that succeeds
+    to the service after it, and OpenSSH does. `lost`: a USERAUTH_FAILURE came after it (the
+    server saw it before authenticating, and refused it): a session is then opened as usual."""
+
+    def __init__(self, chan: Any, opened: asyncio.Future[Any]) -> None:
+        self.chan = chan
+        self.opened = opened
+        self.lost = False
+        opened.add_done_callback(_retrieved)
+
+
+_early_sessions: weakref.WeakKeyDictionary[Any, _EarlySession] = weakref.WeakKeyDictionary()
+EARLY_OPEN_WAIT = 10.0  # seconds for an answer to the early open, then opened as usual
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # (an early open the session never used: not logged)
+
+
+def _plain_session(conn: Any) -> bool:
+    """Whether asyncssh would open our exec session with nothing but the exec request: no
+    environment, no terminal, no X11 or agent forwarding asked by the configuration, and no
+    compression that starts after authentication (its first packets would be compressed)."""
+    options = conn._options
+    request_pty = options.request_pty
+    pty = (request_pty == "force" or (request_pty and request_pty != "auto"
+                                      and bool(options.term_type)))
+    return (conn._compressor is None and not options.env and not options.send_env
+            and not pty and not options.x11_forwarding and not conn._agent_forward_path)
+
+
+def _open_session_early(conn: Any) -> None:
+    """Right after the signed authentication request: send the CHANNEL_OPEN of the agent's
+    session behind it, so that its confirmation comes with the USERAUTH_SUCCESS, one round
+    trip earlier than asyncssh's own sequence (which holds channel messages back until
+    authentication completes). Only towards OpenSSH, once per connection, and when nothing
+    but the exec request would follow the open; does nothing if asyncssh's internals look
+    different."""
+    if conn in _early_sessions or not _EARLY_USABLE:
+        return
+    try:
+        if conn._auth_complete or not bytes(
+                getattr(conn, "_server_version", b"")).startswith(b"SSH-2.0-OpenSSH_"):
+            return
+        if not _plain_session(conn):
+            return
+        handlers = conn._packet_handlers
+        on_failure = handlers[_MSG_USERAUTH_FAILURE]
+        conn._update_recv_pktlen(MAX_PACKET)
+        chan: Any = asyncssh.SSHClientChannel(conn, conn._loop, conn._utf8_decode_errors,
+                                              None, "strict", CHANNEL_WINDOW, MAX_PACKET)
+    except (AttributeError, KeyError, TypeError):
+        return
+    opened: asyncio.Future[Any] = conn._loop.create_future()
+    chan._open_waiter = opened
+    early = _early_sessions[conn] = _EarlySession(chan, opened)
+    conn._auth_complete = True  # (asyncssh's gate for channel messages, for this one send)
+    try:
+        conn.send_packet(_MSG_CHANNEL_OPEN, String(b"session"), UInt32(chan._recv_chan),
+                         UInt32(chan._recv_window), UInt32(chan._recv_pktsize), handler=chan)
+    finally:
+        conn._auth_complete = False
+
+    def failure(self: Any, pkttype: int, pktid: int, packet: Any) -> None:
+        early.lost = True
+        on_failure(self, pkttype, pktid, packet)
+
+    handlers = dict(handlers)
+    handlers[_MSG_USERAUTH_FAILURE] = failure
+    conn._packet_handlers = handlers  # (an instance attribute: this connection only)
+
+
+async def _create_session(conn: asyncssh.SSHClientConnection, factory: Callable[[], Any],
+                          command: str, window: int, max_pktsize: int) -> None:
+    """The agent's exec session: on the channel opened early when there is one and the
+    server took it, else as asyncssh opens one."""
+    early = _early_sessions.pop(conn, None)
+    if early is not None and not early.lost:
+        try:
+            # (Its answer came with the USERAUTH_SUCCESS, or right behind it.)
+            packet = await asyncio.wait_for(asyncio.shield(early.opened), EARLY_OPEN_WAIT)
+        except (asyncssh.ChannelOpenError, asyncio.TimeoutError):
+            pass  # (opened as usual below: the server says why it refuses)
+        else:
+            async def already_opened(_chantype: bytes, *_args: bytes) -> Any:
+                return packet
+
+            chan: Any = early.chan
+            chan._open = already_opened
+            await chan.create(factory, command, None, {}, False, None, (), {}, False, None,
+                              None, False, False)
+            return
+    await conn.create_session(factory, command, encoding=None, window=window,
+                              max_pktsize=max_pktsize)
 
 
 class _TofuClient(asyncssh.SSHClient):
@@ -397,6 +510,7 @@ async def start_agent(conn: asyncssh.SSHClientConnection, stream: SshAgentStream
     Whatever was written to `stream` before this call travels inside the exec request.
     """
     try:
-        await stream.open(conn, remote_command, MAX_INITIAL, CHANNEL_WINDOW, MAX_PACKET)
+        await stream.open(conn, remote_command, MAX_INITIAL, CHANNEL_WINDOW, MAX_PACKET,
+                          _create_session)
     except (OSError, asyncssh.Error) as exc:
         raise ConnectError(f"cannot start the agent: {exc}") from None

@@ -11,10 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import asyncssh
+
+# (connection, session factory, command, window, max packet size): opens the session
+CreateSession = Callable[[asyncssh.SSHClientConnection, Callable[[], Any], str, int, int],
+                         Awaitable[None]]
 
 READ_SIZE = 1 << 20
 # Writes buffer up to WRITE_HIGH before drain() waits, and drain() returns below WRITE_LOW:
@@ -224,10 +228,16 @@ class SshAgentStream:
 
     async def open(self, conn: asyncssh.SSHClientConnection,
                    command_for: Callable[[bytes], str], max_initial: int, window: int,
-                   max_pktsize: int) -> None:
+                   max_pktsize: int, create_session: CreateSession | None = None) -> None:
+        """Start `command_for(the first bytes written)` in a session channel of `conn`
+        (`create_session`: how; asyncssh's own way by default)."""
         command = command_for(self._early.take(max_initial))
-        await conn.create_session(lambda: _AgentSession(self), command, encoding=None,
-                                  window=window, max_pktsize=max_pktsize)
+        if create_session is not None:
+            await create_session(conn, lambda: _AgentSession(self), command, window,
+                                 max_pktsize)
+        else:
+            await conn.create_session(lambda: _AgentSession(self), command, encoding=None,
+                                      window=window, max_pktsize=max_pktsize)
         rest = self._early.rest()
         if rest:
             self.write(rest)
