@@ -47,10 +47,9 @@ BATCH_FILE_MAX = 256 << 10  # whole new files of a burst up to this size travel 
 SIGN_MIN = 64 << 10  # smaller files of a burst are not signed (their first edit goes whole)
 DICTIONARY_SAMPLES = 16
 DICTIONARY_SAMPLE_MAX = 256 << 10  # files sampled for the preset dictionary are this small
-# Per packing: its code, its level in bursts, in bursts over a long link (bound by the SSH
-# window, but still by the CPU too: level 4 gives 92% of level 6's ratio for 45% of its
-# time on source files), and for single saves. A burst's level is the first while the link
-# keeps up, the second once data waits for it (`Packing.packer`).
+# Per packing: its code, its level in bursts while the link keeps up, in bursts once data
+# waits for the link (bound by it, but still by the CPU too: level 4 gives 92% of level 6's
+# ratio for 45% of its time on source files), and for single saves (`Packing.packer`).
 _PACKERS = {packing.ZLIB: (packing.PACK_ZLIB, 1, 4, 6), packing.ZSTD: (packing.PACK_ZSTD, 3, 6, 9)}
 # Level RAW: not compressed at all. zlib at its fastest (level 1) deflates source files at
 # about 115 MB/s per core here: on a short link that keeps up it is the client's biggest

@@ -28,6 +28,7 @@ asyncssh's reading of the configuration leads to the very same address.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import socket
 import weakref
@@ -219,7 +220,8 @@ def _pipeline_auth(conn: Any) -> None:
 _MSG_USERAUTH_FAILURE = 51  # RFC 4252
 _MSG_CHANNEL_OPEN = 90  # RFC 4254
 _EARLY_USABLE = all(callable(getattr(asyncssh.SSHClientChannel, name, None))
-                    for name in ("create", "_open", "process_open_confirmation"))
+                    for name in ("create", "_open", "process_open_confirmation")) and len(
+    inspect.signature(asyncssh.SSHClientChannel.create).parameters) == 14  # (self + 13)
 
 
 class _EarlySession:
@@ -302,12 +304,15 @@ async def _create_session(conn: asyncssh.SSHClientConnection, factory: Callable[
     """The agent's exec session: on the channel opened early when there is one and the
     server took it, else as asyncssh opens one."""
     early = _early_sessions.pop(conn, None)
-    if early is not None and not early.lost:
+    if early is not None and not early.lost and (window, max_pktsize) == (CHANNEL_WINDOW,
+                                                                           MAX_PACKET):
         try:
             # (Its answer came with the USERAUTH_SUCCESS, or right behind it.)
             packet = await asyncio.wait_for(asyncio.shield(early.opened), EARLY_OPEN_WAIT)
-        except (asyncssh.ChannelOpenError, asyncio.TimeoutError):
+        except asyncssh.ChannelOpenError:
             pass  # (opened as usual below: the server says why it refuses)
+        except asyncio.TimeoutError:
+            early.opened.add_done_callback(lambda _: early.chan.close())  # (if ever opened)
         else:
             async def already_opened(_chantype: bytes, *_args: bytes) -> Any:
                 return packet
