@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import zlib
 
 import pytest
 
 from lsync.client.remote import sender
 from lsync.client.remote.sender import RAW, Packing, content_messages, pieces_of
+from lsync.client.transport import outbox
 from lsync.client.transport.outbox import SharedBatches, pack_batch
 from lsync.protocol import packing
 
@@ -112,7 +114,13 @@ def test_with_several_targets_a_batch_is_one_zlib_stream_of_segments_the_targets
         assert len(data) < alone * 1.02  # (each segment's dictionary: what precedes it)
         made.append(shared.made)
     packed_again = made[1] - made[0]  # by the second target: the segments at its edges
-    assert shared.taken > 10 and packed_again <= 4
+    # Those are its last segment and the ones that begin within its first window's worth of
+    # bytes (their dictionary, what precedes them, is cut short by the batch's start). Cuts
+    # follow the files' objects, so how many that is varies from run to run (1 to 6).
+    starts = [0, *outbox._cuts(second)[:-1]]
+    offsets = list(itertools.accumulate(map(len, second), initial=0))
+    at_edges = sum(1 for start in starts if offsets[start] < outbox._WINDOW) + 1
+    assert shared.taken > 10 and packed_again <= at_edges
     one = SharedBatches()  # with one target: packed whole, as before
     assert pack_batch(first, packing.PACK_ZLIB, 4, one) == pack_batch(
         b"".join(first), packing.PACK_ZLIB, 4)
