@@ -421,9 +421,11 @@ class AgentService:
             return []
         found = []
         for name in offered:
-            record = DigestRecord.default_path(path, name) if name in hashing.HASHERS else None
-            journal = DigestRecord(record, name).journal_path if record is not None else None
-            if record is not None and (os.path.exists(record) or os.path.exists(journal or "")):
+            if name not in hashing.HASHERS:
+                continue
+            record = DigestRecord(DigestRecord.default_path(path, name), name)
+            if any(p is not None and os.path.exists(p)
+                   for p in (record.cache_path, record.journal_path)):
                 found.append(name)
         return found
 
